@@ -1,0 +1,1 @@
+"""Upstream providers: the code that speaks an upstream network's wire protocol."""

@@ -1,0 +1,230 @@
+"""Frames of the JSON-over-websocket upstream protocol (docs/protocol.md).
+
+Pure encode/decode shared by the websocket provider and the simulator, so both
+sides agree by construction and hostile input is rejected in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from broker.lifecycle.reasons import DisconnectCode, parse_code
+
+CONNECT_PATH = "/v1/connect"
+CLOSE_CODE_BASE = 4000
+MAX_FRAME_BYTES = 1 << 20
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow docs/protocol.md."""
+
+
+def close_code_for(code: DisconnectCode) -> int:
+    return CLOSE_CODE_BASE + int(code)
+
+
+def reason_for_close(close_code: int | None) -> DisconnectCode:
+    """Websocket close code to disconnect reason; no close frame means 428."""
+    if close_code is None or not CLOSE_CODE_BASE <= close_code < CLOSE_CODE_BASE + 1000:
+        return DisconnectCode.CONNECTION_CLOSED
+    return parse_code(close_code - CLOSE_CODE_BASE)
+
+
+@dataclass(frozen=True)
+class Hello:
+    login: str
+    credentials: dict[str, Any] | None = None
+    type: str = field(default="hello", init=False)
+
+
+@dataclass(frozen=True)
+class Ready:
+    login: str
+    connection_id: str
+    type: str = field(default="ready", init=False)
+
+
+@dataclass(frozen=True)
+class Qr:
+    code: str
+    index: int
+    expires_in_ms: int
+    type: str = field(default="qr", init=False)
+
+
+@dataclass(frozen=True)
+class Paired:
+    credentials: dict[str, Any]
+    type: str = field(default="paired", init=False)
+
+
+@dataclass(frozen=True)
+class Error:
+    code: int
+    reason: str
+    retry_after_ms: int | None = None
+    type: str = field(default="error", init=False)
+
+
+@dataclass(frozen=True)
+class Send:
+    id: str
+    to: str
+    body: str
+    type: str = field(default="send", init=False)
+
+
+@dataclass(frozen=True)
+class Ack:
+    id: str
+    duplicate: bool = False
+    type: str = field(default="ack", init=False)
+
+
+@dataclass(frozen=True)
+class Receipt:
+    id: str
+    status: str = "delivered"
+    type: str = field(default="receipt", init=False)
+
+
+@dataclass(frozen=True)
+class Ping:
+    id: int
+    type: str = field(default="ping", init=False)
+
+
+@dataclass(frozen=True)
+class Pong:
+    id: int
+    type: str = field(default="pong", init=False)
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    sender: str
+    body: str
+    ts: float
+    type: str = field(default="message", init=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"type": self.type, "id": self.id, "from": self.sender, "body": self.body,
+                "ts": self.ts}
+
+
+@dataclass(frozen=True)
+class InboundAck:
+    id: str
+    type: str = field(default="inbound_ack", init=False)
+
+
+@dataclass(frozen=True)
+class Logout:
+    type: str = field(default="logout", init=False)
+
+
+Frame = (
+    Hello | Ready | Qr | Paired | Error | Send | Ack | Receipt | Ping | Pong | Message
+    | InboundAck | Logout
+)
+
+
+def encode(frame: Frame) -> str:
+    if isinstance(frame, Message):
+        return json.dumps(frame.to_wire())
+    return json.dumps(asdict(frame))
+
+
+def _str(obj: dict[str, Any], key: str, *, max_len: int = 65536) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ProtocolError(f"field {key!r} must be a string of at most {max_len} characters")
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"field {key!r} must be an integer")
+    return value
+
+
+def _req_int(obj: dict[str, Any], key: str) -> int:
+    value = _int(obj, key)
+    assert value is not None
+    return value
+
+
+def _credentials(obj: dict[str, Any]) -> dict[str, Any] | None:
+    value = obj.get("credentials")
+    if value is not None and not isinstance(value, dict):
+        raise ProtocolError("field 'credentials' must be an object or null")
+    return value
+
+
+def decode(raw: str | bytes) -> Frame:
+    """Parse one frame; raise ProtocolError on anything off-spec."""
+    if isinstance(raw, bytes):
+        if len(raw) > MAX_FRAME_BYTES:
+            raise ProtocolError("frame too large")
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ProtocolError("frame is not UTF-8") from exc
+    if len(raw) > MAX_FRAME_BYTES:
+        raise ProtocolError("frame too large")
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError("frame is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("frame must be a JSON object")
+    kind = obj.get("type")
+    match kind:
+        case "hello":
+            return Hello(login=_str(obj, "login", max_len=256), credentials=_credentials(obj))
+        case "ready":
+            return Ready(login=_str(obj, "login", max_len=256),
+                         connection_id=_str(obj, "connection_id", max_len=256))
+        case "qr":
+            return Qr(code=_str(obj, "code"), index=_req_int(obj, "index"),
+                      expires_in_ms=_req_int(obj, "expires_in_ms"))
+        case "paired":
+            creds = _credentials(obj)
+            if creds is None:
+                raise ProtocolError("field 'credentials' must be an object")
+            return Paired(credentials=creds)
+        case "error":
+            return Error(code=_req_int(obj, "code"), reason=_str(obj, "reason"),
+                         retry_after_ms=_int(obj, "retry_after_ms", optional=True))
+        case "send":
+            return Send(id=_str(obj, "id", max_len=256), to=_str(obj, "to", max_len=256),
+                        body=_str(obj, "body", max_len=MAX_FRAME_BYTES))
+        case "ack":
+            dup = obj.get("duplicate", False)
+            if not isinstance(dup, bool):
+                raise ProtocolError("field 'duplicate' must be a boolean")
+            return Ack(id=_str(obj, "id", max_len=256), duplicate=dup)
+        case "receipt":
+            return Receipt(id=_str(obj, "id", max_len=256), status=_str(obj, "status"))
+        case "ping":
+            return Ping(id=_req_int(obj, "id"))
+        case "pong":
+            return Pong(id=_req_int(obj, "id"))
+        case "message":
+            ts = obj.get("ts", 0.0)
+            if not isinstance(ts, int | float) or isinstance(ts, bool):
+                raise ProtocolError("field 'ts' must be a number")
+            return Message(id=_str(obj, "id", max_len=256), sender=_str(obj, "from", max_len=256),
+                           body=_str(obj, "body", max_len=MAX_FRAME_BYTES), ts=float(ts))
+        case "inbound_ack":
+            return InboundAck(id=_str(obj, "id", max_len=256))
+        case "logout":
+            return Logout()
+        case _:
+            raise ProtocolError(f"unknown frame type {kind!r}")
