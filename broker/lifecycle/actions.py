@@ -1,0 +1,107 @@
+"""What the machine asks the I/O side (the session actor) to do.
+
+Actions are plain frozen values so tests can compare whole lists with `==`,
+and so the actor executes them in order without consulting any machine state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from broker.lifecycle.reasons import DisconnectCode
+from broker.lifecycle.states import State
+
+
+class Timer(StrEnum):
+    """The machine's timers; at most one of each kind runs at a time."""
+
+    RETRY = "RETRY"
+    STABLE = "STABLE"
+    KEEPALIVE = "KEEPALIVE"
+    PONG = "PONG"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenConnection:
+    """Open a new upstream connection (the actor sends stored credentials, if any)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    """Close the current connection.
+
+    The actor must not feed a `Closed` event back for a connection the machine
+    closed itself: the machine has already moved on.
+    """
+
+    code: DisconnectCode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class SendPing:
+    """Send an application-level keep-alive ping."""
+
+
+@dataclass(frozen=True, slots=True)
+class SendLogout:
+    """Ask the upstream to log out; it answers by closing with 401."""
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """(Re)arm a timer; replaces a running timer of the same kind."""
+
+    timer: Timer
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTimer:
+    """Disarm a timer; a `TimerFired` that races with this is ignored anyway."""
+
+    timer: Timer
+
+
+@dataclass(frozen=True, slots=True)
+class SaveCredentials:
+    """Persist the credentials the upstream issued after pairing."""
+
+    credentials: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ClearCredentials:
+    """Wipe stored credentials: they are revoked (401) or corrupt (500)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Publish a status change.
+
+    Emitted exactly once per state change, and again for each new QR code while
+    PAIRING (then `state == previous`). Always the last action of a list.
+    """
+
+    state: State
+    previous: State
+    reason: str
+    code: int
+    retry_in_s: float | None
+    qr: str | None
+    attempt: int
+
+
+Action = (
+    OpenConnection
+    | CloseConnection
+    | SendPing
+    | SendLogout
+    | StartTimer
+    | CancelTimer
+    | SaveCredentials
+    | ClearCredentials
+    | Emit
+)

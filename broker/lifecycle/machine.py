@@ -1,0 +1,406 @@
+"""The session lifecycle state machine: events in, actions out.
+
+Sans-I/O in the style of h11: `SessionMachine.handle` never blocks, sleeps,
+reads the clock or touches a socket. The session actor feeds it events and
+executes the returned actions in order. Every decision about reconnecting
+lives here, so it is tested event by event without an event loop.
+
+Conventions the actor can rely on:
+
+- Every state change returns exactly one `Emit`, always the last action. Two
+  events emit without changing state: a new QR code (PAIRING -> PAIRING) and
+  the 515 restart after credentials arrived while still CONNECTING
+  (CONNECTING -> CONNECTING: it is a new connection).
+- Timers are cancelled only if armed; a `TimerFired` for a timer the machine
+  did not arm (or already cancelled) is ignored, so cancel races are harmless.
+- Events that make no sense in the current state return `[]`; nothing raises.
+"""
+
+from __future__ import annotations
+
+import random
+
+from broker.lifecycle.actions import (
+    Action,
+    CancelTimer,
+    ClearCredentials,
+    CloseConnection,
+    Emit,
+    OpenConnection,
+    SaveCredentials,
+    SendLogout,
+    SendPing,
+    StartTimer,
+    Timer,
+)
+from broker.lifecycle.backoff import conflict_delay, delay_for
+from broker.lifecycle.inputs import (
+    Closed,
+    Connected,
+    Event,
+    LeaseLost,
+    Logout,
+    Paired,
+    PongReceived,
+    QrReceived,
+    Start,
+    Stop,
+    TimerFired,
+)
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.lifecycle.reasons import DisconnectCode, parse_code
+from broker.lifecycle.states import (
+    CONNECTED_STATES,
+    LEASE_LOST,
+    PAIRING_TIMED_OUT,
+    State,
+    gave_up_reason,
+)
+
+_D = DisconnectCode
+
+#: States `Start` (re)starts from; from the others a connection is already on its way.
+_STARTABLE = frozenset(
+    {State.STOPPED, State.FAILED, State.CONFLICT, State.LOGGED_OUT, State.RECONNECTING}
+)
+_FAST_BACKOFF = frozenset({_D.CONNECTION_CLOSED, _D.TIMED_OUT, _D.BAD_FRAME})
+_SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
+
+
+class SessionMachine:
+    """One session's lifecycle. Not thread-safe; one actor owns it."""
+
+    def __init__(
+        self,
+        policy: LifecyclePolicy | None = None,
+        *,
+        rng: random.Random | None = None,
+        state: State = State.STOPPED,
+    ) -> None:
+        self.policy = policy or LifecyclePolicy()
+        self._rng = rng or random.Random()
+        self._state = state
+        self._attempt = 0
+        self._qr: str | None = None
+        self._qr_count = 0
+        self._reason = ""
+        self._code = 0
+        self._armed: set[Timer] = set()
+        #: An operator logout was sent upstream; the next close completes it.
+        self._logout_pending = False
+        #: Credentials arrived on the current connection, so a 515 is the
+        #: expected restart rather than an upstream stuck in a restart loop.
+        self._paired_here = False
+
+    # -- read-only view -------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def attempt(self) -> int:
+        """Consecutive failed attempts (reset by Start and by a stable OPEN)."""
+        return self._attempt
+
+    @property
+    def qr(self) -> str | None:
+        """The QR code to show while PAIRING, else None."""
+        return self._qr
+
+    @property
+    def qr_count(self) -> int:
+        """QR codes shown since the last Start or OPEN, across pairing rounds."""
+        return self._qr_count
+
+    @property
+    def reason(self) -> str:
+        """Reason of the latest status change."""
+        return self._reason
+
+    @property
+    def code(self) -> int:
+        """Disconnect code behind the latest status change, 0 if none."""
+        return self._code
+
+    @property
+    def armed_timers(self) -> frozenset[Timer]:
+        """Timers the machine believes are running (for diagnostics and tests)."""
+        return frozenset(self._armed)
+
+    # -- dispatch -------------------------------------------------------------
+
+    def handle(self, event: Event) -> list[Action]:
+        """Apply one event; return what the actor must do, in order."""
+        match event:
+            case Start():
+                return self._on_start()
+            case Stop():
+                return self._on_stop()
+            case Logout():
+                return self._on_logout()
+            case Connected():
+                return self._on_connected()
+            case QrReceived():
+                return self._on_qr(event)
+            case Paired():
+                return self._on_paired(event)
+            case Closed():
+                return self._on_closed(event)
+            case TimerFired():
+                return self._on_timer(event.timer)
+            case PongReceived():
+                return self._on_pong()
+            case LeaseLost():
+                return self._on_lease_lost()
+        return []  # pragma: no cover - unknown event types are ignored, not fatal
+
+    # -- operator commands ----------------------------------------------------
+
+    def _on_start(self) -> list[Action]:
+        if self._state not in _STARTABLE:
+            return []
+        self._attempt = 0
+        self._qr_count = 0
+        actions = self._cancel_all()
+        actions.append(OpenConnection())
+        actions.append(self._enter(State.CONNECTING, "started", 0))
+        return actions
+
+    def _on_stop(self) -> list[Action]:
+        if self._state is State.STOPPED:
+            return []
+        return self._shut_down(State.STOPPED, "stopped", 0, close_code=_D.CONNECTION_CLOSED)
+
+    def _on_logout(self) -> list[Action]:
+        if self._state is State.LOGGED_OUT:
+            # Nothing to leave; wiping again makes the operator's intent certain.
+            return [ClearCredentials()]
+        if self._state is State.OPEN and not self._logout_pending:
+            # Let the upstream revoke the login; its 401 close finishes the job.
+            self._logout_pending = True
+            return [SendLogout()]
+        # Not connected (or a second Logout while waiting): log out locally.
+        return self._logged_out(_D.LOGGED_OUT.text, close_reason="logged out by operator")
+
+    def _on_lease_lost(self) -> list[Action]:
+        if self._state is State.STOPPED:
+            return []
+        return self._shut_down(State.STOPPED, LEASE_LOST, 0, close_code=_D.CONNECTION_CLOSED)
+
+    # -- upstream events ------------------------------------------------------
+
+    def _on_connected(self) -> list[Action]:
+        if self._state not in (State.CONNECTING, State.PAIRING):
+            return []
+        self._qr_count = 0
+        actions = self._cancel_all()
+        # The attempt counter survives until the connection proves stable, so a
+        # link that flaps right after `ready` still backs off further each time.
+        actions.append(self._start_timer(Timer.STABLE, self.policy.stable_after_s))
+        if self.policy.keepalive_interval_s is not None:
+            actions.append(self._start_timer(Timer.KEEPALIVE, self.policy.keepalive_interval_s))
+        actions.append(self._enter(State.OPEN, "connected", 0))
+        return actions
+
+    def _on_qr(self, event: QrReceived) -> list[Action]:
+        if self._state not in (State.CONNECTING, State.PAIRING):
+            return []
+        limit = self.policy.max_qr_codes
+        if limit and self._qr_count >= limit:
+            # The limit holds even if one round rotates more codes than it allows.
+            return self._pairing_timed_out(close=True)
+        self._qr_count += 1
+        self._qr = event.code
+        return [self._enter(State.PAIRING, "scan the QR code to pair", 0, qr=event.code)]
+
+    def _on_paired(self, event: Paired) -> list[Action]:
+        if self._state not in (State.CONNECTING, State.PAIRING):
+            return []
+        self._paired_here = True
+        return [SaveCredentials(dict(event.credentials))]
+
+    def _on_closed(self, event: Closed) -> list[Action]:
+        if self._state not in CONNECTED_STATES:
+            return []  # a late close of a connection we already left behind
+        code = parse_code(int(event.code))
+        reason = event.reason or code.text
+        if self._logout_pending:
+            return self._logged_out(_D.LOGGED_OUT.text)
+        if code is _D.LOGGED_OUT:
+            return self._logged_out(reason)
+        if code is _D.BAD_SESSION:
+            return self._fail(reason, code, clear_credentials=True)
+        if code is _D.FORBIDDEN:
+            return self._fail(reason, code)
+        if code is _D.REPLACED:
+            return self._conflict(reason)
+        if code is _D.RESTART_REQUIRED:
+            if self._state is State.CONNECTING and not self._paired_here:
+                # Restart demanded before this connection got anywhere: treat it as
+                # a failed attempt, or a looping upstream would get a reconnect storm.
+                return self._backoff(reason, code, slow=False, retry_after_s=None)
+            return self._reconnect_now(reason, code)
+        if code is _D.TIMED_OUT and self._state is State.PAIRING:
+            limit = self.policy.max_qr_codes
+            if limit and self._qr_count >= limit:
+                return self._pairing_timed_out(close=False)
+            return self._reconnect_now("QR expired, requesting a new one", code)
+        slow = code in _SLOW_BACKOFF
+        retry_after_s = None
+        if slow and event.retry_after_ms is not None:
+            retry_after_s = event.retry_after_ms / 1000.0
+        return self._backoff(reason, code, slow=slow, retry_after_s=retry_after_s)
+
+    def _on_pong(self) -> list[Action]:
+        if self._state is not State.OPEN or Timer.PONG not in self._armed:
+            return []
+        actions: list[Action] = [self._cancel_timer(Timer.PONG)]
+        if self.policy.keepalive_interval_s is not None:
+            actions.append(self._start_timer(Timer.KEEPALIVE, self.policy.keepalive_interval_s))
+        return actions
+
+    def _on_timer(self, timer: Timer) -> list[Action]:
+        if timer not in self._armed:
+            return []  # stale: cancelled, or never armed by this machine
+        self._armed.discard(timer)
+        if timer is Timer.RETRY and self._state in (State.RECONNECTING, State.CONFLICT):
+            reason = "retrying after conflict" if self._state is State.CONFLICT else "reconnecting"
+            return [OpenConnection(), self._enter(State.CONNECTING, reason, 0)]
+        if self._state is not State.OPEN:
+            return []
+        if timer is Timer.STABLE:
+            self._attempt = 0
+            return []
+        if timer is Timer.KEEPALIVE:
+            return [SendPing(), self._start_timer(Timer.PONG, self.policy.keepalive_timeout_s)]
+        if timer is Timer.PONG:
+            reason = "keep-alive timed out"
+            actions: list[Action] = [CloseConnection(_D.TIMED_OUT, reason)]
+            if self._logout_pending:
+                return actions + self._logged_out(_D.LOGGED_OUT.text)
+            return actions + self._backoff(reason, _D.TIMED_OUT, slow=False, retry_after_s=None)
+        return []  # pragma: no cover - RETRY outside RECONNECTING/CONFLICT is never armed
+
+    # -- transitions ----------------------------------------------------------
+
+    def _backoff(
+        self, reason: str, code: DisconnectCode, *, slow: bool, retry_after_s: float | None
+    ) -> list[Action]:
+        """A failed attempt: wait out a jittered backoff, or give up past the limit."""
+        self._attempt += 1
+        limit = self.policy.max_attempts
+        if limit and self._attempt > limit:
+            return self._fail(gave_up_reason(self._attempt), code)
+        p = self.policy
+        initial, cap = (
+            (p.slow_backoff_initial_s, p.slow_backoff_max_s)
+            if slow
+            else (p.backoff_initial_s, p.backoff_max_s)
+        )
+        delay = delay_for(
+            self._attempt, initial_s=initial, max_s=cap, rng=self._rng, retry_after_s=retry_after_s
+        )
+        actions = self._cancel_all()
+        actions.append(self._start_timer(Timer.RETRY, delay))
+        actions.append(self._enter(State.RECONNECTING, reason, int(code), retry_in_s=delay))
+        return actions
+
+    def _reconnect_now(self, reason: str, code: DisconnectCode) -> list[Action]:
+        """Open a fresh connection at once (515, or a new pairing round); no attempt counted."""
+        actions = self._cancel_all()
+        actions.append(OpenConnection())
+        actions.append(self._enter(State.CONNECTING, reason, int(code)))
+        return actions
+
+    def _conflict(self, reason: str) -> list[Action]:
+        """Someone else took the login: never fight; maybe look again much later."""
+        actions = self._cancel_all()
+        delay: float | None = None
+        if self.policy.conflict_retry_s is not None:
+            delay = conflict_delay(
+                self.policy.conflict_retry_s, self._rng, jitter=self.policy.conflict_jitter
+            )
+            actions.append(self._start_timer(Timer.RETRY, delay))
+        actions.append(self._enter(State.CONFLICT, reason, int(_D.REPLACED), retry_in_s=delay))
+        return actions
+
+    def _fail(
+        self, reason: str, code: DisconnectCode, *, clear_credentials: bool = False
+    ) -> list[Action]:
+        """Give up until an operator acts (connection already gone)."""
+        actions = self._cancel_all()
+        if clear_credentials:
+            actions.append(ClearCredentials())
+        actions.append(self._enter(State.FAILED, reason, int(code)))
+        return actions
+
+    def _pairing_timed_out(self, *, close: bool) -> list[Action]:
+        actions: list[Action] = []
+        if close:
+            actions.append(CloseConnection(_D.TIMED_OUT, PAIRING_TIMED_OUT))
+        return actions + self._fail(PAIRING_TIMED_OUT, _D.TIMED_OUT)
+
+    def _logged_out(self, reason: str, *, close_reason: str | None = None) -> list[Action]:
+        """Credentials are gone for good: wipe them and wait for a new pairing."""
+        actions: list[Action] = []
+        if close_reason is not None and self._state in CONNECTED_STATES:
+            actions.append(CloseConnection(_D.LOGGED_OUT, close_reason))
+        actions.extend(self._cancel_all())
+        actions.append(ClearCredentials())
+        actions.append(self._enter(State.LOGGED_OUT, reason, int(_D.LOGGED_OUT)))
+        return actions
+
+    def _shut_down(
+        self, state: State, reason: str, code: int, *, close_code: DisconnectCode
+    ) -> list[Action]:
+        """Close whatever is open, stop every timer, and sit still in `state`."""
+        actions: list[Action] = []
+        if self._state in CONNECTED_STATES:
+            actions.append(CloseConnection(close_code, reason))
+        actions.extend(self._cancel_all())
+        actions.append(self._enter(state, reason, code))
+        return actions
+
+    def _enter(
+        self,
+        state: State,
+        reason: str,
+        code: int,
+        *,
+        retry_in_s: float | None = None,
+        qr: str | None = None,
+    ) -> Emit:
+        """Switch state and describe the switch; callers have already cancelled timers."""
+        previous = self._state
+        self._state = state
+        self._reason = reason
+        self._code = code
+        if state is not State.PAIRING:
+            self._qr = None
+        if state is not State.OPEN:
+            self._logout_pending = False
+        self._paired_here = False
+        return Emit(
+            state=state,
+            previous=previous,
+            reason=reason,
+            code=code,
+            retry_in_s=retry_in_s,
+            qr=qr,
+            attempt=self._attempt,
+        )
+
+    # -- timers ---------------------------------------------------------------
+
+    def _start_timer(self, timer: Timer, delay_s: float) -> StartTimer:
+        self._armed.add(timer)
+        return StartTimer(timer, delay_s)
+
+    def _cancel_timer(self, timer: Timer) -> CancelTimer:
+        self._armed.discard(timer)
+        return CancelTimer(timer)
+
+    def _cancel_all(self) -> list[Action]:
+        """Cancel every armed timer, in `Timer` declaration order (stable for tests)."""
+        return [self._cancel_timer(t) for t in Timer if t in self._armed]

@@ -1,0 +1,1 @@
+"""Tests of the pure session lifecycle (no I/O)."""
