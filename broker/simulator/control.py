@@ -1,0 +1,99 @@
+"""Synchronous client for the simulator's HTTP control endpoint.
+
+Scripts, the CLI and tests running in another thread drive the simulator with
+plain GETs; stdlib urllib keeps it dependency-free.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+DEFAULT_URL = "http://127.0.0.1:50052"
+
+
+class SimulatorControlError(RuntimeError):
+    """The simulator refused a command (status set) or could not be reached (status None)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SimulatorControl:
+    def __init__(self, base_url: str = DEFAULT_URL, *, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def command(self, name: str, **params: str | int | float | None) -> Any:
+        """GET /control/<name>; parameters set to None are left out."""
+        query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        url = f"{self.base_url}/control/{name}" + (f"?{query}" if query else "")
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise SimulatorControlError(_error_message(exc), exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            message = f"cannot reach the simulator at {self.base_url}: {exc}"
+            raise SimulatorControlError(message) from exc
+
+    def state(self) -> Any:
+        return self.command("state")
+
+    def scan(self, login: str) -> Any:
+        return self.command("scan", login=login)
+
+    def logout(self, login: str) -> Any:
+        return self.command("logout", login=login)
+
+    def ban(self, login: str) -> Any:
+        return self.command("ban", login=login)
+
+    def unban(self, login: str) -> Any:
+        return self.command("unban", login=login)
+
+    def drop(self, login: str, code: int = 428) -> Any:
+        return self.command("drop", login=login, code=code)
+
+    def unavailable(
+        self, code: int = 503, count: int = 1, retry_after_ms: int | None = None
+    ) -> Any:
+        return self.command("unavailable", code=code, count=count, retry_after_ms=retry_after_ms)
+
+    def faults(
+        self,
+        *,
+        drop_min_s: float | None = None,
+        drop_max_s: float | None = None,
+        latency_ms: float | None = None,
+        lose_acks: float | None = None,
+    ) -> Any:
+        return self.command(
+            "faults", drop_min_s=drop_min_s, drop_max_s=drop_max_s, latency_ms=latency_ms,
+            lose_acks=lose_acks,
+        )
+
+    def inbound(self, login: str, sender: str, body: str) -> Any:
+        return self.command("inbound", login=login, body=body, **{"from": sender})
+
+    def record(self, login: str) -> Any:
+        return self.command("record", login=login)
+
+    def reset(self) -> Any:
+        return self.command("reset")
+
+
+def _error_message(exc: urllib.error.HTTPError) -> str:
+    raw = exc.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace") or f"HTTP {exc.code}"
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, str):
+        return error
+    return f"HTTP {exc.code}"

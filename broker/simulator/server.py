@@ -1,0 +1,769 @@
+"""A fake upstream network speaking docs/protocol.md, misbehaving on command.
+
+Tests, the demo and the benchmarks need an upstream that pairs, kicks, bans,
+times out, drops and loses acks on purpose, and that records what it got so
+exactly-once, in-order delivery and conflicts can be asserted. Every state
+change happens synchronously on the event loop (no awaits in between), so a
+control command is in force as soon as it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from enum import Enum
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from broker.lifecycle.reasons import DisconnectCode
+from broker.simulator.record import AcceptedMessage, LoginRecord
+from broker.upstream.protocol import (
+    CLOSE_CODE_BASE,
+    CONNECT_PATH,
+    MAX_FRAME_BYTES,
+    Ack,
+    Error,
+    Frame,
+    Hello,
+    InboundAck,
+    Logout,
+    Message,
+    Paired,
+    Ping,
+    Pong,
+    ProtocolError,
+    Qr,
+    Ready,
+    Receipt,
+    Send,
+    decode,
+    encode,
+)
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.01
+_CLOSE_TIMEOUT_S = 2.0
+_MAX_REASON_BYTES = 120
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    idle_timeout_s: float = 20.0
+    qr_interval_s: float = 20.0
+    qr_max: int = 5
+    ack_delay_s: float = 0.0
+    receipt_delay_s: float = 0.05
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Faults switched on by set_faults(); the defaults mean no faults."""
+
+    drop_min_s: float | None = None
+    drop_max_s: float | None = None
+    latency_ms: float = 0.0
+    lose_acks: float = 0.0
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Refuse the next `count` hellos with an error frame and close 4000+code."""
+
+    code: int = 503
+    count: int = 0
+    retry_after_ms: int | None = None
+
+
+class _State(Enum):
+    HANDSHAKE = "handshake"  # waiting for hello
+    PAIRING = "pairing"  # showing QR codes
+    OPEN = "open"  # ready: sends allowed
+    CLOSING = "closing"  # closed or being closed: every further frame is ignored
+
+
+class _Outbox:
+    """Frames due at given times, written in due order by one task.
+
+    Latency and receipt delays then never block the read loop and never
+    reorder frames that share a delay (ties keep insertion order).
+    """
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self._ws = ws
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+
+    def put(self, text: str, delay_s: float = 0.0) -> None:
+        due = asyncio.get_running_loop().time() + max(delay_s, 0.0)
+        heapq.heappush(self._heap, (due, next(self._seq), text))
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            if not self._heap:
+                await self._wake.wait()
+                continue
+            wait_s = self._heap[0][0] - loop.time()
+            if wait_s > 0:
+                # Wake early if a frame with an earlier due time arrives.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await self._wake.wait()
+                continue
+            _, _, text = heapq.heappop(self._heap)
+            await self._ws.send(text)
+
+
+class _Conn:
+    """One client websocket and where it is in the handshake."""
+
+    def __init__(self, ws: ServerConnection, conn_id: str) -> None:
+        self.ws = ws
+        self.id = conn_id
+        self.login: str | None = None
+        self.state = _State.HANDSHAKE
+        self.outbox = _Outbox(ws)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def closing(self) -> bool:
+        return self.state is _State.CLOSING
+
+
+def _close_text(code: int) -> str:
+    try:
+        return DisconnectCode(code).text
+    except ValueError:
+        return "closed by the simulator"
+
+
+def _truncate(reason: str) -> str:
+    # Websocket close reasons must fit in 123 bytes of UTF-8.
+    return reason.encode()[:_MAX_REASON_BYTES].decode(errors="ignore")
+
+
+def _has_corrupt_credentials(raw: str | bytes) -> bool:
+    """A hello whose credentials are neither null nor an object.
+
+    decode() rejects it as a bad frame, but the protocol calls it a corrupt
+    session (4500), which is what a client must be told so it stops retrying.
+    """
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError):
+        return False
+    return (
+        isinstance(obj, dict)
+        and obj.get("type") == "hello"
+        and isinstance(obj.get("login"), str)
+        and obj.get("credentials") is not None
+        and not isinstance(obj.get("credentials"), dict)
+    )
+
+
+class ControlError(ValueError):
+    """A control command with bad or missing parameters (HTTP 400)."""
+
+
+class Simulator:
+    """The fake upstream: websocket endpoint, control methods and HTTP control."""
+
+    def __init__(self, config: SimulatorConfig | None = None) -> None:
+        self.config = config or SimulatorConfig()
+        self._rng = random.Random(self.config.seed)
+        self._server: Server | None = None
+        self._host = "127.0.0.1"
+        self._conn_ids = itertools.count(1)
+        self._inbound_ids = itertools.count(1)
+        self._conns: set[_Conn] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drop_task: asyncio.Task[None] | None = None
+        self._tokens: dict[str, str] = {}
+        self._banned: set[str] = set()
+        self._records: dict[str, LoginRecord] = {}
+        self._accepted: dict[str, set[str]] = {}
+        self._inbox: dict[str, dict[str, Message]] = {}
+        self._open: dict[str, _Conn] = {}
+        self._pairing: dict[str, _Conn] = {}
+        self._unavailable = Unavailable()
+        self._faults = Faults()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if self._server is not None:
+            raise RuntimeError("simulator already started")
+        self._host = host
+        self._server = await serve(
+            self._handle,
+            host,
+            port,
+            process_request=self._process_request,
+            ping_interval=None,  # keep-alive is the client's job (application pings)
+            close_timeout=_CLOSE_TIMEOUT_S,
+            max_size=MAX_FRAME_BYTES,
+        )
+        self._restart_drops()
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._cancel_drops()
+        server.close()
+        await server.wait_closed()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("simulator not started")
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    @property
+    def _url_host(self) -> str:
+        host = self._host if self._host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self._url_host}:{self.port}{CONNECT_PATH}"
+
+    @property
+    def control_url(self) -> str:
+        return f"http://{self._url_host}:{self.port}"
+
+    # -- control -----------------------------------------------------------
+
+    async def scan(self, login: str) -> bool:
+        """Scan login's current QR: hand out credentials, then demand a restart."""
+        conn = self._pairing.get(login)
+        if conn is None or conn.state is not _State.PAIRING:
+            return False
+        token = secrets.token_urlsafe(24)
+        self._tokens[login] = token
+        self._detach(conn)
+        with contextlib.suppress(ConnectionClosed):
+            await conn.ws.send(encode(Paired(credentials={"token": token})))
+        self._close_soon(conn, DisconnectCode.RESTART_REQUIRED)
+        return True
+
+    async def logout(self, login: str) -> None:
+        self._revoke(login)
+        conn = self._open.get(login)
+        if conn is not None:
+            self._close_soon(conn, DisconnectCode.LOGGED_OUT)
+
+    async def ban(self, login: str) -> None:
+        self._banned.add(login)
+        for conn in (self._open.get(login), self._pairing.get(login)):
+            if conn is not None:
+                self._close_soon(conn, DisconnectCode.FORBIDDEN)
+
+    async def unban(self, login: str) -> None:
+        self._banned.discard(login)
+
+    async def drop(self, login: str, code: int = 428) -> bool:
+        """Close login's connection with 4000+code; 428 aborts TCP with no close frame."""
+        if not 0 <= code < 1000:
+            raise ControlError("code must be between 0 and 999")
+        conn = self._open.get(login) or self._pairing.get(login)
+        if conn is None:
+            return False
+        self.record(login).drops += 1
+        if code == DisconnectCode.CONNECTION_CLOSED:
+            self._abort(conn)
+        else:
+            self._close_soon(conn, code)
+        return True
+
+    def set_unavailable(
+        self, code: int = 503, count: int = 1, retry_after_ms: int | None = None
+    ) -> None:
+        if code not in (DisconnectCode.UNAVAILABLE, DisconnectCode.RATE_LIMITED):
+            raise ControlError("code must be 503 or 429")
+        if count < 0:
+            raise ControlError("count must not be negative")
+        if retry_after_ms is not None and retry_after_ms < 0:
+            raise ControlError("retry_after_ms must not be negative")
+        self._unavailable = Unavailable(code, count, retry_after_ms)
+
+    def set_faults(
+        self,
+        *,
+        drop_min_s: float | None = None,
+        drop_max_s: float | None = None,
+        latency_ms: float = 0.0,
+        lose_acks: float = 0.0,
+    ) -> None:
+        """Replace the fault set; one drop bound alone means a fixed interval."""
+        if drop_min_s is None:
+            drop_min_s = drop_max_s
+        if drop_max_s is None:
+            drop_max_s = drop_min_s
+        if drop_min_s is not None and drop_max_s is not None and not (
+            0 < drop_min_s <= drop_max_s
+        ):
+            raise ControlError("need 0 < drop_min_s <= drop_max_s")
+        if latency_ms < 0:
+            raise ControlError("latency_ms must not be negative")
+        if not 0.0 <= lose_acks <= 1.0:
+            raise ControlError("lose_acks must be between 0 and 1")
+        self._faults = Faults(drop_min_s, drop_max_s, latency_ms, lose_acks)
+        self._restart_drops()
+
+    async def inbound(self, login: str, sender: str, body: str) -> str:
+        """Queue an inbound message; it is (re)delivered on each ready until acked."""
+        message = Message(
+            id=f"i-{next(self._inbound_ids)}", sender=sender, body=body, ts=time.time()
+        )
+        self._inbox.setdefault(login, {})[message.id] = message
+        conn = self._open.get(login)
+        if conn is not None:
+            conn.outbox.put(encode(message), self._answer_delay())
+        return message.id
+
+    def record(self, login: str) -> LoginRecord:
+        """The live record of login (created empty on first use)."""
+        return self._records.setdefault(login, LoginRecord())
+
+    def live_connections(self, login: str) -> int:
+        return sum(1 for c in self._conns if c.login == login and c.state is _State.OPEN)
+
+    def reset(self) -> None:
+        """Forget every login, record and fault; every connection is closed 4428."""
+        for conn in list(self._conns):
+            self._close_soon(conn, DisconnectCode.CONNECTION_CLOSED)
+        self._tokens.clear()
+        self._banned.clear()
+        self._records.clear()
+        self._accepted.clear()
+        self._inbox.clear()
+        self._unavailable = Unavailable()
+        self._faults = Faults()
+        self._cancel_drops()
+
+    def issue_credentials(self, login: str) -> dict[str, Any]:
+        """Register login as already paired (tests skip the QR dance)."""
+        token = secrets.token_urlsafe(24)
+        self._tokens[login] = token
+        return {"token": token}
+
+    async def wait_for(
+        self, predicate: Callable[[], bool], timeout: float = 10.0
+    ) -> None:
+        """Poll predicate until true; arbitrary predicates have no event to wait on."""
+        async with asyncio.timeout(timeout):
+            while not predicate():  # noqa: ASYNC110
+                await asyncio.sleep(_POLL_S)
+
+    def state(self) -> dict[str, Any]:
+        """A JSON-able snapshot for operators (/control/state)."""
+        logins = sorted(
+            set(self._tokens) | self._banned | set(self._records) | set(self._inbox)
+            | {c.login for c in self._conns if c.login is not None}
+        )
+        return {
+            "url": self.url if self._server is not None else None,
+            "logins": {
+                login: {
+                    "paired": login in self._tokens,
+                    "banned": login in self._banned,
+                    "live_connections": self.live_connections(login),
+                    "pairing": login in self._pairing,
+                    "pending_inbound": len(self._inbox.get(login, {})),
+                    "accepted": len(self.record(login).accepted),
+                    "connection_attempts": self.record(login).connection_attempts,
+                    "conflicts": self.record(login).conflicts,
+                    "duplicates": self.record(login).duplicates,
+                    "drops": self.record(login).drops,
+                }
+                for login in logins
+            },
+            "connections": len(self._conns),
+            "unavailable": asdict(self._unavailable),
+            "faults": asdict(self._faults),
+        }
+
+    # -- websocket conversation -------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = _Conn(ws, f"c-{next(self._conn_ids)}")
+        self._conns.add(conn)
+        self._spawn(conn, conn.outbox.run())
+        try:
+            await self._converse(conn)
+        except ConnectionClosed:
+            pass
+        except Exception:
+            # One broken conversation must never take the simulator down.
+            log.exception("simulator connection %s failed", conn.id)
+            self._abort(conn)
+        finally:
+            self._detach(conn)
+            self._conns.discard(conn)
+            for task in conn.tasks:
+                task.cancel()
+
+    async def _converse(self, conn: _Conn) -> None:
+        frame = await self._receive(conn, self.config.idle_timeout_s)
+        if frame is None:
+            return
+        if not isinstance(frame, Hello):
+            await self._close(conn, DisconnectCode.BAD_FRAME, f"expected hello, got {frame.type}")
+            return
+        await self._greet(conn, frame)
+        while not conn.closing:
+            # Pairing is bounded by the QR limit, not by the idle timeout.
+            idle = self.config.idle_timeout_s if conn.state is _State.OPEN else None
+            frame = await self._receive(conn, idle)
+            if frame is None or conn.closing:
+                return
+            await self._dispatch(conn, frame)
+
+    async def _receive(self, conn: _Conn, timeout_s: float | None) -> Frame | None:
+        """The next frame, or None once the connection was closed for cause."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await conn.ws.recv()
+        except TimeoutError:
+            await self._close(conn, DisconnectCode.TIMED_OUT, "no frame within the idle timeout")
+            return None
+        try:
+            return decode(raw)
+        except ProtocolError as exc:
+            if _has_corrupt_credentials(raw):
+                await self._close(conn, DisconnectCode.BAD_SESSION, "corrupt credentials")
+            else:
+                await self._close(conn, DisconnectCode.BAD_FRAME, str(exc))
+            return None
+
+    async def _greet(self, conn: _Conn, hello: Hello) -> None:
+        await self._latency()
+        if conn.closing:  # reset() or stop() came first
+            return
+        login = conn.login = hello.login
+        record = self.record(login)
+        record.connection_attempts += 1
+        if not login:
+            await self._close(conn, DisconnectCode.BAD_FRAME, "empty login")
+            return
+        if self._unavailable.count > 0:
+            await self._refuse(conn)
+            return
+        if login in self._banned:
+            await self._close(conn, DisconnectCode.FORBIDDEN)
+            return
+        if hello.credentials is None:
+            conn.state = _State.PAIRING
+            self._pairing[login] = conn  # the newest pairing connection is the one scanned
+            self._spawn(conn, self._show_qr_codes(conn, record))
+            return
+        token = hello.credentials.get("token")
+        if not isinstance(token, str):
+            await self._close(conn, DisconnectCode.BAD_SESSION, "corrupt credentials")
+            return
+        expected = self._tokens.get(login)
+        if expected is None or not secrets.compare_digest(token.encode(), expected.encode()):
+            await self._close(conn, DisconnectCode.LOGGED_OUT, "credentials unknown or revoked")
+            return
+        previous = self._open.get(login)
+        if previous is not None:
+            record.conflicts += 1
+            self._close_soon(previous, DisconnectCode.REPLACED)
+        conn.state = _State.OPEN
+        self._open[login] = conn
+        record.max_concurrent = max(record.max_concurrent, self.live_connections(login))
+        conn.outbox.put(encode(Ready(login=login, connection_id=conn.id)))
+        for message in self._inbox.get(login, {}).values():
+            conn.outbox.put(encode(message))
+
+    async def _refuse(self, conn: _Conn) -> None:
+        u = self._unavailable
+        self._unavailable = Unavailable(u.code, u.count - 1, u.retry_after_ms)
+        text = _close_text(u.code)
+        await conn.ws.send(encode(Error(code=u.code, reason=text, retry_after_ms=u.retry_after_ms)))
+        await self._close(conn, u.code, text)
+
+    async def _show_qr_codes(self, conn: _Conn, record: LoginRecord) -> None:
+        interval = self.config.qr_interval_s
+        for index in range(1, self.config.qr_max + 1):
+            if conn.state is not _State.PAIRING:
+                return
+            code = f"2@{secrets.token_urlsafe(24)},{secrets.token_urlsafe(16)}"
+            qr = Qr(code=code, index=index, expires_in_ms=int(interval * 1000))
+            await conn.ws.send(encode(qr))
+            record.qr_codes_sent += 1
+            await asyncio.sleep(interval)
+        if conn.state is _State.PAIRING:
+            await self._close(conn, DisconnectCode.TIMED_OUT, "pairing timed out")
+
+    async def _dispatch(self, conn: _Conn, frame: Frame) -> None:
+        assert conn.login is not None
+        login = conn.login
+        is_open = conn.state is _State.OPEN
+        match frame:
+            case Ping(id=ping_id):
+                self.record(login).pings += 1
+                conn.outbox.put(encode(Pong(id=ping_id)), self._answer_delay())
+            case Send() if is_open:
+                self._accept(conn, login, frame)
+            case InboundAck(id=inbound_id) if is_open:
+                if self._inbox.get(login, {}).pop(inbound_id, None) is not None:
+                    self.record(login).inbound_acked.append(inbound_id)
+            case Logout() if is_open:
+                self._revoke(login)
+                await self._close(conn, DisconnectCode.LOGGED_OUT)
+            case _:
+                await self._close(conn, DisconnectCode.BAD_FRAME, f"unexpected {frame.type} frame")
+
+    def _accept(self, conn: _Conn, login: str, send: Send) -> None:
+        record = self.record(login)
+        seen = self._accepted.setdefault(login, set())
+        duplicate = send.id in seen
+        if duplicate:
+            record.duplicates += 1
+        else:
+            seen.add(send.id)
+            record.accepted.append(AcceptedMessage(send.id, send.to, send.body, conn.id))
+        if self._faults.lose_acks and self._rng.random() < self._faults.lose_acks:
+            return  # accepted, but the client never hears about it
+        delay = self._answer_delay()
+        conn.outbox.put(encode(Ack(id=send.id, duplicate=duplicate)), delay)
+        if self.config.receipt_delay_s > 0:
+            conn.outbox.put(encode(Receipt(id=send.id)), delay + self.config.receipt_delay_s)
+
+    # -- closing -----------------------------------------------------------
+
+    def _revoke(self, login: str) -> None:
+        self._tokens.pop(login, None)
+        self.record(login).logouts += 1
+
+    def _detach(self, conn: _Conn) -> None:
+        """Mark conn closing and forget it as login's live or pairing connection."""
+        conn.state = _State.CLOSING
+        if conn.login is not None:
+            if self._open.get(conn.login) is conn:
+                del self._open[conn.login]
+            if self._pairing.get(conn.login) is conn:
+                del self._pairing[conn.login]
+
+    async def _close(self, conn: _Conn, code: int, reason: str | None = None) -> None:
+        self._detach(conn)
+        await conn.ws.close(CLOSE_CODE_BASE + code, _truncate(reason or _close_text(code)))
+
+    def _close_soon(self, conn: _Conn, code: int, reason: str | None = None) -> None:
+        """Close from outside conn's handler without waiting for the handshake."""
+        self._detach(conn)
+        reason = _truncate(reason or _close_text(code))
+        self._spawn(None, conn.ws.close(CLOSE_CODE_BASE + code, reason))
+
+    def _abort(self, conn: _Conn) -> None:
+        """Drop like a dead network: no close frame, the client sees 1006."""
+        self._detach(conn)
+        conn.ws.transport.abort()
+
+    # -- faults ------------------------------------------------------------
+
+    def _answer_delay(self) -> float:
+        return self.config.ack_delay_s + self._faults.latency_ms / 1000
+
+    async def _latency(self) -> None:
+        delay = self._answer_delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    def _cancel_drops(self) -> None:
+        if self._drop_task is not None:
+            self._drop_task.cancel()
+            self._drop_task = None
+
+    def _restart_drops(self) -> None:
+        self._cancel_drops()
+        low, high = self._faults.drop_min_s, self._faults.drop_max_s
+        if self._server is not None and low is not None and high is not None:
+            self._drop_task = asyncio.get_running_loop().create_task(self._drop_forever(low, high))
+
+    async def _drop_forever(self, low: float, high: float) -> None:
+        while True:
+            await asyncio.sleep(self._rng.uniform(low, high))
+            for login, conn in list(self._open.items()):
+                self.record(login).drops += 1
+                self._abort(conn)
+
+    def _spawn(self, conn: _Conn | None, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background task that stop() (and conn's end, if given) cancels."""
+        task = asyncio.get_running_loop().create_task(self._guard(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if conn is not None:
+            conn.tasks.add(task)
+            task.add_done_callback(conn.tasks.discard)
+
+    @staticmethod
+    async def _guard(coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("simulator background task failed")
+
+    # -- HTTP control ------------------------------------------------------
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        url = urlsplit(request.path)
+        if url.path == CONNECT_PATH:
+            return None  # go on with the websocket handshake
+        if url.path.startswith("/control/"):
+            command = url.path.removeprefix("/control/")
+            status, body = await self._control(command, parse_qs(url.query, keep_blank_values=True))
+        else:
+            status, body = 404, {"error": f"no such path {url.path}"}
+        response = connection.respond(status, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    async def _control(self, command: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+        handler = self._commands().get(command)
+        if handler is None:
+            return 404, {"error": f"unknown command {command!r}"}
+        try:
+            return 200, await handler(_Params(query))
+        except ControlError as exc:
+            return 400, {"error": str(exc)}
+
+    def _commands(self) -> dict[str, Callable[[_Params], Coroutine[Any, Any, Any]]]:
+        async def state(p: _Params) -> Any:
+            return self.state()
+
+        async def scan(p: _Params) -> Any:
+            return {"scanned": await self.scan(p.text("login"))}
+
+        async def logout(p: _Params) -> Any:
+            await self.logout(p.text("login"))
+            return {"ok": True}
+
+        async def ban(p: _Params) -> Any:
+            await self.ban(p.text("login"))
+            return {"ok": True}
+
+        async def unban(p: _Params) -> Any:
+            await self.unban(p.text("login"))
+            return {"ok": True}
+
+        async def drop(p: _Params) -> Any:
+            login = p.text("login")
+            return {"dropped": await self.drop(login, p.integer("code", 428))}
+
+        async def unavailable(p: _Params) -> Any:
+            self.set_unavailable(
+                p.integer("code", 503), p.integer("count", 1), p.optional_integer("retry_after_ms")
+            )
+            return {"ok": True}
+
+        async def faults(p: _Params) -> Any:
+            self.set_faults(
+                drop_min_s=p.optional_number("drop_min_s"),
+                drop_max_s=p.optional_number("drop_max_s"),
+                latency_ms=p.optional_number("latency_ms") or 0.0,
+                lose_acks=p.optional_number("lose_acks") or 0.0,
+            )
+            return {"ok": True, "faults": asdict(self._faults)}
+
+        async def inbound(p: _Params) -> Any:
+            login, sender, body = p.text("login"), p.text("from"), p.text("body", allow_empty=True)
+            return {"id": await self.inbound(login, sender, body)}
+
+        async def record(p: _Params) -> Any:
+            return self.record(p.text("login")).to_json()
+
+        async def reset(p: _Params) -> Any:
+            self.reset()
+            return {"ok": True}
+
+        return {
+            "state": state, "scan": scan, "logout": logout, "ban": ban, "unban": unban,
+            "drop": drop, "unavailable": unavailable, "faults": faults, "inbound": inbound,
+            "record": record, "reset": reset,
+        }
+
+
+class _Params:
+    """Query parameters of one control command, parsed strictly (ControlError = 400)."""
+
+    def __init__(self, query: dict[str, list[str]]) -> None:
+        self._query = query
+
+    def _raw(self, name: str) -> str | None:
+        values = self._query.get(name)
+        return values[-1] if values else None
+
+    def text(self, name: str, *, allow_empty: bool = False) -> str:
+        value = self._raw(name)
+        if value is None or (not value and not allow_empty):
+            raise ControlError(f"missing parameter {name!r}")
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        value = self._raw(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ControlError(f"parameter {name!r} must be an integer") from None
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.optional_integer(name)
+        return default if value is None else value
+
+    def optional_number(self, name: str) -> float | None:
+        value = self._raw(name)
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            raise ControlError(f"parameter {name!r} must be a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ControlError(f"parameter {name!r} must be finite")
+        return number
