@@ -1,1 +1,62 @@
-"""Typed Python client for the session broker."""
+"""Typed Python client for the session broker.
+
+``BrokerClient`` (asyncio) and ``SyncBrokerClient`` (blocking) wrap the
+``broker.v1`` gRPC API with retries, deadlines and idempotency built in, and
+raise typed :class:`BrokerError` subclasses decoded from rich error details.
+"""
+
+from .client import DEFAULT_TARGET, BrokerClient, SendResult, StatusWatch
+from .errors import (
+    DOMAIN,
+    AlreadyExists,
+    BrokerError,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    LoggedOut,
+    NeedsPairing,
+    NotDeliveredYet,
+    PermissionDenied,
+    ResourceExhausted,
+    SessionNotFound,
+    Unauthenticated,
+    Unavailable,
+    error_from_rpc,
+)
+from .sync import SyncBrokerClient, SyncStatusWatch
+from .v1.broker_pb2 import (
+    QrCode,
+    Session,
+    SessionHealth,
+    SessionState,
+    StatusEvent,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DOMAIN",
+    "AlreadyExists",
+    "BrokerClient",
+    "BrokerError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "LoggedOut",
+    "NeedsPairing",
+    "NotDeliveredYet",
+    "PermissionDenied",
+    "QrCode",
+    "ResourceExhausted",
+    "SendResult",
+    "Session",
+    "SessionHealth",
+    "SessionNotFound",
+    "SessionState",
+    "StatusEvent",
+    "StatusWatch",
+    "SyncBrokerClient",
+    "SyncStatusWatch",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_rpc",
+]

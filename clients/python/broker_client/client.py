@@ -1,0 +1,328 @@
+"""Async client for the session broker (grpc.aio).
+
+Retries, deadlines and idempotency live here once; :mod:`broker_client.sync`
+drives this same class from a background event loop.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+from google.protobuf import timestamp_pb2
+
+from .errors import BrokerError, DeadlineExceeded, Unavailable, error_from_rpc
+from .retry import send_retrying, stream_retrying
+from .v1 import broker_pb2, broker_pb2_grpc
+
+__all__ = ["DEFAULT_TARGET", "BrokerClient", "SendResult", "StatusWatch"]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+_Resp = TypeVar("_Resp")
+_StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
+
+
+def _ts(message: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
+    return message.ToDatetime(tzinfo=UTC) if present else None
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """Outcome of :meth:`BrokerClient.send`, with plain Python types."""
+
+    message_id: str
+    acked: bool
+    duplicate: bool
+    sequence: int
+    accepted_at: datetime | None
+    acked_at: datetime | None
+
+    @classmethod
+    def from_response(cls, response: broker_pb2.SendResponse) -> SendResult:
+        return cls(
+            message_id=response.message_id,
+            acked=response.status == broker_pb2.ACKED,
+            duplicate=response.duplicate,
+            sequence=response.sequence,
+            accepted_at=_ts(response.accepted_at, response.HasField("accepted_at")),
+            acked_at=_ts(response.acked_at, response.HasField("acked_at")),
+        )
+
+
+class BrokerClient:
+    """Async broker client; every method raises :class:`BrokerError` subclasses only.
+
+    The channel is created lazily on first use (inside the running loop), so
+    constructing a client is cheap and safe outside a coroutine.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 10.0,
+        retry_attempts: int = 5,
+        reconnect_attempts: int = 10,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry_attempts = retry_attempts
+        self.reconnect_attempts = reconnect_attempts
+        self._credentials = credentials
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._channel = channel
+        self._owns_channel = channel is None
+        self._stub_cache: broker_pb2_grpc.BrokerAsyncStub | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def __aenter__(self) -> BrokerClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel if we created it (a caller's channel stays theirs)."""
+        channel, self._channel, self._stub_cache = self._channel, None, None
+        if channel is not None and self._owns_channel:
+            await channel.close(grace=None)
+
+    @property
+    def _stub(self) -> broker_pb2_grpc.BrokerAsyncStub:
+        if self._stub_cache is None:
+            if self._channel is None:
+                if not self._owns_channel:
+                    raise BrokerError("client is closed", code=grpc.StatusCode.CANCELLED)
+                self._channel = (
+                    grpc.aio.secure_channel(self.target, self._credentials)
+                    if self._credentials is not None
+                    else grpc.aio.insecure_channel(self.target)
+                )
+            self._stub_cache = broker_pb2_grpc.BrokerStub(self._channel)
+        return self._stub_cache
+
+    # -- call helpers ----------------------------------------------------------
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[_Resp]],
+        request: object,
+        deadline_s: float | None = None,
+    ) -> _Resp:
+        """One attempt, decoded errors."""
+        try:
+            return await method(
+                request,
+                timeout=self.timeout if deadline_s is None else deadline_s,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err) from err
+
+    async def _call_retrying(
+        self,
+        method: Callable[..., Awaitable[_Resp]],
+        request: object,
+        budget_s: float | None = None,
+    ) -> _Resp:
+        """Retry UNAVAILABLE within ``budget_s`` in total; each attempt gets what is left."""
+        budget = self.timeout if budget_s is None else budget_s
+        deadline = time.monotonic() + budget
+        last: BrokerError | None = None
+        async for attempt in send_retrying(attempts=self.retry_attempts, budget=budget):
+            with attempt:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise last or DeadlineExceeded(f"retry budget of {budget}s exhausted")
+                try:
+                    return await self._call(method, request, remaining)
+                except BrokerError as err:
+                    last = err
+                    raise
+        raise AssertionError("unreachable: tenacity reraises the last error")  # pragma: no cover
+
+    # -- sending ---------------------------------------------------------------
+
+    async def send(
+        self,
+        session_id: str,
+        to: str,
+        body: str,
+        *,
+        idempotency_key: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> SendResult:
+        """Send a message; retries UNAVAILABLE with one idempotency key so it never sends twice.
+
+        ``timeout`` is the total budget across retries (default: the client's).
+        Raises :class:`NotDeliveredYet` if the message is queued but unacked
+        when the budget runs out: call again with the same key to learn its fate.
+        """
+        request = broker_pb2.SendRequest(
+            session_id=session_id,
+            to=to,
+            body=body,
+            idempotency_key=idempotency_key or str(uuid.uuid4()),
+            no_wait=not wait,
+        )
+        response = await self._call_retrying(self._stub.Send, request, timeout)
+        return SendResult.from_response(response)
+
+    # -- status ----------------------------------------------------------------
+
+    def watch_status(
+        self,
+        session_ids: Sequence[str] = (),
+        tenant: str = "",
+        *,
+        resume_after: str = "",
+    ) -> StatusWatch:
+        """Live status events that survive broker restarts and slow-subscriber drops."""
+        return StatusWatch(self, list(session_ids), tenant, resume_after)
+
+    async def health(
+        self, session_ids: Sequence[str] = (), tenant: str = ""
+    ) -> list[broker_pb2.SessionHealth]:
+        request = broker_pb2.HealthRequest(session_ids=list(session_ids), tenant=tenant)
+        response = await self._call_retrying(self._stub.Health, request)
+        return list(response.sessions)
+
+    # -- session admin -----------------------------------------------------------
+    # Reads and the idempotent CreateSession retry UNAVAILABLE; mutations that
+    # are not safe to repeat blindly (stop/logout/restart/delete) do not.
+
+    async def create_session(
+        self, session_id: str, tenant: str = "", *, start: bool = True
+    ) -> broker_pb2.Session:
+        request = broker_pb2.CreateSessionRequest(
+            session_id=session_id, tenant=tenant, no_start=not start
+        )
+        return await self._call_retrying(self._stub.CreateSession, request)
+
+    async def get_session(self, session_id: str) -> broker_pb2.Session:
+        request = broker_pb2.GetSessionRequest(session_id=session_id)
+        return await self._call_retrying(self._stub.GetSession, request)
+
+    async def list_sessions(self, tenant: str = "") -> list[broker_pb2.Session]:
+        request = broker_pb2.ListSessionsRequest(tenant=tenant)
+        response = await self._call_retrying(self._stub.ListSessions, request)
+        return list(response.sessions)
+
+    async def stop_session(self, session_id: str) -> broker_pb2.Session:
+        ref = broker_pb2.SessionRef(session_id=session_id)
+        return await self._call(self._stub.StopSession, ref)
+
+    async def logout_session(self, session_id: str) -> broker_pb2.Session:
+        ref = broker_pb2.SessionRef(session_id=session_id)
+        return await self._call(self._stub.LogoutSession, ref)
+
+    async def restart_session(self, session_id: str) -> broker_pb2.Session:
+        ref = broker_pb2.SessionRef(session_id=session_id)
+        return await self._call(self._stub.RestartSession, ref)
+
+    async def delete_session(self, session_id: str) -> None:
+        ref = broker_pb2.SessionRef(session_id=session_id)
+        await self._call(self._stub.DeleteSession, ref)
+
+    async def get_qr(self, session_id: str) -> broker_pb2.QrCode:
+        return await self._call_retrying(
+            self._stub.GetQr, broker_pb2.SessionRef(session_id=session_id)
+        )
+
+
+class StatusWatch(AsyncIterator[broker_pb2.StatusEvent]):
+    """Resumable status stream.
+
+    Each read is one tenacity-governed step: a failed read (UNAVAILABLE,
+    SUBSCRIBER_TOO_SLOW, or the stream ending under us) reopens the stream
+    with ``resume_after = last_event_id`` after a backoff, so nothing is
+    missed. Every delivered event starts a fresh retry budget, so the
+    attempt bound applies per outage, not per watch. Any error that escapes
+    (including cancelling a pending read) closes the watch and its stream.
+    """
+
+    def __init__(
+        self, client: BrokerClient, session_ids: list[str], tenant: str, resume_after: str
+    ) -> None:
+        self._client = client
+        self._session_ids = session_ids
+        self._tenant = tenant
+        #: ``event_id`` of the last event handed out; pass it to resume elsewhere.
+        self.last_event_id = resume_after
+        #: How many times the stream was reopened after a failure.
+        self.reconnects = 0
+        self._call: _StatusCall | None = None
+        self._opened_once = False
+        self._closed = False
+
+    def __aiter__(self) -> StatusWatch:
+        return self
+
+    def _open(self) -> _StatusCall:
+        request = broker_pb2.StreamStatusRequest(
+            session_ids=self._session_ids, tenant=self._tenant, resume_after=self.last_event_id
+        )
+        if self._opened_once:
+            self.reconnects += 1
+        self._opened_once = True
+        return self._client._stub.StreamStatus(request, metadata=self._client._metadata)
+
+    def _drop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    async def _read_once(self) -> broker_pb2.StatusEvent:
+        if self._call is None:
+            self._call = self._open()
+        try:
+            event = await self._call.read()
+        except grpc.RpcError as err:
+            self._drop()
+            raise error_from_rpc(err) from err
+        if not isinstance(event, broker_pb2.StatusEvent):  # grpc.aio.EOF
+            self._drop()
+            # The broker never ends a live stream on its own: this is a restart.
+            raise Unavailable("status stream ended by the broker", reason="STREAM_ENDED")
+        return event
+
+    async def __anext__(self) -> broker_pb2.StatusEvent:
+        if self._closed:
+            raise StopAsyncIteration
+        event: broker_pb2.StatusEvent | None = None
+        try:
+            async for attempt in stream_retrying(attempts=self._client.reconnect_attempts):
+                with attempt:
+                    event = await self._read_once()
+        except BaseException:
+            await self.aclose()
+            raise
+        assert event is not None
+        if event.event_id:
+            self.last_event_id = event.event_id
+        return event
+
+    async def aclose(self) -> None:
+        """Cancel the underlying stream; further iteration stops."""
+        self._closed = True
+        self._drop()

@@ -1,0 +1,190 @@
+"""Blocking client: a :class:`BrokerClient` driven on a private event loop thread.
+
+Running the async client (rather than a second grpc.Channel implementation)
+keeps retries, deadlines and stream resumption in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+
+from .client import DEFAULT_TARGET, BrokerClient, SendResult, StatusWatch
+from .v1 import broker_pb2
+
+__all__ = ["SyncBrokerClient", "SyncStatusWatch"]
+
+_T = TypeVar("_T")
+
+
+class SyncBrokerClient:
+    """Same methods as :class:`BrokerClient`, blocking; safe to share between threads."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 10.0,
+        retry_attempts: int = 5,
+        reconnect_attempts: int = 10,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._run_loop, name="broker-client-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+        self._client = BrokerClient(
+            target,
+            timeout=timeout,
+            retry_attempts=retry_attempts,
+            reconnect_attempts=reconnect_attempts,
+            credentials=credentials,
+            token=token,
+        )
+
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("SyncBrokerClient is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: do not leave the call running
+            raise
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def __enter__(self) -> SyncBrokerClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel and stop the loop thread (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self._run(self._client.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            if not self._thread.is_alive():
+                self._loop.close()
+
+    # -- API -------------------------------------------------------------------
+
+    def send(
+        self,
+        session_id: str,
+        to: str,
+        body: str,
+        *,
+        idempotency_key: str | None = None,
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> SendResult:
+        return self._run(
+            self._client.send(
+                session_id, to, body, idempotency_key=idempotency_key, wait=wait, timeout=timeout
+            )
+        )
+
+    def watch_status(
+        self, session_ids: Sequence[str] = (), tenant: str = "", *, resume_after: str = ""
+    ) -> SyncStatusWatch:
+        watch = self._client.watch_status(session_ids, tenant, resume_after=resume_after)
+        return SyncStatusWatch(self, watch)
+
+    def health(
+        self, session_ids: Sequence[str] = (), tenant: str = ""
+    ) -> list[broker_pb2.SessionHealth]:
+        return self._run(self._client.health(session_ids, tenant))
+
+    def create_session(
+        self, session_id: str, tenant: str = "", *, start: bool = True
+    ) -> broker_pb2.Session:
+        return self._run(self._client.create_session(session_id, tenant, start=start))
+
+    def get_session(self, session_id: str) -> broker_pb2.Session:
+        return self._run(self._client.get_session(session_id))
+
+    def list_sessions(self, tenant: str = "") -> list[broker_pb2.Session]:
+        return self._run(self._client.list_sessions(tenant))
+
+    def stop_session(self, session_id: str) -> broker_pb2.Session:
+        return self._run(self._client.stop_session(session_id))
+
+    def logout_session(self, session_id: str) -> broker_pb2.Session:
+        return self._run(self._client.logout_session(session_id))
+
+    def restart_session(self, session_id: str) -> broker_pb2.Session:
+        return self._run(self._client.restart_session(session_id))
+
+    def delete_session(self, session_id: str) -> None:
+        self._run(self._client.delete_session(session_id))
+
+    def get_qr(self, session_id: str) -> broker_pb2.QrCode:
+        return self._run(self._client.get_qr(session_id))
+
+
+class SyncStatusWatch(Iterator[broker_pb2.StatusEvent]):
+    """Blocking view of a :class:`StatusWatch`; ``close()`` cancels the stream."""
+
+    def __init__(self, owner: SyncBrokerClient, watch: StatusWatch) -> None:
+        self._owner = owner
+        self._watch = watch
+
+    @property
+    def last_event_id(self) -> str:
+        return self._watch.last_event_id
+
+    @property
+    def reconnects(self) -> int:
+        return self._watch.reconnects
+
+    def __iter__(self) -> SyncStatusWatch:
+        return self
+
+    def __next__(self) -> broker_pb2.StatusEvent:
+        try:
+            return self._owner._run(self._next())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    async def _next(self) -> broker_pb2.StatusEvent:
+        return await self._watch.__anext__()
+
+    def close(self) -> None:
+        if not self._owner._closed:
+            self._owner._run(self._watch.aclose())
+
+    def __enter__(self) -> SyncStatusWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Tests of the Python client against scripted in-process grpc.aio servers."""

@@ -1,0 +1,191 @@
+"""send(): retries with one idempotency key, never retries the wrong codes, respects the budget."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from broker_client import (
+    BrokerClient,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NeedsPairing,
+    NotDeliveredYet,
+    ResourceExhausted,
+    Unavailable,
+)
+
+from .fake_broker import ScriptedBroker, not_delivered, rich_status
+
+BOUND = 20.0  # every wait in these tests is bounded by this (seconds), never asserted on
+
+
+async def test_send_retries_unavailable_with_same_key(
+    broker: ScriptedBroker, client: BrokerClient
+) -> None:
+    broker.send_script = [
+        not_delivered(),
+        rich_status(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE", "redis down"),
+    ]
+    result = await asyncio.wait_for(client.send("s1", "alice", "hi"), BOUND)
+
+    assert len(broker.send_requests) == 3
+    keys = {r.idempotency_key for r in broker.send_requests}
+    assert len(keys) == 1 and keys != {""}
+    assert result.message_id == f"msg-{keys.pop()}"
+    assert result.acked and result.duplicate and result.sequence == 7
+    assert result.accepted_at is not None and result.accepted_at.tzinfo is not None
+    assert result.acked_at is not None
+
+
+async def test_each_send_call_gets_its_own_key(
+    broker: ScriptedBroker, client: BrokerClient
+) -> None:
+    await client.send("s1", "alice", "one")
+    await client.send("s1", "alice", "two", idempotency_key="k-fixed", wait=False)
+    first, second = broker.send_requests
+    assert first.idempotency_key != second.idempotency_key
+    assert second.idempotency_key == "k-fixed" and second.no_wait and not first.no_wait
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "reason"),
+    [
+        (
+            rich_status(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "NEEDS_PAIRING",
+                "scan the QR code",
+                metadata={"session_id": "s1"},
+            ),
+            NeedsPairing,
+            "NEEDS_PAIRING",
+        ),
+        (
+            rich_status(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "SESSION_STOPPED",
+                "stopped",
+                metadata={"session_id": "s1"},
+            ),
+            FailedPrecondition,
+            "SESSION_STOPPED",
+        ),
+        (
+            rich_status(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "INVALID_ARGUMENT",
+                "body is empty",
+                metadata={"session_id": "s1", "field": "body"},
+            ),
+            InvalidArgument,
+            "INVALID_ARGUMENT",
+        ),
+    ],
+)
+async def test_send_does_not_retry_other_codes(
+    broker: ScriptedBroker,
+    client: BrokerClient,
+    status: grpc.Status,
+    expected: type[Exception],
+    reason: str,
+) -> None:
+    broker.send_default = status
+    with pytest.raises(expected) as info:
+        await asyncio.wait_for(client.send("s1", "alice", "hi"), BOUND)
+    err = info.value
+    assert isinstance(err, FailedPrecondition | InvalidArgument)
+    assert len(broker.send_requests) == 1
+    assert err.reason == reason
+    assert err.session_id == "s1"
+    assert err.metadata["session_id"] == "s1"
+    assert err.code == status.code
+    if isinstance(err, InvalidArgument):
+        assert err.metadata["field"] == "body"
+        assert err.message == "body is empty"
+
+
+async def test_send_gives_up_when_budget_spent(target: str, broker: ScriptedBroker) -> None:
+    broker.send_default = not_delivered()
+    # Attempts are effectively unlimited: only the 0.5 s budget can end this.
+    async with BrokerClient(target, retry_attempts=10_000) as client:
+        with pytest.raises(NotDeliveredYet) as info:
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=0.5), BOUND)
+    assert info.value.reason == "NOT_DELIVERED_YET"
+    assert 1 < len(broker.send_requests) < 10_000
+    assert len({r.idempotency_key for r in broker.send_requests}) == 1
+    # Each attempt's gRPC deadline is what is left of the budget, so it shrinks.
+    deadlines = [d for d in broker.send_deadlines if d is not None]
+    assert len(deadlines) == len(broker.send_requests)
+    assert all(d <= 0.5 for d in deadlines)
+    assert deadlines == sorted(deadlines, reverse=True)
+
+
+async def test_send_budget_bounds_a_hanging_attempt(target: str, broker: ScriptedBroker) -> None:
+    broker.send_hang = True
+    async with BrokerClient(target, retry_attempts=5) as client:
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=0.3), BOUND)
+    assert len(broker.send_requests) == 1
+
+
+async def test_retry_info_is_parsed_and_honoured(
+    broker: ScriptedBroker, client: BrokerClient
+) -> None:
+    # A tiny server-requested delay: retried and succeeds.
+    broker.send_script = [not_delivered(retry_after=0.01)]
+    result = await asyncio.wait_for(client.send("s1", "alice", "hi"), BOUND)
+    assert result.acked and len(broker.send_requests) == 2
+
+
+async def test_retry_info_longer_than_budget_stops_at_once(
+    target: str, broker: ScriptedBroker
+) -> None:
+    # The server asks for 30 s; the 5 s budget cannot fit another attempt,
+    # so the client gives up right away instead of sleeping past its budget.
+    broker.send_default = not_delivered(retry_after=30)
+    async with BrokerClient(target, retry_attempts=5) as client:
+        with pytest.raises(NotDeliveredYet) as info:
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=5), BOUND)
+    assert info.value.retry_after == pytest.approx(30)
+    assert len(broker.send_requests) == 1
+
+
+async def test_rate_limited_carries_retry_after_and_is_not_retried(
+    broker: ScriptedBroker, client: BrokerClient
+) -> None:
+    broker.send_default = rich_status(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+        metadata={"session_id": "s1"},
+        retry_after=2.5,
+    )
+    with pytest.raises(ResourceExhausted) as info:
+        await asyncio.wait_for(client.send("s1", "alice", "hi"), BOUND)
+    assert info.value.reason == "RATE_LIMITED"
+    assert info.value.retry_after == pytest.approx(2.5)
+    assert len(broker.send_requests) == 1
+
+
+async def test_transport_unavailable_is_retried_then_raised(dead_target: str) -> None:
+    async with BrokerClient(dead_target, retry_attempts=3) as client:
+        with pytest.raises(Unavailable) as info:
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=BOUND / 2), BOUND)
+    assert info.value.reason == ""
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert not isinstance(info.value, NotDeliveredYet)
+
+
+async def test_token_sent_as_bearer_metadata(target: str, broker: ScriptedBroker) -> None:
+    async with BrokerClient(target, token="s3cret") as client:
+        await client.send("s1", "alice", "hi")
+        await client.get_session("s1")
+    assert [m.get("authorization") for m in broker.metadata] == ["Bearer s3cret"] * 2
+
+
+async def test_no_token_no_authorization(broker: ScriptedBroker, client: BrokerClient) -> None:
+    await client.send("s1", "alice", "hi")
+    assert "authorization" not in broker.metadata[0]
