@@ -1,0 +1,1 @@
+"""The gRPC edge: thin servicers over the session manager."""

@@ -1,0 +1,103 @@
+"""Domain objects to broker.v1 messages (one direction: the API only reports)."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.lifecycle.health import Recommendation, SessionStats, Severity
+from broker.lifecycle.states import State
+from broker.runtime.manager import HealthView, QrView, SendOutcome, SessionView
+from broker.store.base import StatusEvent
+from broker_client.v1 import broker_pb2 as pb
+
+
+def timestamp(at: float | None) -> Timestamp | None:
+    if not at:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(at * 1e9))
+    return ts
+
+
+def state(value: State | None) -> pb.SessionState.ValueType:
+    if value is None:
+        return pb.SESSION_STATE_UNSPECIFIED
+    return pb.SessionState.Value(value.value)
+
+
+def session(view: SessionView) -> pb.Session:
+    return pb.Session(
+        session_id=view.record.session_id, tenant=view.record.tenant, state=state(view.state),
+        reason=view.reason, code=view.code, has_credentials=view.has_credentials,
+        outbox_depth=view.outbox_depth, sequence=view.sequence,
+        updated_at=timestamp(view.updated_at),
+    )
+
+
+def send_response(outcome: SendOutcome) -> pb.SendResponse:
+    result = outcome.result
+    return pb.SendResponse(
+        message_id=outcome.message.message_id,
+        status=pb.ACKED if result is not None else pb.QUEUED,
+        duplicate=outcome.duplicate, sequence=outcome.message.sequence,
+        accepted_at=timestamp(outcome.message.accepted_at),
+        acked_at=timestamp(result.acked_at if result else None),
+    )
+
+
+def status_event(
+    event: StatusEvent, *, snapshot: bool = False, resync: bool = False
+) -> pb.StatusEvent:
+    return pb.StatusEvent(
+        event_id=event.event_id, session_id=event.session_id, tenant=event.tenant,
+        sequence=event.sequence, state=state(event.state), previous_state=state(event.previous),
+        reason=event.reason, code=event.code,
+        retry_in_ms=int(event.retry_in_s * 1000) if event.retry_in_s is not None else 0,
+        qr=event.qr or "", at=timestamp(event.at), snapshot=snapshot, resync=resync,
+        attempt=event.attempt,
+    )
+
+
+_SEVERITY = {Severity.INFO: pb.INFO, Severity.WARNING: pb.WARNING, Severity.CRITICAL: pb.CRITICAL}
+
+
+def recommendation(rec: Recommendation) -> pb.Recommendation:
+    return pb.Recommendation(severity=_SEVERITY[rec.severity], code=rec.code, message=rec.message)
+
+
+def counters(
+    stats: SessionStats, now: float, outbox_depth: int, failures: int
+) -> pb.Counters:
+    c = stats.counters(now, outbox_depth=outbox_depth, consecutive_failures=failures)
+    return pb.Counters(
+        disconnects_last_hour=c.disconnects_last_hour, connects_total=c.connects_total,
+        disconnects_total=c.disconnects_total, reconnect_ms_mean=c.reconnect_ms_mean,
+        reconnect_ms_last=c.reconnect_ms_last, keepalive_sent=c.keepalive_sent,
+        keepalive_ok=c.keepalive_ok, keepalive_success_rate=c.keepalive_success_rate,
+        messages_accepted=c.messages_accepted, messages_acked=c.messages_acked,
+        delivery_rate=c.delivery_rate, outbox_depth=outbox_depth,
+        consecutive_failures=c.consecutive_failures,
+    )
+
+
+def health(item: HealthView) -> pb.SessionHealth:
+    recent = [
+        pb.Transition(
+            from_state=state(t.previous), to_state=state(t.state), reason=t.reason, code=t.code,
+            at=timestamp(t.at),
+        )
+        for t in item.stats.recent
+    ]
+    return pb.SessionHealth(
+        session=session(item.view), live_state=state(item.live_state), recent=recent,
+        counters=counters(item.stats, item.now, item.view.outbox_depth, item.attempt),
+        recommendations=[recommendation(r) for r in item.recommendations],
+        healthy=not any(r.severity != Severity.INFO for r in item.recommendations),
+    )
+
+
+def qr(view: QrView) -> pb.QrCode:
+    return pb.QrCode(
+        session_id=view.session_id, qr=view.qr, index=view.index,
+        expires_at=timestamp(view.expires_at),
+    )

@@ -1,0 +1,79 @@
+"""Wires one broker process together from Settings: store, upstream, manager, API."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from broker.api.server import ApiServer
+from broker.config import Settings
+from broker.runtime.manager import SessionManager
+from broker.runtime.monitor import HealthMonitor
+from broker.simulator import Simulator, SimulatorConfig
+from broker.store.base import Store
+from broker.store.memory import MemoryStore
+from broker.upstream.websocket import WebsocketProvider
+
+log = logging.getLogger(__name__)
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store_url
+    if url in ("memory", "memory://", ""):
+        return MemoryStore(event_log_size=settings.event_log_size)
+    raise ValueError(f"unsupported store URL {url!r} (use memory://)")
+
+
+class BrokerApp:
+    """A running broker: start(), then stop(); tests run several side by side."""
+
+    def __init__(self, settings: Settings | None = None, *, store: Store | None = None) -> None:
+        self.settings = settings or Settings()
+        self._store = store
+        self.simulator: Simulator | None = None
+        self.manager: SessionManager | None = None
+        self.api: ApiServer | None = None
+        self.monitor: HealthMonitor | None = None
+
+    @property
+    def address(self) -> str:
+        assert self.api is not None
+        return self.api.address
+
+    async def start(self) -> None:
+        settings = self.settings
+        if settings.upstream_url is None:
+            self.simulator = Simulator(SimulatorConfig())
+            await self.simulator.start(settings.simulator_host, settings.simulator_port)
+            settings = replace(settings, upstream_url=self.simulator.url)
+            log.info("embedded simulator upstream at %s (control: %s)",
+                     self.simulator.url, self.simulator.control_url)
+        assert settings.upstream_url is not None
+        store = self._store or open_store(settings)
+        provider = WebsocketProvider(settings.upstream_url,
+                                     connect_timeout_s=settings.connect_timeout_s)
+        self.manager = SessionManager(store, provider, settings)
+        await self.manager.start()
+        self.api = ApiServer(self.manager, settings.listen)
+        await self.api.start()
+        self.monitor = HealthMonitor(self.manager, settings.health_interval_s)
+        self.monitor.start()
+        log.info("broker listening on %s", self.api.address)
+
+    async def stop(self) -> None:
+        if self.monitor is not None:
+            await self.monitor.stop()
+        if self.api is not None:
+            await self.api.stop()
+        if self.manager is not None:
+            await self.manager.close()
+            await self.manager.store.close()
+        if self.simulator is not None:
+            await self.simulator.stop()
+
+    async def __aenter__(self) -> BrokerApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

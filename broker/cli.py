@@ -1,0 +1,327 @@
+"""The `broker` command: run the service, and the people commands that talk to it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import click
+from google.protobuf.json_format import MessageToDict
+
+from broker import logs
+from broker.config import Settings
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.simulator.cli import sim
+from broker_client import BrokerClient, BrokerError
+from broker_client.v1 import broker_pb2 as pb
+
+T = TypeVar("T")
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except BrokerError as exc:
+        raise click.ClickException(f"{exc.code.name} {exc.reason}: {exc.message}") from exc
+
+
+@click.group()
+@click.version_option(package_name="session-broker")
+def main() -> None:
+    """gRPC connection broker: one owner for every upstream messaging session."""
+
+
+main.add_command(sim)
+
+
+@main.command()
+@click.option("--listen", envvar="BROKER_LISTEN", default="127.0.0.1:50051", show_default=True,
+              help="gRPC listen address.")
+@click.option("--upstream-url", envvar="BROKER_UPSTREAM_URL", default=None,
+              help="Upstream websocket URL; unset: start the embedded simulator.")
+@click.option("--sim-port", envvar="BROKER_SIM_PORT", default=50052, show_default=True,
+              help="Port of the embedded simulator (websocket + /control).")
+@click.option("--store", "store_url", envvar="BROKER_STORE", default="memory://",
+              show_default=True, help="Store URL: memory:// or redis://host:port/db.")
+@click.option("--backoff-initial", envvar="BROKER_BACKOFF_INITIAL", type=float, default=0.5,
+              show_default=True, help="First reconnect backoff ceiling, seconds.")
+@click.option("--backoff-max", envvar="BROKER_BACKOFF_MAX", type=float, default=30.0,
+              show_default=True, help="Reconnect backoff cap, seconds.")
+@click.option("--slow-backoff-initial", envvar="BROKER_SLOW_BACKOFF_INITIAL", type=float,
+              default=5.0, show_default=True, help="Backoff after 503/429, seconds.")
+@click.option("--slow-backoff-max", envvar="BROKER_SLOW_BACKOFF_MAX", type=float, default=300.0,
+              show_default=True, help="Backoff cap after 503/429, seconds.")
+@click.option("--conflict-retry", envvar="BROKER_CONFLICT_RETRY", type=float, default=300.0,
+              show_default=True, help="Retry after a 440 conflict, seconds (0: never).")
+@click.option("--stable-after", envvar="BROKER_STABLE_AFTER", type=float, default=60.0,
+              show_default=True, help="Open this long resets the backoff, seconds.")
+@click.option("--max-attempts", envvar="BROKER_MAX_ATTEMPTS", type=int, default=100,
+              show_default=True, help="Failed attempts in a row before FAILED (0: never).")
+@click.option("--keepalive-interval", envvar="BROKER_KEEPALIVE_INTERVAL", type=float,
+              default=15.0, show_default=True, help="Keep-alive ping interval, seconds (0: off).")
+@click.option("--keepalive-timeout", envvar="BROKER_KEEPALIVE_TIMEOUT", type=float, default=10.0,
+              show_default=True, help="Missed pong after this long reconnects, seconds.")
+@click.option("--max-qr-codes", envvar="BROKER_MAX_QR_CODES", type=int, default=10,
+              show_default=True, help="QR codes shown before pairing gives up.")
+@click.option("--connect-timeout", envvar="BROKER_CONNECT_TIMEOUT", type=float, default=10.0,
+              show_default=True, help="Upstream connect and handshake timeout, seconds.")
+@click.option("--ack-timeout", envvar="BROKER_ACK_TIMEOUT", type=float, default=5.0,
+              show_default=True, help="Resend an unacked message after, seconds.")
+@click.option("--send-window", envvar="BROKER_SEND_WINDOW", type=int, default=64,
+              show_default=True, help="Messages in flight per session.")
+@click.option("--max-outbox", envvar="BROKER_MAX_OUTBOX", type=int, default=10_000,
+              show_default=True, help="Undelivered messages per session before OUTBOX_FULL.")
+@click.option("--max-body-bytes", envvar="BROKER_MAX_BODY_BYTES", type=int, default=65536,
+              show_default=True, help="Largest message body accepted.")
+@click.option("--send-timeout", envvar="BROKER_SEND_TIMEOUT", type=float, default=30.0,
+              show_default=True, help="Ack wait for Send calls without a deadline, seconds.")
+@click.option("--log-level", envvar="BROKER_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", envvar="BROKER_LOG_FORMAT", default="text", show_default=True,
+              type=click.Choice(["text", "json"]))
+def serve(**opts: Any) -> None:
+    """Run the broker (defaults: in-memory store, embedded simulator upstream)."""
+    logs.setup(opts["log_level"], opts["log_format"])
+    policy = LifecyclePolicy(
+        backoff_initial_s=opts["backoff_initial"], backoff_max_s=opts["backoff_max"],
+        slow_backoff_initial_s=opts["slow_backoff_initial"],
+        slow_backoff_max_s=opts["slow_backoff_max"],
+        conflict_retry_s=opts["conflict_retry"] or None, stable_after_s=opts["stable_after"],
+        max_attempts=opts["max_attempts"],
+        keepalive_interval_s=opts["keepalive_interval"] or None,
+        keepalive_timeout_s=opts["keepalive_timeout"], max_qr_codes=opts["max_qr_codes"],
+    )
+    settings = Settings(
+        listen=opts["listen"], upstream_url=opts["upstream_url"], simulator_port=opts["sim_port"],
+        store_url=opts["store_url"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
+        ack_timeout_s=opts["ack_timeout"], send_window=opts["send_window"],
+        max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
+        default_send_timeout_s=opts["send_timeout"],
+    )
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    from broker.app import BrokerApp
+
+    app = BrokerApp(settings)
+    await app.start()
+    click.echo(f"broker listening on {app.address}", err=True)
+    if app.simulator is not None:
+        click.echo(f"embedded simulator: {app.simulator.url} "
+                   f"(control: {app.simulator.control_url})", err=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    click.echo("shutting down", err=True)
+    await app.stop()
+
+
+target_option = click.option("--target", envvar="BROKER_TARGET", default=DEFAULT_TARGET,
+                             show_default=True, help="Broker gRPC address.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _print(message: Any, as_json: bool, text: Callable[[], str]) -> None:
+    if as_json:
+        click.echo(json.dumps(MessageToDict(message), indent=2))
+    else:
+        click.echo(text())
+
+
+def _state(value: int) -> str:
+    return pb.SessionState.Name(value)  # type: ignore[arg-type]
+
+
+def _session_line(s: pb.Session) -> str:
+    extra = f" ({s.reason}{', code ' + str(s.code) if s.code else ''})" if s.reason else ""
+    creds = "credentials" if s.has_credentials else "no credentials"
+    return f"{s.session_id:<20} {s.tenant:<12} {_state(s.state):<13} {creds}, " \
+           f"outbox {s.outbox_depth}{extra}"
+
+
+@main.command()
+@target_option
+@click.argument("session_id")
+@click.argument("to")
+@click.argument("body")
+@click.option("--key", default=None, help="Idempotency key (default: a new one).")
+@click.option("--no-wait", is_flag=True, help="Return once queued, without waiting for the ack.")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def send(target: str, session_id: str, to: str, body: str, key: str | None, no_wait: bool,
+         timeout: float) -> None:
+    """Send BODY to TO through session SESSION_ID."""
+
+    async def go() -> None:
+        async with BrokerClient(target, timeout=timeout) as client:
+            result = await client.send(session_id, to, body, idempotency_key=key,
+                                       wait=not no_wait)
+        status = "acked" if result.acked else "queued"
+        click.echo(f"{result.message_id} {status}{' (duplicate)' if result.duplicate else ''}")
+
+    _run(go())
+
+
+@main.command()
+@target_option
+@click.argument("session_ids", nargs=-1)
+@click.option("--tenant", default="")
+@click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
+@json_option
+def watch(target: str, session_ids: tuple[str, ...], tenant: str, count: int,
+          as_json: bool) -> None:
+    """Print live status events (a snapshot first), reconnecting as needed."""
+
+    async def go() -> None:
+        seen = 0
+        async with BrokerClient(target) as client:
+            async for event in client.watch_status(list(session_ids), tenant):
+                _print(event, as_json, lambda e=event: _event_line(e))  # type: ignore[misc]
+                seen += 1
+                if count and seen >= count:
+                    return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(go())
+
+
+def _event_line(e: pb.StatusEvent) -> str:
+    parts = [f"#{e.sequence}", e.session_id, f"{_state(e.previous_state)} -> {_state(e.state)}"]
+    if e.snapshot:
+        parts = [f"#{e.sequence}", e.session_id, f"{_state(e.state)} (snapshot)"]
+    if e.reason:
+        parts.append(f"reason: {e.reason}")
+    if e.code:
+        parts.append(f"code {e.code}")
+    if e.retry_in_ms:
+        parts.append(f"retry in {e.retry_in_ms} ms")
+    if e.qr:
+        parts.append("QR ready: run `broker qr " + e.session_id + "`")
+    return "  ".join(parts)
+
+
+@main.command()
+@target_option
+@click.argument("session_ids", nargs=-1)
+@click.option("--tenant", default="")
+@json_option
+def health(target: str, session_ids: tuple[str, ...], tenant: str, as_json: bool) -> None:
+    """Diagnose sessions: state, counters, recent transitions, recommendations."""
+
+    async def go() -> list[pb.SessionHealth]:
+        async with BrokerClient(target) as client:
+            return await client.health(list(session_ids), tenant)
+
+    items = _run(go())
+    if as_json:
+        click.echo(json.dumps([MessageToDict(i) for i in items], indent=2))
+        return
+    for h in items:
+        c = h.counters
+        mark = "healthy" if h.healthy else "NEEDS ATTENTION"
+        click.echo(f"{h.session.session_id}: {_state(h.session.state)} - {mark}")
+        click.echo(f"  disconnects last hour {c.disconnects_last_hour}, reconnect mean "
+                   f"{c.reconnect_ms_mean:.0f} ms, keep-alive {c.keepalive_success_rate:.0%}, "
+                   f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}")
+        for t in list(h.recent)[-5:]:
+            click.echo(f"  {_state(t.from_state)} -> {_state(t.to_state)}: {t.reason}")
+        for r in h.recommendations:
+            click.echo(f"  [{pb.Severity.Name(r.severity)}] {r.code}: {r.message}")
+
+
+@main.command()
+@target_option
+@click.argument("session_id")
+def qr(target: str, session_id: str) -> None:
+    """Print the session's pairing QR code in the terminal."""
+    import qrcode
+
+    async def go() -> pb.QrCode:
+        async with BrokerClient(target) as client:
+            return await client.get_qr(session_id)
+
+    code = _run(go())
+    image = qrcode.QRCode(border=1)
+    image.add_data(code.qr)
+    image.print_ascii(out=sys.stdout, invert=True)
+    click.echo(f"QR #{code.index} for {session_id}: {code.qr}")
+
+
+@main.group()
+def sessions() -> None:
+    """Manage sessions: create, list, get, stop, restart, logout, delete."""
+
+
+def _admin(name: str, doc: str) -> None:
+    @sessions.command(name=name, help=doc)
+    @target_option
+    @click.argument("session_id")
+    @json_option
+    def command(target: str, session_id: str, as_json: bool) -> None:
+        async def go() -> Any:
+            async with BrokerClient(target) as client:
+                return await getattr(client, f"{name}_session")(session_id)
+
+        result = _run(go())
+        if isinstance(result, pb.Session):
+            _print(result, as_json, lambda: _session_line(result))
+        else:
+            click.echo(f"{session_id} deleted")
+
+
+for _name, _doc in [
+    ("get", "Show one session."),
+    ("stop", "Close the upstream connection and keep it closed."),
+    ("restart", "Connect again now, resetting backoff (starts pairing after a logout)."),
+    ("logout", "Log out upstream and wipe the stored credentials."),
+    ("delete", "Forget the session, its credentials and its queued messages."),
+]:
+    _admin(_name, _doc)
+
+
+@sessions.command(name="create")
+@target_option
+@click.argument("session_id")
+@click.option("--tenant", default="", help="Owning tenant (default: 'default').")
+@click.option("--no-start", is_flag=True, help="Declare without connecting.")
+@json_option
+def create(target: str, session_id: str, tenant: str, no_start: bool, as_json: bool) -> None:
+    """Declare a session and start connecting (idempotent)."""
+
+    async def go() -> pb.Session:
+        async with BrokerClient(target) as client:
+            return await client.create_session(session_id, tenant, start=not no_start)
+
+    result = _run(go())
+    _print(result, as_json, lambda: _session_line(result))
+
+
+@sessions.command(name="list")
+@target_option
+@click.option("--tenant", default="")
+@json_option
+def list_(target: str, tenant: str, as_json: bool) -> None:
+    """List sessions and their states."""
+
+    async def go() -> list[pb.Session]:
+        async with BrokerClient(target) as client:
+            return await client.list_sessions(tenant)
+
+    items = _run(go())
+    if as_json:
+        click.echo(json.dumps([MessageToDict(s) for s in items], indent=2))
+    for s in items if not as_json else []:
+        click.echo(_session_line(s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Settings of one broker process; every field has a CLI flag and a BROKER_* variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from broker.lifecycle.policy import LifecyclePolicy
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:50051"
+    upstream_url: str | None = None
+    """None: start the embedded simulator and connect to it."""
+    simulator_host: str = "127.0.0.1"
+    simulator_port: int = 50052
+    store_url: str = "memory://"
+    lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
+    connect_timeout_s: float = 10.0
+    max_body_bytes: int = 64 * 1024
+    max_outbox: int = 10_000
+    send_window: int = 64
+    """Messages in flight to the upstream per session before waiting for acks."""
+    ack_timeout_s: float = 5.0
+    """Resend an unacked message after this long (the upstream de-duplicates)."""
+    default_send_timeout_s: float = 30.0
+    """How long Send waits for the ack when the caller set no deadline."""
+    max_send_timeout_s: float = 3600.0
+    """Deadlines longer than this are rejected as INVALID_ARGUMENT."""
+    subscriber_buffer: int = 1000
+    event_log_size: int = 10_000
+    health_interval_s: float = 10.0

@@ -1,0 +1,106 @@
+"""Typed errors of the broker's domain.
+
+Each carries a machine-readable `reason` (ErrorInfo.reason in domain
+"broker.v1") and the gRPC status it maps to; `broker.api.status` turns them
+into rich gRPC statuses in one place, so no servicer decides codes itself.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class BrokerError(Exception):
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    default_reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        session_id: str | None = None,
+        retry_after_s: float | None = None,
+        **metadata: str,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.retry_after_s = retry_after_s
+        self.metadata = dict(metadata)
+        if session_id is not None:
+            self.metadata["session_id"] = session_id
+
+
+class InvalidArgument(BrokerError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", field=field)
+
+
+class SessionNotFound(BrokerError):
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "SESSION_NOT_FOUND"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"unknown session {session_id!r}", session_id=session_id)
+
+
+class SessionExists(BrokerError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "SESSION_EXISTS"
+
+
+class SessionNotReady(BrokerError):
+    """The session cannot take messages until a person acts (re-pair, restart)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "SESSION_STOPPED"
+
+
+class NotDeliveredYet(BrokerError):
+    """Accepted and queued, but no upstream ack before the deadline: retry with the same key."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "NOT_DELIVERED_YET"
+
+
+class StoreUnavailable(BrokerError):
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "STORE_UNAVAILABLE"
+
+
+class NotOwner(BrokerError):
+    """This instance does not hold the session's lease (scale-out)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "NOT_OWNER"
+
+
+class OutboxFull(BrokerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "OUTBOX_FULL"
+
+
+class RateLimited(BrokerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "RATE_LIMITED"
+
+
+class SubscriberTooSlow(BrokerError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "SUBSCRIBER_TOO_SLOW"
+
+
+class Unauthenticated(BrokerError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BrokerError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"

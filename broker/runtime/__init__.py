@@ -1,0 +1,1 @@
+"""The asyncio side: actors that run the lifecycle, delivery, fan-out of status events."""

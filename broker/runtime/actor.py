@@ -1,0 +1,365 @@
+"""One actor per owned session: runs the lifecycle machine and does its I/O.
+
+The machine decides; this module only moves bytes and timers (the sans-I/O
+split of h11 / python-websockets). Everything that touches the session's
+state goes through one inbox processed by one task, so no two coroutines
+ever race on the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.config import Settings
+from broker.lifecycle import actions as act
+from broker.lifecycle import inputs as inp
+from broker.lifecycle.health import SessionStats
+from broker.lifecycle.machine import SessionMachine
+from broker.lifecycle.reasons import DisconnectCode
+from broker.lifecycle.states import State
+from broker.runtime.bus import StatusBus
+from broker.store.base import SessionRecord, StatusEvent, Store
+from broker.upstream import events as ev
+from broker.upstream.provider import ConnectError, Link, Provider
+
+log = logging.getLogger(__name__)
+
+#: States in which a waiting Send cannot succeed until a person acts.
+BLOCKED_STATES = frozenset(
+    {State.STOPPED, State.PAIRING, State.LOGGED_OUT, State.CONFLICT, State.FAILED}
+)
+
+
+@dataclass(frozen=True)
+class _LinkEvent:
+    generation: int
+    event: ev.UpstreamEvent
+
+
+@dataclass(frozen=True)
+class _TimerDue:
+    timer: act.Timer
+    token: int
+
+
+@dataclass(frozen=True)
+class _Command:
+    event: inp.Event
+    done: asyncio.Future[None]
+
+
+_Item = inp.Event | _LinkEvent | _TimerDue | _Command
+
+
+class SessionActor:
+    def __init__(
+        self,
+        record: SessionRecord,
+        *,
+        store: Store,
+        provider: Provider,
+        bus: StatusBus,
+        settings: Settings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.session_id = record.session_id
+        self.tenant = record.tenant
+        self._store = store
+        self._provider = provider
+        self._bus = bus
+        self._settings = settings
+        self._clock = clock
+        self.machine = SessionMachine(settings.lifecycle)
+        self.stats = SessionStats()
+        self.blocked = asyncio.Event()
+        self.blocked.set()
+        self.has_credentials = False
+        self.qr_index = 0
+        self.qr_expires_at: float | None = None
+        self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self._timers: dict[act.Timer, tuple[int, asyncio.TimerHandle]] = {}
+        self._timer_tokens = 0
+        self._generation = 0
+        self._link: Link | None = None
+        self._io_task: asyncio.Task[None] | None = None
+        self._delivery_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._ping_id = 0
+        self._sequence = 0
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def state(self) -> State:
+        return self.machine.state
+
+    async def start(self) -> None:
+        last = await self._store.last_event(self.session_id)
+        self._sequence = last.sequence if last else 0
+        self.has_credentials = await self._store.load_credentials(self.session_id) is not None
+        self._task = asyncio.create_task(self._run(), name=f"actor:{self.session_id}")
+
+    async def command(self, event: inp.Event) -> None:
+        """Feed an operator command and return once the machine has handled it."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Command(event, done))
+        await done
+
+    def kick(self) -> None:
+        """A message was queued: wake the delivery loop."""
+        self._wake.set()
+
+    async def shutdown(self) -> None:
+        """Stop all I/O without recording a state change (process exit, handover)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down")
+        for task in tuple(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # the one loop
+    async def _run(self) -> None:
+        while True:
+            item = await self._inbox.get()
+            try:
+                await self._handle(item)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("session %s: error handling %r", self.session_id, type(item))
+            finally:
+                if isinstance(item, _Command) and not item.done.done():
+                    item.done.set_result(None)
+
+    async def _handle(self, item: _Item) -> None:
+        match item:
+            case _Command(event=event):
+                await self._feed(event)
+            case _TimerDue(timer=timer, token=token):
+                current = self._timers.get(timer)
+                if current is None or current[0] != token:
+                    return  # cancelled or re-armed after this firing was queued
+                del self._timers[timer]
+                await self._feed(inp.TimerFired(timer))
+            case _LinkEvent(generation=gen, event=event):
+                if gen != self._generation:
+                    return  # a link the machine already closed
+                await self._on_link_event(event)
+            case _:
+                await self._feed(item)
+
+    async def _on_link_event(self, event: ev.UpstreamEvent) -> None:
+        match event:
+            case ev.Ready():
+                await self._feed(inp.Connected())
+            case ev.QrCode(code=code, index=index, expires_in_ms=expires):
+                self.qr_index = index
+                self.qr_expires_at = self._clock() + expires / 1000
+                await self._feed(inp.QrReceived(code, index, expires))
+            case ev.Paired(credentials=creds):
+                await self._feed(inp.Paired(creds))
+            case ev.Pong():
+                self.stats.on_keepalive_ok()
+                await self._feed(inp.PongReceived())
+            case ev.Acked(message_id=mid):
+                await self._store.mark_acked(self.session_id, mid, self._clock())
+                self.stats.on_acked()
+                self._wake.set()
+            case ev.Inbound(message_id=mid):
+                if self._link is not None:
+                    await self._link.ack_inbound(mid)
+            case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
+                self._link = None
+                self._stop_delivery()
+                await self._feed(inp.Closed(code, reason, retry))
+            case _:
+                pass
+
+    async def _feed(self, event: inp.Event) -> None:
+        for action in self.machine.handle(event):
+            await self._execute(action)
+
+    async def _execute(self, action: act.Action) -> None:
+        match action:
+            case act.OpenConnection():
+                await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "reconnecting")
+                self._generation += 1
+                self._io_task = self._spawn(self._connect(self._generation))
+            case act.CloseConnection(code=code, reason=reason):
+                await self._drop_link(code, reason)
+            case act.SendPing():
+                if self._link is not None:
+                    self._ping_id += 1
+                    self.stats.on_keepalive_sent()
+                    await self._link.ping(self._ping_id)
+            case act.SendLogout():
+                if self._link is not None:
+                    await self._link.logout()
+            case act.StartTimer(timer=timer, delay_s=delay):
+                self._cancel_timer(timer)
+                self._timer_tokens += 1
+                token = self._timer_tokens
+                handle = asyncio.get_running_loop().call_later(
+                    delay, self._inbox.put_nowait, _TimerDue(timer, token)
+                )
+                self._timers[timer] = (token, handle)
+            case act.CancelTimer(timer=timer):
+                self._cancel_timer(timer)
+            case act.SaveCredentials(credentials=creds):
+                await self._store.save_credentials(self.session_id, creds)
+                self.has_credentials = True
+            case act.ClearCredentials():
+                await self._store.clear_credentials(self.session_id)
+                self.has_credentials = False
+            case act.Emit():
+                await self._emit(action)
+
+    def _cancel_timer(self, timer: act.Timer) -> None:
+        entry = self._timers.pop(timer, None)
+        if entry is not None:
+            entry[1].cancel()
+
+    async def _emit(self, emit: act.Emit) -> None:
+        now = self._clock()
+        self._sequence += 1
+        event = StatusEvent(
+            session_id=self.session_id, tenant=self.tenant, sequence=self._sequence,
+            state=emit.state, previous=emit.previous, reason=emit.reason, code=emit.code,
+            retry_in_s=emit.retry_in_s, qr=emit.qr, attempt=emit.attempt, at=now,
+        )
+        if emit.state != emit.previous:
+            self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now)
+            log.info(
+                "session %s: %s -> %s (%s)", self.session_id, emit.previous, emit.state,
+                emit.reason, extra={"session_id": self.session_id, "tenant": self.tenant},
+            )
+        if emit.state != State.PAIRING:
+            self.qr_expires_at = None
+        if emit.state in BLOCKED_STATES:
+            self.blocked.set()
+        else:
+            self.blocked.clear()
+        if emit.state == State.OPEN and emit.previous != State.OPEN:
+            self._start_delivery()
+        elif emit.state != State.OPEN:
+            self._stop_delivery()
+        stored = await self._store.append_event(event)
+        self._bus.publish(stored)
+
+    # connection I/O
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _connect(self, generation: int) -> None:
+        post = self._inbox.put_nowait
+        try:
+            creds = await self._store.load_credentials(self.session_id)
+            link = await self._provider.connect(self.session_id, creds)
+        except ConnectError as exc:
+            post(_LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
+            return
+        except Exception as exc:  # store down, provider bug: retry like a lost connection
+            log.warning("session %s: connect failed: %s", self.session_id, exc)
+            lost = ev.Disconnected(DisconnectCode.CONNECTION_CLOSED, f"connect failed: {exc}")
+            post(_LinkEvent(generation, lost))
+            return
+        if generation != self._generation:
+            await link.close(DisconnectCode.CONNECTION_CLOSED, "superseded")
+            return
+        self._link = link
+        handshake = self._settings.connect_timeout_s
+        events = link.events()
+        try:
+            first = True
+            while True:
+                try:
+                    if first:
+                        event = await asyncio.wait_for(anext(events), handshake)
+                        first = False
+                    else:
+                        event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    await link.close(DisconnectCode.TIMED_OUT, "handshake timed out")
+                    post(_LinkEvent(generation, ev.Disconnected(
+                        DisconnectCode.TIMED_OUT, "upstream did not answer the handshake")))
+                    return
+                post(_LinkEvent(generation, event))
+                if isinstance(event, ev.Disconnected):
+                    return
+        except Exception as exc:  # a provider bug must not leave the session hanging
+            log.exception("session %s: upstream link failed", self.session_id)
+            post(_LinkEvent(generation, ev.Disconnected(
+                DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    async def _drop_link(self, code: DisconnectCode, reason: str) -> None:
+        """Forget the current link; events it still produces are ignored."""
+        self._generation += 1
+        self._stop_delivery()
+        link, self._link = self._link, None
+        io_task, self._io_task = self._io_task, None
+        if io_task is not None and not io_task.done():
+            io_task.cancel()
+        if link is not None:
+            self._spawn(link.close(code, reason))
+
+    # delivery
+    def _start_delivery(self) -> None:
+        self._stop_delivery()
+        if self._link is not None:
+            self._delivery_task = self._spawn(self._deliver(self._link, self._generation))
+
+    def _stop_delivery(self) -> None:
+        task, self._delivery_task = self._delivery_task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    async def _deliver(self, link: Link, generation: int) -> None:
+        """Send the outbox in order, window by window; resend what stays unacked.
+
+        Every (re)connect starts again from the oldest unacked message: the
+        upstream de-duplicates by message id, so a resend is harmless while a
+        skipped message would be lost.
+        """
+        window = self._settings.send_window
+        ack_timeout = self._settings.ack_timeout_s
+        sent_at: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while generation == self._generation:
+            self._wake.clear()
+            pending = await self._store.pending(self.session_id, window)
+            now = loop.time()
+            live: set[str] = set()
+            for message in pending:
+                live.add(message.message_id)
+                first = sent_at.get(message.message_id)
+                if first is None or now - first >= ack_timeout:
+                    sent_at[message.message_id] = now
+                    await link.send(message.message_id, message.to, message.body)
+            for mid in [m for m in sent_at if m not in live]:
+                del sent_at[mid]
+            wait = ack_timeout if sent_at else None
+            if wait is None:
+                await self._wake.wait()
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)

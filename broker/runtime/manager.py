@@ -1,0 +1,362 @@
+"""The broker's domain API: sessions, sending, status and health.
+
+Servicers and the CLI call this; it validates nothing about wire formats and
+knows nothing about gRPC. It owns the actors of the sessions this process
+runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from broker import validation
+from broker.config import Settings
+from broker.errors import (
+    InvalidArgument,
+    NotDeliveredYet,
+    SessionExists,
+    SessionNotFound,
+    SessionNotReady,
+)
+from broker.lifecycle import inputs as inp
+from broker.lifecycle.health import Recommendation, SessionStats, recommend
+from broker.lifecycle.states import State
+from broker.runtime.actor import BLOCKED_STATES, SessionActor
+from broker.runtime.bus import StatusBus, Subscription, session_filter
+from broker.store.base import (
+    DeliveryResult,
+    OutboxMessage,
+    SessionRecord,
+    StatusEvent,
+    Store,
+)
+from broker.upstream.provider import Provider
+
+log = logging.getLogger(__name__)
+MIN_SEND_TIMEOUT_S = 0.01
+
+_NOT_READY: dict[State, tuple[str, str]] = {
+    State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
+    State.PAIRING: ("NEEDS_PAIRING", "the session is waiting for its QR code to be scanned"),
+    State.STOPPED: ("SESSION_STOPPED", "the session is stopped; restart it first"),
+    State.CONFLICT: (
+        "SESSION_CONFLICT",
+        "another client outside the broker uses this login; stop it, then restart the session",
+    ),
+    State.FAILED: ("SESSION_FAILED", "the session gave up; see Health, then restart it"),
+}
+
+
+@dataclass(frozen=True)
+class SessionView:
+    record: SessionRecord
+    state: State
+    reason: str
+    code: int
+    sequence: int
+    updated_at: float
+    has_credentials: bool
+    outbox_depth: int
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    message: OutboxMessage
+    duplicate: bool
+    result: DeliveryResult | None
+
+
+@dataclass(frozen=True)
+class HealthView:
+    view: SessionView
+    live_state: State | None
+    stats: SessionStats
+    recommendations: list[Recommendation]
+    now: float
+    attempt: int
+
+
+@dataclass(frozen=True)
+class QrView:
+    session_id: str
+    qr: str
+    index: int
+    expires_at: float | None
+
+
+class SessionManager:
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        settings: Settings | None = None,
+        *,
+        bus: StatusBus | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.provider = provider
+        self.settings = settings or Settings()
+        self.bus = bus or StatusBus(self.settings.subscriber_buffer)
+        self.clock = clock
+        self.actors: dict[str, SessionActor] = {}
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Resume every enabled session found in the store."""
+        for record in await self.store.list_sessions():
+            if record.enabled:
+                await self._run(record)
+
+    async def close(self) -> None:
+        actors, self.actors = self.actors, {}
+        await asyncio.gather(*(a.shutdown() for a in actors.values()), return_exceptions=True)
+
+    async def _run(self, record: SessionRecord) -> SessionActor:
+        actor = self.actors.get(record.session_id)
+        if actor is None:
+            actor = SessionActor(
+                record, store=self.store, provider=self.provider, bus=self.bus,
+                settings=self.settings, clock=self.clock,
+            )
+            self.actors[record.session_id] = actor
+            await actor.start()
+            await actor.command(inp.Start())
+        return actor
+
+    async def _record(self, session_id: str) -> SessionRecord:
+        validation.session_id(session_id)
+        record = await self.store.get_session(session_id)
+        if record is None:
+            raise SessionNotFound(session_id)
+        return record
+
+    async def view(self, record: SessionRecord) -> SessionView:
+        last = await self.store.last_event(record.session_id)
+        actor = self.actors.get(record.session_id)
+        state = actor.state if actor else (last.state if last else State.STOPPED)
+        creds = await self.store.load_credentials(record.session_id)
+        return SessionView(
+            record=record, state=state, reason=last.reason if last else "",
+            code=last.code if last else 0, sequence=last.sequence if last else 0,
+            updated_at=last.at if last else record.created_at,
+            has_credentials=creds is not None,
+            outbox_depth=await self.store.outbox_depth(record.session_id),
+        )
+
+    # admin
+    async def create(self, session_id: str, tenant: str = "", *, start: bool = True) -> SessionView:
+        validation.session_id(session_id)
+        tenant = validation.tenant(tenant)
+        async with self._lock:
+            record, created = await self.store.create_session(
+                SessionRecord(session_id, tenant, enabled=start, created_at=self.clock())
+            )
+            if record.tenant != tenant:
+                raise SessionExists(
+                    f"session {session_id!r} belongs to another tenant", session_id=session_id
+                )
+            if start and record.enabled:
+                await self._run(record)
+        if created:
+            log.info("session %s created for tenant %s", session_id, tenant)
+        return await self.view(record)
+
+    async def get(self, session_id: str) -> SessionView:
+        return await self.view(await self._record(session_id))
+
+    async def list_sessions(self, tenant: str = "") -> list[SessionView]:
+        records = await self.store.list_sessions(validation.optional_tenant(tenant))
+        return [await self.view(r) for r in records]
+
+    async def stop(self, session_id: str) -> SessionView:
+        record = await self._record(session_id)
+        await self.store.set_enabled(session_id, False)
+        actor = self.actors.get(session_id)
+        if actor is not None:
+            await actor.command(inp.Stop())
+        return await self.view(record)
+
+    async def restart(self, session_id: str) -> SessionView:
+        record = await self._record(session_id)
+        await self.store.set_enabled(session_id, True)
+        actor = self.actors.get(session_id)
+        if actor is None:
+            await self._run(record)
+        else:
+            if actor.state in (State.OPEN, State.CONNECTING, State.PAIRING):
+                await actor.command(inp.Stop())
+            await actor.command(inp.Start())
+        return await self.view(record)
+
+    async def logout(self, session_id: str) -> SessionView:
+        record = await self._record(session_id)
+        actor = self.actors.get(session_id)
+        if actor is not None:
+            await actor.command(inp.Logout())
+            if actor.state == State.OPEN:
+                # The upstream answers a logout by closing with 401; give it a moment.
+                try:
+                    await asyncio.wait_for(actor.blocked.wait(), 5.0)
+                except TimeoutError:
+                    log.warning("session %s: upstream did not confirm logout", session_id)
+        else:
+            await self.store.clear_credentials(session_id)
+        return await self.view(record)
+
+    async def delete(self, session_id: str) -> None:
+        await self._record(session_id)
+        actor = self.actors.pop(session_id, None)
+        if actor is not None:
+            await actor.command(inp.Stop())
+            await actor.shutdown()
+        await self.store.delete_session(session_id)
+
+    async def qr(self, session_id: str) -> QrView:
+        await self._record(session_id)
+        actor = self.actors.get(session_id)
+        if actor is None or actor.state != State.PAIRING or not actor.machine.qr:
+            state = actor.state if actor else State.STOPPED
+            raise SessionNotReady(
+                f"session {session_id!r} is {state.value}, not pairing: no QR to scan",
+                reason="NOT_PAIRING", session_id=session_id, state=state.value,
+            )
+        return QrView(session_id, actor.machine.qr, actor.qr_index, actor.qr_expires_at)
+
+    # sending
+    async def send(
+        self,
+        session_id: str,
+        to: str,
+        body: str,
+        *,
+        idempotency_key: str = "",
+        wait: bool = True,
+        timeout: float | None = None,
+    ) -> SendOutcome:
+        validation.session_id(session_id)
+        validation.recipient(to)
+        validation.body(body, self.settings.max_body_bytes)
+        key = validation.idempotency_key(idempotency_key) or f"auto-{uuid.uuid4().hex}"
+        if timeout is None:
+            timeout = self.settings.default_send_timeout_s
+        elif wait and timeout < MIN_SEND_TIMEOUT_S:
+            raise InvalidArgument(
+                "deadline", f"{timeout * 1000:.1f} ms is too short to wait for an upstream ack; "
+                "set a longer deadline or no_wait",
+            )
+        elif timeout > self.settings.max_send_timeout_s:
+            raise InvalidArgument(
+                "deadline", f"{timeout:.0f}s is longer than the broker's maximum of "
+                f"{self.settings.max_send_timeout_s:.0f}s",
+            )
+        await self._record(session_id)
+        actor = self.actors.get(session_id)
+
+        known = await self.store.find_by_key(session_id, key)
+        if known is not None:
+            accepted = known
+        else:
+            self._check_ready(session_id, actor)
+            accepted = await self.store.enqueue(
+                session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
+            )
+            if actor is not None:
+                actor.stats.on_accepted()
+                actor.kick()
+        message = accepted.message
+        if accepted.result is not None or not wait:
+            return SendOutcome(message, accepted.duplicate, accepted.result)
+        result = await self._wait_ack(session_id, message, actor, timeout)
+        if result is None:
+            state = actor.state if actor else State.STOPPED
+            raise NotDeliveredYet(
+                f"message {message.message_id} is queued but the upstream has not acked it "
+                f"yet (session {state.value}); retry with the same idempotency key",
+                session_id=session_id, message_id=message.message_id, state=state.value,
+                retry_after_s=1.0,
+            )
+        return SendOutcome(message, accepted.duplicate, result)
+
+    def _check_ready(self, session_id: str, actor: SessionActor | None) -> None:
+        state = actor.state if actor else State.STOPPED
+        if actor is not None and state not in BLOCKED_STATES and not actor.has_credentials:
+            state = State.PAIRING
+        if state in _NOT_READY:
+            reason, text = _NOT_READY[state]
+            raise SessionNotReady(
+                f"session {session_id!r}: {text}", reason=reason, session_id=session_id,
+                state=state.value,
+            )
+
+    async def _wait_ack(
+        self, session_id: str, message: OutboxMessage, actor: SessionActor | None, timeout: float
+    ) -> DeliveryResult | None:
+        waiter = asyncio.ensure_future(
+            self.store.wait_result(session_id, message.message_id, timeout)
+        )
+        if actor is None:
+            return await waiter
+        blocked = asyncio.ensure_future(actor.blocked.wait())
+        try:
+            await asyncio.wait({waiter, blocked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            blocked.cancel()
+        if waiter.done():
+            return waiter.result()
+        waiter.cancel()
+        result = await self.store.result(session_id, message.message_id)
+        if result is not None:
+            return result
+        reason, text = _NOT_READY.get(actor.state, ("SESSION_STOPPED", "stopped"))
+        raise SessionNotReady(
+            f"session {session_id!r}: {text}; message {message.message_id} stays queued and "
+            "is sent once the session is open again",
+            reason=reason, session_id=session_id, message_id=message.message_id,
+            state=actor.state.value,
+        )
+
+    # status and health
+    def subscribe(self, session_ids: Collection[str], tenant: str | None) -> Subscription:
+        return self.bus.subscribe(session_filter(session_ids, tenant))
+
+    async def snapshot(self, session_ids: Collection[str], tenant: str | None) -> list[StatusEvent]:
+        wanted = set(session_ids)
+        out: list[StatusEvent] = []
+        for record in await self.store.list_sessions(tenant):
+            if wanted and record.session_id not in wanted:
+                continue
+            last = await self.store.last_event(record.session_id)
+            if last is None:
+                last = StatusEvent(
+                    session_id=record.session_id, tenant=record.tenant, sequence=0,
+                    state=State.STOPPED, previous=State.STOPPED, reason="not started",
+                    at=record.created_at,
+                )
+            out.append(last)
+        return out
+
+    async def health(self, session_ids: Collection[str] = (), tenant: str = "") -> list[HealthView]:
+        for sid in session_ids:
+            await self._record(sid)
+        views = await self.list_sessions(tenant)
+        wanted = set(session_ids)
+        now = self.clock()
+        out = []
+        for view in views:
+            if wanted and view.record.session_id not in wanted:
+                continue
+            actor = self.actors.get(view.record.session_id)
+            stats = actor.stats if actor else SessionStats()
+            recs = recommend(
+                view.state, stats, now=now, outbox_depth=view.outbox_depth,
+                reason=view.reason, code=view.code, session_id=view.record.session_id,
+            )
+            out.append(HealthView(view, actor.state if actor else None, stats, recs, now,
+                                  actor.machine.attempt if actor else 0))
+        return out

@@ -1,0 +1,1 @@
+"""Where sessions, credentials, outboxes and events live: memory (default) or Redis."""

@@ -1,0 +1,135 @@
+"""The store interface every backend implements, and the records it holds.
+
+The runtime only talks to this interface, so the embedded memory store and
+Redis are interchangeable; durability promises (DESIGN section 6) are the
+backend's: `enqueue` returns only once the message is as durable as the
+backend can make it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from broker.lifecycle.states import State
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    session_id: str
+    tenant: str
+    enabled: bool = True
+    """Whether the session should be connected (False after Stop)."""
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class StatusEvent:
+    session_id: str
+    tenant: str
+    sequence: int
+    state: State
+    previous: State
+    reason: str = ""
+    code: int = 0
+    retry_in_s: float | None = None
+    qr: str | None = None
+    attempt: int = 0
+    at: float = 0.0
+    event_id: str = ""
+    """Assigned by the store on append; ordered across sessions."""
+
+    def with_id(self, event_id: str) -> StatusEvent:
+        return replace(self, event_id=event_id)
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    session_id: str
+    message_id: str
+    to: str
+    body: str
+    idempotency_key: str
+    sequence: int
+    accepted_at: float
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    message_id: str
+    acked_at: float
+
+
+@dataclass(frozen=True)
+class Accepted:
+    message: OutboxMessage
+    duplicate: bool
+    result: DeliveryResult | None = None
+
+
+@dataclass
+class EventPage:
+    events: list[StatusEvent] = field(default_factory=list)
+    gap: bool = False
+    """The cursor is older than what the log retains: the caller must resync."""
+
+
+def event_order(event_id: str) -> tuple[int, int]:
+    """Sort key of an event id ("<ms>-<n>", the Redis stream id format)."""
+    head, _, tail = event_id.partition("-")
+    try:
+        return int(head), int(tail or 0)
+    except ValueError:
+        return (-1, -1)
+
+
+class Store(Protocol):
+    # sessions
+    async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
+        """Insert if absent; returns (stored record, created)."""
+        ...
+
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+    async def list_sessions(self, tenant: str | None = None) -> list[SessionRecord]: ...
+    async def set_enabled(self, session_id: str, enabled: bool) -> None: ...
+    async def delete_session(self, session_id: str) -> None: ...
+
+    # credentials (opaque upstream credentials; never logged)
+    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None: ...
+    async def load_credentials(self, session_id: str) -> dict[str, Any] | None: ...
+    async def clear_credentials(self, session_id: str) -> None: ...
+
+    # outbox
+    async def enqueue(
+        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
+        at: float,
+    ) -> Accepted:
+        """Durably queue a message, or return the one already queued under the key.
+
+        Raises OutboxFull when the outbox holds max_depth messages.
+        """
+        ...
+
+    async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
+        """The message an earlier Send queued under this key, if any."""
+        ...
+
+    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
+        """The oldest unacked messages, in order."""
+        ...
+
+    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult: ...
+    async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
+    async def wait_result(
+        self, session_id: str, message_id: str, timeout: float
+    ) -> DeliveryResult | None: ...
+    async def outbox_depth(self, session_id: str) -> int: ...
+    async def wait_outbox(self, session_id: str, timeout: float) -> None:
+        """Return when a message may have been queued (or after timeout)."""
+        ...
+
+    # status events
+    async def append_event(self, event: StatusEvent) -> StatusEvent: ...
+    async def last_event(self, session_id: str) -> StatusEvent | None: ...
+    async def events_after(self, event_id: str, limit: int) -> EventPage: ...
+    async def close(self) -> None: ...

@@ -1,0 +1,213 @@
+"""The embedded default store: everything in this process, nothing to install.
+
+Durable for the life of the process only; Redis is the store once state must
+survive restarts or be shared by several broker instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import replace
+from typing import Any
+
+from broker.errors import OutboxFull
+from broker.store.base import (
+    Accepted,
+    DeliveryResult,
+    EventPage,
+    OutboxMessage,
+    SessionRecord,
+    StatusEvent,
+    event_order,
+)
+
+
+class _Outbox:
+    def __init__(self) -> None:
+        self.messages: OrderedDict[str, OutboxMessage] = OrderedDict()
+        self.by_key: dict[str, str] = {}
+        self.results: dict[str, DeliveryResult] = {}
+        self.waiters: dict[str, list[asyncio.Future[DeliveryResult]]] = {}
+        self.sequence = itertools.count(1)
+        self.changed = asyncio.Event()
+        self.known: dict[str, OutboxMessage] = {}
+
+
+class MemoryStore:
+    def __init__(self, *, event_log_size: int = 10_000, results_kept: int = 100_000) -> None:
+        self._sessions: dict[str, SessionRecord] = {}
+        self._credentials: dict[str, dict[str, Any]] = {}
+        self._outboxes: dict[str, _Outbox] = {}
+        self._events: deque[StatusEvent] = deque(maxlen=event_log_size)
+        self._last: dict[str, StatusEvent] = {}
+        self._event_counter = itertools.count(1)
+        self._dropped_events = False
+        self._results_kept = results_kept
+
+    # sessions
+    async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
+        existing = self._sessions.get(record.session_id)
+        if existing is not None:
+            return existing, False
+        self._sessions[record.session_id] = record
+        return record, True
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        return self._sessions.get(session_id)
+
+    async def list_sessions(self, tenant: str | None = None) -> list[SessionRecord]:
+        return [
+            r for r in sorted(self._sessions.values(), key=lambda r: r.session_id)
+            if tenant is None or r.tenant == tenant
+        ]
+
+    async def set_enabled(self, session_id: str, enabled: bool) -> None:
+        record = self._sessions.get(session_id)
+        if record is not None:
+            self._sessions[session_id] = replace(record, enabled=enabled)
+
+    async def delete_session(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._credentials.pop(session_id, None)
+        self._outboxes.pop(session_id, None)
+        self._last.pop(session_id, None)
+
+    # credentials
+    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None:
+        self._credentials[session_id] = dict(credentials)
+
+    async def load_credentials(self, session_id: str) -> dict[str, Any] | None:
+        creds = self._credentials.get(session_id)
+        return dict(creds) if creds is not None else None
+
+    async def clear_credentials(self, session_id: str) -> None:
+        self._credentials.pop(session_id, None)
+
+    # outbox
+    def _outbox(self, session_id: str) -> _Outbox:
+        box = self._outboxes.get(session_id)
+        if box is None:
+            box = self._outboxes[session_id] = _Outbox()
+        return box
+
+    async def enqueue(
+        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
+        at: float,
+    ) -> Accepted:
+        box = self._outbox(session_id)
+        known_id = box.by_key.get(idempotency_key)
+        if known_id is not None:
+            return Accepted(box.known[known_id], True, box.results.get(known_id))
+        if len(box.messages) >= max_depth:
+            raise OutboxFull(
+                f"outbox of {session_id!r} holds {len(box.messages)} undelivered messages",
+                session_id=session_id, retry_after_s=1.0,
+            )
+        message = OutboxMessage(
+            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=to, body=body,
+            idempotency_key=idempotency_key, sequence=next(box.sequence), accepted_at=at,
+        )
+        box.messages[message.message_id] = message
+        box.known[message.message_id] = message
+        box.by_key[idempotency_key] = message.message_id
+        self._trim(box)
+        box.changed.set()
+        return Accepted(message, False)
+
+    async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
+        box = self._outboxes.get(session_id)
+        if box is None or idempotency_key not in box.by_key:
+            return None
+        message_id = box.by_key[idempotency_key]
+        return Accepted(box.known[message_id], True, box.results.get(message_id))
+
+    def _trim(self, box: _Outbox) -> None:
+        """Forget the oldest delivered messages' keys once past the retention count."""
+        while len(box.known) > self._results_kept:
+            oldest_id = next(iter(box.known))
+            if oldest_id in box.messages:
+                break
+            old = box.known.pop(oldest_id)
+            box.by_key.pop(old.idempotency_key, None)
+            box.results.pop(oldest_id, None)
+
+    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
+        box = self._outbox(session_id)
+        return list(itertools.islice(box.messages.values(), limit))
+
+    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+        box = self._outbox(session_id)
+        existing = box.results.get(message_id)
+        if existing is not None:
+            return existing
+        result = DeliveryResult(message_id, at)
+        box.messages.pop(message_id, None)
+        if message_id in box.known:
+            box.results[message_id] = result
+        for fut in box.waiters.pop(message_id, []):
+            if not fut.done():
+                fut.set_result(result)
+        return result
+
+    async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
+        return self._outbox(session_id).results.get(message_id)
+
+    async def wait_result(
+        self, session_id: str, message_id: str, timeout: float
+    ) -> DeliveryResult | None:
+        box = self._outbox(session_id)
+        done = box.results.get(message_id)
+        if done is not None or timeout <= 0:
+            return done
+        fut: asyncio.Future[DeliveryResult] = asyncio.get_running_loop().create_future()
+        box.waiters.setdefault(message_id, []).append(fut)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = box.waiters.get(message_id)
+            if waiters and fut in waiters:
+                waiters.remove(fut)
+                if not waiters:
+                    del box.waiters[message_id]
+
+    async def outbox_depth(self, session_id: str) -> int:
+        box = self._outboxes.get(session_id)
+        return len(box.messages) if box else 0
+
+    async def wait_outbox(self, session_id: str, timeout: float) -> None:
+        box = self._outbox(session_id)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(box.changed.wait(), timeout)
+        box.changed.clear()
+
+    # events
+    async def append_event(self, event: StatusEvent) -> StatusEvent:
+        if self._events.maxlen is not None and len(self._events) == self._events.maxlen:
+            self._dropped_events = True
+        stored = event.with_id(f"{next(self._event_counter)}-0")
+        self._events.append(stored)
+        self._last[event.session_id] = stored
+        return stored
+
+    async def last_event(self, session_id: str) -> StatusEvent | None:
+        return self._last.get(session_id)
+
+    async def events_after(self, event_id: str, limit: int) -> EventPage:
+        cursor = event_order(event_id)
+        if cursor < (0, 0):
+            return EventPage(gap=True)
+        if self._events and self._dropped_events and cursor < event_order(self._events[0].event_id):
+            oldest = event_order(self._events[0].event_id)
+            if (cursor[0] + 1, 0) < oldest:
+                return EventPage(gap=True)
+        out = [e for e in self._events if event_order(e.event_id) > cursor]
+        return EventPage(out[:limit])
+
+    async def close(self) -> None:
+        return None

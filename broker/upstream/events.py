@@ -1,0 +1,63 @@
+"""What a provider reports about its upstream connection, independent of wire format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from broker.lifecycle.reasons import DisconnectCode
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The upstream accepted the credentials: the session is open."""
+
+    connection_id: str
+
+
+@dataclass(frozen=True)
+class QrCode:
+    code: str
+    index: int
+    expires_in_ms: int
+
+
+@dataclass(frozen=True)
+class Paired:
+    credentials: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Acked:
+    message_id: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Delivered:
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Pong:
+    ping_id: int
+
+
+@dataclass(frozen=True)
+class Inbound:
+    message_id: str
+    sender: str
+    body: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class Disconnected:
+    """Always the last event of a link."""
+
+    code: DisconnectCode
+    reason: str
+    retry_after_ms: int | None = None
+
+
+UpstreamEvent = Ready | QrCode | Paired | Acked | Delivered | Pong | Inbound | Disconnected

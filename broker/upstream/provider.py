@@ -1,0 +1,45 @@
+"""The provider interface: how the session actor talks to any upstream network.
+
+A provider opens links; a link is one upstream connection. The actor only
+sees `UpstreamEvent`s, so a provider for another wire protocol plugs in
+without touching the lifecycle or delivery code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from broker.lifecycle.reasons import DisconnectCode
+from broker.upstream.events import UpstreamEvent
+
+
+class ConnectError(Exception):
+    """The connection could not be opened at all (refused, timed out, bad handshake)."""
+
+    def __init__(self, code: DisconnectCode, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Link(Protocol):
+    def events(self) -> AsyncIterator[UpstreamEvent]:
+        """Events until the connection ends; the last one is always `Disconnected`."""
+        ...
+
+    async def send(self, message_id: str, to: str, body: str) -> None: ...
+
+    async def ping(self, ping_id: int) -> None: ...
+
+    async def logout(self) -> None: ...
+
+    async def ack_inbound(self, message_id: str) -> None: ...
+
+    async def close(self, code: DisconnectCode, reason: str) -> None: ...
+
+
+class Provider(Protocol):
+    async def connect(self, login: str, credentials: dict[str, Any] | None) -> Link:
+        """Open a link and start the handshake; raises ConnectError."""
+        ...

@@ -1,0 +1,118 @@
+"""Provider for the JSON-over-websocket protocol of docs/protocol.md."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.frames import Close
+
+from broker.lifecycle.reasons import DisconnectCode
+from broker.upstream import events as ev
+from broker.upstream import protocol as p
+from broker.upstream.provider import ConnectError
+
+
+class WebsocketLink:
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._retry_after_ms: int | None = None
+        self._local_close: tuple[DisconnectCode, str] | None = None
+
+    async def events(self) -> AsyncIterator[ev.UpstreamEvent]:
+        while True:
+            try:
+                raw = await self._ws.recv()
+            except ConnectionClosed as exc:
+                yield self._disconnected(exc.rcvd)
+                return
+            try:
+                frame = p.decode(raw)
+            except p.ProtocolError as exc:
+                # A hostile or broken upstream must not crash the actor: drop the
+                # link and let the lifecycle reconnect with backoff.
+                self._local_close = (DisconnectCode.CONNECTION_CLOSED, f"bad frame: {exc}")
+                await self._ws.close(p.close_code_for(DisconnectCode.BAD_FRAME), "bad frame")
+                yield self._disconnected(None)
+                return
+            event = self._translate(frame)
+            if event is not None:
+                yield event
+
+    def _translate(self, frame: p.Frame) -> ev.UpstreamEvent | None:
+        match frame:
+            case p.Ready(connection_id=cid):
+                return ev.Ready(cid)
+            case p.Qr(code=code, index=index, expires_in_ms=expires):
+                return ev.QrCode(code, index, expires)
+            case p.Paired(credentials=creds):
+                return ev.Paired(creds)
+            case p.Ack(id=mid, duplicate=dup):
+                return ev.Acked(mid, dup)
+            case p.Receipt(id=mid):
+                return ev.Delivered(mid)
+            case p.Pong(id=pid):
+                return ev.Pong(pid)
+            case p.Message(id=mid, sender=sender, body=body, ts=ts):
+                return ev.Inbound(mid, sender, body, ts)
+            case p.Error(retry_after_ms=retry):
+                self._retry_after_ms = retry
+                return None
+            case _:
+                return None
+
+    def _disconnected(self, rcvd: Close | None) -> ev.Disconnected:
+        if self._local_close is not None:
+            code, reason = self._local_close
+            return ev.Disconnected(code, reason)
+        code = p.reason_for_close(rcvd.code if rcvd else None)
+        reason = (rcvd.reason if rcvd and rcvd.reason else "") or code.text
+        if rcvd is None:
+            reason = "connection lost"
+        return ev.Disconnected(code, reason, self._retry_after_ms)
+
+    async def _send(self, frame: p.Frame) -> None:
+        with contextlib.suppress(ConnectionClosed):  # the reader reports the disconnect
+            await self._ws.send(p.encode(frame))
+
+    async def send(self, message_id: str, to: str, body: str) -> None:
+        await self._send(p.Send(id=message_id, to=to, body=body))
+
+    async def ping(self, ping_id: int) -> None:
+        await self._send(p.Ping(id=ping_id))
+
+    async def logout(self) -> None:
+        await self._send(p.Logout())
+
+    async def ack_inbound(self, message_id: str) -> None:
+        await self._send(p.InboundAck(id=message_id))
+
+    async def close(self, code: DisconnectCode, reason: str) -> None:
+        self._local_close = (code, reason)
+        await self._ws.close(1000, reason[:100])
+
+
+class WebsocketProvider:
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+        self.url = url
+        self.connect_timeout_s = connect_timeout_s
+
+    async def connect(self, login: str, credentials: dict[str, Any] | None) -> WebsocketLink:
+        try:
+            ws = await connect(
+                self.url,
+                open_timeout=self.connect_timeout_s,
+                # Keep-alive is the lifecycle's application-level ping, which the
+                # upstream counts as activity; protocol pings would hide a dead peer.
+                ping_interval=None,
+                close_timeout=2,
+                max_size=p.MAX_FRAME_BYTES,
+            )
+        except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
+            raise ConnectError(DisconnectCode.CONNECTION_CLOSED, f"cannot connect: {exc}") from exc
+        link = WebsocketLink(ws)
+        await link._send(p.Hello(login=login, credentials=credentials))
+        return link

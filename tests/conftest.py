@@ -1,0 +1,51 @@
+"""Shared fixtures: a real simulator and real brokers on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+
+import pytest
+
+from broker.app import BrokerApp
+from broker.config import Settings
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.simulator import Simulator, SimulatorConfig
+from tests.helpers import FAST_POLICY
+
+BrokerFactory = Callable[..., Awaitable[BrokerApp]]
+
+
+@pytest.fixture
+def sim_config() -> SimulatorConfig:
+    return SimulatorConfig(idle_timeout_s=5.0, qr_interval_s=5.0, qr_max=5, receipt_delay_s=0.0)
+
+
+@pytest.fixture
+async def sim(sim_config: SimulatorConfig) -> AsyncIterator[Simulator]:
+    async with Simulator(sim_config) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def make_broker(sim: Simulator) -> AsyncIterator[BrokerFactory]:
+    apps: list[BrokerApp] = []
+
+    async def factory(policy: LifecyclePolicy | None = None, **overrides: object) -> BrokerApp:
+        settings = Settings(listen="127.0.0.1:0", upstream_url=sim.url,
+                            lifecycle=policy or FAST_POLICY, ack_timeout_s=1.0,
+                            connect_timeout_s=2.0)
+        settings = replace(settings, **overrides)  # type: ignore[arg-type]
+        app = BrokerApp(settings)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in reversed(apps):
+        await app.stop()
+
+
+@pytest.fixture
+async def broker(make_broker: BrokerFactory) -> BrokerApp:
+    return await make_broker()

@@ -1,0 +1,56 @@
+"""Test helpers: fast lifecycle timings and bounded waits on real components."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from broker.app import BrokerApp
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.lifecycle.states import State
+from broker.simulator import Simulator
+
+FAST_POLICY = LifecyclePolicy(
+    backoff_initial_s=0.02,
+    backoff_max_s=0.1,
+    slow_backoff_initial_s=0.1,
+    slow_backoff_max_s=0.3,
+    conflict_retry_s=None,
+    stable_after_s=2.0,
+    max_attempts=0,
+    keepalive_interval_s=None,
+    keepalive_timeout_s=1.0,
+    max_qr_codes=50,
+)
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0,
+                     what: str = "condition") -> None:
+    """Poll until predicate() holds; bounded so a broken broker fails, not hangs."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def state_of(app: BrokerApp, session_id: str) -> State | None:
+    assert app.manager is not None
+    actor = app.manager.actors.get(session_id)
+    return actor.state if actor else None
+
+
+async def wait_state(app: BrokerApp, session_id: str, state: State, timeout: float = 10.0) -> None:
+    await eventually(lambda: state_of(app, session_id) == state, timeout,
+                     f"{session_id} to be {state.value} (is {state_of(app, session_id)})")
+
+
+async def paired_session(app: BrokerApp, sim: Simulator, session_id: str,
+                         tenant: str = "") -> None:
+    """Create a session and pair it through the simulator's QR scan, as a person would."""
+    assert app.manager is not None
+    await app.manager.create(session_id, tenant)
+    await wait_state(app, session_id, State.PAIRING)
+    assert await sim.scan(session_id)
+    await wait_state(app, session_id, State.OPEN)
