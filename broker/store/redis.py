@@ -1,0 +1,758 @@
+"""The Redis store: state that survives broker restarts and is shared by instances.
+
+Behaves like `MemoryStore` (the reference); what differs is where things live.
+
+Key layout (``P`` = key prefix, default ``broker``; ``T`` = ``{s:<session_id>}``,
+the hash tag shared by every key of one session, so one Lua script can touch
+them together and the layout holds on Redis Cluster):
+
+- ``P:T:session``       hash: tenant, enabled, created_at
+- ``P:T:creds``         string: AES-GCM sealed credentials (see `broker.store.crypto`)
+- ``P:T:outbox``        stream: unacked messages in FIFO order (acked ones are XDEL'd)
+- ``P:T:ids``           hash: message id -> outbox stream entry id (unacked only)
+- ``P:T:seq``           counter: the outbox sequence
+- ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
+                        no TTL while unacked, the idempotency TTL once acked
+- ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
+- ``P:T:last``          hash: the session's last status event
+- ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
+- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
+- ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
+                        its entry ids are the event ids
+
+Ownership of a session is a lease (DESIGN section 5), so only the owner reads
+the outbox: `pending` is a plain XRANGE from the oldest entry and an ack is an
+XDEL. No consumer group is needed, and a dead owner's unacked messages are
+simply still there, oldest first, for the next owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from broker.errors import BrokerError, OutboxFull, StoreUnavailable
+from broker.lifecycle.states import State
+from broker.store.base import (
+    Accepted,
+    DeliveryResult,
+    EventPage,
+    OutboxMessage,
+    SessionRecord,
+    StatusEvent,
+    event_order,
+)
+from broker.store.crypto import HOW_TO_SET_KEY, CredentialCipher, CredentialKeyError
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_BLOCK_CHUNK_S = 2.0
+"""Longest single blocking call: well under the socket timeout, so a wait never
+looks like a dead connection."""
+_MAX_ID_PART = 2**64 - 1
+_UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
+
+# KEYS: idem key, outbox stream, ids hash, seq counter
+# ARGV: message_id, to, body, idempotency_key, at, max_depth
+_ENQUEUE = """
+local known = redis.call('GET', KEYS[1])
+if known then return {'dup', known} end
+local depth = redis.call('XLEN', KEYS[2])
+if depth >= tonumber(ARGV[6]) then return {'full', tostring(depth)} end
+local seq = tostring(redis.call('INCR', KEYS[4]))
+local entry = redis.call('XADD', KEYS[2], '*', 'mid', ARGV[1], 'to', ARGV[2], 'body', ARGV[3],
+  'key', ARGV[4], 'seq', seq, 'at', ARGV[5])
+redis.call('HSET', KEYS[3], ARGV[1], entry)
+local record = cjson.encode({ARGV[1], ARGV[2], ARGV[3], seq, ARGV[5]})
+redis.call('SET', KEYS[1], record)
+return {'new', record}
+"""
+
+# KEYS: result key, ids hash, outbox stream
+# ARGV: message_id, at, ttl_ms, ack channel, idem key prefix
+# The idem key is named in the outbox entry, so it is built here; it carries the
+# session's hash tag, so it lives in the same slot as the declared keys.
+_MARK_ACKED = """
+local done = redis.call('GET', KEYS[1])
+if done then return {'old', done} end
+local entry = redis.call('HGET', KEYS[2], ARGV[1])
+if not entry then return {'unknown', ARGV[2]} end
+local rows = redis.call('XRANGE', KEYS[3], entry, entry)
+if rows[1] then
+  local f = rows[1][2]
+  for i = 1, #f, 2 do
+    if f[i] == 'key' then redis.call('PEXPIRE', ARGV[5] .. f[i + 1], ARGV[3]) end
+  end
+end
+redis.call('XDEL', KEYS[3], entry)
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. ARGV[2])
+return {'new', ARGV[2]}
+"""
+
+# KEYS: session hash.  ARGV: tenant, enabled, created_at
+_CREATE_SESSION = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('HGETALL', KEYS[1]) end
+redis.call('HSET', KEYS[1], 'tenant', ARGV[1], 'enabled', ARGV[2], 'created_at', ARGV[3])
+return false
+"""
+
+# KEYS: session hash.  ARGV: enabled
+_SET_ENABLED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'enabled', ARGV[1]) end
+return 0
+"""
+
+# KEYS: last-event hash.  ARGV: event id ms, event id seq, event id, event json, ttl_ms (0: none)
+# Keeps the newest event even if two appends race (ids are ordered, arrival is not).
+_SET_LAST = """
+local cur = redis.call('HGET', KEYS[1], 'id')
+if cur then
+  local dash = string.find(cur, '-', 1, true)
+  local ms = tonumber(string.sub(cur, 1, dash - 1))
+  local n = tonumber(string.sub(cur, dash + 1))
+  local new_ms, new_n = tonumber(ARGV[1]), tonumber(ARGV[2])
+  if ms > new_ms or (ms == new_ms and n > new_n) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[3], 'event', ARGV[4])
+if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+return 1
+"""
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _fields(raw: Mapping[Any, Any]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _event_to_json(event: StatusEvent) -> str:
+    return json.dumps(asdict(event), separators=(",", ":"))
+
+
+def _event_from_json(raw: bytes | str, event_id: str | None = None) -> StatusEvent:
+    data = json.loads(raw)
+    data["state"] = State(data["state"])
+    data["previous"] = State(data["previous"])
+    if event_id is not None:
+        data["event_id"] = event_id
+    return StatusEvent(**data)
+
+
+def _guard(
+    fn: Callable[Concatenate[RedisStore, P], Awaitable[R]],
+) -> Callable[Concatenate[RedisStore, P], Coroutine[Any, Any, R]]:
+    """Turn Redis connection trouble into StoreUnavailable, in one place."""
+
+    async def wrapper(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except BrokerError:
+            raise
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        except (rexc.ReadOnlyError, rexc.OutOfMemoryError) as exc:
+            raise self._unavailable(exc) from exc
+        except rexc.ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise self._unavailable(exc) from exc
+            raise
+
+    functools.update_wrapper(wrapper, fn)
+    return wrapper
+
+
+@dataclass(eq=False)
+class _Waiter:
+    poke: asyncio.Event = field(default_factory=asyncio.Event)
+    result: DeliveryResult | None = None
+
+
+@dataclass(eq=False)
+class _Channel:
+    waiters: dict[str, set[_Waiter]] = field(default_factory=dict)
+    subscribed: bool = False
+    unconfirmed: int = 0
+    """SUBSCRIBE commands sent whose confirmation has not come back yet."""
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _AckListener:
+    """One pub/sub connection per store, shared by every `wait_result` call.
+
+    A waiter subscribes to its session's ack channel and waits for the
+    subscription to be confirmed before it checks the stored result, so an
+    ack is either already stored or is published to it: nothing slips
+    between. Pub/sub is at-most-once across a reconnect, so after one every
+    waiter re-checks, and each also re-checks every `recheck_s` as a last
+    safety net.
+    """
+
+    def __init__(self, client: aioredis.Redis, control_channel: str, recheck_s: float) -> None:
+        self._client = client
+        self._control = control_channel
+        self._recheck_s = recheck_s
+        self._channels: dict[str, _Channel] = {}
+        self._pubsub: PubSub | None = None
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    async def wait(
+        self, channel: str, message_id: str, timeout: float,
+        check: Callable[[], Awaitable[DeliveryResult | None]],
+    ) -> DeliveryResult | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ch = self._channels.setdefault(channel, _Channel())
+        waiter = _Waiter()
+        ch.waiters.setdefault(message_id, set()).add(waiter)
+        try:
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._run())
+            await self._subscribe(channel, ch)
+            while True:
+                waiter.poke.clear()
+                remaining = deadline - loop.time()
+                if not ch.ready.is_set() and remaining > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ch.ready.wait(), min(remaining, self._recheck_s))
+                if waiter.result is not None:
+                    return waiter.result
+                found = await check()
+                if found is not None:
+                    return found
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter.poke.wait(), min(remaining, self._recheck_s))
+                if waiter.result is not None:
+                    return waiter.result
+        finally:
+            waiters = ch.waiters.get(message_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del ch.waiters[message_id]
+            if not ch.waiters:
+                self._spawn_unsubscribe(channel)
+
+    async def _subscribe(self, channel: str, ch: _Channel) -> None:
+        async with self._lock:
+            if self._pubsub is None or ch.subscribed:
+                return  # the listener (re)subscribes every channel when it connects
+            ch.subscribed = True
+            ch.unconfirmed += 1
+            ch.ready.clear()
+            await self._pubsub.subscribe(channel)
+
+    def _spawn_unsubscribe(self, channel: str) -> None:
+        task = asyncio.ensure_future(self._unsubscribe(channel))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _unsubscribe(self, channel: str) -> None:
+        async with self._lock:
+            ch = self._channels.get(channel)
+            if ch is None or ch.waiters:
+                return
+            del self._channels[channel]
+            if ch.subscribed and self._pubsub is not None:
+                with contextlib.suppress(rexc.RedisError, OSError):
+                    await self._pubsub.unsubscribe(channel)
+
+    async def _connect(self) -> PubSub:
+        async with self._lock:
+            pubsub = self._client.pubsub()
+            channels = list(self._channels)
+            for name in channels:
+                ch = self._channels[name]
+                ch.subscribed, ch.unconfirmed = True, 1
+                ch.ready.clear()
+            await pubsub.subscribe(self._control, *channels)
+            self._pubsub = pubsub
+            return pubsub
+
+    def _on_message(self, message: Mapping[str, Any]) -> None:
+        kind = message.get("type")
+        ch = self._channels.get(_text(message.get("channel", b"")))
+        if ch is None:
+            return
+        if kind == "subscribe":
+            ch.unconfirmed = max(0, ch.unconfirmed - 1)
+            if ch.unconfirmed == 0:
+                ch.ready.set()
+        elif kind == "message":
+            mid, _, at = _text(message["data"]).partition(" ")
+            result = DeliveryResult(mid, float(at))
+            for waiter in ch.waiters.get(mid, ()):
+                waiter.result = result
+                waiter.poke.set()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = await self._connect()
+                backoff = 0.05
+                while not self._closed:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None:
+                        self._on_message(message)
+            except (rexc.RedisError, OSError) as exc:
+                log.debug("ack listener: %s; reconnecting", type(exc).__name__)
+            finally:
+                self._pubsub = None
+                for ch in self._channels.values():
+                    ch.subscribed, ch.unconfirmed = False, 0
+                    ch.ready.clear()
+                    for waiters in ch.waiters.values():
+                        for waiter in waiters:
+                            waiter.poke.set()  # re-check: a publish may have been lost
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def close(self) -> None:
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class RedisStore:
+    """The `Store` on Redis (5+ client, Redis server 7+ for the event gap check)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        cipher: CredentialCipher | None = None,
+        credential_key: bytes | None = None,
+        ephemeral_key: bool = False,
+        key_prefix: str = "broker",
+        event_log_size: int = 10_000,
+        idempotency_ttl_s: float = 86400,
+        state_ttl_s: float | None = None,
+        recheck_s: float = 5.0,
+    ) -> None:
+        """`state_ttl_s`: expiry of a session's last-event record (refreshed on every
+        event); None keeps it for as long as the session exists."""
+        self._cipher = self.resolve_cipher(cipher, credential_key, ephemeral_key)
+        self._client = client
+        self._prefix = key_prefix
+        self._event_log_size = event_log_size
+        self._idem_ttl_ms = max(1, int(idempotency_ttl_s * 1000))
+        self._state_ttl_ms = int(state_ttl_s * 1000) if state_ttl_s else 0
+        self._outbox_seen: dict[str, str] = {}
+        kwargs = client.connection_pool.connection_kwargs
+        self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        if "path" in kwargs:
+            self._where = f"unix:{kwargs['path']}"
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._mark_acked = client.register_script(_MARK_ACKED)
+        self._create = client.register_script(_CREATE_SESSION)
+        self._set_enabled = client.register_script(_SET_ENABLED)
+        self._set_last = client.register_script(_SET_LAST)
+        self._acks = _AckListener(client, f"{key_prefix}:ack-listener", recheck_s)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        credential_key: bytes | None = None,
+        cipher: CredentialCipher | None = None,
+        ephemeral_key: bool = False,
+        key_prefix: str = "broker",
+        event_log_size: int = 10_000,
+        idempotency_ttl_s: float = 86400,
+        state_ttl_s: float | None = None,
+        connect_timeout_s: float = 2.0,
+        socket_timeout_s: float = 10.0,
+        retries: int = 2,
+        recheck_s: float = 5.0,
+    ) -> RedisStore:
+        """Connect lazily to `url` (redis://, rediss://, unix://).
+
+        Few, short retries: when Redis is down a caller should hear UNAVAILABLE
+        within about a second and retry with its idempotency key, rather than
+        hang in the client's own long default backoff.
+        """
+        resolved = cls.resolve_cipher(cipher, credential_key, ephemeral_key)
+        client = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=connect_timeout_s,
+            socket_timeout=socket_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
+        )
+        return cls(
+            client, cipher=resolved, key_prefix=key_prefix, event_log_size=event_log_size,
+            idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
+        )
+
+    @staticmethod
+    def resolve_cipher(
+        cipher: CredentialCipher | None, credential_key: bytes | None, ephemeral_key: bool
+    ) -> CredentialCipher:
+        """Explicit cipher, else the given key, else the environment, else an ephemeral key
+        only if asked for: credentials are never stored in clear."""
+        if cipher is not None:
+            return cipher
+        if credential_key is not None:
+            return CredentialCipher.from_key(credential_key)
+        from_env = CredentialCipher.from_env()
+        if from_env is not None:
+            return from_env
+        if ephemeral_key:
+            log.warning("credentials are encrypted with an ephemeral key: they will not "
+                        "decrypt after this process exits")
+            return CredentialCipher.ephemeral()
+        raise CredentialKeyError(
+            f"the Redis store needs a key to encrypt session credentials at rest: {HOW_TO_SET_KEY}"
+        )
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self._where}, prefix={self._prefix!r}, cipher={self._cipher!r})"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    @property
+    def cipher(self) -> CredentialCipher:
+        return self._cipher
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the Redis store at {self._where} is unavailable ({type(exc).__name__}: {exc}); "
+            "retry shortly (Send: with the same idempotency key)",
+            retry_after_s=1.0,
+        )
+
+    # key names
+    def session_tag(self, session_id: str) -> str:
+        """The prefix and hash tag every key of this session starts with."""
+        return f"{self._prefix}:{{s:{session_id}}}"
+
+    def _key(self, session_id: str, part: str) -> str:
+        return f"{self.session_tag(session_id)}:{part}"
+
+    @property
+    def _sessions_key(self) -> str:
+        return f"{self._prefix}:sessions"
+
+    def _tenant_key(self, tenant: str) -> str:
+        return f"{self._prefix}:tenant:{tenant}"
+
+    @property
+    def events_key(self) -> str:
+        return f"{self._prefix}:events"
+
+    def ack_channel(self, session_id: str) -> str:
+        return self._key(session_id, "acked")
+
+    # sessions
+    @staticmethod
+    def _record(session_id: str, raw: Mapping[Any, Any]) -> SessionRecord:
+        data = _fields(raw)
+        return SessionRecord(
+            session_id=session_id, tenant=data.get("tenant", ""),
+            enabled=data.get("enabled", "1") == "1",
+            created_at=float(data.get("created_at", "0") or 0),
+        )
+
+    @_guard
+    async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
+        sid = record.session_id
+        existing = await self._create(
+            keys=[self._key(sid, "session")],
+            args=[record.tenant, "1" if record.enabled else "0", repr(record.created_at)],
+        )
+        stored = record
+        if existing:
+            flat = list(existing)
+            stored = self._record(sid, dict(zip(flat[::2], flat[1::2], strict=True)))
+        # Index after the record exists; repeated on every create so a retry repairs a
+        # crash between the two (the index keys live in other cluster slots).
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.sadd(self._sessions_key, sid)
+            pipe.sadd(self._tenant_key(stored.tenant), sid)
+            await pipe.execute()
+        return stored, not existing
+
+    @_guard
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        raw = await self._client.hgetall(self._key(session_id, "session"))
+        return self._record(session_id, raw) if raw else None
+
+    @_guard
+    async def list_sessions(self, tenant: str | None = None) -> list[SessionRecord]:
+        index = self._sessions_key if tenant is None else self._tenant_key(tenant)
+        ids = sorted(_text(m) for m in await self._client.smembers(index))
+        if not ids:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid in ids:
+                pipe.hgetall(self._key(sid, "session"))
+            rows = await pipe.execute()
+        return [
+            record for sid, raw in zip(ids, rows, strict=True) if raw
+            for record in [self._record(sid, raw)]
+            if tenant is None or record.tenant == tenant
+        ]
+
+    @_guard
+    async def set_enabled(self, session_id: str, enabled: bool) -> None:
+        await self._set_enabled(keys=[self._key(session_id, "session")],
+                                args=["1" if enabled else "0"])
+
+    @_guard
+    async def delete_session(self, session_id: str) -> None:
+        """Remove the session and every key under its hash tag."""
+        raw = await self._client.hgetall(self._key(session_id, "session"))
+        pattern = _glob_escape(self.session_tag(session_id)) + ":*"
+        batch: list[bytes | str] = []
+        async for key in self._client.scan_iter(match=pattern, count=500):
+            batch.append(key)
+            if len(batch) >= 500:
+                await self._client.unlink(*batch)
+                batch.clear()
+        if batch:
+            await self._client.unlink(*batch)
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.srem(self._sessions_key, session_id)
+            if raw:
+                pipe.srem(self._tenant_key(_fields(raw).get("tenant", "")), session_id)
+            await pipe.execute()
+        self._outbox_seen.pop(session_id, None)
+
+    # credentials
+    @_guard
+    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None:
+        sealed = self._cipher.encrypt(session_id, credentials)
+        await self._client.set(self._key(session_id, "creds"), sealed)
+
+    @_guard
+    async def load_credentials(self, session_id: str) -> dict[str, Any] | None:
+        sealed = await self._client.get(self._key(session_id, "creds"))
+        return None if sealed is None else self._cipher.decrypt(session_id, _bytes(sealed))
+
+    @_guard
+    async def clear_credentials(self, session_id: str) -> None:
+        await self._client.delete(self._key(session_id, "creds"))
+
+    # outbox
+    @staticmethod
+    def _message(session_id: str, key: str, raw: bytes | str) -> OutboxMessage:
+        mid, to, body, seq, at = json.loads(raw)
+        return OutboxMessage(
+            session_id=session_id, message_id=mid, to=to, body=body, idempotency_key=key,
+            sequence=int(seq), accepted_at=float(at),
+        )
+
+    def _idem_key(self, session_id: str, idempotency_key: str) -> str:
+        return self._key(session_id, f"idem:{idempotency_key}")
+
+    def _result_key(self, session_id: str, message_id: str) -> str:
+        return self._key(session_id, f"result:{message_id}")
+
+    @_guard
+    async def enqueue(
+        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
+        at: float,
+    ) -> Accepted:
+        """One Lua script: key check, depth check, sequence, XADD and key record are atomic."""
+        reply = await self._enqueue(
+            keys=[self._idem_key(session_id, idempotency_key), self._key(session_id, "outbox"),
+                  self._key(session_id, "ids"), self._key(session_id, "seq")],
+            args=[f"m-{uuid.uuid4().hex}", to, body, idempotency_key, repr(at), max_depth],
+        )
+        kind, payload = _text(reply[0]), reply[1]
+        if kind == "full":
+            raise OutboxFull(
+                f"outbox of {session_id!r} holds {_text(payload)} undelivered messages",
+                session_id=session_id, retry_after_s=1.0,
+            )
+        message = self._message(session_id, idempotency_key, payload)
+        if kind == "dup":
+            return Accepted(message, True, await self._result(session_id, message.message_id))
+        return Accepted(message, False)
+
+    @_guard
+    async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
+        raw = await self._client.get(self._idem_key(session_id, idempotency_key))
+        if raw is None:
+            return None
+        message = self._message(session_id, idempotency_key, raw)
+        return Accepted(message, True, await self._result(session_id, message.message_id))
+
+    @_guard
+    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
+        if limit <= 0:
+            return []
+        rows: Any = await self._client.xrange(self._key(session_id, "outbox"), count=limit)
+        out = []
+        for _entry_id, raw in rows:
+            f = _fields(raw)
+            out.append(OutboxMessage(
+                session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
+                idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
+            ))
+        return out
+
+    @_guard
+    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+        """Atomically: store the result, drop the message, start the key's TTL, publish."""
+        reply = await self._mark_acked(
+            keys=[self._result_key(session_id, message_id), self._key(session_id, "ids"),
+                  self._key(session_id, "outbox")],
+            args=[message_id, repr(at), self._idem_ttl_ms, self.ack_channel(session_id),
+                  self._key(session_id, "idem:")],
+        )
+        return DeliveryResult(message_id, float(_text(reply[1])))
+
+    async def _result(self, session_id: str, message_id: str) -> DeliveryResult | None:
+        raw = await self._client.get(self._result_key(session_id, message_id))
+        return None if raw is None else DeliveryResult(message_id, float(_text(raw)))
+
+    @_guard
+    async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
+        return await self._result(session_id, message_id)
+
+    @_guard
+    async def wait_result(
+        self, session_id: str, message_id: str, timeout: float
+    ) -> DeliveryResult | None:
+        """Wait for the ack, whichever broker instance receives it (pub/sub wake-up)."""
+        if timeout <= 0:
+            return await self._result(session_id, message_id)
+        return await self._acks.wait(
+            self.ack_channel(session_id), message_id, timeout,
+            lambda: self._result(session_id, message_id),
+        )
+
+    @_guard
+    async def outbox_depth(self, session_id: str) -> int:
+        return int(await self._client.xlen(self._key(session_id, "outbox")))
+
+    @_guard
+    async def wait_outbox(self, session_id: str, timeout: float) -> None:
+        """XREAD BLOCK past the newest entry this instance saw at its previous wake-up.
+
+        The first call returns at once if anything is queued: a spurious wake-up
+        costs one `pending` read, a missed one would strand a message.
+        """
+        key = self._key(session_id, "outbox")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        last = self._outbox_seen.get(session_id, "0-0")
+        while (remaining := deadline - loop.time()) > 0:
+            block_ms = max(1, int(min(remaining, _BLOCK_CHUNK_S) * 1000))
+            reply: Any = await self._client.xread({key: last}, count=1, block=block_ms)
+            if reply:
+                entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+                seen = _text(entries[0][0])
+                newest: Any = await self._client.xrevrange(key, count=1)
+                if newest and event_order(_text(newest[0][0])) > event_order(seen):
+                    seen = _text(newest[0][0])
+                self._outbox_seen[session_id] = seen
+                return
+
+    # events
+    @_guard
+    async def append_event(self, event: StatusEvent) -> StatusEvent:
+        entry_id = _text(await self._client.xadd(
+            self.events_key, {"e": _event_to_json(event)},
+            maxlen=self._event_log_size, approximate=True,
+        ))
+        stored = event.with_id(entry_id)
+        ms, n = event_order(entry_id)
+        await self._set_last(
+            keys=[self._key(event.session_id, "last")],
+            args=[ms, n, entry_id, _event_to_json(stored), self._state_ttl_ms],
+        )
+        return stored
+
+    @_guard
+    async def last_event(self, session_id: str) -> StatusEvent | None:
+        raw = await self._client.hget(self._key(session_id, "last"), "event")
+        return None if raw is None else _event_from_json(raw)
+
+    @_guard
+    async def events_after(self, event_id: str, limit: int) -> EventPage:
+        """Events strictly after the cursor; `gap` when the log may have trimmed one of them.
+
+        Trimming (MAXLEN ~) only removes the oldest entries, and XINFO counts every
+        entry ever added: if that exceeds the length, entries older than the first
+        retained one are gone, so a cursor older than that entry may have missed
+        some. One case is conservative: a cursor equal to the very last trimmed id
+        also reports a gap (the caller resyncs from a snapshot; nothing is lost).
+        """
+        ms, n = event_order(event_id)
+        if ms < 0 or ms > _MAX_ID_PART or n > _MAX_ID_PART:
+            return EventPage(gap=True)
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.xrange(self.events_key, min=f"({ms}-{n}", max="+", count=max(limit, 1))
+            pipe.xinfo_stream(self.events_key)
+            rows, info = await pipe.execute(raise_on_error=False)
+        if isinstance(rows, Exception):
+            raise rows
+        if isinstance(info, Exception):  # no log yet: nothing was ever trimmed
+            info = {}
+        if self._trimmed_past(info, (ms, n)):
+            return EventPage(gap=True)
+        events = [_event_from_json(raw[b"e"] if b"e" in raw else raw["e"], _text(entry_id))
+                  for entry_id, raw in rows]
+        return EventPage(events[:limit] if limit > 0 else [])
+
+    @staticmethod
+    def _trimmed_past(info: Mapping[str, Any], cursor: tuple[int, int]) -> bool:
+        deleted = info.get("max-deleted-entry-id")  # XDEL'd entries (not used by the broker)
+        if deleted is not None and event_order(_text(deleted)) > cursor:
+            return True
+        added, length = info.get("entries-added"), info.get("length", 0)
+        if added is None or int(added) <= int(length):
+            return False
+        first = info.get("first-entry")
+        if first is None or not first[0]:  # everything trimmed: only newer ones are safe
+            last = info.get("last-generated-id")
+            return last is None or event_order(_text(last)) > cursor
+        return event_order(_text(first[0])) > cursor
+
+    async def close(self) -> None:
+        await self._acks.close()
+        with contextlib.suppress(rexc.RedisError, OSError):
+            await self._client.aclose()
