@@ -13,7 +13,7 @@ from broker.api import convert
 from broker.api.status import streaming, unary
 from broker.errors import SubscriberTooSlow
 from broker.runtime.manager import SessionManager
-from broker.store.base import event_order
+from broker.store.base import InboundDelivery, event_order
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
 
@@ -119,6 +119,35 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @unary
     async def GetQr(self, request: pb.SessionRef, context: Context) -> pb.QrCode:
         return convert.qr(await self.manager.qr(request.session_id))
+
+    @streaming
+    async def Receive(
+        self, request: pb.ReceiveRequest, context: Context
+    ) -> AsyncIterator[pb.InboundMessage]:
+        deliveries = self.manager.inbound.receive(
+            list(request.session_ids), request.group, request.consumer, request.max_unacked,
+        )
+        async for delivery in deliveries:
+            yield _inbound_message(delivery)
+
+    @unary
+    async def AckInbound(
+        self, request: pb.AckInboundRequest, context: Context
+    ) -> pb.AckInboundResponse:
+        acked = await self.manager.inbound.ack(
+            request.session_id, request.group, list(request.inbound_ids)
+        )
+        return pb.AckInboundResponse(acked=acked)
+
+
+def _inbound_message(delivery: InboundDelivery) -> pb.InboundMessage:
+    record = delivery.record
+    return pb.InboundMessage(
+        session_id=record.session_id, inbound_id=record.inbound_id,
+        upstream_id=record.upstream_id, sender=record.sender, body=record.body,
+        received_at=convert.timestamp(record.received_at),
+        delivery_count=delivery.delivery_count,
+    )
 
 
 def _budget(context: Context) -> float | None:

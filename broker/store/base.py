@@ -74,6 +74,28 @@ class EventPage:
     """The cursor is older than what the log retains: the caller must resync."""
 
 
+@dataclass(frozen=True)
+class InboundRecord:
+    """A message the upstream delivered to a session, as stored (before the upstream ack)."""
+
+    session_id: str
+    inbound_id: str
+    """The store's id ("<ms>-<n>", ordered within the session); workers ack by it."""
+    upstream_id: str
+    sender: str
+    body: str
+    received_at: float
+
+
+@dataclass(frozen=True)
+class InboundDelivery:
+    """One hand-out of an inbound message to a consumer of a group."""
+
+    record: InboundRecord
+    delivery_count: int
+    """1 on the first delivery to the group; grows on every redelivery."""
+
+
 def event_order(event_id: str) -> tuple[int, int]:
     """Sort key of an event id ("<ms>-<n>", the Redis stream id format)."""
     head, _, tail = event_id.partition("-")
@@ -133,3 +155,30 @@ class Store(Protocol):
     async def last_event(self, session_id: str) -> StatusEvent | None: ...
     async def events_after(self, event_id: str, limit: int) -> EventPage: ...
     async def close(self) -> None: ...
+
+    # ---- inbound ---------------------------------------------------------------
+    # Messages the upstream delivered, kept per session as an append-only stream
+    # read by consumer groups (Redis Streams semantics; the memory store mimics
+    # them). At-least-once: a delivery stays pending for its consumer until acked
+    # and is claimed by another reader of the group once idle for the store's
+    # `redeliver_after_s`.
+
+    async def add_inbound(
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+    ) -> InboundRecord | None:
+        """Durably append; None if this upstream id is already stored (the upstream
+        re-sends until acked, so the same message arrives again after a lost ack)."""
+        ...
+
+    async def read_inbound(
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+    ) -> list[InboundDelivery]:
+        """Up to `count` deliveries for `consumer`: idle pending messages of the group
+        claimed first (delivery_count grows), then new ones; waits up to `block_s` for
+        new ones when there is nothing. The group is created on first use at the
+        start of the stream, so nothing stored before its first reader is lost."""
+        ...
+
+    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+        """Settle deliveries of the group; returns how many were pending."""
+        ...

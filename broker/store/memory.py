@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from broker.errors import OutboxFull
@@ -19,6 +20,8 @@ from broker.store.base import (
     Accepted,
     DeliveryResult,
     EventPage,
+    InboundDelivery,
+    InboundRecord,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -37,8 +40,37 @@ class _Outbox:
         self.known: dict[str, OutboxMessage] = {}
 
 
+@dataclass
+class _Pending:
+    consumer: str
+    delivered_at: float
+    """time.monotonic() of the latest delivery (the idle clock)."""
+    count: int
+
+
+@dataclass
+class _Group:
+    next_index: int = 0
+    """Position in the stream of the first message never delivered to the group."""
+    pending: dict[str, _Pending] = field(default_factory=dict)
+    """inbound id -> delivery, in first-delivery (stream) order."""
+
+
+@dataclass
+class _InboundLog:
+    records: list[InboundRecord] = field(default_factory=list)
+    by_id: dict[str, InboundRecord] = field(default_factory=dict)
+    by_upstream: set[str] = field(default_factory=set)
+    groups: dict[str, _Group] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set (and replaced) on every append: wakes every blocked reader once."""
+
+
 class MemoryStore:
-    def __init__(self, *, event_log_size: int = 10_000, results_kept: int = 100_000) -> None:
+    def __init__(
+        self, *, event_log_size: int = 10_000, results_kept: int = 100_000,
+        inbound_redeliver_after_s: float = 30.0,
+    ) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._credentials: dict[str, dict[str, Any]] = {}
         self._outboxes: dict[str, _Outbox] = {}
@@ -47,6 +79,9 @@ class MemoryStore:
         self._event_counter = itertools.count(1)
         self._dropped_events = False
         self._results_kept = results_kept
+        self._inbound: dict[str, _InboundLog] = {}
+        self._inbound_ids = itertools.count(1)
+        self._redeliver_after_s = inbound_redeliver_after_s
 
     # sessions
     async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
@@ -75,6 +110,7 @@ class MemoryStore:
         self._credentials.pop(session_id, None)
         self._outboxes.pop(session_id, None)
         self._last.pop(session_id, None)
+        self._inbound.pop(session_id, None)
 
     # credentials
     async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None:
@@ -211,3 +247,71 @@ class MemoryStore:
 
     async def close(self) -> None:
         return None
+
+    # inbound
+    def _inbound_log(self, session_id: str) -> _InboundLog:
+        log = self._inbound.get(session_id)
+        if log is None:
+            log = self._inbound[session_id] = _InboundLog()
+        return log
+
+    async def add_inbound(
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+    ) -> InboundRecord | None:
+        log = self._inbound_log(session_id)
+        if upstream_id in log.by_upstream:
+            return None
+        record = InboundRecord(
+            session_id=session_id, inbound_id=f"{next(self._inbound_ids)}-0",
+            upstream_id=upstream_id, sender=sender, body=body, received_at=at,
+        )
+        log.records.append(record)
+        log.by_id[record.inbound_id] = record
+        log.by_upstream.add(upstream_id)
+        log.changed.set()
+        log.changed = asyncio.Event()
+        return record
+
+    async def read_inbound(
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+    ) -> list[InboundDelivery]:
+        """XAUTOCLAIM then XREADGROUP, in-process; nothing is taken until the wait is over,
+        so a reader cancelled while blocked leaves every message for the others."""
+        if count <= 0:
+            return []
+        log = self._inbound_log(session_id)
+        state = log.groups.setdefault(group, _Group())
+        out = self._claim_inbound(log, state, consumer, count)
+        if not out and state.next_index >= len(log.records) and block_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(log.changed.wait(), block_s)
+            if self._inbound.get(session_id) is not log:
+                return []  # the session was deleted meanwhile
+        now = time.monotonic()
+        while len(out) < count and state.next_index < len(log.records):
+            record = log.records[state.next_index]
+            state.next_index += 1
+            state.pending[record.inbound_id] = _Pending(consumer, now, 1)
+            out.append(InboundDelivery(record, 1))
+        return out
+
+    def _claim_inbound(
+        self, log: _InboundLog, state: _Group, consumer: str, count: int
+    ) -> list[InboundDelivery]:
+        now = time.monotonic()
+        out: list[InboundDelivery] = []
+        for inbound_id, pending in state.pending.items():
+            if len(out) >= count:
+                break
+            if now - pending.delivered_at >= self._redeliver_after_s:
+                pending.consumer, pending.delivered_at = consumer, now
+                pending.count += 1
+                out.append(InboundDelivery(log.by_id[inbound_id], pending.count))
+        return out
+
+    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+        log = self._inbound.get(session_id)
+        state = log.groups.get(group) if log is not None else None
+        if state is None:
+            return 0
+        return sum(state.pending.pop(i, None) is not None for i in set(inbound_ids))

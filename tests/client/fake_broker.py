@@ -96,6 +96,11 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     stream_requests: list[broker_pb2.StreamStatusRequest] = field(default_factory=list)
     metadata: list[dict[str, str]] = field(default_factory=list)
     stream_opened: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Receive calls: each sends its messages, then aborts with the status or hangs (None).
+    receive_script: list[tuple[list[broker_pb2.InboundMessage], grpc.Status | None]] = field(
+        default_factory=list)
+    receive_requests: list[broker_pb2.ReceiveRequest] = field(default_factory=list)
+    ack_requests: list[broker_pb2.AckInboundRequest] = field(default_factory=list)
 
     def _record(self, context: Context) -> None:
         self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
@@ -218,6 +223,26 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.SessionRef, context: Context
     ) -> broker_pb2.DeleteSessionResponse:
         return await self._unary(context, broker_pb2.DeleteSessionResponse)
+
+    async def Receive(
+        self, request: broker_pb2.ReceiveRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.InboundMessage]:
+        self._record(context)
+        self.receive_requests.append(request)
+        messages, then = self.receive_script.pop(0) if self.receive_script else ([], None)
+        for message in messages:
+            yield message
+        if then is not None:
+            await abort(context, then)
+        await asyncio.Event().wait()
+
+    async def AckInbound(
+        self, request: broker_pb2.AckInboundRequest, context: Context
+    ) -> broker_pb2.AckInboundResponse:
+        self.ack_requests.append(request)
+        return await self._unary(
+            context, lambda: broker_pb2.AckInboundResponse(acked=len(request.inbound_ids))
+        )
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
 raise typed :class:`BrokerError` subclasses decoded from rich error details.
 """
 
-from .client import DEFAULT_TARGET, BrokerClient, SendResult, StatusWatch
+from .client import DEFAULT_TARGET, BrokerClient, InboundReceiver, SendResult, StatusWatch
 from .errors import (
     DOMAIN,
     AlreadyExists,
@@ -23,8 +23,9 @@ from .errors import (
     Unavailable,
     error_from_rpc,
 )
-from .sync import SyncBrokerClient, SyncStatusWatch
+from .sync import SyncBrokerClient, SyncInboundReceiver, SyncStatusWatch
 from .v1.broker_pb2 import (
+    InboundMessage,
     QrCode,
     Session,
     SessionHealth,
@@ -40,6 +41,8 @@ __all__ = [
     "BrokerError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "InboundMessage",
+    "InboundReceiver",
     "InvalidArgument",
     "LoggedOut",
     "NeedsPairing",
@@ -55,6 +58,7 @@ __all__ = [
     "StatusEvent",
     "StatusWatch",
     "SyncBrokerClient",
+    "SyncInboundReceiver",
     "SyncStatusWatch",
     "Unauthenticated",
     "Unavailable",

@@ -22,12 +22,13 @@ from .errors import BrokerError, DeadlineExceeded, Unavailable, error_from_rpc
 from .retry import send_retrying, stream_retrying
 from .v1 import broker_pb2, broker_pb2_grpc
 
-__all__ = ["DEFAULT_TARGET", "BrokerClient", "SendResult", "StatusWatch"]
+__all__ = ["DEFAULT_TARGET", "BrokerClient", "InboundReceiver", "SendResult", "StatusWatch"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 _Resp = TypeVar("_Resp")
 _StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
+_ReceiveCall = grpc.aio.UnaryStreamCall[broker_pb2.ReceiveRequest, broker_pb2.InboundMessage]
 
 
 def _ts(message: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -207,6 +208,38 @@ class BrokerClient:
         response = await self._call_retrying(self._stub.Health, request)
         return list(response.sessions)
 
+    # -- inbound -----------------------------------------------------------------
+
+    def receive(
+        self,
+        session_ids: Sequence[str],
+        *,
+        group: str = "default",
+        consumer: str = "",
+        max_unacked: int = 100,
+    ) -> InboundReceiver:
+        """Inbound messages for this worker of ``group``; acknowledge each with :meth:`ack_inbound`.
+
+        At-least-once: a message not acknowledged in time (e.g. this worker died)
+        is delivered again, to this or another worker of the group, with a higher
+        ``delivery_count``. Reconnects on ``UNAVAILABLE``; nothing needs resuming,
+        since unacknowledged messages come back by themselves.
+        """
+        return InboundReceiver(self, list(session_ids), group, consumer, max_unacked)
+
+    async def ack_inbound(
+        self, session_id: str, inbound_ids: Sequence[str], group: str = "default"
+    ) -> int:
+        """Acknowledge messages for ``group``; returns how many were still pending.
+
+        Idempotent, so ``UNAVAILABLE`` is retried.
+        """
+        request = broker_pb2.AckInboundRequest(
+            session_id=session_id, group=group, inbound_ids=list(inbound_ids)
+        )
+        response = await self._call_retrying(self._stub.AckInbound, request)
+        return response.acked
+
     # -- session admin -----------------------------------------------------------
     # Reads and the idempotent CreateSession retry UNAVAILABLE; mutations that
     # are not safe to repeat blindly (stop/logout/restart/delete) do not.
@@ -324,5 +357,75 @@ class StatusWatch(AsyncIterator[broker_pb2.StatusEvent]):
 
     async def aclose(self) -> None:
         """Cancel the underlying stream; further iteration stops."""
+        self._closed = True
+        self._drop()
+
+
+class InboundReceiver(AsyncIterator[broker_pb2.InboundMessage]):
+    """Reconnecting inbound stream (see :meth:`BrokerClient.receive`).
+
+    Each read is one tenacity-governed step, like :class:`StatusWatch`: a
+    failed read reopens the stream after a backoff. Nothing is resumed by
+    cursor: what this worker had not acknowledged is redelivered by the broker.
+    Any error that escapes (including cancelling a pending read) closes it.
+    """
+
+    def __init__(
+        self, client: BrokerClient, session_ids: list[str], group: str, consumer: str,
+        max_unacked: int,
+    ) -> None:
+        self._client = client
+        self._request = broker_pb2.ReceiveRequest(
+            session_ids=session_ids, group=group, consumer=consumer, max_unacked=max_unacked
+        )
+        #: How many times the stream was reopened after a failure.
+        self.reconnects = 0
+        self._call: _ReceiveCall | None = None
+        self._opened_once = False
+        self._closed = False
+
+    def __aiter__(self) -> InboundReceiver:
+        return self
+
+    def _open(self) -> _ReceiveCall:
+        if self._opened_once:
+            self.reconnects += 1
+        self._opened_once = True
+        return self._client._stub.Receive(self._request, metadata=self._client._metadata)
+
+    def _drop(self) -> None:
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    async def _read_once(self) -> broker_pb2.InboundMessage:
+        if self._call is None:
+            self._call = self._open()
+        try:
+            message = await self._call.read()
+        except grpc.RpcError as err:
+            self._drop()
+            raise error_from_rpc(err) from err
+        if not isinstance(message, broker_pb2.InboundMessage):  # grpc.aio.EOF
+            self._drop()
+            raise Unavailable("inbound stream ended by the broker", reason="STREAM_ENDED")
+        return message
+
+    async def __anext__(self) -> broker_pb2.InboundMessage:
+        if self._closed:
+            raise StopAsyncIteration
+        message: broker_pb2.InboundMessage | None = None
+        try:
+            async for attempt in stream_retrying(attempts=self._client.reconnect_attempts):
+                with attempt:
+                    message = await self._read_once()
+        except BaseException:
+            await self.aclose()
+            raise
+        assert message is not None
+        return message
+
+    async def aclose(self) -> None:
+        """Cancel the underlying stream (unacknowledged messages go to other workers)."""
         self._closed = True
         self._drop()

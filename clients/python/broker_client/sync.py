@@ -14,10 +14,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .client import DEFAULT_TARGET, BrokerClient, SendResult, StatusWatch
+from .client import DEFAULT_TARGET, BrokerClient, InboundReceiver, SendResult, StatusWatch
 from .v1 import broker_pb2
 
-__all__ = ["SyncBrokerClient", "SyncStatusWatch"]
+__all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
 
 _T = TypeVar("_T")
 
@@ -120,6 +120,24 @@ class SyncBrokerClient:
     ) -> list[broker_pb2.SessionHealth]:
         return self._run(self._client.health(session_ids, tenant))
 
+    def receive(
+        self,
+        session_ids: Sequence[str],
+        *,
+        group: str = "default",
+        consumer: str = "",
+        max_unacked: int = 100,
+    ) -> SyncInboundReceiver:
+        receiver = self._client.receive(
+            session_ids, group=group, consumer=consumer, max_unacked=max_unacked
+        )
+        return SyncInboundReceiver(self, receiver)
+
+    def ack_inbound(
+        self, session_id: str, inbound_ids: Sequence[str], group: str = "default"
+    ) -> int:
+        return self._run(self._client.ack_inbound(session_id, inbound_ids, group))
+
     def create_session(
         self, session_id: str, tenant: str = "", *, start: bool = True
     ) -> broker_pb2.Session:
@@ -179,6 +197,45 @@ class SyncStatusWatch(Iterator[broker_pb2.StatusEvent]):
             self._owner._run(self._watch.aclose())
 
     def __enter__(self) -> SyncStatusWatch:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncInboundReceiver(Iterator[broker_pb2.InboundMessage]):
+    """Blocking view of an :class:`InboundReceiver`; ``close()`` cancels the stream."""
+
+    def __init__(self, owner: SyncBrokerClient, receiver: InboundReceiver) -> None:
+        self._owner = owner
+        self._receiver = receiver
+
+    @property
+    def reconnects(self) -> int:
+        return self._receiver.reconnects
+
+    def __iter__(self) -> SyncInboundReceiver:
+        return self
+
+    def __next__(self) -> broker_pb2.InboundMessage:
+        try:
+            return self._owner._run(self._next())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    async def _next(self) -> broker_pb2.InboundMessage:
+        return await self._receiver.__anext__()
+
+    def close(self) -> None:
+        if not self._owner._closed:
+            self._owner._run(self._receiver.aclose())
+
+    def __enter__(self) -> SyncInboundReceiver:
         return self
 
     def __exit__(

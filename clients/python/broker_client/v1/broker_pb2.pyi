@@ -712,3 +712,146 @@ class QrCode(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QrCode: _TypeAlias = QrCode  # noqa: Y015
+
+@_typing.final
+class ReceiveRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    MAX_UNACKED_FIELD_NUMBER: _builtins.int
+    group: _builtins.str
+    """Consumer group (same rules as a session id); every group receives every
+    message, the workers of one group share them. Empty: "default".
+    """
+    consumer: _builtins.str
+    """This worker's name within the group (same rules as a session id), used to
+    track who holds which unacknowledged message. Empty: a random name for
+    this stream.
+    """
+    max_unacked: _builtins.int
+    """Flow control: at most this many deliveries of this stream are
+    unacknowledged at any time; the broker waits for acks before sending
+    more. 1-10000; 0: 100.
+    """
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sessions to receive from: 1-100 session ids (required)."""
+
+    def __init__(
+        self,
+        *,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        group: _builtins.str = ...,
+        consumer: _builtins.str = ...,
+        max_unacked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "group", b"group", "max_unacked", b"max_unacked", "session_ids", b"session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiveRequest: _TypeAlias = ReceiveRequest  # noqa: Y015
+
+@_typing.final
+class InboundMessage(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    INBOUND_ID_FIELD_NUMBER: _builtins.int
+    UPSTREAM_ID_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    RECEIVED_AT_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    inbound_id: _builtins.str
+    """The broker's id of the message (ordered within the session); pass it to
+    AckInbound.
+    """
+    upstream_id: _builtins.str
+    """The upstream's id of the message; the broker stores each one once, even
+    when the upstream sends it again.
+    """
+    sender: _builtins.str
+    """Sender address on the upstream network."""
+    body: _builtins.str
+    delivery_count: _builtins.int
+    """How many times the message was handed to this group: 1 on the first
+    delivery, more when it is redelivered because no ack came in time.
+    """
+    @_builtins.property
+    def received_at(self) -> _timestamp_pb2.Timestamp:
+        """When the broker received and stored it."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        inbound_id: _builtins.str = ...,
+        upstream_id: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        body: _builtins.str = ...,
+        received_at: _timestamp_pb2.Timestamp | None = ...,
+        delivery_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivery_count", b"delivery_count", "inbound_id", b"inbound_id", "received_at", b"received_at", "sender", b"sender", "session_id", b"session_id", "upstream_id", b"upstream_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundMessage: _TypeAlias = InboundMessage  # noqa: Y015
+
+@_typing.final
+class AckInboundRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    INBOUND_IDS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    group: _builtins.str
+    """The consumer group that received the messages. Empty: "default"."""
+    @_builtins.property
+    def inbound_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`inbound_id`s of the messages to acknowledge (1-1000)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+        inbound_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "inbound_ids", b"inbound_ids", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckInboundRequest: _TypeAlias = AckInboundRequest  # noqa: Y015
+
+@_typing.final
+class AckInboundResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKED_FIELD_NUMBER: _builtins.int
+    acked: _builtins.int
+    """How many of the ids were pending for the group and are now acknowledged
+    (ids acknowledged before, or unknown, are not counted).
+    """
+    def __init__(
+        self,
+        *,
+        acked: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked", b"acked"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckInboundResponse: _TypeAlias = AckInboundResponse  # noqa: Y015

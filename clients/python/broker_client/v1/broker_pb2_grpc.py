@@ -91,6 +91,16 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.SessionRef.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.QrCode.FromString,
                 _registered_method=True)
+        self.Receive = channel.unary_stream(
+                '/broker.v1.Broker/Receive',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.InboundMessage.FromString,
+                _registered_method=True)
+        self.AckInbound = channel.unary_unary(
+                '/broker.v1.Broker/AckInbound',
+                request_serializer=broker_dot_v1_dot_broker__pb2.AckInboundRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -187,6 +197,29 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Receive(self, request, context):
+        """Messages the upstream delivered to the given sessions, at least once.
+        Every message is stored durably before the upstream is told it arrived,
+        then handed to one worker of each consumer `group` (workers of a group
+        share the work; several groups each get every message, from the start of
+        the session's history). A delivery stays pending until acknowledged with
+        AckInbound; one not acknowledged within the broker's redelivery delay
+        (e.g. its worker died) is handed to a worker of the group again, with
+        `delivery_count` increased. The stream never ends on its own; on
+        UNAVAILABLE just call again (unacknowledged messages come back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckInbound(self, request, context):
+        """Acknowledge inbound messages for a consumer group: they are never
+        delivered to that group again. Idempotent; unknown ids are ignored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -244,6 +277,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetQr,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.SessionRef.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.QrCode.SerializeToString,
+            ),
+            'Receive': grpc.unary_stream_rpc_method_handler(
+                    servicer.Receive,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ReceiveRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.InboundMessage.SerializeToString,
+            ),
+            'AckInbound': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckInbound,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.AckInboundRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -544,6 +587,60 @@ class Broker:
             '/broker.v1.Broker/GetQr',
             broker_dot_v1_dot_broker__pb2.SessionRef.SerializeToString,
             broker_dot_v1_dot_broker__pb2.QrCode.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Receive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/Receive',
+            broker_dot_v1_dot_broker__pb2.ReceiveRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.InboundMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckInbound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/AckInbound',
+            broker_dot_v1_dot_broker__pb2.AckInboundRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -92,6 +92,21 @@ class BrokerStub:
     """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
     reason NOT_PAIRING, when the session is not pairing).
     """
+    Receive: _grpc.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.InboundMessage]
+    """Messages the upstream delivered to the given sessions, at least once.
+    Every message is stored durably before the upstream is told it arrived,
+    then handed to one worker of each consumer `group` (workers of a group
+    share the work; several groups each get every message, from the start of
+    the session's history). A delivery stays pending until acknowledged with
+    AckInbound; one not acknowledged within the broker's redelivery delay
+    (e.g. its worker died) is handed to a worker of the group again, with
+    `delivery_count` increased. The stream never ends on its own; on
+    UNAVAILABLE just call again (unacknowledged messages come back).
+    """
+    AckInbound: _grpc.UnaryUnaryMultiCallable[_broker_pb2.AckInboundRequest, _broker_pb2.AckInboundResponse]
+    """Acknowledge inbound messages for a consumer group: they are never
+    delivered to that group again. Idempotent; unknown ids are ignored.
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -138,6 +153,21 @@ class BrokerAsyncStub(BrokerStub):
     GetQr: _aio.UnaryUnaryMultiCallable[_broker_pb2.SessionRef, _broker_pb2.QrCode]  # type: ignore[assignment]
     """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
     reason NOT_PAIRING, when the session is not pairing).
+    """
+    Receive: _aio.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.InboundMessage]  # type: ignore[assignment]
+    """Messages the upstream delivered to the given sessions, at least once.
+    Every message is stored durably before the upstream is told it arrived,
+    then handed to one worker of each consumer `group` (workers of a group
+    share the work; several groups each get every message, from the start of
+    the session's history). A delivery stays pending until acknowledged with
+    AckInbound; one not acknowledged within the broker's redelivery delay
+    (e.g. its worker died) is handed to a worker of the group again, with
+    `delivery_count` increased. The stream never ends on its own; on
+    UNAVAILABLE just call again (unacknowledged messages come back).
+    """
+    AckInbound: _aio.UnaryUnaryMultiCallable[_broker_pb2.AckInboundRequest, _broker_pb2.AckInboundResponse]  # type: ignore[assignment]
+    """Acknowledge inbound messages for a consumer group: they are never
+    delivered to that group again. Idempotent; unknown ids are ignored.
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -248,6 +278,33 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.QrCode, _abc.Awaitable[_broker_pb2.QrCode]]:
         """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
         reason NOT_PAIRING, when the session is not pairing).
+        """
+
+    @_abc_1.abstractmethod
+    def Receive(
+        self,
+        request: _broker_pb2.ReceiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.InboundMessage], _abc.AsyncIterator[_broker_pb2.InboundMessage]]:
+        """Messages the upstream delivered to the given sessions, at least once.
+        Every message is stored durably before the upstream is told it arrived,
+        then handed to one worker of each consumer `group` (workers of a group
+        share the work; several groups each get every message, from the start of
+        the session's history). A delivery stays pending until acknowledged with
+        AckInbound; one not acknowledged within the broker's redelivery delay
+        (e.g. its worker died) is handed to a worker of the group again, with
+        `delivery_count` increased. The stream never ends on its own; on
+        UNAVAILABLE just call again (unacknowledged messages come back).
+        """
+
+    @_abc_1.abstractmethod
+    def AckInbound(
+        self,
+        request: _broker_pb2.AckInboundRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AckInboundResponse, _abc.Awaitable[_broker_pb2.AckInboundResponse]]:
+        """Acknowledge inbound messages for a consumer group: they are never
+        delivered to that group again. Idempotent; unknown ids are ignored.
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

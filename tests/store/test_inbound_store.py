@@ -1,0 +1,156 @@
+"""The inbound part of the Store contract, on the memory store and on Redis alike.
+
+Consumer-group semantics (Redis Streams: XREADGROUP + XAUTOCLAIM; the memory
+store mimics them): every group sees every message from the start of the
+stream, the consumers of a group share them, an unacked delivery is claimed by
+another reader once idle past the redelivery delay, an acked one never again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from broker.store.base import InboundDelivery, SessionRecord, Store
+from broker.store.memory import MemoryStore
+from broker.store.redis import RedisStore
+from tests.store.conftest import TEST_KEY, Backend
+
+REDELIVER_S = 0.2
+WAIT_S = 10.0
+"""Upper bound of every wait that should end much sooner: a hang fails, never blocks."""
+QUIET_S = 0.05
+"""How long a read blocks when the test expects nothing (a short poll, not a threshold)."""
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[Store]:
+    """A store with a short redelivery delay, on the backend's server."""
+    opened: Store
+    if backend.server is None:
+        opened = MemoryStore(inbound_redeliver_after_s=REDELIVER_S)
+    else:
+        opened = RedisStore.from_url(backend.server.url, credential_key=TEST_KEY,
+                                     inbound_redeliver_after_s=REDELIVER_S)
+    await opened.create_session(SessionRecord("s1", "t1"))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _add(store: Store, *bodies: str, session_id: str = "s1") -> list[str]:
+    ids = []
+    for body in bodies:
+        record = await store.add_inbound(session_id, f"up-{body}", "+49", body, 1000.0)
+        assert record is not None
+        ids.append(record.inbound_id)
+    return ids
+
+
+async def _read_until(
+    store: Store, group: str, consumer: str, want: int, session_id: str = "s1"
+) -> list[InboundDelivery]:
+    """Read until `want` deliveries arrived (bounded): redelivery needs the delay to pass."""
+    deadline = time.monotonic() + WAIT_S
+    out: list[InboundDelivery] = []
+    while len(out) < want:
+        assert time.monotonic() < deadline, f"only {len(out)} of {want} deliveries arrived"
+        out += await store.read_inbound(session_id, group, consumer, want - len(out), 0.1)
+    return out
+
+
+def _bodies(deliveries: list[InboundDelivery]) -> list[str]:
+    return [d.record.body for d in deliveries]
+
+
+async def test_add_is_deduplicated_by_upstream_id(store: Store) -> None:
+    first = await store.add_inbound("s1", "up-1", "+49", "hello", 1000.5)
+    assert first is not None
+    assert (first.session_id, first.upstream_id, first.sender, first.body, first.received_at) == (
+        "s1", "up-1", "+49", "hello", 1000.5)
+    assert await store.add_inbound("s1", "up-1", "+49", "hello", 1001.0) is None
+    second = await store.add_inbound("s1", "up-2", "+49", "again", 1002.0)
+    assert second is not None and second.inbound_id != first.inbound_id
+    got = await store.read_inbound("s1", "g", "c1", 10, QUIET_S)
+    assert [(d.record, d.delivery_count) for d in got] == [(first, 1), (second, 1)]
+
+
+async def test_a_new_group_starts_at_the_beginning(store: Store) -> None:
+    await _add(store, "a", "b")
+    assert _bodies(await store.read_inbound("s1", "g", "c1", 10, QUIET_S)) == ["a", "b"]
+    assert await store.read_inbound("s1", "g", "c1", 10, QUIET_S) == []
+    # A group created later still sees all of it.
+    assert _bodies(await store.read_inbound("s1", "late", "x", 10, QUIET_S)) == ["a", "b"]
+
+
+async def test_count_limits_a_read(store: Store) -> None:
+    await _add(store, "a", "b", "c")
+    assert _bodies(await store.read_inbound("s1", "g", "c1", 2, QUIET_S)) == ["a", "b"]
+    assert _bodies(await store.read_inbound("s1", "g", "c1", 2, QUIET_S)) == ["c"]
+
+
+async def test_consumers_of_a_group_share_and_groups_each_get_all(store: Store) -> None:
+    await _add(store, "a", "b", "c", "d")
+    one = await store.read_inbound("s1", "g", "c1", 2, QUIET_S)
+    two = await store.read_inbound("s1", "g", "c2", 10, QUIET_S)
+    assert _bodies(one) + _bodies(two) == ["a", "b", "c", "d"]
+    other = await store.read_inbound("s1", "other", "c1", 10, QUIET_S)
+    assert _bodies(other) == ["a", "b", "c", "d"]
+
+
+async def test_unacked_is_redelivered_to_another_consumer_acked_never(store: Store) -> None:
+    ids = await _add(store, "a", "b")
+    taken = await store.read_inbound("s1", "g", "dead", 10, QUIET_S)
+    assert _bodies(taken) == ["a", "b"]
+    assert await store.ack_inbound("s1", "g", [ids[0]]) == 1
+    again = await _read_until(store, "g", "alive", 1)
+    assert [(d.record.body, d.delivery_count) for d in again] == [("b", 2)]
+    assert await store.ack_inbound("s1", "g", [ids[1]]) == 1
+    # Both settled: nothing more, however long we wait past the delay.
+    await asyncio.sleep(REDELIVER_S * 2)
+    assert await store.read_inbound("s1", "g", "alive", 10, QUIET_S) == []
+    assert await store.read_inbound("s1", "g", "dead", 10, QUIET_S) == []
+
+
+async def test_ack_counts_only_pending(store: Store) -> None:
+    ids = await _add(store, "a")
+    assert await store.ack_inbound("s1", "g", ids) == 0  # never delivered to g
+    await store.read_inbound("s1", "g", "c1", 10, QUIET_S)
+    assert await store.ack_inbound("s1", "g", ids + ids) == 1
+    assert await store.ack_inbound("s1", "g", ids) == 0
+    assert await store.ack_inbound("s1", "nogroup", ids) == 0
+    assert await store.ack_inbound("ghost", "g", ids) == 0
+
+
+async def test_blocked_read_wakes_on_add(store: Store) -> None:
+    reader = asyncio.create_task(_read_until(store, "g", "c1", 1))
+    await asyncio.sleep(0.05)  # let it block (correctness does not depend on it)
+    await _add(store, "late")
+    assert _bodies(await asyncio.wait_for(reader, WAIT_S)) == ["late"]
+
+
+async def test_cancelled_read_takes_nothing(store: Store) -> None:
+    reader = asyncio.create_task(store.read_inbound("s1", "g", "gone", 10, WAIT_S))
+    await asyncio.sleep(0.05)
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    await _add(store, "a")
+    got = await _read_until(store, "g", "c2", 1)
+    assert _bodies(got) == ["a"]
+
+
+async def test_sessions_are_separate_and_delete_forgets(store: Store) -> None:
+    await store.create_session(SessionRecord("s2", "t1"))
+    await _add(store, "a")
+    await _add(store, "b", session_id="s2")
+    assert _bodies(await store.read_inbound("s2", "g", "c1", 10, QUIET_S)) == ["b"]
+    await store.delete_session("s2")
+    assert await store.read_inbound("s2", "g", "c1", 10, QUIET_S) == []
+    await _add(store, "b", session_id="s2")  # same upstream id: stored anew
+    assert _bodies(await store.read_inbound("s2", "g", "c1", 10, QUIET_S)) == ["b"]
+    assert _bodies(await store.read_inbound("s1", "g", "c1", 10, QUIET_S)) == ["a"]
