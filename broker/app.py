@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import uuid
 from dataclasses import replace
 
 from broker.api.server import ApiServer
+from broker.cluster.coordinator import Coordinator
+from broker.cluster.tail import EventTail
 from broker.config import Settings
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
+from broker.store.redis import RedisStore
 from broker.upstream.websocket import WebsocketProvider
 
 log = logging.getLogger(__name__)
@@ -20,8 +26,17 @@ log = logging.getLogger(__name__)
 def open_store(settings: Settings) -> Store:
     url = settings.store_url
     if url in ("memory", "memory://", ""):
-        return MemoryStore(event_log_size=settings.event_log_size)
-    raise ValueError(f"unsupported store URL {url!r} (use memory://)")
+        return MemoryStore(event_log_size=settings.event_log_size,
+                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore.from_url(url, key_prefix=settings.key_prefix,
+                                   event_log_size=settings.event_log_size,
+                                   inbound_redeliver_after_s=settings.inbound_redeliver_after_s)
+    raise ValueError(f"unsupported store URL {url!r} (use memory:// or redis://host:port/db)")
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class BrokerApp:
@@ -34,6 +49,8 @@ class BrokerApp:
         self.manager: SessionManager | None = None
         self.api: ApiServer | None = None
         self.monitor: HealthMonitor | None = None
+        self.coordinator: Coordinator | None = None
+        self.tail: EventTail | None = None
 
     @property
     def address(self) -> str:
@@ -53,11 +70,24 @@ class BrokerApp:
         provider = WebsocketProvider(settings.upstream_url,
                                      connect_timeout_s=settings.connect_timeout_s)
         self.manager = SessionManager(store, provider, settings)
+        if isinstance(store, RedisStore):
+            # Several instances may share this store: ownership goes by lease and
+            # status events reach local subscribers through the shared log.
+            self.tail = EventTail(store, self.manager.bus)
+            await self.tail.start()
+            self.coordinator = Coordinator(
+                self.manager, store.client,
+                instance_id=settings.instance_id or default_instance_id(),
+                lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
+            )
+            self.manager.coordinator = self.coordinator
         await self.manager.start()
         self.api = ApiServer(self.manager, settings.listen)
         await self.api.start()
         self.monitor = HealthMonitor(self.manager, settings.health_interval_s)
         self.monitor.start()
+        if self.coordinator is not None:
+            await self.coordinator.start()
         log.info("broker listening on %s", self.api.address)
 
     async def stop(self) -> None:
@@ -65,6 +95,10 @@ class BrokerApp:
             await self.monitor.stop()
         if self.api is not None:
             await self.api.stop()
+        if self.coordinator is not None:
+            await self.coordinator.stop()
+        if self.tail is not None:
+            await self.tail.stop()
         if self.manager is not None:
             await self.manager.close()
             await self.manager.store.close()

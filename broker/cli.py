@@ -17,6 +17,7 @@ from broker import logs
 from broker.config import Settings
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator.cli import sim
+from broker.store.crypto import CredentialKeyError
 from broker_client import BrokerClient, BrokerError
 from broker_client.v1 import broker_pb2 as pb
 
@@ -81,6 +82,12 @@ main.add_command(sim)
               show_default=True, help="Largest message body accepted.")
 @click.option("--send-timeout", envvar="BROKER_SEND_TIMEOUT", type=float, default=30.0,
               show_default=True, help="Ack wait for Send calls without a deadline, seconds.")
+@click.option("--instance-id", envvar="BROKER_INSTANCE_ID", default="",
+              help="Name of this instance with Redis (default: host-pid-random).")
+@click.option("--lease-ttl", envvar="BROKER_LEASE_TTL", type=float, default=10.0,
+              show_default=True, help="Session ownership lease TTL with Redis, seconds.")
+@click.option("--key-prefix", envvar="BROKER_KEY_PREFIX", default="broker", show_default=True,
+              help="Prefix of every Redis key.")
 @click.option("--log-level", envvar="BROKER_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", envvar="BROKER_LOG_FORMAT", default="text", show_default=True,
@@ -102,9 +109,13 @@ def serve(**opts: Any) -> None:
         store_url=opts["store_url"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
         ack_timeout_s=opts["ack_timeout"], send_window=opts["send_window"],
         max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
-        default_send_timeout_s=opts["send_timeout"],
+        default_send_timeout_s=opts["send_timeout"], instance_id=opts["instance_id"],
+        lease_ttl_s=opts["lease_ttl"], key_prefix=opts["key_prefix"],
     )
-    asyncio.run(_serve(settings))
+    try:
+        asyncio.run(_serve(settings))
+    except (CredentialKeyError, ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 async def _serve(settings: Settings) -> None:

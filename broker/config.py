@@ -30,3 +30,11 @@ class Settings:
     subscriber_buffer: int = 1000
     event_log_size: int = 10_000
     health_interval_s: float = 10.0
+    instance_id: str = ""
+    """Name of this instance among several (default: host-pid-random)."""
+    lease_ttl_s: float = 10.0
+    """Ownership lease TTL with Redis; a dead instance's sessions move after about this."""
+    key_prefix: str = "broker"
+    """Prefix of every Redis key (several deployments can share one Redis)."""
+    inbound_redeliver_after_s: float = 30.0
+    """Hand an unacked inbound message to another worker of its group after this long."""

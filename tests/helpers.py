@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from broker.app import BrokerApp
 from broker.lifecycle.policy import LifecyclePolicy
@@ -54,3 +54,13 @@ async def paired_session(app: BrokerApp, sim: Simulator, session_id: str,
     await wait_state(app, session_id, State.PAIRING)
     assert await sim.scan(session_id)
     await wait_state(app, session_id, State.OPEN)
+
+
+async def eventually_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0,
+                           what: str = "condition") -> None:
+    """`eventually` for checks that must await (a gRPC call, a Redis read)."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)

@@ -136,12 +136,23 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def freeze(self) -> None:
+        """SIGSTOP: Redis stops answering but connections stay open, like a partition."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def flushall(self) -> None:
         with redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5) as client:
             client.flushall()
             client.script_flush()
 
     def close(self) -> None:
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGCONT)
         self.kill()
         self._tmp.cleanup()
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.config import Settings
+from broker.errors import StoreUnavailable
 from broker.lifecycle import actions as act
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import SessionStats
@@ -67,8 +68,12 @@ class SessionActor:
         bus: StatusBus,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        may_connect: Callable[[str], bool] | None = None,
+        publish_locally: bool = True,
     ) -> None:
         self.session_id = record.session_id
+        self._may_connect = may_connect
+        self._publish_locally = publish_locally
         self.tenant = record.tenant
         self._store = store
         self._provider = provider
@@ -124,7 +129,7 @@ class SessionActor:
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down")
+        await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down", wait=True)
         for task in tuple(self._background):
             task.cancel()
         if self._background:
@@ -178,7 +183,16 @@ class SessionActor:
                 await self._store.mark_acked(self.session_id, mid, self._clock())
                 self.stats.on_acked()
                 self._wake.set()
-            case ev.Inbound(message_id=mid):
+            case ev.Inbound(message_id=mid, sender=sender, body=body):
+                # Durable first, ack second: if storing fails the upstream keeps
+                # the message and re-sends it; a re-sent one is stored only once.
+                try:
+                    await self._store.add_inbound(self.session_id, mid, sender, body,
+                                                  self._clock())
+                except StoreUnavailable as exc:
+                    log.warning("session %s: inbound %s not stored, not acked: %s",
+                                self.session_id, mid, exc)
+                    return
                 if self._link is not None:
                     await self._link.ack_inbound(mid)
             case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
@@ -196,6 +210,13 @@ class SessionActor:
         match action:
             case act.OpenConnection():
                 await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "reconnecting")
+                if self._may_connect is not None and not self._may_connect(self.session_id):
+                    # Self-fencing at the point of I/O: never connect on a lease
+                    # that may already be someone else's.
+                    log.warning("session %s: not connecting without a fresh lease",
+                                self.session_id)
+                    self._inbox.put_nowait(inp.LeaseLost())  # after this action list
+                    return
                 self._generation += 1
                 self._io_task = self._spawn(self._connect(self._generation))
             case act.CloseConnection(code=code, reason=reason):
@@ -257,7 +278,8 @@ class SessionActor:
         elif emit.state != State.OPEN:
             self._stop_delivery()
         stored = await self._store.append_event(event)
-        self._bus.publish(stored)
+        if self._publish_locally:
+            self._bus.publish(stored)
 
     # connection I/O
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -311,8 +333,12 @@ class SessionActor:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    async def _drop_link(self, code: DisconnectCode, reason: str) -> None:
-        """Forget the current link; events it still produces are ignored."""
+    async def _drop_link(self, code: DisconnectCode, reason: str, *, wait: bool = False) -> None:
+        """Forget the current link; events it still produces are ignored.
+
+        With `wait`, the connection is closed before returning: a handover
+        must not leave a live connection behind for the next owner to fight.
+        """
         self._generation += 1
         self._stop_delivery()
         link, self._link = self._link, None
@@ -320,7 +346,11 @@ class SessionActor:
         if io_task is not None and not io_task.done():
             io_task.cancel()
         if link is not None:
-            self._spawn(link.close(code, reason))
+            if wait:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(link.close(code, reason), 3.0)
+            else:
+                self._spawn(link.close(code, reason))
 
     # delivery
     def _start_delivery(self) -> None:

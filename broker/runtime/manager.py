@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker import validation
 from broker.config import Settings
@@ -28,6 +29,7 @@ from broker.lifecycle.health import Recommendation, SessionStats, recommend
 from broker.lifecycle.states import State
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
+from broker.runtime.inbound import InboundService
 from broker.store.base import (
     DeliveryResult,
     OutboxMessage,
@@ -89,6 +91,13 @@ class QrView:
     expires_at: float | None
 
 
+class Coordination(Protocol):
+    """What the manager needs from scale-out (broker.cluster.Coordinator)."""
+
+    def may_connect(self, session_id: str) -> bool: ...
+    async def publish(self, op: str, session_id: str = "") -> None: ...
+
+
 class SessionManager:
     def __init__(
         self,
@@ -105,24 +114,32 @@ class SessionManager:
         self.bus = bus or StatusBus(self.settings.subscriber_buffer)
         self.clock = clock
         self.actors: dict[str, SessionActor] = {}
+        self.inbound = InboundService(store, self.settings)
+        self.coordinator: Coordination | None = None
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Resume every enabled session found in the store."""
+        """Resume every enabled session found in the store (alone: no coordinator)."""
+        if self.coordinator is not None:
+            return  # the coordinator claims sessions as leases allow
         for record in await self.store.list_sessions():
             if record.enabled:
-                await self._run(record)
+                await self.run(record)
 
     async def close(self) -> None:
         actors, self.actors = self.actors, {}
         await asyncio.gather(*(a.shutdown() for a in actors.values()), return_exceptions=True)
 
-    async def _run(self, record: SessionRecord) -> SessionActor:
+    async def run(self, record: SessionRecord) -> SessionActor:
+        """Start this process's actor for a session it owns."""
         actor = self.actors.get(record.session_id)
         if actor is None:
+            coordinator = self.coordinator
             actor = SessionActor(
                 record, store=self.store, provider=self.provider, bus=self.bus,
                 settings=self.settings, clock=self.clock,
+                may_connect=coordinator.may_connect if coordinator else None,
+                publish_locally=coordinator is None,
             )
             self.actors[record.session_id] = actor
             await actor.start()
@@ -162,7 +179,7 @@ class SessionManager:
                     f"session {session_id!r} belongs to another tenant", session_id=session_id
                 )
             if start and record.enabled:
-                await self._run(record)
+                await self._activate(record)
         if created:
             log.info("session %s created for tenant %s", session_id, tenant)
         return await self.view(record)
@@ -174,29 +191,52 @@ class SessionManager:
         records = await self.store.list_sessions(validation.optional_tenant(tenant))
         return [await self.view(r) for r in records]
 
+    async def _activate(self, record: SessionRecord) -> None:
+        """Get an enabled session running: here, or by whichever instance claims it."""
+        if self.coordinator is None:
+            await self.run(record)
+        else:
+            await self.coordinator.publish("rebalance")
+
+    async def _forward(self, op: str, session_id: str) -> bool:
+        """Tell the owning instance (if another one) to act; False when running alone."""
+        if self.coordinator is None:
+            return False
+        await self.coordinator.publish(op, session_id)
+        return True
+
     async def stop(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
         await self.store.set_enabled(session_id, False)
         actor = self.actors.get(session_id)
         if actor is not None:
             await actor.command(inp.Stop())
+        else:
+            await self._forward("stop", session_id)
         return await self.view(record)
 
     async def restart(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
         await self.store.set_enabled(session_id, True)
         actor = self.actors.get(session_id)
-        if actor is None:
-            await self._run(record)
+        if actor is not None:
+            await self.restart_local(actor)
+        elif not await self._forward("restart", session_id):
+            await self.run(record)
         else:
-            if actor.state in (State.OPEN, State.CONNECTING, State.PAIRING):
-                await actor.command(inp.Stop())
-            await actor.command(inp.Start())
+            await self._activate(record)
         return await self.view(record)
+
+    async def restart_local(self, actor: SessionActor) -> None:
+        if actor.state in (State.OPEN, State.CONNECTING, State.PAIRING):
+            await actor.command(inp.Stop())
+        await actor.command(inp.Start())
 
     async def logout(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
         actor = self.actors.get(session_id)
+        if actor is None and await self._forward("logout", session_id):
+            return await self.view(record)
         if actor is not None:
             await actor.command(inp.Logout())
             if actor.state == State.OPEN:
@@ -211,10 +251,13 @@ class SessionManager:
 
     async def delete(self, session_id: str) -> None:
         await self._record(session_id)
+        await self.store.set_enabled(session_id, False)
         actor = self.actors.pop(session_id, None)
         if actor is not None:
             await actor.command(inp.Stop())
             await actor.shutdown()
+        else:
+            await self._forward("delete", session_id)
         await self.store.delete_session(session_id)
 
     async def qr(self, session_id: str) -> QrView:
@@ -255,20 +298,22 @@ class SessionManager:
                 "deadline", f"{timeout:.0f}s is longer than the broker's maximum of "
                 f"{self.settings.max_send_timeout_s:.0f}s",
             )
-        await self._record(session_id)
+        record = await self._record(session_id)
         actor = self.actors.get(session_id)
 
         known = await self.store.find_by_key(session_id, key)
         if known is not None:
             accepted = known
         else:
-            self._check_ready(session_id, actor)
+            await self._check_ready(record, actor)
             accepted = await self.store.enqueue(
                 session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
             )
             if actor is not None:
                 actor.stats.on_accepted()
                 actor.kick()
+            else:
+                await self._forward("kick", session_id)
         message = accepted.message
         if accepted.result is not None or not wait:
             return SendOutcome(message, accepted.duplicate, accepted.result)
@@ -283,10 +328,21 @@ class SessionManager:
             )
         return SendOutcome(message, accepted.duplicate, result)
 
-    def _check_ready(self, session_id: str, actor: SessionActor | None) -> None:
-        state = actor.state if actor else State.STOPPED
-        if actor is not None and state not in BLOCKED_STATES and not actor.has_credentials:
-            state = State.PAIRING
+    async def _check_ready(self, record: SessionRecord, actor: SessionActor | None) -> None:
+        session_id = record.session_id
+        if actor is not None:
+            state = actor.state
+            if state not in BLOCKED_STATES and not actor.has_credentials:
+                state = State.PAIRING
+        elif not record.enabled or self.coordinator is None:
+            state = State.STOPPED
+        else:
+            # Owned by another instance (or about to be claimed): judge by the
+            # last state its owner recorded; STOPPED there means "between owners".
+            last = await self.store.last_event(session_id)
+            state = last.state if last else State.CONNECTING
+            if state == State.STOPPED:
+                state = State.CONNECTING
         if state in _NOT_READY:
             reason, text = _NOT_READY[state]
             raise SessionNotReady(

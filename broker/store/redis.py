@@ -16,6 +16,8 @@ them together and the layout holds on Redis Cluster):
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
 - ``P:T:last``          hash: the session's last status event
 - ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
+- ``P:T:inbound``       stream: inbound messages; consumer groups are the worker groups
+- ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
 - ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
                         its entry ids are the event ids
@@ -50,6 +52,8 @@ from broker.store.base import (
     Accepted,
     DeliveryResult,
     EventPage,
+    InboundDelivery,
+    InboundRecord,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -135,6 +139,18 @@ redis.call('HSET', KEYS[1], 'id', ARGV[3], 'event', ARGV[4])
 if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
+
+# KEYS: inbound stream, seen hash.  ARGV: upstream id, sender, body, at
+_ADD_INBOUND = """
+if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return false end
+local entry = redis.call('XADD', KEYS[1], '*', 'uid', ARGV[1], 'from', ARGV[2], 'body', ARGV[3],
+  'at', ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return entry
+"""
+_MAX_CLAIM_ROUNDS = 10
+"""XAUTOCLAIM scans a bounded slice of the pending list per call; this many calls
+bound one read's claiming."""
 
 
 def _text(value: bytes | str) -> str:
@@ -367,6 +383,7 @@ class RedisStore:
         idempotency_ttl_s: float = 86400,
         state_ttl_s: float | None = None,
         recheck_s: float = 5.0,
+        inbound_redeliver_after_s: float = 30.0,
     ) -> None:
         """`state_ttl_s`: expiry of a session's last-event record (refreshed on every
         event); None keeps it for as long as the session exists."""
@@ -387,6 +404,9 @@ class RedisStore:
         self._set_enabled = client.register_script(_SET_ENABLED)
         self._set_last = client.register_script(_SET_LAST)
         self._acks = _AckListener(client, f"{key_prefix}:ack-listener", recheck_s)
+        self._add_inbound = client.register_script(_ADD_INBOUND)
+        self._redeliver_after_ms = max(1, int(inbound_redeliver_after_s * 1000))
+        self._inbound_groups: set[tuple[str, str]] = set()
 
     @classmethod
     def from_url(
@@ -404,6 +424,7 @@ class RedisStore:
         socket_timeout_s: float = 10.0,
         retries: int = 2,
         recheck_s: float = 5.0,
+        inbound_redeliver_after_s: float = 30.0,
     ) -> RedisStore:
         """Connect lazily to `url` (redis://, rediss://, unix://).
 
@@ -421,6 +442,7 @@ class RedisStore:
         return cls(
             client, cipher=resolved, key_prefix=key_prefix, event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
+            inbound_redeliver_after_s=inbound_redeliver_after_s,
         )
 
     @staticmethod
@@ -738,6 +760,29 @@ class RedisStore:
                   for entry_id, raw in rows]
         return EventPage(events[:limit] if limit > 0 else [])
 
+    @_guard
+    async def latest_event_id(self) -> str:
+        """The newest event id ("0-0" when none): where a live tail starts."""
+        rows: Any = await self._client.xrevrange(self.events_key, count=1)
+        return _text(rows[0][0]) if rows else "0-0"
+
+    @_guard
+    async def tail_events(self, after: str, block_s: float) -> list[StatusEvent]:
+        """Events after the cursor, waiting up to block_s for the first one.
+
+        Every instance tails the one event log, so StreamStatus on any instance
+        shows every session's transitions, whoever owns them.
+        """
+        block_ms = max(1, int(min(block_s, _BLOCK_CHUNK_S) * 1000))
+        reply: Any = await self._client.xread({self.events_key: after}, count=1000,
+                                              block=block_ms)
+        events: list[StatusEvent] = []
+        for _stream, rows in reply or []:
+            for entry_id, raw in rows:
+                events.append(_event_from_json(raw[b"e"] if b"e" in raw else raw["e"],
+                                               _text(entry_id)))
+        return events
+
     @staticmethod
     def _trimmed_past(info: Mapping[str, Any], cursor: tuple[int, int]) -> bool:
         deleted = info.get("max-deleted-entry-id")  # XDEL'd entries (not used by the broker)
@@ -756,3 +801,105 @@ class RedisStore:
         await self._acks.close()
         with contextlib.suppress(rexc.RedisError, OSError):
             await self._client.aclose()
+
+    # inbound
+    @staticmethod
+    def _inbound_record(
+        session_id: str, entry_id: bytes | str, raw: Mapping[Any, Any]
+    ) -> InboundRecord:
+        f = _fields(raw)
+        return InboundRecord(
+            session_id=session_id, inbound_id=_text(entry_id), upstream_id=f["uid"],
+            sender=f["from"], body=f["body"], received_at=float(f["at"]),
+        )
+
+    @_guard
+    async def add_inbound(
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+    ) -> InboundRecord | None:
+        """One Lua script: the de-dup check and the append are atomic."""
+        entry = await self._add_inbound(
+            keys=[self._key(session_id, "inbound"), self._key(session_id, "inbound:seen")],
+            args=[upstream_id, sender, body, repr(at)],
+        )
+        if entry is None:
+            return None
+        return InboundRecord(
+            session_id=session_id, inbound_id=_text(entry), upstream_id=upstream_id,
+            sender=sender, body=body, received_at=at,
+        )
+
+    @_guard
+    async def read_inbound(
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+    ) -> list[InboundDelivery]:
+        if count <= 0:
+            return []
+        key = self._key(session_id, "inbound")
+        if (key, group) not in self._inbound_groups:
+            await self._create_group(key, group)
+        try:
+            return await self._read_group(session_id, key, group, consumer, count, block_s)
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+        # The stream was deleted with its session (or by hand): recreate, read once more.
+        await self._create_group(key, group)
+        return await self._read_group(session_id, key, group, consumer, count, block_s)
+
+    async def _create_group(self, key: str, group: str) -> None:
+        """At the start of the stream ("0"), so messages stored before any reader count."""
+        try:
+            await self._client.xgroup_create(key, group, id="0", mkstream=True)
+        except rexc.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._inbound_groups.add((key, group))
+
+    async def _read_group(
+        self, session_id: str, key: str, group: str, consumer: str, count: int, block_s: float
+    ) -> list[InboundDelivery]:
+        out = await self._claim(session_id, key, group, consumer, count)
+        if len(out) >= count:
+            return out
+        block_ms = None if out or block_s <= 0 else max(1, int(min(block_s, _BLOCK_CHUNK_S) * 1000))
+        reply: Any = await self._client.xreadgroup(
+            group, consumer, {key: ">"}, count=count - len(out), block=block_ms,
+        )
+        if reply:
+            entries = reply[0][1] if isinstance(reply, list) else next(iter(reply.values()))[0]
+            out.extend(InboundDelivery(self._inbound_record(session_id, entry_id, raw), 1)
+                       for entry_id, raw in entries if raw)
+        return out
+
+    async def _claim(
+        self, session_id: str, key: str, group: str, consumer: str, count: int
+    ) -> list[InboundDelivery]:
+        """XAUTOCLAIM entries idle past the redelivery delay, then read their counters."""
+        claimed: list[InboundRecord] = []
+        cursor = "0-0"
+        for _ in range(_MAX_CLAIM_ROUNDS):
+            reply: Any = await self._client.xautoclaim(
+                key, group, consumer, self._redeliver_after_ms, cursor,
+                count=count - len(claimed),
+            )
+            cursor = _text(reply[0])
+            claimed.extend(self._inbound_record(session_id, entry_id, raw)
+                           for entry_id, raw in reply[1] if raw)
+            if cursor == "0-0" or len(claimed) >= count:
+                break
+        if not claimed:
+            return []
+        async with self._client.pipeline(transaction=False) as pipe:
+            for record in claimed:
+                pipe.xpending_range(key, group, record.inbound_id, record.inbound_id, 1)
+            rows = await pipe.execute()
+        counts = [int(row[0]["times_delivered"]) if row else 2 for row in rows]
+        return [InboundDelivery(r, c) for r, c in zip(claimed, counts, strict=True)]
+
+    @_guard
+    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+        if not inbound_ids:
+            return 0
+        return int(await self._client.xack(self._key(session_id, "inbound"), group,
+                                           *dict.fromkeys(inbound_ids)))

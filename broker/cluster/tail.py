@@ -1,0 +1,47 @@
+"""Feeds every instance's status bus from the shared event log in Redis.
+
+Owners only append events to the log; each instance's tail publishes them to
+its local subscribers, so a dashboard connected anywhere sees every session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from broker.errors import StoreUnavailable
+from broker.runtime.bus import StatusBus
+from broker.store.redis import RedisStore
+
+log = logging.getLogger(__name__)
+
+
+class EventTail:
+    def __init__(self, store: RedisStore, bus: StatusBus) -> None:
+        self.store = store
+        self.bus = bus
+        self._task: asyncio.Task[None] | None = None
+        self.cursor = "0-0"
+
+    async def start(self) -> None:
+        self.cursor = await self.store.latest_event_id()
+        self._task = asyncio.create_task(self._run(), name="event-tail")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                events = await self.store.tail_events(self.cursor, block_s=2.0)
+            except StoreUnavailable as exc:
+                log.warning("event tail paused: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            for event in events:
+                self.cursor = event.event_id
+                self.bus.publish(event)
