@@ -31,7 +31,8 @@ def open_store(settings: Settings) -> Store:
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.from_url(url, key_prefix=settings.key_prefix,
                                    event_log_size=settings.event_log_size,
-                                   inbound_redeliver_after_s=settings.inbound_redeliver_after_s)
+                                   inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                                   consumer=settings.instance_id or None)
     raise ValueError(f"unsupported store URL {url!r} (use memory:// or redis://host:port/db)")
 
 
@@ -59,6 +60,8 @@ class BrokerApp:
 
     async def start(self) -> None:
         settings = self.settings
+        if not settings.instance_id:
+            settings = replace(settings, instance_id=default_instance_id())
         if settings.upstream_url is None:
             self.simulator = Simulator(SimulatorConfig())
             await self.simulator.start(settings.simulator_host, settings.simulator_port)
@@ -77,7 +80,7 @@ class BrokerApp:
             await self.tail.start()
             self.coordinator = Coordinator(
                 self.manager, store.client,
-                instance_id=settings.instance_id or default_instance_id(),
+                instance_id=settings.instance_id,
                 lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
             )
             self.manager.coordinator = self.coordinator

@@ -30,7 +30,7 @@ from broker.cluster.membership import Membership
 from broker.errors import StoreUnavailable
 from broker.lifecycle import inputs as inp
 from broker.runtime.manager import SessionManager
-from broker.store.base import SessionRecord
+from broker.store.base import LiveState, SessionRecord
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)
@@ -59,6 +59,7 @@ class Coordinator:
                                      ttl_s=lease_ttl_s)
         self.interval_s = lease_ttl_s / 5
         self.fence_after_s = lease_ttl_s * 0.6
+        self.live_ttl_s = lease_ttl_s
         self.channel = f"{key_prefix}:control"
         self.owned: dict[str, Lease] = {}
         self._renewed_at: dict[str, float] = {}
@@ -181,6 +182,7 @@ class Coordinator:
             else:
                 log.warning("session %s: lease lost to another instance", session_id)
                 await self._lose(session_id)
+        await self._report_live()
         live = await self.membership.live()
         records = [r for r in await self.manager.store.list_sessions() if r.enabled]
         enabled = {r.session_id for r in records}
@@ -195,6 +197,15 @@ class Coordinator:
             return
         if len(self.owned) < share:
             await self._claim(records, share)
+
+    async def _report_live(self) -> None:
+        """Publish each owned session's live state, expiring unless renewed."""
+        now = time.time()
+        for session_id in list(self.owned):
+            actor = self.manager.actors.get(session_id)
+            if actor is not None:
+                live = LiveState(actor.state, self.instance_id, actor.last_activity, now)
+                await self.manager.store.report_live(session_id, live, self.live_ttl_s)
 
     async def _claim(self, records: list[SessionRecord], share: int) -> None:
         candidates = [r for r in records if r.session_id not in self.owned]

@@ -85,6 +85,7 @@ class SessionActor:
         self.blocked = asyncio.Event()
         self.blocked.set()
         self.has_credentials = False
+        self.last_activity = 0.0
         self.qr_index = 0
         self.qr_expires_at: float | None = None
         self._inbox: asyncio.Queue[_Item] = asyncio.Queue()
@@ -162,6 +163,7 @@ class SessionActor:
             case _LinkEvent(generation=gen, event=event):
                 if gen != self._generation:
                     return  # a link the machine already closed
+                self.last_activity = self._clock()
                 await self._on_link_event(event)
             case _:
                 await self._feed(item)
@@ -372,11 +374,27 @@ class SessionActor:
         """
         window = self._settings.send_window
         ack_timeout = self._settings.ack_timeout_s
+        # Alone, every enqueue kicks this loop directly; with several instances a
+        # kick from another one travels over pub/sub, so also look now and then.
+        idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
         sent_at: dict[str, float] = {}
         loop = asyncio.get_running_loop()
+        claimed = False
         while generation == self._generation:
             self._wake.clear()
-            pending = await self._store.pending(self.session_id, window)
+            try:
+                if not claimed:
+                    taken = await self._store.claim_outbox(self.session_id)
+                    claimed = True
+                    if taken:
+                        log.info("session %s: resuming %d read but unacked messages",
+                                 self.session_id, taken)
+                pending = await self._store.pending(self.session_id, window)
+            except StoreUnavailable as exc:
+                log.warning("session %s: outbox unreachable, delivery paused: %s",
+                            self.session_id, exc)
+                await asyncio.sleep(1.0)
+                continue
             now = loop.time()
             live: set[str] = set()
             for message in pending:
@@ -387,7 +405,7 @@ class SessionActor:
                     await link.send(message.message_id, message.to, message.body)
             for mid in [m for m in sent_at if m not in live]:
                 del sent_at[mid]
-            wait = ack_timeout if sent_at else None
+            wait = ack_timeout if sent_at else idle_poll
             if wait is None:
                 await self._wake.wait()
             else:

@@ -81,6 +81,8 @@ class HealthView:
     recommendations: list[Recommendation]
     now: float
     attempt: int
+    owner: str = ""
+    last_activity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class QrView:
 
 class Coordination(Protocol):
     """What the manager needs from scale-out (broker.cluster.Coordinator)."""
+
+    instance_id: str
 
     def may_connect(self, session_id: str) -> bool: ...
     async def publish(self, op: str, session_id: str = "") -> None: ...
@@ -413,6 +417,15 @@ class SessionManager:
                 view.state, stats, now=now, outbox_depth=view.outbox_depth,
                 reason=view.reason, code=view.code, session_id=view.record.session_id,
             )
-            out.append(HealthView(view, actor.state if actor else None, stats, recs, now,
-                                  actor.machine.attempt if actor else 0))
+            live_state: State | None
+            if actor is not None:
+                owner = self.coordinator.instance_id if self.coordinator else "local"
+                live_state, activity = actor.state, actor.last_activity
+            else:
+                live = await self.store.get_live(view.record.session_id)
+                owner = live.owner if live else ""
+                live_state = live.state if live else None
+                activity = live.last_activity if live else 0.0
+            out.append(HealthView(view, live_state, stats, recs, now,
+                                  actor.machine.attempt if actor else 0, owner, activity))
         return out

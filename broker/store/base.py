@@ -67,6 +67,17 @@ class Accepted:
     result: DeliveryResult | None = None
 
 
+@dataclass(frozen=True)
+class LiveState:
+    """What the owning instance last reported about a session; expires with a TTL
+    so a dead owner's report does not outlive it."""
+
+    state: State
+    owner: str
+    last_activity: float
+    reported_at: float
+
+
 @dataclass
 class EventPage:
     events: list[StatusEvent] = field(default_factory=list)
@@ -136,6 +147,11 @@ class Store(Protocol):
         """The message an earlier Send queued under this key, if any."""
         ...
 
+    async def claim_outbox(self, session_id: str) -> int:
+        """Become the outbox's reader: take over what a previous owner read but never
+        acked. Returns how many read-but-unacked messages this reader now holds."""
+        ...
+
     async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
         """The oldest unacked messages, in order."""
         ...
@@ -149,6 +165,10 @@ class Store(Protocol):
     async def wait_outbox(self, session_id: str, timeout: float) -> None:
         """Return when a message may have been queued (or after timeout)."""
         ...
+
+    # live state (reported by the owner, expires after ttl_s)
+    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None: ...
+    async def get_live(self, session_id: str) -> LiveState | None: ...
 
     # status events
     async def append_event(self, event: StatusEvent) -> StatusEvent: ...

@@ -22,6 +22,7 @@ from broker.store.base import (
     EventPage,
     InboundDelivery,
     InboundRecord,
+    LiveState,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -79,6 +80,7 @@ class MemoryStore:
         self._event_counter = itertools.count(1)
         self._dropped_events = False
         self._results_kept = results_kept
+        self._live: dict[str, tuple[LiveState, float]] = {}
         self._inbound: dict[str, _InboundLog] = {}
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
@@ -171,6 +173,9 @@ class MemoryStore:
             box.by_key.pop(old.idempotency_key, None)
             box.results.pop(oldest_id, None)
 
+    async def claim_outbox(self, session_id: str) -> int:
+        return 0  # one process: there is no other reader to take over from
+
     async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
         box = self._outbox(session_id)
         return list(itertools.islice(box.messages.values(), limit))
@@ -221,6 +226,16 @@ class MemoryStore:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(box.changed.wait(), timeout)
         box.changed.clear()
+
+    # live state
+    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None:
+        self._live[session_id] = (live, time.monotonic() + ttl_s)
+
+    async def get_live(self, session_id: str) -> LiveState | None:
+        entry = self._live.get(session_id)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
 
     # events
     async def append_event(self, event: StatusEvent) -> StatusEvent:

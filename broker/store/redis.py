@@ -54,6 +54,7 @@ from broker.store.base import (
     EventPage,
     InboundDelivery,
     InboundRecord,
+    LiveState,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -70,6 +71,8 @@ _BLOCK_CHUNK_S = 2.0
 """Longest single blocking call: well under the socket timeout, so a wait never
 looks like a dead connection."""
 _MAX_ID_PART = 2**64 - 1
+OUTBOX_GROUP = "owners"
+"""The consumer group the session's owner reads its outbox through."""
 _UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
 
 # KEYS: idem key, outbox stream, ids hash, seq counter
@@ -104,6 +107,7 @@ if rows[1] then
     if f[i] == 'key' then redis.call('PEXPIRE', ARGV[5] .. f[i + 1], ARGV[3]) end
   end
 end
+redis.call('XACK', KEYS[3], 'owners', entry)
 redis.call('XDEL', KEYS[3], entry)
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -384,8 +388,11 @@ class RedisStore:
         state_ttl_s: float | None = None,
         recheck_s: float = 5.0,
         inbound_redeliver_after_s: float = 30.0,
+        consumer: str | None = None,
     ) -> None:
-        """`state_ttl_s`: expiry of a session's last-event record (refreshed on every
+        """`consumer`: this instance's name in the outbox consumer groups.
+
+        `state_ttl_s`: expiry of a session's last-event record (refreshed on every
         event); None keeps it for as long as the session exists."""
         self._cipher = self.resolve_cipher(cipher, credential_key, ephemeral_key)
         self._client = client
@@ -407,6 +414,8 @@ class RedisStore:
         self._add_inbound = client.register_script(_ADD_INBOUND)
         self._redeliver_after_ms = max(1, int(inbound_redeliver_after_s * 1000))
         self._inbound_groups: set[tuple[str, str]] = set()
+        self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
+        self._outbox_groups: set[str] = set()
 
     @classmethod
     def from_url(
@@ -425,6 +434,7 @@ class RedisStore:
         retries: int = 2,
         recheck_s: float = 5.0,
         inbound_redeliver_after_s: float = 30.0,
+        consumer: str | None = None,
     ) -> RedisStore:
         """Connect lazily to `url` (redis://, rediss://, unix://).
 
@@ -442,7 +452,7 @@ class RedisStore:
         return cls(
             client, cipher=resolved, key_prefix=key_prefix, event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
-            inbound_redeliver_after_s=inbound_redeliver_after_s,
+            inbound_redeliver_after_s=inbound_redeliver_after_s, consumer=consumer,
         )
 
     @staticmethod
@@ -641,18 +651,76 @@ class RedisStore:
         message = self._message(session_id, idempotency_key, raw)
         return Accepted(message, True, await self._result(session_id, message.message_id))
 
+    async def _outbox_group(self, key: str) -> None:
+        """Create the owners' consumer group (from the first entry) once per stream."""
+        if key in self._outbox_groups:
+            return
+        try:
+            await self._client.xgroup_create(key, OUTBOX_GROUP, id="0", mkstream=True)
+        except rexc.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._outbox_groups.add(key)
+
+    async def _outbox_read(self, key: str, start: str, count: int) -> Any:
+        try:
+            return await self._client.xreadgroup(
+                OUTBOX_GROUP, self.consumer, {key: start}, count=count
+            )
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._outbox_groups.discard(key)  # the stream was deleted and recreated
+            await self._outbox_group(key)
+            return await self._client.xreadgroup(
+                OUTBOX_GROUP, self.consumer, {key: start}, count=count
+            )
+
+    @_guard
+    async def claim_outbox(self, session_id: str) -> int:
+        """Take over what a previous owner read and never acked (XAUTOCLAIM).
+
+        Called by a new owner before it delivers: the lease guarantees the
+        previous consumer is gone, so nothing has to sit idle first.
+        """
+        key = self._key(session_id, "outbox")
+        await self._outbox_group(key)
+        claimed, cursor = 0, "0-0"
+        for _ in range(1000):  # bounded: each call moves up to 1000 entries
+            # Not JUSTID: redis-py then drops the cursor from the reply.
+            reply: Any = await self._client.xautoclaim(
+                key, OUTBOX_GROUP, self.consumer, min_idle_time=0, start_id=cursor, count=1000,
+            )
+            cursor, entries = _text(reply[0]), reply[1]
+            claimed += len(entries)
+            if cursor == "0-0":
+                break
+        return claimed
+
     @_guard
     async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
+        """The oldest unacked messages: this consumer's own pending list first (in
+        stream order, older than anything new), then new entries read via the group."""
         if limit <= 0:
             return []
-        rows: Any = await self._client.xrange(self._key(session_id, "outbox"), count=limit)
-        out = []
-        for _entry_id, raw in rows:
-            f = _fields(raw)
-            out.append(OutboxMessage(
-                session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
-                idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
-            ))
+        key = self._key(session_id, "outbox")
+        await self._outbox_group(key)
+        out: list[OutboxMessage] = []
+        for start in ("0", ">"):
+            want = limit - len(out)
+            if want <= 0:
+                break
+            reply: Any = await self._outbox_read(key, start, want)
+            for _stream, rows in reply or []:
+                for _entry_id, raw in rows:
+                    if not raw:  # deleted after it was read: already acked
+                        continue
+                    f = _fields(raw)
+                    out.append(OutboxMessage(
+                        session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
+                        idempotency_key=f["key"], sequence=int(f["seq"]),
+                        accepted_at=float(f["at"]),
+                    ))
         return out
 
     @_guard
@@ -712,6 +780,25 @@ class RedisStore:
                     seen = _text(newest[0][0])
                 self._outbox_seen[session_id] = seen
                 return
+
+    # live state
+    @_guard
+    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None:
+        key = self._key(session_id, "live")
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"state": live.state.value, "owner": live.owner,
+                                    "activity": repr(live.last_activity),
+                                    "at": repr(live.reported_at)})
+            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
+            await pipe.execute()
+
+    @_guard
+    async def get_live(self, session_id: str) -> LiveState | None:
+        raw: Any = await self._client.hgetall(self._key(session_id, "live"))
+        if not raw:
+            return None
+        f = _fields(raw)
+        return LiveState(State(f["state"]), f["owner"], float(f["activity"]), float(f["at"]))
 
     # events
     @_guard

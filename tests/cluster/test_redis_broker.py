@@ -21,7 +21,14 @@ from broker.upstream.websocket import WebsocketProvider
 from broker_client import BrokerClient, BrokerError
 from broker_client.v1 import broker_pb2 as pb
 from tests.conftest import BrokerFactory
-from tests.helpers import FAST_POLICY, eventually, paired_session, state_of, wait_state
+from tests.helpers import (
+    FAST_POLICY,
+    eventually,
+    eventually_async,
+    paired_session,
+    state_of,
+    wait_state,
+)
 from tests.redis_server import RedisServer
 
 SID = "962302"
@@ -163,3 +170,33 @@ async def _owner(*apps: BrokerApp) -> BrokerApp:
 
     await eventually(claimed, 10, "one instance to claim the session")
     return found[0]
+
+
+async def test_health_on_any_instance_shows_the_owner_and_live_state(
+    sim: Simulator, redis_broker: BrokerFactory
+) -> None:
+    a = await redis_broker(instance_id="a")
+    b = await redis_broker(instance_id="b")
+    async with BrokerClient(a.address) as client:
+        await client.create_session(SID)
+    owner = await _owner(a, b)
+    other = b if owner is a else a
+    await wait_state(owner, SID, State.PAIRING)
+    assert await sim.scan(SID)
+    await wait_state(owner, SID, State.OPEN)
+    assert other.manager is not None and owner.manager is not None
+    owner_id = owner.settings.instance_id
+
+    async def reported() -> bool:
+        live = await other.manager.store.get_live(SID) if other.manager else None
+        return live is not None and live.state == State.OPEN
+
+    await eventually_async(reported, 10, "the owner to report live state")
+    async with BrokerClient(other.address) as client:
+        [health] = await client.health([SID])
+    assert health.owner == owner_id
+    assert health.live_state == pb.OPEN
+    assert health.last_activity.seconds > 0
+    # A graceful stop hands the session to the other instance at once.
+    await owner.stop()
+    await eventually(lambda: SID in other.manager.actors if other.manager else False, 20)

@@ -54,9 +54,11 @@ class Backend:
             await self._memory.close()
 
 
-def open_redis(server: RedisServer, *, event_log_size: int = 10_000) -> RedisStore:
+def open_redis(
+    server: RedisServer, *, event_log_size: int = 10_000, consumer: str | None = None
+) -> RedisStore:
     return RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
-                               event_log_size=event_log_size)
+                               event_log_size=event_log_size, consumer=consumer)
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

@@ -547,12 +547,17 @@ class SessionHealth(_message.Message):
     COUNTERS_FIELD_NUMBER: _builtins.int
     RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVITY_FIELD_NUMBER: _builtins.int
     live_state: Global___SessionState.ValueType
-    """The state the broker's live actor holds (UNSPECIFIED if no actor runs
-    here), next to the stored state in `session.state`.
+    """The state the owning instance's live actor holds, next to the stored
+    state in `session.state` (UNSPECIFIED when no instance has reported it
+    within its live-state TTL: nobody owns the session right now).
     """
     healthy: _builtins.bool
     """True when nothing needs attention."""
+    owner: _builtins.str
+    """The broker instance that owns the session ("" when none does)."""
     @_builtins.property
     def session(self) -> Global___Session: ...
     @_builtins.property
@@ -563,6 +568,10 @@ class SessionHealth(_message.Message):
     def counters(self) -> Global___Counters: ...
     @_builtins.property
     def recommendations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recommendation]: ...
+    @_builtins.property
+    def last_activity(self) -> _timestamp_pb2.Timestamp:
+        """Last frame received from the upstream on the session's connection."""
+
     def __init__(
         self,
         *,
@@ -572,10 +581,12 @@ class SessionHealth(_message.Message):
         counters: Global___Counters | None = ...,
         recommendations: _abc.Iterable[Global___Recommendation] | None = ...,
         healthy: _builtins.bool = ...,
+        owner: _builtins.str = ...,
+        last_activity: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "session", b"session"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "last_activity", b"last_activity", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "healthy", b"healthy", "live_state", b"live_state", "recent", b"recent", "recommendations", b"recommendations", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "healthy", b"healthy", "last_activity", b"last_activity", "live_state", b"live_state", "owner", b"owner", "recent", b"recent", "recommendations", b"recommendations", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
