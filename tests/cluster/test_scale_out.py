@@ -58,6 +58,13 @@ async def start_pair(sim: Simulator, redis_url: str, factory: ProcessFactory, tt
     return procs, r
 
 
+async def roles(procs: list[BrokerProcess], r: aioredis.Redis) -> tuple[BrokerProcess, ...]:
+    """(owner of SID, the other instance)."""
+    owner_name = (await lease_owners(r, [SID]))[SID]
+    owner = next(p for p in procs if p.name == owner_name)
+    return owner, next(p for p in procs if p is not owner)
+
+
 async def test_three_instances_share_thirty_sessions_without_conflict(
     sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
 ) -> None:
@@ -97,9 +104,7 @@ async def test_sigkill_owner_loses_nothing_accepted(
     sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
 ) -> None:
     procs, r = await start_pair(sim, redis_server.url, broker_processes, "2")
-    owner_name = (await lease_owners(r, [SID]))[SID]
-    owner = next(p for p in procs if p.name == owner_name)
-    survivor = next(p for p in procs if p.name != owner_name)
+    owner, survivor = await roles(procs, r)
 
     results: list[SendResult] = []
     async with BrokerClient(survivor.address, timeout=60, retry_attempts=100) as worker:
@@ -122,9 +127,7 @@ async def test_graceful_shutdown_hands_over_before_the_ttl(
 ) -> None:
     # A 60 s lease: waiting for it to expire would blow the bounded wait below.
     procs, r = await start_pair(sim, redis_server.url, broker_processes, "60")
-    owner_name = (await lease_owners(r, [SID]))[SID]
-    owner = next(p for p in procs if p.name == owner_name)
-    survivor = next(p for p in procs if p.name != owner_name)
+    owner, survivor = await roles(procs, r)
     owner.signal(signal.SIGTERM)
     assert owner.wait() == 0
 
@@ -144,9 +147,7 @@ async def test_frozen_owner_fences_itself_and_never_reconnects(
     sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
 ) -> None:
     procs, r = await start_pair(sim, redis_server.url, broker_processes, "2")
-    owner_name = (await lease_owners(r, [SID]))[SID]
-    owner = next(p for p in procs if p.name == owner_name)
-    survivor = next(p for p in procs if p.name != owner_name)
+    owner, survivor = await roles(procs, r)
 
     owner.signal(signal.SIGSTOP)
     # Its connection dies while it is frozen: on waking it will see a plain
