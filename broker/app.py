@@ -8,10 +8,17 @@ import socket
 import uuid
 from dataclasses import replace
 
+from broker.api.auth import AuthInterceptor, Authorizer, check_exposure, store_tenants
 from broker.api.server import ApiServer
+from broker.api.tls import server_credentials
+from broker.auth.tokens import TokenStore
 from broker.cluster.coordinator import Coordinator
 from broker.cluster.tail import EventTail
 from broker.config import Settings
+from broker.dashboard.server import DashboardServer, check_embedded, local_target
+from broker.ops import install_log_context
+from broker.ops.metrics import BrokerMetrics
+from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
 from broker.simulator import Simulator, SimulatorConfig
@@ -52,6 +59,9 @@ class BrokerApp:
         self.monitor: HealthMonitor | None = None
         self.coordinator: Coordinator | None = None
         self.tail: EventTail | None = None
+        self.dashboard: DashboardServer | None = None
+        self.metrics: BrokerMetrics | None = None
+        self.webhooks: WebhookNotifier | None = None
 
     @property
     def address(self) -> str:
@@ -62,6 +72,14 @@ class BrokerApp:
         settings = self.settings
         if not settings.instance_id:
             settings = replace(settings, instance_id=default_instance_id())
+        # Read before anything starts, so a bad file fails fast and leaks nothing.
+        hooks = load_targets(settings.webhooks_file) if settings.webhooks_file else None
+        # Security configuration fails the start before anything listens.
+        tokens = TokenStore.open(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        check_exposure(settings.listen, tokens is not None)
+        check_embedded(settings)  # the dashboard's own client must get in
+        tls = server_credentials(settings.tls_cert_file, settings.tls_key_file,
+                                 settings.tls_client_ca_file)
         if settings.upstream_url is None:
             self.simulator = Simulator(SimulatorConfig())
             await self.simulator.start(settings.simulator_host, settings.simulator_port)
@@ -73,6 +91,15 @@ class BrokerApp:
         provider = WebsocketProvider(settings.upstream_url,
                                      connect_timeout_s=settings.connect_timeout_s)
         self.manager = SessionManager(store, provider, settings)
+        install_log_context(self.manager)
+        # Observers subscribe before any session starts, so they see its first events.
+        if settings.metrics_listen:
+            self.metrics = BrokerMetrics(self.manager)
+            self.metrics.start()
+        if hooks:
+            self.webhooks = WebhookNotifier(self.manager, hooks,
+                                            WebhookPolicy.from_settings(settings))
+            self.webhooks.start()
         if isinstance(store, RedisStore):
             # Several instances may share this store: ownership goes by lease and
             # status events reach local subscribers through the shared log.
@@ -85,15 +112,31 @@ class BrokerApp:
             )
             self.manager.coordinator = self.coordinator
         await self.manager.start()
-        self.api = ApiServer(self.manager, settings.listen)
+        auth = [AuthInterceptor(Authorizer(tokens, store_tenants(store)))] if tokens else []
+        # Metrics first, so they also time the calls that auth refuses.
+        observe = [self.metrics.interceptor()] if self.metrics is not None else []
+        self.api = ApiServer(self.manager, settings.listen, interceptors=[*observe, *auth],
+                             credentials=tls)
         await self.api.start()
+        if self.metrics is not None and settings.metrics_listen:
+            await self.metrics.serve(settings.metrics_listen)
         self.monitor = HealthMonitor(self.manager, settings.health_interval_s)
         self.monitor.start()
         if self.coordinator is not None:
             await self.coordinator.start()
         log.info("broker listening on %s", self.api.address)
+        if settings.dashboard_listen:
+            # A client of our own API, so it shows exactly what remote clients see.
+            self.dashboard = DashboardServer(local_target(self.api.address),
+                                             settings.dashboard_listen)
+            await self.dashboard.start()
 
     async def stop(self) -> None:
+        for observer in (self.webhooks, self.metrics):
+            if observer is not None:
+                await observer.stop()
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         if self.monitor is not None:
             await self.monitor.stop()
         if self.api is not None:

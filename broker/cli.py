@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import click
 from google.protobuf.json_format import MessageToDict
 
 from broker import logs
+from broker.auth.cli import token
 from broker.config import Settings
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator.cli import sim
@@ -39,6 +42,7 @@ def main() -> None:
 
 
 main.add_command(sim)
+main.add_command(token)
 
 
 @main.command()
@@ -88,10 +92,35 @@ main.add_command(sim)
               show_default=True, help="Session ownership lease TTL with Redis, seconds.")
 @click.option("--key-prefix", envvar="BROKER_KEY_PREFIX", default="broker", show_default=True,
               help="Prefix of every Redis key.")
+@click.option("--auth-tokens", envvar="BROKER_AUTH_TOKENS", default=None,
+              help="Token file from `broker token create` (unset: no auth, loopback only).")
+@click.option("--tls-cert", envvar="BROKER_TLS_CERT", default=None,
+              help="PEM server certificate chain (with --tls-key: serve TLS).")
+@click.option("--tls-key", envvar="BROKER_TLS_KEY", default=None, help="PEM server private key.")
+@click.option("--tls-client-ca", envvar="BROKER_TLS_CLIENT_CA", default=None,
+              help="PEM CA that client certificates must chain to (mutual TLS).")
+@click.option("--rate-limit", envvar="BROKER_RATE_LIMIT", type=float, default=0.0,
+              show_default=True, help="Messages per second per session (0: no limit).")
+@click.option("--rate-burst", envvar="BROKER_RATE_BURST", type=int, default=0,
+              show_default=True, help="Messages at once after a quiet spell (0: one second's).")
 @click.option("--log-level", envvar="BROKER_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", envvar="BROKER_LOG_FORMAT", default="text", show_default=True,
               type=click.Choice(["text", "json"]))
+@click.option("--dashboard-listen", envvar="BROKER_DASHBOARD_LISTEN", default="",
+              help="Serve the web dashboard on host:port, e.g. 127.0.0.1:8080 "
+                   "(default: off; no authentication, keep it on loopback).")
+@click.option("--metrics-listen", envvar="BROKER_METRICS_LISTEN", default="",
+              help="Serve Prometheus metrics at http://host:port/metrics, e.g. "
+                   "127.0.0.1:9464 (default: off).")
+@click.option("--webhooks", "webhooks_file", envvar="BROKER_WEBHOOKS", default=None,
+              type=click.Path(exists=True, dir_okay=False),
+              help="JSON file tenant -> {url, secret} ('*': default) for notifications when "
+                   "a session needs a person (default: none).")
+@click.option("--webhook-max-attempts", envvar="BROKER_WEBHOOK_MAX_ATTEMPTS", type=int,
+              default=12, show_default=True, help="Attempts per webhook notification.")
+@click.option("--webhook-max-time", envvar="BROKER_WEBHOOK_MAX_TIME", type=float, default=900.0,
+              show_default=True, help="Stop retrying a webhook notification after, seconds.")
 def serve(**opts: Any) -> None:
     """Run the broker (defaults: in-memory store, embedded simulator upstream)."""
     logs.setup(opts["log_level"], opts["log_format"])
@@ -111,6 +140,13 @@ def serve(**opts: Any) -> None:
         max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
         default_send_timeout_s=opts["send_timeout"], instance_id=opts["instance_id"],
         lease_ttl_s=opts["lease_ttl"], key_prefix=opts["key_prefix"],
+        auth_tokens_file=opts["auth_tokens"], tls_cert_file=opts["tls_cert"],
+        tls_key_file=opts["tls_key"], tls_client_ca_file=opts["tls_client_ca"],
+        rate_limit=opts["rate_limit"], rate_burst=opts["rate_burst"],
+        dashboard_listen=opts["dashboard_listen"] or None,
+        metrics_listen=opts["metrics_listen"] or None, webhooks_file=opts["webhooks_file"],
+        webhook_max_attempts=opts["webhook_max_attempts"],
+        webhook_max_time_s=opts["webhook_max_time"],
     )
     try:
         asyncio.run(_serve(settings))
@@ -127,6 +163,10 @@ async def _serve(settings: Settings) -> None:
     if app.simulator is not None:
         click.echo(f"embedded simulator: {app.simulator.url} "
                    f"(control: {app.simulator.control_url})", err=True)
+    if app.dashboard is not None:
+        click.echo(f"dashboard: {app.dashboard.url}", err=True)
+    if app.metrics is not None:
+        click.echo(f"metrics: http://{app.metrics.address}/metrics", err=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,8 +177,49 @@ async def _serve(settings: Settings) -> None:
     await app.stop()
 
 
-target_option = click.option("--target", envvar="BROKER_TARGET", default=DEFAULT_TARGET,
-                             show_default=True, help="Broker gRPC address.")
+@dataclass(frozen=True)
+class Connection:
+    """Where the people commands reach the broker, and with which credentials."""
+
+    target: str
+    token: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def client(self, **options: Any) -> BrokerClient:
+        return BrokerClient(self.target, token=self.token, tls_ca=self.tls_ca,
+                            tls_cert=self.tls_cert, tls_key=self.tls_key, **options)
+
+    def __str__(self) -> str:
+        return self.target
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def target_option(func: F) -> F:
+    """--target plus the token and TLS options every people command shares."""
+
+    @click.option("--target", envvar="BROKER_TARGET", default=DEFAULT_TARGET,
+                  show_default=True, help="Broker gRPC address.")
+    @click.option("--token", envvar="BROKER_TOKEN", default=None,
+                  help="Bearer token when the broker has authentication on.")
+    @click.option("--tls-ca", envvar="BROKER_TLS_CA", default=None,
+                  help="PEM CA to trust when the broker serves TLS.")
+    @click.option("--tls-cert", envvar="BROKER_TLS_CLIENT_CERT", default=None,
+                  help="This client's PEM certificate (mutual TLS).")
+    @click.option("--tls-key", envvar="BROKER_TLS_CLIENT_KEY", default=None,
+                  help="This client's PEM key (mutual TLS).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, target: str, token: str | None, tls_ca: str | None,
+                tls_cert: str | None, tls_key: str | None, **kwargs: Any) -> Any:
+        conn = Connection(target, token, tls_ca, tls_cert, tls_key)
+        return func(*args, target=conn, **kwargs)
+
+    return cast(F, wrapper)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -168,12 +249,12 @@ def _session_line(s: pb.Session) -> str:
 @click.option("--key", default=None, help="Idempotency key (default: a new one).")
 @click.option("--no-wait", is_flag=True, help="Return once queued, without waiting for the ack.")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
-def send(target: str, session_id: str, to: str, body: str, key: str | None, no_wait: bool,
+def send(target: Connection, session_id: str, to: str, body: str, key: str | None, no_wait: bool,
          timeout: float) -> None:
     """Send BODY to TO through session SESSION_ID."""
 
     async def go() -> None:
-        async with BrokerClient(target, timeout=timeout) as client:
+        async with target.client(timeout=timeout) as client:
             result = await client.send(session_id, to, body, idempotency_key=key,
                                        wait=not no_wait)
         status = "acked" if result.acked else "queued"
@@ -188,13 +269,13 @@ def send(target: str, session_id: str, to: str, body: str, key: str | None, no_w
 @click.option("--tenant", default="")
 @click.option("--count", type=int, default=0, help="Stop after this many events (0: never).")
 @json_option
-def watch(target: str, session_ids: tuple[str, ...], tenant: str, count: int,
+def watch(target: Connection, session_ids: tuple[str, ...], tenant: str, count: int,
           as_json: bool) -> None:
     """Print live status events (a snapshot first), reconnecting as needed."""
 
     async def go() -> None:
         seen = 0
-        async with BrokerClient(target) as client:
+        async with target.client() as client:
             async for event in client.watch_status(list(session_ids), tenant):
                 _print(event, as_json, lambda e=event: _event_line(e))  # type: ignore[misc]
                 seen += 1
@@ -225,11 +306,11 @@ def _event_line(e: pb.StatusEvent) -> str:
 @click.argument("session_ids", nargs=-1)
 @click.option("--tenant", default="")
 @json_option
-def health(target: str, session_ids: tuple[str, ...], tenant: str, as_json: bool) -> None:
+def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_json: bool) -> None:
     """Diagnose sessions: state, counters, recent transitions, recommendations."""
 
     async def go() -> list[pb.SessionHealth]:
-        async with BrokerClient(target) as client:
+        async with target.client() as client:
             return await client.health(list(session_ids), tenant)
 
     items = _run(go())
@@ -252,12 +333,12 @@ def health(target: str, session_ids: tuple[str, ...], tenant: str, as_json: bool
 @main.command()
 @target_option
 @click.argument("session_id")
-def qr(target: str, session_id: str) -> None:
+def qr(target: Connection, session_id: str) -> None:
     """Print the session's pairing QR code in the terminal."""
     import qrcode
 
     async def go() -> pb.QrCode:
-        async with BrokerClient(target) as client:
+        async with target.client() as client:
             return await client.get_qr(session_id)
 
     code = _run(go())
@@ -277,9 +358,9 @@ def _admin(name: str, doc: str) -> None:
     @target_option
     @click.argument("session_id")
     @json_option
-    def command(target: str, session_id: str, as_json: bool) -> None:
+    def command(target: Connection, session_id: str, as_json: bool) -> None:
         async def go() -> Any:
-            async with BrokerClient(target) as client:
+            async with target.client() as client:
                 return await getattr(client, f"{name}_session")(session_id)
 
         result = _run(go())
@@ -305,11 +386,11 @@ for _name, _doc in [
 @click.option("--tenant", default="", help="Owning tenant (default: 'default').")
 @click.option("--no-start", is_flag=True, help="Declare without connecting.")
 @json_option
-def create(target: str, session_id: str, tenant: str, no_start: bool, as_json: bool) -> None:
+def create(target: Connection, session_id: str, tenant: str, no_start: bool, as_json: bool) -> None:
     """Declare a session and start connecting (idempotent)."""
 
     async def go() -> pb.Session:
-        async with BrokerClient(target) as client:
+        async with target.client() as client:
             return await client.create_session(session_id, tenant, start=not no_start)
 
     result = _run(go())
@@ -320,11 +401,11 @@ def create(target: str, session_id: str, tenant: str, no_start: bool, as_json: b
 @target_option
 @click.option("--tenant", default="")
 @json_option
-def list_(target: str, tenant: str, as_json: bool) -> None:
+def list_(target: Connection, tenant: str, as_json: bool) -> None:
     """List sessions and their states."""
 
     async def go() -> list[pb.Session]:
-        async with BrokerClient(target) as client:
+        async with target.client() as client:
             return await client.list_sessions(tenant)
 
     items = _run(go())
@@ -332,6 +413,32 @@ def list_(target: str, tenant: str, as_json: bool) -> None:
         click.echo(json.dumps([MessageToDict(s) for s in items], indent=2))
     for s in items if not as_json else []:
         click.echo(_session_line(s))
+
+
+@main.command()
+@target_option
+@click.option("--listen", envvar="BROKER_DASHBOARD_LISTEN", default="127.0.0.1:8080",
+              show_default=True, help="Web dashboard address (no authentication: keep it local).")
+def dashboard(target: Connection, listen: str) -> None:
+    """Serve the live web dashboard (sessions, states, pairing QR) for a running broker."""
+    from broker.dashboard import DashboardServer
+
+    async def go() -> None:
+        client = target.client()
+        async with DashboardServer(target.target, listen, client=client) as server:
+            click.echo(f"dashboard: {server.url} (broker {target})", err=True)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+        await client.close()
+
+    try:
+        _run(go())
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 if __name__ == "__main__":

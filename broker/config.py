@@ -38,3 +38,29 @@ class Settings:
     """Prefix of every Redis key (several deployments can share one Redis)."""
     inbound_redeliver_after_s: float = 30.0
     """Hand an unacked inbound message to another worker of its group after this long."""
+    dashboard_listen: str | None = None
+    """Serve the web dashboard on this host:port (None: off; it has no authentication)."""
+    auth_tokens_file: str | None = None
+    """JSON token file (`broker token create`); None: no authentication, loopback only."""
+    tls_cert_file: str | None = None
+    """PEM server certificate (chain); with tls_key_file the gRPC port speaks TLS."""
+    tls_key_file: str | None = None
+    tls_client_ca_file: str | None = None
+    """PEM CA that client certificates must chain to (mutual TLS); None: no client certs."""
+    rate_limit: float = 0.0
+    """Messages per second each session accepts (token bucket; 0: no limit)."""
+    rate_burst: int = 0
+    """Bucket size: messages accepted at once after a quiet spell (0: one second's worth)."""
+    metrics_listen: str | None = None
+    """Serve Prometheus metrics at http://host:port/metrics (None: off)."""
+    webhooks_file: str | None = None
+    """JSON file tenant -> {url, secret} ("*": default); None: no webhook notifications."""
+    webhook_max_attempts: int = 12
+    """Attempts per notification before giving up."""
+    webhook_max_time_s: float = 900.0
+    """Stop retrying a notification after this long."""
+    webhook_backoff_initial_s: float = 0.5
+    """First retry waits up to this (full jitter), doubling up to webhook_backoff_max_s."""
+    webhook_backoff_max_s: float = 60.0
+    webhook_timeout_s: float = 5.0
+    """Timeout of one webhook HTTP request."""

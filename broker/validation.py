@@ -15,7 +15,7 @@ DEFAULT_TENANT = "default"
 def session_id(value: str, field: str = "session_id") -> str:
     if not value:
         raise InvalidArgument(field, "is required")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # match() would let "id\n" through ($ matches before \n)
         raise InvalidArgument(
             field, "must be 1-128 characters of A-Z a-z 0-9 . _ : - starting alphanumeric"
         )

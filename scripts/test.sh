@@ -13,12 +13,24 @@ if ! command -v redis-server >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
 fi
 
+# Headless Chromium + chromedriver for the dashboard's browser test.
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    echo "installing chromium and chromium-driver (Debian packages)"
+    if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e '.[dev]'
+# The Node.js client's packages (its interop test skips when node is absent).
+if command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
+    (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .

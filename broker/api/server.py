@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from broker.api.servicer import BrokerServicer
+from broker.api.status import MalformedRequests
 from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2, broker_pb2_grpc
 
@@ -14,8 +18,18 @@ SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
 
 
 class ApiServer:
-    def __init__(self, manager: SessionManager, listen: str) -> None:
+    def __init__(
+        self,
+        manager: SessionManager,
+        listen: str,
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+        credentials: grpc.ServerCredentials | None = None,
+    ) -> None:
+        """`interceptors`: e.g. broker.api.auth; `credentials`: TLS (None: plaintext)."""
         self.server = grpc.aio.server(
+            # Innermost: undecodable requests become INVALID_ARGUMENT, not UNKNOWN.
+            interceptors=[*interceptors, MalformedRequests()],
             options=[
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
@@ -28,7 +42,11 @@ class ApiServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
-        self.port = self.server.add_insecure_port(listen)
+        self.port = (
+            self.server.add_secure_port(listen, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(listen)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {listen}")
         host = listen.rsplit(":", 1)[0]

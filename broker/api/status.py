@@ -8,16 +8,17 @@ clients branch on `reason` instead of parsing messages.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, InvalidArgument
 
 log = logging.getLogger(__name__)
 DOMAIN = "broker.v1"
@@ -93,3 +94,98 @@ def streaming(
             await _abort(context, to_status(_internal(exc)))
 
     return wrapper
+
+
+# -- request bytes that are not a valid message ------------------------------
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:  # not generic at run time
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class _Malformed:
+    """Stands in for a request whose bytes did not parse."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError: corrupt wire format, bad UTF-8, ...
+            return _Malformed(exc)
+
+    return parse
+
+
+async def _reject(context: grpc.aio.ServicerContext[Any, Any], request: _Malformed) -> None:
+    error = InvalidArgument("request", f"is not a valid protobuf message ({request.error})")
+    await _abort(context, to_status(error))
+
+
+class MalformedRequests(_Interceptor):
+    """Answer undecodable request bytes INVALID_ARGUMENT (with ErrorInfo), not UNKNOWN.
+
+    grpc.aio answers a request deserializer that raises with UNKNOWN; this one
+    parses leniently and rejects in the handler instead. Register it last
+    (innermost), so other interceptors see the rejection like any other error.
+    """
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler: Any = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return cast("grpc.RpcMethodHandler[Any, Any]", handler)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cast("grpc.RpcMethodHandler[Any, Any]", cached[1])
+        wrapped = self._wrap(handler)
+        self._wrapped[method] = (handler, wrapped)
+        return cast("grpc.RpcMethodHandler[Any, Any]", wrapped)
+
+    @staticmethod
+    def _wrap(handler: Any) -> Any:
+        deserializer = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request: Any, context: Any) -> Any:
+                if isinstance(request, _Malformed):
+                    await _reject(context, request)
+                return await behavior(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, request_deserializer=deserializer,
+                response_serializer=handler.response_serializer)
+        stream = handler.unary_stream
+        if inspect.isasyncgenfunction(stream):
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await _reject(context, request)
+                async for item in stream(request, context):
+                    yield item
+
+            behavior_stream: Any = unary_stream
+        else:  # a coroutine writing with context.write (grpc.health.v1 Watch)
+
+            async def unary_stream_writer(request: Any, context: Any) -> Any:
+                if isinstance(request, _Malformed):
+                    await _reject(context, request)
+                return await stream(request, context)
+
+            behavior_stream = unary_stream_writer
+        return grpc.unary_stream_rpc_method_handler(
+            behavior_stream, request_deserializer=deserializer,
+            response_serializer=handler.response_serializer)

@@ -27,7 +27,7 @@ DEFAULT_MAX_UNACKED = 100
 MAX_UNACKED = 10_000
 _MAX_BLOCK_S = 2.0
 """Longest single blocking read, so idle messages are claimed soon after they qualify."""
-_INBOUND_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_INBOUND_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")  # ASCII digits only; see fullmatch
 
 
 @dataclass(eq=False)
@@ -84,7 +84,6 @@ class InboundService:
         at once. One reader per session blocks in the store, so a quiet session
         never delays a busy one; each read takes only the credit it may fill.
         """
-        ids = await self._sessions(session_ids)
         group = validation.session_id(group, "group") if group else DEFAULT_GROUP
         consumer = (validation.session_id(consumer, "consumer") if consumer
                     else f"c-{uuid.uuid4().hex[:16]}")
@@ -92,6 +91,8 @@ class InboundService:
             max_unacked = DEFAULT_MAX_UNACKED
         if not 1 <= max_unacked <= MAX_UNACKED:
             raise InvalidArgument("max_unacked", f"must be between 1 and {MAX_UNACKED}")
+        # Last: bad input is INVALID_ARGUMENT whether or not the sessions exist.
+        ids = await self._sessions(session_ids)
         redeliver_s = self.settings.inbound_redeliver_after_s
         block_s = min(_MAX_BLOCK_S, max(0.05, redeliver_s / 2))
         share = max(1, max_unacked // len(ids))
@@ -147,8 +148,9 @@ class InboundService:
         if len(inbound_ids) > MAX_ACK_IDS:
             raise InvalidArgument("inbound_ids", f"must hold at most {MAX_ACK_IDS} ids")
         for iid in inbound_ids:
-            if not _INBOUND_ID.match(iid):
-                raise InvalidArgument("inbound_ids", f"{iid!r} is not an inbound_id")
+            if not _INBOUND_ID.fullmatch(iid):
+                # Echo a bounded prefix: a 100 KB id would overflow the status metadata.
+                raise InvalidArgument("inbound_ids", f"{iid[:40]!r} is not an inbound_id")
         if await self.store.get_session(session_id) is None:
             raise SessionNotFound(session_id)
         acked = await self.store.ack_inbound(session_id, group, list(inbound_ids))

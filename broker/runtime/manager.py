@@ -30,6 +30,7 @@ from broker.lifecycle.states import State
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
+from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
 from broker.store.base import (
     DeliveryResult,
     OutboxMessage,
@@ -120,6 +121,7 @@ class SessionManager:
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
         self.coordinator: Coordination | None = None
+        self.limiter: RateLimiter = rate_limiter(self.settings, store)
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
@@ -161,12 +163,15 @@ class SessionManager:
         last = await self.store.last_event(record.session_id)
         actor = self.actors.get(record.session_id)
         state = actor.state if actor else (last.state if last else State.STOPPED)
-        creds = await self.store.load_credentials(record.session_id)
+        if actor is not None:
+            has_credentials = actor.has_credentials
+        else:
+            has_credentials = await self.store.load_credentials(record.session_id) is not None
         return SessionView(
             record=record, state=state, reason=last.reason if last else "",
             code=last.code if last else 0, sequence=last.sequence if last else 0,
             updated_at=last.at if last else record.created_at,
-            has_credentials=creds is not None,
+            has_credentials=has_credentials,
             outbox_depth=await self.store.outbox_depth(record.session_id),
         )
 
@@ -310,6 +315,9 @@ class SessionManager:
             accepted = known
         else:
             await self._check_ready(record, actor)
+            # Before enqueue: a message over the limit is never queued, so never sent.
+            # A retry under a known key returned above and costs nothing.
+            await admit(self.limiter, session_id)
             accepted = await self.store.enqueue(
                 session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
             )
@@ -402,6 +410,7 @@ class SessionManager:
         return out
 
     async def health(self, session_ids: Collection[str] = (), tenant: str = "") -> list[HealthView]:
+        validation.optional_tenant(tenant)  # bad input first, then NOT_FOUND
         for sid in session_ids:
             await self._record(sid)
         views = await self.list_sessions(tenant)

@@ -145,25 +145,55 @@ def _str(obj: dict[str, Any], key: str, *, max_len: int = 65536) -> str:
     return value
 
 
-def _int(obj: dict[str, Any], key: str, *, optional: bool = False) -> int | None:
+MAX_INT32 = 2**31 - 1
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _int(
+    obj: dict[str, Any], key: str, *, optional: bool = False, bounds: tuple[int, int] = _INT64
+) -> int | None:
     value = obj.get(key)
     if value is None and optional:
         return None
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"field {key!r} must be an integer")
+    # Bounded: a hostile 10**400 must not reach timers, floats or int32 proto fields.
+    if not isinstance(value, int) or isinstance(value, bool) or \
+            not bounds[0] <= value <= bounds[1]:
+        raise ProtocolError(f"field {key!r} must be an integer in [{bounds[0]}, {bounds[1]}]")
     return value
 
 
-def _req_int(obj: dict[str, Any], key: str) -> int:
-    value = _int(obj, key)
+def _req_int(obj: dict[str, Any], key: str, *, bounds: tuple[int, int] = _INT64) -> int:
+    value = _int(obj, key, bounds=bounds)
     assert value is not None
     return value
+
+
+MAX_CREDENTIALS_DEPTH = 32
+
+
+def _nests_within(value: Any, limit: int) -> bool:
+    """Whether JSON `value` nests at most `limit` containers deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item \
+            if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
 
 
 def _credentials(obj: dict[str, Any]) -> dict[str, Any] | None:
     value = obj.get("credentials")
     if value is not None and not isinstance(value, dict):
         raise ProtocolError("field 'credentials' must be an object or null")
+    # json.loads takes ~1000 levels, but re-encoding them into the next hello
+    # fails with RecursionError: the session could never connect again.
+    if value is not None and not _nests_within(value, MAX_CREDENTIALS_DEPTH):
+        raise ProtocolError(f"field 'credentials' nests deeper than {MAX_CREDENTIALS_DEPTH}")
     return value
 
 
@@ -192,8 +222,8 @@ def decode(raw: str | bytes) -> Frame:
             return Ready(login=_str(obj, "login", max_len=256),
                          connection_id=_str(obj, "connection_id", max_len=256))
         case "qr":
-            return Qr(code=_str(obj, "code"), index=_req_int(obj, "index"),
-                      expires_in_ms=_req_int(obj, "expires_in_ms"))
+            return Qr(code=_str(obj, "code"), index=_req_int(obj, "index", bounds=(0, MAX_INT32)),
+                      expires_in_ms=_req_int(obj, "expires_in_ms", bounds=(0, MAX_INT32)))
         case "paired":
             creds = _credentials(obj)
             if creds is None:
@@ -201,7 +231,8 @@ def decode(raw: str | bytes) -> Frame:
             return Paired(credentials=creds)
         case "error":
             return Error(code=_req_int(obj, "code"), reason=_str(obj, "reason"),
-                         retry_after_ms=_int(obj, "retry_after_ms", optional=True))
+                         retry_after_ms=_int(obj, "retry_after_ms", optional=True,
+                                             bounds=(0, MAX_INT32)))
         case "send":
             return Send(id=_str(obj, "id", max_len=256), to=_str(obj, "to", max_len=256),
                         body=_str(obj, "body", max_len=MAX_FRAME_BYTES))
@@ -218,8 +249,9 @@ def decode(raw: str | bytes) -> Frame:
             return Pong(id=_req_int(obj, "id"))
         case "message":
             ts = obj.get("ts", 0.0)
-            if not isinstance(ts, int | float) or isinstance(ts, bool):
-                raise ProtocolError("field 'ts' must be a number")
+            if not isinstance(ts, int | float) or isinstance(ts, bool) or \
+                    not -1e15 < ts < 1e15:  # also NaN, inf and ints float() cannot hold
+                raise ProtocolError("field 'ts' must be a finite number")
             return Message(id=_str(obj, "id", max_len=256), sender=_str(obj, "from", max_len=256),
                            body=_str(obj, "body", max_len=MAX_FRAME_BYTES), ts=float(ts))
         case "inbound_ack":
@@ -227,4 +259,4 @@ def decode(raw: str | bytes) -> Frame:
         case "logout":
             return Logout()
         case _:
-            raise ProtocolError(f"unknown frame type {kind!r}")
+            raise ProtocolError(f"unknown frame type {kind!r:.60}")  # bounded: may be 1 MB

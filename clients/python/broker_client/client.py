@@ -6,11 +6,13 @@ drives this same class from a background event loop.
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
@@ -22,13 +24,32 @@ from .errors import BrokerError, DeadlineExceeded, Unavailable, error_from_rpc
 from .retry import send_retrying, stream_retrying
 from .v1 import broker_pb2, broker_pb2_grpc
 
-__all__ = ["DEFAULT_TARGET", "BrokerClient", "InboundReceiver", "SendResult", "StatusWatch"]
+__all__ = [
+    "DEFAULT_TARGET", "BrokerClient", "InboundReceiver", "SendResult", "StatusWatch",
+    "tls_credentials",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 _Resp = TypeVar("_Resp")
 _StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
 _ReceiveCall = grpc.aio.UnaryStreamCall[broker_pb2.ReceiveRequest, broker_pb2.InboundMessage]
+
+
+def tls_credentials(
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files: trust ``ca`` (default: system roots) and,
+    for mutual TLS, present ``cert`` with ``key``."""
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
 
 
 def _ts(message: timestamp_pb2.Timestamp, present: bool) -> datetime | None:
@@ -75,7 +96,17 @@ class BrokerClient:
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         channel: grpc.aio.Channel | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``token``: a bearer token; ``tls_ca``: PEM CA to trust (TLS); ``tls_cert`` and
+        ``tls_key``: this client's PEM certificate and key (mutual TLS). Any ``tls_*``
+        switches the channel to TLS (system roots without ``tls_ca``)."""
+        if tls_ca or tls_cert or tls_key:
+            if credentials is not None:
+                raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         self.target = target
         self.timeout = timeout
         self.retry_attempts = retry_attempts

@@ -7,6 +7,7 @@ keeps retries, deadlines and stream resumption in one place.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
@@ -14,7 +15,14 @@ from typing import Any, TypeVar
 
 import grpc
 
-from .client import DEFAULT_TARGET, BrokerClient, InboundReceiver, SendResult, StatusWatch
+from .client import (
+    DEFAULT_TARGET,
+    BrokerClient,
+    InboundReceiver,
+    SendResult,
+    StatusWatch,
+    tls_credentials,
+)
 from .v1 import broker_pb2
 
 __all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
@@ -34,7 +42,16 @@ class SyncBrokerClient:
         reconnect_attempts: int = 10,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
+        """Options as :class:`BrokerClient` (``tls_*``: PEM files for TLS / mutual TLS)."""
+        if tls_ca or tls_cert or tls_key:
+            if credentials is not None:
+                raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
+            # Before the loop thread starts, so bad paths fail without leaking it.
+            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="broker-client-loop", daemon=True

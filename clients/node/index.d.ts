@@ -1,0 +1,160 @@
+// Types for @session-broker/client (plain JS; field names are the proto's, in camelCase).
+import type { ChannelCredentials, ChannelOptions, status } from '@grpc/grpc-js';
+
+export { status };
+
+export const DEFAULT_TARGET: string;
+/** Domain of the broker's google.rpc.ErrorInfo details: "broker.v1". */
+export const DOMAIN: string;
+
+export type SessionState =
+  | 'SESSION_STATE_UNSPECIFIED'
+  | 'STOPPED'
+  | 'CONNECTING'
+  | 'PAIRING'
+  | 'OPEN'
+  | 'RECONNECTING'
+  | 'LOGGED_OUT'
+  | 'CONFLICT'
+  | 'FAILED';
+
+export interface BrokerClientOptions {
+  /** Default deadline of one call and total budget of a retried call, ms (10000). */
+  timeoutMs?: number;
+  /** Attempts of a call retried on UNAVAILABLE (5). */
+  retryAttempts?: number;
+  /** Failed reopenings of a status stream in a row before giving up (10). */
+  reconnectAttempts?: number;
+  /** Default: insecure (plaintext). */
+  credentials?: ChannelCredentials;
+  /** Sent as `authorization: Bearer <token>`. */
+  token?: string | null;
+  /** broker.proto to load (default: ../../proto/broker/v1/broker.proto or BROKER_PROTO_PATH). */
+  protoPath?: string;
+  channelOptions?: ChannelOptions;
+}
+
+export interface SendOptions {
+  /** Makes retries safe; default: a new random UUID (retried internally with the same key). */
+  idempotencyKey?: string;
+  /** Wait for the upstream ack (true) or return once durably queued. */
+  wait?: boolean;
+  /** Total budget across retries, ms (default: the client's timeoutMs). */
+  timeoutMs?: number;
+}
+
+export interface SendResult {
+  messageId: string;
+  acked: boolean;
+  /** True when this call replayed an earlier call with the same key. */
+  duplicate: boolean;
+  sequence: number;
+  idempotencyKey: string;
+  acceptedAt: Date | null;
+  ackedAt: Date | null;
+}
+
+export interface StatusEvent {
+  eventId: string;
+  sessionId: string;
+  tenant: string;
+  sequence: number;
+  state: SessionState;
+  previousState: SessionState;
+  reason: string;
+  code: number;
+  /** In RECONNECTING: milliseconds until the next attempt. */
+  retryInMs: number;
+  /** In PAIRING: the QR payload. */
+  qr: string;
+  at: Date | null;
+  snapshot: boolean;
+  resync: boolean;
+  attempt: number;
+}
+
+export interface WatchOptions {
+  sessionIds?: string[];
+  tenant?: string;
+  /** Resume after this event id (a previous watch's lastEventId). */
+  resumeAfter?: string;
+  /** Aborting ends the iteration. */
+  signal?: AbortSignal;
+}
+
+export interface Timestamp {
+  seconds: number;
+  nanos: number;
+}
+
+export interface Session {
+  sessionId: string;
+  tenant: string;
+  state: SessionState;
+  reason: string;
+  code: number;
+  hasCredentials: boolean;
+  outboxDepth: number;
+  sequence: number;
+  updatedAt: Timestamp | null;
+}
+
+export interface QrCode {
+  sessionId: string;
+  qr: string;
+  index: number;
+  expiresAt: Timestamp | null;
+}
+
+/** The broker.v1 SessionHealth message (see proto/broker/v1/broker.proto). */
+export interface SessionHealth {
+  session: Session;
+  liveState: SessionState;
+  recent: Array<{ fromState: SessionState; toState: SessionState; reason: string; code: number;
+                  at: Timestamp | null }>;
+  counters: Record<string, number>;
+  recommendations: Array<{ severity: 'SEVERITY_UNSPECIFIED' | 'INFO' | 'WARNING' | 'CRITICAL';
+                           code: string; message: string }>;
+  healthy: boolean;
+  owner: string;
+  lastActivity: Timestamp | null;
+}
+
+export class BrokerError extends Error {
+  /** gRPC status code number. */
+  readonly code: status;
+  /** e.g. "UNAVAILABLE". */
+  readonly codeName: string;
+  /** Machine-readable reason, e.g. "NOT_DELIVERED_YET", "LOGGED_OUT" ("" when none). */
+  readonly reason: string;
+  readonly metadata: Record<string, string>;
+  /** The server's RetryInfo delay, ms, or null. */
+  readonly retryAfterMs: number | null;
+  /** True for UNAVAILABLE: retry with the same idempotency key. */
+  readonly retryable: boolean;
+}
+
+export class StatusWatch implements AsyncIterable<StatusEvent> {
+  /** eventId of the last event handed out. */
+  readonly lastEventId: string;
+  /** How many times the stream was reopened after a failure. */
+  readonly reconnects: number;
+  close(): void;
+  [Symbol.asyncIterator](): AsyncIterator<StatusEvent>;
+}
+
+export class BrokerClient {
+  constructor(target?: string, options?: BrokerClientOptions);
+  readonly target: string;
+  send(sessionId: string, to: string, body: string, options?: SendOptions): Promise<SendResult>;
+  watchStatus(options?: WatchOptions): StatusWatch;
+  health(sessionIds?: string[], tenant?: string): Promise<SessionHealth[]>;
+  createSession(sessionId: string, options?: { tenant?: string; start?: boolean }): Promise<Session>;
+  getSession(sessionId: string): Promise<Session>;
+  listSessions(tenant?: string): Promise<Session[]>;
+  getQr(sessionId: string): Promise<QrCode>;
+  close(): void;
+}
+
+export function defaultProtoPath(): string;
+export function loadBrokerPackage(protoPath?: string): unknown;

@@ -1,0 +1,18 @@
+'use strict';
+/** Node.js client for the session broker (broker.v1). See README.md. */
+
+const { BrokerClient, StatusWatch, DEFAULT_TARGET, loadBrokerPackage, defaultProtoPath } =
+  require('./lib/client');
+const { BrokerError, DOMAIN } = require('./lib/errors');
+const { status } = require('@grpc/grpc-js');
+
+module.exports = {
+  BrokerClient,
+  StatusWatch,
+  BrokerError,
+  DOMAIN,
+  DEFAULT_TARGET,
+  loadBrokerPackage,
+  defaultProtoPath,
+  status,
+};

@@ -1,0 +1,277 @@
+'use strict';
+/**
+ * The broker client: typed wrappers over broker.v1 with the two behaviours a
+ * worker must not get wrong on its own:
+ *
+ * - `send()` always carries an idempotency key and retries UNAVAILABLE with
+ *   the *same* key inside one time budget, so a retried call never sends twice;
+ * - `watchStatus()` reopens a dropped status stream with `resumeAfter` = the
+ *   last event id it handed out, so a reconnecting dashboard misses nothing.
+ *
+ * The proto is loaded at run time from the repository's proto/ directory
+ * (override with the `protoPath` option or BROKER_PROTO_PATH), so there is no
+ * generated code to keep in sync.
+ */
+
+const crypto = require('node:crypto');
+const fs = require('node:fs');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const { BrokerError, toBrokerError } = require('./errors');
+
+const DEFAULT_TARGET = '127.0.0.1:50051';
+const BACKOFF_BASE_MS = 100;
+const BACKOFF_MAX_MS = 5000;
+
+/** The repository's proto file, two levels above this package. */
+function defaultProtoPath() {
+  if (process.env.BROKER_PROTO_PATH) return process.env.BROKER_PROTO_PATH;
+  return path.resolve(__dirname, '..', '..', '..', 'proto', 'broker', 'v1', 'broker.proto');
+}
+
+const packageCache = new Map();
+
+/** Load broker.v1 once per proto file (loading is synchronous and not free). */
+function loadBrokerPackage(protoPath = defaultProtoPath()) {
+  let pkg = packageCache.get(protoPath);
+  if (!pkg) {
+    if (!fs.existsSync(protoPath)) {
+      throw new Error(`broker.proto not found at ${protoPath} (set protoPath or BROKER_PROTO_PATH)`);
+    }
+    const definition = protoLoader.loadSync(protoPath, {
+      keepCase: false, // camelCase fields: sessionId, idempotencyKey, ...
+      longs: Number, // int64 counters and sequences stay far below 2^53
+      enums: String, // states as names: "OPEN", "RECONNECTING"
+      defaults: true,
+      oneofs: true,
+      includeDirs: [path.dirname(path.dirname(path.dirname(protoPath)))],
+    });
+    pkg = grpc.loadPackageDefinition(definition).broker.v1;
+    packageCache.set(protoPath, pkg);
+  }
+  return pkg;
+}
+
+/** @param {{seconds?: number|string, nanos?: number} | null | undefined} ts */
+function toDate(ts) {
+  if (!ts) return null;
+  return new Date(Number(ts.seconds || 0) * 1000 + Math.floor((ts.nanos || 0) / 1e6));
+}
+
+/** Exponential backoff with full jitter; the server's RetryInfo wins when present. */
+function backoffMs(attempt, err) {
+  if (err && err.retryAfterMs != null) return Math.min(err.retryAfterMs, 60000);
+  const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * 2 ** (attempt - 1));
+  return Math.random() * ceiling;
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    if (signal && signal.aborted) return reject(signal.reason);
+    const timer = setTimeout(done, ms);
+    function done() {
+      if (signal) signal.removeEventListener('abort', abort);
+      resolve();
+    }
+    function abort() {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }
+    if (signal) signal.addEventListener('abort', abort, { once: true });
+  });
+}
+
+/** Status streams also resume after being dropped as a too-slow subscriber. */
+function isReconnectable(err) {
+  return err.code === grpc.status.UNAVAILABLE ||
+    (err.code === grpc.status.RESOURCE_EXHAUSTED && err.reason === 'SUBSCRIBER_TOO_SLOW');
+}
+
+function toEvent(ev) {
+  return { ...ev, at: toDate(ev.at) };
+}
+
+class BrokerClient {
+  /**
+   * @param {string} [target]
+   * @param {import('../index').BrokerClientOptions} [options]
+   */
+  constructor(target = DEFAULT_TARGET, options = {}) {
+    const {
+      timeoutMs = 10000,
+      retryAttempts = 5,
+      reconnectAttempts = 10,
+      credentials = grpc.credentials.createInsecure(),
+      token = null,
+      protoPath = defaultProtoPath(),
+      channelOptions = {},
+    } = options;
+    this.target = target;
+    this.timeoutMs = timeoutMs;
+    this.retryAttempts = retryAttempts;
+    this.reconnectAttempts = reconnectAttempts;
+    this._token = token;
+    const pkg = loadBrokerPackage(protoPath);
+    this._stub = new pkg.Broker(target, credentials, channelOptions);
+  }
+
+  _metadata() {
+    const md = new grpc.Metadata();
+    if (this._token) md.set('authorization', `Bearer ${this._token}`);
+    return md;
+  }
+
+  /** One attempt of a unary call, errors decoded. */
+  _unary(method, request, timeoutMs = this.timeoutMs) {
+    return new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + Math.max(1, timeoutMs));
+      this._stub[method](request, this._metadata(), { deadline }, (err, response) => {
+        if (err) reject(toBrokerError(err));
+        else resolve(response);
+      });
+    });
+  }
+
+  /** Retry UNAVAILABLE within `budgetMs` in total; each attempt gets what is left. */
+  async _unaryRetrying(method, request, budgetMs = this.timeoutMs) {
+    const deadline = Date.now() + budgetMs;
+    let last = null;
+    for (let attempt = 1; attempt <= this.retryAttempts; attempt++) {
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) break;
+      try {
+        return await this._unary(method, request, remaining);
+      } catch (err) {
+        if (!(err instanceof BrokerError) || !err.retryable) throw err;
+        last = err;
+        if (attempt === this.retryAttempts) break;
+        const wait = Math.min(backoffMs(attempt, err), deadline - Date.now());
+        if (wait <= 0) break;
+        await sleep(wait);
+      }
+    }
+    throw last || new BrokerError(`retry budget of ${budgetMs} ms exhausted`, {
+      code: grpc.status.DEADLINE_EXCEEDED,
+    });
+  }
+
+  /**
+   * Send a message. Retries UNAVAILABLE with one idempotency key, so it never
+   * sends twice; an UNAVAILABLE that escapes (reason NOT_DELIVERED_YET) means
+   * it is queued but not acked yet: call again with the same key later.
+   */
+  async send(sessionId, to, body, options = {}) {
+    const { idempotencyKey = crypto.randomUUID(), wait = true, timeoutMs = this.timeoutMs } =
+      options;
+    const response = await this._unaryRetrying('Send', {
+      sessionId, to, body, idempotencyKey, noWait: !wait,
+    }, timeoutMs);
+    return {
+      messageId: response.messageId,
+      acked: response.status === 'ACKED',
+      duplicate: response.duplicate,
+      sequence: response.sequence,
+      idempotencyKey,
+      acceptedAt: toDate(response.acceptedAt),
+      ackedAt: toDate(response.ackedAt),
+    };
+  }
+
+  /** Live status events (a snapshot first), resuming after stream failures. */
+  watchStatus(options = {}) {
+    return new StatusWatch(this, options);
+  }
+
+  async health(sessionIds = [], tenant = '') {
+    const response = await this._unaryRetrying('Health', { sessionIds, tenant });
+    return response.sessions;
+  }
+
+  createSession(sessionId, { tenant = '', start = true } = {}) {
+    return this._unaryRetrying('CreateSession', { sessionId, tenant, noStart: !start });
+  }
+
+  getSession(sessionId) {
+    return this._unaryRetrying('GetSession', { sessionId });
+  }
+
+  async listSessions(tenant = '') {
+    return (await this._unaryRetrying('ListSessions', { tenant })).sessions;
+  }
+
+  getQr(sessionId) {
+    return this._unaryRetrying('GetQr', { sessionId });
+  }
+
+  close() {
+    this._stub.close();
+  }
+}
+
+/** A resumable StreamStatus subscription; iterate it with `for await`. */
+class StatusWatch {
+  constructor(client, { sessionIds = [], tenant = '', resumeAfter = '', signal } = {}) {
+    this._client = client;
+    this._request = { sessionIds, tenant };
+    this._signal = signal;
+    this._call = null;
+    this._closed = false;
+    /** `eventId` of the last event handed out; pass it as `resumeAfter` elsewhere. */
+    this.lastEventId = resumeAfter;
+    /** How many times the stream was reopened after a failure. */
+    this.reconnects = 0;
+  }
+
+  /** Stop watching: cancels the stream; iteration ends. */
+  close() {
+    this._closed = true;
+    if (this._call) this._call.cancel();
+  }
+
+  async *[Symbol.asyncIterator]() {
+    const signal = this._signal;
+    const onAbort = () => this.close();
+    if (signal) signal.addEventListener('abort', onAbort, { once: true });
+    let failures = 0;
+    try {
+      while (!this._closed) {
+        const call = this._client._stub.StreamStatus(
+          { ...this._request, resumeAfter: this.lastEventId }, this._client._metadata());
+        this._call = call;
+        let error;
+        try {
+          for await (const event of call) {
+            failures = 0; // every delivered event starts a fresh reconnect budget
+            if (event.eventId) this.lastEventId = event.eventId;
+            yield toEvent(event);
+          }
+          // The broker never ends a live stream on its own: it is restarting.
+          error = new BrokerError('status stream ended by the broker', {
+            code: grpc.status.UNAVAILABLE, reason: 'STREAM_ENDED',
+          });
+        } catch (err) {
+          error = toBrokerError(err);
+        } finally {
+          call.cancel();
+          this._call = null;
+        }
+        if (this._closed) return;
+        if (!isReconnectable(error) || ++failures > this._client.reconnectAttempts) throw error;
+        try {
+          await sleep(backoffMs(failures, error), signal);
+        } catch (abortReason) {
+          if (this._closed) return; // aborted while waiting: just stop
+          throw abortReason;
+        }
+        this.reconnects += 1;
+      }
+    } finally {
+      if (signal) signal.removeEventListener('abort', onAbort);
+      this.close();
+    }
+  }
+}
+
+module.exports = { BrokerClient, StatusWatch, DEFAULT_TARGET, loadBrokerPackage, defaultProtoPath };

@@ -1,0 +1,137 @@
+'use strict';
+// Unit tests against an in-process fake broker (same proto, loopback only):
+// retries keep one idempotency key, rich error details decode, and a dropped
+// status stream resumes after the last event id.
+
+const { test, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const path = require('node:path');
+const grpc = require('@grpc/grpc-js');
+const protobuf = require('protobufjs');
+
+const { BrokerClient, BrokerError, loadBrokerPackage } = require('..');
+
+const rpc = new protobuf.Root().loadSync(path.join(__dirname, '..', 'lib', 'rpc_status.proto'),
+  { keepCase: true });
+
+function richError(code, reason, message) {
+  const info = rpc.lookupType('google.rpc.ErrorInfo');
+  const status = rpc.lookupType('google.rpc.Status');
+  const detail = {
+    type_url: 'type.googleapis.com/google.rpc.ErrorInfo',
+    value: info.encode({ reason, domain: 'broker.v1', metadata: { session_id: 's1' } }).finish(),
+  };
+  const metadata = new grpc.Metadata();
+  metadata.set('grpc-status-details-bin',
+    Buffer.from(status.encode({ code, message, details: [detail] }).finish()));
+  return { code, details: message, metadata };
+}
+
+const calls = { send: [], status: [] };
+const script = { send: [], status: [] };
+let server;
+let target;
+
+before(async () => {
+  const pkg = loadBrokerPackage();
+  server = new grpc.Server();
+  server.addService(pkg.Broker.service, {
+    Send(call, callback) {
+      calls.send.push(call.request);
+      const next = script.send.shift();
+      if (next) return callback(next);
+      callback(null, { messageId: 'm-1', status: 'ACKED', sequence: 1 });
+    },
+    StreamStatus(call) {
+      calls.status.push(call.request);
+      const step = script.status.shift() || { events: [] };
+      for (const ev of step.events) call.write(ev);
+      if (step.error) call.emit('error', step.error);
+      // else: stay open, like a live stream
+    },
+  });
+  const port = await new Promise((resolve, reject) => {
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(),
+      (err, p) => (err ? reject(err) : resolve(p)));
+  });
+  target = `127.0.0.1:${port}`;
+});
+
+after(() => server.forceShutdown());
+
+test('send retries UNAVAILABLE with the same idempotency key', async () => {
+  calls.send.length = 0;
+  script.send = [
+    richError(grpc.status.UNAVAILABLE, 'NOT_DELIVERED_YET', 'still reconnecting'),
+    richError(grpc.status.UNAVAILABLE, 'NOT_DELIVERED_YET', 'still reconnecting'),
+  ];
+  const client = new BrokerClient(target, { timeoutMs: 10000 });
+  try {
+    const result = await client.send('s1', '+15550100', 'hi', { idempotencyKey: 'k-1' });
+    assert.equal(result.acked, true);
+    assert.equal(result.messageId, 'm-1');
+    assert.deepEqual(calls.send.map((r) => r.idempotencyKey), ['k-1', 'k-1', 'k-1']);
+  } finally {
+    client.close();
+  }
+});
+
+test('a generated key is reused across retries too', async () => {
+  calls.send.length = 0;
+  script.send = [richError(grpc.status.UNAVAILABLE, 'STORE_UNAVAILABLE', 'redis down')];
+  const client = new BrokerClient(target);
+  try {
+    const result = await client.send('s1', 'to', 'body');
+    const keys = calls.send.map((r) => r.idempotencyKey);
+    assert.equal(keys.length, 2);
+    assert.ok(keys[0].length > 0);
+    assert.equal(keys[0], keys[1]);
+    assert.equal(result.idempotencyKey, keys[0]);
+  } finally {
+    client.close();
+  }
+});
+
+test('other codes are not retried and carry the machine-readable reason', async () => {
+  calls.send.length = 0;
+  script.send = [richError(grpc.status.FAILED_PRECONDITION, 'LOGGED_OUT', 'logged out')];
+  const client = new BrokerClient(target);
+  try {
+    await assert.rejects(client.send('s1', 'to', 'body'), (err) => {
+      assert.ok(err instanceof BrokerError);
+      assert.equal(err.codeName, 'FAILED_PRECONDITION');
+      assert.equal(err.reason, 'LOGGED_OUT');
+      assert.equal(err.metadata.session_id, 's1');
+      assert.equal(err.retryable, false);
+      return true;
+    });
+    assert.equal(calls.send.length, 1);
+  } finally {
+    client.close();
+  }
+});
+
+test('watchStatus resumes after the last event id when the stream drops', async () => {
+  calls.status.length = 0;
+  const ev = (id, state) => ({ eventId: id, sessionId: 's1', sequence: Number(id), state });
+  script.status = [
+    { events: [ev('1', 'OPEN'), ev('2', 'RECONNECTING')],
+      error: { code: grpc.status.UNAVAILABLE, details: 'broker restarting' } },
+    { events: [ev('3', 'OPEN')] },
+  ];
+  const client = new BrokerClient(target);
+  try {
+    const watch = client.watchStatus({ sessionIds: ['s1'] });
+    const seen = [];
+    for await (const event of watch) {
+      seen.push(`${event.eventId}:${event.state}`);
+      if (seen.length === 3) break;
+    }
+    assert.deepEqual(seen, ['1:OPEN', '2:RECONNECTING', '3:OPEN']);
+    assert.deepEqual(calls.status.map((r) => r.resumeAfter), ['', '2']);
+    assert.equal(watch.reconnects, 1);
+    assert.equal(watch.lastEventId, '3');
+  } finally {
+    client.close();
+  }
+});

@@ -1,0 +1,101 @@
+"""The Node.js client (clients/node) against a live broker on loopback.
+
+Runs the example worker as a person would (`node examples/worker.js ...`) and
+checks what reached the simulator, plus the package's own `node --test` unit
+tests. Skipped when `node` is not installed; `npm ci` runs once when
+node_modules is missing (scripts/test.sh normally does it first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.app import BrokerApp
+from broker.simulator import Simulator
+from tests.helpers import paired_session
+
+NODE = shutil.which("node")
+NPM = shutil.which("npm")
+NODE_DIR = Path(__file__).resolve().parents[2] / "clients" / "node"
+SID = "962302"
+
+pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
+
+
+@pytest.fixture(scope="module")
+def node_client() -> Path:
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        if NPM is None:
+            pytest.skip("npm is not installed and clients/node/node_modules is missing")
+        subprocess.run([NPM, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True,
+                       timeout=300, capture_output=True)
+    return NODE_DIR
+
+
+async def run_worker(*args: str) -> tuple[int, list[dict[str, Any]]]:
+    """Run examples/worker.js without blocking the loop that serves the broker."""
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        NODE, "examples/worker.js", *args, cwd=NODE_DIR,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(60):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
+    assert proc.returncode is not None
+    assert proc.returncode == 0 or lines, err.decode()
+    return proc.returncode, lines
+
+
+async def test_worker_sends_once_and_prints_status(
+    node_client: Path, sim: Simulator, broker: BrokerApp
+) -> None:
+    await paired_session(broker, sim, SID)
+    args = ("--target", broker.address, "--session", SID, "--to", "+15550100",
+            "--body", "hello from node", "--key", "node-order-1", "--events", "1")
+
+    code, lines = await run_worker(*args)
+    assert code == 0, lines
+    sent, status = lines
+    assert sent["type"] == "sent" and sent["acked"] and not sent["duplicate"]
+    assert sent["idempotencyKey"] == "node-order-1"
+    assert status["type"] == "status" and status["sessionId"] == SID
+    assert status["state"] == "OPEN" and status["snapshot"] and status["eventId"]
+    accepted = sim.record(SID).accepted
+    assert [(m.to, m.body, m.id) for m in accepted] == [
+        ("+15550100", "hello from node", sent["messageId"])]
+
+    # The same key again (a worker retrying after a crash): answered, not re-sent.
+    code, lines = await run_worker(*args)
+    assert code == 0, lines
+    assert lines[0]["duplicate"] and lines[0]["messageId"] == sent["messageId"]
+    assert len(sim.record(SID).accepted) == 1
+
+
+async def test_worker_reports_the_machine_readable_reason(
+    node_client: Path, broker: BrokerApp
+) -> None:
+    code, lines = await run_worker("--target", broker.address, "--session", "nobody",
+                                   "--to", "+15550100", "--body", "hi")
+    assert code == 1
+    [error] = lines
+    assert (error["code"], error["reason"]) == ("NOT_FOUND", "SESSION_NOT_FOUND")
+
+
+def test_node_unit_tests(node_client: Path) -> None:
+    assert NODE is not None
+    result = subprocess.run([NODE, "--test", "test/"], cwd=NODE_DIR, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
