@@ -3,6 +3,7 @@ it converts, calls the session manager, converts back."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,8 @@ from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
+#: A live event goes to every subscriber: convert it once, not once per stream.
+_live_event = functools.lru_cache(maxsize=64)(convert.status_event)
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
@@ -71,7 +74,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                         event_order(request.resume_after):
                     continue
                 seen[live.session_id] = live.sequence
-                yield convert.status_event(live)
+                yield _live_event(live)
 
     @unary
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:

@@ -65,6 +65,9 @@ _STARTABLE = frozenset(
 )
 _FAST_BACKOFF = frozenset({_D.CONNECTION_CLOSED, _D.TIMED_OUT, _D.BAD_FRAME})
 _SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
+#: Jitter source of machines not given one: one for all, as a Random holds
+#: 2.5 KB of state and a broker runs thousands of machines.
+_SHARED_RNG = random.Random()
 
 
 class SessionMachine:
@@ -78,7 +81,7 @@ class SessionMachine:
         state: State = State.STOPPED,
     ) -> None:
         self.policy = policy or LifecyclePolicy()
-        self._rng = rng or random.Random()
+        self._rng = rng or _SHARED_RNG
         self._state = state
         self._attempt = 0
         self._qr: str | None = None

@@ -30,6 +30,7 @@ class Subscription:
         self.matches = matches
         self.queue: asyncio.Queue[StatusEvent] = asyncio.Queue(maxsize=buffer)
         self.overflowed = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
 
     def offer(self, event: StatusEvent) -> None:
         if self.overflowed.is_set() or not self.matches(event):
@@ -38,22 +39,28 @@ class Subscription:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.overflowed.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> StatusEvent | None:
-        """The next event, or None once this subscriber has overflowed."""
+        """The next event, or None once this subscriber has overflowed.
+
+        One plain future per wait (one reader per subscription): with a thousand
+        subscribers, two tasks and an asyncio.wait per event each were a large
+        share of the fan-out's cost (docs/benchmarks.md).
+        """
         if self.overflowed.is_set():
             return None
-        getter = asyncio.ensure_future(self.queue.get())
-        overflow = asyncio.ensure_future(self.overflowed.wait())
-        try:
-            await asyncio.wait({getter, overflow}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            overflow.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
+        while self.queue.empty():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            if self.overflowed.is_set() and self.queue.empty():
+                return None
+        return self.queue.get_nowait()
 
     def close(self) -> None:
         self._bus.unsubscribe(self)

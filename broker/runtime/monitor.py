@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from broker.lifecycle.health import Severity
+from broker.lifecycle.health import Severity, recommend
 from broker.runtime.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,26 @@ class HealthMonitor:
                 await self._task
 
     async def check(self) -> None:
-        for item in await self.manager.health():
-            sid = item.view.record.session_id
-            codes = frozenset(r.code for r in item.recommendations)
+        """Only the sessions this instance runs, from their actors: each instance
+        watches what it owns, and a check costs no store reads but the outbox depth."""
+        now = self.manager.clock()
+        actors = dict(self.manager.actors)
+        for gone in set(self.current) - set(actors):
+            del self.current[gone]
+        for sid, actor in actors.items():
+            depth = await self.manager.store.outbox_depth(sid)
+            recommendations = recommend(
+                actor.state, actor.stats, now=now, outbox_depth=depth,
+                reason=actor.machine.reason, code=actor.machine.code, session_id=sid,
+            )
+            codes = frozenset(r.code for r in recommendations)
             if codes == self.current.get(sid, frozenset()):
                 continue
             self.current[sid] = codes
-            for rec in item.recommendations:
+            for rec in recommendations:
                 level = logging.INFO if rec.severity == Severity.INFO else logging.WARNING
                 log.log(level, "session %s: %s: %s", sid, rec.code, rec.message,
-                        extra={"session_id": sid, "tenant": item.view.record.tenant})
+                        extra={"session_id": sid, "tenant": actor.tenant})
 
     async def _loop(self) -> None:
         while True:

@@ -110,6 +110,10 @@ class WebsocketProvider:
                 ping_interval=None,
                 close_timeout=2,
                 max_size=p.MAX_FRAME_BYTES,
+                # No permessage-deflate: frames are small JSON, and each
+                # connection's zlib state cost ~50 KB of RSS per session and
+                # CPU on every frame (docs/benchmarks.md).
+                compression=None,
             )
         except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             raise ConnectError(DisconnectCode.CONNECTION_CLOSED, f"cannot connect: {exc}") from exc

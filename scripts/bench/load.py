@@ -1,0 +1,299 @@
+"""Client roles of the harness, each run in its own process; each prints one
+``RESULT {json}`` line and exits. Every loop is bounded in count and in time.
+
+- ``send``: closed-loop unary Send at a fixed concurrency (broker, relay and echo alike);
+- ``ws``: the upstream floor, send-and-ack over one websocket straight to the simulator;
+- ``fanout``: N StreamStatus subscribers; latency from each event's `at` to its arrival;
+- ``reliable``: Sends retried with the same key until acked, for the drop schedule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+
+from broker_client.v1 import broker_pb2 as pb
+from broker_client.v1 import broker_pb2_grpc as pb_grpc
+from scripts.bench.common import raise_nofile, summary_ms
+
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def _result(**data: Any) -> None:
+    print("RESULT " + json.dumps(data), flush=True)
+
+
+class Window:
+    """Counts what completes inside [start + warmup, start + warmup + duration]."""
+
+    def __init__(self, warmup: float, duration: float) -> None:
+        self.t0 = time.perf_counter()
+        self.begin = self.t0 + warmup
+        self.end = self.begin + duration
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+
+    def record(self, started: float, finished: float) -> None:
+        if started >= self.begin and finished <= self.end:
+            self.latencies.append(finished - started)
+
+    def error(self, name: str) -> None:
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    def report(self, duration: float, **extra: Any) -> dict[str, Any]:
+        done = len(self.latencies)
+        return {"throughput_rps": round(done / duration, 1), **summary_ms(self.latencies),
+                "errors": self.errors, **extra}
+
+
+# -- send ----------------------------------------------------------------------
+
+async def run_send(args: argparse.Namespace) -> None:
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        stub = pb_grpc.BrokerStub(channel)
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= 1
+                n += 1
+                request = pb.SendRequest(session_id=args.session, to="+15550100",
+                                         body=f"{args.prefix} {w} {n}",
+                                         idempotency_key=f"{args.prefix}-{w}-{n}")
+                started = time.perf_counter()
+                try:
+                    response = await stub.Send(request, timeout=args.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    window.error(exc.code().name)
+                    continue
+                if response.status != pb.ACKED:
+                    window.error("NOT_ACKED")
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+# -- ws (the upstream floor) ------------------------------------------------------
+
+async def run_ws(args: argparse.Namespace) -> None:
+    from websockets.asyncio.client import connect
+
+    login = args.session
+    async with connect(args.upstream_url, ping_interval=None) as ws:  # pair once
+        await ws.send(json.dumps({"type": "hello", "login": login, "credentials": None}))
+        creds: Any = None
+        async for raw in ws:
+            frame = json.loads(raw)
+            if frame["type"] == "qr":
+                await asyncio.to_thread(_get, f"{args.control_url}/control/scan?login={login}")
+            elif frame["type"] == "paired":
+                creds = frame["credentials"]
+                break
+    async with connect(args.upstream_url, ping_interval=None, max_size=1 << 20) as ws:
+        await ws.send(json.dumps({"type": "hello", "login": login, "credentials": creds}))
+        while json.loads(await ws.recv())["type"] != "ready":
+            pass
+        waiters: dict[str, asyncio.Future[None]] = {}
+
+        async def read() -> None:
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame.get("type") == "ack":
+                    fut = waiters.pop(frame["id"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+
+        reader = asyncio.create_task(read())
+        window = Window(args.warmup, args.duration)
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < window.end:
+                budget[0] -= 1
+                n += 1
+                mid = f"m-{args.prefix}-{w}-{n}"
+                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                waiters[mid] = fut
+                started = time.perf_counter()
+                await ws.send(json.dumps({"type": "send", "id": mid, "to": "+15550100",
+                                          "body": f"{args.prefix} {w} {n}"}))
+                try:
+                    await asyncio.wait_for(fut, args.timeout)
+                except TimeoutError:
+                    window.error("TIMEOUT")
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+# -- fanout --------------------------------------------------------------------------
+
+async def run_fanout(args: argparse.Namespace) -> None:
+    """Subscribe N streams over a few channels; report per-delivery and per-event latency.
+
+    Reads commands on stdin: "reset" forgets what arrived so far (a profiled
+    warm-up round), "done" reports; at most `max_seconds` in all.
+    """
+    channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.channels)]
+    arrivals: dict[tuple[str, int], list[float]] = {}
+    ats: dict[tuple[str, int], float] = {}
+    snapshots = [0]
+    all_subscribed = asyncio.Event()
+    cut_off = [0]
+
+    async def subscriber(i: int) -> None:
+        stub = pb_grpc.BrokerStub(channels[i % len(channels)])
+        call = stub.StreamStatus(pb.StreamStatusRequest(session_ids=[args.session]))
+        try:
+            async for event in call:
+                now = time.time()
+                if event.snapshot:
+                    snapshots[0] += 1
+                    if snapshots[0] == args.subscribers:
+                        all_subscribed.set()
+                    continue
+                key = (event.session_id, event.sequence)
+                ats[key] = event.at.ToNanoseconds() / 1e9
+                arrivals.setdefault(key, []).append(now)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.CANCELLED:
+                cut_off[0] += 1
+
+    tasks = [asyncio.create_task(subscriber(i)) for i in range(args.subscribers)]
+    await asyncio.wait_for(all_subscribed.wait(), 60)
+    print("READY {}", flush=True)
+    loop = asyncio.get_running_loop()
+    give_up = time.monotonic() + args.max_seconds
+    while (left := give_up - time.monotonic()) > 0:
+        try:
+            line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), left)
+        except TimeoutError:
+            break
+        if line.strip() == "reset":
+            await asyncio.sleep(0.5)  # the stragglers of the round being forgotten
+            arrivals.clear()
+            ats.clear()
+            print("RESET", flush=True)
+            continue
+        break
+    await asyncio.sleep(0.5)  # the last event's stragglers
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for channel in channels:
+        await channel.close(None)
+    per_delivery = [t - ats[k] for k, times in arrivals.items() for t in times]
+    to_all = [max(times) - ats[k] for k, times in arrivals.items()]
+    complete = sum(1 for times in arrivals.values() if len(times) == args.subscribers)
+    _result(subscribers=args.subscribers, events=len(arrivals), complete_events=complete,
+            cut_off=cut_off[0], per_delivery=summary_ms(per_delivery),
+            time_to_all=summary_ms(to_all))
+
+
+# -- reliable (delivery under drops) -----------------------------------------------------
+
+async def run_reliable(args: argparse.Namespace) -> None:
+    """`concurrency` workers each send messages one after another for `duration`
+    seconds, every one retried with its key until ACKED (bounded by `drain` seconds
+    after the sending phase)."""
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        stub = pb_grpc.BrokerStub(channel)
+        t0 = time.monotonic()
+        send_until, give_up = t0 + args.duration, t0 + args.duration + args.drain
+        sent: list[str] = []
+        acked: dict[str, str] = {}
+        attempts = [0]
+        errors: dict[str, int] = {}
+        latencies: list[float] = []
+
+        async def worker(w: int) -> None:
+            n = 0
+            while time.monotonic() < send_until and len(sent) < args.max_requests:
+                n += 1
+                body = f"{args.prefix} {w} {n}"
+                sent.append(body)
+                request = pb.SendRequest(session_id=args.session, to="+15550100", body=body,
+                                         idempotency_key=f"{args.prefix}-{w}-{n}")
+                started = time.monotonic()
+                while time.monotonic() < give_up:
+                    attempts[0] += 1
+                    try:
+                        response = await stub.Send(request, timeout=args.timeout)
+                    except grpc.aio.AioRpcError as exc:
+                        errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                        if exc.code() not in _RETRYABLE:
+                            break
+                        await asyncio.sleep(0.05 if exc.code() ==
+                                            grpc.StatusCode.DEADLINE_EXCEEDED else 0.2)
+                        continue
+                    if response.status == pb.ACKED:
+                        acked[body] = response.message_id
+                        latencies.append(time.monotonic() - started)
+                        break
+                if args.interval:
+                    await asyncio.sleep(args.interval)
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    _result(sent=sent, acked=acked, attempts=attempts[0], errors=errors,
+            ack_latency=summary_ms(latencies), elapsed_s=round(time.monotonic() - t0, 2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise_nofile()
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.load")
+    sub = parser.add_subparsers(dest="role", required=True)
+    for name in ("send", "ws", "reliable"):
+        p = sub.add_parser(name)
+        p.add_argument("--target", default="")
+        p.add_argument("--upstream-url", default="")
+        p.add_argument("--control-url", default="")
+        p.add_argument("--session", required=True)
+        p.add_argument("--concurrency", type=int, default=1)
+        p.add_argument("--warmup", type=float, default=1.0)
+        p.add_argument("--duration", type=float, default=5.0)
+        p.add_argument("--drain", type=float, default=60.0)
+        p.add_argument("--interval", type=float, default=0.0)
+        p.add_argument("--max-requests", type=int, default=1_000_000)
+        p.add_argument("--timeout", type=float, default=30.0)
+        p.add_argument("--prefix", default="b")
+    fan = sub.add_parser("fanout")
+    fan.add_argument("--target", required=True)
+    fan.add_argument("--session", required=True)
+    fan.add_argument("--subscribers", type=int, default=1000)
+    fan.add_argument("--channels", type=int, default=10)
+    fan.add_argument("--max-seconds", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    runner = {"send": run_send, "ws": run_ws, "fanout": run_fanout,
+              "reliable": run_reliable}[args.role]
+    asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,228 @@
+"""Targets and the docs/benchmarks.md rendering of docs/benchmarks.json."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+NOTES = Path(__file__).with_name("NOTES.md")
+SCENARIO_KEYS = ("send", "fanout", "idle", "reconnect", "flapping", "failover")
+
+
+def _get(data: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+        return float(value)
+    return None
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target: what, measured, goal, met (None when not measured)."""
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, measured: float | None, goal: str, ok: bool | None, shown: str) -> None:
+        out.append({"target": name, "measured": shown if measured is not None else "n/a",
+                    "goal": goal, "met": ok if measured is not None else None})
+
+    send = results.get("send") or {}
+    top = max((int(c) for c in (send.get("relay") or {})), default=None)
+    if top is not None:
+        c = str(top)
+        relay_rps = _num(_get(send, "relay", c, "throughput_rps"))
+        relay_p99 = _num(_get(send, "relay", c, "p99_ms"))
+        for store, floor in (("memory", 0.9), ("redis", 0.7)):
+            rps = _num(_get(send, store, c, "throughput_rps"))
+            ratio = rps / relay_rps if rps is not None and relay_rps else None
+            add(f"Send {store} c={c} throughput vs relay floor", ratio, f">= {floor}x",
+                ratio is not None and ratio >= floor, f"{ratio:.2f}x" if ratio else "")
+        p99 = _num(_get(send, "memory", c, "p99_ms"))
+        ratio = p99 / relay_p99 if p99 is not None and relay_p99 else None
+        add(f"Send memory c={c} p99 vs relay floor", ratio, "<= 1.2x",
+            ratio is not None and ratio <= 1.2, f"{ratio:.2f}x" if ratio else "")
+    p99 = _num(_get(results, "fanout", "per_delivery", "p99_ms"))
+    n = _get(results, "fanout", "subscribers")
+    add(f"StreamStatus fan-out to {n} subscribers p99", p99, "< 100 ms",
+        p99 is not None and p99 < 100, f"{p99:.1f} ms" if p99 is not None else "")
+    kb = _num(_get(results, "idle", "rss_per_session_kb"))
+    n = _get(results, "idle", "sessions")
+    add(f"{n} idle sessions: RSS per session", kb, "< 30 KB", kb is not None and kb < 30,
+        f"{kb:.1f} KB" if kb is not None else "")
+    share = _num(_get(results, "idle", "cpu_share_of_core"))
+    add(f"{n} idle sessions: CPU for keep-alives (30 s)", share, "< 10% of a core",
+        share is not None and share < 0.10, f"{share * 100:.2f}%" if share is not None else "")
+    p99 = _num(_get(results, "reconnect", "drop_to_open", "p99_ms"))
+    add("Reconnect after a transient drop p99", p99, "< 1 s", p99 is not None and p99 < 1000,
+        f"{p99:.0f} ms" if p99 is not None else "")
+    rate = _num(_get(results, "flapping", "delivery_rate"))
+    dups = _num(_get(results, "flapping", "duplicate_deliveries"))
+    add("Delivery under 1-5 s drops", rate, "100%, 0 duplicates",
+        rate == 1.0 and dups == 0,
+        f"{(rate or 0) * 100:.2f}%, {dups or 0:.0f} duplicates" if rate is not None else "")
+    worst = _num(_get(results, "failover", "kill_to_open", "max_ms"))
+    ttl = _num(_get(results, "failover", "lease_ttl_s"))
+    missing = _num(_get(results, "failover", "not_reopened")) or 0
+    if worst is not None and ttl is not None:
+        add(f"Failover kill -> OPEN (worst), lease TTL {ttl:g} s", worst / 1000,
+            f"< {ttl + 1:g} s", worst / 1000 < ttl + 1 and missing == 0,
+            f"{worst / 1000:.2f} s" + (f", {missing:.0f} not reopened" if missing else ""))
+    else:
+        add("Failover kill -> OPEN", None, "< TTL + 1 s", None, "")
+    return out
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    number = _num(value)
+    return "n/a" if number is None else f"{number:,.{digits}f}"
+
+
+def _send_table(send: dict[str, Any]) -> list[str]:
+    lines = ["| path | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | "
+             "throughput / relay | p99 / relay | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    labels = {"grpc_echo": "gRPC floor (grpc.aio echo)",
+              "upstream_ws": "upstream floor (websocket send+ack)",
+              "relay": "architecture floor (minimal relay)", "memory": "broker, memory store",
+              "redis": "broker, Redis store"}
+    for target, label in labels.items():
+        for c, point in sorted((send.get(target) or {}).items(), key=lambda kv: int(kv[0])):
+            relay = _get(send, "relay", c) or {}
+            rps, rrps = _num(point.get("throughput_rps")), _num(relay.get("throughput_rps"))
+            p99, rp99 = _num(point.get("p99_ms")), _num(relay.get("p99_ms"))
+            tr = f"{rps / rrps:.2f}x" if rps is not None and rrps else "n/a"
+            pr = f"{p99 / rp99:.2f}x" if p99 is not None and rp99 else "n/a"
+            errors = point.get("errors") or {}
+            lines.append(f"| {label} | {c} | {_f(rps)} | {_f(point.get('p50_ms'), 2)} | "
+                         f"{_f(p99, 2)} | {tr} | {pr} | "
+                         f"{', '.join(f'{k} {v}' for k, v in errors.items()) or '-'} |")
+    return lines
+
+
+def _kv_table(title: str, data: dict[str, Any]) -> list[str]:
+    lines = [f"**{title}**", "", "| metric | value |", "| --- | --- |"]
+    for key, value in data.items():
+        if key == "profile":
+            continue  # rendered as its own table
+        if isinstance(value, dict) and {"p50_ms", "p99_ms"} <= set(value):
+            shown = (f"p50 {_f(value['p50_ms'])} ms, p99 {_f(value['p99_ms'])} ms, "
+                     f"max {_f(value.get('max_ms'))} ms (n={value.get('n')})")
+        elif isinstance(value, list | dict):
+            shown = f"`{value}`"
+        else:
+            shown = str(value)
+        lines.append(f"| {key} | {shown} |")
+    return [*lines, ""]
+
+
+def _profile_lines(name: str, prof: dict[str, Any]) -> list[str]:
+    if "error" in prof:
+        return [f"- {name}: {prof['error']}"]
+    load = prof.get("load_while_profiled")
+    during = (f"; load while profiled: {_f(load.get('throughput_rps'))} req/s, "
+              f"p99 {_f(load.get('p99_ms'), 2)} ms" if load else "")
+    lines = [f"**{name}** ({prof.get('samples')} samples{during})", "",
+             "| self % | function (leaf) | | inclusive % | function (this repo) |",
+             "| ---: | --- | --- | ---: | --- |"]
+    left, right = prof.get("top_self_pct") or [], prof.get("top_broker_inclusive_pct") or []
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ["", ""]
+        b = right[i] if i < len(right) else ["", ""]
+        lines.append(f"| {a[1]} | `{a[0]}` | | {b[1]} | `{b[0]}` |" if a[0] or b[0] else "")
+    return [*lines, ""]
+
+
+def _compare(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    rows = [("Send memory c=64 req/s", ("send", "memory", "64", "throughput_rps")),
+            ("Send memory c=64 p99 ms", ("send", "memory", "64", "p99_ms")),
+            ("Send memory c=16 req/s", ("send", "memory", "16", "throughput_rps")),
+            ("Send memory c=1 p50 ms", ("send", "memory", "1", "p50_ms")),
+            ("Send Redis c=64 req/s", ("send", "redis", "64", "throughput_rps")),
+            ("Send Redis c=64 p99 ms", ("send", "redis", "64", "p99_ms")),
+            ("relay floor c=64 req/s (same run)", ("send", "relay", "64", "throughput_rps")),
+            ("relay floor c=64 p99 ms (same run)", ("send", "relay", "64", "p99_ms")),
+            ("fan-out p99 ms", ("fanout", "per_delivery", "p99_ms")),
+            ("idle RSS KB/session", ("idle", "rss_per_session_kb")),
+            ("idle CPU share of a core", ("idle", "cpu_share_of_core")),
+            ("reconnect p99 ms", ("reconnect", "drop_to_open", "p99_ms")),
+            ("failover worst ms", ("failover", "kill_to_open", "max_ms"))]
+    lines = ["| metric | before | after |", "| --- | ---: | ---: |"]
+    br, ar = before.get("results", {}), after.get("results", {})
+    for label, path in rows:
+        b, a = _get(br, *path), _get(ar, *path)
+        if b is None and a is None:
+            continue
+        digits = 4 if "share" in label else 1
+        lines.append(f"| {label} | {_f(b, digits)} | {_f(a, digits)} |")
+    tb = {t["target"]: t for t in targets(br)}
+    ta = {t["target"]: t for t in targets(ar)}
+    lines += ["", "| target | before | after |", "| --- | --- | --- |"]
+    for name in ta:
+        b = tb.get(name, {})
+        lines.append(f"| {name} | {b.get('measured', 'n/a')} ({_met(b.get('met'))}) | "
+                     f"{ta[name]['measured']} ({_met(ta[name]['met'])}) |")
+    return lines
+
+
+def _met(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "NOT met")
+
+
+def render(doc: dict[str, Any], label: str) -> str:
+    run = doc["runs"][label]
+    res = run.get("results", {})
+    lines = ["# Benchmarks", "",
+             "Generated by `scripts/bench/run.py` (see the README's Benchmarks section); "
+             "every ratio is against floors measured in the same run, on the same machine. "
+             "Numbers from a shared, noisy 2-core machine: compare ratios, not absolutes.", "",
+             f"- run: `{label}`, mode `{run.get('mode')}`, {run.get('date')}",
+             f"- command: `{run.get('command')}`",
+             f"- machine: {run.get('cores')} cores, {run.get('cpu')}, Python {run.get('python')}",
+             "- processes: broker, simulator, floors and load clients each in their own "
+             "process, over loopback", ""]
+    if run.get("commands") and len(run["commands"]) > 1:
+        lines += ["Scenarios re-run into this run: " +
+                  "; ".join(f"`{c}`" for c in run["commands"][1:]), ""]
+    lines += ["## Targets", "", "| target | measured | goal | |", "| --- | --- | --- | --- |"]
+    for t in targets(res):
+        lines.append(f"| {t['target']} | {t['measured']} | {t['goal']} | {_met(t['met'])} |")
+    lines.append("")
+    if "send" in res:
+        lines += ["## Send (waits for the upstream ack), one session", ""]
+        if "error" in res["send"]:
+            lines += [f"error: `{res['send']['error']}`", ""]
+        lines += [*_send_table(res["send"]), ""]
+    titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
+              "idle": "Idle sessions with keep-alive",
+              "reconnect": "Reconnect after a transient drop (428, default backoff)",
+              "flapping": "Delivery while the upstream drops every 1-5 s",
+              "failover": "Failover on Redis (SIGKILL of the owner)"}
+    for key, title in titles.items():
+        if key in res:
+            lines += ["## " + title, "", *_kv_table(key, res[key])]
+            if isinstance(res[key].get("profile"), dict):
+                lines += _profile_lines(f"py-spy profile of the broker ({key})",
+                                        res[key]["profile"])
+    runs = doc["runs"]
+    if "before" in runs and "after" in runs:
+        lines += ["## Before and after the profile-driven fixes", "",
+                  *_compare(runs["before"], runs["after"]), ""]
+    shown = [n for n in ("before", "after") if n in runs]
+    if label not in shown:
+        shown.append(label)
+    for name in shown:
+        profs = _get(runs[name], "results", "send", "profiles")
+        if profs:
+            lines += [f"## Profile of the broker under Send c=64 (run `{name}`)", "",
+                      "py-spy, sampling the broker process while a separate client sends.", ""]
+            for store, prof in profs.items():
+                lines += _profile_lines(f"{store} store", prof)
+    if NOTES.exists():
+        lines += ["## Notes", "", NOTES.read_text().strip(), ""]
+    return "\n".join(line for line in lines) + "\n"

@@ -1,0 +1,519 @@
+"""The scenarios: each starts its processes, drives them, returns plain numbers.
+
+Every process is separate (broker, simulator, load client, floors) except where
+the issue allows otherwise (the 10k-session scenario hosts the simulator in the
+driver so it can scan 10k QR codes without 10k HTTP requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import re
+import signal
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from broker_client.v1 import broker_pb2 as pb
+from broker_client.v1 import broker_pb2_grpc as pb_grpc
+from scripts.bench import common
+from scripts.bench.common import Proc, acontrol, summary_ms
+from scripts.bench.profile import profile_pid
+
+
+@dataclass(frozen=True)
+class Config:
+    mode: str
+    concurrencies: tuple[int, ...] = (1, 16, 64)
+    warmup_s: float = 1.0
+    duration_s: float = 5.0
+    reps: int = 2
+    profile: bool = True
+    profile_s: float = 8.0
+    fanout_subscribers: int = 1000
+    fanout_changes: int = 10
+    idle_sessions: int = 10_000
+    idle_window_s: float = 60.0
+    idle_keepalive_s: float = 30.0
+    idle_settle_s: float = 3.0
+    reconnect_sessions: int = 200
+    reconnect_gap_s: float = 0.1
+    flap_s: float = 60.0
+    flap_drain_s: float = 90.0
+    failover_rounds: int = 2
+    failover_ttl_s: float = 10.0
+    failover_sessions: int = 6
+    extra_profiles: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Config] = {
+    "full": Config("full"),
+    "quick": Config("quick", warmup_s=0.5, duration_s=2.0, reps=1, profile_s=4.0,
+                    fanout_changes=5, idle_sessions=1000, idle_window_s=30.0,
+                    reconnect_sessions=50, flap_s=20.0, flap_drain_s=60.0,
+                    failover_rounds=1, failover_ttl_s=5.0, failover_sessions=4),
+    "smoke": Config("smoke", concurrencies=(4,), warmup_s=0.1, duration_s=0.4, reps=1,
+                    profile=False, fanout_subscribers=10, fanout_changes=1, idle_sessions=5,
+                    idle_window_s=0.5, idle_settle_s=0.2, reconnect_sessions=2,
+                    flap_s=1.0, flap_drain_s=15.0, failover_rounds=1, failover_ttl_s=1.5,
+                    failover_sessions=2),
+}
+
+
+def _stub(channel: grpc.aio.Channel) -> pb_grpc.BrokerAsyncStub:
+    return pb_grpc.BrokerStub(channel)
+
+
+async def _ready_all(procs: Sequence[Proc]) -> list[dict[str, Any]]:
+    return await asyncio.gather(*(asyncio.to_thread(p.ready) for p in procs))
+
+
+async def _broker(name: str, workdir: Path, upstream: str, **kw: Any) -> tuple[Proc, str]:
+    return await asyncio.to_thread(common.broker, name, workdir, upstream, **kw)
+
+
+async def _load(name: str, workdir: Path, args: list[str], timeout: float) -> dict[str, Any]:
+    proc = common.role(name, "load", args, workdir)
+    try:
+        return await asyncio.to_thread(proc.result, timeout)
+    finally:
+        proc.kill()
+
+
+async def _session_state(address: str, session_id: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        session = await _stub(channel).GetSession(pb.GetSessionRequest(session_id=session_id),
+                                                  timeout=10)
+        return int(session.state)
+
+
+async def _wait_open(address: str, session_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await _session_state(address, session_id) == pb.OPEN:
+            return
+        await asyncio.sleep(0.05)
+    raise RuntimeError(f"{session_id} not OPEN within {timeout}s")
+
+
+# -- 1 (and the floors): Send throughput and latency ----------------------------------
+
+async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
+    """Floors and the broker (memory, Redis), interleaved per concurrency and repetition;
+    the best repetition of each point counts (the machine is shared and noisy)."""
+    sim, upstream, ctl = await asyncio.to_thread(common.simulator, "send-sim", workdir)
+    redis = _redis()
+    procs: list[Proc] = [sim]
+    try:
+        echo = common.role("echo", "servers", ["echo"], workdir)
+        relay = common.role("relay", "servers", ["relay", "--upstream-url", upstream,
+                                                 "--control-url", ctl], workdir)
+        procs += [echo, relay]
+        env = common.credential_env()
+        (mem, mem_addr), (red, red_addr) = await asyncio.gather(
+            _broker("broker-memory", workdir, upstream),
+            _broker("broker-redis", workdir, upstream, store=redis.url, env=env),
+        )
+        procs += [mem, red]
+        echo_info, relay_info = await _ready_all([echo, relay])
+        await asyncio.gather(common.pair_sessions(mem_addr, ctl, ["s-mem"]),
+                             common.pair_sessions(red_addr, ctl, ["s-redis"]))
+        targets: dict[str, list[str]] = {
+            "grpc_echo": ["send", "--target", echo_info["address"], "--session", "s-echo"],
+            "upstream_ws": ["ws", "--upstream-url", upstream, "--control-url", ctl],
+            "relay": ["send", "--target", relay_info["address"], "--session", "s-relay"],
+            "memory": ["send", "--target", mem_addr, "--session", "s-mem"],
+            "redis": ["send", "--target", red_addr, "--session", "s-redis"],
+        }
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {} for t in targets}
+        for rep in range(cfg.reps):
+            for c in cfg.concurrencies:
+                for target, base in targets.items():
+                    args = [*base]
+                    if target == "upstream_ws":
+                        args += ["--session", f"s-ws-{rep}-{c}"]
+                    args += ["--concurrency", str(c), "--warmup", str(cfg.warmup_s),
+                             "--duration", str(cfg.duration_s), "--prefix", f"r{rep}c{c}"]
+                    timeout = cfg.warmup_s + cfg.duration_s + 60
+                    out = await _load(f"load-{target}-{rep}-{c}", workdir, args, timeout)
+                    runs[target].setdefault(c, []).append(out)
+                    print(f"  send {target:12s} c={c:<3d} rep {rep}: "
+                          f"{out['throughput_rps']:8.1f} rps  p50 {out['p50_ms']:7.2f} ms  "
+                          f"p99 {out['p99_ms']:7.2f} ms  errors {out['errors']}", flush=True)
+        result: dict[str, Any] = {}
+        for target, per_c in runs.items():
+            result[target] = {str(c): max(outs, key=lambda o: o["throughput_rps"])
+                              for c, outs in per_c.items()}
+        if cfg.profile:
+            top = max(cfg.concurrencies)
+            result["profiles"] = {}
+            for target, proc in (("memory", mem), ("redis", red)):
+                result["profiles"][target] = await _profiled(
+                    cfg, workdir, proc, [*targets[target], "--concurrency", str(top),
+                                         "--warmup", "0.5", "--duration",
+                                         str(cfg.profile_s + 1), "--prefix", "prof"],
+                    f"profile-{target}")
+        return result
+    finally:
+        for p in procs:
+            p.stop()
+        redis.close()
+
+
+async def _profiled(cfg: Config, workdir: Path, target: Proc, load_args: list[str],
+                    name: str) -> dict[str, Any]:
+    load = common.role(f"load-{name}", "load", load_args, workdir)
+    try:
+        await asyncio.sleep(1.0)
+        prof = await asyncio.to_thread(profile_pid, target.pid, cfg.profile_s,
+                                       workdir / f"{name}.txt")
+        out = await asyncio.to_thread(load.result, cfg.profile_s + 60)
+        prof["load_while_profiled"] = {k: out[k] for k in ("throughput_rps", "p50_ms", "p99_ms")}
+        return prof
+    finally:
+        load.kill()
+
+
+def _redis() -> Any:
+    from tests.redis_server import RedisServer
+
+    return RedisServer(appendonly=True).start()
+
+
+# -- 3: StreamStatus fan-out ---------------------------------------------------------
+
+FAST = ("--backoff-initial", "0.05", "--backoff-max", "0.2", "--stable-after", "1")
+
+
+async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
+    sim, upstream, ctl = await asyncio.to_thread(common.simulator, "fan-sim", workdir)
+    procs = [sim]
+    try:
+        brk, addr = await _broker("broker-fanout", workdir, upstream, extra=FAST)
+        procs.append(brk)
+        await common.pair_sessions(addr, ctl, ["fan-1"])
+        client = common.role("fanout-client", "load",
+                             ["fanout", "--target", addr, "--session", "fan-1",
+                              "--subscribers", str(cfg.fanout_subscribers)], workdir, stdin=True)
+        procs.append(client)
+        await asyncio.to_thread(client.ready, 90)
+
+        async def changes() -> None:
+            for _ in range(cfg.fanout_changes):
+                await asyncio.sleep(0.3)
+                await acontrol(ctl, "drop", login="fan-1")
+                await asyncio.sleep(0.1)
+                await _wait_open(addr, "fan-1", 20)
+            await asyncio.sleep(0.3)
+
+        profile: dict[str, Any] | None = None
+        if cfg.profile:  # a first round of changes under py-spy, then forgotten
+            seconds = max(2.0, 0.6 * cfg.fanout_changes)
+            profiling = asyncio.ensure_future(asyncio.to_thread(
+                profile_pid, brk.pid, seconds, workdir / "profile-fanout.txt"))
+            await changes()
+            profile = await profiling
+            client.send_line("reset")
+            await asyncio.to_thread(client.wait_pattern, re.compile("^RESET$", re.M), 30)
+        await changes()
+        client.send_line("done")
+        out = await asyncio.to_thread(client.result, 60)
+        if profile is not None:
+            out["profile"] = profile
+        out["broker_rss_mb"] = round(brk.rss_bytes() / 2**20, 1)
+        return out
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# -- 4: many idle sessions -------------------------------------------------------------
+
+async def idle(cfg: Config, workdir: Path) -> dict[str, Any]:
+    from broker.simulator import Simulator, SimulatorConfig
+
+    common.raise_nofile()
+    sim = Simulator(SimulatorConfig(idle_timeout_s=cfg.idle_keepalive_s * 3,
+                                    qr_interval_s=300.0, qr_max=5))
+    await sim.start("127.0.0.1", 0)
+    n = cfg.idle_sessions
+    brk: Proc | None = None
+    try:
+        brk, addr = await _broker(
+            "broker-idle", workdir, sim.url,
+            extra=("--keepalive-interval", str(cfg.idle_keepalive_s), "--log-level", "warning"))
+        await asyncio.sleep(cfg.idle_settle_s)
+        rss0 = brk.rss_bytes()
+        started = time.monotonic()
+
+        ids = [f"idle-{i:05d}" for i in range(n)]
+        await _pair_in_process(sim, addr, ids, timeout=max(120.0, n / 40))
+        setup_s = time.monotonic() - started
+        await asyncio.sleep(cfg.idle_settle_s)
+        rss1 = brk.rss_bytes()
+        pings0 = sum(sim.record(s).pings for s in ids)
+        cpu0, t0 = brk.cpu_seconds(), time.monotonic()
+        profiling: asyncio.Future[dict[str, Any]] | None = None
+        if cfg.profile:
+            profiling = asyncio.ensure_future(asyncio.to_thread(
+                profile_pid, brk.pid, cfg.idle_window_s - 2, workdir / "profile-idle.txt"))
+        await asyncio.sleep(cfg.idle_window_s)
+        cpu1, t1 = brk.cpu_seconds(), time.monotonic()
+        pings1 = sum(sim.record(s).pings for s in ids)
+        share = (cpu1 - cpu0) / (t1 - t0)
+        extra = {"profile": await profiling} if profiling is not None else {}
+        return {**extra,
+            "sessions": n, "keepalive_interval_s": cfg.idle_keepalive_s,
+            "setup_s": round(setup_s, 1), "rss_before_mb": round(rss0 / 2**20, 1),
+            "rss_after_mb": round(rss1 / 2**20, 1),
+            "rss_per_session_kb": round((rss1 - rss0) / n / 1024, 2),
+            "idle_window_s": round(t1 - t0, 1), "cpu_seconds": round(cpu1 - cpu0, 3),
+            "cpu_share_of_core": round(share, 4),
+            "keepalives_in_window": pings1 - pings0,
+        }
+    finally:
+        if brk is not None:
+            brk.stop()
+        await sim.stop()
+
+
+async def _pair_in_process(sim: Any, address: str, ids: Sequence[str], timeout: float) -> None:
+    """Create every session, scan each QR as soon as it shows (the simulator runs in
+    this process: no HTTP per scan), then wait for all OPEN with a few listings."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = _stub(channel)
+        gate = asyncio.Semaphore(64)
+        pending = set(ids)
+
+        async def create(sid: str) -> None:
+            async with gate:
+                await stub.CreateSession(pb.CreateSessionRequest(session_id=sid), timeout=60)
+
+        async def scanner() -> None:
+            while pending and time.monotonic() < deadline:
+                for sid in list(pending):
+                    if await sim.scan(sid):
+                        pending.discard(sid)
+                await asyncio.sleep(0.2)
+
+        scanning = asyncio.create_task(scanner())
+        await asyncio.gather(*(create(s) for s in ids))
+        await scanning
+        while time.monotonic() < deadline:
+            listing = await stub.ListSessions(pb.ListSessionsRequest(), timeout=120)
+            not_open = [s.session_id for s in listing.sessions if s.state != pb.OPEN]
+            if not not_open and len(listing.sessions) >= len(ids):
+                return
+            await asyncio.sleep(2.0)
+        raise RuntimeError(f"{len(pending)} never scanned, {len(not_open)} not OPEN in time")
+
+
+# -- 5: reconnect after a transient drop; delivery under the 1-5 s drop schedule ---------
+
+class Watch:
+    """A StreamStatus subscription in the driver, keeping every live event it sees."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.events: list[tuple[float, pb.StatusEvent]] = []
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def _run(self) -> None:
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            call = _stub(channel).StreamStatus(pb.StreamStatusRequest())
+            async for event in call:
+                if event.snapshot:
+                    self.ready.set()
+                    continue
+                self.events.append((time.time(), event))
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ready.wait(), 10)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await self._task
+
+    def first(self, session_id: str, state: int, after: float) -> tuple[float, float] | None:
+        """(arrival, at) of the first `state` event of the session with `at` > after."""
+        for arrival, event in self.events:
+            at = event.at.ToNanoseconds() / 1e9
+            if event.session_id == session_id and event.state == state and at > after:
+                return arrival, at
+        return None
+
+
+async def reconnect(cfg: Config, workdir: Path) -> dict[str, Any]:
+    sim, upstream, ctl = await asyncio.to_thread(common.simulator, "rc-sim", workdir)
+    procs = [sim]
+    watch: Watch | None = None
+    try:
+        brk, addr = await _broker("broker-reconnect", workdir, upstream)
+        procs.append(brk)
+        ids = [f"rc-{i:04d}" for i in range(cfg.reconnect_sessions)]
+        await common.pair_sessions(addr, ctl, ids, timeout=120)
+        watch = Watch(addr)
+        await watch.start()
+        dropped: dict[str, float] = {}
+        for sid in ids:
+            dropped[sid] = time.time()
+            await acontrol(ctl, "drop", login=sid)
+            await asyncio.sleep(cfg.reconnect_gap_s)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if all(watch.first(s, pb.OPEN, t) for s, t in dropped.items()):
+                break
+            await asyncio.sleep(0.1)
+        total, observed, missing = [], [], 0
+        for sid, t0 in dropped.items():
+            opened = watch.first(sid, pb.OPEN, t0)
+            closed = watch.first(sid, pb.RECONNECTING, t0)
+            if opened is None:
+                missing += 1
+                continue
+            total.append(opened[1] - t0)
+            if closed is not None:
+                observed.append(opened[1] - closed[1])
+        return {"drops": len(dropped), "not_reopened": missing,
+                "drop_to_open": summary_ms(total), "close_seen_to_open": summary_ms(observed),
+                "backoff_initial_s": 0.5}
+    finally:
+        if watch is not None:
+            await watch.stop()
+        for p in procs:
+            p.stop()
+
+
+async def flapping(cfg: Config, workdir: Path) -> dict[str, Any]:
+    sim, upstream, ctl = await asyncio.to_thread(common.simulator, "flap-sim", workdir)
+    procs = [sim]
+    try:
+        brk, addr = await _broker("broker-flap", workdir, upstream)
+        procs.append(brk)
+        await common.pair_sessions(addr, ctl, ["flap-1"])
+        await acontrol(ctl, "faults", drop_min_s=1, drop_max_s=5)
+        client = common.role("load-flap", "load", [
+            "reliable", "--target", addr, "--session", "flap-1", "--concurrency", "4",
+            "--interval", "0.05", "--duration", str(cfg.flap_s), "--drain",
+            str(cfg.flap_drain_s), "--timeout", "10", "--prefix", "flap"], workdir)
+        procs.append(client)
+        await asyncio.sleep(cfg.flap_s)
+        await acontrol(ctl, "faults")  # the schedule ends with the sending phase
+        out = await asyncio.to_thread(client.result, cfg.flap_drain_s + 60)
+        record = await acontrol(ctl, "record", login="flap-1")
+        bodies = collections.Counter(m["body"] for m in record["accepted"])
+        ids = collections.Counter(m["id"] for m in record["accepted"])
+        sent = out["sent"]
+        delivered = sum(1 for b in sent if bodies[b] >= 1)
+        return {
+            "sent": len(sent), "acked_to_client": len(out["acked"]),
+            "delivered_upstream": delivered,
+            "delivery_rate": round(delivered / len(sent), 6) if sent else float("nan"),
+            "duplicate_deliveries": sum(c - 1 for c in bodies.values() if c > 1)
+            + sum(c - 1 for c in ids.values() if c > 1),
+            "upstream_deduplicated_resends": record["duplicates"],
+            "drops": record["drops"], "connection_attempts": record["connection_attempts"],
+            "send_attempts": out["attempts"], "client_errors": out["errors"],
+            "ack_latency": out["ack_latency"], "elapsed_s": out["elapsed_s"],
+            "schedule_s": cfg.flap_s,
+        }
+    finally:
+        for p in procs:
+            p.stop()
+
+
+# -- 6: failover on Redis ----------------------------------------------------------------
+
+async def _owners(address: str) -> dict[str, str]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        health = await _stub(channel).Health(pb.HealthRequest(), timeout=10)
+    return {h.session.session_id: h.owner for h in health.sessions
+            if h.session.state == pb.OPEN and h.live_state == pb.OPEN}
+
+
+async def failover(cfg: Config, workdir: Path) -> dict[str, Any]:
+    redis = _redis()
+    sim, upstream, ctl = await asyncio.to_thread(common.simulator, "fo-sim", workdir)
+    env = common.credential_env()
+    ttl = cfg.failover_ttl_s
+    extra = ("--lease-ttl", str(ttl))
+    brokers: dict[str, tuple[Proc, str]] = {}
+    procs = [sim]
+    rounds: list[dict[str, Any]] = []
+    try:
+        for name in ("fo-b1", "fo-b2"):
+            brokers[name] = await _broker(name, workdir, upstream, store=redis.url,
+                                          env=env, extra=extra)
+            procs.append(brokers[name][0])
+        ids = [f"fo-{i}" for i in range(cfg.failover_sessions)]
+        await common.pair_sessions(brokers["fo-b1"][1], ctl, ids, timeout=60)
+        spawned = 2
+        for _ in range(cfg.failover_rounds):
+            owners: dict[str, str] = {}
+            previous: dict[str, str] = {}
+            deadline = time.monotonic() + 3 * ttl + 20
+            while time.monotonic() < deadline:
+                # Every session OPEN, each broker owning some, and the same answer
+                # twice in a row a claim round apart: no handover in flight.
+                owners = await _owners(next(iter(brokers.values()))[1])
+                if (owners == previous and len(owners) == len(ids)
+                        and set(owners.values()) == set(brokers)):
+                    break
+                previous = owners
+                await asyncio.sleep(max(0.5, ttl / 5))
+            counts = collections.Counter(owners.values())
+            victim = max(brokers, key=lambda b: counts.get(b, 0))
+            survivor = next(b for b in brokers if b != victim)
+            moved = [s for s, o in owners.items() if o == victim]
+            watch = Watch(brokers[survivor][1])
+            await watch.start()
+            t0 = time.time()
+            brokers[victim][0].kill(signal.SIGKILL)
+            del brokers[victim]
+            wait_until = time.monotonic() + 3 * ttl + 15
+            while time.monotonic() < wait_until:
+                if all(watch.first(s, pb.OPEN, t0) for s in moved):
+                    break
+                await asyncio.sleep(0.05)
+            await watch.stop()
+            times = [hit[0] - t0 for s in moved if (hit := watch.first(s, pb.OPEN, t0))]
+            rounds.append({"sessions_moved": len(moved), "reopened": len(times),
+                           "kill_to_open_s": [round(t, 3) for t in times]})
+            print(f"  failover round: {len(moved)} sessions moved, kill->OPEN "
+                  f"{[round(t, 2) for t in times]} s (lease TTL {ttl} s)", flush=True)
+            spawned += 1
+            name = f"fo-b{spawned}"
+            brokers[name] = await _broker(name, workdir, upstream, store=redis.url, env=env,
+                                          extra=extra)
+            procs.append(brokers[name][0])
+        every = [t for r in rounds for t in r["kill_to_open_s"]]
+        moved_total = sum(r["sessions_moved"] for r in rounds)
+        return {"lease_ttl_s": ttl, "rounds": rounds, "sessions_moved": moved_total,
+                "not_reopened": moved_total - len(every),
+                "kill_to_open": summary_ms(every)}
+    finally:
+        for p in procs:
+            p.stop()
+        redis.close()
+
+
+SCENARIOS: dict[str, Callable[[Config, Path], Awaitable[dict[str, Any]]]] = {
+    "send": send,
+    "fanout": fanout,
+    "idle": idle,
+    "reconnect": reconnect,
+    "flapping": flapping,
+    "failover": failover,
+}

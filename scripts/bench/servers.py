@@ -1,0 +1,213 @@
+"""Server roles of the harness, each run in its own process:
+
+- ``sim``: the upstream simulator (docs/protocol.md) on a free port;
+- ``echo``: raw grpc.aio unary echo of broker.v1.Broker/Send (the gRPC floor);
+- ``relay``: the minimal relay, gRPC in and websocket out to the simulator, one
+  connection per session, no persistence, no lifecycle (the architecture floor).
+
+Each prints ``READY {json}`` on stdout once it serves, then runs until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import signal
+import sys
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.simulator import Simulator, SimulatorConfig
+from broker_client.v1 import broker_pb2 as pb
+from broker_client.v1 import broker_pb2_grpc as pb_grpc
+from scripts.bench.common import raise_nofile
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _ready(**info: Any) -> None:
+    print("READY " + json.dumps(info), flush=True)
+
+
+async def _until_term() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _ts(at: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(at * 1e9))
+    return ts
+
+
+# -- simulator -----------------------------------------------------------------
+
+async def run_sim(args: argparse.Namespace) -> None:
+    sim = Simulator(SimulatorConfig(idle_timeout_s=args.idle_timeout,
+                                    qr_interval_s=args.qr_interval, qr_max=5))
+    await sim.start("127.0.0.1", 0)
+    _ready(url=sim.url, control=sim.control_url)
+    try:
+        await _until_term()
+    finally:
+        await sim.stop()
+
+
+# -- gRPC floor ------------------------------------------------------------------
+
+class Echo(pb_grpc.BrokerServicer):
+    """Answers Send at once, with a response of the broker's shape."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count(1)
+
+    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        now = _ts(time.time())
+        return pb.SendResponse(message_id=f"m-{request.idempotency_key}", status=pb.ACKED,
+                               sequence=next(self._seq), accepted_at=now, acked_at=now)
+
+
+async def run_echo(args: argparse.Namespace) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_BrokerServicer_to_server(Echo(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _ready(address=f"127.0.0.1:{port}")
+    await _until_term()
+    await server.stop(1)
+
+
+# -- architecture floor ------------------------------------------------------------
+
+class _Upstream:
+    """One websocket per session: pair once through the simulator, then relay sends."""
+
+    def __init__(self, url: str, control: str, login: str) -> None:
+        self.url, self.control, self.login = url, control, login
+        self.waiters: dict[str, asyncio.Future[float]] = {}
+        self.ws: Any = None
+        self.reader: asyncio.Task[None] | None = None
+        self.keepalive: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        from websockets.asyncio.client import connect
+
+        async with connect(self.url, ping_interval=None) as ws:  # pairing connection
+            await ws.send(json.dumps({"type": "hello", "login": self.login,
+                                      "credentials": None}))
+            creds: Any = None
+            async for raw in ws:
+                frame = json.loads(raw)
+                if frame["type"] == "qr":
+                    await asyncio.to_thread(_get, f"{self.control}/control/scan?login={self.login}")
+                elif frame["type"] == "paired":
+                    creds = frame["credentials"]
+                    break
+        self.ws = await connect(self.url, ping_interval=None, max_size=1 << 20)
+        await self.ws.send(json.dumps({"type": "hello", "login": self.login,
+                                       "credentials": creds}))
+        while json.loads(await self.ws.recv())["type"] != "ready":
+            pass
+        self.reader = asyncio.create_task(self._read())
+        self.keepalive = asyncio.create_task(self._keepalive())
+
+    async def _keepalive(self) -> None:
+        """Application pings, as the broker's keep-alive: the upstream closes idle links."""
+        for n in itertools.count(1):
+            await asyncio.sleep(10)
+            await self.ws.send(json.dumps({"type": "ping", "id": n}))
+
+    async def _read(self) -> None:
+        async for raw in self.ws:
+            frame = json.loads(raw)
+            if frame.get("type") == "ack":
+                fut = self.waiters.pop(frame["id"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(time.time())
+
+    async def send(self, to: str, body: str) -> tuple[str, float]:
+        mid = f"m-{uuid.uuid4().hex}"
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self.waiters[mid] = fut
+        await self.ws.send(json.dumps({"type": "send", "id": mid, "to": to, "body": body}))
+        return mid, await fut
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+class Relay(pb_grpc.BrokerServicer):
+    def __init__(self, url: str, control: str) -> None:
+        self.url, self.control = url, control
+        self.links: dict[str, _Upstream] = {}
+        self.opening: dict[str, asyncio.Task[_Upstream]] = {}
+        self._seq = itertools.count(1)
+
+    async def _link(self, session_id: str) -> _Upstream:
+        link = self.links.get(session_id)
+        if link is not None:
+            return link
+        task = self.opening.get(session_id)
+        if task is None:
+            task = self.opening[session_id] = asyncio.create_task(self._open(session_id))
+        return await task
+
+    async def _open(self, session_id: str) -> _Upstream:
+        link = _Upstream(self.url, self.control, session_id)
+        await link.open()
+        self.links[session_id] = link
+        return link
+
+    async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
+        accepted = time.time()
+        link = await self._link(request.session_id)
+        mid, acked = await link.send(request.to, request.body)
+        return pb.SendResponse(message_id=mid, status=pb.ACKED, sequence=next(self._seq),
+                               accepted_at=_ts(accepted), acked_at=_ts(acked))
+
+
+async def run_relay(args: argparse.Namespace) -> None:
+    server = grpc.aio.server()
+    relay = Relay(args.upstream_url, args.control_url)  # type: ignore[abstract]
+    pb_grpc.add_BrokerServicer_to_server(relay, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _ready(address=f"127.0.0.1:{port}")
+    await _until_term()
+    await server.stop(1)
+    for link in relay.links.values():
+        with contextlib.suppress(Exception):
+            await link.ws.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    raise_nofile()
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench.servers")
+    sub = parser.add_subparsers(dest="role", required=True)
+    sim = sub.add_parser("sim")
+    sim.add_argument("--idle-timeout", type=float, default=20.0)
+    sim.add_argument("--qr-interval", type=float, default=60.0)
+    sub.add_parser("echo")
+    relay = sub.add_parser("relay")
+    relay.add_argument("--upstream-url", required=True)
+    relay.add_argument("--control-url", required=True)
+    args = parser.parse_args(argv)
+    runner = {"sim": run_sim, "echo": run_echo, "relay": run_relay}[args.role]
+    asyncio.run(runner(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
