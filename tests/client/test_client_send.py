@@ -110,17 +110,18 @@ async def test_send_does_not_retry_other_codes(
 
 async def test_send_gives_up_when_budget_spent(target: str, broker: ScriptedBroker) -> None:
     broker.send_default = not_delivered()
-    # Attempts are effectively unlimited: only the 0.5 s budget can end this.
+    # Attempts are effectively unlimited: only the 2 s budget can end this (long
+    # enough that a loaded machine still fits several attempts into it).
     async with BrokerClient(target, retry_attempts=10_000) as client:
         with pytest.raises(NotDeliveredYet) as info:
-            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=0.5), BOUND)
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=2.0), BOUND)
     assert info.value.reason == "NOT_DELIVERED_YET"
     assert 1 < len(broker.send_requests) < 10_000
     assert len({r.idempotency_key for r in broker.send_requests}) == 1
     # Each attempt's gRPC deadline is what is left of the budget, so it shrinks.
     deadlines = [d for d in broker.send_deadlines if d is not None]
     assert len(deadlines) == len(broker.send_requests)
-    assert all(d <= 0.5 for d in deadlines)
+    assert all(d <= 2.0 for d in deadlines)
     assert deadlines == sorted(deadlines, reverse=True)
 
 

@@ -187,6 +187,12 @@ class BrokerClient:
                     raise last or DeadlineExceeded(f"retry budget of {budget}s exhausted")
                 try:
                     return await self._call(method, request, remaining)
+                except DeadlineExceeded:
+                    if last is not None and last.code == grpc.StatusCode.UNAVAILABLE:
+                        # The budget ran out mid-retry: what the broker last said (e.g.
+                        # "queued, not acked yet") tells the caller more than a timeout.
+                        raise last from None
+                    raise
                 except BrokerError as err:
                     last = err
                     raise

@@ -182,11 +182,47 @@ class SyncBrokerClient:
         return self._run(self._client.get_qr(session_id))
 
 
-class SyncStatusWatch(Iterator[broker_pb2.StatusEvent]):
+class _SyncStream(Iterator[_T]):
+    """Blocking iteration over one of the async client's streams, run on its loop."""
+
+    def __init__(self, owner: SyncBrokerClient, stream: Any) -> None:
+        self._owner = owner
+        self._stream = stream
+
+    def __iter__(self) -> _SyncStream[_T]:
+        return self
+
+    def __next__(self) -> _T:
+        try:
+            return self._owner._run(self._next())
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+    async def _next(self) -> _T:
+        item: _T = await self._stream.__anext__()
+        return item
+
+    def close(self) -> None:
+        if not self._owner._closed:
+            self._owner._run(self._stream.aclose())
+
+    def __enter__(self) -> _SyncStream[_T]:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
     """Blocking view of a :class:`StatusWatch`; ``close()`` cancels the stream."""
 
     def __init__(self, owner: SyncBrokerClient, watch: StatusWatch) -> None:
-        self._owner = owner
+        super().__init__(owner, watch)
         self._watch = watch
 
     @property
@@ -197,68 +233,20 @@ class SyncStatusWatch(Iterator[broker_pb2.StatusEvent]):
     def reconnects(self) -> int:
         return self._watch.reconnects
 
-    def __iter__(self) -> SyncStatusWatch:
-        return self
-
-    def __next__(self) -> broker_pb2.StatusEvent:
-        try:
-            return self._owner._run(self._next())
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    async def _next(self) -> broker_pb2.StatusEvent:
-        return await self._watch.__anext__()
-
-    def close(self) -> None:
-        if not self._owner._closed:
-            self._owner._run(self._watch.aclose())
-
     def __enter__(self) -> SyncStatusWatch:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
-
-class SyncInboundReceiver(Iterator[broker_pb2.InboundMessage]):
+class SyncInboundReceiver(_SyncStream[broker_pb2.InboundMessage]):
     """Blocking view of an :class:`InboundReceiver`; ``close()`` cancels the stream."""
 
     def __init__(self, owner: SyncBrokerClient, receiver: InboundReceiver) -> None:
-        self._owner = owner
+        super().__init__(owner, receiver)
         self._receiver = receiver
 
     @property
     def reconnects(self) -> int:
         return self._receiver.reconnects
 
-    def __iter__(self) -> SyncInboundReceiver:
-        return self
-
-    def __next__(self) -> broker_pb2.InboundMessage:
-        try:
-            return self._owner._run(self._next())
-        except StopAsyncIteration:
-            raise StopIteration from None
-
-    async def _next(self) -> broker_pb2.InboundMessage:
-        return await self._receiver.__anext__()
-
-    def close(self) -> None:
-        if not self._owner._closed:
-            self._owner._run(self._receiver.aclose())
-
     def __enter__(self) -> SyncInboundReceiver:
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
