@@ -309,13 +309,18 @@ class SessionActor:
         self._link = link
         handshake = self._settings.connect_timeout_s
         events = link.events()
+        loop = asyncio.get_running_loop()
+        # Until `ready` the upstream must move the handshake on: answer within the
+        # connect timeout and, once pairing, show the next QR (or pair) before the
+        # current one expires. Stray frames (an ack, a pong) are no progress, or a
+        # hostile upstream could hold the session in CONNECTING/PAIRING for ever.
+        deadline: float | None = loop.time() + handshake
+        waiting_for = "upstream did not answer the handshake"
         try:
-            first = True
             while True:
                 try:
-                    if first:
-                        event = await asyncio.wait_for(anext(events), handshake)
-                        first = False
+                    if deadline is not None:
+                        event = await asyncio.wait_for(anext(events), deadline - loop.time())
                     else:
                         event = await anext(events)
                 except StopAsyncIteration:
@@ -323,8 +328,13 @@ class SessionActor:
                 except TimeoutError:
                     await link.close(DisconnectCode.TIMED_OUT, "handshake timed out")
                     post(_LinkEvent(generation, ev.Disconnected(
-                        DisconnectCode.TIMED_OUT, "upstream did not answer the handshake")))
+                        DisconnectCode.TIMED_OUT, waiting_for)))
                     return
+                if isinstance(event, ev.Ready):
+                    deadline = None  # open: the keep-alive watches the link from here
+                elif isinstance(event, ev.QrCode):
+                    deadline = loop.time() + event.expires_in_ms / 1000 + handshake
+                    waiting_for = "upstream sent no new QR code after the last one expired"
                 post(_LinkEvent(generation, event))
                 if isinstance(event, ev.Disconnected):
                     return
