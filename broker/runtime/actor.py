@@ -25,7 +25,7 @@ from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import State
 from broker.runtime.bus import StatusBus
-from broker.store.base import SessionRecord, StatusEvent, Store
+from broker.store.base import DeliveryResult, SessionRecord, StatusEvent, Store
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, Link, Provider
 
@@ -56,6 +56,11 @@ class _Command:
 
 
 _Item = inp.Event | _LinkEvent | _TimerDue | _Command
+
+
+def _settle(future: asyncio.Future[DeliveryResult | None], value: DeliveryResult | None) -> None:
+    if not future.done():
+        future.set_result(value)
 
 
 class SessionActor:
@@ -100,6 +105,7 @@ class SessionActor:
         self._sequence = 0
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
 
     @property
     def state(self) -> State:
@@ -116,6 +122,26 @@ class SessionActor:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait(_Command(event, done))
         await done
+
+    async def wait_ack(self, message_id: str, timeout: float) -> DeliveryResult | None:
+        """The ack of a message this actor delivers; None on timeout or once the
+        session needs a person (check `blocked`). Call right after enqueueing,
+        before yielding, so an ack cannot slip past."""
+        if self.blocked.is_set():
+            return None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[DeliveryResult | None] = loop.create_future()
+        waiters = self._ack_waiters.setdefault(message_id, [])
+        waiters.append(done)
+        timer = loop.call_later(timeout, _settle, done, None)
+        try:
+            return await done
+        finally:
+            timer.cancel()
+            if done in waiters:
+                waiters.remove(done)
+            if not waiters:
+                self._ack_waiters.pop(message_id, None)
 
     def kick(self) -> None:
         """A message was queued: wake the delivery loop."""
@@ -182,9 +208,11 @@ class SessionActor:
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
             case ev.Acked(message_id=mid):
-                await self._store.mark_acked(self.session_id, mid, self._clock())
+                result = await self._store.mark_acked(self.session_id, mid, self._clock())
                 self.stats.on_acked()
                 self._wake.set()
+                for waiter in self._ack_waiters.pop(mid, ()):
+                    _settle(waiter, result)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -273,6 +301,9 @@ class SessionActor:
             self.qr_expires_at = None
         if emit.state in BLOCKED_STATES:
             self.blocked.set()
+            for waiters in self._ack_waiters.values():
+                for waiter in waiters:
+                    _settle(waiter, None)
         else:
             self.blocked.clear()
         if emit.state == State.OPEN and emit.previous != State.OPEN:

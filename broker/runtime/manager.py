@@ -30,8 +30,9 @@ from broker.lifecycle.states import State
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
-from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
+from broker.runtime.ratelimit import RateLimiter, Unlimited, admit, rate_limiter
 from broker.store.base import (
+    Accepted,
     DeliveryResult,
     OutboxMessage,
     SessionRecord,
@@ -310,22 +311,7 @@ class SessionManager:
         record = await self._record(session_id)
         actor = self.actors.get(session_id)
 
-        known = await self.store.find_by_key(session_id, key)
-        if known is not None:
-            accepted = known
-        else:
-            await self._check_ready(record, actor)
-            # Before enqueue: a message over the limit is never queued, so never sent.
-            # A retry under a known key returned above and costs nothing.
-            await admit(self.limiter, session_id)
-            accepted = await self.store.enqueue(
-                session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
-            )
-            if actor is not None:
-                actor.stats.on_accepted()
-                actor.kick()
-            else:
-                await self._forward("kick", session_id)
+        accepted = await self._accept(record, actor, to, body, key)
         message = accepted.message
         if accepted.result is not None or not wait:
             return SendOutcome(message, accepted.duplicate, accepted.result)
@@ -339,6 +325,41 @@ class SessionManager:
                 retry_after_s=1.0,
             )
         return SendOutcome(message, accepted.duplicate, result)
+
+    async def _accept(
+        self, record: SessionRecord, actor: SessionActor | None, to: str, body: str, key: str
+    ) -> Accepted:
+        """Queue the message, or find the one an earlier call queued under the key.
+
+        The happy path is one store call (enqueue de-duplicates by key). The key
+        is looked up first only where a refusal must not hide an earlier success:
+        a session that cannot take messages now, and a rate limit that must not
+        charge a retry of an accepted message.
+        """
+        session_id = record.session_id
+        try:
+            await self._check_ready(record, actor)
+        except SessionNotReady:
+            known = await self.store.find_by_key(session_id, key)
+            if known is None:
+                raise
+            return known
+        if not isinstance(self.limiter, Unlimited):
+            known = await self.store.find_by_key(session_id, key)
+            if known is not None:
+                return known
+            # Before enqueue: a message over the limit is never queued, so never sent.
+            await admit(self.limiter, session_id)
+        accepted = await self.store.enqueue(
+            session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
+        )
+        if not accepted.duplicate:
+            if actor is not None:
+                actor.stats.on_accepted()
+                actor.kick()
+            else:
+                await self._forward("kick", session_id)
+        return accepted
 
     async def _check_ready(self, record: SessionRecord, actor: SessionActor | None) -> None:
         session_id = record.session_id
@@ -365,19 +386,15 @@ class SessionManager:
     async def _wait_ack(
         self, session_id: str, message: OutboxMessage, actor: SessionActor | None, timeout: float
     ) -> DeliveryResult | None:
-        waiter = asyncio.ensure_future(
-            self.store.wait_result(session_id, message.message_id, timeout)
-        )
-        if actor is None:
-            return await waiter
-        blocked = asyncio.ensure_future(actor.blocked.wait())
-        try:
-            await asyncio.wait({waiter, blocked}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            blocked.cancel()
-        if waiter.done():
-            return waiter.result()
-        waiter.cancel()
+        if actor is None:  # owned elsewhere: the store tells every instance of acks
+            return await self.store.wait_result(session_id, message.message_id, timeout)
+        # Owned here: the actor resolves one plain future on the ack, on a state
+        # that needs a person, or the timer does; no tasks per call.
+        outcome = await actor.wait_ack(message.message_id, timeout)
+        if outcome is not None:
+            return outcome
+        if not actor.blocked.is_set():
+            return None  # timed out
         result = await self.store.result(session_id, message.message_id)
         if result is not None:
             return result

@@ -121,7 +121,8 @@ async def test_send_gives_up_when_budget_spent(target: str, broker: ScriptedBrok
     # Each attempt's gRPC deadline is what is left of the budget, so it shrinks.
     deadlines = [d for d in broker.send_deadlines if d is not None]
     assert len(deadlines) == len(broker.send_requests)
-    assert all(d <= 2.0 for d in deadlines)
+    # (gRPC's timeout header rounds up to its unit: allow that much over the budget.)
+    assert all(d <= 2.0 + 0.01 for d in deadlines)
     assert deadlines == sorted(deadlines, reverse=True)
 
 

@@ -89,7 +89,8 @@ async def test_websocket_forwards_snapshot_and_live_events(
         while not live or live[-1]["state"] != "OPEN":
             live += await _events(ws, 1)
     states = [e["state"] for e in live]
-    assert states[0] == "RECONNECTING" and live[0]["retry_in_ms"] > 0
+    # The countdown is forwarded (full jitter may make it 0 ms with test timings).
+    assert states[0] == "RECONNECTING" and live[0]["retry_in_ms"] >= 0
     assert [e["sequence"] for e in live] == sorted(e["sequence"] for e in live)
 
     # A page that reconnects with its last event id gets nothing twice.
