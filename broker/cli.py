@@ -25,6 +25,9 @@ from broker_client import BrokerClient, BrokerError
 from broker_client.v1 import broker_pb2 as pb
 
 T = TypeVar("T")
+_S = Settings()
+_P = LifecyclePolicy()
+"""Flag defaults come from the settings' own defaults: one source of truth."""
 DEFAULT_TARGET = "127.0.0.1:50051"
 
 
@@ -46,51 +49,60 @@ main.add_command(token)
 
 
 @main.command()
-@click.option("--listen", envvar="BROKER_LISTEN", default="127.0.0.1:50051", show_default=True,
+@click.option("--listen", envvar="BROKER_LISTEN", default=_S.listen, show_default=True,
               help="gRPC listen address.")
 @click.option("--upstream-url", envvar="BROKER_UPSTREAM_URL", default=None,
               help="Upstream websocket URL; unset: start the embedded simulator.")
-@click.option("--sim-port", envvar="BROKER_SIM_PORT", default=50052, show_default=True,
+@click.option("--sim-port", envvar="BROKER_SIM_PORT", default=_S.simulator_port, show_default=True,
               help="Port of the embedded simulator (websocket + /control).")
-@click.option("--store", "store_url", envvar="BROKER_STORE", default="memory://",
+@click.option("--store", "store_url", envvar="BROKER_STORE", default=_S.store_url,
               show_default=True, help="Store URL: memory:// or redis://host:port/db.")
-@click.option("--backoff-initial", envvar="BROKER_BACKOFF_INITIAL", type=float, default=0.5,
+@click.option("--backoff-initial", envvar="BROKER_BACKOFF_INITIAL", type=float,
+              default=_P.backoff_initial_s,
               show_default=True, help="First reconnect backoff ceiling, seconds.")
-@click.option("--backoff-max", envvar="BROKER_BACKOFF_MAX", type=float, default=30.0,
+@click.option("--backoff-max", envvar="BROKER_BACKOFF_MAX", type=float, default=_P.backoff_max_s,
               show_default=True, help="Reconnect backoff cap, seconds.")
 @click.option("--slow-backoff-initial", envvar="BROKER_SLOW_BACKOFF_INITIAL", type=float,
-              default=5.0, show_default=True, help="Backoff after 503/429, seconds.")
-@click.option("--slow-backoff-max", envvar="BROKER_SLOW_BACKOFF_MAX", type=float, default=300.0,
+              default=_P.slow_backoff_initial_s, show_default=True,
+              help="Backoff after 503/429, seconds.")
+@click.option("--slow-backoff-max", envvar="BROKER_SLOW_BACKOFF_MAX", type=float,
+              default=_P.slow_backoff_max_s,
               show_default=True, help="Backoff cap after 503/429, seconds.")
-@click.option("--conflict-retry", envvar="BROKER_CONFLICT_RETRY", type=float, default=300.0,
+@click.option("--conflict-retry", envvar="BROKER_CONFLICT_RETRY", type=float,
+              default=_P.conflict_retry_s or 0,
               show_default=True, help="Retry after a 440 conflict, seconds (0: never).")
-@click.option("--stable-after", envvar="BROKER_STABLE_AFTER", type=float, default=60.0,
+@click.option("--stable-after", envvar="BROKER_STABLE_AFTER", type=float, default=_P.stable_after_s,
               show_default=True, help="Open this long resets the backoff, seconds.")
-@click.option("--max-attempts", envvar="BROKER_MAX_ATTEMPTS", type=int, default=100,
+@click.option("--max-attempts", envvar="BROKER_MAX_ATTEMPTS", type=int, default=_P.max_attempts,
               show_default=True, help="Failed attempts in a row before FAILED (0: never).")
 @click.option("--keepalive-interval", envvar="BROKER_KEEPALIVE_INTERVAL", type=float,
-              default=15.0, show_default=True, help="Keep-alive ping interval, seconds (0: off).")
-@click.option("--keepalive-timeout", envvar="BROKER_KEEPALIVE_TIMEOUT", type=float, default=10.0,
+              default=_P.keepalive_interval_s or 0, show_default=True,
+              help="Keep-alive ping interval, seconds (0: off).")
+@click.option("--keepalive-timeout", envvar="BROKER_KEEPALIVE_TIMEOUT", type=float,
+              default=_P.keepalive_timeout_s,
               show_default=True, help="Missed pong after this long reconnects, seconds.")
-@click.option("--max-qr-codes", envvar="BROKER_MAX_QR_CODES", type=int, default=10,
+@click.option("--max-qr-codes", envvar="BROKER_MAX_QR_CODES", type=int, default=_P.max_qr_codes,
               show_default=True, help="QR codes shown before pairing gives up.")
-@click.option("--connect-timeout", envvar="BROKER_CONNECT_TIMEOUT", type=float, default=10.0,
+@click.option("--connect-timeout", envvar="BROKER_CONNECT_TIMEOUT", type=float,
+              default=_S.connect_timeout_s,
               show_default=True, help="Upstream connect and handshake timeout, seconds.")
-@click.option("--ack-timeout", envvar="BROKER_ACK_TIMEOUT", type=float, default=5.0,
+@click.option("--ack-timeout", envvar="BROKER_ACK_TIMEOUT", type=float, default=_S.ack_timeout_s,
               show_default=True, help="Resend an unacked message after, seconds.")
-@click.option("--send-window", envvar="BROKER_SEND_WINDOW", type=int, default=64,
+@click.option("--send-window", envvar="BROKER_SEND_WINDOW", type=int, default=_S.send_window,
               show_default=True, help="Messages in flight per session.")
-@click.option("--max-outbox", envvar="BROKER_MAX_OUTBOX", type=int, default=10_000,
+@click.option("--max-outbox", envvar="BROKER_MAX_OUTBOX", type=int, default=_S.max_outbox,
               show_default=True, help="Undelivered messages per session before OUTBOX_FULL.")
-@click.option("--max-body-bytes", envvar="BROKER_MAX_BODY_BYTES", type=int, default=65536,
+@click.option("--max-body-bytes", envvar="BROKER_MAX_BODY_BYTES", type=int,
+              default=_S.max_body_bytes,
               show_default=True, help="Largest message body accepted.")
-@click.option("--send-timeout", envvar="BROKER_SEND_TIMEOUT", type=float, default=30.0,
+@click.option("--send-timeout", envvar="BROKER_SEND_TIMEOUT", type=float,
+              default=_S.default_send_timeout_s,
               show_default=True, help="Ack wait for Send calls without a deadline, seconds.")
 @click.option("--instance-id", envvar="BROKER_INSTANCE_ID", default="",
               help="Name of this instance with Redis (default: host-pid-random).")
-@click.option("--lease-ttl", envvar="BROKER_LEASE_TTL", type=float, default=10.0,
+@click.option("--lease-ttl", envvar="BROKER_LEASE_TTL", type=float, default=_S.lease_ttl_s,
               show_default=True, help="Session ownership lease TTL with Redis, seconds.")
-@click.option("--key-prefix", envvar="BROKER_KEY_PREFIX", default="broker", show_default=True,
+@click.option("--key-prefix", envvar="BROKER_KEY_PREFIX", default=_S.key_prefix, show_default=True,
               help="Prefix of every Redis key.")
 @click.option("--auth-tokens", envvar="BROKER_AUTH_TOKENS", default=None,
               help="Token file from `broker token create` (unset: no auth, loopback only).")
