@@ -41,6 +41,7 @@ async def test_kills_and_drops_for_minutes_lose_and_duplicate_nothing(
     sim.set_faults(drop_min_s=1.0, drop_max_s=5.0)
     deadline = time.monotonic() + SOAK_SECONDS
     results: dict[str, list[SendResult]] = {sid: [] for sid in SESSIONS}
+    in_doubt: dict[str, str] = {}  # a body whose Send failed when the soak ended
     kills = 0
 
     async def worker(sid: str) -> None:
@@ -52,8 +53,11 @@ async def test_kills_and_drops_for_minutes_lose_and_duplicate_nothing(
                     results[sid].append(await client.send(
                         sid, "+15550100", f"{sid}-{n}", idempotency_key=f"{sid}-{n}"))
                     n += 1
+                in_doubt.pop(sid, None)
             except BrokerError:
                 # The instance we picked was killed mid-call: retry the same key elsewhere.
+                # If time runs out first, that message may or may not have been accepted.
+                in_doubt[sid] = f"{sid}-{n}"
                 await asyncio.sleep(0.2)
             await asyncio.sleep(0.05)
 
@@ -75,7 +79,15 @@ async def test_kills_and_drops_for_minutes_lose_and_duplicate_nothing(
         delivered = [m.id for m in record.accepted]
         told = [r.message_id for r in results[sid]]
         assert len(delivered) == len(set(delivered)), f"{sid}: a duplicate reached the upstream"
-        assert delivered == told, f"{sid}: lost or reordered"
+        if len(delivered) == len(told) + 1 and sid in in_doubt:
+            # The last Send failed and was not retried before the end; it was
+            # accepted after all, and delivered last: that is not a loss.
+            assert record.accepted[-1].body == in_doubt[sid], sid
+            delivered = delivered[:-1]
+        assert delivered == told, (
+            f"{sid}: lost or reordered: {len(told)} told, {len(delivered)} delivered, "
+            f"first difference at {_first_difference(delivered, told)}"
+        )
         assert record.max_concurrent == 1, sid
         assert len(told) > 50, f"{sid}: the soak sent too little to mean anything"
     assert kills >= 1
@@ -85,6 +97,11 @@ async def test_kills_and_drops_for_minutes_lose_and_duplicate_nothing(
           f"{sum(sim.record(s).conflicts for s in SESSIONS)} conflicts")
     owners = await _owners(redis_server)
     assert None not in owners.values()
+
+
+def _first_difference(a: list[str], b: list[str]) -> int:
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
 
 
 async def _owners(redis_server: RedisServer) -> dict[str, str | None]:
