@@ -144,7 +144,7 @@ class SessionActor:
     async def start(self) -> None:
         last = await self._store.last_event(self.session_id)
         self._sequence = last.sequence if last else 0
-        self.has_credentials = await self._store.load_credentials(self.session_id) is not None
+        self.has_credentials = await self._store.has_credentials(self.session_id)
         self._task = asyncio.create_task(self._run(), name=f"actor:{self.session_id}")
 
     async def command(self, event: inp.Event) -> None:

@@ -30,7 +30,7 @@ from broker.lifecycle.states import State
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
-from broker.runtime.ratelimit import RateLimiter, Unlimited, admit, rate_limiter
+from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
 from broker.store.base import (
     Accepted,
     DeliveryResult,
@@ -167,7 +167,7 @@ class SessionManager:
         if actor is not None:
             has_credentials = actor.has_credentials
         else:
-            has_credentials = await self.store.load_credentials(record.session_id) is not None
+            has_credentials = await self.store.has_credentials(record.session_id)
         return SessionView(
             record=record, state=state, reason=last.reason if last else "",
             code=last.code if last else 0, sequence=last.sequence if last else 0,
@@ -344,7 +344,7 @@ class SessionManager:
             if known is None:
                 raise
             return known
-        if not isinstance(self.limiter, Unlimited):
+        if self.limiter.limits:
             known = await self.store.find_by_key(session_id, key)
             if known is not None:
                 return known

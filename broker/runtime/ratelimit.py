@@ -54,18 +54,25 @@ class TokenBucket:
 
 
 class RateLimiter(Protocol):
+    limits: bool
+    """False for a limiter that never refuses (the Send path then skips its checks)."""
+
     async def acquire(self, session_id: str) -> float:
         """Take one token: 0.0 when allowed, else how many seconds until one is available."""
         ...
 
 
 class Unlimited:
+    limits = False
+
     async def acquire(self, session_id: str) -> float:
         return 0.0
 
 
 class LocalLimiter:
     """Buckets in this process: right for the memory store (one process owns everything)."""
+
+    limits = True
 
     def __init__(self, bucket: TokenBucket, clock: Callable[[], float] = time.monotonic) -> None:
         self.bucket = bucket
@@ -113,6 +120,8 @@ return {allowed, wait}
 
 class RedisLimiter:
     """One bucket per session in Redis, shared by every instance on that store."""
+
+    limits = True
 
     def __init__(self, store: RedisStore, bucket: TokenBucket) -> None:
         self.store = store

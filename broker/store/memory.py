@@ -122,6 +122,9 @@ class MemoryStore:
         creds = self._credentials.get(session_id)
         return dict(creds) if creds is not None else None
 
+    async def has_credentials(self, session_id: str) -> bool:
+        return session_id in self._credentials
+
     async def clear_credentials(self, session_id: str) -> None:
         self._credentials.pop(session_id, None)
 

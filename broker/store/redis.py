@@ -603,6 +603,10 @@ class RedisStore:
         return None if sealed is None else self._cipher.decrypt(session_id, _bytes(sealed))
 
     @_guard
+    async def has_credentials(self, session_id: str) -> bool:
+        return bool(await self._client.exists(self._key(session_id, "creds")))
+
+    @_guard
     async def clear_credentials(self, session_id: str) -> None:
         await self._client.delete(self._key(session_id, "creds"))
 
