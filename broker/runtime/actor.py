@@ -25,8 +25,9 @@ from broker.lifecycle.health import SessionStats
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import State
+from broker.runtime.batching import Batcher
 from broker.runtime.bus import StatusBus
-from broker.store.base import DeliveryResult, SessionRecord, StatusEvent, Store
+from broker.store.base import DeliveryResult, OutboxMessage, SessionRecord, StatusEvent, Store
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, Link, Provider
 
@@ -136,6 +137,9 @@ class SessionActor:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
+        self._acks: Batcher[str, None] = Batcher(self._store_acks)
+        #: Sent and not yet acked, by message id: (message, when last sent).
+        self._in_flight: dict[str, tuple[OutboxMessage, float]] = {}
 
     @property
     def state(self) -> State:
@@ -190,6 +194,7 @@ class SessionActor:
             handle.cancel()
         self._timers.clear()
         await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down", wait=True)
+        self._acks.cancel()  # unrecorded acks: the next owner resends, the upstream re-acks
         for task in tuple(self._background):
             task.cancel()
         if self._background:
@@ -241,11 +246,8 @@ class SessionActor:
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
             case ev.Acked(message_id=mid):
-                result = await self._store.mark_acked(self.session_id, mid, self._clock())
-                self.stats.on_acked()
-                self._wake.set()
-                for waiter in self._ack_waiters.pop(mid, ()):
-                    _settle(waiter, result)
+                # Stored off the inbox, together with the acks that arrive meanwhile.
+                self._acks.submit(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -264,6 +266,32 @@ class SessionActor:
                 await self._feed(inp.Closed(code, reason, retry))
             case _:
                 pass
+
+    async def _store_acks(self, message_ids: list[str]) -> list[None]:
+        """Record a batch of upstream acks, then release their waiters and window slots.
+
+        If the store is down the messages stay unacked in the outbox: they are
+        sent again after the ack timeout, and the upstream acks the duplicate.
+        """
+        try:
+            results = await self._store.mark_acked_many(self.session_id, message_ids,
+                                                         self._clock())
+        except StoreUnavailable as exc:
+            log.warning("session %s: %d acks not recorded, will resend: %s",
+                        self.session_id, len(message_ids), exc)
+            return [None] * len(message_ids)
+        except Exception:
+            log.exception("session %s: %d acks not recorded, will resend",
+                          self.session_id, len(message_ids))
+            return [None] * len(message_ids)
+        for result in results:
+            mid = result.message_id
+            self.stats.on_acked()
+            self._in_flight.pop(mid, None)
+            for waiter in self._ack_waiters.pop(mid, ()):
+                _settle(waiter, result)
+        self._wake.set()
+        return [None] * len(message_ids)
 
     async def _feed(self, event: inp.Event) -> None:
         for action in self.machine.handle(event):
@@ -333,6 +361,9 @@ class SessionActor:
         if emit.state != State.PAIRING:
             self.qr_expires_at = None
         if emit.state in BLOCKED_STATES:
+            # Acks that came in before this change are stored first: a waiter
+            # released now must find its message's result if it was acked.
+            await self._acks.drain()
             self.blocked.set()
             for waiters in self._ack_waiters.values():
                 for waiter in waiters:
@@ -444,16 +475,20 @@ class SessionActor:
 
         Every (re)connect starts again from the oldest unacked message: the
         upstream de-duplicates by message id, so a resend is harmless while a
-        skipped message would be lost.
+        skipped message would be lost. Within a connection the loop keeps what
+        it sent in memory and asks the store only for messages numbered after
+        the newest one sent.
         """
         window = self._settings.send_window
         ack_timeout = self._settings.ack_timeout_s
         # Alone, every enqueue kicks this loop directly; with several instances a
         # kick from another one travels over pub/sub, so also look now and then.
         idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
-        sent_at: dict[str, float] = {}
+        in_flight = self._in_flight
+        in_flight.clear()
         loop = asyncio.get_running_loop()
         claimed = False
+        newest = 0  # the highest sequence sent on this connection
         while generation == self._generation:
             self._wake.clear()
             try:
@@ -463,23 +498,26 @@ class SessionActor:
                     if taken:
                         log.info("session %s: resuming %d read but unacked messages",
                                  self.session_id, taken)
-                pending = await self._store.pending(self.session_id, window)
+                fresh = []
+                if len(in_flight) < window:
+                    fresh = await self._store.pending(self.session_id, window, newest)
             except StoreUnavailable as exc:
                 log.warning("session %s: outbox unreachable, delivery paused: %s",
                             self.session_id, exc)
                 await asyncio.sleep(1.0)
                 continue
             now = loop.time()
-            live: set[str] = set()
-            for message in pending:
-                live.add(message.message_id)
-                first = sent_at.get(message.message_id)
-                if first is None or now - first >= ack_timeout:
-                    sent_at[message.message_id] = now
+            for message, sent in list(in_flight.values()):
+                if now - sent >= ack_timeout and message.message_id in in_flight:
+                    in_flight[message.message_id] = (message, now)
                     await link.send(message.message_id, message.to, message.body)
-            for mid in [m for m in sent_at if m not in live]:
-                del sent_at[mid]
-            wait = ack_timeout if sent_at else idle_poll
+            for message in fresh:
+                if message.message_id in in_flight:
+                    continue
+                newest = max(newest, message.sequence)
+                in_flight[message.message_id] = (message, now)
+                await link.send(message.message_id, message.to, message.body)
+            wait = ack_timeout if in_flight else idle_poll
             if wait is None:
                 if not self._wake.is_set():
                     # Nothing queued, nothing in flight: end here rather than keep a

@@ -308,10 +308,11 @@ class SessionManager:
                 "deadline", f"{timeout:.0f}s is longer than the broker's maximum of "
                 f"{self.settings.max_send_timeout_s:.0f}s",
             )
-        record = await self._record(session_id)
+        # A session running here exists: no store read needed to know that.
         actor = self.actors.get(session_id)
+        record = None if actor is not None else await self._record(session_id)
 
-        accepted = await self._accept(record, actor, to, body, key)
+        accepted = await self._accept(session_id, record, actor, to, body, key)
         message = accepted.message
         if accepted.result is not None or not wait:
             return SendOutcome(message, accepted.duplicate, accepted.result)
@@ -327,7 +328,8 @@ class SessionManager:
         return SendOutcome(message, accepted.duplicate, result)
 
     async def _accept(
-        self, record: SessionRecord, actor: SessionActor | None, to: str, body: str, key: str
+        self, session_id: str, record: SessionRecord | None, actor: SessionActor | None,
+        to: str, body: str, key: str,
     ) -> Accepted:
         """Queue the message, or find the one an earlier call queued under the key.
 
@@ -336,9 +338,8 @@ class SessionManager:
         a session that cannot take messages now, and a rate limit that must not
         charge a retry of an accepted message.
         """
-        session_id = record.session_id
         try:
-            await self._check_ready(record, actor)
+            await self._check_ready(session_id, record, actor)
         except SessionNotReady:
             known = await self.store.find_by_key(session_id, key)
             if known is None:
@@ -361,13 +362,14 @@ class SessionManager:
                 await self._forward("kick", session_id)
         return accepted
 
-    async def _check_ready(self, record: SessionRecord, actor: SessionActor | None) -> None:
-        session_id = record.session_id
+    async def _check_ready(
+        self, session_id: str, record: SessionRecord | None, actor: SessionActor | None
+    ) -> None:
         if actor is not None:
             state = actor.state
             if state not in BLOCKED_STATES and not actor.has_credentials:
                 state = State.PAIRING
-        elif not record.enabled or self.coordinator is None:
+        elif record is None or not record.enabled or self.coordinator is None:
             state = State.STOPPED
         else:
             # Owned by another instance (or about to be claimed): judge by the

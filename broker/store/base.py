@@ -8,6 +8,7 @@ backend can make it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -155,11 +156,19 @@ class Store(Protocol):
         acked. Returns how many read-but-unacked messages this reader now holds."""
         ...
 
-    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
-        """The oldest unacked messages, in order."""
+    async def pending(
+        self, session_id: str, limit: int, after_sequence: int = 0
+    ) -> list[OutboxMessage]:
+        """Of the `limit` oldest unacked messages, in order, those numbered after
+        `after_sequence` (the delivery loop already holds the others)."""
         ...
 
     async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult: ...
+    async def mark_acked_many(
+        self, session_id: str, message_ids: Sequence[str], at: float
+    ) -> list[DeliveryResult]:
+        """Record upstream acks in one write; a repeated ack keeps the first result."""
+        ...
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float

@@ -12,6 +12,7 @@ import itertools
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -179,12 +180,24 @@ class MemoryStore:
     async def claim_outbox(self, session_id: str) -> int:
         return 0  # one process: there is no other reader to take over from
 
-    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
+    async def pending(
+        self, session_id: str, limit: int, after_sequence: int = 0
+    ) -> list[OutboxMessage]:
         box = self._outbox(session_id)
-        return list(itertools.islice(box.messages.values(), limit))
+        window = itertools.islice(box.messages.values(), limit)
+        return [m for m in window if m.sequence > after_sequence]
 
     async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+        return (await self.mark_acked_many(session_id, [message_id], at))[0]
+
+    async def mark_acked_many(
+        self, session_id: str, message_ids: Sequence[str], at: float
+    ) -> list[DeliveryResult]:
         box = self._outbox(session_id)
+        return [self._ack(box, mid, at) for mid in message_ids]
+
+    @staticmethod
+    def _ack(box: _Outbox, message_id: str, at: float) -> DeliveryResult:
         existing = box.results.get(message_id)
         if existing is not None:
             return existing

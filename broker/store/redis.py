@@ -36,7 +36,7 @@ import functools
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -91,28 +91,65 @@ redis.call('SET', KEYS[1], record)
 return {'new', record}
 """
 
-# KEYS: result key, ids hash, outbox stream
-# ARGV: message_id, at, ttl_ms, ack channel, idem key prefix
-# The idem key is named in the outbox entry, so it is built here; it carries the
-# session's hash tag, so it lives in the same slot as the declared keys.
+# KEYS: ids hash, outbox stream
+# ARGV: at, ttl_ms, ack channel, idem key prefix, result key prefix, message id...
+# Result and idem keys are built here from prefixes carrying the session's hash tag
+# (the idem key is named in the outbox entry), so they share the declared keys' slot.
 _MARK_ACKED = """
-local done = redis.call('GET', KEYS[1])
-if done then return {'old', done} end
-local entry = redis.call('HGET', KEYS[2], ARGV[1])
-if not entry then return {'unknown', ARGV[2]} end
-local rows = redis.call('XRANGE', KEYS[3], entry, entry)
-if rows[1] then
-  local f = rows[1][2]
-  for i = 1, #f, 2 do
-    if f[i] == 'key' then redis.call('PEXPIRE', ARGV[5] .. f[i + 1], ARGV[3]) end
+local out = {}
+for n = 6, #ARGV do
+  local mid = ARGV[n]
+  local result_key = ARGV[5] .. mid
+  local done = redis.call('GET', result_key)
+  if done then
+    out[#out + 1] = done
+  else
+    local entry = redis.call('HGET', KEYS[1], mid)
+    if entry then
+      local rows = redis.call('XRANGE', KEYS[2], entry, entry)
+      if rows[1] then
+        local f = rows[1][2]
+        for i = 1, #f, 2 do
+          if f[i] == 'key' then redis.call('PEXPIRE', ARGV[4] .. f[i + 1], ARGV[2]) end
+        end
+      end
+      redis.call('XACK', KEYS[2], 'owners', entry)
+      redis.call('XDEL', KEYS[2], entry)
+      redis.call('HDEL', KEYS[1], mid)
+      redis.call('SET', result_key, ARGV[1], 'PX', ARGV[2])
+      redis.call('PUBLISH', ARGV[3], mid .. ' ' .. ARGV[1])
+    end
+    out[#out + 1] = ARGV[1]
   end
 end
-redis.call('XACK', KEYS[3], 'owners', entry)
-redis.call('XDEL', KEYS[3], entry)
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[1] .. ' ' .. ARGV[2])
-return {'new', ARGV[2]}
+return out
+"""
+
+# KEYS: outbox stream.  ARGV: group, consumer, limit, after_sequence
+# The owner's own pending list first (older than anything new), then new entries;
+# of that window only the messages numbered after `after_sequence` are returned,
+# so a delivery loop with the rest in flight does not read their bodies again.
+_PENDING = """
+local limit, after = tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, seen = {}, 0
+local function take(reply)
+  if not reply then return end
+  for _, row in ipairs(reply[1][2]) do
+    local f = row[2]
+    if f then  -- false: deleted after it was read, so already acked
+      seen = seen + 1
+      for i = 1, #f, 2 do
+        if f[i] == 'seq' and tonumber(f[i + 1]) > after then out[#out + 1] = f end
+      end
+    end
+  end
+end
+take(redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', limit, 'STREAMS', KEYS[1], '0'))
+if seen < limit then
+  take(redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', limit - seen,
+    'STREAMS', KEYS[1], '>'))
+end
+return out
 """
 
 # KEYS: session hash.  ARGV: tenant, enabled, created_at
@@ -407,6 +444,7 @@ class RedisStore:
             self._where = f"unix:{kwargs['path']}"
         self._enqueue = client.register_script(_ENQUEUE)
         self._mark_acked = client.register_script(_MARK_ACKED)
+        self._pending = client.register_script(_PENDING)
         self._create = client.register_script(_CREATE_SESSION)
         self._set_enabled = client.register_script(_SET_ENABLED)
         self._set_last = client.register_script(_SET_LAST)
@@ -666,20 +704,6 @@ class RedisStore:
                 raise
         self._outbox_groups.add(key)
 
-    async def _outbox_read(self, key: str, start: str, count: int) -> Any:
-        try:
-            return await self._client.xreadgroup(
-                OUTBOX_GROUP, self.consumer, {key: start}, count=count
-            )
-        except rexc.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            self._outbox_groups.discard(key)  # the stream was deleted and recreated
-            await self._outbox_group(key)
-            return await self._client.xreadgroup(
-                OUTBOX_GROUP, self.consumer, {key: start}, count=count
-            )
-
     @_guard
     async def claim_outbox(self, session_id: str) -> int:
         """Take over what a previous owner read and never acked (XAUTOCLAIM).
@@ -702,41 +726,51 @@ class RedisStore:
         return claimed
 
     @_guard
-    async def pending(self, session_id: str, limit: int) -> list[OutboxMessage]:
-        """The oldest unacked messages: this consumer's own pending list first (in
-        stream order, older than anything new), then new entries read via the group."""
+    async def pending(
+        self, session_id: str, limit: int, after_sequence: int = 0
+    ) -> list[OutboxMessage]:
+        """One script reads the consumer's pending list, then new entries (see _PENDING)."""
         if limit <= 0:
             return []
         key = self._key(session_id, "outbox")
         await self._outbox_group(key)
+        args: list[str | int] = [OUTBOX_GROUP, self.consumer, limit, after_sequence]
+        try:
+            rows: Any = await self._pending(keys=[key], args=args)
+        except rexc.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self._outbox_groups.discard(key)  # the stream was deleted and recreated
+            await self._outbox_group(key)
+            rows = await self._pending(keys=[key], args=args)
         out: list[OutboxMessage] = []
-        for start in ("0", ">"):
-            want = limit - len(out)
-            if want <= 0:
-                break
-            reply: Any = await self._outbox_read(key, start, want)
-            for _stream, rows in reply or []:
-                for _entry_id, raw in rows:
-                    if not raw:  # deleted after it was read: already acked
-                        continue
-                    f = _fields(raw)
-                    out.append(OutboxMessage(
-                        session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
-                        idempotency_key=f["key"], sequence=int(f["seq"]),
-                        accepted_at=float(f["at"]),
-                    ))
+        for row in rows:
+            f = {_text(k): _text(v) for k, v in zip(row[::2], row[1::2], strict=True)}
+            out.append(OutboxMessage(
+                session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
+                idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
+            ))
         return out
 
     @_guard
     async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
-        """Atomically: store the result, drop the message, start the key's TTL, publish."""
+        return (await self.mark_acked_many(session_id, [message_id], at))[0]
+
+    @_guard
+    async def mark_acked_many(
+        self, session_id: str, message_ids: Sequence[str], at: float
+    ) -> list[DeliveryResult]:
+        """One script: store each result, drop the message, start its key's TTL, publish."""
+        if not message_ids:
+            return []
         reply = await self._mark_acked(
-            keys=[self._result_key(session_id, message_id), self._key(session_id, "ids"),
-                  self._key(session_id, "outbox")],
-            args=[message_id, repr(at), self._idem_ttl_ms, self.ack_channel(session_id),
-                  self._key(session_id, "idem:")],
+            keys=[self._key(session_id, "ids"), self._key(session_id, "outbox")],
+            args=[repr(at), self._idem_ttl_ms, self.ack_channel(session_id),
+                  self._key(session_id, "idem:"), self._result_key(session_id, ""),
+                  *message_ids],
         )
-        return DeliveryResult(message_id, float(_text(reply[1])))
+        return [DeliveryResult(mid, float(_text(raw)))
+                for mid, raw in zip(message_ids, reply, strict=True)]
 
     async def _result(self, session_id: str, message_id: str) -> DeliveryResult | None:
         raw = await self._client.get(self._result_key(session_id, message_id))

@@ -130,6 +130,41 @@ async def test_pending_is_fifo_oldest_unacked(store: Store) -> None:
     assert await store.pending("empty", 10) == []
 
 
+async def test_pending_after_a_sequence_skips_what_the_reader_holds(store: Store) -> None:
+    ids = [
+        (await store.enqueue("s1", "+1", f"body {i}", f"k{i}", max_depth=100, at=float(i)))
+        .message.message_id
+        for i in range(6)
+    ]
+    # the window stays the 4 oldest unacked; of those, only the ones after seq 2
+    assert [m.message_id for m in await store.pending("s1", 4, 2)] == ids[2:4]
+    assert [m.message_id for m in await store.pending("s1", 100, 5)] == ids[5:]
+    assert await store.pending("s1", 100, 6) == []
+    await store.mark_acked_many("s1", ids[:2], 7.0)
+    assert [m.message_id for m in await store.pending("s1", 4, 2)] == ids[2:6]
+    assert [m.message_id for m in await store.pending("s1", 2, 3)] == ids[3:4]
+
+
+async def test_mark_acked_many_is_one_write_per_batch_with_first_results_kept(
+    store: Store,
+) -> None:
+    mids = [
+        (await store.enqueue("s1", "+1", f"m{i}", f"k{i}", max_depth=10, at=1.0))
+        .message.message_id
+        for i in range(4)
+    ]
+    first = await store.mark_acked("s1", mids[1], 2.0)
+    results = await store.mark_acked_many("s1", [mids[0], mids[1], mids[3], mids[0]], 5.0)
+    assert [r.message_id for r in results] == [mids[0], mids[1], mids[3], mids[0]]
+    assert [r.acked_at for r in results] == [5.0, first.acked_at, 5.0, 5.0]
+    assert [m.message_id for m in await store.pending("s1", 10)] == [mids[2]]
+    assert await store.result("s1", mids[3]) == results[2]
+    assert await store.mark_acked_many("s1", [], 6.0) == []
+    # acked keys answer as duplicates with their result
+    dup = await store.enqueue("s1", "+1", "m0", "k0", max_depth=10, at=7.0)
+    assert dup.duplicate and dup.result == results[0]
+
+
 async def test_outbox_full_at_max_depth(store: Store) -> None:
     a = await store.enqueue("s1", "+1", "a", "ka", max_depth=2, at=1.0)
     await store.enqueue("s1", "+1", "b", "kb", max_depth=2, at=1.0)

@@ -1,0 +1,108 @@
+"""The group-commit helper: no delay for a lone call, one flush for the ones that queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from broker.runtime.batching import Batcher
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate: asyncio.Event | None = None
+
+    async def flush(self, items: list[int]) -> list[int | BaseException]:
+        self.batches.append(items)
+        if self.gate is not None:
+            await self.gate.wait()
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+
+async def test_a_lone_item_is_flushed_alone_and_gets_its_result() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    assert await batcher.submit(4) == 40
+    assert rec.batches == [[4]]
+
+
+async def test_items_queued_during_a_flush_share_the_next_one() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[int, int] = Batcher(rec.flush, max_batch=3)
+    first = batcher.submit(0)
+    await asyncio.sleep(0)  # the first flush starts and blocks on the gate
+    rest = [batcher.submit(i) for i in (2, 4, 6, 8)]
+    rec.gate.set()
+    assert await first == 0
+    assert await asyncio.gather(*rest) == [20, 40, 60, 80]
+    assert rec.batches == [[0], [2, 4, 6], [8]]
+
+
+async def test_errors_are_per_item_or_for_the_whole_batch() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    with pytest.raises(ValueError, match="odd 3"):
+        await batcher.submit(3)
+
+    async def broken(items: list[int]) -> list[int | BaseException]:
+        raise ConnectionError("store down")
+
+    failing: Batcher[int, int] = Batcher(broken)
+    futures = [failing.submit(i) for i in range(3)]
+    for future in futures:
+        with pytest.raises(ConnectionError):
+            await future
+
+    async def short(items: list[int]) -> list[int | BaseException]:
+        return []
+
+    with pytest.raises(RuntimeError, match="0 outcomes for 1 items"):
+        await Batcher(short).submit(1)
+
+
+async def test_a_caller_that_gives_up_does_not_unqueue_its_item() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    blocker = batcher.submit(0)
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    rec.gate.set()
+    await blocker
+    await batcher.drain()
+    assert rec.batches == [[0], [2]]
+
+
+async def test_drain_waits_for_everything_and_cancel_drops_the_queue() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    futures = [batcher.submit(i) for i in (0, 2)]
+    drained = asyncio.ensure_future(batcher.drain())
+    await asyncio.sleep(0)
+    assert not drained.done()
+    rec.gate.set()
+    await drained
+    assert all(f.done() for f in futures)
+
+    rec.gate = asyncio.Event()
+    held = batcher.submit(4)
+    queued = batcher.submit(6)
+    await asyncio.sleep(0)
+    batcher.cancel()
+    await asyncio.sleep(0)
+    assert held.cancelled() and queued.cancelled()
+    await batcher.drain()  # nothing left: returns at once
+
+
+def test_max_batch_must_be_positive() -> None:
+    async def flush(items: list[int]) -> list[int | BaseException]:
+        return list(items)
+
+    with pytest.raises(ValueError):
+        Batcher(flush, max_batch=0)
