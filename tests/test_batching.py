@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
 from broker.runtime.batching import Batcher
+
+
+async def _until(check: Callable[[], object]) -> None:
+    """Let the loop turn until `check()` holds (bounded: a hang fails)."""
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
 
 
 class Recorder:
@@ -33,12 +43,19 @@ async def test_items_queued_during_a_flush_share_the_next_one() -> None:
     rec.gate = asyncio.Event()
     batcher: Batcher[int, int] = Batcher(rec.flush, max_batch=3)
     first = batcher.submit(0)
-    await asyncio.sleep(0)  # the first flush starts and blocks on the gate
+    await _until(lambda: rec.batches)  # the first flush starts and blocks on the gate
     rest = [batcher.submit(i) for i in (2, 4, 6, 8)]
     rec.gate.set()
     assert await first == 0
     assert await asyncio.gather(*rest) == [20, 40, 60, 80]
     assert rec.batches == [[0], [2, 4, 6], [8]]
+
+
+async def test_items_submitted_in_the_same_turn_share_a_batch() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    assert await asyncio.gather(*(batcher.submit(i) for i in (0, 2, 4))) == [0, 20, 40]
+    assert rec.batches == [[0, 2, 4]]
 
 
 async def test_errors_are_per_item_or_for_the_whole_batch() -> None:
@@ -68,7 +85,7 @@ async def test_a_caller_that_gives_up_does_not_unqueue_its_item() -> None:
     rec.gate = asyncio.Event()
     batcher: Batcher[int, int] = Batcher(rec.flush)
     blocker = batcher.submit(0)
-    await asyncio.sleep(0)
+    await _until(lambda: rec.batches)
     waiter = asyncio.ensure_future(batcher.submit(2))
     await asyncio.sleep(0)
     waiter.cancel()
@@ -92,8 +109,8 @@ async def test_drain_waits_for_everything_and_cancel_drops_the_queue() -> None:
 
     rec.gate = asyncio.Event()
     held = batcher.submit(4)
+    await _until(lambda: len(rec.batches) == 2)
     queued = batcher.submit(6)
-    await asyncio.sleep(0)
     batcher.cancel()
     await asyncio.sleep(0)
     assert held.cancelled() and queued.cancelled()

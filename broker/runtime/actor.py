@@ -27,7 +27,16 @@ from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import State
 from broker.runtime.batching import Batcher
 from broker.runtime.bus import StatusBus
-from broker.store.base import DeliveryResult, OutboxMessage, SessionRecord, StatusEvent, Store
+from broker.store.base import (
+    Accepted,
+    DeliveryResult,
+    NewMessage,
+    OutboxBatch,
+    OutboxMessage,
+    SessionRecord,
+    StatusEvent,
+    Store,
+)
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, Link, Provider
 
@@ -137,9 +146,19 @@ class SessionActor:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
-        self._acks: Batcher[str, None] = Batcher(self._store_acks)
-        #: Sent and not yet acked, by message id: (message, when last sent).
+        #: Acks (message ids) and new messages, written to the store in batches.
+        self._writes: Batcher[str | NewMessage, Accepted | None] = Batcher(
+            self._write_outbox
+        )
+        # Delivery state of the current connection (reset by _deliver):
+        #: sent and not yet acked, by message id: (message, when last sent);
         self._in_flight: dict[str, tuple[OutboxMessage, float]] = {}
+        #: read from the store, not sent yet (the window is full), in order;
+        self._ready: deque[OutboxMessage] = deque()
+        #: the highest sequence read; everything up to it is in flight, ready or acked;
+        self._newest = 0
+        #: whether the store may hold messages not read yet.
+        self._backlog = True
 
     @property
     def state(self) -> State:
@@ -177,8 +196,77 @@ class SessionActor:
             if not waiters:
                 self._ack_waiters.pop(message_id, None)
 
+    async def enqueue(self, message: NewMessage) -> Accepted:
+        """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
+        one write) and get it delivered. Raises OutboxFull."""
+        outcome = await self._writes.submit(message)  # raises OutboxFull
+        assert outcome is not None  # None answers only acks
+        return outcome
+
+    async def _write_outbox(
+        self, items: list[str | NewMessage]
+    ) -> list[Accepted | BaseException | None]:
+        """Write a batch of acks and new messages, then act on the answers.
+
+        New messages are claimed for delivery in the same write while the
+        delivery loop runs and nothing older is unread; the loop then sends them
+        without asking the store again. Acks that cannot be stored leave their
+        messages in the outbox: they are sent again after the ack timeout and
+        the upstream acks the duplicate.
+        """
+        acks = [i for i in items if isinstance(i, str)]
+        messages = [i for i in items if isinstance(i, NewMessage)]
+        generation = self._generation
+        claim = bool(messages) and self._delivering() and not self._backlog
+        try:
+            done = await self._store.apply_outbox(
+                self.session_id, OutboxBatch(acks, messages, claim),
+                max_depth=self._settings.max_outbox, at=self._clock(),
+            )
+        except Exception as exc:
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("session %s: outbox write failed", self.session_id)
+            if acks:
+                log.warning("session %s: %d acks not recorded, will resend: %s",
+                            self.session_id, len(acks), exc)
+            return [exc if isinstance(i, NewMessage) else None for i in items]
+        if done.acked:
+            self.stats.on_acked(len(done.acked))
+            for result in done.acked:
+                self._in_flight.pop(result.message_id, None)
+                for waiter in self._ack_waiters.pop(result.message_id, ()):
+                    _settle(waiter, result)
+            self._wake.set()
+        fresh = sum(1 for o in done.accepted if isinstance(o, Accepted) and not o.duplicate)
+        if fresh:
+            self.stats.on_accepted(fresh)
+            if claim:
+                self._hand_over(generation, done.claimed, done.unread)
+            else:
+                self.kick()
+        accepted = iter(done.accepted)
+        return [next(accepted) if isinstance(i, NewMessage) else None for i in items]
+
+    def _delivering(self) -> bool:
+        task = self._delivery_task
+        return task is not None and not task.done()
+
+    def _hand_over(self, generation: int, claimed: list[OutboxMessage], unread: bool) -> None:
+        """Give messages claimed by an enqueue to the delivery loop that was running."""
+        if generation != self._generation or not self._delivering():
+            self.kick()  # a new loop reads them from the store
+            return
+        for message in claimed:
+            if message.sequence > self._newest:
+                self._ready.append(message)
+                self._newest = message.sequence
+        if unread:
+            self._backlog = True
+        self._wake.set()
+
     def kick(self) -> None:
         """A message was queued: wake the delivery loop, or start it if it ended idle."""
+        self._backlog = True
         self._wake.set()
         task = self._delivery_task
         if (task is None or task.done()) and self.machine.state == State.OPEN:
@@ -194,7 +282,11 @@ class SessionActor:
             handle.cancel()
         self._timers.clear()
         await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down", wait=True)
-        self._acks.cancel()  # unrecorded acks: the next owner resends, the upstream re-acks
+        # Messages already handed to the store are written whatever happens to
+        # this actor: their Sends are waiting for the answer. (An ack left
+        # unrecorded is harmless: the next owner resends, the upstream re-acks.)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._writes.drain(), 5.0)
         for task in tuple(self._background):
             task.cancel()
         if self._background:
@@ -247,7 +339,7 @@ class SessionActor:
                 await self._feed(inp.PongReceived())
             case ev.Acked(message_id=mid):
                 # Stored off the inbox, together with the acks that arrive meanwhile.
-                self._acks.submit(mid)
+                self._writes.submit(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -266,32 +358,6 @@ class SessionActor:
                 await self._feed(inp.Closed(code, reason, retry))
             case _:
                 pass
-
-    async def _store_acks(self, message_ids: list[str]) -> list[None]:
-        """Record a batch of upstream acks, then release their waiters and window slots.
-
-        If the store is down the messages stay unacked in the outbox: they are
-        sent again after the ack timeout, and the upstream acks the duplicate.
-        """
-        try:
-            results = await self._store.mark_acked_many(self.session_id, message_ids,
-                                                         self._clock())
-        except StoreUnavailable as exc:
-            log.warning("session %s: %d acks not recorded, will resend: %s",
-                        self.session_id, len(message_ids), exc)
-            return [None] * len(message_ids)
-        except Exception:
-            log.exception("session %s: %d acks not recorded, will resend",
-                          self.session_id, len(message_ids))
-            return [None] * len(message_ids)
-        for result in results:
-            mid = result.message_id
-            self.stats.on_acked()
-            self._in_flight.pop(mid, None)
-            for waiter in self._ack_waiters.pop(mid, ()):
-                _settle(waiter, result)
-        self._wake.set()
-        return [None] * len(message_ids)
 
     async def _feed(self, event: inp.Event) -> None:
         for action in self.machine.handle(event):
@@ -363,7 +429,7 @@ class SessionActor:
         if emit.state in BLOCKED_STATES:
             # Acks that came in before this change are stored first: a waiter
             # released now must find its message's result if it was acked.
-            await self._acks.drain()
+            await self._writes.drain()
             self.blocked.set()
             for waiters in self._ack_waiters.values():
                 for waiter in waiters:
@@ -476,21 +542,24 @@ class SessionActor:
         Every (re)connect starts again from the oldest unacked message: the
         upstream de-duplicates by message id, so a resend is harmless while a
         skipped message would be lost. Within a connection the loop keeps what
-        it sent in memory and asks the store only for messages numbered after
-        the newest one sent.
+        it read in memory: it asks the store only for messages after the newest
+        one read, and only when some may be waiting (a kick, a full window).
         """
         window = self._settings.send_window
         ack_timeout = self._settings.ack_timeout_s
         # Alone, every enqueue kicks this loop directly; with several instances a
         # kick from another one travels over pub/sub, so also look now and then.
         idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
-        in_flight = self._in_flight
+        in_flight, ready = self._in_flight, self._ready
         in_flight.clear()
+        ready.clear()
+        self._newest = 0
+        self._backlog = True
         loop = asyncio.get_running_loop()
         claimed = False
-        newest = 0  # the highest sequence sent on this connection
         while generation == self._generation:
             self._wake.clear()
+            room = window - len(in_flight) - len(ready)
             try:
                 if not claimed:
                     taken = await self._store.claim_outbox(self.session_id)
@@ -498,9 +567,13 @@ class SessionActor:
                     if taken:
                         log.info("session %s: resuming %d read but unacked messages",
                                  self.session_id, taken)
-                fresh = []
-                if len(in_flight) < window:
-                    fresh = await self._store.pending(self.session_id, window, newest)
+                if self._backlog and room > 0:
+                    fresh = await self._store.pending(self.session_id, window, self._newest)
+                    self._backlog = len(fresh) >= room
+                    for message in fresh:
+                        if message.sequence > self._newest:
+                            ready.append(message)
+                            self._newest = message.sequence
             except StoreUnavailable as exc:
                 log.warning("session %s: outbox unreachable, delivery paused: %s",
                             self.session_id, exc)
@@ -511,19 +584,19 @@ class SessionActor:
                 if now - sent >= ack_timeout and message.message_id in in_flight:
                     in_flight[message.message_id] = (message, now)
                     await link.send(message.message_id, message.to, message.body)
-            for message in fresh:
-                if message.message_id in in_flight:
-                    continue
-                newest = max(newest, message.sequence)
+            while ready and len(in_flight) < window:
+                message = ready.popleft()
                 in_flight[message.message_id] = (message, now)
                 await link.send(message.message_id, message.to, message.body)
             wait = ack_timeout if in_flight else idle_poll
             if wait is None:
-                if not self._wake.is_set():
+                if not self._wake.is_set() and not ready and not self._backlog:
                     # Nothing queued, nothing in flight: end here rather than keep a
                     # parked task per idle session; kick() starts a new one.
                     return
                 continue
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), wait)
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except TimeoutError:
+                if not in_flight:
+                    self._backlog = True  # a kick from another instance may be lost

@@ -3,8 +3,8 @@
 With Redis every store call is a network round trip and a pass through the
 client library; at 64 Sends in flight for one session, acks and enqueues that
 each took their own round trip made the store, not the upstream, the limit.
-A Batcher never delays a lone call (it is flushed at once); it only gathers
-the calls that would otherwise have queued behind it.
+A Batcher never holds a call back (the flush starts on the loop's next turn);
+it gathers the calls that would otherwise have queued behind it.
 """
 
 from __future__ import annotations
@@ -63,6 +63,9 @@ class Batcher(Generic[T, R]):
             future.cancel()
 
     async def _run(self) -> None:
+        # This task's first step runs on the loop's next turn, so everything made
+        # ready by the same I/O (a burst of requests or of acks) is in the first
+        # batch, for no added wait.
         while self._queue:
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]

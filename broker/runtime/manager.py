@@ -34,6 +34,7 @@ from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
 from broker.store.base import (
     Accepted,
     DeliveryResult,
+    NewMessage,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -351,15 +352,13 @@ class SessionManager:
                 return known
             # Before enqueue: a message over the limit is never queued, so never sent.
             await admit(self.limiter, session_id)
+        if actor is not None:
+            return await actor.enqueue(NewMessage(to, body, key))
         accepted = await self.store.enqueue(
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
         )
         if not accepted.duplicate:
-            if actor is not None:
-                actor.stats.on_accepted()
-                actor.kick()
-            else:
-                await self._forward("kick", session_id)
+            await self._forward("kick", session_id)
         return accepted
 
     async def _check_ready(

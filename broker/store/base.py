@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from broker.errors import OutboxFull
 from broker.lifecycle.states import State
 
 
@@ -66,6 +67,41 @@ class Accepted:
     message: OutboxMessage
     duplicate: bool
     result: DeliveryResult | None = None
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """What a Send asks to queue."""
+
+    to: str
+    body: str
+    idempotency_key: str
+
+
+@dataclass(frozen=True)
+class OutboxBatch:
+    """Outbox changes written together: acks first, then new messages.
+
+    With `claim`, the new messages are also read for delivery by the caller (as
+    `pending` would read them), so the session's owner gets them without a
+    second round trip. Claim only when nothing older is left unread: reading is
+    in order, so older unread messages would be handed out first.
+    """
+
+    acks: Sequence[str] = ()
+    messages: Sequence[NewMessage] = ()
+    claim: bool = False
+
+
+@dataclass(frozen=True)
+class OutboxBatchResult:
+    acked: list[DeliveryResult]
+    accepted: list[Accepted | OutboxFull]
+    """Per new message, in order; one that did not fit gets its OutboxFull."""
+    claimed: list[OutboxMessage] = field(default_factory=list)
+    """Read for the caller to deliver, in order (with `claim`)."""
+    unread: bool = False
+    """With `claim`: messages are left that the caller has not read."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +183,12 @@ class Store(Protocol):
         """
         ...
 
+    async def apply_outbox(
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+    ) -> OutboxBatchResult:
+        """Apply a batch of acks and new messages in one atomic write (see OutboxBatch)."""
+        ...
+
     async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
         """The message an earlier Send queued under this key, if any."""
         ...
@@ -163,12 +205,10 @@ class Store(Protocol):
         `after_sequence` (the delivery loop already holds the others)."""
         ...
 
-    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult: ...
-    async def mark_acked_many(
-        self, session_id: str, message_ids: Sequence[str], at: float
-    ) -> list[DeliveryResult]:
-        """Record upstream acks in one write; a repeated ack keeps the first result."""
+    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+        """Record the upstream ack; a repeated ack keeps the first result."""
         ...
+
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float
@@ -214,3 +254,27 @@ class Store(Protocol):
     async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
         """Settle deliveries of the group; returns how many were pending."""
         ...
+
+
+class OneAtATime:
+    """The single-item outbox calls, written once over `apply_outbox`."""
+
+    async def apply_outbox(
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+    ) -> OutboxBatchResult:
+        raise NotImplementedError
+
+    async def enqueue(
+        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
+        at: float,
+    ) -> Accepted:
+        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key)])
+        [outcome] = (await self.apply_outbox(session_id, batch, max_depth=max_depth,
+                                             at=at)).accepted
+        if isinstance(outcome, OutboxFull):
+            raise outcome
+        return outcome
+
+    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+        batch = OutboxBatch(acks=[message_id])
+        return (await self.apply_outbox(session_id, batch, max_depth=0, at=at)).acked[0]

@@ -12,7 +12,6 @@ import itertools
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +23,10 @@ from broker.store.base import (
     InboundDelivery,
     InboundRecord,
     LiveState,
+    NewMessage,
+    OneAtATime,
+    OutboxBatch,
+    OutboxBatchResult,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -38,6 +41,8 @@ class _Outbox:
         self.results: dict[str, DeliveryResult] = {}
         self.waiters: dict[str, list[asyncio.Future[DeliveryResult]]] = {}
         self.sequence = itertools.count(1)
+        self.read_upto = 0
+        """The highest sequence handed to the reader (what Redis's consumer group tracks)."""
         self.changed = asyncio.Event()
         self.known: dict[str, OutboxMessage] = {}
 
@@ -68,7 +73,7 @@ class _InboundLog:
     """Set (and replaced) on every append: wakes every blocked reader once."""
 
 
-class MemoryStore:
+class MemoryStore(OneAtATime):
     def __init__(
         self, *, event_log_size: int = 10_000, results_kept: int = 100_000,
         inbound_redeliver_after_s: float = 30.0,
@@ -136,28 +141,46 @@ class MemoryStore:
             box = self._outboxes[session_id] = _Outbox()
         return box
 
-    async def enqueue(
-        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
-    ) -> Accepted:
+    async def apply_outbox(
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+    ) -> OutboxBatchResult:
         box = self._outbox(session_id)
-        known_id = box.by_key.get(idempotency_key)
+        acked = [self._ack(box, mid, at) for mid in batch.acks]
+        accepted = [self._enqueue(box, session_id, m, max_depth, at) for m in batch.messages]
+        fresh = sum(1 for o in accepted if isinstance(o, Accepted) and not o.duplicate)
+        if fresh:
+            box.changed.set()
+        claimed: list[OutboxMessage] = []
+        unread = False
+        if batch.claim and fresh:
+            unsent = (m for m in box.messages.values() if m.sequence > box.read_upto)
+            claimed = list(itertools.islice(unsent, fresh))
+            if claimed:
+                box.read_upto = claimed[-1].sequence
+            newest = next(reversed(box.messages.values()), None)
+            unread = newest is not None and newest.sequence > box.read_upto
+        return OutboxBatchResult(acked, accepted, claimed, unread)
+
+    def _enqueue(
+        self, box: _Outbox, session_id: str, new: NewMessage, max_depth: int, at: float
+    ) -> Accepted | OutboxFull:
+        known_id = box.by_key.get(new.idempotency_key)
         if known_id is not None:
             return Accepted(box.known[known_id], True, box.results.get(known_id))
         if len(box.messages) >= max_depth:
-            raise OutboxFull(
+            return OutboxFull(
                 f"outbox of {session_id!r} holds {len(box.messages)} undelivered messages",
                 session_id=session_id, retry_after_s=1.0,
             )
         message = OutboxMessage(
-            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=to, body=body,
-            idempotency_key=idempotency_key, sequence=next(box.sequence), accepted_at=at,
+            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=new.to,
+            body=new.body, idempotency_key=new.idempotency_key, sequence=next(box.sequence),
+            accepted_at=at,
         )
         box.messages[message.message_id] = message
         box.known[message.message_id] = message
-        box.by_key[idempotency_key] = message.message_id
+        box.by_key[new.idempotency_key] = message.message_id
         self._trim(box)
-        box.changed.set()
         return Accepted(message, False)
 
     async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
@@ -185,16 +208,10 @@ class MemoryStore:
     ) -> list[OutboxMessage]:
         box = self._outbox(session_id)
         window = itertools.islice(box.messages.values(), limit)
-        return [m for m in window if m.sequence > after_sequence]
-
-    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
-        return (await self.mark_acked_many(session_id, [message_id], at))[0]
-
-    async def mark_acked_many(
-        self, session_id: str, message_ids: Sequence[str], at: float
-    ) -> list[DeliveryResult]:
-        box = self._outbox(session_id)
-        return [self._ack(box, mid, at) for mid in message_ids]
+        out = [m for m in window if m.sequence > after_sequence]
+        if out:
+            box.read_upto = max(box.read_upto, out[-1].sequence)
+        return out
 
     @staticmethod
     def _ack(box: _Outbox, message_id: str, at: float) -> DeliveryResult:

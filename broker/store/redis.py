@@ -55,6 +55,9 @@ from broker.store.base import (
     InboundDelivery,
     InboundRecord,
     LiveState,
+    OneAtATime,
+    OutboxBatch,
+    OutboxBatchResult,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -75,54 +78,84 @@ OUTBOX_GROUP = "owners"
 """The consumer group the session's owner reads its outbox through."""
 _UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
 
-# KEYS: idem key, outbox stream, ids hash, seq counter
-# ARGV: message_id, to, body, idempotency_key, at, max_depth
-_ENQUEUE = """
-local known = redis.call('GET', KEYS[1])
-if known then return {'dup', known} end
-local depth = redis.call('XLEN', KEYS[2])
-if depth >= tonumber(ARGV[6]) then return {'full', tostring(depth)} end
-local seq = tostring(redis.call('INCR', KEYS[4]))
-local entry = redis.call('XADD', KEYS[2], '*', 'mid', ARGV[1], 'to', ARGV[2], 'body', ARGV[3],
-  'key', ARGV[4], 'seq', seq, 'at', ARGV[5])
-redis.call('HSET', KEYS[3], ARGV[1], entry)
-local record = cjson.encode({ARGV[1], ARGV[2], ARGV[3], seq, ARGV[5]})
-redis.call('SET', KEYS[1], record)
-return {'new', record}
-"""
-
-# KEYS: ids hash, outbox stream
-# ARGV: at, ttl_ms, ack channel, idem key prefix, result key prefix, message id...
-# Result and idem keys are built here from prefixes carrying the session's hash tag
-# (the idem key is named in the outbox entry), so they share the declared keys' slot.
-_MARK_ACKED = """
-local out = {}
-for n = 6, #ARGV do
+# KEYS: outbox stream, ids hash, seq counter
+# ARGV: at, max_depth, idem key prefix, result key prefix, ttl_ms, ack channel, group,
+#       consumer, claim (0/1), number of acks, the acked message ids, then per new
+#       message: message_id, to, body, idempotency_key
+# Returns {acked, accepted, claimed, unread}: per ack its result time; per new message
+# {'new', record}, {'dup', record, result or false} or {'full', depth}; with claim, the
+# field lists of the entries read for the caller, and 1 if unread entries remain.
+# Idem and result keys are built from prefixes that carry the session's hash tag (the
+# idem key is named in the outbox entry), so they share the declared keys' slot.
+_APPLY_OUTBOX = """
+local at, ttl = ARGV[1], ARGV[5]
+if ARGV[9] == '1' then  -- the read below must not fail after the writes: no rollback
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[7], '0', 'MKSTREAM')
+end
+local acked = {}
+local n_acks = tonumber(ARGV[10])
+for n = 11, 10 + n_acks do
   local mid = ARGV[n]
-  local result_key = ARGV[5] .. mid
+  local result_key = ARGV[4] .. mid
   local done = redis.call('GET', result_key)
   if done then
-    out[#out + 1] = done
+    acked[#acked + 1] = done
   else
-    local entry = redis.call('HGET', KEYS[1], mid)
+    local entry = redis.call('HGET', KEYS[2], mid)
     if entry then
-      local rows = redis.call('XRANGE', KEYS[2], entry, entry)
+      local rows = redis.call('XRANGE', KEYS[1], entry, entry)
       if rows[1] then
         local f = rows[1][2]
         for i = 1, #f, 2 do
-          if f[i] == 'key' then redis.call('PEXPIRE', ARGV[4] .. f[i + 1], ARGV[2]) end
+          if f[i] == 'key' then redis.call('PEXPIRE', ARGV[3] .. f[i + 1], ttl) end
         end
       end
-      redis.call('XACK', KEYS[2], 'owners', entry)
-      redis.call('XDEL', KEYS[2], entry)
-      redis.call('HDEL', KEYS[1], mid)
-      redis.call('SET', result_key, ARGV[1], 'PX', ARGV[2])
-      redis.call('PUBLISH', ARGV[3], mid .. ' ' .. ARGV[1])
+      redis.call('XACK', KEYS[1], ARGV[7], entry)
+      redis.call('XDEL', KEYS[1], entry)
+      redis.call('HDEL', KEYS[2], mid)
+      redis.call('SET', result_key, at, 'PX', ttl)
+      redis.call('PUBLISH', ARGV[6], mid .. ' ' .. at)
     end
-    out[#out + 1] = ARGV[1]
+    acked[#acked + 1] = at
   end
 end
-return out
+local accepted, fresh, last_added = {}, 0, nil
+local depth = redis.call('XLEN', KEYS[1])
+local max_depth = tonumber(ARGV[2])
+for n = 11 + n_acks, #ARGV, 4 do
+  local mid, to, body, key = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
+  local idem = ARGV[3] .. key
+  local known = redis.call('GET', idem)
+  if known then
+    local known_mid = cjson.decode(known)[1]
+    accepted[#accepted + 1] = {'dup', known, redis.call('GET', ARGV[4] .. known_mid)}
+  elseif depth >= max_depth then
+    accepted[#accepted + 1] = {'full', tostring(depth)}
+  else
+    local seq = tostring(redis.call('INCR', KEYS[3]))
+    last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
+      'key', key, 'seq', seq, 'at', at)
+    redis.call('HSET', KEYS[2], mid, last_added)
+    local record = cjson.encode({mid, to, body, seq, at})
+    redis.call('SET', idem, record)
+    depth, fresh = depth + 1, fresh + 1
+    accepted[#accepted + 1] = {'new', record}
+  end
+end
+local claimed, unread = {}, 0
+if ARGV[9] == '1' and fresh > 0 then
+  local reply = redis.call('XREADGROUP', 'GROUP', ARGV[7], ARGV[8], 'COUNT', fresh,
+    'STREAMS', KEYS[1], '>')
+  local last_read = nil
+  if reply then
+    for _, row in ipairs(reply[1][2]) do
+      last_read = row[1]
+      if row[2] then claimed[#claimed + 1] = row[2] end
+    end
+  end
+  if last_read ~= last_added then unread = 1 end
+end
+return {acked, accepted, claimed, unread}
 """
 
 # KEYS: outbox stream.  ARGV: group, consumer, limit, after_sequence
@@ -409,7 +442,7 @@ class _AckListener:
                 await task
 
 
-class RedisStore:
+class RedisStore(OneAtATime):
     """The `Store` on Redis (5+ client, Redis server 7+ for the event gap check)."""
 
     def __init__(
@@ -442,8 +475,7 @@ class RedisStore:
         self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
         if "path" in kwargs:
             self._where = f"unix:{kwargs['path']}"
-        self._enqueue = client.register_script(_ENQUEUE)
-        self._mark_acked = client.register_script(_MARK_ACKED)
+        self._apply_outbox = client.register_script(_APPLY_OUTBOX)
         self._pending = client.register_script(_PENDING)
         self._create = client.register_script(_CREATE_SESSION)
         self._set_enabled = client.register_script(_SET_ENABLED)
@@ -664,26 +696,45 @@ class RedisStore:
         return self._key(session_id, f"result:{message_id}")
 
     @_guard
-    async def enqueue(
-        self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
-    ) -> Accepted:
-        """One Lua script: key check, depth check, sequence, XADD and key record are atomic."""
-        reply = await self._enqueue(
-            keys=[self._idem_key(session_id, idempotency_key), self._key(session_id, "outbox"),
-                  self._key(session_id, "ids"), self._key(session_id, "seq")],
-            args=[f"m-{uuid.uuid4().hex}", to, body, idempotency_key, repr(at), max_depth],
-        )
-        kind, payload = _text(reply[0]), reply[1]
-        if kind == "full":
-            raise OutboxFull(
-                f"outbox of {session_id!r} holds {_text(payload)} undelivered messages",
-                session_id=session_id, retry_after_s=1.0,
-            )
-        message = self._message(session_id, idempotency_key, payload)
-        if kind == "dup":
-            return Accepted(message, True, await self._result(session_id, message.message_id))
-        return Accepted(message, False)
+    async def apply_outbox(
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+    ) -> OutboxBatchResult:
+        """One Lua script (_APPLY_OUTBOX): key checks, depth checks, sequences, XADDs,
+        acks and the claiming read are atomic, and a batch costs one round trip."""
+        if not batch.acks and not batch.messages:
+            return OutboxBatchResult([], [])
+        at_text = repr(at)
+        args: list[str | int] = [
+            at_text, max_depth, self._idem_key(session_id, ""), self._result_key(session_id, ""),
+            self._idem_ttl_ms, self.ack_channel(session_id), OUTBOX_GROUP, self.consumer,
+            1 if batch.claim else 0, len(batch.acks), *batch.acks,
+        ]
+        for m in batch.messages:
+            args += [f"m-{uuid.uuid4().hex}", m.to, m.body, m.idempotency_key]
+        keys = [self._key(session_id, "outbox"), self._key(session_id, "ids"),
+                self._key(session_id, "seq")]
+        reply: Any = await self._apply_outbox(keys=keys, args=args)
+        acked_raw, accepted_raw, claimed_raw, unread = reply
+        acked = [DeliveryResult(mid, float(_text(raw)))
+                 for mid, raw in zip(batch.acks, acked_raw, strict=True)]
+        accepted: list[Accepted | OutboxFull] = []
+        for new, item in zip(batch.messages, accepted_raw, strict=True):
+            kind = _text(item[0])
+            if kind == "full":
+                accepted.append(OutboxFull(
+                    f"outbox of {session_id!r} holds {_text(item[1])} undelivered messages",
+                    session_id=session_id, retry_after_s=1.0,
+                ))
+                continue
+            message = self._message(session_id, new.idempotency_key, item[1])
+            if kind == "dup":
+                done = item[2] if len(item) > 2 else None
+                result = DeliveryResult(message.message_id, float(_text(done))) if done else None
+                accepted.append(Accepted(message, True, result))
+            else:
+                accepted.append(Accepted(message, False))
+        claimed = [self._entry(session_id, row) for row in claimed_raw]
+        return OutboxBatchResult(acked, accepted, claimed, bool(unread))
 
     @_guard
     async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
@@ -743,34 +794,16 @@ class RedisStore:
             self._outbox_groups.discard(key)  # the stream was deleted and recreated
             await self._outbox_group(key)
             rows = await self._pending(keys=[key], args=args)
-        out: list[OutboxMessage] = []
-        for row in rows:
-            f = {_text(k): _text(v) for k, v in zip(row[::2], row[1::2], strict=True)}
-            out.append(OutboxMessage(
-                session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
-                idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
-            ))
-        return out
+        return [self._entry(session_id, row) for row in rows]
 
-    @_guard
-    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
-        return (await self.mark_acked_many(session_id, [message_id], at))[0]
-
-    @_guard
-    async def mark_acked_many(
-        self, session_id: str, message_ids: Sequence[str], at: float
-    ) -> list[DeliveryResult]:
-        """One script: store each result, drop the message, start its key's TTL, publish."""
-        if not message_ids:
-            return []
-        reply = await self._mark_acked(
-            keys=[self._key(session_id, "ids"), self._key(session_id, "outbox")],
-            args=[repr(at), self._idem_ttl_ms, self.ack_channel(session_id),
-                  self._key(session_id, "idem:"), self._result_key(session_id, ""),
-                  *message_ids],
+    @staticmethod
+    def _entry(session_id: str, row: Sequence[bytes | str]) -> OutboxMessage:
+        """An outbox stream entry, given as its flat field list."""
+        f = {_text(k): _text(v) for k, v in zip(row[::2], row[1::2], strict=True)}
+        return OutboxMessage(
+            session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
+            idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
         )
-        return [DeliveryResult(mid, float(_text(raw)))
-                for mid, raw in zip(message_ids, reply, strict=True)]
 
     async def _result(self, session_id: str, message_id: str) -> DeliveryResult | None:
         raw = await self._client.get(self._result_key(session_id, message_id))

@@ -12,7 +12,15 @@ import pytest
 
 from broker.errors import OutboxFull
 from broker.lifecycle.states import State
-from broker.store.base import SessionRecord, StatusEvent, Store, event_order
+from broker.store.base import (
+    Accepted,
+    NewMessage,
+    OutboxBatch,
+    SessionRecord,
+    StatusEvent,
+    Store,
+    event_order,
+)
 from broker.store.redis import RedisStore
 from tests.store.conftest import Backend
 
@@ -140,29 +148,59 @@ async def test_pending_after_a_sequence_skips_what_the_reader_holds(store: Store
     assert [m.message_id for m in await store.pending("s1", 4, 2)] == ids[2:4]
     assert [m.message_id for m in await store.pending("s1", 100, 5)] == ids[5:]
     assert await store.pending("s1", 100, 6) == []
-    await store.mark_acked_many("s1", ids[:2], 7.0)
+    await store.apply_outbox("s1", OutboxBatch(acks=ids[:2]), max_depth=10, at=7.0)
     assert [m.message_id for m in await store.pending("s1", 4, 2)] == ids[2:6]
     assert [m.message_id for m in await store.pending("s1", 2, 3)] == ids[3:4]
 
 
-async def test_mark_acked_many_is_one_write_per_batch_with_first_results_kept(
-    store: Store,
-) -> None:
+async def test_a_batch_of_acks_keeps_first_results(store: Store) -> None:
     mids = [
         (await store.enqueue("s1", "+1", f"m{i}", f"k{i}", max_depth=10, at=1.0))
         .message.message_id
         for i in range(4)
     ]
     first = await store.mark_acked("s1", mids[1], 2.0)
-    results = await store.mark_acked_many("s1", [mids[0], mids[1], mids[3], mids[0]], 5.0)
+    batch = OutboxBatch(acks=[mids[0], mids[1], mids[3], mids[0]])
+    results = (await store.apply_outbox("s1", batch, max_depth=10, at=5.0)).acked
     assert [r.message_id for r in results] == [mids[0], mids[1], mids[3], mids[0]]
     assert [r.acked_at for r in results] == [5.0, first.acked_at, 5.0, 5.0]
     assert [m.message_id for m in await store.pending("s1", 10)] == [mids[2]]
     assert await store.result("s1", mids[3]) == results[2]
-    assert await store.mark_acked_many("s1", [], 6.0) == []
+    empty = await store.apply_outbox("s1", OutboxBatch(), max_depth=10, at=6.0)
+    assert (empty.acked, empty.accepted, empty.claimed) == ([], [], [])
     # acked keys answer as duplicates with their result
     dup = await store.enqueue("s1", "+1", "m0", "k0", max_depth=10, at=7.0)
     assert dup.duplicate and dup.result == results[0]
+
+
+async def test_acks_free_room_for_new_messages_in_the_same_batch(store: Store) -> None:
+    a = await store.enqueue("s1", "+1", "a", "ka", max_depth=1, at=1.0)
+    batch = OutboxBatch(acks=[a.message.message_id], messages=[NewMessage("+1", "b", "kb")])
+    done = await store.apply_outbox("s1", batch, max_depth=1, at=2.0)
+    assert done.acked[0].message_id == a.message.message_id
+    [b] = done.accepted
+    assert isinstance(b, Accepted) and not b.duplicate
+    assert [m.body for m in await store.pending("s1", 10)] == ["b"]
+
+
+async def test_claimed_messages_are_read_for_the_caller_in_order(store: Store) -> None:
+    old = await store.enqueue("s1", "+1", "old", "k0", max_depth=10, at=1.0)
+    assert [m.body for m in await store.pending("s1", 10)] == ["old"]  # read by the owner
+    batch = OutboxBatch(messages=[NewMessage("+1", "a", "k1"), NewMessage("+1", "b", "k2"),
+                                  NewMessage("+1", "dup", "k0")], claim=True)
+    done = await store.apply_outbox("s1", batch, max_depth=10, at=2.0)
+    assert [m.body for m in done.claimed] == ["a", "b"] and not done.unread
+    assert done.claimed[0] == done.accepted[0].message
+    assert done.accepted[2] == Accepted(old.message, True)
+    # claimed counts as read: the owner's next read after "b" finds nothing new
+    assert await store.pending("s1", 10, done.claimed[-1].sequence) == []
+    assert [m.body for m in await store.pending("s1", 10)] == ["old", "a", "b"]
+    # without claim nothing is read; a claim then hands out the oldest unread first
+    await store.enqueue("s1", "+1", "c", "k3", max_depth=10, at=3.0)
+    batch = OutboxBatch(messages=[NewMessage("+1", "d", "k4")], claim=True)
+    done = await store.apply_outbox("s1", batch, max_depth=10, at=4.0)
+    assert [m.body for m in done.claimed] == ["c"] and done.unread
+    assert [m.body for m in await store.pending("s1", 10, done.claimed[-1].sequence)] == ["d"]
 
 
 async def test_outbox_full_at_max_depth(store: Store) -> None:
