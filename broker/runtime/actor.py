@@ -103,6 +103,10 @@ def _settle(future: asyncio.Future[DeliveryResult | None], value: DeliveryResult
         future.set_result(value)
 
 
+_NOTHING_IN_FLIGHT: dict[str, tuple[OutboxMessage, float]] = {}
+"""Shared by actors that have not delivered yet; _deliver gives each its own."""
+
+
 class SessionActor:
     def __init__(
         self,
@@ -146,19 +150,24 @@ class SessionActor:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
-        #: Acks (message ids) and new messages, written to the store in batches.
-        self._writes: Batcher[str | NewMessage, Accepted | None] = Batcher(
-            self._write_outbox
-        )
+        # Made on first use: ten thousand idle sessions should not carry them.
+        self._batcher: Batcher[str | NewMessage, Accepted | None] | None = None
         # Delivery state of the current connection (reset by _deliver):
         #: sent and not yet acked, by message id: (message, when last sent);
-        self._in_flight: dict[str, tuple[OutboxMessage, float]] = {}
+        self._in_flight: dict[str, tuple[OutboxMessage, float]] = _NOTHING_IN_FLIGHT
         #: read from the store, not sent yet (the window is full), in order;
-        self._ready: deque[OutboxMessage] = deque()
+        self._ready: deque[OutboxMessage] | None = None
         #: the highest sequence read; everything up to it is in flight, ready or acked;
         self._newest = 0
         #: whether the store may hold messages not read yet.
         self._backlog = True
+
+    @property
+    def _writes(self) -> Batcher[str | NewMessage, Accepted | None]:
+        """Acks (message ids) and new messages, written to the store in batches."""
+        if self._batcher is None:
+            self._batcher = Batcher(self._write_outbox)
+        return self._batcher
 
     @property
     def state(self) -> State:
@@ -199,9 +208,21 @@ class SessionActor:
     async def enqueue(self, message: NewMessage) -> Accepted:
         """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
         one write) and get it delivered. Raises OutboxFull."""
-        outcome = await self._writes.submit(message)  # raises OutboxFull
+        if self._store.writes_are_local:
+            [outcome] = await self._write_outbox([message])
+            if isinstance(outcome, BaseException):
+                raise outcome
+        else:
+            outcome = await self._writes.submit(message)  # raises OutboxFull
         assert outcome is not None  # None answers only acks
         return outcome
+
+    async def _ack(self, message_id: str) -> None:
+        """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
+        if self._store.writes_are_local:
+            await self._write_outbox([message_id])
+        else:
+            self._writes.submit(message_id)
 
     async def _write_outbox(
         self, items: list[str | NewMessage]
@@ -253,12 +274,13 @@ class SessionActor:
 
     def _hand_over(self, generation: int, claimed: list[OutboxMessage], unread: bool) -> None:
         """Give messages claimed by an enqueue to the delivery loop that was running."""
-        if generation != self._generation or not self._delivering():
+        ready = self._ready
+        if generation != self._generation or not self._delivering() or ready is None:
             self.kick()  # a new loop reads them from the store
             return
         for message in claimed:
             if message.sequence > self._newest:
-                self._ready.append(message)
+                ready.append(message)
                 self._newest = message.sequence
         if unread:
             self._backlog = True
@@ -285,8 +307,9 @@ class SessionActor:
         # Messages already handed to the store are written whatever happens to
         # this actor: their Sends are waiting for the answer. (An ack left
         # unrecorded is harmless: the next owner resends, the upstream re-acks.)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._writes.drain(), 5.0)
+        if self._batcher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._batcher.drain(), 5.0)
         for task in tuple(self._background):
             task.cancel()
         if self._background:
@@ -337,9 +360,8 @@ class SessionActor:
             case ev.Pong():
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
-            case ev.Acked(message_id=mid):
-                # Stored off the inbox, together with the acks that arrive meanwhile.
-                self._writes.submit(mid)
+            case ev.Acked(message_id=mid):  # normally taken by _connect, off the inbox
+                await self._ack(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -429,7 +451,8 @@ class SessionActor:
         if emit.state in BLOCKED_STATES:
             # Acks that came in before this change are stored first: a waiter
             # released now must find its message's result if it was acked.
-            await self._writes.drain()
+            if self._batcher is not None:
+                await self._batcher.drain()
             self.blocked.set()
             for waiters in self._ack_waiters.values():
                 for waiter in waiters:
@@ -496,6 +519,13 @@ class SessionActor:
                 elif isinstance(event, ev.QrCode):
                     deadline = loop.time() + event.expires_in_ms / 1000 + handshake
                     waiting_for = "upstream sent no new QR code after the last one expired"
+                if isinstance(event, ev.Acked):
+                    # An ack changes no state: record it from here, without a hop
+                    # through the inbox (and the machine) per ack.
+                    if generation == self._generation:
+                        self.last_activity = self._clock()
+                        await self._ack(event.message_id)
+                    continue
                 post(_LinkEvent(generation, event))
                 if isinstance(event, ev.Disconnected):
                     return
@@ -550,9 +580,9 @@ class SessionActor:
         # Alone, every enqueue kicks this loop directly; with several instances a
         # kick from another one travels over pub/sub, so also look now and then.
         idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
-        in_flight, ready = self._in_flight, self._ready
-        in_flight.clear()
-        ready.clear()
+        in_flight: dict[str, tuple[OutboxMessage, float]] = {}
+        ready: deque[OutboxMessage] = deque()
+        self._in_flight, self._ready = in_flight, ready
         self._newest = 0
         self._backlog = True
         loop = asyncio.get_running_loop()
