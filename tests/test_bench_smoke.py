@@ -93,7 +93,7 @@ async def test_subscription_overflow_wakes_a_waiting_reader_and_cancel_is_clean(
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
     with bus.subscribe(session_filter([], None)) as sub:
-        sub.queue.put_nowait(_event(1))  # full
+        sub.queue.append(_event(1))  # full
         waiting = asyncio.ensure_future(sub.get())
         assert (await asyncio.wait_for(waiting, 1)) is not None
         waiting = asyncio.ensure_future(sub.get())

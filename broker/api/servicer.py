@@ -3,7 +3,7 @@ it converts, calls the session manager, converts back."""
 
 from __future__ import annotations
 
-import functools
+import collections
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,13 +14,31 @@ from broker.api import convert
 from broker.api.status import streaming, unary
 from broker.errors import SubscriberTooSlow
 from broker.runtime.manager import SessionManager
-from broker.store.base import InboundDelivery, event_order
+from broker.store.base import InboundDelivery, StatusEvent, event_order
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
 
 Context = grpc.aio.ServicerContext[Any, Any]
-#: A live event goes to every subscriber: convert it once, not once per stream.
-_live_event = functools.lru_cache(maxsize=64)(convert.status_event)
+_RECENT_EVENTS = 64
+_converted: collections.OrderedDict[int, tuple[StatusEvent, pb.StatusEvent]] = (
+    collections.OrderedDict()
+)
+
+
+def _live_event(event: StatusEvent) -> pb.StatusEvent:
+    """A live event goes to every subscriber: convert it once, not once per stream.
+
+    Keyed by identity (the bus hands every subscriber the same object): hashing
+    the event's fields for a thousand subscribers cost more than converting.
+    """
+    entry = _converted.get(id(event))
+    if entry is not None and entry[0] is event:
+        return entry[1]
+    message = convert.status_event(event)
+    _converted[id(event)] = (event, message)  # holding the event keeps its id unique
+    if len(_converted) > _RECENT_EVENTS:
+        _converted.popitem(last=False)
+    return message
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
@@ -61,6 +79,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                 for event in await self.manager.snapshot(ids, tenant):
                     seen[event.session_id] = event.sequence
                     yield convert.status_event(event, snapshot=True, resync=resync)
+            resume_after = event_order(request.resume_after) if request.resume_after else None
             while True:
                 live = await sub.get()
                 if live is None:
@@ -70,8 +89,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
                     )
                 if live.sequence <= seen.get(live.session_id, 0):
                     continue
-                if request.resume_after and not resync and event_order(live.event_id) <= \
-                        event_order(request.resume_after):
+                if resume_after is not None and not resync and \
+                        event_order(live.event_id) <= resume_after:
                     continue
                 seen[live.session_id] = live.sequence
                 yield _live_event(live)

@@ -54,6 +54,11 @@ def _internal(exc: Exception) -> BrokerError:
     return BrokerError("internal error; see the broker's log", reason="INTERNAL")
 
 
+#: Set on handlers that answer a request that did not parse themselves, so
+#: MalformedRequests need not wrap them in one more layer per call and item.
+REJECTS_MALFORMED = "rejects_malformed"
+
+
 def unary(
     handler: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
@@ -62,6 +67,8 @@ def unary(
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
+            if isinstance(request, _Malformed):
+                raise _malformed(request)
             return await handler(self, request, context)
         except BrokerError as exc:
             await _abort(context, to_status(exc))
@@ -71,6 +78,7 @@ def unary(
             await _abort(context, to_status(_internal(exc)))
         raise AssertionError("unreachable")  # abort_with_status always raises
 
+    setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper
 
 
@@ -84,6 +92,8 @@ def streaming(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
         try:
+            if isinstance(request, _Malformed):
+                raise _malformed(request)
             async for item in handler(self, request, context):
                 yield item
         except BrokerError as exc:
@@ -93,6 +103,7 @@ def streaming(
                 raise
             await _abort(context, to_status(_internal(exc)))
 
+    setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper
 
 
@@ -121,16 +132,20 @@ def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
+def _malformed(request: _Malformed) -> InvalidArgument:
+    return InvalidArgument("request", f"is not a valid protobuf message ({request.error})")
+
+
 async def _reject(context: grpc.aio.ServicerContext[Any, Any], request: _Malformed) -> None:
-    error = InvalidArgument("request", f"is not a valid protobuf message ({request.error})")
-    await _abort(context, to_status(error))
+    await _abort(context, to_status(_malformed(request)))
 
 
 class MalformedRequests(_Interceptor):
     """Answer undecodable request bytes INVALID_ARGUMENT (with ErrorInfo), not UNKNOWN.
 
     grpc.aio answers a request deserializer that raises with UNKNOWN; this one
-    parses leniently and rejects in the handler instead. Register it last
+    parses leniently and rejects in the handler instead (handlers marked with
+    REJECTS_MALFORMED, the broker's own, check for themselves). Register it last
     (innermost), so other interceptors see the rejection like any other error.
     """
 
@@ -157,6 +172,12 @@ class MalformedRequests(_Interceptor):
     @staticmethod
     def _wrap(handler: Any) -> Any:
         deserializer = _lenient(handler.request_deserializer)
+        own = handler.unary_unary or handler.unary_stream
+        if getattr(own, REJECTS_MALFORMED, False):  # the broker's own handlers
+            make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary is not None
+                    else grpc.unary_stream_rpc_method_handler)
+            return make(own, request_deserializer=deserializer,
+                        response_serializer=handler.response_serializer)
         if handler.unary_unary is not None:
             behavior = handler.unary_unary
 
