@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import random
 import re
 import signal
 import time
@@ -221,16 +222,78 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
             profile = await profiling
             client.send_line("reset")
             await asyncio.to_thread(client.wait_pattern, re.compile("^RESET$", re.M), 30)
+        cpu0 = brk.cpu_seconds(), client.cpu_seconds()
         await changes()
+        cpu1 = brk.cpu_seconds(), client.cpu_seconds()
         client.send_line("done")
         out = await asyncio.to_thread(client.result, 60)
+        # What one delivery costs each side: the broker's grpc.aio write and the
+        # subscriber's receive run on the same 2 cores, so one event reaches all N
+        # subscribers no sooner than N times the larger of the two.
+        deliveries = max(1, out["per_delivery"]["n"])
+        broker_us = (cpu1[0] - cpu0[0]) / deliveries * 1e6
+        client_us = (cpu1[1] - cpu0[1]) / deliveries * 1e6
+        out["broker_cpu_us_per_delivery"] = round(broker_us, 1)
+        out["subscriber_cpu_us_per_delivery"] = round(client_us, 1)
+        out["cpu_bound_ms_per_event"] = round(
+            cfg.fanout_subscribers * max(broker_us, client_us) / 1000, 1)
+        out["broker_rss_mb"] = round(brk.rss_bytes() / 2**20, 1)
+        brk.stop()
+        client.stop()
+        floor = await _fanout_floor(cfg, workdir)
+        out["floor_per_delivery"] = floor["per_delivery"]
+        out["floor_time_to_all"] = floor["time_to_all"]
+        out["floor_events"] = floor["events"]
+        out["floor_cpu_bound_ms_per_event"] = floor["cpu_bound_ms_per_event"]
+        ratio = out["per_delivery"]["p99_ms"] / max(floor["per_delivery"]["p99_ms"], 1e-9)
+        out["p99_vs_floor"] = f"{ratio:.2f}x"
         if profile is not None:
             out["profile"] = profile
-        out["broker_rss_mb"] = round(brk.rss_bytes() / 2**20, 1)
         return out
     finally:
         for p in procs:
             p.stop()
+
+
+async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
+    """The same subscribers on a plain grpc.aio server, fed the broker's pattern of
+    events per change: a drop (DISCONNECTED), then after the backoff (full jitter of
+    up to 50 ms with FAST) CONNECTING and OPEN a moment apart."""
+    server = common.role("fanout-floor", "servers", ["fanout-floor"], workdir)
+    client: Proc | None = None
+    try:
+        addr = (await asyncio.to_thread(server.ready))["address"]
+        client = common.role("fanout-floor-client", "load",
+                             ["fanout", "--target", addr, "--session", "fan-1",
+                              "--subscribers", str(cfg.fanout_subscribers)], workdir, stdin=True)
+        await asyncio.to_thread(client.ready, 90)
+        rng = random.Random(7)
+        async with grpc.aio.insecure_channel(addr) as channel:
+            stub = _stub(channel)
+
+            async def event() -> None:
+                await stub.RestartSession(pb.SessionRef(session_id="fan-1"), timeout=10)
+
+            cpu0 = server.cpu_seconds(), client.cpu_seconds()
+            for _ in range(cfg.fanout_changes):
+                await asyncio.sleep(0.3)
+                await event()
+                await asyncio.sleep(rng.uniform(0, 0.05))
+                await event()
+                await event()
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
+            cpu1 = server.cpu_seconds(), client.cpu_seconds()
+        client.send_line("done")
+        out = await asyncio.to_thread(client.result, 60)
+        deliveries = max(1, out["per_delivery"]["n"])
+        worst_us = max(cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]) / deliveries * 1e6
+        out["cpu_bound_ms_per_event"] = round(cfg.fanout_subscribers * worst_us / 1000, 1)
+        return out
+    finally:
+        if client is not None:
+            client.stop()
+        server.stop()
 
 
 # -- 4: many idle sessions -------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 - ``sim``: the upstream simulator (docs/protocol.md) on a free port;
 - ``echo``: raw grpc.aio unary echo of broker.v1.Broker/Send (the gRPC floor);
+- ``fanout-floor``: StreamStatus from a plain grpc.aio server, each event sent to
+  every stream on request (the fan-out floor).
 - ``relay``: the minimal relay, gRPC in and websocket out to the simulator, one
   connection per session, no persistence, no lifecycle (the architecture floor).
 
@@ -20,6 +22,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -81,6 +84,52 @@ class Echo(pb_grpc.BrokerServicer):
 async def run_echo(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
     pb_grpc.add_BrokerServicer_to_server(Echo(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _ready(address=f"127.0.0.1:{port}")
+    await _until_term()
+    await server.stop(1)
+
+
+# -- fan-out floor -------------------------------------------------------------------
+
+class FanoutFloor(pb_grpc.BrokerServicer):
+    """StreamStatus from a plain grpc.aio server: a snapshot on subscribe, then each
+    event RestartSession asks for, sent to every stream. No broker logic, the same
+    messages: what 1,000 grpc.aio stream writes cost on this machine."""
+
+    def __init__(self) -> None:
+        self.queues: set[asyncio.Queue[pb.StatusEvent]] = set()
+        self._seq = itertools.count(1)
+
+    async def StreamStatus(
+        self, request: pb.StreamStatusRequest, context: Context
+    ) -> AsyncIterator[pb.StatusEvent]:
+        queue: asyncio.Queue[pb.StatusEvent] = asyncio.Queue()
+        self.queues.add(queue)
+        try:
+            sid = request.session_ids[0] if request.session_ids else ""
+            yield pb.StatusEvent(session_id=sid, state=pb.OPEN, snapshot=True,
+                                 at=_ts(time.time()))
+            while True:
+                yield await queue.get()
+        finally:
+            self.queues.discard(queue)
+
+    async def RestartSession(self, request: pb.SessionRef, context: Context) -> pb.Session:
+        seq = next(self._seq)
+        event = pb.StatusEvent(  # the fields a broker event carries, alike in size
+            event_id=f"{int(time.time() * 1000)}-{seq}", session_id=request.session_id,
+            sequence=seq, state=pb.OPEN, previous_state=pb.CONNECTING, reason="connected",
+            at=_ts(time.time()))
+        for queue in self.queues:
+            queue.put_nowait(event)
+        return pb.Session(session_id=request.session_id, state=pb.OPEN)
+
+
+async def run_fanout_floor(args: argparse.Namespace) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_BrokerServicer_to_server(FanoutFloor(), server)  # type: ignore[abstract]
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     _ready(address=f"127.0.0.1:{port}")
@@ -201,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--idle-timeout", type=float, default=20.0)
     sim.add_argument("--qr-interval", type=float, default=60.0)
     sub.add_parser("echo")
+    sub.add_parser("fanout-floor")
     relay = sub.add_parser("relay")
     relay.add_argument("--upstream-url", required=True)
     relay.add_argument("--control-url", required=True)
     args = parser.parse_args(argv)
-    runner = {"sim": run_sim, "echo": run_echo, "relay": run_relay}[args.role]
+    runner = {"sim": run_sim, "echo": run_echo, "relay": run_relay,
+              "fanout-floor": run_fanout_floor}[args.role]
     asyncio.run(runner(args))
 
 
