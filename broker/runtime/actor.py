@@ -575,16 +575,26 @@ class SessionActor:
         it read in memory: it asks the store only for messages after the newest
         one read, and only when some may be waiting (a kick, a full window).
         """
-        window = self._settings.send_window
-        ack_timeout = self._settings.ack_timeout_s
-        # Alone, every enqueue kicks this loop directly; with several instances a
-        # kick from another one travels over pub/sub, so also look now and then.
-        idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
         in_flight: dict[str, tuple[OutboxMessage, float]] = {}
         ready: deque[OutboxMessage] = deque()
         self._in_flight, self._ready = in_flight, ready
         self._newest = 0
         self._backlog = True
+        try:
+            await self._delivery_loop(link, generation, in_flight, ready)
+        finally:
+            if self._ready is ready:  # an idle session keeps no delivery state
+                self._in_flight, self._ready = _NOTHING_IN_FLIGHT, None
+
+    async def _delivery_loop(
+        self, link: Link, generation: int, in_flight: dict[str, tuple[OutboxMessage, float]],
+        ready: deque[OutboxMessage],
+    ) -> None:
+        window = self._settings.send_window
+        ack_timeout = self._settings.ack_timeout_s
+        # Alone, every enqueue kicks this loop directly; with several instances a
+        # kick from another one travels over pub/sub, so also look now and then.
+        idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
         loop = asyncio.get_running_loop()
         claimed = False
         while generation == self._generation:
