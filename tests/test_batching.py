@@ -123,3 +123,25 @@ def test_max_batch_must_be_positive() -> None:
 
     with pytest.raises(ValueError):
         Batcher(flush, max_batch=0)
+
+
+async def test_under_load_the_next_write_lingers_to_gather_more() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=1.0)
+    first = batcher.submit(0)
+    await _until(lambda: rec.batches)  # the first write is in flight
+    second = [batcher.submit(2), batcher.submit(4)]  # calls kept coming meanwhile
+    rec.gate.set()
+    assert await first == 0
+    late = batcher.submit(6)  # arrives while the next write lingers
+    assert await asyncio.wait_for(asyncio.gather(*second, late), 10) == [20, 40, 60]
+    assert rec.batches == [[0], [2, 4, 6]]
+
+
+async def test_a_lone_call_never_lingers() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0)
+    assert await asyncio.wait_for(batcher.submit(2), 10) == 20
+    assert await asyncio.wait_for(batcher.submit(4), 10) == 40
+    assert rec.batches == [[2], [4]]

@@ -166,7 +166,8 @@ class SessionActor:
     def _writes(self) -> Batcher[str | NewMessage, Accepted | None]:
         """Acks (message ids) and new messages, written to the store in batches."""
         if self._batcher is None:
-            self._batcher = Batcher(self._write_outbox)
+            self._batcher = Batcher(self._write_outbox,
+                                    linger_s=self._settings.write_linger_s)
         return self._batcher
 
     @property

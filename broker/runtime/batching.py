@@ -3,8 +3,10 @@
 With Redis every store call is a network round trip and a pass through the
 client library; at 64 Sends in flight for one session, acks and enqueues that
 each took their own round trip made the store, not the upstream, the limit.
-A Batcher never holds a call back (the flush starts on the loop's next turn);
-it gathers the calls that would otherwise have queued behind it.
+A lone call is never held back (the flush starts on the loop's next turn). Under
+load, when calls kept arriving during the previous write, an optional linger
+lets the next write gather more of them: fewer, larger writes for a few
+milliseconds of latency on calls that were waiting anyway.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ class Batcher(Generic[T, R]):
         self,
         flush: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         max_batch: int = 256,
+        linger_s: float = 0.0,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._flush = flush
         self._max_batch = max_batch
+        self._linger_s = linger_s
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -66,7 +70,13 @@ class Batcher(Generic[T, R]):
         # This task's first step runs on the loop's next turn, so everything made
         # ready by the same I/O (a burst of requests or of acks) is in the first
         # batch, for no added wait.
+        busy = False
         while self._queue:
+            if busy and self._linger_s > 0 and len(self._queue) < self._max_batch:
+                # Calls kept coming during the last write: under load, wait a
+                # moment more so the next write carries more of them.
+                await asyncio.sleep(self._linger_s)
+            busy = True
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
             try:
