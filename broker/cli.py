@@ -92,7 +92,7 @@ main.add_command(token)
               show_default=True, help="Messages in flight per session.")
 @click.option("--write-linger", envvar="BROKER_WRITE_LINGER", type=click.FloatRange(0, 1),
               default=_S.write_linger_s, show_default=True,
-              help="Under load, seconds a session's next Redis outbox write waits to gather "
+              help="Under load, seconds a session's next outbox write waits to gather "
                    "more Sends and acks (0: never).")
 @click.option("--max-outbox", envvar="BROKER_MAX_OUTBOX", type=int, default=_S.max_outbox,
               show_default=True, help="Undelivered messages per session before OUTBOX_FULL.")

@@ -209,21 +209,13 @@ class SessionActor:
     async def enqueue(self, message: NewMessage) -> Accepted:
         """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
         one write) and get it delivered. Raises OutboxFull."""
-        if self._store.writes_are_local:
-            [outcome] = await self._write_outbox([message])
-            if isinstance(outcome, BaseException):
-                raise outcome
-        else:
-            outcome = await self._writes.submit(message)  # raises OutboxFull
+        outcome = await self._writes.submit(message)  # raises OutboxFull
         assert outcome is not None  # None answers only acks
         return outcome
 
-    async def _ack(self, message_id: str) -> None:
+    def _ack(self, message_id: str) -> None:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
-        if self._store.writes_are_local:
-            await self._write_outbox([message_id])
-        else:
-            self._writes.submit(message_id)
+        self._writes.submit(message_id)
 
     async def _write_outbox(
         self, items: list[str | NewMessage]
@@ -362,7 +354,7 @@ class SessionActor:
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
             case ev.Acked(message_id=mid):  # normally taken by _connect, off the inbox
-                await self._ack(mid)
+                self._ack(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -525,7 +517,7 @@ class SessionActor:
                     # through the inbox (and the machine) per ack.
                     if generation == self._generation:
                         self.last_activity = self._clock()
-                        await self._ack(event.message_id)
+                        self._ack(event.message_id)
                     continue
                 post(_LinkEvent(generation, event))
                 if isinstance(event, ev.Disconnected):

@@ -154,10 +154,6 @@ def event_order(event_id: str) -> tuple[int, int]:
 
 
 class Store(Protocol):
-    writes_are_local: bool
-    """True when writes complete without waiting on I/O (the memory store): there
-    is then nothing to gain from batching them, and a batch would only add a hop."""
-
     # sessions
     async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
         """Insert if absent; returns (stored record, created)."""

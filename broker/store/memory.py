@@ -74,8 +74,6 @@ class _InboundLog:
 
 
 class MemoryStore(OneAtATime):
-    writes_are_local = True
-
     def __init__(
         self, *, event_log_size: int = 10_000, results_kept: int = 100_000,
         inbound_redeliver_after_s: float = 30.0,

@@ -445,8 +445,6 @@ class _AckListener:
 class RedisStore(OneAtATime):
     """The `Store` on Redis (5+ client, Redis server 7+ for the event gap check)."""
 
-    writes_are_local = False
-
     def __init__(
         self,
         client: aioredis.Redis,
