@@ -33,18 +33,27 @@ from broker.store.base import (
     event_order,
 )
 
+_Kept = tuple[str, str, str, int, float]
+"""A message remembered for its idempotency key: (to, body, key, sequence, accepted_at).
+
+Up to `results_kept` of these live per session. As tuples of strings and numbers
+(and results as plain floats) the cyclic GC stops tracking them; as dataclass
+instances they were up to hundreds of thousands of objects for every full
+collection to walk."""
+
 
 class _Outbox:
     def __init__(self) -> None:
         self.messages: OrderedDict[str, OutboxMessage] = OrderedDict()
         self.by_key: dict[str, str] = {}
-        self.results: dict[str, DeliveryResult] = {}
+        self.results: dict[str, float] = {}
+        """Acked message id -> acked at."""
         self.waiters: dict[str, list[asyncio.Future[DeliveryResult]]] = {}
         self.sequence = itertools.count(1)
         self.read_upto = 0
         """The highest sequence handed to the reader (what Redis's consumer group tracks)."""
         self.changed = asyncio.Event()
-        self.known: dict[str, OutboxMessage] = {}
+        self.known: dict[str, _Kept] = {}
 
 
 @dataclass
@@ -71,6 +80,11 @@ class _InboundLog:
     groups: dict[str, _Group] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) on every append: wakes every blocked reader once."""
+
+
+def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
+    acked_at = box.results.get(message_id)
+    return None if acked_at is None else DeliveryResult(message_id, acked_at)
 
 
 class MemoryStore(OneAtATime):
@@ -166,7 +180,7 @@ class MemoryStore(OneAtATime):
     ) -> Accepted | OutboxFull:
         known_id = box.by_key.get(new.idempotency_key)
         if known_id is not None:
-            return Accepted(box.known[known_id], True, box.results.get(known_id))
+            return self._known(box, session_id, known_id)
         if len(box.messages) >= max_depth:
             return OutboxFull(
                 f"outbox of {session_id!r} holds {len(box.messages)} undelivered messages",
@@ -178,7 +192,8 @@ class MemoryStore(OneAtATime):
             accepted_at=at,
         )
         box.messages[message.message_id] = message
-        box.known[message.message_id] = message
+        box.known[message.message_id] = (new.to, new.body, new.idempotency_key,
+                                          message.sequence, at)
         box.by_key[new.idempotency_key] = message.message_id
         self._trim(box)
         return Accepted(message, False)
@@ -187,8 +202,15 @@ class MemoryStore(OneAtATime):
         box = self._outboxes.get(session_id)
         if box is None or idempotency_key not in box.by_key:
             return None
-        message_id = box.by_key[idempotency_key]
-        return Accepted(box.known[message_id], True, box.results.get(message_id))
+        return self._known(box, session_id, box.by_key[idempotency_key])
+
+    @staticmethod
+    def _known(box: _Outbox, session_id: str, message_id: str) -> Accepted:
+        """The answer to a Send whose key is already known: its message and any result."""
+        to, body, key, sequence, accepted_at = box.known[message_id]
+        message = OutboxMessage(session_id=session_id, message_id=message_id, to=to, body=body,
+                                idempotency_key=key, sequence=sequence, accepted_at=accepted_at)
+        return Accepted(message, True, _result(box, message_id))
 
     def _trim(self, box: _Outbox) -> None:
         """Forget the oldest delivered messages' keys once past the retention count."""
@@ -197,7 +219,7 @@ class MemoryStore(OneAtATime):
             if oldest_id in box.messages:
                 break
             old = box.known.pop(oldest_id)
-            box.by_key.pop(old.idempotency_key, None)
+            box.by_key.pop(old[2], None)
             box.results.pop(oldest_id, None)
 
     async def claim_outbox(self, session_id: str) -> int:
@@ -215,26 +237,26 @@ class MemoryStore(OneAtATime):
 
     @staticmethod
     def _ack(box: _Outbox, message_id: str, at: float) -> DeliveryResult:
-        existing = box.results.get(message_id)
+        existing = _result(box, message_id)
         if existing is not None:
             return existing
         result = DeliveryResult(message_id, at)
         box.messages.pop(message_id, None)
         if message_id in box.known:
-            box.results[message_id] = result
+            box.results[message_id] = at
         for fut in box.waiters.pop(message_id, []):
             if not fut.done():
                 fut.set_result(result)
         return result
 
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
-        return self._outbox(session_id).results.get(message_id)
+        return _result(self._outbox(session_id), message_id)
 
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float
     ) -> DeliveryResult | None:
         box = self._outbox(session_id)
-        done = box.results.get(message_id)
+        done = _result(box, message_id)
         if done is not None or timeout <= 0:
             return done
         fut: asyncio.Future[DeliveryResult] = asyncio.get_running_loop().create_future()
