@@ -15,14 +15,13 @@ import contextlib
 import json
 import sys
 import time
-import urllib.request
 from typing import Any
 
 import grpc
 
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
-from scripts.bench.common import raise_nofile, summary_ms
+from scripts.bench.common import raise_nofile, summary_ms, upstream_login
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -91,23 +90,7 @@ async def run_send(args: argparse.Namespace) -> None:
 # -- ws (the upstream floor) ------------------------------------------------------
 
 async def run_ws(args: argparse.Namespace) -> None:
-    from websockets.asyncio.client import connect
-
-    login = args.session
-    async with connect(args.upstream_url, ping_interval=None) as ws:  # pair once
-        await ws.send(json.dumps({"type": "hello", "login": login, "credentials": None}))
-        creds: Any = None
-        async for raw in ws:
-            frame = json.loads(raw)
-            if frame["type"] == "qr":
-                await asyncio.to_thread(_get, f"{args.control_url}/control/scan?login={login}")
-            elif frame["type"] == "paired":
-                creds = frame["credentials"]
-                break
-    async with connect(args.upstream_url, ping_interval=None, max_size=1 << 20) as ws:
-        await ws.send(json.dumps({"type": "hello", "login": login, "credentials": creds}))
-        while json.loads(await ws.recv())["type"] != "ready":
-            pass
+    async with await upstream_login(args.upstream_url, args.control_url, args.session) as ws:
         waiters: dict[str, asyncio.Future[None]] = {}
 
         async def read() -> None:
@@ -145,11 +128,6 @@ async def run_ws(args: argparse.Namespace) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await reader
     _result(**window.report(args.duration, concurrency=args.concurrency))
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
 
 
 # -- fanout --------------------------------------------------------------------------

@@ -199,11 +199,8 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
         brk, addr = await _broker("broker-fanout", workdir, upstream, extra=FAST)
         procs.append(brk)
         await common.pair_sessions(addr, ctl, ["fan-1"])
-        client = common.role("fanout-client", "load",
-                             ["fanout", "--target", addr, "--session", "fan-1",
-                              "--subscribers", str(cfg.fanout_subscribers)], workdir, stdin=True)
+        client = await _subscribers("fanout-client", addr, cfg, workdir)
         procs.append(client)
-        await asyncio.to_thread(client.ready, 90)
 
         async def changes() -> None:
             for _ in range(cfg.fanout_changes):
@@ -230,9 +227,7 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
         # What one delivery costs each side: the broker's grpc.aio write and the
         # subscriber's receive run on the same 2 cores, so one event reaches all N
         # subscribers no sooner than N times the larger of the two.
-        deliveries = max(1, out["per_delivery"]["n"])
-        broker_us = (cpu1[0] - cpu0[0]) / deliveries * 1e6
-        client_us = (cpu1[1] - cpu0[1]) / deliveries * 1e6
+        broker_us, client_us = _us_per_delivery(cpu0, cpu1, out)
         out["broker_cpu_us_per_delivery"] = round(broker_us, 1)
         out["subscriber_cpu_us_per_delivery"] = round(client_us, 1)
         out["cpu_bound_ms_per_event"] = round(
@@ -255,6 +250,23 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
             p.stop()
 
 
+async def _subscribers(name: str, addr: str, cfg: Config, workdir: Path) -> Proc:
+    """The fan-out load client, once all its StreamStatus subscribers have their snapshot."""
+    client = common.role(name, "load", ["fanout", "--target", addr, "--session", "fan-1",
+                                        "--subscribers", str(cfg.fanout_subscribers)],
+                         workdir, stdin=True)
+    await asyncio.to_thread(client.ready, 90)
+    return client
+
+
+def _us_per_delivery(
+    cpu0: tuple[float, float], cpu1: tuple[float, float], out: dict[str, Any]
+) -> tuple[float, float]:
+    """CPU microseconds per delivery of the server and of the subscribers' process."""
+    deliveries = max(1, out["per_delivery"]["n"])
+    return ((cpu1[0] - cpu0[0]) / deliveries * 1e6, (cpu1[1] - cpu0[1]) / deliveries * 1e6)
+
+
 async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
     """The same subscribers on a plain grpc.aio server, fed the broker's pattern of
     events per change: a drop (DISCONNECTED), then after the backoff (full jitter of
@@ -263,10 +275,7 @@ async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
     client: Proc | None = None
     try:
         addr = (await asyncio.to_thread(server.ready))["address"]
-        client = common.role("fanout-floor-client", "load",
-                             ["fanout", "--target", addr, "--session", "fan-1",
-                              "--subscribers", str(cfg.fanout_subscribers)], workdir, stdin=True)
-        await asyncio.to_thread(client.ready, 90)
+        client = await _subscribers("fanout-floor-client", addr, cfg, workdir)
         rng = random.Random(7)
         async with grpc.aio.insecure_channel(addr) as channel:
             stub = _stub(channel)
@@ -286,8 +295,7 @@ async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
             cpu1 = server.cpu_seconds(), client.cpu_seconds()
         client.send_line("done")
         out = await asyncio.to_thread(client.result, 60)
-        deliveries = max(1, out["per_delivery"]["n"])
-        worst_us = max(cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]) / deliveries * 1e6
+        worst_us = max(_us_per_delivery(cpu0, cpu1, out))
         out["cpu_bound_ms_per_event"] = round(cfg.fanout_subscribers * worst_us / 1000, 1)
         return out
     finally:

@@ -20,7 +20,6 @@ import json
 import signal
 import sys
 import time
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,7 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from broker.simulator import Simulator, SimulatorConfig
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
-from scripts.bench.common import raise_nofile
+from scripts.bench.common import raise_nofile, upstream_login
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -46,6 +45,17 @@ async def _until_term() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def _serve(servicer: pb_grpc.BrokerServicer) -> None:
+    """Serve broker.v1.Broker on a free loopback port until SIGTERM."""
+    server = grpc.aio.server()
+    pb_grpc.add_BrokerServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    _ready(address=f"127.0.0.1:{port}")
+    await _until_term()
+    await server.stop(1)
 
 
 def _ts(at: float) -> Timestamp:
@@ -82,13 +92,7 @@ class Echo(pb_grpc.BrokerServicer):
 
 
 async def run_echo(args: argparse.Namespace) -> None:
-    server = grpc.aio.server()
-    pb_grpc.add_BrokerServicer_to_server(Echo(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    _ready(address=f"127.0.0.1:{port}")
-    await _until_term()
-    await server.stop(1)
+    await _serve(Echo())  # type: ignore[abstract]
 
 
 # -- fan-out floor -------------------------------------------------------------------
@@ -128,13 +132,7 @@ class FanoutFloor(pb_grpc.BrokerServicer):
 
 
 async def run_fanout_floor(args: argparse.Namespace) -> None:
-    server = grpc.aio.server()
-    pb_grpc.add_BrokerServicer_to_server(FanoutFloor(), server)  # type: ignore[abstract]
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    _ready(address=f"127.0.0.1:{port}")
-    await _until_term()
-    await server.stop(1)
+    await _serve(FanoutFloor())  # type: ignore[abstract]
 
 
 # -- architecture floor ------------------------------------------------------------
@@ -150,24 +148,7 @@ class _Upstream:
         self.keepalive: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        from websockets.asyncio.client import connect
-
-        async with connect(self.url, ping_interval=None) as ws:  # pairing connection
-            await ws.send(json.dumps({"type": "hello", "login": self.login,
-                                      "credentials": None}))
-            creds: Any = None
-            async for raw in ws:
-                frame = json.loads(raw)
-                if frame["type"] == "qr":
-                    await asyncio.to_thread(_get, f"{self.control}/control/scan?login={self.login}")
-                elif frame["type"] == "paired":
-                    creds = frame["credentials"]
-                    break
-        self.ws = await connect(self.url, ping_interval=None, max_size=1 << 20)
-        await self.ws.send(json.dumps({"type": "hello", "login": self.login,
-                                       "credentials": creds}))
-        while json.loads(await self.ws.recv())["type"] != "ready":
-            pass
+        self.ws = await upstream_login(self.url, self.control, self.login)
         self.reader = asyncio.create_task(self._read())
         self.keepalive = asyncio.create_task(self._keepalive())
 
@@ -191,11 +172,6 @@ class _Upstream:
         self.waiters[mid] = fut
         await self.ws.send(json.dumps({"type": "send", "id": mid, "to": to, "body": body}))
         return mid, await fut
-
-
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
 
 
 class Relay(pb_grpc.BrokerServicer):
@@ -229,14 +205,8 @@ class Relay(pb_grpc.BrokerServicer):
 
 
 async def run_relay(args: argparse.Namespace) -> None:
-    server = grpc.aio.server()
     relay = Relay(args.upstream_url, args.control_url)  # type: ignore[abstract]
-    pb_grpc.add_BrokerServicer_to_server(relay, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    _ready(address=f"127.0.0.1:{port}")
-    await _until_term()
-    await server.stop(1)
+    await _serve(relay)
     for link in relay.links.values():
         with contextlib.suppress(Exception):
             await link.ws.close()
