@@ -48,6 +48,16 @@ main.add_command(sim)
 main.add_command(token)
 
 
+async def _until_signalled() -> None:
+    """Return on SIGINT or SIGTERM: what a long-running command serves until."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
 @main.command()
 @click.option("--listen", envvar="BROKER_LISTEN", default=_S.listen, show_default=True,
               help="gRPC listen address.")
@@ -184,12 +194,7 @@ async def _serve(settings: Settings) -> None:
         click.echo(f"dashboard: {app.dashboard.url}", err=True)
     if app.metrics is not None:
         click.echo(f"metrics: http://{app.metrics.address}/metrics", err=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signalled()
     click.echo("shutting down", err=True)
     await app.stop()
 
@@ -444,12 +449,7 @@ def dashboard(target: Connection, listen: str) -> None:
         client = target.client()
         async with DashboardServer(target.target, listen, client=client) as server:
             click.echo(f"dashboard: {server.url} (broker {target})", err=True)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError):
-                    loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
+            await _until_signalled()
         await client.close()
 
     try:

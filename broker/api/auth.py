@@ -35,17 +35,14 @@ import grpc
 from google.protobuf.message import Message
 
 from broker import validation
-from broker.api.status import to_status
+from broker.api.status import ServerInterceptor, to_status
 from broker.auth.tokens import Permission, TokenRecord, TokenStore
 from broker.errors import BrokerError, PermissionDenied, Unauthenticated
 from broker.store.base import Store
 from broker_client.v1 import broker_pb2 as pb
 
 if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
     _Handler = grpc.RpcMethodHandler[Any, Any]
-else:  # not generic at run time
-    _Interceptor = grpc.aio.ServerInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +173,7 @@ async def _results(outcome: Any) -> AsyncIterator[Any]:
         yield item
 
 
-class AuthInterceptor(_Interceptor):
+class AuthInterceptor(ServerInterceptor):
     """Checks every call before its handler runs; see the module docstring for the rules."""
 
     def __init__(self, authorizer: Authorizer) -> None:

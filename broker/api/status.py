@@ -110,9 +110,10 @@ def streaming(
 # -- request bytes that are not a valid message ------------------------------
 
 if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+    ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:  # not generic at run time
-    _Interceptor = grpc.aio.ServerInterceptor
+    ServerInterceptor = grpc.aio.ServerInterceptor
+"""The base class of the broker's interceptors (grpc-stubs makes it generic)."""
 
 
 class _Malformed:
@@ -140,7 +141,7 @@ async def _reject(context: grpc.aio.ServicerContext[Any, Any], request: _Malform
     await _abort(context, to_status(_malformed(request)))
 
 
-class MalformedRequests(_Interceptor):
+class MalformedRequests(ServerInterceptor):
     """Answer undecodable request bytes INVALID_ARGUMENT (with ErrorInfo), not UNKNOWN.
 
     grpc.aio answers a request deserializer that raises with UNKNOWN; this one

@@ -24,7 +24,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from broker.api.status import ServerInterceptor
 from broker.lifecycle.states import State
 from broker.ops import BusFollower
 from broker.runtime.actor import SessionActor
@@ -53,12 +54,6 @@ _RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _RECONNECT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
                       600.0)
 _STATUS_DETAILS_KEY = "grpc-status-details-bin"
-
-if TYPE_CHECKING:
-    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:  # not generic at run time
-    _Interceptor = grpc.aio.ServerInterceptor
-
 
 class BrokerMetrics:
     """The metrics of one instance; `start()` to observe, `serve()` to expose."""
@@ -261,7 +256,7 @@ def _status_code(context: grpc.aio.ServicerContext[Any, Any],
     return grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
 
 
-class _MetricsInterceptor(_Interceptor):
+class _MetricsInterceptor(ServerInterceptor):
     """Times unary calls and counts open streams without changing what they do."""
 
     def __init__(self, metrics: BrokerMetrics) -> None:
