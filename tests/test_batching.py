@@ -145,3 +145,31 @@ async def test_a_lone_call_never_lingers() -> None:
     assert await asyncio.wait_for(batcher.submit(2), 10) == 20
     assert await asyncio.wait_for(batcher.submit(4), 10) == 40
     assert rec.batches == [[2], [4]]
+
+
+async def test_posted_items_share_batches_and_nobody_waits_for_them() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush)
+    batcher.post(1)  # its flush outcome is an error: nobody is there to retrieve it
+    batcher.post(2)
+    assert await batcher.submit(4) == 40
+    assert rec.batches == [[1, 2, 4]]
+
+
+async def test_a_loaded_batcher_lingers_before_its_first_write() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=1.0, loaded=lambda: True)
+    first = batcher.submit(0)
+    await _until(lambda: batcher._task is not None)
+    for _ in range(5):  # several loop turns: an unloaded batcher would have flushed
+        await asyncio.sleep(0)
+    assert rec.batches == []
+    late = batcher.submit(2)
+    assert await asyncio.wait_for(asyncio.gather(first, late), 10) == [0, 20]
+    assert rec.batches == [[0, 2]]
+
+
+async def test_an_unloaded_batcher_writes_a_lone_item_at_once() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: False)
+    assert await asyncio.wait_for(batcher.submit(2), 10) == 20

@@ -48,6 +48,10 @@ BLOCKED_STATES = frozenset(
 )
 
 
+#: Messages awaiting acks from which the session's writes linger (`_pipelined`).
+PIPELINED = 4
+
+
 @dataclass(frozen=True)
 class _LinkEvent:
     generation: int
@@ -98,7 +102,47 @@ class _Mailbox:
         return self._items.popleft()
 
 
-def _settle(future: asyncio.Future[DeliveryResult | None], value: DeliveryResult | None) -> None:
+class _Wake:
+    """A flag one task waits on with a timeout: the delivery loop's doorbell.
+
+    asyncio.wait_for(event.wait(), t) makes a task per wait (Python 3.11); the
+    loop waits once per burst of Sends, so this plain future and timer do it.
+    """
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    async def wait(self, timeout: float) -> bool:
+        """Whether the flag was set (False: the timeout passed first)."""
+        if self._set:
+            return True
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(timeout, _settle, waiter, None)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return self._set
+
+
+def _settle(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
 
@@ -144,7 +188,7 @@ class SessionActor:
         self._link: Link | None = None
         self._io_task: asyncio.Task[None] | None = None
         self._delivery_task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake = _Wake()
         self._ping_id = 0
         self._sequence = 0
         self._task: asyncio.Task[None] | None = None
@@ -166,9 +210,20 @@ class SessionActor:
     def _writes(self) -> Batcher[str | NewMessage, Accepted | None]:
         """Acks (message ids) and new messages, written to the store in batches."""
         if self._batcher is None:
-            self._batcher = Batcher(self._write_outbox,
-                                    linger_s=self._settings.write_linger_s)
+            self._batcher = Batcher(self._write_outbox, linger_s=self._settings.write_linger_s,
+                                    loaded=self._pipelined)
         return self._batcher
+
+    def _pipelined(self) -> bool:
+        """Several messages await their acks: those acks, and the Sends they free,
+        arrive within a round trip, so a write may linger to take them along.
+
+        With a store that writes at once (memory) this is the only sign of load,
+        and taking acks and Sends in bursts is what lets one session near the
+        relay floor at 64 Sends in flight (docs/benchmarks.md). A lone Send, or
+        a few, never waits.
+        """
+        return len(self._in_flight) >= PIPELINED
 
     @property
     def state(self) -> State:
@@ -215,7 +270,7 @@ class SessionActor:
 
     def _ack(self, message_id: str) -> None:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
-        self._writes.submit(message_id)
+        self._writes.post(message_id)
 
     async def _write_outbox(
         self, items: list[str | NewMessage]
@@ -628,8 +683,5 @@ class SessionActor:
                     # parked task per idle session; kick() starts a new one.
                     return
                 continue
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                if not in_flight:
-                    self._backlog = True  # a kick from another instance may be lost
+            if not await self._wake.wait(wait) and not in_flight:
+                self._backlog = True  # a kick from another instance may be lost

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,23 +33,37 @@ class Batcher(Generic[T, R]):
         flush: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         max_batch: int = 256,
         linger_s: float = 0.0,
+        loaded: Callable[[], bool] | None = None,
     ) -> None:
+        """`loaded()`: whether more items are certain to follow soon (say, acks of
+        messages in flight), so that even a write the store does at once lingers."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self._flush = flush
         self._max_batch = max_batch
         self._linger_s = linger_s
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._loaded = loaded
+        self._queue: list[tuple[T, asyncio.Future[R] | None]] = []
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, item: T) -> asyncio.Future[R]:
-        """Queue an item; the future resolves once its batch is written."""
+        """Queue an item; the future resolves once its batch is written.
+
+        Await it: a caller that gives up cancels it, and a cancelled future is
+        skipped, but an error set on one nobody awaits is logged as unretrieved.
+        """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        future.add_done_callback(_retrieved)  # a caller that gave up is not an error
+        self._enqueue(item, future)
+        return future
+
+    def post(self, item: T) -> None:
+        """Queue an item whose outcome nobody waits for (`flush` reports its errors)."""
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: T, future: asyncio.Future[R] | None) -> None:
         self._queue.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
-        return future
 
     async def drain(self) -> None:
         """Return once everything submitted so far is flushed."""
@@ -64,17 +78,18 @@ class Batcher(Generic[T, R]):
             task.cancel()
         queue, self._queue = self._queue, []
         for _, future in queue:
-            future.cancel()
+            if future is not None:
+                future.cancel()
 
     async def _run(self) -> None:
         # This task's first step runs on the loop's next turn, so everything made
         # ready by the same I/O (a burst of requests or of acks) is in the first
         # batch, for no added wait.
-        busy = False
+        # Calls that kept coming during the last write, or more certain to come
+        # (`loaded`), mean load: then wait a moment so the next write carries more.
+        busy = self._loaded is not None and self._loaded()
         while self._queue:
             if busy and self._linger_s > 0 and len(self._queue) < self._max_batch:
-                # Calls kept coming during the last write: under load, wait a
-                # moment more so the next write carries more of them.
                 await asyncio.sleep(self._linger_s)
             busy = True
             batch = self._queue[: self._max_batch]
@@ -84,7 +99,8 @@ class Batcher(Generic[T, R]):
                 outcomes: Sequence[R | BaseException] = await self._flush(items)
             except asyncio.CancelledError:
                 for _, future in batch:
-                    future.cancel()
+                    if future is not None:
+                        future.cancel()
                 raise
             except Exception as exc:
                 outcomes = [exc] * len(batch)
@@ -93,14 +109,9 @@ class Batcher(Generic[T, R]):
                                      f"{len(batch)} items")
                 outcomes = [error] * len(batch)
             for (_, future), outcome in zip(batch, outcomes, strict=True):
-                if future.done():
+                if future is None or future.done():
                     continue
                 if isinstance(outcome, BaseException):
                     future.set_exception(outcome)
                 else:
                     future.set_result(outcome)
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
