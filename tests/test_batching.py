@@ -165,7 +165,7 @@ async def test_a_loaded_batcher_lingers_before_its_first_write() -> None:
         await asyncio.sleep(0)
     assert rec.batches == []
     late = batcher.submit(2)
-    assert await asyncio.wait_for(asyncio.gather(first, late), 10) == [0, 20]
+    assert list(await asyncio.wait_for(asyncio.gather(first, late), 10)) == [0, 20]
     assert rec.batches == [[0, 2]]
 
 
