@@ -169,11 +169,15 @@ def _compare(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
             continue
         digits = 4 if "share" in label else 1
         lines.append(f"| {label} | " + " | ".join(_f(v, digits) for v in values) + " |")
-    per_run = [{t["target"]: t for t in targets(r)} for r in results]
+    # targets() lists the same targets in the same order for any results; a name
+    # carries measured values (session counts, the TTL), so rows go by position
+    # and take their name from the newest run that measured them.
+    per_run = [targets(r) for r in results]
     lines += ["", "| target | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(runs)]
-    for name in per_run[-1]:
-        cells = [f"{t.get(name, {}).get('measured', 'n/a')} ({_met(t.get(name, {}).get('met'))})"
-                 for t in per_run]
+    for row in zip(*per_run, strict=True):
+        name = next((t["target"] for t in reversed(row) if t["met"] is not None),
+                    row[-1]["target"])
+        cells = [f"{t['measured']} ({_met(t['met'])})" for t in row]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
