@@ -48,8 +48,10 @@ BLOCKED_STATES = frozenset(
 )
 
 
-#: Messages awaiting acks from which the session's writes linger (`_pipelined`).
+#: Messages awaiting acks from which the session's writes linger (`_pipelined`),
+#: and for how long after that they still do while any message awaits its ack.
 PIPELINED = 4
+PIPELINED_HOLD_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,7 @@ class SessionActor:
         self._delivery_task: asyncio.Task[None] | None = None
         self._wake = _Wake()
         self._ping_id = 0
+        self._pipelined_until = 0.0
         self._sequence = 0
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -221,9 +224,16 @@ class SessionActor:
         With a store that writes at once (memory) this is the only sign of load,
         and taking acks and Sends in bursts is what lets one session near the
         relay floor at 64 Sends in flight (docs/benchmarks.md). A lone Send, or
-        a few, never waits.
+        a few, never waits. Once pipelined, a session stays so for a moment while
+        anything is in flight: right after a batch of acks few messages are out,
+        and dropping back to one write per message there could stick (bursts
+        feed lingering, lingering feeds bursts, and the same holds for neither).
         """
-        return len(self._in_flight) >= PIPELINED
+        now = asyncio.get_running_loop().time()
+        if len(self._in_flight) >= PIPELINED:
+            self._pipelined_until = now + PIPELINED_HOLD_S
+            return True
+        return bool(self._in_flight) and now < self._pipelined_until
 
     @property
     def state(self) -> State:
