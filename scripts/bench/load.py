@@ -141,6 +141,7 @@ async def run_fanout(args: argparse.Namespace) -> None:
     channels = [grpc.aio.insecure_channel(args.target) for _ in range(args.channels)]
     arrivals: dict[tuple[str, int], list[float]] = {}
     ats: dict[tuple[str, int], float] = {}
+    states: dict[tuple[str, int], str] = {}
     snapshots = [0]
     all_subscribed = asyncio.Event()
     cut_off = [0]
@@ -158,6 +159,7 @@ async def run_fanout(args: argparse.Namespace) -> None:
                     continue
                 key = (event.session_id, event.sequence)
                 ats[key] = event.at.ToNanoseconds() / 1e9
+                states[key] = pb.SessionState.Name(event.state)
                 arrivals.setdefault(key, []).append(now)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.CANCELLED:
@@ -191,7 +193,37 @@ async def run_fanout(args: argparse.Namespace) -> None:
     complete = sum(1 for times in arrivals.values() if len(times) == args.subscribers)
     _result(subscribers=args.subscribers, events=len(arrivals), complete_events=complete,
             cut_off=cut_off[0], per_delivery=summary_ms(per_delivery),
-            time_to_all=summary_ms(to_all))
+            time_to_all=summary_ms(to_all), **_by_burst(arrivals, ats, states))
+
+
+def _by_burst(arrivals: dict[tuple[str, int], list[float]], ats: dict[tuple[str, int], float],
+              states: dict[tuple[str, int], str]) -> dict[str, Any]:
+    """Where the tail is: per-delivery latency of an event that opens a burst of
+    changes against one that follows another within 200 ms (it queues behind it),
+    the gap before a follow-up, and latency by state."""
+    keys = sorted(arrivals, key=lambda k: ats[k])
+    first: list[float] = []
+    follow: list[float] = []
+    gaps: list[float] = []
+    by_state: dict[str, list[float]] = {}
+    previous: float | None = None
+    for key in keys:
+        latencies = [t - ats[key] for t in arrivals[key]]
+        gap = None if previous is None else ats[key] - previous
+        previous = ats[key]
+        if gap is not None and gap < 0.2:
+            follow.extend(latencies)
+            gaps.append(gap)
+        else:
+            first.extend(latencies)
+        by_state.setdefault(states.get(key, "?"), []).extend(latencies)
+    out: dict[str, Any] = {"per_delivery_first_of_burst": summary_ms(first)}
+    if follow:
+        out["per_delivery_follow_up"] = summary_ms(follow)
+        out["gap_before_follow_up"] = summary_ms(gaps)
+    for state, latencies in sorted(by_state.items()):
+        out[f"per_delivery_{state}"] = summary_ms(latencies)
+    return out
 
 
 # -- reliable (delivery under drops) -----------------------------------------------------

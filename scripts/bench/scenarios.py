@@ -240,6 +240,11 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
         out["floor_time_to_all"] = floor["time_to_all"]
         out["floor_events"] = floor["events"]
         out["floor_cpu_bound_ms_per_event"] = floor["cpu_bound_ms_per_event"]
+        out["floor_server_cpu_us_per_delivery"] = floor["server_cpu_us_per_delivery"]
+        for key in ("per_delivery_first_of_burst", "per_delivery_follow_up",
+                    "gap_before_follow_up"):
+            if key in floor:
+                out[f"floor_{key}"] = floor[key]
         ratio = out["per_delivery"]["p99_ms"] / max(floor["per_delivery"]["p99_ms"], 1e-9)
         out["p99_vs_floor"] = f"{ratio:.2f}x"
         if profile is not None:
@@ -295,8 +300,10 @@ async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
             cpu1 = server.cpu_seconds(), client.cpu_seconds()
         client.send_line("done")
         out = await asyncio.to_thread(client.result, 60)
-        worst_us = max(_us_per_delivery(cpu0, cpu1, out))
-        out["cpu_bound_ms_per_event"] = round(cfg.fanout_subscribers * worst_us / 1000, 1)
+        server_us, client_us = _us_per_delivery(cpu0, cpu1, out)
+        out["server_cpu_us_per_delivery"] = round(server_us, 1)
+        out["cpu_bound_ms_per_event"] = round(
+            cfg.fanout_subscribers * max(server_us, client_us) / 1000, 1)
         return out
     finally:
         if client is not None:
