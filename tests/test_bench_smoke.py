@@ -58,6 +58,27 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     assert "## Targets" in markdown and "architecture floor" in markdown
 
 
+def test_the_run_by_run_table_lines_up_runs_that_measured_different_scenarios() -> None:
+    sys.path.insert(0, str(ROOT))
+    from scripts.bench import report
+
+    full = {"send": {t: {"64": {"throughput_rps": 100.0, "p99_ms": 10.0}}
+                     for t in ("relay", "memory", "redis")},
+            "idle": {"sessions": 10000, "rss_per_session_kb": 20.0}}
+    only_fanout = {"fanout": {"subscribers": 1000, "per_delivery": {"p99_ms": 50.0}}}
+    doc = {"latest": "a", "runs": {
+        name: {"mode": "full", "command": "x", "commands": ["x"], "date": "d", "cores": 2,
+               "cpu": "c", "python": "3", "results": results,
+               "targets": report.targets(results)}
+        for name, results in (("a", full), ("b", only_fanout))}}
+    table = report.render(doc, "a").split("| target | `a` | `b` |", 1)[1]
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:12]}
+    assert "1.00x (met)" in rows["Send memory c=64 throughput vs relay floor"]
+    assert "not measured" in rows["Send memory c=64 throughput vs relay floor"]
+    assert "50.0 ms" in rows["StreamStatus fan-out to 1000 subscribers p99"]
+    assert "20.0 KB (met)" in rows["10000 idle sessions: RSS per session"]
+
+
 # -- behaviour the profile-driven fixes must keep (docs/benchmarks.md) ----------------
 
 
