@@ -226,8 +226,8 @@ class SessionActor:
         relay floor at 64 Sends in flight (docs/benchmarks.md). A lone Send, or
         a few, never waits. Once pipelined, a session stays so for a moment while
         anything is in flight: right after a batch of acks few messages are out,
-        and dropping back to one write per message there could stick (bursts
-        feed lingering, lingering feeds bursts, and the same holds for neither).
+        and dropping back to one write per message there tends to stick, since
+        one write per message never has enough in flight to linger again.
         """
         now = asyncio.get_running_loop().time()
         if len(self._in_flight) >= PIPELINED:
