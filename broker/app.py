@@ -34,11 +34,13 @@ def open_store(settings: Settings) -> Store:
     url = settings.store_url
     if url in ("memory", "memory://", ""):
         return MemoryStore(event_log_size=settings.event_log_size,
-                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s)
+                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                           inbound_retention_s=settings.inbound_retention_s)
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.from_url(url, key_prefix=settings.key_prefix,
                                    event_log_size=settings.event_log_size,
                                    inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                                   inbound_retention_s=settings.inbound_retention_s,
                                    consumer=settings.instance_id or None)
     raise ValueError(f"unsupported store URL {url!r} (use memory:// or redis://host:port/db)")
 

@@ -104,6 +104,10 @@ async def _until_signalled() -> None:
               default=_S.write_linger_s, show_default=True,
               help="Under load, seconds a session's next outbox write waits to gather "
                    "more Sends and acks (0: never).")
+@click.option("--inbound-retention", envvar="BROKER_INBOUND_RETENTION",
+              type=click.FloatRange(0), default=_S.inbound_retention_s, show_default=True,
+              help="Seconds an inbound message is kept for worker groups, acked or not "
+                   "(0: for ever).")
 @click.option("--max-outbox", envvar="BROKER_MAX_OUTBOX", type=int, default=_S.max_outbox,
               show_default=True, help="Undelivered messages per session before OUTBOX_FULL.")
 @click.option("--max-body-bytes", envvar="BROKER_MAX_BODY_BYTES", type=int,
@@ -163,7 +167,7 @@ def serve(**opts: Any) -> None:
         listen=opts["listen"], upstream_url=opts["upstream_url"], simulator_port=opts["sim_port"],
         store_url=opts["store_url"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
         ack_timeout_s=opts["ack_timeout"], send_window=opts["send_window"],
-        write_linger_s=opts["write_linger"],
+        write_linger_s=opts["write_linger"], inbound_retention_s=opts["inbound_retention"],
         max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
         default_send_timeout_s=opts["send_timeout"], instance_id=opts["instance_id"],
         lease_ttl_s=opts["lease_ttl"], key_prefix=opts["key_prefix"],

@@ -44,6 +44,9 @@ class Settings:
     """Prefix of every Redis key (several deployments can share one Redis)."""
     inbound_redeliver_after_s: float = 30.0
     """Hand an unacked inbound message to another worker of its group after this long."""
+    inbound_retention_s: float = 7 * 86400.0
+    """Keep inbound messages (and their de-dup entries) this long, acked or not; 0:
+    for ever. Without a bound, a session's inbound stream grows for as long as it lives."""
     dashboard_listen: str | None = None
     """Serve the web dashboard on this host:port (None: off; it has no authentication)."""
     auth_tokens_file: str | None = None

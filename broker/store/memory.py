@@ -74,12 +74,29 @@ class _Group:
 
 @dataclass
 class _InboundLog:
-    records: list[InboundRecord] = field(default_factory=list)
+    records: deque[InboundRecord] = field(default_factory=deque)
+    """In arrival order; the retention trims from the left."""
     by_id: dict[str, InboundRecord] = field(default_factory=dict)
     by_upstream: set[str] = field(default_factory=set)
     groups: dict[str, _Group] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) on every append: wakes every blocked reader once."""
+
+
+def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
+    """Forget messages received before `cutoff`, acked or not, as the Redis store's
+    XTRIM MINID does: groups move past them and their de-dup entries go."""
+    trimmed = 0
+    while log.records and log.records[0].received_at < cutoff:
+        record = log.records.popleft()
+        del log.by_id[record.inbound_id]
+        log.by_upstream.discard(record.upstream_id)
+        trimmed += 1
+    if trimmed:
+        for group in log.groups.values():
+            group.next_index = max(0, group.next_index - trimmed)
+            for inbound_id in [i for i in group.pending if i not in log.by_id]:
+                del group.pending[inbound_id]
 
 
 def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
@@ -90,7 +107,7 @@ def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
 class MemoryStore(OneAtATime):
     def __init__(
         self, *, event_log_size: int = 10_000, results_kept: int = 100_000,
-        inbound_redeliver_after_s: float = 30.0,
+        inbound_redeliver_after_s: float = 30.0, inbound_retention_s: float | None = None,
     ) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._credentials: dict[str, dict[str, Any]] = {}
@@ -104,6 +121,7 @@ class MemoryStore(OneAtATime):
         self._inbound: dict[str, _InboundLog] = {}
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
+        self._inbound_retention_s = inbound_retention_s or None
 
     # sessions
     async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
@@ -338,6 +356,8 @@ class MemoryStore(OneAtATime):
         log.records.append(record)
         log.by_id[record.inbound_id] = record
         log.by_upstream.add(upstream_id)
+        if self._inbound_retention_s:
+            _trim_inbound(log, at - self._inbound_retention_s)
         log.changed.set()
         log.changed = asyncio.Event()
         return record

@@ -18,6 +18,8 @@ them together and the layout holds on Redis Cluster):
 - ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
 - ``P:T:inbound``       stream: inbound messages; consumer groups are the worker groups
 - ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
+- ``P:T:inbound:aged``  sorted set: upstream message id by arrival (ms), to trim
+                        the de-dup hash with the stream past the inbound retention
 - ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
                         its entry ids are the event ids
@@ -214,12 +216,26 @@ if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
 return 1
 """
 
-# KEYS: inbound stream, seen hash.  ARGV: upstream id, sender, body, at
+# KEYS: inbound stream, seen hash, aged sorted set.
+# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything)
+# Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
 _ADD_INBOUND = """
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'uid', ARGV[1], 'from', ARGV[2], 'body', ARGV[3],
   'at', ARGV[4])
 redis.call('HSET', KEYS[2], ARGV[1], entry)
+local retention = tonumber(ARGV[5])
+if retention > 0 then
+  local now = tonumber(string.match(entry, '^(%d+)'))
+  local cutoff = now - retention
+  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  redis.call('XTRIM', KEYS[1], 'MINID', cutoff)
+  local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. cutoff, 'LIMIT', 0, 256)
+  if #old > 0 then
+    redis.call('HDEL', KEYS[2], unpack(old))
+    redis.call('ZREM', KEYS[3], unpack(old))
+  end
+end
 return entry
 """
 _MAX_CLAIM_ROUNDS = 10
@@ -458,9 +474,13 @@ class RedisStore(OneAtATime):
         state_ttl_s: float | None = None,
         recheck_s: float = 5.0,
         inbound_redeliver_after_s: float = 30.0,
+        inbound_retention_s: float | None = None,
         consumer: str | None = None,
     ) -> None:
         """`consumer`: this instance's name in the outbox consumer groups.
+
+        `inbound_retention_s`: inbound messages older than this are trimmed (with
+        their de-dup entries) as new ones arrive, acked or not; None keeps them.
 
         `state_ttl_s`: expiry of a session's last-event record (refreshed on every
         event); None keeps it for as long as the session exists."""
@@ -483,6 +503,7 @@ class RedisStore(OneAtATime):
         self._acks = _AckListener(client, f"{key_prefix}:ack-listener", recheck_s)
         self._add_inbound = client.register_script(_ADD_INBOUND)
         self._redeliver_after_ms = max(1, int(inbound_redeliver_after_s * 1000))
+        self._inbound_retention_s = inbound_retention_s or None
         self._inbound_groups: set[tuple[str, str]] = set()
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._outbox_groups: set[str] = set()
@@ -504,6 +525,7 @@ class RedisStore(OneAtATime):
         retries: int = 2,
         recheck_s: float = 5.0,
         inbound_redeliver_after_s: float = 30.0,
+        inbound_retention_s: float | None = None,
         consumer: str | None = None,
     ) -> RedisStore:
         """Connect lazily to `url` (redis://, rediss://, unix://).
@@ -522,7 +544,8 @@ class RedisStore(OneAtATime):
         return cls(
             client, cipher=resolved, key_prefix=key_prefix, event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
-            inbound_redeliver_after_s=inbound_redeliver_after_s, consumer=consumer,
+            inbound_redeliver_after_s=inbound_redeliver_after_s,
+            inbound_retention_s=inbound_retention_s, consumer=consumer,
         )
 
     @staticmethod
@@ -975,10 +998,13 @@ class RedisStore(OneAtATime):
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float
     ) -> InboundRecord | None:
-        """One Lua script: the de-dup check and the append are atomic."""
+        """One Lua script: the de-dup check, the append and the trim are atomic."""
+        retention = self._inbound_retention_s
         entry = await self._add_inbound(
-            keys=[self._key(session_id, "inbound"), self._key(session_id, "inbound:seen")],
-            args=[upstream_id, sender, body, repr(at)],
+            keys=[self._key(session_id, "inbound"), self._key(session_id, "inbound:seen"),
+                  self._key(session_id, "inbound:aged")],
+            args=[upstream_id, sender, body, repr(at),
+                  max(1, int(retention * 1000)) if retention else 0],
         )
         if entry is None:
             return None

@@ -154,3 +154,49 @@ async def test_sessions_are_separate_and_delete_forgets(store: Store) -> None:
     await _add(store, "b", session_id="s2")  # same upstream id: stored anew
     assert _bodies(await store.read_inbound("s2", "g", "c1", 10, QUIET_S)) == ["b"]
     assert _bodies(await store.read_inbound("s1", "g", "c1", 10, QUIET_S)) == ["a"]
+
+
+RETENTION_S = 1.0
+
+
+@pytest.fixture
+async def kept(backend: Backend) -> AsyncIterator[Store]:
+    """A store that keeps inbound messages for RETENTION_S."""
+    opened: Store
+    if backend.server is None:
+        opened = MemoryStore(inbound_redeliver_after_s=REDELIVER_S,
+                             inbound_retention_s=RETENTION_S)
+    else:
+        opened = RedisStore.from_url(backend.server.url, credential_key=TEST_KEY,
+                                     inbound_redeliver_after_s=REDELIVER_S,
+                                     inbound_retention_s=RETENTION_S, key_prefix="kept")
+    await opened.create_session(SessionRecord("s1", "t1"))
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def test_messages_past_the_retention_go_with_their_dedup_entries(kept: Store) -> None:
+    assert await kept.add_inbound("s1", "up-old", "+49", "old", time.time()) is not None
+    taken = await _read_until(kept, "g1", "c1", 1)  # delivered, never acked
+    assert _bodies(taken) == ["old"]
+    await asyncio.sleep(RETENTION_S * 1.5)  # the retention passes (a wait, not a bound)
+    assert await kept.add_inbound("s1", "up-new", "+49", "new", time.time()) is not None
+    # What arrives trims what is past the retention, acked or not:
+    assert _bodies(await _read_until(kept, "g2", "c1", 1)) == ["new"]  # a new group
+    assert await kept.read_inbound("s1", "g2", "c1", 10, QUIET_S) == []
+    assert _bodies(await _read_until(kept, "g1", "c1", 1)) == ["new"]
+    await asyncio.sleep(REDELIVER_S * 1.5)  # "old" would be due for redelivery by now
+    assert _bodies(await kept.read_inbound("s1", "g1", "c2", 10, QUIET_S)) == ["new"]
+    # ...and its de-dup entry went with it, while what is kept stays de-duplicated.
+    assert await kept.add_inbound("s1", "up-new", "+49", "new", time.time()) is None
+    assert await kept.add_inbound("s1", "up-old", "+49", "old", time.time()) is not None
+
+
+async def test_without_a_retention_nothing_is_trimmed(store: Store) -> None:
+    await _add(store, "a")
+    await asyncio.sleep(RETENTION_S * 1.5)
+    await _add(store, "b")
+    assert _bodies(await _read_until(store, "g1", "c1", 2)) == ["a", "b"]
+    assert await store.add_inbound("s1", "up-a", "+49", "a", time.time()) is None

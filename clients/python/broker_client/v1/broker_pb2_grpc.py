@@ -202,8 +202,10 @@ class BrokerServicer:
         Every message is stored durably before the upstream is told it arrived,
         then handed to one worker of each consumer `group` (workers of a group
         share the work; several groups each get every message, from the start of
-        the session's history). A delivery stays pending until acknowledged with
-        AckInbound; one not acknowledged within the broker's redelivery delay
+        the session's kept history: messages older than the broker's inbound
+        retention, 7 days by default, are dropped, acknowledged or not). A
+        delivery stays pending until acknowledged with AckInbound; one not
+        acknowledged within the broker's redelivery delay
         (e.g. its worker died) is handed to a worker of the group again, with
         `delivery_count` increased. The stream never ends on its own; on
         UNAVAILABLE just call again (unacknowledged messages come back).
