@@ -200,3 +200,24 @@ async def test_without_a_retention_nothing_is_trimmed(store: Store) -> None:
     await _add(store, "b")
     assert _bodies(await _read_until(store, "g1", "c1", 2)) == ["a", "b"]
     assert await store.add_inbound("s1", "up-a", "+49", "a", time.time()) is None
+
+
+async def test_the_broker_opens_its_store_with_the_configured_retention(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from broker.app import open_store
+    from broker.config import Settings
+    from broker.store.crypto import generate_key
+
+    monkeypatch.setenv("BROKER_CREDENTIAL_KEYS", f"k1:{generate_key()}")
+    url = "memory://" if backend.server is None else backend.server.url
+    opened = open_store(Settings(store_url=url, inbound_retention_s=RETENTION_S,
+                                 key_prefix="wired"))
+    await opened.create_session(SessionRecord("s1", "t1"))
+    try:
+        assert await opened.add_inbound("s1", "up-a", "+49", "a", time.time()) is not None
+        await asyncio.sleep(RETENTION_S * 1.5)
+        assert await opened.add_inbound("s1", "up-b", "+49", "b", time.time()) is not None
+        assert _bodies(await _read_until(opened, "g", "c", 1)) == ["b"]
+    finally:
+        await opened.close()
