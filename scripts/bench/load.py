@@ -196,6 +196,18 @@ async def run_fanout(args: argparse.Namespace) -> None:
             time_to_all=summary_ms(to_all), **_by_burst(arrivals, ats, states))
 
 
+def _bursts(times: list[float]) -> list[list[float]]:
+    """Event times grouped into bursts (gaps under 200 ms), as offsets from each
+    burst's first event: the pattern the fan-out floor replays."""
+    out: list[list[float]] = []
+    for at in times:
+        if out and at - (out[-1][0] + out[-1][-1]) < 0.2:
+            out[-1].append(round(at - out[-1][0], 4))
+        else:
+            out.append([at, 0.0])
+    return [burst[1:] for burst in out]
+
+
 def _by_burst(arrivals: dict[tuple[str, int], list[float]], ats: dict[tuple[str, int], float],
               states: dict[tuple[str, int], str]) -> dict[str, Any]:
     """Where the tail is: per-delivery latency of an event that opens a burst of
@@ -206,23 +218,29 @@ def _by_burst(arrivals: dict[tuple[str, int], list[float]], ats: dict[tuple[str,
     follow: list[float] = []
     gaps: list[float] = []
     by_state: dict[str, list[float]] = {}
+    gap_by_state: dict[str, list[float]] = {}
     previous: float | None = None
     for key in keys:
         latencies = [t - ats[key] for t in arrivals[key]]
         gap = None if previous is None else ats[key] - previous
         previous = ats[key]
+        state = states.get(key, "?")
         if gap is not None and gap < 0.2:
             follow.extend(latencies)
             gaps.append(gap)
+            gap_by_state.setdefault(state, []).append(gap)
         else:
             first.extend(latencies)
-        by_state.setdefault(states.get(key, "?"), []).extend(latencies)
-    out: dict[str, Any] = {"per_delivery_first_of_burst": summary_ms(first)}
+        by_state.setdefault(state, []).extend(latencies)
+    out: dict[str, Any] = {"per_delivery_first_of_burst": summary_ms(first),
+                           "bursts": _bursts([ats[k] for k in keys])}
     if follow:
         out["per_delivery_follow_up"] = summary_ms(follow)
         out["gap_before_follow_up"] = summary_ms(gaps)
     for state, latencies in sorted(by_state.items()):
         out[f"per_delivery_{state}"] = summary_ms(latencies)
+    for state, state_gaps in sorted(gap_by_state.items()):
+        out[f"gap_before_{state}"] = summary_ms(state_gaps)
     return out
 
 

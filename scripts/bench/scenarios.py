@@ -235,7 +235,7 @@ async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
         out["broker_rss_mb"] = round(brk.rss_bytes() / 2**20, 1)
         brk.stop()
         client.stop()
-        floor = await _fanout_floor(cfg, workdir)
+        floor = await _fanout_floor(cfg, workdir, out.pop("bursts", None) or [])
         out["floor_per_delivery"] = floor["per_delivery"]
         out["floor_time_to_all"] = floor["time_to_all"]
         out["floor_events"] = floor["events"]
@@ -272,10 +272,13 @@ def _us_per_delivery(
     return ((cpu1[0] - cpu0[0]) / deliveries * 1e6, (cpu1[1] - cpu0[1]) / deliveries * 1e6)
 
 
-async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
-    """The same subscribers on a plain grpc.aio server, fed the broker's pattern of
-    events per change: a drop (DISCONNECTED), then after the backoff (full jitter of
-    up to 50 ms with FAST) CONNECTING and OPEN a moment apart."""
+async def _fanout_floor(
+    cfg: Config, workdir: Path, bursts: list[list[float]]
+) -> dict[str, Any]:
+    """The same subscribers on a plain grpc.aio server, fed the broker's events per
+    change at the same offsets the broker's were (`bursts`, as its subscribers saw
+    them); the server times each burst itself. Without them: an event, then after up
+    to 50 ms two more, each as soon as the busy server answers the call for it."""
     server = common.role("fanout-floor", "servers", ["fanout-floor"], workdir)
     client: Proc | None = None
     try:
@@ -285,12 +288,18 @@ async def _fanout_floor(cfg: Config, workdir: Path) -> dict[str, Any]:
         async with grpc.aio.insecure_channel(addr) as channel:
             stub = _stub(channel)
 
-            async def event() -> None:
-                await stub.RestartSession(pb.SessionRef(session_id="fan-1"), timeout=10)
+            async def event(offsets: str = "") -> None:
+                await stub.RestartSession(pb.SessionRef(session_id=f"fan-1{offsets}"),
+                                          timeout=10)
 
             cpu0 = server.cpu_seconds(), client.cpu_seconds()
-            for _ in range(cfg.fanout_changes):
+            for n in range(cfg.fanout_changes):
                 await asyncio.sleep(0.3)
+                if bursts:
+                    burst = bursts[n % len(bursts)]
+                    await event("@" + ",".join(str(o) for o in burst))
+                    await asyncio.sleep(burst[-1] + 0.1)
+                    continue
                 await event()
                 await asyncio.sleep(rng.uniform(0, 0.05))
                 await event()

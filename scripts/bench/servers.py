@@ -121,14 +121,23 @@ class FanoutFloor(pb_grpc.BrokerServicer):
             self.queues.discard(queue)
 
     async def RestartSession(self, request: pb.SessionRef, context: Context) -> pb.Session:
+        """One event now; with `<session>@<offset>,<offset>,...` a burst of events at
+        those offsets (seconds), timed by this server, not by the next call's arrival."""
+        session_id, _, schedule = request.session_id.partition("@")
+        offsets = [float(o) for o in schedule.split(",")] if schedule else [0.0]
+        loop = asyncio.get_running_loop()
+        for offset in offsets:
+            loop.call_later(offset, self._publish, session_id)
+        return pb.Session(session_id=session_id, state=pb.OPEN)
+
+    def _publish(self, session_id: str) -> None:
         seq = next(self._seq)
         event = pb.StatusEvent(  # the fields a broker event carries, alike in size
-            event_id=f"{int(time.time() * 1000)}-{seq}", session_id=request.session_id,
+            event_id=f"{int(time.time() * 1000)}-{seq}", session_id=session_id,
             sequence=seq, state=pb.OPEN, previous_state=pb.CONNECTING, reason="connected",
             at=_ts(time.time()))
         for queue in self.queues:
             queue.put_nowait(event)
-        return pb.Session(session_id=request.session_id, state=pb.OPEN)
 
 
 async def run_fanout_floor(args: argparse.Namespace) -> None:
