@@ -67,11 +67,15 @@ class Proc:
         self.log_path = workdir / f"{name}.log"
         self.out_path = workdir / f"{name}.out"
         full_env = os.environ | {"PYTHONPATH": str(ROOT)} | (env or {})
+        # Children inherit the limit. Raised here, not in a preexec_fn: with one,
+        # Popen must fork() rather than vfork(), fork runs grpc's fork handlers,
+        # and those restart a poller whose epoll fd close_fds has just closed:
+        # the child dies of EBADF before exec (grpc/grpc#43157).
+        raise_nofile()
         with self.log_path.open("ab") as log, self.out_path.open("ab") as out:
             self.proc = subprocess.Popen(
                 args, stdout=out, stderr=log, cwd=ROOT, env=full_env,
                 stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                preexec_fn=raise_nofile,
             )
 
     @property
