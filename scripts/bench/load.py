@@ -196,44 +196,40 @@ async def run_fanout(args: argparse.Namespace) -> None:
             time_to_all=summary_ms(to_all), **_by_burst(arrivals, ats, states))
 
 
-def _bursts(times: list[float]) -> list[list[float]]:
-    """Event times grouped into bursts (gaps under 200 ms), as offsets from each
-    burst's first event: the pattern the fan-out floor replays."""
-    out: list[list[float]] = []
-    for at in times:
-        if out and at - (out[-1][0] + out[-1][-1]) < 0.2:
-            out[-1].append(round(at - out[-1][0], 4))
-        else:
-            out.append([at, 0.0])
-    return [burst[1:] for burst in out]
+_BURST_GAP_S = 0.2
+"""Events of one change closer than this form a burst (a later one queues behind)."""
 
 
 def _by_burst(arrivals: dict[tuple[str, int], list[float]], ats: dict[tuple[str, int], float],
               states: dict[tuple[str, int], str]) -> dict[str, Any]:
     """Where the tail is: per-delivery latency of an event that opens a burst of
-    changes against one that follows another within 200 ms (it queues behind it),
-    the gap before a follow-up, and latency by state."""
+    changes against one that follows another within _BURST_GAP_S (it queues behind
+    it), the gap before a follow-up, and latency by state; and each burst's event
+    offsets from its first event, the pattern the fan-out floor replays."""
     keys = sorted(arrivals, key=lambda k: ats[k])
     first: list[float] = []
     follow: list[float] = []
     gaps: list[float] = []
     by_state: dict[str, list[float]] = {}
     gap_by_state: dict[str, list[float]] = {}
-    previous: float | None = None
+    bursts: list[list[float]] = []
+    opened = previous = 0.0
     for key in keys:
-        latencies = [t - ats[key] for t in arrivals[key]]
-        gap = None if previous is None else ats[key] - previous
-        previous = ats[key]
+        at = ats[key]
+        latencies = [t - at for t in arrivals[key]]
         state = states.get(key, "?")
-        if gap is not None and gap < 0.2:
+        if bursts and at - previous < _BURST_GAP_S:
             follow.extend(latencies)
-            gaps.append(gap)
-            gap_by_state.setdefault(state, []).append(gap)
+            gaps.append(at - previous)
+            gap_by_state.setdefault(state, []).append(at - previous)
+            bursts[-1].append(round(at - opened, 4))
         else:
             first.extend(latencies)
+            bursts.append([0.0])
+            opened = at
+        previous = at
         by_state.setdefault(state, []).extend(latencies)
-    out: dict[str, Any] = {"per_delivery_first_of_burst": summary_ms(first),
-                           "bursts": _bursts([ats[k] for k in keys])}
+    out: dict[str, Any] = {"per_delivery_first_of_burst": summary_ms(first), "bursts": bursts}
     if follow:
         out["per_delivery_follow_up"] = summary_ms(follow)
         out["gap_before_follow_up"] = summary_ms(gaps)
