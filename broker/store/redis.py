@@ -503,7 +503,9 @@ class RedisStore(OneAtATime):
         self._acks = _AckListener(client, f"{key_prefix}:ack-listener", recheck_s)
         self._add_inbound = client.register_script(_ADD_INBOUND)
         self._redeliver_after_ms = max(1, int(inbound_redeliver_after_s * 1000))
-        self._inbound_retention_s = inbound_retention_s or None
+        #: the inbound script's retention argument (0: keep everything)
+        self._inbound_retention_ms = (max(1, int(inbound_retention_s * 1000))
+                                      if inbound_retention_s else 0)
         self._inbound_groups: set[tuple[str, str]] = set()
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._outbox_groups: set[str] = set()
@@ -999,12 +1001,10 @@ class RedisStore(OneAtATime):
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float
     ) -> InboundRecord | None:
         """One Lua script: the de-dup check, the append and the trim are atomic."""
-        retention = self._inbound_retention_s
         entry = await self._add_inbound(
             keys=[self._key(session_id, "inbound"), self._key(session_id, "inbound:seen"),
                   self._key(session_id, "inbound:aged")],
-            args=[upstream_id, sender, body, repr(at),
-                  max(1, int(retention * 1000)) if retention else 0],
+            args=[upstream_id, sender, body, repr(at), self._inbound_retention_ms],
         )
         if entry is None:
             return None
