@@ -75,7 +75,9 @@ class StoreUnavailable(BrokerError):
 
 
 class NotOwner(BrokerError):
-    """This instance does not hold the session's lease (scale-out)."""
+    """A write carried a stale fencing token: another owner holds the session now.
+
+    The writer must stop owning at once; a caller may retry (any instance accepts)."""
 
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "NOT_OWNER"

@@ -4,6 +4,14 @@ The runtime only talks to this interface, so the embedded memory store and
 Redis are interchangeable; durability promises (DESIGN section 6) are the
 backend's: `enqueue` returns only once the message is as durable as the
 backend can make it.
+
+Fencing (DESIGN section 5): every write a session's owner makes carries the
+owner's fencing token as `fence`. The store refuses a write whose token is not
+the session's current one by raising `NotOwner`, so a paused or partitioned
+former owner can never write over its successor. `fence=None` marks a write
+that is not an owner's (an admin call, or a Send accepted by any instance).
+Tokens come from `new_fence` (alone) or the lease (scale-out); they only grow,
+also across `delete_session`.
 """
 
 from __future__ import annotations
@@ -162,12 +170,23 @@ class Store(Protocol):
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
     async def list_sessions(self, tenant: str | None = None) -> list[SessionRecord]: ...
     async def set_enabled(self, session_id: str, enabled: bool) -> None: ...
-    async def delete_session(self, session_id: str) -> None: ...
+    async def delete_session(self, session_id: str) -> None:
+        """Remove the session and its data. Its fencing counter survives (and grows),
+        so a re-created session's owner never reuses a token."""
+        ...
+
+    # fencing
+    async def new_fence(self, session_id: str) -> int:
+        """Grant a new fencing token for the session, greater than every earlier one:
+        from now on owner writes carrying an older token raise NotOwner."""
+        ...
 
     # credentials (opaque upstream credentials; never logged)
-    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None: ...
+    async def save_credentials(
+        self, session_id: str, credentials: dict[str, Any], *, fence: int | None = None
+    ) -> None: ...
     async def load_credentials(self, session_id: str) -> dict[str, Any] | None: ...
-    async def clear_credentials(self, session_id: str) -> None: ...
+    async def clear_credentials(self, session_id: str, *, fence: int | None = None) -> None: ...
     async def has_credentials(self, session_id: str) -> bool:
         """Whether credentials are stored, without reading (decrypting) them."""
         ...
@@ -184,28 +203,35 @@ class Store(Protocol):
         ...
 
     async def apply_outbox(
-        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
+        fence: int | None = None,
     ) -> OutboxBatchResult:
-        """Apply a batch of acks and new messages in one atomic write (see OutboxBatch)."""
+        """Apply a batch of acks and new messages in one atomic write (see OutboxBatch).
+
+        With a stale `fence` nothing of the batch is written (NotOwner)."""
         ...
 
     async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
         """The message an earlier Send queued under this key, if any."""
         ...
 
-    async def claim_outbox(self, session_id: str) -> int:
+    async def claim_outbox(self, session_id: str, *, fence: int | None = None) -> int:
         """Become the outbox's reader: take over what a previous owner read but never
         acked. Returns how many read-but-unacked messages this reader now holds."""
         ...
 
     async def pending(
-        self, session_id: str, limit: int, after_sequence: int = 0
+        self, session_id: str, limit: int, after_sequence: int = 0, *, fence: int | None = None
     ) -> list[OutboxMessage]:
         """Of the `limit` oldest unacked messages, in order, those numbered after
-        `after_sequence` (the delivery loop already holds the others)."""
+        `after_sequence` (the delivery loop already holds the others). Messages a
+        previous reader took and never acked are taken over first, on every call,
+        so none is stranded with a former owner."""
         ...
 
-    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+    async def mark_acked(
+        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
+    ) -> DeliveryResult:
         """Record the upstream ack; a repeated ack keeps the first result."""
         ...
 
@@ -219,11 +245,15 @@ class Store(Protocol):
         ...
 
     # live state (reported by the owner, expires after ttl_s)
-    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None: ...
+    async def report_live(
+        self, session_id: str, live: LiveState, ttl_s: float, *, fence: int | None = None
+    ) -> None: ...
     async def get_live(self, session_id: str) -> LiveState | None: ...
 
     # status events
-    async def append_event(self, event: StatusEvent) -> StatusEvent: ...
+    async def append_event(self, event: StatusEvent, *, fence: int | None = None) -> StatusEvent:
+        """Log the event and make it the session's last one (refused when fenced)."""
+        ...
     async def last_event(self, session_id: str) -> StatusEvent | None: ...
     async def events_after(self, event_id: str, limit: int) -> EventPage: ...
     async def close(self) -> None: ...
@@ -236,7 +266,8 @@ class Store(Protocol):
     # `redeliver_after_s`.
 
     async def add_inbound(
-        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
+        fence: int | None = None,
     ) -> InboundRecord | None:
         """Durably append; None if this upstream id is already stored (the upstream
         re-sends until acked, so the same message arrives again after a lost ack)."""
@@ -260,7 +291,8 @@ class OneAtATime:
     """The single-item outbox calls, written once over `apply_outbox`."""
 
     async def apply_outbox(
-        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
+        fence: int | None = None,
     ) -> OutboxBatchResult:
         raise NotImplementedError
 
@@ -275,6 +307,9 @@ class OneAtATime:
             raise outcome
         return outcome
 
-    async def mark_acked(self, session_id: str, message_id: str, at: float) -> DeliveryResult:
+    async def mark_acked(
+        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
+    ) -> DeliveryResult:
         batch = OutboxBatch(acks=[message_id])
-        return (await self.apply_outbox(session_id, batch, max_depth=0, at=at)).acked[0]
+        return (await self.apply_outbox(session_id, batch, max_depth=0, at=at,
+                                        fence=fence)).acked[0]

@@ -15,7 +15,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from broker.errors import OutboxFull
+from broker.errors import NotOwner, OutboxFull
 from broker.store.base import (
     Accepted,
     DeliveryResult,
@@ -122,6 +122,9 @@ class MemoryStore(OneAtATime):
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
         self._inbound_retention_s = inbound_retention_s or None
+        self._fences: dict[str, int] = {}
+        #: one counter for all sessions, so a re-created session never reuses a token
+        self._fence_counter = itertools.count(1)
 
     # sessions
     async def create_session(self, record: SessionRecord) -> tuple[SessionRecord, bool]:
@@ -146,14 +149,31 @@ class MemoryStore(OneAtATime):
             self._sessions[session_id] = replace(record, enabled=enabled)
 
     async def delete_session(self, session_id: str) -> None:
+        if session_id in self._fences:  # a former owner's late writes are refused
+            self._fences[session_id] = next(self._fence_counter)
         self._sessions.pop(session_id, None)
         self._credentials.pop(session_id, None)
         self._outboxes.pop(session_id, None)
         self._last.pop(session_id, None)
         self._inbound.pop(session_id, None)
 
+    # fencing
+    async def new_fence(self, session_id: str) -> int:
+        token = self._fences[session_id] = next(self._fence_counter)
+        return token
+
+    def _check(self, session_id: str, fence: int | None) -> None:
+        if fence is not None and self._fences.get(session_id) != fence:
+            raise NotOwner(
+                f"session {session_id!r}: fencing token {fence} is stale; another owner "
+                "holds the session", session_id=session_id,
+            )
+
     # credentials
-    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None:
+    async def save_credentials(
+        self, session_id: str, credentials: dict[str, Any], *, fence: int | None = None
+    ) -> None:
+        self._check(session_id, fence)
         self._credentials[session_id] = dict(credentials)
 
     async def load_credentials(self, session_id: str) -> dict[str, Any] | None:
@@ -163,7 +183,8 @@ class MemoryStore(OneAtATime):
     async def has_credentials(self, session_id: str) -> bool:
         return session_id in self._credentials
 
-    async def clear_credentials(self, session_id: str) -> None:
+    async def clear_credentials(self, session_id: str, *, fence: int | None = None) -> None:
+        self._check(session_id, fence)
         self._credentials.pop(session_id, None)
 
     # outbox
@@ -174,8 +195,10 @@ class MemoryStore(OneAtATime):
         return box
 
     async def apply_outbox(
-        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
+        fence: int | None = None,
     ) -> OutboxBatchResult:
+        self._check(session_id, fence)
         box = self._outbox(session_id)
         acked = [self._ack(box, mid, at) for mid in batch.acks]
         accepted = [self._enqueue(box, session_id, m, max_depth, at) for m in batch.messages]
@@ -240,12 +263,14 @@ class MemoryStore(OneAtATime):
             box.by_key.pop(old[2], None)
             box.results.pop(oldest_id, None)
 
-    async def claim_outbox(self, session_id: str) -> int:
+    async def claim_outbox(self, session_id: str, *, fence: int | None = None) -> int:
+        self._check(session_id, fence)
         return 0  # one process: there is no other reader to take over from
 
     async def pending(
-        self, session_id: str, limit: int, after_sequence: int = 0
+        self, session_id: str, limit: int, after_sequence: int = 0, *, fence: int | None = None
     ) -> list[OutboxMessage]:
+        self._check(session_id, fence)
         box = self._outbox(session_id)
         window = itertools.islice(box.messages.values(), limit)
         out = [m for m in window if m.sequence > after_sequence]
@@ -301,7 +326,10 @@ class MemoryStore(OneAtATime):
         box.changed.clear()
 
     # live state
-    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None:
+    async def report_live(
+        self, session_id: str, live: LiveState, ttl_s: float, *, fence: int | None = None
+    ) -> None:
+        self._check(session_id, fence)
         self._live[session_id] = (live, time.monotonic() + ttl_s)
 
     async def get_live(self, session_id: str) -> LiveState | None:
@@ -311,7 +339,8 @@ class MemoryStore(OneAtATime):
         return entry[0]
 
     # events
-    async def append_event(self, event: StatusEvent) -> StatusEvent:
+    async def append_event(self, event: StatusEvent, *, fence: int | None = None) -> StatusEvent:
+        self._check(event.session_id, fence)
         if self._events.maxlen is not None and len(self._events) == self._events.maxlen:
             self._dropped_events = True
         stored = event.with_id(f"{next(self._event_counter)}-0")
@@ -344,8 +373,10 @@ class MemoryStore(OneAtATime):
         return log
 
     async def add_inbound(
-        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
+        fence: int | None = None,
     ) -> InboundRecord | None:
+        self._check(session_id, fence)
         log = self._inbound_log(session_id)
         if upstream_id in log.by_upstream:
             return None
