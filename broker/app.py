@@ -91,7 +91,8 @@ class BrokerApp:
         assert settings.upstream_url is not None
         store = self._store or open_store(settings)
         provider = WebsocketProvider(settings.upstream_url,
-                                     connect_timeout_s=settings.connect_timeout_s)
+                                     connect_timeout_s=settings.connect_timeout_s,
+                                     client=f"broker/{settings.instance_id}")
         self.manager = SessionManager(store, provider, settings)
         install_log_context(self.manager)
         # Observers subscribe before any session starts, so they see its first events.

@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 import click
 from google.protobuf.json_format import MessageToDict
 
-from broker import logs
+from broker import errors, logs
 from broker.auth.cli import token
 from broker.config import Settings
 from broker.lifecycle.policy import LifecyclePolicy
@@ -183,6 +183,8 @@ def serve(**opts: Any) -> None:
         asyncio.run(_serve(settings))
     except (CredentialKeyError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except errors.BrokerError as exc:  # e.g. a live duplicate of --instance-id
+        raise click.ClickException(f"{exc.reason}: {exc.message}") from exc
 
 
 async def _serve(settings: Settings) -> None:

@@ -1,9 +1,11 @@
 """Ownership leases: `SET NX PX` plus a fencing counter (DESIGN section 5).
 
-The lease value is "<instance>:<token>"; the token comes from a per-session
-counter that grows on every new grant, so a stale owner can always be told
-apart from the current one. Renew and release are compare-and-set scripts:
-an instance can only extend or drop a lease it still holds.
+The lease value is "<instance>:<token>"; the token is the session's fencing
+token (broker.store.redis_fencing), which grows on every grant, so a stale
+owner can always be told apart from the current one, and every owner write
+is checked against it. Renew and release are compare-and-set scripts: an
+instance can only extend or drop a lease it still holds. A lease is never
+re-entered: a second process claiming with the same instance id gets none.
 """
 
 from __future__ import annotations
@@ -12,20 +14,15 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from broker.store.redis_fencing import NEXT_TOKEN
+from broker.store.redis_keys import RedisKeys
+
 # KEYS: lease, fence; ARGV: instance id, ttl ms
-_ACQUIRE = """
-local current = redis.call('GET', KEYS[1])
-if current then
-  local owner, token = string.match(current, '^(.*):(%d+)$')
-  if owner == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return token
-  end
-  return false
-end
-local token = redis.call('INCR', KEYS[2])
+_ACQUIRE = NEXT_TOKEN + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local token = next_token(KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
-return tostring(token)
+return token
 """
 
 # KEYS: lease; ARGV: expected value, ttl ms
@@ -56,27 +53,32 @@ class Lease:
         return f"{self.instance_id}:{self.token}"
 
 
+def _holder(value: bytes | str | None) -> str | None:
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return text.rsplit(":", 1)[0]
+
+
 class LeaseClient:
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "broker",
-                 instance_id: str, ttl_s: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str,
+                 ttl_s: float) -> None:
         self._client = client
-        self._prefix = key_prefix
+        self._keys = keys
         self.instance_id = instance_id
         self.ttl_ms = int(ttl_s * 1000)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
-    def _keys(self, session_id: str) -> tuple[str, str]:
-        tag = f"{self._prefix}:{{s:{session_id}}}"
-        return f"{tag}:lease", f"{tag}:fence"
-
     async def acquire(self, session_id: str) -> Lease | None:
-        token = await self._acquire(keys=self._keys(session_id),
-                                    args=[self.instance_id, self.ttl_ms])
+        token = await self._acquire(
+            keys=[self._keys.lease(session_id), self._keys.fence(session_id)],
+            args=[self.instance_id, self.ttl_ms])
         if token is None:
             return None
-        return Lease(session_id, self.instance_id, int(token))
+        text = token.decode() if isinstance(token, bytes) else str(token)
+        return Lease(session_id, self.instance_id, int(text))
 
     async def renew(self, leases: list[Lease]) -> dict[str, bool]:
         """Renew many leases in one round trip; False where the lease is gone."""
@@ -84,17 +86,20 @@ class LeaseClient:
             return {}
         pipe = self._client.pipeline(transaction=False)
         for lease in leases:
-            await self._renew(keys=[self._keys(lease.session_id)[0]],
+            await self._renew(keys=[self._keys.lease(lease.session_id)],
                               args=[lease.value, self.ttl_ms], client=pipe)
         results = await pipe.execute()
         return {lease.session_id: bool(ok) for lease, ok in zip(leases, results, strict=True)}
 
     async def release(self, lease: Lease) -> None:
-        await self._release(keys=[self._keys(lease.session_id)[0]], args=[lease.value])
+        await self._release(keys=[self._keys.lease(lease.session_id)], args=[lease.value])
 
-    async def owner(self, session_id: str) -> str | None:
-        value = await self._client.get(self._keys(session_id)[0])
-        if value is None:
-            return None
-        text = value.decode() if isinstance(value, bytes) else str(value)
-        return text.rsplit(":", 1)[0]
+    async def holder(self, session_id: str) -> str | None:
+        """The instance holding the session's lease, if any."""
+        return _holder(await self._client.get(self._keys.lease(session_id)))
+
+    async def holders(self, session_ids: list[str]) -> dict[str, str | None]:
+        if not session_ids:
+            return {}
+        values = await self._client.mget([self._keys.lease(s) for s in session_ids])
+        return {sid: _holder(v) for sid, v in zip(session_ids, values, strict=True)}

@@ -1,22 +1,77 @@
-"""Which broker instances are alive: a heartbeat score per instance in one sorted set."""
+"""Which broker instances are alive, and that each instance id runs in one process.
+
+Liveness is a heartbeat score per instance in one sorted set. Uniqueness is a
+claim key per instance id holding a random incarnation, renewed with the
+heartbeat: a second process started with an id that is live is refused, so
+two processes never share a lease or a consumer name.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import secrets
 import time
 
 import redis.asyncio as aioredis
 
+from broker.errors import BrokerError
+from broker.store.redis_keys import RedisKeys
+
+
+class InstanceIdInUse(BrokerError):
+    default_reason = "INSTANCE_ID_IN_USE"
+
+
+# KEYS: claim; ARGV: incarnation, ttl ms.  1: ours (renewed or taken anew); 0: another's
+_CLAIM = """
+local current = redis.call('GET', KEYS[1])
+if current and current ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# KEYS: claim; ARGV: incarnation
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class Membership:
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str = "broker",
-                 instance_id: str, ttl_s: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str,
+                 ttl_s: float) -> None:
         self._client = client
-        self._key = f"{key_prefix}:instances"
+        self._key = keys.instances
+        self._claim_key = f"{keys.instances}:id:{instance_id}"
+        self._incarnation = secrets.token_hex(8)
+        self._claim = client.register_script(_CLAIM)
+        self._release = client.register_script(_RELEASE)
         self.instance_id = instance_id
         self.ttl_s = ttl_s
 
-    async def heartbeat(self) -> None:
+    async def join(self) -> None:
+        """Claim this instance id; wait out a dead predecessor's claim (up to 1.5 TTL),
+        refuse one that is still renewed by a live process."""
+        deadline = time.monotonic() + self.ttl_s * 1.5
+        while not await self._claimed():
+            if time.monotonic() >= deadline:
+                raise InstanceIdInUse(
+                    f"instance id {self.instance_id!r} is in use by another live broker "
+                    "process on this Redis; give each process its own --instance-id "
+                    "(or leave it unset for a generated one)")
+            await asyncio.sleep(self.ttl_s / 10)
         await self._client.zadd(self._key, {self.instance_id: time.time()})
+
+    async def _claimed(self) -> bool:
+        return bool(await self._claim(keys=[self._claim_key],
+                                      args=[self._incarnation, int(self.ttl_s * 1000)]))
+
+    async def heartbeat(self) -> bool:
+        """Renew the claim and the heartbeat; False if another process took the id."""
+        if not await self._claimed():
+            return False
+        await self._client.zadd(self._key, {self.instance_id: time.time()})
+        return True
 
     async def live(self) -> list[str]:
         """Instances that heartbeated within the TTL; forgets the others."""
@@ -27,3 +82,4 @@ class Membership:
 
     async def leave(self) -> None:
         await self._client.zrem(self._key, self.instance_id)
+        await self._release(keys=[self._claim_key], args=[self._incarnation])

@@ -7,7 +7,6 @@ its local subscribers, so a dashboard connected anywhere sees every session.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from broker.errors import StoreUnavailable
@@ -31,8 +30,7 @@ class EventTail:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # ends it; never swallows our own cancel
 
     async def _run(self) -> None:
         while True:

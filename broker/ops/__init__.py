@@ -7,7 +7,6 @@ stats, a gRPC interceptor, log records) so the runtime stays unaware of it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable
@@ -46,8 +45,7 @@ class BusFollower:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # ends it; never swallows our own cancel
         self._sub.close()
 
     async def _run(self) -> None:

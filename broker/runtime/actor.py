@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.config import Settings
-from broker.errors import StoreUnavailable
+from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle import actions as act
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import SessionStats
@@ -163,11 +163,21 @@ class SessionActor:
         bus: StatusBus,
         settings: Settings,
         clock: Callable[[], float] = time.time,
+        fence: int | None = None,
         may_connect: Callable[[str], bool] | None = None,
+        on_fenced: Callable[[str], None] | None = None,
         publish_locally: bool = True,
     ) -> None:
+        """`fence`: the fencing token every owner write carries (None: unfenced).
+        `may_connect`: asked before every connection attempt (the lease is fresh).
+        `on_fenced`: told once the store refused a write as stale, after all
+        upstream I/O has stopped; the owner of this actor must then drop it."""
         self.session_id = record.session_id
+        self.fence = fence
+        self.fenced = False
+        """Set once this actor stopped owning: no I/O, no writes from here on."""
         self._may_connect = may_connect
+        self._on_fenced = on_fenced
         self._publish_locally = publish_locally
         self.tenant = record.tenant
         self._store = store
@@ -255,7 +265,7 @@ class SessionActor:
         """The ack of a message this actor delivers; None on timeout or once the
         session needs a person (check `blocked`). Call right after enqueueing,
         before yielding, so an ack cannot slip past."""
-        if self.blocked.is_set():
+        if self.blocked.is_set() or self.fenced:
             return None
         loop = asyncio.get_running_loop()
         done: asyncio.Future[DeliveryResult | None] = loop.create_future()
@@ -300,10 +310,12 @@ class SessionActor:
         try:
             done = await self._store.apply_outbox(
                 self.session_id, OutboxBatch(acks, messages, claim),
-                max_depth=self._settings.max_outbox, at=self._clock(),
+                max_depth=self._settings.max_outbox, at=self._clock(), fence=self.fence,
             )
         except Exception as exc:
-            if not isinstance(exc, StoreUnavailable):
+            if isinstance(exc, NotOwner):
+                self._not_owner(exc)  # the Sends' messages go in unfenced (manager)
+            elif not isinstance(exc, StoreUnavailable):
                 log.exception("session %s: outbox write failed", self.session_id)
             if acks:
                 log.warning("session %s: %d acks not recorded, will resend: %s",
@@ -352,26 +364,67 @@ class SessionActor:
         if (task is None or task.done()) and self.machine.state == State.OPEN:
             self._start_delivery()
 
-    async def shutdown(self) -> None:
-        """Stop all I/O without recording a state change (process exit, handover)."""
-        if self._task is not None:
+    def fence_now(self) -> None:
+        """Stop all upstream I/O at once, without waiting for anything: the lease is,
+        or may soon be, someone else's. Sockets are aborted, not closed politely,
+        so no peer and no network can hold this up."""
+        self.fenced = True
+        self._cancel_all_timers()
+        self._generation += 1
+        self._stop_delivery()
+        link, self._link = self._link, None
+        io_task, self._io_task = self._io_task, None
+        if io_task is not None and not io_task.done():
+            io_task.cancel()
+        if link is not None:
+            with contextlib.suppress(Exception):
+                link.abort()
+        for waiters in self._ack_waiters.values():
+            for waiter in waiters:
+                _settle(waiter, None)  # the manager waits on the store from here
+
+    def _not_owner(self, exc: NotOwner) -> None:
+        """The store refused a write as stale: a newer owner exists. Stop at once."""
+        if self.fenced:
+            return
+        log.warning("session %s: %s; stopping at once", self.session_id, exc)
+        self.fence_now()
+        if self._on_fenced is not None:
+            self._on_fenced(self.session_id)
+
+    async def shutdown(self, *, close_timeout_s: float = 3.0, drain_timeout_s: float = 5.0) -> None:
+        """Stop all I/O without recording a state change (process exit, handover).
+
+        The upstream connection is closed (within `close_timeout_s`, else
+        aborted) before anything else, so a next owner never meets it; then
+        what the store was handed is written, within `drain_timeout_s`. The
+        caller's own cancellation is never swallowed.
+        """
+        if self._task is not None and not self._task.done():
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down", wait=True)
+            await asyncio.wait([self._task])  # returns on its end; raises on ours
+        self._cancel_all_timers()
+        if not self.fenced:
+            await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down",
+                                  wait=True, timeout_s=close_timeout_s)
+        self.fence_now()
         # Messages already handed to the store are written whatever happens to
         # this actor: their Sends are waiting for the answer. (An ack left
         # unrecorded is harmless: the next owner resends, the upstream re-acks.)
         if self._batcher is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._batcher.drain(), 5.0)
+            drain = asyncio.ensure_future(self._batcher.drain())
+            done, _ = await asyncio.wait([drain], timeout=drain_timeout_s)
+            if not done:
+                drain.cancel()
         for task in tuple(self._background):
             task.cancel()
         if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+            await asyncio.wait(tuple(self._background))
+
+    def _cancel_all_timers(self) -> None:
+        for _, handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
 
     # the one loop
     async def _run(self) -> None:
@@ -381,6 +434,8 @@ class SessionActor:
                 await self._handle(item)
             except asyncio.CancelledError:
                 raise
+            except NotOwner as exc:
+                self._not_owner(exc)
             except Exception:
                 log.exception("session %s: error handling %r", self.session_id, type(item))
             finally:
@@ -398,7 +453,7 @@ class SessionActor:
                 del self._timers[timer]
                 await self._feed(inp.TimerFired(timer))
             case _LinkEvent(generation=gen, event=event):
-                if gen != self._generation:
+                if gen != self._generation or self.fenced:
                     return  # a link the machine already closed
                 self.last_activity = self._clock()
                 await self._on_link_event(event)
@@ -425,7 +480,7 @@ class SessionActor:
                 # the message and re-sends it; a re-sent one is stored only once.
                 try:
                     await self._store.add_inbound(self.session_id, mid, sender, body,
-                                                  self._clock())
+                                                  self._clock(), fence=self.fence)
                 except StoreUnavailable as exc:
                     log.warning("session %s: inbound %s not stored, not acked: %s",
                                 self.session_id, mid, exc)
@@ -435,6 +490,12 @@ class SessionActor:
             case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
                 self._link = None
                 self._stop_delivery()
+                if code == DisconnectCode.REPLACED and not self._lease_fresh():
+                    # Replaced while our lease may already be another instance's:
+                    # that is the broker's own next owner, not a stranger. Let go
+                    # quietly instead of reporting (and storing) a CONFLICT.
+                    self._not_owner(NotOwner("replaced by the session's next owner"))
+                    return
                 await self._feed(inp.Closed(code, reason, retry))
             case _:
                 pass
@@ -447,12 +508,11 @@ class SessionActor:
         match action:
             case act.OpenConnection():
                 await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "reconnecting")
-                if self._may_connect is not None and not self._may_connect(self.session_id):
+                if not self._lease_fresh():
                     # Self-fencing at the point of I/O: never connect on a lease
-                    # that may already be someone else's.
-                    log.warning("session %s: not connecting without a fresh lease",
-                                self.session_id)
-                    self._inbox.put_nowait(inp.LeaseLost())  # after this action list
+                    # that may already be someone else's. No state is recorded:
+                    # losing a lease is the broker's business, not the session's.
+                    self._not_owner(NotOwner("not connecting without a fresh lease"))
                     return
                 self._generation += 1
                 self._io_task = self._spawn(self._connect(self._generation))
@@ -477,10 +537,10 @@ class SessionActor:
             case act.CancelTimer(timer=timer):
                 self._cancel_timer(timer)
             case act.SaveCredentials(credentials=creds):
-                await self._store.save_credentials(self.session_id, creds)
+                await self._store.save_credentials(self.session_id, creds, fence=self.fence)
                 self.has_credentials = True
             case act.ClearCredentials():
-                await self._store.clear_credentials(self.session_id)
+                await self._store.clear_credentials(self.session_id, fence=self.fence)
                 self.has_credentials = False
             case act.Emit():
                 await self._emit(action)
@@ -521,7 +581,7 @@ class SessionActor:
             self._start_delivery()
         elif emit.state != State.OPEN:
             self._stop_delivery()
-        stored = await self._store.append_event(event)
+        stored = await self._store.append_event(event, fence=self.fence)
         if self._publish_locally:
             self._bus.publish(stored)
 
@@ -532,10 +592,15 @@ class SessionActor:
         task.add_done_callback(self._background.discard)
         return task
 
+    def _lease_fresh(self) -> bool:
+        return self._may_connect is None or self._may_connect(self.session_id)
+
     async def _connect(self, generation: int) -> None:
         post = self._inbox.put_nowait
         try:
             creds = await self._store.load_credentials(self.session_id)
+            if not self._lease_fresh() or generation != self._generation:
+                return  # the lease went stale while the credentials were read
             link = await self._provider.connect(self.session_id, creds)
         except ConnectError as exc:
             post(_LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
@@ -546,7 +611,7 @@ class SessionActor:
             post(_LinkEvent(generation, lost))
             return
         if generation != self._generation:
-            await link.close(DisconnectCode.CONNECTION_CLOSED, "superseded")
+            link.abort()  # superseded (or fenced) while connecting
             return
         self._link = link
         handshake = self._settings.connect_timeout_s
@@ -594,11 +659,14 @@ class SessionActor:
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
-    async def _drop_link(self, code: DisconnectCode, reason: str, *, wait: bool = False) -> None:
+    async def _drop_link(
+        self, code: DisconnectCode, reason: str, *, wait: bool = False, timeout_s: float = 3.0
+    ) -> None:
         """Forget the current link; events it still produces are ignored.
 
-        With `wait`, the connection is closed before returning: a handover
-        must not leave a live connection behind for the next owner to fight.
+        With `wait`, the connection is closed before returning (aborted after
+        `timeout_s`): a handover must not leave a live connection behind for
+        the next owner to fight.
         """
         self._generation += 1
         self._stop_delivery()
@@ -608,8 +676,11 @@ class SessionActor:
             io_task.cancel()
         if link is not None:
             if wait:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(link.close(code, reason), 3.0)
+                try:
+                    await asyncio.wait_for(link.close(code, reason), timeout_s)
+                except Exception:
+                    with contextlib.suppress(Exception):
+                        link.abort()
             else:
                 self._spawn(link.close(code, reason))
 
@@ -660,18 +731,22 @@ class SessionActor:
             room = window - len(in_flight) - len(ready)
             try:
                 if not claimed:
-                    taken = await self._store.claim_outbox(self.session_id)
+                    taken = await self._store.claim_outbox(self.session_id, fence=self.fence)
                     claimed = True
                     if taken:
                         log.info("session %s: resuming %d read but unacked messages",
                                  self.session_id, taken)
                 if self._backlog and room > 0:
-                    fresh = await self._store.pending(self.session_id, window, self._newest)
+                    fresh = await self._store.pending(self.session_id, window, self._newest,
+                                                      fence=self.fence)
                     self._backlog = len(fresh) >= room
                     for message in fresh:
                         if message.sequence > self._newest:
                             ready.append(message)
                             self._newest = message.sequence
+            except NotOwner as exc:
+                self._not_owner(exc)
+                return
             except StoreUnavailable as exc:
                 log.warning("session %s: outbox unreachable, delivery paused: %s",
                             self.session_id, exc)

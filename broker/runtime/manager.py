@@ -20,6 +20,7 @@ from broker.config import Settings
 from broker.errors import (
     InvalidArgument,
     NotDeliveredYet,
+    NotOwner,
     SessionExists,
     SessionNotFound,
     SessionNotReady,
@@ -102,7 +103,14 @@ class Coordination(Protocol):
     instance_id: str
 
     def may_connect(self, session_id: str) -> bool: ...
+    def fenced(self, session_id: str) -> None:
+        """A session's actor was refused a write as stale: let the session go."""
+        ...
+
     async def publish(self, op: str, session_id: str = "") -> None: ...
+    async def wait_released(self, session_id: str) -> None:
+        """Return once no instance holds the session's lease (bounded by the TTL)."""
+        ...
 
 
 class SessionManager:
@@ -125,6 +133,7 @@ class SessionManager:
         self.coordinator: Coordination | None = None
         self.limiter: RateLimiter = rate_limiter(self.settings, store)
         self._lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Resume every enabled session found in the store (alone: no coordinator)."""
@@ -138,21 +147,37 @@ class SessionManager:
         actors, self.actors = self.actors, {}
         await asyncio.gather(*(a.shutdown() for a in actors.values()), return_exceptions=True)
 
-    async def run(self, record: SessionRecord) -> SessionActor:
-        """Start this process's actor for a session it owns."""
+    async def run(self, record: SessionRecord, fence: int | None = None) -> SessionActor:
+        """Start this process's actor for a session it owns, under fencing token `fence`
+        (the lease's; alone, a fresh one from the store)."""
         actor = self.actors.get(record.session_id)
         if actor is None:
             coordinator = self.coordinator
+            if fence is None:
+                fence = await self.store.new_fence(record.session_id)
             actor = SessionActor(
                 record, store=self.store, provider=self.provider, bus=self.bus,
-                settings=self.settings, clock=self.clock,
+                settings=self.settings, clock=self.clock, fence=fence,
                 may_connect=coordinator.may_connect if coordinator else None,
+                on_fenced=coordinator.fenced if coordinator else self._fenced_alone,
                 publish_locally=coordinator is None,
             )
             self.actors[record.session_id] = actor
             await actor.start()
             await actor.command(inp.Start())
         return actor
+
+    def detach(self, session_id: str) -> SessionActor | None:
+        """Stop routing to this session's actor here (the caller shuts it down)."""
+        return self.actors.pop(session_id, None)
+
+    def _fenced_alone(self, session_id: str) -> None:
+        """Alone, only a delete (or a second process on the same store) fences a session."""
+        actor = self.detach(session_id)
+        if actor is not None:
+            task = asyncio.get_running_loop().create_task(actor.shutdown())
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _record(self, session_id: str) -> SessionRecord:
         validation.session_id(session_id)
@@ -261,14 +286,19 @@ class SessionManager:
         return await self.view(record)
 
     async def delete(self, session_id: str) -> None:
+        """Stop the owner, wait until it let go, then remove the session's data: an owner
+        still running would write it back (and the fence is raised on delete)."""
         await self._record(session_id)
         await self.store.set_enabled(session_id, False)
-        actor = self.actors.pop(session_id, None)
+        actor = self.actors.get(session_id)
         if actor is not None:
             await actor.command(inp.Stop())
+        if self.coordinator is not None:
+            await self.coordinator.publish("delete", session_id)
+            await self.coordinator.wait_released(session_id)
+        actor = self.detach(session_id)
+        if actor is not None:
             await actor.shutdown()
-        else:
-            await self._forward("delete", session_id)
         await self.store.delete_session(session_id)
 
     async def qr(self, session_id: str) -> QrView:
@@ -353,7 +383,10 @@ class SessionManager:
             # Before enqueue: a message over the limit is never queued, so never sent.
             await admit(self.limiter, session_id)
         if actor is not None:
-            return await actor.enqueue(NewMessage(to, body, key))
+            try:
+                return await actor.enqueue(NewMessage(to, body, key))
+            except NotOwner:
+                pass  # the session has a newer owner: queue it as any instance would
         accepted = await self.store.enqueue(
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
         )
@@ -391,9 +424,13 @@ class SessionManager:
             return await self.store.wait_result(session_id, message.message_id, timeout)
         # Owned here: the actor resolves one plain future on the ack, on a state
         # that needs a person, or the timer does; no tasks per call.
+        started = asyncio.get_running_loop().time()
         outcome = await actor.wait_ack(message.message_id, timeout)
         if outcome is not None:
             return outcome
+        if actor.fenced:  # it stopped owning meanwhile: the next owner delivers
+            left = timeout - (asyncio.get_running_loop().time() - started)
+            return await self.store.wait_result(session_id, message.message_id, max(0.0, left))
         if not actor.blocked.is_set():
             return None  # timed out
         result = await self.store.result(session_id, message.message_id)

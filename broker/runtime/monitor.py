@@ -4,7 +4,6 @@ so problems reach the log (and later alerts) without anyone calling Health."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from broker.lifecycle.health import Severity, recommend
@@ -26,8 +25,7 @@ class HealthMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait([self._task])  # ends it; never swallows our own cancel
 
     async def check(self) -> None:
         """Only the sessions this instance runs, from their actors: each instance

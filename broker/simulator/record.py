@@ -21,6 +21,19 @@ class AcceptedMessage:
 
 
 @dataclass
+class Overlap:
+    """A connection of a login opened while an older one was still live."""
+
+    older: str
+    """The `client` the older connection said hello with ("" if none)."""
+    newer: str
+    older_connection: str
+    newer_connection: str
+    seconds: float | None = None
+    """How long both were connected: until the older one's socket closed (None: still open)."""
+
+
+@dataclass
 class LoginRecord:
     """Everything observed for one login; counters only ever grow until reset()."""
 
@@ -29,11 +42,21 @@ class LoginRecord:
     conflicts: int = 0
     duplicates: int = 0
     max_concurrent: int = 0
+    """Most connections of this login live at one moment, counted before the
+    older one is closed: 2 means a second connection met a live first one."""
+    overlaps: list[Overlap] = field(default_factory=list)
+    clients: dict[str, str] = field(default_factory=dict)
+    """Connection id -> the `client` it said hello with: who delivered what."""
     drops: int = 0
     logouts: int = 0
     pings: int = 0
     qr_codes_sent: int = 0
     inbound_acked: list[str] = field(default_factory=list)
+
+    def overlaps_by(self, client_prefix: str) -> list[Overlap]:
+        """Overlaps in which both connections came from clients named so (e.g. "broker/")."""
+        return [o for o in self.overlaps
+                if o.older.startswith(client_prefix) and o.newer.startswith(client_prefix)]
 
     def accepted_ids(self) -> list[str]:
         return [message.id for message in self.accepted]

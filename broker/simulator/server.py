@@ -30,7 +30,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from broker.lifecycle.reasons import DisconnectCode
-from broker.simulator.record import AcceptedMessage, LoginRecord
+from broker.simulator.record import AcceptedMessage, LoginRecord, Overlap
 from broker.upstream.protocol import (
     CLOSE_CODE_BASE,
     CONNECT_PATH,
@@ -140,6 +140,9 @@ class _Conn:
         self.ws = ws
         self.id = conn_id
         self.login: str | None = None
+        self.client = ""
+        #: overlaps this connection was the older one of, with when each began
+        self.overlapped: list[tuple[Overlap, float]] = []
         self.state = _State.HANDSHAKE
         self.outbox = _Outbox(ws)
         self.tasks: set[asyncio.Task[None]] = set()
@@ -437,6 +440,8 @@ class Simulator:
         finally:
             self._detach(conn)
             self._conns.discard(conn)
+            for overlap, began in conn.overlapped:
+                overlap.seconds = time.monotonic() - began
             for task in conn.tasks:
                 task.cancel()
 
@@ -478,8 +483,10 @@ class Simulator:
         if conn.closing:  # reset() or stop() came first
             return
         login = conn.login = hello.login
+        conn.client = hello.client
         record = self.record(login)
         record.connection_attempts += 1
+        record.clients[conn.id] = hello.client
         if not login:
             await self._close(conn, DisconnectCode.BAD_FRAME, "empty login")
             return
@@ -502,13 +509,18 @@ class Simulator:
         if expected is None or not secrets.compare_digest(token.encode(), expected.encode()):
             await self._close(conn, DisconnectCode.LOGGED_OUT, "credentials unknown or revoked")
             return
+        # Counted before the older connection is closed: that close is the upstream's
+        # answer to the overlap, not proof that there was none.
+        record.max_concurrent = max(record.max_concurrent, self.live_connections(login) + 1)
         previous = self._open.get(login)
         if previous is not None:
             record.conflicts += 1
+            overlap = Overlap(previous.client, conn.client, previous.id, conn.id)
+            record.overlaps.append(overlap)
+            previous.overlapped.append((overlap, time.monotonic()))
             self._close_soon(previous, DisconnectCode.REPLACED)
         conn.state = _State.OPEN
         self._open[login] = conn
-        record.max_concurrent = max(record.max_concurrent, self.live_connections(login))
         conn.outbox.put(encode(Ready(login=login, connection_id=conn.id)))
         for message in self._inbox.get(login, {}).values():
             conn.outbox.put(encode(message))

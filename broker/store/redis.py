@@ -14,7 +14,11 @@ them together and the layout holds on Redis Cluster):
 - ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
                         no TTL while unacked, the idempotency TTL once acked
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
-- ``P:T:last``          hash: the session's last status event
+- ``P:T:last``          hash: the session's last status event (``id``, ``event``)
+- ``P:T:fence``         string: the current fencing token (see `broker.store.redis_fencing`);
+                        kept, and raised, when the session is deleted
+- ``P:T:lease``         string: "<instance>:<token>" of the owning instance (broker.cluster.lease)
+- ``P:T:live``          hash: the owner's live report, expiring with the lease TTL
 - ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
 - ``P:T:inbound``       stream: inbound messages; consumer groups are the worker groups
 - ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
@@ -24,10 +28,16 @@ them together and the layout holds on Redis Cluster):
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
                         its entry ids are the event ids
 
-Ownership of a session is a lease (DESIGN section 5), so only the owner reads
-the outbox: `pending` is a plain XRANGE from the oldest entry and an ack is an
-XDEL. No consumer group is needed, and a dead owner's unacked messages are
-simply still there, oldest first, for the next owner.
+Ownership of a session is a lease (DESIGN section 5). The owner reads the
+outbox through the ``owners`` consumer group under its instance's consumer
+name; an ack is an XACK plus XDEL. Every owner write is a script that first
+checks the writer's fencing token against ``P:T:fence``, so a former owner's
+late writes are refused (NotOwner), and every read for delivery first takes
+over whatever other consumers (former owners) read and never acked.
+
+The status event append writes the global log and the session's ``last`` hash
+in one script, which ties two slots together: on Redis Cluster it needs its
+own split (not supported yet).
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from broker.errors import BrokerError, OutboxFull, StoreUnavailable
+from broker.errors import BrokerError, NotOwner, OutboxFull, StoreUnavailable
 from broker.lifecycle.states import State
 from broker.store.base import (
     Accepted,
@@ -66,6 +76,8 @@ from broker.store.base import (
     event_order,
 )
 from broker.store.crypto import HOW_TO_SET_KEY, CredentialCipher, CredentialKeyError
+from broker.store.redis_fencing import FENCED, FENCED_REPLY, NEXT_TOKEN, fence_arg
+from broker.store.redis_keys import RedisKeys
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +92,24 @@ OUTBOX_GROUP = "owners"
 """The consumer group the session's owner reads its outbox through."""
 _UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
 
-# KEYS: outbox stream, ids hash, seq counter
+# KEYS: outbox stream, ids hash, seq counter, fence
 # ARGV: at, max_depth, idem key prefix, result key prefix, ttl_ms, ack channel, group,
-#       consumer, claim (0/1), number of acks, the acked message ids, then per new
-#       message: message_id, to, body, idempotency_key
+#       consumer, claim (0/1), number of acks, fencing token ('' unfenced), the acked
+#       message ids, then per new message: message_id, to, body, idempotency_key
 # Returns {acked, accepted, claimed, unread}: per ack its result time; per new message
 # {'new', record}, {'dup', record, result or false} or {'full', depth}; with claim, the
 # field lists of the entries read for the caller, and 1 if unread entries remain.
 # Idem and result keys are built from prefixes that carry the session's hash tag (the
 # idem key is named in the outbox entry), so they share the declared keys' slot.
-_APPLY_OUTBOX = """
+_APPLY_OUTBOX = FENCED + """
+if fenced(KEYS[4], ARGV[11]) then return refuse(ARGV[11]) end
 local at, ttl = ARGV[1], ARGV[5]
 if ARGV[9] == '1' then  -- the read below must not fail after the writes: no rollback
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[7], '0', 'MKSTREAM')
 end
 local acked = {}
 local n_acks = tonumber(ARGV[10])
-for n = 11, 10 + n_acks do
+for n = 12, 11 + n_acks do
   local mid = ARGV[n]
   local result_key = ARGV[4] .. mid
   local done = redis.call('GET', result_key)
@@ -124,7 +137,7 @@ end
 local accepted, fresh, last_added = {}, 0, nil
 local depth = redis.call('XLEN', KEYS[1])
 local max_depth = tonumber(ARGV[2])
-for n = 11 + n_acks, #ARGV, 4 do
+for n = 12 + n_acks, #ARGV, 4 do
   local mid, to, body, key = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
   local idem = ARGV[3] .. key
   local known = redis.call('GET', idem)
@@ -160,11 +173,44 @@ end
 return {acked, accepted, claimed, unread}
 """
 
-# KEYS: outbox stream.  ARGV: group, consumer, limit, after_sequence
-# The owner's own pending list first (older than anything new), then new entries;
-# of that window only the messages numbered after `after_sequence` are returned,
-# so a delivery loop with the rest in flight does not read their bodies again.
-_PENDING = """
+# KEYS: outbox stream, fence.  ARGV: group, consumer
+# Moves every entry other consumers (former owners) read and never acked to this
+# consumer, in bounded steps; returns how many this consumer now holds unacked.
+_TAKE_OVER = """
+local function take_over(key, group, consumer)
+  local summary = redis.call('XPENDING', key, group)
+  local others = false
+  for _, row in ipairs(summary[4] or {}) do
+    if row[1] ~= consumer then others = true end
+  end
+  if others then
+    local cursor = '0-0'
+    for _ = 1, 100 do
+      local reply = redis.call('XAUTOCLAIM', key, group, consumer, 0, cursor, 'COUNT', 1000,
+        'JUSTID')
+      cursor = reply[1]
+      if cursor == '0-0' then break end
+    end
+  end
+  for _, row in ipairs(redis.call('XPENDING', key, group)[4] or {}) do
+    if row[1] == consumer then return tonumber(row[2]) end
+  end
+  return 0
+end
+"""
+_CLAIM_OUTBOX = FENCED + _TAKE_OVER + """
+if fenced(KEYS[2], ARGV[3]) then return refuse(ARGV[3]) end
+return take_over(KEYS[1], ARGV[1], ARGV[2])
+"""
+
+# KEYS: outbox stream, fence.  ARGV: group, consumer, limit, after_sequence, token
+# Former owners' unacked entries are taken over first, then the owner's own pending
+# list (older than anything new), then new entries; of that window only the messages
+# numbered after `after_sequence` are returned, so a delivery loop with the rest in
+# flight does not read their bodies again.
+_PENDING = FENCED + _TAKE_OVER + """
+if fenced(KEYS[2], ARGV[5]) then return refuse(ARGV[5]) end
+take_over(KEYS[1], ARGV[1], ARGV[2])
 local limit, after = tonumber(ARGV[3]), tonumber(ARGV[4])
 local out, seen = {}, 0
 local function take(reply)
@@ -200,26 +246,42 @@ if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'enabled'
 return 0
 """
 
-# KEYS: last-event hash.  ARGV: event id ms, event id seq, event id, event json, ttl_ms (0: none)
-# Keeps the newest event even if two appends race (ids are ordered, arrival is not).
-_SET_LAST = """
-local cur = redis.call('HGET', KEYS[1], 'id')
-if cur then
-  local dash = string.find(cur, '-', 1, true)
-  local ms = tonumber(string.sub(cur, 1, dash - 1))
-  local n = tonumber(string.sub(cur, dash + 1))
-  local new_ms, new_n = tonumber(ARGV[1]), tonumber(ARGV[2])
-  if ms > new_ms or (ms == new_ms and n > new_n) then return 0 end
-end
-redis.call('HSET', KEYS[1], 'id', ARGV[3], 'event', ARGV[4])
-if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+# KEYS: event log, last-event hash, fence.  ARGV: token, event json, log size, ttl_ms (0: none)
+# The log entry and the session's last event are written together, fenced: a former
+# owner's late event can neither enter the log nor replace its successor's state.
+_APPEND_EVENT = FENCED + """
+if fenced(KEYS[3], ARGV[1]) then return refuse(ARGV[1]) end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2])
+redis.call('HSET', KEYS[2], 'id', id, 'event', ARGV[2])
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+return id
+"""
+
+# KEYS: live hash, fence.  ARGV: token, ttl_ms, then field/value pairs
+_REPORT_LIVE = FENCED + """
+if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
 """
 
-# KEYS: inbound stream, seen hash, aged sorted set.
-# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything)
+# KEYS: credentials, fence.  ARGV: token, sealed credentials ('' and no 3rd arg: delete)
+_SET_CREDENTIALS = FENCED + """
+if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
+if ARGV[2] then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# KEYS: fence.  Grants the next token (see broker.store.redis_fencing).
+_NEW_FENCE = NEXT_TOKEN + """
+return next_token(KEYS[1])
+"""
+
+# KEYS: inbound stream, seen hash, aged sorted set, fence.
+# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything), token
 # Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
-_ADD_INBOUND = """
+_ADD_INBOUND = FENCED + """
+if fenced(KEYS[4], ARGV[6]) then return refuse(ARGV[6]) end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'uid', ARGV[1], 'from', ARGV[2], 'body', ARGV[3],
   'at', ARGV[4])
@@ -289,6 +351,8 @@ def _guard(
         except rexc.ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_REPLIES):
                 raise self._unavailable(exc) from exc
+            if str(exc).startswith(FENCED_REPLY):
+                raise NotOwner(f"refused a stale owner's write: {exc}") from exc
             raise
 
     functools.update_wrapper(wrapper, fn)
@@ -487,6 +551,7 @@ class RedisStore(OneAtATime):
         self._cipher = self.resolve_cipher(cipher, credential_key, ephemeral_key)
         self._client = client
         self._prefix = key_prefix
+        self.keys = RedisKeys(key_prefix)
         self._event_log_size = event_log_size
         self._idem_ttl_ms = max(1, int(idempotency_ttl_s * 1000))
         self._state_ttl_ms = int(state_ttl_s * 1000) if state_ttl_s else 0
@@ -499,7 +564,11 @@ class RedisStore(OneAtATime):
         self._pending = client.register_script(_PENDING)
         self._create = client.register_script(_CREATE_SESSION)
         self._set_enabled = client.register_script(_SET_ENABLED)
-        self._set_last = client.register_script(_SET_LAST)
+        self._append_event = client.register_script(_APPEND_EVENT)
+        self._report_live = client.register_script(_REPORT_LIVE)
+        self._set_credentials = client.register_script(_SET_CREDENTIALS)
+        self._new_fence = client.register_script(_NEW_FENCE)
+        self._claim_outbox = client.register_script(_CLAIM_OUTBOX)
         self._acks = _AckListener(client, f"{key_prefix}:ack-listener", recheck_s)
         self._add_inbound = client.register_script(_ADD_INBOUND)
         self._redeliver_after_ms = max(1, int(inbound_redeliver_after_s * 1000))
@@ -589,24 +658,23 @@ class RedisStore(OneAtATime):
             retry_after_s=1.0,
         )
 
-    # key names
+    # key names (broker.store.redis_keys)
     def session_tag(self, session_id: str) -> str:
-        """The prefix and hash tag every key of this session starts with."""
-        return f"{self._prefix}:{{s:{session_id}}}"
+        return self.keys.session_tag(session_id)
 
     def _key(self, session_id: str, part: str) -> str:
-        return f"{self.session_tag(session_id)}:{part}"
+        return self.keys.session(session_id, part)
 
     @property
     def _sessions_key(self) -> str:
-        return f"{self._prefix}:sessions"
+        return self.keys.sessions
 
     def _tenant_key(self, tenant: str) -> str:
-        return f"{self._prefix}:tenant:{tenant}"
+        return self.keys.tenant(tenant)
 
     @property
     def events_key(self) -> str:
-        return f"{self._prefix}:events"
+        return self.keys.events
 
     def ack_channel(self, session_id: str) -> str:
         return self._key(session_id, "acked")
@@ -668,11 +736,17 @@ class RedisStore(OneAtATime):
 
     @_guard
     async def delete_session(self, session_id: str) -> None:
-        """Remove the session and every key under its hash tag."""
+        """Remove the session and every key under its hash tag but its fencing token,
+        which is raised first: a former owner's late writes are refused, and a
+        re-created session's owner starts above every earlier token."""
         raw = await self._client.hgetall(self._key(session_id, "session"))
+        fence = self.keys.fence(session_id)
+        await self._new_fence(keys=[fence])
         pattern = _glob_escape(self.session_tag(session_id)) + ":*"
         batch: list[bytes | str] = []
         async for key in self._client.scan_iter(match=pattern, count=500):
+            if _text(key) == fence:
+                continue
             batch.append(key)
             if len(batch) >= 500:
                 await self._client.unlink(*batch)
@@ -686,11 +760,20 @@ class RedisStore(OneAtATime):
             await pipe.execute()
         self._outbox_seen.pop(session_id, None)
 
+    # fencing
+    @_guard
+    async def new_fence(self, session_id: str) -> int:
+        return int(_text(await self._new_fence(keys=[self.keys.fence(session_id)])))
+
     # credentials
     @_guard
-    async def save_credentials(self, session_id: str, credentials: dict[str, Any]) -> None:
+    async def save_credentials(
+        self, session_id: str, credentials: dict[str, Any], *, fence: int | None = None
+    ) -> None:
         sealed = self._cipher.encrypt(session_id, credentials)
-        await self._client.set(self._key(session_id, "creds"), sealed)
+        await self._set_credentials(keys=[self._key(session_id, "creds"),
+                                          self.keys.fence(session_id)],
+                                    args=[fence_arg(fence), sealed])
 
     @_guard
     async def load_credentials(self, session_id: str) -> dict[str, Any] | None:
@@ -702,8 +785,10 @@ class RedisStore(OneAtATime):
         return bool(await self._client.exists(self._key(session_id, "creds")))
 
     @_guard
-    async def clear_credentials(self, session_id: str) -> None:
-        await self._client.delete(self._key(session_id, "creds"))
+    async def clear_credentials(self, session_id: str, *, fence: int | None = None) -> None:
+        await self._set_credentials(keys=[self._key(session_id, "creds"),
+                                          self.keys.fence(session_id)],
+                                    args=[fence_arg(fence)])
 
     # outbox
     @staticmethod
@@ -722,7 +807,8 @@ class RedisStore(OneAtATime):
 
     @_guard
     async def apply_outbox(
-        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float
+        self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
+        fence: int | None = None,
     ) -> OutboxBatchResult:
         """One Lua script (_APPLY_OUTBOX): key checks, depth checks, sequences, XADDs,
         acks and the claiming read are atomic, and a batch costs one round trip."""
@@ -732,12 +818,12 @@ class RedisStore(OneAtATime):
         args: list[str | int] = [
             at_text, max_depth, self._idem_key(session_id, ""), self._result_key(session_id, ""),
             self._idem_ttl_ms, self.ack_channel(session_id), OUTBOX_GROUP, self.consumer,
-            1 if batch.claim else 0, len(batch.acks), *batch.acks,
+            1 if batch.claim else 0, len(batch.acks), fence_arg(fence), *batch.acks,
         ]
         for m in batch.messages:
             args += [f"m-{uuid.uuid4().hex}", m.to, m.body, m.idempotency_key]
         keys = [self._key(session_id, "outbox"), self._key(session_id, "ids"),
-                self._key(session_id, "seq")]
+                self._key(session_id, "seq"), self.keys.fence(session_id)]
         reply: Any = await self._apply_outbox(keys=keys, args=args)
         acked_raw, accepted_raw, claimed_raw, unread = reply
         acked = [DeliveryResult(mid, float(_text(raw)))
@@ -781,45 +867,46 @@ class RedisStore(OneAtATime):
         self._outbox_groups.add(key)
 
     @_guard
-    async def claim_outbox(self, session_id: str) -> int:
-        """Take over what a previous owner read and never acked (XAUTOCLAIM).
+    async def claim_outbox(self, session_id: str, *, fence: int | None = None) -> int:
+        """Take over what previous owners read and never acked (XAUTOCLAIM, see
+        _TAKE_OVER); `pending` does the same on every read, so this only counts.
 
-        Called by a new owner before it delivers: the lease guarantees the
-        previous consumer is gone, so nothing has to sit idle first.
+        The lease (and the fence) guarantee the previous consumer is gone, so
+        nothing has to sit idle first.
         """
         key = self._key(session_id, "outbox")
-        await self._outbox_group(key)
-        claimed, cursor = 0, "0-0"
-        for _ in range(1000):  # bounded: each call moves up to 1000 entries
-            # Not JUSTID: redis-py then drops the cursor from the reply.
-            reply: Any = await self._client.xautoclaim(
-                key, OUTBOX_GROUP, self.consumer, min_idle_time=0, start_id=cursor, count=1000,
-            )
-            cursor, entries = _text(reply[0]), reply[1]
-            claimed += len(entries)
-            if cursor == "0-0":
-                break
-        return claimed
+        args: list[str | int] = [OUTBOX_GROUP, self.consumer, fence_arg(fence)]
+        return int(await self._in_group(key, self._claim_outbox, [key, self.keys.fence(session_id)],
+                                        args))
 
     @_guard
     async def pending(
-        self, session_id: str, limit: int, after_sequence: int = 0
+        self, session_id: str, limit: int, after_sequence: int = 0, *, fence: int | None = None
     ) -> list[OutboxMessage]:
-        """One script reads the consumer's pending list, then new entries (see _PENDING)."""
+        """One script takes over former owners' unacked entries, then reads the consumer's
+        pending list, then new entries (see _PENDING)."""
         if limit <= 0:
             return []
         key = self._key(session_id, "outbox")
+        args: list[str | int] = [OUTBOX_GROUP, self.consumer, limit, after_sequence,
+                                 fence_arg(fence)]
+        rows = await self._in_group(key, self._pending, [key, self.keys.fence(session_id)], args)
+        return [self._entry(session_id, row) for row in rows]
+
+    async def _in_group(
+        self, key: str, script: Any, keys: list[str], args: Sequence[str | int]
+    ) -> Any:
+        """Run a script that reads the outbox through the owners' group, creating the
+        group when it is missing (first use, or the stream was deleted and recreated)."""
         await self._outbox_group(key)
-        args: list[str | int] = [OUTBOX_GROUP, self.consumer, limit, after_sequence]
         try:
-            rows: Any = await self._pending(keys=[key], args=args)
+            return await script(keys=keys, args=args)
         except rexc.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self._outbox_groups.discard(key)  # the stream was deleted and recreated
+            self._outbox_groups.discard(key)
             await self._outbox_group(key)
-            rows = await self._pending(keys=[key], args=args)
-        return [self._entry(session_id, row) for row in rows]
+            return await script(keys=keys, args=args)
 
     @staticmethod
     def _entry(session_id: str, row: Sequence[bytes | str]) -> OutboxMessage:
@@ -879,14 +966,15 @@ class RedisStore(OneAtATime):
 
     # live state
     @_guard
-    async def report_live(self, session_id: str, live: LiveState, ttl_s: float) -> None:
-        key = self._key(session_id, "live")
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"state": live.state.value, "owner": live.owner,
-                                    "activity": repr(live.last_activity),
-                                    "at": repr(live.reported_at)})
-            pipe.pexpire(key, max(1, int(ttl_s * 1000)))
-            await pipe.execute()
+    async def report_live(
+        self, session_id: str, live: LiveState, ttl_s: float, *, fence: int | None = None
+    ) -> None:
+        await self._report_live(
+            keys=[self._key(session_id, "live"), self.keys.fence(session_id)],
+            args=[fence_arg(fence), max(1, int(ttl_s * 1000)),
+                  "state", live.state.value, "owner", live.owner,
+                  "activity", repr(live.last_activity), "at", repr(live.reported_at)],
+        )
 
     @_guard
     async def get_live(self, session_id: str) -> LiveState | None:
@@ -898,23 +986,22 @@ class RedisStore(OneAtATime):
 
     # events
     @_guard
-    async def append_event(self, event: StatusEvent) -> StatusEvent:
-        entry_id = _text(await self._client.xadd(
-            self.events_key, {"e": _event_to_json(event)},
-            maxlen=self._event_log_size, approximate=True,
-        ))
-        stored = event.with_id(entry_id)
-        ms, n = event_order(entry_id)
-        await self._set_last(
-            keys=[self._key(event.session_id, "last")],
-            args=[ms, n, entry_id, _event_to_json(stored), self._state_ttl_ms],
+    async def append_event(self, event: StatusEvent, *, fence: int | None = None) -> StatusEvent:
+        """One script (_APPEND_EVENT) logs the event and makes it the session's last."""
+        sid = event.session_id
+        entry_id = await self._append_event(
+            keys=[self.events_key, self._key(sid, "last"), self.keys.fence(sid)],
+            args=[fence_arg(fence), _event_to_json(event), self._event_log_size,
+                  self._state_ttl_ms],
         )
-        return stored
+        return event.with_id(_text(entry_id))
 
     @_guard
     async def last_event(self, session_id: str) -> StatusEvent | None:
-        raw = await self._client.hget(self._key(session_id, "last"), "event")
-        return None if raw is None else _event_from_json(raw)
+        entry_id, raw = await self._client.hmget(self._key(session_id, "last"), ["id", "event"])
+        if raw is None:
+            return None
+        return _event_from_json(raw, _text(entry_id) if entry_id is not None else None)
 
     @_guard
     async def events_after(self, event_id: str, limit: int) -> EventPage:
@@ -998,13 +1085,15 @@ class RedisStore(OneAtATime):
 
     @_guard
     async def add_inbound(
-        self, session_id: str, upstream_id: str, sender: str, body: str, at: float
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
+        fence: int | None = None,
     ) -> InboundRecord | None:
-        """One Lua script: the de-dup check, the append and the trim are atomic."""
+        """One Lua script: the fence and de-dup checks, the append and the trim are atomic."""
         entry = await self._add_inbound(
             keys=[self._key(session_id, "inbound"), self._key(session_id, "inbound:seen"),
-                  self._key(session_id, "inbound:aged")],
-            args=[upstream_id, sender, body, repr(at), self._inbound_retention_ms],
+                  self._key(session_id, "inbound:aged"), self.keys.fence(session_id)],
+            args=[upstream_id, sender, body, repr(at), self._inbound_retention_ms,
+                  fence_arg(fence)],
         )
         if entry is None:
             return None

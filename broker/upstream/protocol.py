@@ -36,6 +36,8 @@ def reason_for_close(close_code: int | None) -> DisconnectCode:
 class Hello:
     login: str
     credentials: dict[str, Any] | None = None
+    client: str = ""
+    """Who connects (the broker sends "broker/<instance id>"); informational only."""
     type: str = field(default="hello", init=False)
 
 
@@ -217,7 +219,9 @@ def decode(raw: str | bytes) -> Frame:
     kind = obj.get("type")
     match kind:
         case "hello":
-            return Hello(login=_str(obj, "login", max_len=256), credentials=_credentials(obj))
+            client = obj.get("client", "")
+            return Hello(login=_str(obj, "login", max_len=256), credentials=_credentials(obj),
+                         client=client if isinstance(client, str) else "")
         case "ready":
             return Ready(login=_str(obj, "login", max_len=256),
                          connection_id=_str(obj, "connection_id", max_len=256))

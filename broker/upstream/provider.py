@@ -38,6 +38,11 @@ class Link(Protocol):
 
     async def close(self, code: DisconnectCode, reason: str) -> None: ...
 
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake: fencing must
+        not wait on a peer (or a network) that may not answer."""
+        ...
+
 
 class Provider(Protocol):
     async def connect(self, login: str, credentials: dict[str, Any] | None) -> Link:

@@ -94,11 +94,17 @@ class WebsocketLink:
         self._local_close = (code, reason)
         await self._ws.close(1000, reason[:100])
 
+    def abort(self) -> None:
+        self._local_close = (DisconnectCode.CONNECTION_CLOSED, "lease lost: connection dropped")
+        self._ws.transport.abort()
+
 
 class WebsocketProvider:
-    def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
+    def __init__(self, url: str, *, connect_timeout_s: float = 10.0, client: str = "") -> None:
         self.url = url
         self.connect_timeout_s = connect_timeout_s
+        self.client = client
+        """Sent in every hello, so the upstream can tell who holds a login."""
 
     async def connect(self, login: str, credentials: dict[str, Any] | None) -> WebsocketLink:
         try:
@@ -118,5 +124,5 @@ class WebsocketProvider:
         except (TimeoutError, OSError, InvalidHandshake, InvalidURI) as exc:
             raise ConnectError(DisconnectCode.CONNECTION_CLOSED, f"cannot connect: {exc}") from exc
         link = WebsocketLink(ws)
-        await link._send(p.Hello(login=login, credentials=credentials))
+        await link._send(p.Hello(login=login, credentials=credentials, client=self.client))
         return link

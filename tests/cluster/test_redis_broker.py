@@ -142,22 +142,26 @@ async def test_owner_that_cannot_renew_closes_its_upstream(
 
 
 async def test_actor_never_connects_without_a_fresh_lease(sim: Simulator) -> None:
+    """A stale lease stops the actor before any I/O, and records nothing: losing a
+    lease is the broker's business, so no STOPPED reaches the session's history."""
     store = MemoryStore()
     record = SessionRecord(SID, "default")
     await store.create_session(record)
+    fenced: list[str] = []
     actor = SessionActor(
         record, store=store, provider=WebsocketProvider(sim.url), bus=StatusBus(),
-        settings=Settings(lifecycle=FAST_POLICY), may_connect=lambda _sid: False,
+        settings=Settings(lifecycle=FAST_POLICY), fence=await store.new_fence(SID),
+        may_connect=lambda _sid: False, on_fenced=fenced.append,
     )
     await actor.start()
     from broker.lifecycle import inputs
 
     await actor.command(inputs.Start())
-    await eventually(lambda: actor.state == State.STOPPED)
-    await asyncio.sleep(0.2)
+    await eventually(lambda: fenced == [SID])
+    assert actor.fenced
     assert sim.record(SID).connection_attempts == 0
     last = await store.last_event(SID)
-    assert last is not None and "lease" in last.reason
+    assert last is None or last.state != State.STOPPED
     await actor.shutdown()
 
 

@@ -27,7 +27,12 @@ async def test_second_connection_replaces_the_first(sim: Simulator) -> None:
     assert closed.code == 4440
     record = sim.record("alice")
     assert record.conflicts == 1
-    assert record.max_concurrent == 1
+    # Two were live at once until the upstream closed the first: that is an overlap,
+    # and counting it before the close is what lets a test see it at all.
+    assert record.max_concurrent == 2
+    [overlap] = record.overlaps
+    assert (overlap.older_connection, overlap.newer_connection) == ("c-1", "c-2")
+    await sim.wait_for(lambda: overlap.seconds is not None)  # once c-1's socket is gone
     assert sim.live_connections("alice") == 1
     await second.close()
 
