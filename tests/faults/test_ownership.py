@@ -12,6 +12,7 @@ import json
 import signal
 import time
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -65,7 +66,8 @@ async def _history(fleet: Fleet, sessions: list[str]) -> dict[str, list[tuple[in
     """(sequence, state) of every stored status event, per session, in log order."""
     wanted = set(sessions)
     out: dict[str, list[tuple[int, str]]] = {sid: [] for sid in sessions}
-    for _entry_id, fields in await fleet.redis.xrange("broker:events"):
+    rows: Any = await fleet.redis.xrange("broker:events")
+    for _entry_id, fields in rows:
         event = json.loads(fields[b"e"])
         if event["session_id"] in wanted:
             out[event["session_id"]].append((event["sequence"], event["state"]))
