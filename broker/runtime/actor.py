@@ -52,6 +52,8 @@ BLOCKED_STATES = frozenset(
 #: and for how long after that they still do while any message awaits its ack.
 PIPELINED = 4
 PIPELINED_HOLD_S = 0.1
+EVENT_RETRY_S = 1.0
+"""How soon status events the store refused (unavailable) are offered again."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,12 @@ class _Command:
     done: asyncio.Future[None]
 
 
-_Item = inp.Event | _LinkEvent | _TimerDue | _Command
+@dataclass(frozen=True)
+class _StoreEvents:
+    """Try again to store the status events the store could not take."""
+
+
+_Item = inp.Event | _LinkEvent | _TimerDue | _Command | _StoreEvents
 
 
 class _Mailbox:
@@ -204,6 +211,9 @@ class SessionActor:
         self._ping_id = 0
         self._pipelined_until = 0.0
         self._sequence = 0
+        #: emitted, not stored yet (the store was unavailable), oldest first
+        self._unstored: list[StatusEvent] = []
+        self._events_retry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
@@ -253,13 +263,19 @@ class SessionActor:
         last = await self._store.last_event(self.session_id)
         self._sequence = last.sequence if last else 0
         self.has_credentials = await self._store.has_credentials(self.session_id)
+        if self.fenced:
+            return  # lost (or shut down) while reading: never start running
         self._task = asyncio.create_task(self._run(), name=f"actor:{self.session_id}")
 
     async def command(self, event: inp.Event) -> None:
-        """Feed an operator command and return once the machine has handled it."""
+        """Feed an operator command and return once the machine has handled it
+        (at once if this actor no longer runs)."""
+        task = self._task
+        if self.fenced or task is None or task.done():
+            return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait(_Command(event, done))
-        await done
+        await asyncio.wait([done, task], return_when=asyncio.FIRST_COMPLETED)
 
     async def wait_ack(self, message_id: str, timeout: float) -> DeliveryResult | None:
         """The ack of a message this actor delivers; None on timeout or once the
@@ -425,6 +441,8 @@ class SessionActor:
         for _, handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
+        if self._events_retry is not None:
+            self._events_retry.cancel()
 
     # the one loop
     async def _run(self) -> None:
@@ -452,6 +470,10 @@ class SessionActor:
                     return  # cancelled or re-armed after this firing was queued
                 del self._timers[timer]
                 await self._feed(inp.TimerFired(timer))
+            case _StoreEvents():
+                if self._events_retry is None or not self._unstored:
+                    return
+                await self._store_events()
             case _LinkEvent(generation=gen, event=event):
                 if gen != self._generation or self.fenced:
                     return  # a link the machine already closed
@@ -581,9 +603,25 @@ class SessionActor:
             self._start_delivery()
         elif emit.state != State.OPEN:
             self._stop_delivery()
-        stored = await self._store.append_event(event, fence=self.fence)
-        if self._publish_locally:
-            self._bus.publish(stored)
+        self._unstored.append(event)
+        await self._store_events()
+
+    async def _store_events(self) -> None:
+        """Store emitted events in order; while the store is away, keep them and try
+        again later, so the stored state never stays behind the live one."""
+        self._events_retry = None
+        while self._unstored:
+            try:
+                stored = await self._store.append_event(self._unstored[0], fence=self.fence)
+            except StoreUnavailable as exc:
+                log.warning("session %s: %d status events not stored yet: %s",
+                            self.session_id, len(self._unstored), exc)
+                self._events_retry = asyncio.get_running_loop().call_later(
+                    EVENT_RETRY_S, self._inbox.put_nowait, _StoreEvents())
+                return
+            del self._unstored[0]
+            if self._publish_locally:
+                self._bus.publish(stored)
 
     # connection I/O
     def _spawn(self, coro: Any) -> asyncio.Task[None]:

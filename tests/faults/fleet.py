@@ -103,7 +103,15 @@ class Fleet:
                 return all(states.get(sid) == pb.OPEN for sid in session_ids)
             return False
 
-        await eventually_async(all_open, timeout, "every session OPEN")
+        try:
+            await eventually_async(all_open, timeout, "every session OPEN")
+        except AssertionError as exc:
+            try:
+                states = await self.states()
+            except BrokerError as err:
+                states = {"error": str(err)}  # type: ignore[dict-item]
+            not_open = {sid: states.get(sid) for sid in session_ids if states.get(sid) != pb.OPEN}
+            raise AssertionError(f"{exc}; not open: {not_open}") from None
 
     # senders
     def start_senders(self, session_ids: list[str], *, max_messages: int = 10_000) -> None:
