@@ -38,11 +38,15 @@ class BrokerProcess:
         self.address = ""
 
     def start(self) -> None:
+        # The log is appended to across restarts of one name: read only this start's part.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            match = _LISTENING.search(self.log_path.read_text(errors="replace"))
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                match = _LISTENING.search(log.read().decode(errors="replace"))
             if match:
                 self.address = match.group(1)
                 return

@@ -111,7 +111,8 @@ class Fleet:
             except BrokerError as err:
                 states = {"error": str(err)}  # type: ignore[dict-item]
             not_open = {sid: states.get(sid) for sid in session_ids if states.get(sid) != pb.OPEN}
-            raise AssertionError(f"{exc}; not open: {not_open}") from None
+            raise AssertionError(f"{exc}; not open: {not_open}; {states.get('error', '')}"
+                                 ) from None
 
     # senders
     def start_senders(self, session_ids: list[str], *, max_messages: int = 10_000) -> None:
