@@ -183,6 +183,8 @@ class SessionActor:
         self.fence = fence
         self.fenced = False
         """Set once this actor stopped owning: no I/O, no writes from here on."""
+        self.stopping = False
+        """Set when shutdown begins: no more of the machine's actions are executed."""
         self._may_connect = may_connect
         self._on_fenced = on_fenced
         self._publish_locally = publish_locally
@@ -416,9 +418,15 @@ class SessionActor:
         what the store was handed is written, within `drain_timeout_s`. The
         caller's own cancellation is never swallowed.
         """
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            await asyncio.wait([self._task])  # returns on its end; raises on ours
+        self.stopping = True  # from here the machine's actions are not carried out
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            # Returns on its end (raises on our own cancellation), or gives up: what
+            # the task still does is harmless once `stopping` (and then `fenced`) holds.
+            await asyncio.wait([task], timeout=close_timeout_s + 1.0)
+            if not task.done():
+                log.warning("session %s: actor task did not stop when cancelled", self.session_id)
         self._cancel_all_timers()
         if not self.fenced:
             await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down",
@@ -527,6 +535,8 @@ class SessionActor:
             await self._execute(action)
 
     async def _execute(self, action: act.Action) -> None:
+        if self.stopping or self.fenced:
+            return
         match action:
             case act.OpenConnection():
                 await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "reconnecting")
