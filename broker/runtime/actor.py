@@ -440,7 +440,9 @@ class SessionActor:
                 pass
 
     async def _feed(self, event: inp.Event) -> None:
-        for action in self.machine.handle(event):
+        # The machine's clock (for the attempt budget): monotonic, like its timers.
+        now = asyncio.get_running_loop().time()
+        for action in self.machine.handle(event, now=now):
             await self._execute(action)
 
     async def _execute(self, action: act.Action) -> None:
