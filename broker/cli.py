@@ -370,6 +370,13 @@ def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_jso
         click.echo(f"  disconnects last hour {c.disconnects_last_hour}, reconnect mean "
                    f"{c.reconnect_ms_mean:.0f} ms, keep-alive {c.keepalive_success_rate:.0%}, "
                    f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}")
+        if c.availability_window_s:
+            click.echo(f"  OPEN {c.availability_last_hour:.1%} of the last "
+                       f"{c.availability_window_s / 60:.0f} min, reconnect gaps p50 "
+                       f"{c.reconnect_gap_ms_p50:.0f} / p99 {c.reconnect_gap_ms_p99:.0f} / max "
+                       f"{c.reconnect_gap_ms_max:.0f} ms, {c.attempts_per_minute:.1f} attempts/min"
+                       + (f", {c.attempts_held_back_last_hour} held back"
+                          if c.attempts_held_back_last_hour else ""))
         for t in list(h.recent)[-5:]:
             click.echo(f"  {_state(t.from_state)} -> {_state(t.to_state)}: {t.reason}")
         for r in h.recommendations:

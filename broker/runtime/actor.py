@@ -500,8 +500,10 @@ class SessionActor:
             state=emit.state, previous=emit.previous, reason=emit.reason, code=emit.code,
             retry_in_s=emit.retry_in_s, qr=emit.qr, attempt=emit.attempt, at=now,
         )
+        # Every emit: a 515 restart (CONNECTING again) is an attempt too.
+        self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now,
+                                 held_s=emit.held_s)
         if emit.state != emit.previous:
-            self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now)
             log.info(
                 "session %s: %s -> %s (%s)", self.session_id, emit.previous, emit.state,
                 emit.reason, extra={"session_id": self.session_id, "tenant": self.tenant},
