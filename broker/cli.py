@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -81,8 +82,21 @@ async def _until_signalled() -> None:
 @click.option("--conflict-retry", envvar="BROKER_CONFLICT_RETRY", type=float,
               default=_P.conflict_retry_s or 0,
               show_default=True, help="Retry after a 440 conflict, seconds (0: never).")
-@click.option("--stable-after", envvar="BROKER_STABLE_AFTER", type=float, default=_P.stable_after_s,
-              show_default=True, help="Open this long resets the backoff, seconds.")
+@click.option("--redial-max", envvar="BROKER_REDIAL_MAX", type=click.FloatRange(0),
+              default=_P.redial_max_s, show_default=True,
+              help="A connection that had opened and dropped is redialled after a random "
+                   "0 to this many seconds.")
+@click.option("--attempt-burst", envvar="BROKER_ATTEMPT_BURST", type=click.IntRange(0),
+              default=_P.attempt_burst, show_default=True,
+              help="Connection attempts per session at once before they are spaced out "
+                   "(0: no bound).")
+@click.option("--attempt-rate", envvar="BROKER_ATTEMPT_RATE", type=click.FloatRange(0),
+              default=_P.attempt_rate_per_min, show_default=True,
+              help="Sustained connection attempts per session per minute past the burst "
+                   "(0: no bound).")
+@click.option("--stable-after", envvar="BROKER_STABLE_AFTER", type=float, default=None,
+              hidden=True, help="Deprecated and ignored: an attempt that opens resets the "
+                                "backoff; see --attempt-burst / --attempt-rate.")
 @click.option("--max-attempts", envvar="BROKER_MAX_ATTEMPTS", type=int, default=_P.max_attempts,
               show_default=True, help="Failed attempts in a row before FAILED (0: never).")
 @click.option("--keepalive-interval", envvar="BROKER_KEEPALIVE_INTERVAL", type=float,
@@ -154,11 +168,17 @@ async def _until_signalled() -> None:
 def serve(**opts: Any) -> None:
     """Run the broker (defaults: in-memory store, embedded simulator upstream)."""
     logs.setup(opts["log_level"], opts["log_format"])
+    if opts["stable_after"] is not None:
+        logging.getLogger("broker").warning(
+            "--stable-after / BROKER_STABLE_AFTER is ignored: a connection that opens resets "
+            "the backoff at once; reconnect storms are bounded by --attempt-burst and "
+            "--attempt-rate")
     policy = LifecyclePolicy(
         backoff_initial_s=opts["backoff_initial"], backoff_max_s=opts["backoff_max"],
         slow_backoff_initial_s=opts["slow_backoff_initial"],
         slow_backoff_max_s=opts["slow_backoff_max"],
-        conflict_retry_s=opts["conflict_retry"] or None, stable_after_s=opts["stable_after"],
+        conflict_retry_s=opts["conflict_retry"] or None, redial_max_s=opts["redial_max"],
+        attempt_burst=opts["attempt_burst"], attempt_rate_per_min=opts["attempt_rate"],
         max_attempts=opts["max_attempts"],
         keepalive_interval_s=opts["keepalive_interval"] or None,
         keepalive_timeout_s=opts["keepalive_timeout"], max_qr_codes=opts["max_qr_codes"],
@@ -352,6 +372,13 @@ def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_jso
         click.echo(f"  disconnects last hour {c.disconnects_last_hour}, reconnect mean "
                    f"{c.reconnect_ms_mean:.0f} ms, keep-alive {c.keepalive_success_rate:.0%}, "
                    f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}")
+        if c.availability_window_s:
+            click.echo(f"  OPEN {c.availability_last_hour:.1%} of the last "
+                       f"{c.availability_window_s / 60:.0f} min, reconnect gaps p50 "
+                       f"{c.reconnect_gap_ms_p50:.0f} / p99 {c.reconnect_gap_ms_p99:.0f} / max "
+                       f"{c.reconnect_gap_ms_max:.0f} ms, {c.attempts_per_minute:.1f} attempts/min"
+                       + (f", {c.attempts_held_back_last_hour} held back"
+                          if c.attempts_held_back_last_hour else ""))
         for t in list(h.recent)[-5:]:
             click.echo(f"  {_state(t.from_state)} -> {_state(t.to_state)}: {t.reason}")
         for r in h.recommendations:

@@ -53,6 +53,11 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         assert point["n"] > 0, (target, point)
     assert results["flapping"]["duplicate_deliveries"] == 0
     assert results["flapping"]["delivery_rate"] == 1.0
+    for side in ("broker", "ideal"):  # what a user feels, next to the ideal reference
+        flap = results["flapping"][side]
+        assert {"availability", "reconnect_gap", "attempts_per_minute", "ack_latency"} <= set(flap)
+        assert flap["ack_latency"]["n"] > 0, (side, flap)
+    assert results["flapping"]["broker"]["within_attempt_bound"] is True
     assert {t["target"] for t in run["targets"]}
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in markdown and "architecture floor" in markdown

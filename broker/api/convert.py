@@ -77,6 +77,11 @@ def counters(
         messages_accepted=c.messages_accepted, messages_acked=c.messages_acked,
         delivery_rate=c.delivery_rate, outbox_depth=outbox_depth,
         consecutive_failures=c.consecutive_failures,
+        availability_last_hour=c.availability_last_hour,
+        availability_window_s=c.availability_window_s,
+        reconnect_gap_ms_p50=c.reconnect_gap_ms_p50, reconnect_gap_ms_p99=c.reconnect_gap_ms_p99,
+        reconnect_gap_ms_max=c.reconnect_gap_ms_max, attempts_per_minute=c.attempts_per_minute,
+        attempts_held_back_last_hour=c.attempts_held_back_last_hour,
     )
 
 

@@ -18,7 +18,6 @@ class Timer(StrEnum):
     """The machine's timers; at most one of each kind runs at a time."""
 
     RETRY = "RETRY"
-    STABLE = "STABLE"
     KEEPALIVE = "KEEPALIVE"
     PONG = "PONG"
 
@@ -83,6 +82,7 @@ class Emit:
 
     Emitted exactly once per state change, and again for each new QR code while
     PAIRING (then `state == previous`). Always the last action of a list.
+    `held_s` is the part of `retry_in_s` the attempt budget added (0: none).
     """
 
     state: State
@@ -92,6 +92,7 @@ class Emit:
     retry_in_s: float | None
     qr: str | None
     attempt: int
+    held_s: float = 0.0
 
 
 Action = (

@@ -7,11 +7,18 @@ with `+` (`wait_combine`). Two things do not fit the machine as they stand:
 machine must not). So the jitter steps below are tiny tenacity strategies with
 an injected rng, layered over tenacity's own `wait_exponential` / `wait_fixed`,
 and `delay_for` asks them with a clock-free stand-in holding `attempt_number`.
+
+`ReconnectDelay` picks the strategy by how the last connection ended
+(`Outcome`): one that never opened escalates, one that opened and was then
+dropped by the network is redialled promptly. Spacing out a run of prompt
+redials is a separate rule (`storm.AttemptBudget`), composed with this one by
+the machine: the delay here, then whatever the budget adds.
 """
 
 from __future__ import annotations
 
 import random
+from enum import StrEnum
 from typing import cast
 
 from tenacity import RetryCallState
@@ -118,3 +125,62 @@ def conflict_delay(base_s: float, rng: random.Random, *, jitter: float = 0.1) ->
     """
     strategy = wait_fixed(base_s) + wait_uniform(0.0, base_s * jitter, rng)
     return float(strategy(retry_state(1)))
+
+
+class Outcome(StrEnum):
+    """How a connection ended, as far as the next delay is concerned."""
+
+    #: It had opened (OPEN, or PAIRING with a QR shown), then the network dropped
+    #: it (428 / 408 / 400): connecting works, so try again promptly.
+    DROPPED = "DROPPED"
+    #: It never opened: refused, timed out, closed during the handshake. Escalate.
+    FAILED = "FAILED"
+    #: The upstream refused service (503 / 429): escalate slower, honour retry-after.
+    REFUSED = "REFUSED"
+
+
+class ReconnectDelay:
+    """Seconds before the next attempt, by `Outcome` and consecutive failures.
+
+    - DROPPED: uniform in [0, redial_max_s], whatever the failure count: the
+      small jitter only spreads sessions the same network blip dropped together.
+    - FAILED: full-jitter exponential, `initial_s` doubling to `max_s`.
+    - REFUSED: the same over the slow pair, at least any retry-after.
+    """
+
+    __slots__ = ("initial_s", "max_s", "redial_max_s", "rng", "slow_initial_s", "slow_max_s")
+
+    def __init__(
+        self,
+        *,
+        initial_s: float,
+        max_s: float,
+        slow_initial_s: float,
+        slow_max_s: float,
+        redial_max_s: float,
+        rng: random.Random,
+    ) -> None:
+        self.initial_s = initial_s
+        self.max_s = max_s
+        self.slow_initial_s = slow_initial_s
+        self.slow_max_s = slow_max_s
+        self.redial_max_s = redial_max_s
+        self.rng = rng
+
+    def strategy(self, outcome: Outcome, *, retry_after_s: float | None = None) -> wait_base:
+        """The tenacity wait strategy for `outcome` (asked with the failure count)."""
+        match outcome:
+            case Outcome.DROPPED:
+                return wait_uniform(0.0, self.redial_max_s, self.rng)
+            case Outcome.FAILED:
+                return backoff_strategy(self.initial_s, self.max_s, self.rng)
+            case Outcome.REFUSED:
+                return backoff_strategy(
+                    self.slow_initial_s, self.slow_max_s, self.rng, retry_after_s=retry_after_s
+                )
+
+    def __call__(
+        self, outcome: Outcome, failures: int, *, retry_after_s: float | None = None
+    ) -> float:
+        """The delay after `failures` consecutive failed attempts ending in `outcome`."""
+        return float(self.strategy(outcome, retry_after_s=retry_after_s)(retry_state(failures)))

@@ -7,14 +7,26 @@ what an operator should do. Both feed the `Health` RPC.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import GAVE_UP_PREFIX, PAIRING_TIMED_OUT, State
 
 HOUR_S = 3600.0
+#: Attempts per minute and FLAPPING look back this far: recent enough to clear
+#: soon after a storm calms, long enough to average a few attempts.
+RECENT_S = 600.0
+#: Cap on each per-hour history list (OPEN spans, gaps, attempts): an attempt
+#: budget keeps a session far below it; past it the oldest entries go first.
+MAX_POINTS = 4096
+
+_T = TypeVar("_T")
 
 #: Entering these ends any "reconnect" in progress: coming back from them is a
 #: fresh start by a person, not a reconnect time worth averaging.
@@ -22,6 +34,8 @@ _RESETS_RECONNECT = frozenset({State.STOPPED, State.LOGGED_OUT, State.FAILED})
 
 
 _UPSTREAM_REFUSED = frozenset({int(DisconnectCode.UNAVAILABLE), int(DisconnectCode.RATE_LIMITED)})
+#: States in which low availability is news: the others have their own advice.
+_MEANT_TO_BE_UP = frozenset({State.OPEN, State.CONNECTING, State.RECONNECTING})
 
 
 class Severity(StrEnum):
@@ -67,6 +81,18 @@ class Counters:
     delivery_rate: float
     outbox_depth: int
     consecutive_failures: int
+    #: Fraction of time OPEN over the last hour, counted from the first OPEN.
+    availability_last_hour: float = 0.0
+    #: Seconds `availability_last_hour` covers (up to an hour; 0 before the first OPEN).
+    availability_window_s: float = 0.0
+    #: Reconnect gaps (leaving OPEN to OPEN again) completed in the last hour, ms.
+    reconnect_gap_ms_p50: float = 0.0
+    reconnect_gap_ms_p99: float = 0.0
+    reconnect_gap_ms_max: float = 0.0
+    #: Connection attempts per minute over the last 10 minutes.
+    attempts_per_minute: float = 0.0
+    #: Attempts the attempt budget held back (spaced out) in the last hour.
+    attempts_held_back_last_hour: int = 0
 
 
 @dataclass
@@ -88,13 +114,35 @@ class SessionStats:
     reconnect_ms_total: float = 0.0
     reconnects: int = 0
     left_open_at: float | None = None
+    #: The last hour, for availability, gaps and storms. None until first needed:
+    #: ten thousand idle sessions should not carry empty lists.
+    first_open_at: float | None = None
+    open_since: float | None = None
+    #: Ended OPEN spans (start, end), oldest first.
+    open_spans: list[tuple[float, float]] | None = None
+    #: Completed reconnect gaps (when OPEN again, ms), oldest first.
+    gaps: list[tuple[float, float]] | None = None
+    #: When each connection attempt started (every CONNECTING, a 515 restart too).
+    attempt_times: list[float] | None = None
+    #: When the attempt budget held an attempt back.
+    held_times: list[float] | None = None
 
     # -- updates --------------------------------------------------------------
 
     def on_transition(
-        self, previous: State, state: State, reason: str, code: int, at: float
+        self, previous: State, state: State, reason: str, code: int, at: float,
+        *, held_s: float = 0.0,
     ) -> None:
-        """Record a state change at time `at` (seconds, any monotonic-ish clock)."""
+        """Record a status change at time `at` (seconds, any monotonic-ish clock).
+
+        Fed every `Emit`, also those that keep the state: entering CONNECTING is
+        a connection attempt even from CONNECTING (the 515 restart), and
+        `held_s` > 0 says the attempt budget held the next attempt back.
+        """
+        if state is State.CONNECTING:
+            self.attempt_times = _appended(self.attempt_times, at, at - RECENT_S, _self)
+        if held_s > 0:
+            self.held_times = _appended(self.held_times, at, at - HOUR_S, _self)
         if previous == state:
             return  # a QR refresh, not a transition
         self.recent.append(Transition(previous, state, reason, code, at))
@@ -103,6 +151,10 @@ class SessionStats:
             self.disconnect_times.append(at)
             self._prune(at)
             self.left_open_at = at
+            if self.open_since is not None:
+                span = (self.open_since, at)
+                self.open_spans = _appended(self.open_spans, span, at - HOUR_S, _end)
+                self.open_since = None
         if state is State.OPEN:
             self.connects_total += 1
             if self.left_open_at is not None:
@@ -110,7 +162,11 @@ class SessionStats:
                 self.reconnect_ms.append(ms)
                 self.reconnect_ms_total += ms
                 self.reconnects += 1
+                self.gaps = _appended(self.gaps, (at, ms), at - HOUR_S, _end_at)
             self.left_open_at = None
+            self.open_since = at
+            if self.first_open_at is None:
+                self.first_open_at = at
         elif state in _RESETS_RECONNECT:
             self.left_open_at = None
 
@@ -153,10 +209,52 @@ class SessionStats:
             return 1.0
         return min(1.0, self.messages_acked / self.messages_accepted)
 
+    def availability(self, now: float) -> tuple[float, float]:
+        """(fraction of time OPEN, seconds covered) over the last hour as of `now`.
+
+        Counted from the first OPEN (waiting for a QR scan before it is not an
+        outage); (0.0, 0.0) before that.
+        """
+        if self.first_open_at is None:
+            return 0.0, 0.0
+        start = max(self.first_open_at, now - HOUR_S)
+        span = now - start
+        open_s = 0.0 if self.open_since is None else now - max(self.open_since, start)
+        for began, ended in self.open_spans or ():
+            open_s += max(0.0, min(ended, now) - max(began, start))
+        if span <= 0:
+            return (1.0 if self.open_since is not None else 0.0), 0.0
+        return min(1.0, open_s / span), span
+
+    def reconnect_gaps_ms(self, now: float) -> list[float]:
+        """Reconnect gaps completed in the last hour, oldest first, milliseconds."""
+        return [ms for at, ms in self.gaps or () if now - at < HOUR_S]
+
+    def attempts_within(self, now: float, window_s: float) -> int:
+        return sum(1 for t in self.attempt_times or () if now - t < window_s)
+
+    def attempts_per_minute(self, now: float) -> float:
+        """Attempts per minute over the last 10 minutes (since the first attempt, if
+        that is more recent, but at least over one minute)."""
+        times = self.attempt_times
+        if not times:
+            return 0.0
+        covered = min(RECENT_S, max(60.0, now - times[0]))
+        return self.attempts_within(now, covered) * 60.0 / covered
+
+    def held_within(self, now: float, window_s: float) -> int:
+        """Attempts the attempt budget held back within the last `window_s`."""
+        return sum(1 for t in self.held_times or () if now - t < window_s)
+
+    def disconnects_within(self, now: float, window_s: float) -> int:
+        return sum(1 for t in self.disconnect_times if now - t < window_s)
+
     def counters(
         self, now: float, *, outbox_depth: int = 0, consecutive_failures: int = 0
     ) -> Counters:
         """Everything the proto's `Counters` needs, as of `now`."""
+        availability, window = self.availability(now)
+        gaps = self.reconnect_gaps_ms(now)
         return Counters(
             disconnects_last_hour=self.disconnects_last_hour(now),
             connects_total=self.connects_total,
@@ -171,11 +269,53 @@ class SessionStats:
             delivery_rate=self.delivery_rate,
             outbox_depth=outbox_depth,
             consecutive_failures=consecutive_failures,
+            availability_last_hour=availability,
+            availability_window_s=window,
+            reconnect_gap_ms_p50=percentile(gaps, 0.5),
+            reconnect_gap_ms_p99=percentile(gaps, 0.99),
+            reconnect_gap_ms_max=max(gaps, default=0.0),
+            attempts_per_minute=self.attempts_per_minute(now),
+            attempts_held_back_last_hour=self.held_within(now, HOUR_S),
         )
 
     def _prune(self, now: float) -> None:
         while self.disconnect_times and now - self.disconnect_times[0] >= HOUR_S:
             self.disconnect_times.popleft()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in (0, 1]); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def _self(t: float) -> float:
+    return t
+
+
+def _end(span: tuple[float, float]) -> float:
+    return span[1]
+
+
+def _end_at(gap: tuple[float, float]) -> float:
+    return gap[0]
+
+
+def _appended(
+    items: list[_T] | None, item: _T, cutoff: float, when: Callable[[_T], float]
+) -> list[_T]:
+    """`items` (made if None) with `item` appended, entries with `when` <= cutoff
+    dropped from the front (they are in time order), and at most MAX_POINTS kept."""
+    if items is None:
+        return [item]
+    items.append(item)
+    old = bisect.bisect_right(items, cutoff, key=when)
+    excess = len(items) - MAX_POINTS
+    if old or excess > 0:
+        del items[: max(old, excess)]
+    return items
 
 
 def recommend(
@@ -191,6 +331,8 @@ def recommend(
     keepalive_min_pings: int = 5,
     keepalive_min_success: float = 0.9,
     outbox_backlog: int = 1000,
+    min_availability: float = 0.9,
+    availability_min_window_s: float = 300.0,
 ) -> list[Recommendation]:
     """What is wrong with the session and what to do, most urgent first.
 
@@ -198,8 +340,16 @@ def recommend(
     operators can tune them; defaults suit a chat session.
     """
     recs = _state_advice(state, reason, code, session_id)
+    flapping = _flapping_advice(stats, now)
+    if flapping is not None:
+        recs.append(flapping)
+    if state in _MEANT_TO_BE_UP:
+        availability, window = stats.availability(now)
+        if window >= availability_min_window_s and availability < min_availability:
+            recs.append(_availability_advice(stats, now, availability, window, code,
+                                             flapping=flapping is not None))
     disconnects = stats.disconnects_last_hour(now)
-    if disconnects > unstable_disconnects_per_hour:
+    if disconnects > unstable_disconnects_per_hour and flapping is None:
         recs.append(
             Recommendation(
                 Severity.WARNING,
@@ -232,6 +382,49 @@ def recommend(
         )
     order = {Severity.CRITICAL: 0, Severity.WARNING: 1, Severity.INFO: 2}
     return sorted(recs, key=lambda r: order[r.severity])  # stable: keeps insertion order
+
+
+def _flapping_advice(stats: SessionStats, now: float) -> Recommendation | None:
+    """FLAPPING once the attempt budget had to hold an attempt back recently."""
+    held = stats.held_within(now, RECENT_S)
+    if not held:
+        return None
+    drops = stats.disconnects_within(now, RECENT_S)
+    attempts = stats.attempts_within(now, RECENT_S)
+    every = f" (one every {RECENT_S / drops:.1f} s)" if drops else ""
+    return Recommendation(
+        Severity.WARNING,
+        "FLAPPING",
+        f"The connection keeps dropping soon after it opens: {drops} drops{every} and "
+        f"{attempts} connection attempts in the last 10 minutes. To protect the login, "
+        f"the broker spaced out {held} reconnect attempts (--attempt-burst / "
+        "--attempt-rate). Check the network path to the upstream (a proxy, NAT or "
+        "firewall cutting long-lived connections, an unstable link) and look for another "
+        "client using this login.",
+    )
+
+
+def _availability_advice(
+    stats: SessionStats, now: float, availability: float, window: float, code: int,
+    *, flapping: bool,
+) -> Recommendation:
+    gaps = stats.reconnect_gaps_ms(now)
+    shown = (f" (reconnect gaps p50 {percentile(gaps, 0.5) / 1000:.1f} s, p99 "
+             f"{percentile(gaps, 0.99) / 1000:.1f} s, max {max(gaps) / 1000:.1f} s)"
+             if gaps else "")
+    if flapping:
+        cause = "It keeps dropping right after it opens: see FLAPPING."
+    elif code in _UPSTREAM_REFUSED:
+        cause = "The upstream keeps refusing the connection: check its status."
+    else:
+        cause = ("Check that the upstream is reachable from this host and the network "
+                 "path to it.")
+    return Recommendation(
+        Severity.WARNING,
+        "LOW_AVAILABILITY",
+        f"The session was OPEN only {availability:.0%} of the last {window / 60:.0f} "
+        f"minutes{shown}. Messages wait in the outbox meanwhile. {cause}",
+    )
 
 
 def _state_advice(state: State, reason: str, code: int, session_id: str) -> list[Recommendation]:

@@ -1,16 +1,23 @@
 """The session lifecycle state machine: events in, actions out.
 
 Sans-I/O in the style of h11: `SessionMachine.handle` never blocks, sleeps,
-reads the clock or touches a socket. The session actor feeds it events and
-executes the returned actions in order. Every decision about reconnecting
-lives here, so it is tested event by event without an event loop.
+reads the clock or touches a socket. The session actor feeds it events, with
+the time they happened (`now`), and executes the returned actions in order.
+Every decision about reconnecting lives here, so it is tested event by event
+without an event loop.
+
+Two policies decide when the next connection attempt goes, composed in that
+order: `ReconnectDelay` by how the last connection ended (a drop after it
+opened is redialled promptly, a failure to connect escalates), then the
+`AttemptBudget`, which spaces out attempts past its bound whatever their cause.
 
 Conventions the actor can rely on:
 
-- Every state change returns exactly one `Emit`, always the last action. Two
-  events emit without changing state: a new QR code (PAIRING -> PAIRING) and
-  the 515 restart after credentials arrived while still CONNECTING
-  (CONNECTING -> CONNECTING: it is a new connection).
+- Every state change returns exactly one `Emit`, always the last action. Three
+  events emit without changing state: a new QR code (PAIRING -> PAIRING), the
+  515 restart after credentials arrived while still CONNECTING (CONNECTING ->
+  CONNECTING: it is a new connection), and a `Start` while RECONNECTING that
+  the attempt budget holds back (RECONNECTING -> RECONNECTING, a new delay).
 - Timers are cancelled only if armed; a `TimerFired` for a timer the machine
   did not arm (or already cancelled) is ignored, so cancel races are harmless.
 - Events that make no sense in the current state return `[]`; nothing raises.
@@ -33,7 +40,7 @@ from broker.lifecycle.actions import (
     StartTimer,
     Timer,
 )
-from broker.lifecycle.backoff import conflict_delay, delay_for
+from broker.lifecycle.backoff import Outcome, ReconnectDelay, conflict_delay
 from broker.lifecycle.inputs import (
     Closed,
     Connected,
@@ -53,9 +60,11 @@ from broker.lifecycle.states import (
     CONNECTED_STATES,
     LEASE_LOST,
     PAIRING_TIMED_OUT,
+    SPACED_OUT,
     State,
     gave_up_reason,
 )
+from broker.lifecycle.storm import AttemptBudget
 
 _D = DisconnectCode
 
@@ -63,7 +72,6 @@ _D = DisconnectCode
 _STARTABLE = frozenset(
     {State.STOPPED, State.FAILED, State.CONFLICT, State.LOGGED_OUT, State.RECONNECTING}
 )
-_FAST_BACKOFF = frozenset({_D.CONNECTION_CLOSED, _D.TIMED_OUT, _D.BAD_FRAME})
 _SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
 #: Jitter source of machines not given one: one for all, as a Random holds
 #: 2.5 KB of state and a broker runs thousands of machines.
@@ -83,6 +91,9 @@ class SessionMachine:
         self.policy = policy or LifecyclePolicy()
         self._rng = rng or _SHARED_RNG
         self._state = state
+        self._budget = AttemptBudget(self.policy.attempt_burst, self.policy.attempt_rate_per_min)
+        #: Time of the latest event that carried one (seconds, the caller's clock).
+        self._now = 0.0
         self._attempt = 0
         self._qr: str | None = None
         self._qr_count = 0
@@ -103,8 +114,13 @@ class SessionMachine:
 
     @property
     def attempt(self) -> int:
-        """Consecutive failed attempts (reset by Start and by a stable OPEN)."""
+        """Consecutive attempts that failed to connect (reset by Start and by OPEN)."""
         return self._attempt
+
+    @property
+    def budget(self) -> AttemptBudget:
+        """The attempt budget (read it; the machine alone spends it)."""
+        return self._budget
 
     @property
     def qr(self) -> str | None:
@@ -133,8 +149,14 @@ class SessionMachine:
 
     # -- dispatch -------------------------------------------------------------
 
-    def handle(self, event: Event) -> list[Action]:
-        """Apply one event; return what the actor must do, in order."""
+    def handle(self, event: Event, *, now: float | None = None) -> list[Action]:
+        """Apply one event that happened at `now`; return what the actor must do, in order.
+
+        `now` is seconds on any monotonic clock; only the attempt budget uses it.
+        Left out, time stands still since the last event that carried it.
+        """
+        if now is not None:
+            self._now = now
         match event:
             case Start():
                 return self._on_start()
@@ -165,10 +187,7 @@ class SessionMachine:
             return []
         self._attempt = 0
         self._qr_count = 0
-        actions = self._cancel_all()
-        actions.append(OpenConnection())
-        actions.append(self._enter(State.CONNECTING, "started", 0))
-        return actions
+        return self._cancel_all() + self._open_or_hold("started", 0)
 
     def _on_stop(self) -> list[Action]:
         if self._state is State.STOPPED:
@@ -197,10 +216,11 @@ class SessionMachine:
         if self._state not in (State.CONNECTING, State.PAIRING):
             return []
         self._qr_count = 0
+        # The attempt worked: a later drop is the network's doing, not a failure
+        # to connect. A link that keeps dropping right after `ready` is the
+        # attempt budget's business, not the failure count's.
+        self._attempt = 0
         actions = self._cancel_all()
-        # The attempt counter survives until the connection proves stable, so a
-        # link that flaps right after `ready` still backs off further each time.
-        actions.append(self._start_timer(Timer.STABLE, self.policy.stable_after_s))
         if self.policy.keepalive_interval_s is not None:
             actions.append(self._start_timer(Timer.KEEPALIVE, self.policy.keepalive_interval_s))
         actions.append(self._enter(State.OPEN, "connected", 0))
@@ -242,18 +262,22 @@ class SessionMachine:
             if self._state is State.CONNECTING and not self._paired_here:
                 # Restart demanded before this connection got anywhere: treat it as
                 # a failed attempt, or a looping upstream would get a reconnect storm.
-                return self._backoff(reason, code, slow=False, retry_after_s=None)
+                return self._backoff(reason, code, Outcome.FAILED)
             return self._reconnect_now(reason, code)
         if code is _D.TIMED_OUT and self._state is State.PAIRING:
             limit = self.policy.max_qr_codes
             if limit and self._qr_count >= limit:
                 return self._pairing_timed_out(close=False)
             return self._reconnect_now("QR expired, requesting a new one", code)
-        slow = code in _SLOW_BACKOFF
-        retry_after_s = None
-        if slow and event.retry_after_ms is not None:
-            retry_after_s = event.retry_after_ms / 1000.0
-        return self._backoff(reason, code, slow=slow, retry_after_s=retry_after_s)
+        if code in _SLOW_BACKOFF:
+            retry_after_s = None
+            if event.retry_after_ms is not None:
+                retry_after_s = event.retry_after_ms / 1000.0
+            return self._backoff(reason, code, Outcome.REFUSED, retry_after_s=retry_after_s)
+        # 428 / 408 / 400: lost. Had this connection opened (a QR counts: the
+        # upstream answered), or did the attempt itself fail?
+        opened = self._state in (State.OPEN, State.PAIRING)
+        return self._backoff(reason, code, Outcome.DROPPED if opened else Outcome.FAILED)
 
     def _on_pong(self) -> list[Action]:
         if self._state is not State.OPEN or Timer.PONG not in self._armed:
@@ -268,12 +292,13 @@ class SessionMachine:
             return []  # stale: cancelled, or never armed by this machine
         self._armed.discard(timer)
         if timer is Timer.RETRY and self._state in (State.RECONNECTING, State.CONFLICT):
+            if not self._budget.take(self._now):
+                # Fired before the budget's refill (a clock tick early, or the delay
+                # was planned before another attempt): wait out the rest, quietly.
+                return [self._start_timer(Timer.RETRY, self._budget.hold(self._now))]
             reason = "retrying after conflict" if self._state is State.CONFLICT else "reconnecting"
             return [OpenConnection(), self._enter(State.CONNECTING, reason, 0)]
         if self._state is not State.OPEN:
-            return []
-        if timer is Timer.STABLE:
-            self._attempt = 0
             return []
         if timer is Timer.KEEPALIVE:
             return [SendPing(), self._start_timer(Timer.PONG, self.policy.keepalive_timeout_s)]
@@ -282,39 +307,67 @@ class SessionMachine:
             actions: list[Action] = [CloseConnection(_D.TIMED_OUT, reason)]
             if self._logout_pending:
                 return actions + self._logged_out(_D.LOGGED_OUT.text)
-            return actions + self._backoff(reason, _D.TIMED_OUT, slow=False, retry_after_s=None)
+            return actions + self._backoff(reason, _D.TIMED_OUT, Outcome.DROPPED)
         return []  # pragma: no cover - RETRY outside RECONNECTING/CONFLICT is never armed
 
     # -- transitions ----------------------------------------------------------
 
     def _backoff(
-        self, reason: str, code: DisconnectCode, *, slow: bool, retry_after_s: float | None
+        self,
+        reason: str,
+        code: DisconnectCode,
+        outcome: Outcome,
+        *,
+        retry_after_s: float | None = None,
     ) -> list[Action]:
-        """A failed attempt: wait out a jittered backoff, or give up past the limit."""
-        self._attempt += 1
-        limit = self.policy.max_attempts
-        if limit and self._attempt > limit:
-            return self._fail(gave_up_reason(self._attempt), code)
+        """The connection is gone: wait for the next attempt, or give up past the limit.
+
+        A failure (FAILED, REFUSED) counts towards `max_attempts` and widens the
+        backoff; a drop after opening does neither. Then the attempt budget may
+        hold the attempt back further.
+        """
+        if outcome is not Outcome.DROPPED:
+            self._attempt += 1
+            limit = self.policy.max_attempts
+            if limit and self._attempt > limit:
+                return self._fail(gave_up_reason(self._attempt), code)
         p = self.policy
-        initial, cap = (
-            (p.slow_backoff_initial_s, p.slow_backoff_max_s)
-            if slow
-            else (p.backoff_initial_s, p.backoff_max_s)
+        delays = ReconnectDelay(
+            initial_s=p.backoff_initial_s, max_s=p.backoff_max_s,
+            slow_initial_s=p.slow_backoff_initial_s, slow_max_s=p.slow_backoff_max_s,
+            redial_max_s=p.redial_max_s, rng=self._rng,
         )
-        delay = delay_for(
-            self._attempt, initial_s=initial, max_s=cap, rng=self._rng, retry_after_s=retry_after_s
-        )
+        delay = delays(outcome, self._attempt, retry_after_s=retry_after_s)
+        held = self._budget.hold(self._now + delay)
+        if held:
+            reason = f"{reason}; {SPACED_OUT}"
         actions = self._cancel_all()
-        actions.append(self._start_timer(Timer.RETRY, delay))
-        actions.append(self._enter(State.RECONNECTING, reason, int(code), retry_in_s=delay))
+        actions.append(self._start_timer(Timer.RETRY, delay + held))
+        actions.append(
+            self._enter(
+                State.RECONNECTING, reason, int(code), retry_in_s=delay + held, held_s=held
+            )
+        )
         return actions
 
     def _reconnect_now(self, reason: str, code: DisconnectCode) -> list[Action]:
-        """Open a fresh connection at once (515, or a new pairing round); no attempt counted."""
-        actions = self._cancel_all()
-        actions.append(OpenConnection())
-        actions.append(self._enter(State.CONNECTING, reason, int(code)))
-        return actions
+        """A fresh connection without backoff (515, a new pairing round); no failure counted."""
+        return self._cancel_all() + self._open_or_hold(reason, int(code))
+
+    def _open_or_hold(self, reason: str, code: int) -> list[Action]:
+        """Connect now if the attempt budget allows it, else wait for it in RECONNECTING.
+
+        Callers have cancelled every timer.
+        """
+        if self._budget.take(self._now):
+            return [OpenConnection(), self._enter(State.CONNECTING, reason, code)]
+        held = self._budget.hold(self._now)
+        return [
+            self._start_timer(Timer.RETRY, held),
+            self._enter(
+                State.RECONNECTING, f"{reason}; {SPACED_OUT}", code, retry_in_s=held, held_s=held
+            ),
+        ]
 
     def _conflict(self, reason: str) -> list[Action]:
         """Someone else took the login: never fight; maybe look again much later."""
@@ -373,6 +426,7 @@ class SessionMachine:
         *,
         retry_in_s: float | None = None,
         qr: str | None = None,
+        held_s: float = 0.0,
     ) -> Emit:
         """Switch state and describe the switch; callers have already cancelled timers."""
         previous = self._state
@@ -392,6 +446,7 @@ class SessionMachine:
             retry_in_s=retry_in_s,
             qr=qr,
             attempt=self._attempt,
+            held_s=held_s,
         )
 
     # -- timers ---------------------------------------------------------------

@@ -9,17 +9,27 @@ from dataclasses import dataclass
 class LifecyclePolicy:
     """How hard and how fast the machine retries, and when it gives up."""
 
-    #: First backoff window after a lost connection (428 / 408 / 400).
+    #: First backoff window after an attempt that failed to connect (refused, timed
+    #: out, closed in the handshake), doubling per failure up to `backoff_max_s`.
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    #: After a connection that had opened is dropped (428 / 408 / 400), the next
+    #: attempt waits uniform [0, redial_max_s]: connecting works, the network took it.
+    redial_max_s: float = 0.25
     #: Slower backoff for 429 / 503: the upstream asked us to go away for a while.
     slow_backoff_initial_s: float = 5.0
     slow_backoff_max_s: float = 300.0
     #: Delay before trying again after 440 (replaced); None: wait for an operator.
     conflict_retry_s: float | None = 300.0
-    #: An OPEN connection lasting this long resets the attempt counter.
-    stable_after_s: float = 60.0
-    #: Consecutive failed attempts before FAILED (0 = never give up).
+    #: Attempt budget (the storm bound): at most `attempt_burst` connection attempts
+    #: at once, refilled at `attempt_rate_per_min`; past it attempts are spaced out
+    #: to that rate and Health says the session is flapping. 0 for either: no bound.
+    #: 10 at once, one every 2 s sustained: a login that drops every few seconds
+    #: is redialled at once, one that drops every second waits its turn.
+    attempt_burst: int = 10
+    attempt_rate_per_min: float = 30.0
+    #: Consecutive failed attempts before FAILED (0 = never give up); an attempt that
+    #: opens resets the count.
     max_attempts: int = 100
     #: Interval between keep-alive pings (None: keep-alive off).
     keepalive_interval_s: float | None = 15.0
@@ -44,7 +54,11 @@ class LifecyclePolicy:
             raise ValueError("max_attempts and max_qr_codes must be >= 0")
         if self.keepalive_interval_s is not None and self.keepalive_interval_s <= 0:
             raise ValueError("keepalive_interval_s must be positive or None")
-        if self.keepalive_timeout_s <= 0 or self.stable_after_s < 0:
-            raise ValueError("keepalive_timeout_s must be positive, stable_after_s >= 0")
+        if self.keepalive_timeout_s <= 0:
+            raise ValueError("keepalive_timeout_s must be positive")
+        if self.redial_max_s < 0:
+            raise ValueError("redial_max_s must be >= 0")
+        if self.attempt_burst < 0 or self.attempt_rate_per_min < 0:
+            raise ValueError("attempt_burst and attempt_rate_per_min must be >= 0")
         if self.conflict_jitter < 0:
             raise ValueError("conflict_jitter must be >= 0")

@@ -28,6 +28,8 @@ CONNECTED_STATES: frozenset[State] = frozenset({State.CONNECTING, State.PAIRING,
 PAIRING_TIMED_OUT = "pairing timed out: nobody scanned the QR"
 #: Reason of STOPPED after the lease went to another process.
 LEASE_LOST = "lease lost"
+#: Appended to a reason when the attempt budget spaced the next attempt out.
+SPACED_OUT = "reconnects spaced out: the connection keeps dropping"
 #: Prefix of the reason of FAILED after too many failed attempts.
 GAVE_UP_PREFIX = "gave up after "
 

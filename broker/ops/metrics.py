@@ -7,7 +7,8 @@ Three sources, none of which the runtime knows about:
   Redis every instance sees every session's events, and a deployment-wide sum
   must not count a reconnect once per instance;
 - the owned actors, read at scrape time (sessions by state, outbox depth,
-  answered keep-alives);
+  answered keep-alives, and per session the last hour's availability,
+  reconnect gaps and attempts per minute);
 - a gRPC server interceptor (RPC latency by method and code, Send outcomes,
   open status streams).
 
@@ -34,7 +35,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from broker.api.status import ServerInterceptor
-from broker.lifecycle.states import State
+from broker.lifecycle.health import percentile
+from broker.lifecycle.states import SPACED_OUT, State
 from broker.ops import BusFollower
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
@@ -83,6 +85,13 @@ class BrokerMetrics:
             "broker_stream_subscribers", "Open server streams by method "
             "(StreamStatus: status subscribers; Receive: inbound workers).", ["method"],
             registry=r)
+        self.attempts = Counter(
+            "broker_connect_attempts", "Upstream connection attempts of owned sessions "
+            "(every CONNECTING, the restart after pairing included).", registry=r)
+        self.held_back = Counter(
+            "broker_connect_attempts_held_back", "Connection attempts the attempt budget "
+            "spaced out (--attempt-burst / --attempt-rate): the session is flapping.",
+            registry=r)
         self.streams_total = Counter(
             "broker_streams", "Server streams ended, by method and status code.",
             ["method", "code"], registry=r)
@@ -124,7 +133,13 @@ class BrokerMetrics:
 
     def observe(self, event: StatusEvent) -> None:
         """Count one status event, if this instance owns its session."""
-        if event.state == event.previous or event.session_id not in self.manager.actors:
+        if event.session_id not in self.manager.actors:
+            return
+        if event.state == State.CONNECTING:
+            self.attempts.inc()  # also CONNECTING -> CONNECTING: the 515 restart
+        if event.state == State.RECONNECTING and SPACED_OUT in event.reason:
+            self.held_back.inc()
+        if event.state == event.previous:
             return
         sid = event.session_id
         if event.previous == State.OPEN:
@@ -224,6 +239,35 @@ class _SessionCollector(Collector):
         yield depth
         yield GaugeMetricFamily("broker_outbox_depth_total",
                                 "Messages waiting in the outboxes of owned sessions.", value=total)
+        yield from self._availability(manager)
+
+    def _availability(self, manager: SessionManager) -> Iterable[Metric]:
+        now = manager.clock()
+        labels = ["session_id", "tenant"]
+        availability = GaugeMetricFamily(
+            "broker_session_availability", "Fraction of the last hour an owned session was "
+            "OPEN, counted from its first OPEN (sessions that opened).", labels=labels)
+        gaps = GaugeMetricFamily(
+            "broker_session_reconnect_gap_seconds", "Reconnect gaps (leaving OPEN to OPEN "
+            "again) of the last hour per owned session: quantile 0.5, 0.99 and 1 (the max).",
+            labels=[*labels, "quantile"])
+        attempts = GaugeMetricFamily(
+            "broker_session_connect_attempts_per_minute", "Connection attempts per minute "
+            "over the last 10 minutes, per owned session.", labels=labels)
+        for sid, actor in sorted(tuple(manager.actors.items())):
+            stats, key = actor.stats, [sid, actor.tenant]
+            share, window = stats.availability(now)
+            if window > 0:
+                availability.add_metric(key, share)
+            recent = stats.reconnect_gaps_ms(now)
+            if recent:
+                for q, ms in (("0.5", percentile(recent, 0.5)), ("0.99", percentile(recent, 0.99)),
+                              ("1", max(recent))):
+                    gaps.add_metric([*key, q], ms / 1000.0)
+            attempts.add_metric(key, stats.attempts_per_minute(now))
+        yield availability
+        yield gaps
+        yield attempts
 
 
 def _send_outcome(code: grpc.StatusCode, response: Any,

@@ -531,7 +531,9 @@ class SessionActor:
                 pass
 
     async def _feed(self, event: inp.Event) -> None:
-        for action in self.machine.handle(event):
+        # The machine's clock (for the attempt budget): monotonic, like its timers.
+        now = asyncio.get_running_loop().time()
+        for action in self.machine.handle(event, now=now):
             await self._execute(action)
 
     async def _execute(self, action: act.Action) -> None:
@@ -590,8 +592,10 @@ class SessionActor:
             state=emit.state, previous=emit.previous, reason=emit.reason, code=emit.code,
             retry_in_s=emit.retry_in_s, qr=emit.qr, attempt=emit.attempt, at=now,
         )
+        # Every emit: a 515 restart (CONNECTING again) is an attempt too.
+        self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now,
+                                 held_s=emit.held_s)
         if emit.state != emit.previous:
-            self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now)
             log.info(
                 "session %s: %s -> %s (%s)", self.session_id, emit.previous, emit.state,
                 emit.reason, extra={"session_id": self.session_id, "tenant": self.tenant},

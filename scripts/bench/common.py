@@ -199,21 +199,27 @@ async def acontrol(base: str, command: str, **params: Any) -> Any:
     return await asyncio.to_thread(control, base, command, **params)
 
 
-async def upstream_login(url: str, control_url: str, login: str) -> Any:
-    """A websocket logged in to the simulator as `login`, paired first (the QR scanned
-    over HTTP), past its `ready`: what the floors use instead of the broker."""
+async def pair_upstream(url: str, control_url: str, login: str) -> Any:
+    """Pair `login` with the simulator directly (the QR scanned over HTTP); its credentials."""
     from websockets.asyncio.client import connect
 
     async with connect(url, ping_interval=None) as ws:  # the pairing connection
         await ws.send(json.dumps({"type": "hello", "login": login, "credentials": None}))
-        creds: Any = None
         async for raw in ws:
             frame = json.loads(raw)
             if frame["type"] == "qr":
                 await http_scan(control_url, login)
             elif frame["type"] == "paired":
-                creds = frame["credentials"]
-                break
+                return frame["credentials"]
+    raise RuntimeError(f"{login}: the simulator closed the pairing connection")
+
+
+async def upstream_login(url: str, control_url: str, login: str) -> Any:
+    """A websocket logged in to the simulator as `login`, paired first (the QR scanned
+    over HTTP), past its `ready`: what the floors use instead of the broker."""
+    from websockets.asyncio.client import connect
+
+    creds = await pair_upstream(url, control_url, login)
     ws = await connect(url, ping_interval=None, max_size=1 << 20)
     await ws.send(json.dumps({"type": "hello", "login": login, "credentials": creds}))
     while json.loads(await ws.recv())["type"] != "ready":

@@ -4,7 +4,9 @@
 - ``send``: closed-loop unary Send at a fixed concurrency (broker, relay and echo alike);
 - ``ws``: the upstream floor, send-and-ack over one websocket straight to the simulator;
 - ``fanout``: N StreamStatus subscribers; latency from each event's `at` to its arrival;
-- ``reliable``: Sends retried with the same key until acked, for the drop schedule.
+- ``reliable``: Sends retried with the same key until acked, for the drop schedule;
+- ``ideal``: the drop schedule's reference, no broker: a bare simulator client that
+  reconnects the instant it is dropped and resends what is unacked.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import sys
 import time
@@ -21,7 +24,7 @@ import grpc
 
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
-from scripts.bench.common import raise_nofile, summary_ms, upstream_login
+from scripts.bench.common import pair_upstream, raise_nofile, summary_ms, upstream_login
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -249,6 +252,9 @@ async def run_reliable(args: argparse.Namespace) -> None:
     async with grpc.aio.insecure_channel(args.target) as channel:
         await asyncio.wait_for(channel.channel_ready(), 10)
         stub = pb_grpc.BrokerStub(channel)
+        if args.wait_go:
+            print("READY {}", flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
         t0 = time.monotonic()
         send_until, give_up = t0 + args.duration, t0 + args.duration + args.drain
         sent: list[str] = []
@@ -289,11 +295,110 @@ async def run_reliable(args: argparse.Namespace) -> None:
             ack_latency=summary_ms(latencies), elapsed_s=round(time.monotonic() - t0, 2))
 
 
+# -- ideal (the reference under drops) -----------------------------------------------------
+
+async def run_ideal(args: argparse.Namespace) -> None:
+    """What the best possible client of the same upstream gets under the same drops: it
+    reconnects at once on every drop, with no delay, no persistence and no gRPC hop,
+    and resends every unacked message on the new connection. The same send pattern as
+    `reliable`. Prints READY once paired and open, starts on a `go` line on stdin."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import WebSocketException
+
+    creds = await pair_upstream(args.upstream_url, args.control_url, args.session)
+    loop = asyncio.get_running_loop()
+    hello = json.dumps({"type": "hello", "login": args.session, "credentials": creds})
+    current: list[Any] = [None]
+    opened = asyncio.Event()
+    pending: dict[str, tuple[str, asyncio.Future[None]]] = {}
+    spans: list[tuple[float, float]] = []  # OPEN (start, end), monotonic
+    attempts = [0]
+    done = [False]
+
+    async def connection() -> None:
+        while not done[0]:
+            attempts[0] += 1
+            try:
+                async with connect(args.upstream_url, ping_interval=None,
+                                   max_size=1 << 20) as ws:
+                    await ws.send(hello)
+                    async for raw in ws:
+                        frame = json.loads(raw)
+                        if frame.get("type") == "ready":
+                            began = time.monotonic()
+                            current[0] = ws
+                            opened.set()
+                            for mid, (body, _) in list(pending.items()):
+                                await ws.send(json.dumps({"type": "send", "id": mid,
+                                                          "to": "+15550100", "body": body}))
+                        elif frame.get("type") == "ack":
+                            entry = pending.pop(frame["id"], None)
+                            if entry is not None and not entry[1].done():
+                                entry[1].set_result(None)
+            except (OSError, WebSocketException):
+                pass
+            finally:
+                if current[0] is not None:
+                    spans.append((began, time.monotonic()))
+                current[0] = None
+                opened.clear()
+
+    conn = asyncio.create_task(connection())
+    await asyncio.wait_for(opened.wait(), 30)
+    print("READY {}", flush=True)
+    await loop.run_in_executor(None, sys.stdin.readline)  # "go"
+    t0 = time.monotonic()
+    send_until, give_up = t0 + args.duration, t0 + args.duration + args.drain
+    sent: list[str] = []
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def worker(w: int) -> None:
+        n = 0
+        while time.monotonic() < send_until and len(sent) < args.max_requests:
+            n += 1
+            mid, body = f"m-{args.prefix}-{w}-{n}", f"{args.prefix} {w} {n}"
+            sent.append(body)
+            fut: asyncio.Future[None] = loop.create_future()
+            pending[mid] = (body, fut)
+            started = time.monotonic()
+            ws = current[0]
+            if ws is not None:
+                with contextlib.suppress(WebSocketException):
+                    await ws.send(json.dumps({"type": "send", "id": mid, "to": "+15550100",
+                                              "body": body}))
+            try:
+                await asyncio.wait_for(fut, max(0.0, give_up - time.monotonic()))
+                latencies.append(time.monotonic() - started)
+            except TimeoutError:
+                errors["TIMEOUT"] = errors.get("TIMEOUT", 0) + 1
+            if args.interval:
+                await asyncio.sleep(args.interval)
+
+    await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    t1 = time.monotonic()
+    done[0] = True
+    ws = current[0]
+    if ws is not None:
+        with contextlib.suppress(Exception):
+            await ws.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(conn, 5)
+    window = min(t1, t0 + args.duration) - t0
+    open_s = sum(max(0.0, min(e, t0 + window) - max(b, t0)) for b, e in spans)
+    gaps = [b2 - e1 for (_, e1), (b2, _) in itertools.pairwise(spans)
+            if t0 <= e1 <= t0 + window]
+    _result(sent=len(sent), acked=len(latencies), errors=errors,
+            availability=round(open_s / window, 4) if window > 0 else None,
+            reconnect_gap=summary_ms(gaps), connection_attempts=attempts[0],
+            ack_latency=summary_ms(latencies), elapsed_s=round(t1 - t0, 2))
+
+
 def main(argv: list[str] | None = None) -> None:
     raise_nofile()
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.load")
     sub = parser.add_subparsers(dest="role", required=True)
-    for name in ("send", "ws", "reliable"):
+    for name in ("send", "ws", "reliable", "ideal"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="")
         p.add_argument("--upstream-url", default="")
@@ -307,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--max-requests", type=int, default=1_000_000)
         p.add_argument("--timeout", type=float, default=30.0)
         p.add_argument("--prefix", default="b")
+        p.add_argument("--wait-go", action="store_true",
+                       help="print READY, then start on a line on stdin (reliable)")
     fan = sub.add_parser("fanout")
     fan.add_argument("--target", required=True)
     fan.add_argument("--session", required=True)
@@ -315,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     fan.add_argument("--max-seconds", type=float, default=120.0)
     args = parser.parse_args(argv)
     runner = {"send": run_send, "ws": run_ws, "fanout": run_fanout,
-              "reliable": run_reliable}[args.role]
+              "reliable": run_reliable, "ideal": run_ideal}[args.role]
     asyncio.run(runner(args))
 
 

@@ -70,6 +70,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     add("Delivery under 1-5 s drops", rate, "100%, 0 duplicates",
         rate == 1.0 and dups == 0,
         f"{(rate or 0) * 100:.2f}%, {dups or 0:.0f} duplicates" if rate is not None else "")
+    _flapping_targets(results.get("flapping") or {}, add)
     worst = _num(_get(results, "failover", "kill_to_open", "max_ms"))
     ttl = _num(_get(results, "failover", "lease_ttl_s"))
     missing = _num(_get(results, "failover", "not_reopened")) or 0
@@ -80,6 +81,31 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     else:
         add("Failover kill -> OPEN", None, "< TTL + 1 s", None, "")
     return out
+
+
+def _flapping_targets(flap: dict[str, Any], add: Any) -> None:
+    """What a user feels under 1-5 s drops, each next to the ideal reference's number."""
+    def ideal(*path: str) -> str:
+        value = _num(_get(flap, "ideal", *path))
+        if value is None:
+            return ""
+        return f" (ideal {value * 100:.1f}%)" if path == ("availability",) else \
+            f" (ideal {value:.0f} ms)"
+
+    share = _num(_get(flap, "broker", "availability"))
+    add("1-5 s drops: share of time OPEN", share, ">= 90%", share is not None and share >= 0.9,
+        f"{(share or 0) * 100:.1f}%{ideal('availability')}")
+    gap = _num(_get(flap, "broker", "reconnect_gap", "p99_ms"))
+    add("1-5 s drops: reconnect gap p99", gap, "< 1 s", gap is not None and gap < 1000,
+        f"{gap or 0:.0f} ms{ideal('reconnect_gap', 'p99_ms')}")
+    ack = _num(_get(flap, "broker", "ack_latency", "p99_ms"))
+    add("1-5 s drops: Send ack latency p99", ack, "< 2 s", ack is not None and ack < 2000,
+        f"{ack or 0:.0f} ms{ideal('ack_latency', 'p99_ms')}")
+    n = _num(_get(flap, "broker", "connection_attempts"))
+    within = _get(flap, "broker", "within_attempt_bound")
+    rate, ideal_rate = (_get(flap, side, "attempts_per_minute") for side in ("broker", "ideal"))
+    add("1-5 s drops: connection attempts within the storm bound", n, "<= 10 + 30/min",
+        within is True, f"{n or 0:.0f} ({rate}/min; ideal {ideal_rate}/min)")
 
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -125,6 +151,31 @@ def _kv_table(title: str, data: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _flap_table(flap: dict[str, Any]) -> list[str]:
+    """The broker next to the ideal reference (reconnects at once), same drops, same run."""
+    lines = ["| what a user feels | broker | ideal reference |", "| --- | --- | --- |"]
+
+    def cell(value: Any) -> str:
+        if isinstance(value, dict) and {"p50_ms", "p99_ms"} <= set(value):
+            return (f"p50 {_f(value['p50_ms'])} / p99 {_f(value['p99_ms'])} / max "
+                    f"{_f(value.get('max_ms'))} ms (n={value.get('n')})")
+        if isinstance(value, float) and 0 <= value <= 1:
+            return f"{value * 100:.1f}%"
+        return "n/a" if value is None else str(value)
+
+    for key, label in (("availability", "share of time OPEN"),
+                       ("reconnect_gap", "reconnect gap (left OPEN to OPEN)"),
+                       ("ack_latency", "Send ack latency (Sends made during the run)"),
+                       ("attempts_per_minute", "connection attempts per minute"),
+                       ("connection_attempts", "connection attempts"),
+                       ("drops", "drops"), ("attempt_bound", "storm bound (attempts)"),
+                       ("announced_retry_ms_max", "longest announced retry_in_ms"),
+                       ("attempts_held_back", "attempts held back by the budget")):
+        lines.append(f"| {label} | {cell(_get(flap, 'broker', key))} | "
+                     f"{cell(_get(flap, 'ideal', key)) if key in flap['ideal'] else '-'} |")
+    return [*lines, ""]
+
+
 def _profile_lines(name: str, prof: dict[str, Any]) -> list[str]:
     if "error" in prof:
         return [f"- {name}: {prof['error']}"]
@@ -157,6 +208,10 @@ def _compare(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
             ("idle RSS KB/session", ("idle", "rss_per_session_kb")),
             ("idle CPU share of a core", ("idle", "cpu_share_of_core")),
             ("reconnect p99 ms", ("reconnect", "drop_to_open", "p99_ms")),
+            ("1-5 s drops: OPEN share", ("flapping", "broker", "availability")),
+            ("1-5 s drops: reconnect gap p99 ms", ("flapping", "broker", "reconnect_gap",
+                                                   "p99_ms")),
+            ("1-5 s drops: Send ack p99 ms", ("flapping", "broker", "ack_latency", "p99_ms")),
             ("failover worst ms", ("failover", "kill_to_open", "max_ms"))]
     names = [f"`{name}`" for name, _ in runs]
     results = [run.get("results", {}) for _, run in runs]
@@ -212,12 +267,16 @@ def render(doc: dict[str, Any], label: str) -> str:
         lines += [*_send_table(res["send"]), ""]
     titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
               "idle": "Idle sessions with keep-alive",
-              "reconnect": "Reconnect after a transient drop (428, default backoff)",
-              "flapping": "Delivery while the upstream drops every 1-5 s",
+              "reconnect": "Reconnect after a transient drop (428, default policy)",
+              "flapping": "The upstream drops every 1-5 s: delivery, availability, waits "
+                          "(broker next to the ideal reference)",
               "failover": "Failover on Redis (SIGKILL of the owner)"}
     for key, title in titles.items():
         if key in res:
-            lines += ["## " + title, "", *_kv_table(key, res[key])]
+            lines += ["## " + title, ""]
+            if key == "flapping" and isinstance(res[key].get("broker"), dict):
+                lines += _flap_table(res[key])
+            lines += _kv_table(key, res[key])
             if isinstance(res[key].get("profile"), dict):
                 lines += _profile_lines(f"py-spy profile of the broker ({key})",
                                         res[key]["profile"])

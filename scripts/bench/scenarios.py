@@ -20,6 +20,8 @@ from typing import Any
 
 import grpc
 
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.lifecycle.states import SPACED_OUT
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
 from scripts.bench import common
@@ -44,7 +46,7 @@ class Config:
     idle_settle_s: float = 3.0
     reconnect_sessions: int = 200
     reconnect_gap_s: float = 0.1
-    flap_s: float = 60.0
+    flap_s: float = 120.0
     flap_drain_s: float = 90.0
     failover_rounds: int = 2
     failover_ttl_s: float = 10.0
@@ -188,7 +190,10 @@ def _redis() -> Any:
 
 # -- 3: StreamStatus fan-out ---------------------------------------------------------
 
-FAST = ("--backoff-initial", "0.05", "--backoff-max", "0.2", "--stable-after", "1")
+#: Fan-out measures event delivery, not reconnect policy: drops redialled within 50 ms,
+#: and no attempt budget to space out its 20 drops in a few seconds.
+FAST = ("--backoff-initial", "0.05", "--backoff-max", "0.2", "--redial-max", "0.05",
+        "--attempt-burst", "0")
 
 
 async def fanout(cfg: Config, workdir: Path) -> dict[str, Any]:
@@ -464,7 +469,7 @@ async def reconnect(cfg: Config, workdir: Path) -> dict[str, Any]:
                 observed.append(opened[1] - closed[1])
         return {"drops": len(dropped), "not_reopened": missing,
                 "drop_to_open": summary_ms(total), "close_seen_to_open": summary_ms(observed),
-                "backoff_initial_s": 0.5}
+                "redial_max_s": LifecyclePolicy().redial_max_s}
     finally:
         if watch is not None:
             await watch.stop()
@@ -472,27 +477,115 @@ async def reconnect(cfg: Config, workdir: Path) -> dict[str, Any]:
             p.stop()
 
 
+def _as_user_saw(watch: Watch, session_id: str, t_start: float,
+                 t_end: float) -> dict[str, Any]:
+    """The session's StreamStatus over [t_start, t_end] (event `at`): the fraction of
+    time OPEN, every gap from leaving OPEN to OPEN again that began in it, the retry
+    delays it announced. The session is OPEN at t_start (paired, idle)."""
+    events = sorted(((e.at.ToNanoseconds() / 1e9, e) for _, e in watch.events
+                     if e.session_id == session_id), key=lambda item: item[0])
+    open_since: float | None = t_start
+    left: float | None = None
+    open_s, gaps, retry_ms, held = 0.0, [], [], 0
+    for at, event in events:
+        if at < t_start:
+            continue
+        if at > t_end and left is None:
+            break
+        if event.state == pb.OPEN and event.previous_state != pb.OPEN:
+            if left is not None:
+                gaps.append(at - left)
+                left = None
+            open_since = at if at <= t_end else None
+        elif event.previous_state == pb.OPEN and event.state != pb.OPEN and at <= t_end:
+            if open_since is not None:
+                open_s += at - open_since
+                open_since = None
+            left = at
+        if event.state == pb.RECONNECTING and at <= t_end:
+            retry_ms.append(event.retry_in_ms)
+            held += SPACED_OUT in event.reason
+    if open_since is not None:
+        open_s += t_end - open_since
+    return {"availability": round(open_s / (t_end - t_start), 4),
+            "reconnect_gap": summary_ms(gaps), "announced_retry_ms_max": max(retry_ms, default=0),
+            "attempts_held_back": held}
+
+
 async def flapping(cfg: Config, workdir: Path) -> dict[str, Any]:
+    """The original failure: the upstream drops every connection every 1-5 s for
+    `flap_s`. A broker session with its default policy and a worker sending through
+    it, next to the ideal reference in the same run and under the same drops: a bare
+    client of the simulator that reconnects at once and resends, with the same sends."""
     sim, upstream, ctl = await asyncio.to_thread(common.simulator, "flap-sim", workdir)
     procs = [sim]
+    watch: Watch | None = None
+    pattern = ["--concurrency", "4", "--interval", "0.05", "--duration", str(cfg.flap_s),
+               "--drain", str(cfg.flap_drain_s)]
     try:
         brk, addr = await _broker("broker-flap", workdir, upstream)
         procs.append(brk)
         await common.pair_sessions(addr, ctl, ["flap-1"])
-        await acontrol(ctl, "faults", drop_min_s=1, drop_max_s=5)
+        ideal = common.role("ideal-flap", "load", [
+            "ideal", "--upstream-url", upstream, "--control-url", ctl, "--session",
+            "flap-ideal", "--prefix", "ideal", *pattern], workdir, stdin=True)
+        procs.append(ideal)
         client = common.role("load-flap", "load", [
-            "reliable", "--target", addr, "--session", "flap-1", "--concurrency", "4",
-            "--interval", "0.05", "--duration", str(cfg.flap_s), "--drain",
-            str(cfg.flap_drain_s), "--timeout", "10", "--prefix", "flap"], workdir)
+            "reliable", "--target", addr, "--session", "flap-1", "--timeout", "10",
+            "--prefix", "flap", "--wait-go", *pattern], workdir, stdin=True)
         procs.append(client)
+        await _ready_all([ideal, client])
+        watch = Watch(addr)
+        await watch.start()
+        before = await acontrol(ctl, "record", login="flap-1")
+        ideal_before = await acontrol(ctl, "record", login="flap-ideal")
+        await acontrol(ctl, "faults", drop_min_s=1, drop_max_s=5)
+        t_start = time.time()
+        client.send_line("go")
+        ideal.send_line("go")
         await asyncio.sleep(cfg.flap_s)
         await acontrol(ctl, "faults")  # the schedule ends with the sending phase
+        t_end = time.time()
+        during = await acontrol(ctl, "record", login="flap-1")
+        ideal_during = await acontrol(ctl, "record", login="flap-ideal")
         out = await asyncio.to_thread(client.result, cfg.flap_drain_s + 60)
+        ref = await asyncio.to_thread(ideal.result, cfg.flap_drain_s + 60)
+        await asyncio.sleep(1.0)  # the last reconnect's OPEN reaches the watch
         record = await acontrol(ctl, "record", login="flap-1")
+        async with grpc.aio.insecure_channel(addr) as channel:
+            health = await _stub(channel).Health(pb.HealthRequest(session_ids=["flap-1"]),
+                                                 timeout=10)
         bodies = collections.Counter(m["body"] for m in record["accepted"])
         ids = collections.Counter(m["id"] for m in record["accepted"])
         sent = out["sent"]
         delivered = sum(1 for b in sent if bodies[b] >= 1)
+        minutes = (t_end - t_start) / 60
+        attempts = during["connection_attempts"] - before["connection_attempts"]
+        ideal_attempts = ideal_during["connection_attempts"] - ideal_before["connection_attempts"]
+        burst, rate = LifecyclePolicy().attempt_burst, LifecyclePolicy().attempt_rate_per_min
+        counters = health.sessions[0].counters if health.sessions else pb.Counters()
+        broker_side = {
+            **_as_user_saw(watch, "flap-1", t_start, t_end),
+            "drops": during["drops"] - before["drops"],
+            "connection_attempts": attempts,
+            "attempts_per_minute": round(attempts / minutes, 1),
+            "attempt_bound": f"{burst} + {rate:g}/min x {minutes:.2f} min = "
+                             f"{burst + rate * minutes:.0f}",
+            "within_attempt_bound": attempts <= burst + rate * minutes,
+            "ack_latency": out["ack_latency"],
+            "health": {"availability_last_hour": round(counters.availability_last_hour, 4),
+                       "reconnect_gap_ms_p99": round(counters.reconnect_gap_ms_p99, 1),
+                       "attempts_per_minute": round(counters.attempts_per_minute, 1),
+                       "recommendations": [r.code for r in health.sessions[0].recommendations]
+                       if health.sessions else []},
+        }
+        ideal_side = {
+            "availability": ref["availability"], "reconnect_gap": ref["reconnect_gap"],
+            "drops": ideal_during["drops"] - ideal_before["drops"],
+            "connection_attempts": ideal_attempts,
+            "attempts_per_minute": round(ideal_attempts / minutes, 1),
+            "ack_latency": ref["ack_latency"], "sent": ref["sent"], "acked": ref["acked"],
+        }
         return {
             "sent": len(sent), "acked_to_client": len(out["acked"]),
             "delivered_upstream": delivered,
@@ -500,12 +593,13 @@ async def flapping(cfg: Config, workdir: Path) -> dict[str, Any]:
             "duplicate_deliveries": sum(c - 1 for c in bodies.values() if c > 1)
             + sum(c - 1 for c in ids.values() if c > 1),
             "upstream_deduplicated_resends": record["duplicates"],
-            "drops": record["drops"], "connection_attempts": record["connection_attempts"],
             "send_attempts": out["attempts"], "client_errors": out["errors"],
-            "ack_latency": out["ack_latency"], "elapsed_s": out["elapsed_s"],
-            "schedule_s": cfg.flap_s,
+            "elapsed_s": out["elapsed_s"], "schedule_s": cfg.flap_s,
+            "broker": broker_side, "ideal": ideal_side,
         }
     finally:
+        if watch is not None:
+            await watch.stop()
         for p in procs:
             p.stop()
 

@@ -19,7 +19,7 @@ ProcessFactory = Callable[..., "BrokerProcess"]
 FAST_FLAGS = (
     "--backoff-initial", "0.05", "--backoff-max", "0.3", "--keepalive-interval", "1",
     "--keepalive-timeout", "2", "--conflict-retry", "0", "--max-attempts", "0",
-    "--ack-timeout", "1", "--stable-after", "2",
+    "--ack-timeout", "1",
 )
 
 

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from broker.lifecycle.health import Recommendation, SessionStats, Severity, recommend
+from broker.lifecycle.health import (
+    HOUR_S,
+    MAX_POINTS,
+    RECENT_S,
+    Recommendation,
+    SessionStats,
+    Severity,
+    recommend,
+)
 from broker.lifecycle.states import LEASE_LOST, PAIRING_TIMED_OUT, State, gave_up_reason
 
 NOW = 100_000.0
@@ -82,10 +90,11 @@ def test_messages_name_the_command_to_run() -> None:
 def test_unstable_connection_after_more_than_ten_disconnects_in_an_hour() -> None:
     stats = SessionStats()
     t = NOW - 3_000.0
-    for _ in range(11):
+    for _ in range(11):  # short outages: OPEN 99% of the time, not an availability problem
         stats.on_transition(State.CONNECTING, State.OPEN, "connected", 0, t)
-        stats.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, t + 1)
+        stats.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, t + 9.9)
         t += 10.0
+    stats.on_transition(State.CONNECTING, State.OPEN, "connected", 0, t)
     assert codes(advise(State.OPEN, stats)) == ["UNSTABLE_CONNECTION"]
     assert "11 times" in advise(State.OPEN, stats)[0].message
     # An hour later they no longer count.
@@ -207,3 +216,109 @@ def test_rates() -> None:
     c = s.counters(0.0)
     assert (c.keepalive_sent, c.keepalive_ok, c.keepalive_success_rate) == (2, 1, 0.5)
     assert (c.messages_accepted, c.messages_acked, c.delivery_rate) == (4, 3, 0.75)
+
+
+# -- availability, reconnect gaps, attempts, storms ------------------------------------
+
+
+def flap(stats: SessionStats, start: float, cycles: int, *, up_s: float, down_s: float,
+         held_s: float = 0.0) -> float:
+    """`cycles` rounds of OPEN for up_s, then down_s to reconnect; returns the end time."""
+    t = start
+    for _ in range(cycles):
+        stats.on_transition(State.CONNECTING, State.OPEN, "connected", 0, t)
+        t += up_s
+        stats.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, t,
+                            held_s=held_s)
+        stats.on_transition(State.RECONNECTING, State.CONNECTING, "reconnecting", 0,
+                            t + down_s / 2)
+        t += down_s
+    stats.on_transition(State.CONNECTING, State.OPEN, "connected", 0, t)
+    return t
+
+
+def test_availability_counts_from_the_first_open_over_the_last_hour() -> None:
+    s = SessionStats()
+    assert s.availability(NOW) == (0.0, 0.0)
+    s.on_transition(State.STOPPED, State.CONNECTING, "started", 0, 0.0)
+    s.on_transition(State.CONNECTING, State.PAIRING, "scan", 0, 1.0)
+    s.on_transition(State.PAIRING, State.CONNECTING, "restart required", 515, 100.0)
+    s.on_transition(State.CONNECTING, State.OPEN, "connected", 0, 100.0)  # pairing: no outage
+    s.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, 190.0)
+    s.on_transition(State.RECONNECTING, State.CONNECTING, "reconnecting", 0, 195.0)
+    s.on_transition(State.CONNECTING, State.OPEN, "connected", 0, 200.0)
+    availability, window = s.availability(300.0)
+    assert availability == pytest.approx(0.95) and window == 200.0
+    # An hour on, the outage has left the window.
+    assert s.availability(200.0 + HOUR_S) == (1.0, HOUR_S)
+    s.on_transition(State.OPEN, State.STOPPED, "stopped", 0, 200.0 + HOUR_S)
+    availability, window = s.availability(200.0 + 1.5 * HOUR_S)
+    assert availability == pytest.approx(0.5) and window == HOUR_S
+
+
+def test_reconnect_gaps_and_attempts_per_minute() -> None:
+    s = SessionStats()
+    s.on_transition(State.STOPPED, State.CONNECTING, "started", 0, 0.0)
+    end = flap(s, 0.0, 100, up_s=2.5, down_s=0.5)  # 20 reconnects a minute for 5 minutes
+    c = s.counters(end)
+    assert c.reconnect_gap_ms_p50 == pytest.approx(500.0)
+    assert c.reconnect_gap_ms_p99 == pytest.approx(500.0)
+    assert c.reconnect_gap_ms_max == pytest.approx(500.0)
+    assert c.attempts_per_minute == pytest.approx(20.0, rel=0.02)
+    assert c.availability_last_hour == pytest.approx(2.5 / 3)
+    assert c.attempts_held_back_last_hour == 0
+    s.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, end + 1)
+    s.on_transition(State.RECONNECTING, State.OPEN, "connected", 0, end + 31)
+    c = s.counters(end + 31)
+    assert c.reconnect_gap_ms_max == pytest.approx(30_000.0)
+    # Nearest rank: one outlier in 101 gaps is the max, not the p99.
+    assert c.reconnect_gap_ms_p50 == pytest.approx(500.0)
+    assert c.reconnect_gap_ms_p99 == pytest.approx(500.0)
+    # Ten quiet minutes later there were no attempts in the last ten minutes.
+    assert s.counters(end + 31 + RECENT_S).attempts_per_minute == 0.0
+
+
+def test_flapping_is_reported_with_how_often_and_what_to_check() -> None:
+    s = SessionStats()
+    end = flap(s, NOW - 300.0, 120, up_s=2.0, down_s=0.5, held_s=0.4)
+    recs = recommend(State.OPEN, s, now=end, outbox_depth=0, reason="", code=0)
+    # FLAPPING says all UNSTABLE_CONNECTION would; OPEN 80% of the time is low too.
+    assert codes(recs) == ["FLAPPING", "LOW_AVAILABILITY"]
+    assert "see FLAPPING" in recs[1].message
+    message = recs[0].message
+    assert "120 drops (one every 5.0 s)" in message
+    assert "120 connection attempts" in message
+    assert "spaced out 120 reconnect attempts" in message
+    assert "network path" in message and "another client" in message
+    assert s.counters(end).attempts_held_back_last_hour == 120
+    # Ten calm minutes later the storm is over: no FLAPPING any more.
+    calm = recommend(State.OPEN, s, now=end + RECENT_S, outbox_depth=0, reason="", code=0)
+    assert "FLAPPING" not in codes(calm)
+
+
+def test_low_availability_needs_a_long_enough_window() -> None:
+    s = SessionStats()
+    s.on_transition(State.CONNECTING, State.OPEN, "connected", 0, 0.0)
+    s.on_transition(State.OPEN, State.RECONNECTING, "connection closed", 428, 60.0)
+    s.on_transition(State.RECONNECTING, State.OPEN, "connected", 0, 120.0)
+    assert recommend(State.OPEN, s, now=200.0, outbox_depth=0, reason="", code=0) == []
+    recs = recommend(State.OPEN, s, now=400.0, outbox_depth=0, reason="", code=0)
+    assert codes(recs) == ["LOW_AVAILABILITY"]
+    assert "OPEN only 85% of the last 7 minutes" in recs[0].message
+    assert "max 60.0 s" in recs[0].message
+    # A person's states have their own advice; no availability warning on top.
+    stopped = recommend(State.STOPPED, s, now=400.0, outbox_depth=0, reason="stopped", code=0)
+    assert codes(stopped) == ["STOPPED"]
+
+
+def test_histories_stay_bounded_under_a_long_storm() -> None:
+    s = SessionStats()
+    flap(s, 0.0, 20_000, up_s=0.1, down_s=0.1, held_s=0.05)
+    for items in (s.open_spans, s.gaps, s.attempt_times, s.held_times):
+        assert items is not None and len(items) <= MAX_POINTS
+
+
+def test_idle_stats_carry_no_history_lists() -> None:
+    s = SessionStats()
+    s.on_transition(State.CONNECTING, State.OPEN, "connected", 0, 0.0)
+    assert (s.open_spans, s.gaps, s.held_times) == (None, None, None)

@@ -99,30 +99,30 @@ def drive_to(state: State, policy: LifecyclePolicy = POLICY) -> SessionMachine:
     return m
 
 
-OPEN_TIMERS: list[Action] = [CancelTimer(Timer.STABLE), CancelTimer(Timer.KEEPALIVE)]
+OPEN_TIMERS: list[Action] = [CancelTimer(Timer.KEEPALIVE)]
+#: No attempt budget: for rules that are not about it (tests/lifecycle/test_lifecycle_storm.py).
+UNBOUNDED = LifecyclePolicy(attempt_burst=0)
 
 
 # -- start / connect ------------------------------------------------------------
 
 
-def test_start_then_connected_opens_with_stable_and_keepalive_timers() -> None:
+def test_start_then_connected_opens_with_the_keepalive_timer() -> None:
     m = make()
     assert m.handle(Start()) == [
         OpenConnection(),
         emit(State.CONNECTING, State.STOPPED, "started"),
     ]
     assert m.handle(Connected()) == [
-        StartTimer(Timer.STABLE, 60.0),
         StartTimer(Timer.KEEPALIVE, 15.0),
         emit(State.OPEN, State.CONNECTING, "connected"),
     ]
     assert (m.state, m.reason, m.code, m.attempt) == (State.OPEN, "connected", 0, 0)
 
 
-def test_connected_without_keepalive_arms_only_the_stable_timer() -> None:
+def test_connected_without_keepalive_arms_no_timer() -> None:
     m = make(LifecyclePolicy(keepalive_interval_s=None))
     assert feed(m, Start(), Connected()) == [
-        StartTimer(Timer.STABLE, 60.0),
         emit(State.OPEN, State.CONNECTING, "connected"),
     ]
     assert m.handle(TimerFired(Timer.KEEPALIVE)) == []
@@ -132,18 +132,25 @@ def test_connected_without_keepalive_arms_only_the_stable_timer() -> None:
 
 
 @pytest.mark.parametrize("code", [D.CONNECTION_CLOSED, D.TIMED_OUT, D.BAD_FRAME])
-def test_lost_connection_reconnects_with_growing_backoff(code: D) -> None:
+def test_drop_after_open_is_redialled_promptly_and_failed_attempts_escalate(code: D) -> None:
     m = drive_to(State.OPEN)
+    # The connection had opened: connecting works, so only the small redial jitter.
     assert m.handle(Closed(code)) == [
         *OPEN_TIMERS,
-        StartTimer(Timer.RETRY, 0.5),
-        emit(State.RECONNECTING, State.OPEN, code.text, code, retry_in_s=0.5, attempt=1),
+        StartTimer(Timer.RETRY, 0.25),
+        emit(State.RECONNECTING, State.OPEN, code.text, code, retry_in_s=0.25),
     ]
     assert m.handle(TimerFired(Timer.RETRY)) == [
         OpenConnection(),
-        emit(State.CONNECTING, State.RECONNECTING, "reconnecting", attempt=1),
+        emit(State.CONNECTING, State.RECONNECTING, "reconnecting"),
     ]
-    # The attempt fails again: the window doubles.
+    # The attempt itself fails: a failure to connect, full-jitter backoff from 0.5 s...
+    assert m.handle(Closed(code, "refused")) == [
+        StartTimer(Timer.RETRY, 0.5),
+        emit(State.RECONNECTING, State.CONNECTING, "refused", code, retry_in_s=0.5, attempt=1),
+    ]
+    # ...whose window doubles with each failure in a row.
+    feed(m, TimerFired(Timer.RETRY))
     assert m.handle(Closed(code, "refused")) == [
         StartTimer(Timer.RETRY, 1.0),
         emit(State.RECONNECTING, State.CONNECTING, "refused", code, retry_in_s=1.0, attempt=2),
@@ -151,7 +158,7 @@ def test_lost_connection_reconnects_with_growing_backoff(code: D) -> None:
 
 
 def test_backoff_is_capped() -> None:
-    m = drive_to(State.CONNECTING, LifecyclePolicy(max_attempts=0))
+    m = drive_to(State.CONNECTING, LifecyclePolicy(max_attempts=0, attempt_burst=0))
     delays = []
     for _ in range(12):
         actions = feed(m, Closed(D.CONNECTION_CLOSED))
@@ -321,15 +328,15 @@ def test_keepalive_ping_pong_cycle() -> None:
     assert m.state is State.OPEN
 
 
-def test_missed_pong_closes_and_reconnects_with_backoff() -> None:
+def test_missed_pong_closes_and_reconnects_promptly() -> None:
     m = drive_to(State.OPEN)
     m.handle(TimerFired(Timer.KEEPALIVE))
     reason = "keep-alive timed out"
+    # A dead link, like a drop: redialled promptly.
     assert m.handle(TimerFired(Timer.PONG)) == [
         CloseConnection(D.TIMED_OUT, reason),
-        CancelTimer(Timer.STABLE),
-        StartTimer(Timer.RETRY, 0.5),
-        emit(State.RECONNECTING, State.OPEN, reason, 408, retry_in_s=0.5, attempt=1),
+        StartTimer(Timer.RETRY, 0.25),
+        emit(State.RECONNECTING, State.OPEN, reason, 408, retry_in_s=0.25),
     ]
     assert m.handle(PongReceived()) == []  # too late
 
@@ -337,10 +344,7 @@ def test_missed_pong_closes_and_reconnects_with_backoff() -> None:
 def test_leaving_open_cancels_a_pending_pong() -> None:
     m = drive_to(State.OPEN)
     m.handle(TimerFired(Timer.KEEPALIVE))
-    assert m.handle(Closed(D.CONNECTION_CLOSED))[:2] == [
-        CancelTimer(Timer.STABLE),
-        CancelTimer(Timer.PONG),
-    ]
+    assert m.handle(Closed(D.CONNECTION_CLOSED))[:1] == [CancelTimer(Timer.PONG)]
     assert m.armed_timers == {Timer.RETRY}
 
 
@@ -394,19 +398,18 @@ def test_qr_limit_holds_within_one_round() -> None:
 
 
 def test_no_qr_limit_when_zero() -> None:
-    m = drive_to(State.CONNECTING, LifecyclePolicy(max_qr_codes=0))
+    m = drive_to(State.CONNECTING, LifecyclePolicy(max_qr_codes=0, attempt_burst=0))
     for i in range(50):
         feed(m, qr(f"q{i}"), Closed(D.TIMED_OUT))
     assert m.state is State.CONNECTING
 
 
-def test_lost_connection_while_pairing_backs_off_and_keeps_the_qr_count() -> None:
+def test_lost_connection_while_pairing_redials_promptly_and_keeps_the_qr_count() -> None:
     m = drive_to(State.PAIRING)
+    # A QR means the upstream answered: the connection had opened.
     assert m.handle(Closed(D.CONNECTION_CLOSED)) == [
-        StartTimer(Timer.RETRY, 0.5),
-        emit(
-            State.RECONNECTING, State.PAIRING, "connection closed", 428, retry_in_s=0.5, attempt=1
-        ),
+        StartTimer(Timer.RETRY, 0.25),
+        emit(State.RECONNECTING, State.PAIRING, "connection closed", 428, retry_in_s=0.25),
     ]
     assert (m.qr, m.qr_count) == (None, 1)
 
@@ -414,25 +417,28 @@ def test_lost_connection_while_pairing_backs_off_and_keeps_the_qr_count() -> Non
 # -- attempt counter ------------------------------------------------------------
 
 
-def test_stable_connection_resets_the_attempt_counter() -> None:
+def test_an_attempt_that_opens_resets_the_failure_count() -> None:
     m = drive_to(State.CONNECTING)
     feed(m, Closed(D.CONNECTION_CLOSED), TimerFired(Timer.RETRY))
-    feed(m, Closed(D.CONNECTION_CLOSED), TimerFired(Timer.RETRY), Connected())
-    assert (m.state, m.attempt) == (State.OPEN, 2)  # not reset by `ready` alone
-    assert m.handle(TimerFired(Timer.STABLE)) == []
-    assert m.attempt == 0
+    feed(m, Closed(D.CONNECTION_CLOSED), TimerFired(Timer.RETRY))
+    assert m.attempt == 2
+    feed(m, Connected())
+    assert (m.state, m.attempt) == (State.OPEN, 0)
     assert m.handle(Closed(D.CONNECTION_CLOSED))[-1] == emit(
-        State.RECONNECTING, State.OPEN, "connection closed", 428, retry_in_s=0.5, attempt=1
+        State.RECONNECTING, State.OPEN, "connection closed", 428, retry_in_s=0.25
     )
+    # The next failure starts the escalation over.
+    feed(m, TimerFired(Timer.RETRY))
+    assert m.handle(Closed(D.CONNECTION_CLOSED))[0] == StartTimer(Timer.RETRY, 0.5)
 
 
-def test_flapping_connection_keeps_backing_off() -> None:
+def test_a_connection_that_keeps_opening_and_dropping_is_never_backed_off() -> None:
     m = drive_to(State.OPEN)
-    for attempt in (1, 2, 3):
+    for _ in range(5):  # within the attempt budget (test_lifecycle_storm.py: past it)
         actions = feed(m, Closed(D.CONNECTION_CLOSED))
-        assert actions[-2] == StartTimer(Timer.RETRY, 0.5 * 2 ** (attempt - 1))
+        assert actions[-2] == StartTimer(Timer.RETRY, 0.25)
         feed(m, TimerFired(Timer.RETRY), Connected())
-    assert m.attempt == 3
+    assert m.attempt == 0
 
 
 def test_gives_up_after_max_attempts() -> None:
@@ -449,7 +455,7 @@ def test_gives_up_after_max_attempts() -> None:
 
 
 def test_never_gives_up_when_max_attempts_is_zero() -> None:
-    m = drive_to(State.CONNECTING, LifecyclePolicy(max_attempts=0))
+    m = drive_to(State.CONNECTING, LifecyclePolicy(max_attempts=0, attempt_burst=0))
     for _ in range(500):
         feed(m, Closed(D.CONNECTION_CLOSED), TimerFired(Timer.RETRY))
     assert (m.state, m.attempt) == (State.CONNECTING, 500)
@@ -595,7 +601,6 @@ WITH_CONNECTION = {State.CONNECTING, State.PAIRING, State.OPEN}
 LIVE_TIMERS = {
     (State.RECONNECTING, Timer.RETRY),
     (State.CONFLICT, Timer.RETRY),
-    (State.OPEN, Timer.STABLE),
     (State.OPEN, Timer.KEEPALIVE),
 }
 STALE: list[tuple[State, Event]] = [
@@ -646,7 +651,7 @@ EVENTS: list[Event] = [
 ]
 
 RETRY_STATES = {State.RECONNECTING, State.CONFLICT}
-OPEN_ONLY = {Timer.STABLE, Timer.KEEPALIVE, Timer.PONG}
+OPEN_ONLY = {Timer.KEEPALIVE, Timer.PONG}
 
 
 @settings(max_examples=300, deadline=None)
@@ -662,9 +667,14 @@ def test_invariants_hold_for_any_event_sequence(events: list[Event], seed: int) 
             assert len(emits) == 1 and actions[-1] is emits[0]
             assert (emits[0].previous, emits[0].state) == (before, m.state)
         else:
-            # Only a new QR, or the restart after pairing, re-emits without a state change.
+            # Only a new QR, the restart after pairing, or a Start the attempt budget
+            # holds back re-emits without a state change.
             assert all(e.state == e.previous for e in emits)
-            assert all(e.state in (State.PAIRING, State.CONNECTING) for e in emits)
+            assert all(
+                e.state in (State.PAIRING, State.CONNECTING)
+                or (e.state is State.RECONNECTING and isinstance(event, Start) and e.held_s > 0)
+                for e in emits
+            )
             assert len(emits) <= 1
         for a in actions:
             if isinstance(a, StartTimer):

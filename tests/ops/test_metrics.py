@@ -174,3 +174,30 @@ async def test_a_missed_pong_is_counted(make_broker: BrokerFactory, sim: Simulat
 async def test_metrics_are_off_by_default(make_broker: BrokerFactory) -> None:
     app = await make_broker()
     assert app.metrics is None
+
+
+async def test_availability_gaps_attempts_and_storm_holds_per_session(
+        make_broker: BrokerFactory, sim: Simulator) -> None:
+    # A budget of 3 at once, then one a minute: the drops below exhaust it.
+    app = await make_broker(replace(FAST_POLICY, attempt_burst=3, attempt_rate_per_min=1.0),
+                            metrics_listen="127.0.0.1:0")
+    await paired_session(app, sim, "m5", "acme")  # pairing and restart: 2 attempts
+    key = {"session_id": "m5", "tenant": "acme"}
+    s = await until(app, lambda s: value(s, "broker_connect_attempts_total") == 2,
+                    "the pairing attempts")
+    assert value(s, "broker_session_availability", **key) == 1.0
+    assert value(s, "broker_session_connect_attempts_per_minute", **key) == 2.0
+    assert ("broker_session_reconnect_gap_seconds", frozenset(
+        {**key, "quantile": "1"}.items())) not in s  # no reconnect yet
+
+    assert await sim.drop("m5")  # the third attempt: still within the burst
+    await until(app, lambda s: value(s, "broker_connects_total") == 2, "the reconnect")
+    assert await sim.drop("m5")  # the fourth must wait for the budget
+    s = await until(app, lambda s: value(s, "broker_connect_attempts_held_back_total") == 1,
+                    "an attempt held back")
+    assert value(s, "broker_sessions", state="RECONNECTING") == 1
+    assert value(s, "broker_connect_attempts_total") == 3
+    assert 0 < value(s, "broker_session_availability", **key) < 1
+    gaps = {q: value(s, "broker_session_reconnect_gap_seconds", **key, quantile=q)
+            for q in ("0.5", "0.99", "1")}
+    assert 0 < gaps["0.5"] <= gaps["0.99"] <= gaps["1"]

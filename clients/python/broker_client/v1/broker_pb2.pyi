@@ -468,6 +468,13 @@ class Counters(_message.Message):
     DELIVERY_RATE_FIELD_NUMBER: _builtins.int
     OUTBOX_DEPTH_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_LAST_HOUR_FIELD_NUMBER: _builtins.int
+    AVAILABILITY_WINDOW_S_FIELD_NUMBER: _builtins.int
+    RECONNECT_GAP_MS_P50_FIELD_NUMBER: _builtins.int
+    RECONNECT_GAP_MS_P99_FIELD_NUMBER: _builtins.int
+    RECONNECT_GAP_MS_MAX_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_HELD_BACK_LAST_HOUR_FIELD_NUMBER: _builtins.int
     disconnects_last_hour: _builtins.int
     """Disconnects in the last hour."""
     connects_total: _builtins.int
@@ -485,6 +492,27 @@ class Counters(_message.Message):
     """messages_acked / messages_accepted (1 when none accepted yet)."""
     outbox_depth: _builtins.int
     consecutive_failures: _builtins.int
+    availability_last_hour: _builtins.float
+    """Fraction of time the session was OPEN (0..1) over the last hour, counted
+    from the first time it opened on the owning instance (waiting for a QR
+    scan before that is no outage); 0 before it ever opened.
+    """
+    availability_window_s: _builtins.float
+    """Seconds `availability_last_hour` covers: up to 3600, 0 before the first OPEN."""
+    reconnect_gap_ms_p50: _builtins.float
+    """Reconnect gaps (leaving OPEN to OPEN again) completed in the last hour,
+    milliseconds, nearest-rank percentiles; 0 when there were none.
+    """
+    reconnect_gap_ms_p99: _builtins.float
+    reconnect_gap_ms_max: _builtins.float
+    attempts_per_minute: _builtins.float
+    """Connection attempts per minute over the last 10 minutes (or since the
+    first attempt, if more recent, but over at least one minute).
+    """
+    attempts_held_back_last_hour: _builtins.int
+    """Attempts the attempt budget (--attempt-burst / --attempt-rate) held back,
+    that is spaced out, in the last hour; above 0 Health also says FLAPPING.
+    """
     def __init__(
         self,
         *,
@@ -501,10 +529,17 @@ class Counters(_message.Message):
         delivery_rate: _builtins.float = ...,
         outbox_depth: _builtins.int = ...,
         consecutive_failures: _builtins.int = ...,
+        availability_last_hour: _builtins.float = ...,
+        availability_window_s: _builtins.float = ...,
+        reconnect_gap_ms_p50: _builtins.float = ...,
+        reconnect_gap_ms_p99: _builtins.float = ...,
+        reconnect_gap_ms_max: _builtins.float = ...,
+        attempts_per_minute: _builtins.float = ...,
+        attempts_held_back_last_hour: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "outbox_depth", b"outbox_depth", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_held_back_last_hour", b"attempts_held_back_last_hour", "attempts_per_minute", b"attempts_per_minute", "availability_last_hour", b"availability_last_hour", "availability_window_s", b"availability_window_s", "connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "outbox_depth", b"outbox_depth", "reconnect_gap_ms_max", b"reconnect_gap_ms_max", "reconnect_gap_ms_p50", b"reconnect_gap_ms_p50", "reconnect_gap_ms_p99", b"reconnect_gap_ms_p99", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
