@@ -85,12 +85,33 @@ class Fleet:
         live = [i for i in self.instances.values() if i.proc.alive]
         return live[n % len(live)].proc.address
 
-    async def create_and_pair(self, session_ids: list[str], timeout: float = 120) -> None:
+    async def create_and_pair(self, session_ids: list[str], timeout: float = 180) -> None:
+        """Create and pair every session, until all are OPEN.
+
+        Sessions move between instances while they pair (the fleet balances
+        itself), so a scanned QR can belong to a pairing connection that was
+        just handed over: keep scanning whatever still shows a QR, and restart
+        a session whose pairing gave up, until every one is OPEN.
+        """
         async with BrokerClient(self.address(0)) as admin:
             for sid in session_ids:
                 await admin.create_session(sid)
             await pair_all(self.sim, session_ids, timeout)
-        await self.wait_all_open(session_ids, timeout)
+
+            async def paired() -> bool:
+                try:
+                    states = await self.states()
+                except BrokerError:
+                    return False
+                for sid in session_ids:
+                    if states.get(sid) == pb.PAIRING:
+                        await self.sim.scan(sid)
+                    elif states.get(sid) in (pb.FAILED, pb.LOGGED_OUT):
+                        with contextlib.suppress(BrokerError):
+                            await admin.restart_session(sid)
+                return all(states.get(sid) == pb.OPEN for sid in session_ids)
+
+            await eventually_async(paired, timeout, "every session paired and OPEN")
 
     async def states(self) -> dict[str, int]:
         async with BrokerClient(self.address(0)) as admin:
