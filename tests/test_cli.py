@@ -3,6 +3,7 @@ then the people commands in another process."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -23,6 +24,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
              "--sim-port", "0"], stdout=out, stderr=out,
+            env=os.environ | {"BROKER_DATA_DIR": str(tmp_path / "data")},
         )
     try:
         deadline = time.monotonic() + TIMEOUT_S
