@@ -240,6 +240,8 @@ class SqliteStore(OneAtATime):
         if self._is_open:
             self._is_open = False
             await self.db.close()
+            log.info("SQLite store %s: %d writes in %d transactions", self.path,
+                     self.db.writes, self.db.commits)
 
     # -- helpers -----------------------------------------------------------------
 
