@@ -53,6 +53,7 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
         assert point["n"] > 0, (target, point)
     commits = results["send"]["sqlite_group_commit"]
     assert 0 < commits["transactions"] <= commits["writes"], commits
+    assert commits["messages"] > 0, commits
     assert results["flapping"]["duplicate_deliveries"] == 0
     assert results["flapping"]["delivery_rate"] == 1.0
     assert {t["target"] for t in run["targets"]}

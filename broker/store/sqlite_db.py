@@ -6,7 +6,8 @@ every write queued while its previous commit was syncing and applies them in
 one transaction (a group commit): each write runs in its own SAVEPOINT, so one
 that fails (say, a stale fencing token) leaves the others intact, and one
 COMMIT with ``synchronous=FULL`` makes the whole group durable before any of
-its callers hears back. Reads go to a reader thread with its own connection
+its callers hears back (a group of only writes marked not durable skips the
+sync, see `Database.write`). Reads go to a reader thread with its own connection
 (WAL lets it read while the writer writes) and always see every write whose
 caller has been answered, because answers are sent only after the commit.
 """
@@ -68,6 +69,7 @@ class _Job:
     fn: Callable[[Txn], Any]
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    durable: bool = True
     txn: Txn | None = None
     value: Any = None
     error: BaseException | None = None
@@ -114,6 +116,7 @@ class Database:
         self._rconn: sqlite3.Connection | None = None
         self._reader: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
+        self._sync = "FULL"
         self.commits = 0
         """Transactions committed by the writer (the benchmark reports writes per commit)."""
         self.writes = 0
@@ -208,12 +211,18 @@ class Database:
 
     # -- running -------------------------------------------------------------
 
-    async def write(self, fn: Callable[[Txn], T]) -> T:
-        """Run `fn` in the next group transaction; returns once that has committed."""
+    async def write(self, fn: Callable[[Txn], T], *, durable: bool = True) -> T:
+        """Run `fn` in the next group transaction; returns once that has committed.
+
+        `durable=False` is for writes that may be lost with a power loss (never with
+        a crash of the process) because losing them is harmless: an upstream ack
+        not recorded only means a resend, which the upstream de-duplicates. A group
+        of only such writes commits with synchronous=NORMAL (no sync); the next
+        durable commit syncs them too, in order."""
         if self._writer is None:
             raise unavailable(self.path, RuntimeError("the store is closed"))
         loop = asyncio.get_running_loop()
-        job = _Job(fn, loop.create_future(), loop)
+        job = _Job(fn, loop.create_future(), loop, durable)
         self._queue.put(job)
         result: T = await job.future
         return result
@@ -263,6 +272,10 @@ class Database:
         conn = self._wconn
         assert conn is not None
         try:
+            sync = "FULL" if any(job.durable for job in jobs) else "NORMAL"
+            if sync != self._sync:
+                conn.execute(f"PRAGMA synchronous = {sync}")
+                self._sync = sync
             conn.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 txn = Txn(conn)

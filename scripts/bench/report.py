@@ -213,10 +213,12 @@ def render(doc: dict[str, Any], label: str) -> str:
         lines += [*_send_table(res["send"]), ""]
         commits = res["send"].get("sqlite_group_commit") or {}
         if commits.get("transactions"):
-            lines += [f"SQLite group commit over the whole Send run: {commits['writes']} "
-                      f"writes in {commits['transactions']} transactions "
-                      f"({commits['writes_per_transaction']} writes per transaction; an outbox "
-                      "write carries every Send and ack its session gathered).", ""]
+            lines += [f"SQLite group commit over the whole Send run: {commits['messages']} "
+                      f"messages and {commits['acks']} acks in {commits['transactions']} "
+                      f"transactions ({commits['messages_per_transaction']} messages per "
+                      "transaction; each outbox write carries the Sends and acks its session "
+                      f"gathered, and writes queued during a commit share the next one: "
+                      f"{commits['writes']} writes in all).", ""]
     titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
               "idle": "Idle sessions with keep-alive",
               "reconnect": "Reconnect after a transient drop (428, default backoff)",

@@ -172,17 +172,19 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
         redis.close()
 
 
-_GROUP_COMMIT = re.compile(r"SQLite store .+?: (\d+) writes in (\d+) transactions")
+_GROUP_COMMIT = re.compile(r"SQLite store .+?: (\d+) writes in (\d+) transactions "
+                           r"\(outbox: (\d+) messages and (\d+) acks\)")
 
 
 def _group_commit(log: str) -> dict[str, Any]:
-    """Writes (outbox batches, events, ...) per SQLite transaction over the whole run."""
+    """Messages and acks per SQLite transaction over the whole run (all its writes:
+    outbox batches, events, ...)."""
     found = _GROUP_COMMIT.findall(log)
     if not found:
         return {"error": "the SQLite broker logged no transaction count"}
-    writes, transactions = (int(n) for n in found[-1])
-    return {"writes": writes, "transactions": transactions,
-            "writes_per_transaction": round(writes / max(transactions, 1), 2)}
+    writes, transactions, messages, acks = (int(n) for n in found[-1])
+    return {"writes": writes, "transactions": transactions, "messages": messages,
+            "acks": acks, "messages_per_transaction": round(messages / max(transactions, 1), 2)}
 
 
 async def _profiled(cfg: Config, workdir: Path, target: Proc, load_args: list[str],

@@ -5,6 +5,7 @@ credentials, fencing tokens kept in the file, and group commits."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ import pytest
 from broker.errors import NotOwner, StoreInUse, StoreSchemaError
 from broker.lifecycle.states import State
 from broker.store.base import LiveState, NewMessage, OutboxBatch, SessionRecord, StatusEvent, Store
+from broker.store.crypto import CredentialCipher, CredentialDecryptError
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
 from broker.store.sqlite_db import Txn
@@ -368,3 +370,85 @@ async def test_a_write_whose_caller_gave_up_is_still_committed(
     found = await store.find_by_key("s1", "k1")  # queued all the same: a retry finds it
     assert found is not None and found.message.body == "m"
     assert await store.outbox_depth("s1") == 1
+
+
+# -- retention and lost keys -------------------------------------------------------
+
+
+async def test_acked_messages_are_forgotten_past_the_idempotency_ttl(
+    reopen: Callable[..., Awaitable[SqliteStore]],
+) -> None:
+    """Kept for their key while young; swept with a later batch of acks once old."""
+    store = await reopen(idempotency_ttl_s=100.0)
+    news = [NewMessage("+1", f"m{i}", f"k{i}") for i in range(1000)]
+    done = await store.apply_outbox("s1", OutboxBatch(messages=news), max_depth=2000, at=1.0)
+    mids = [a.message.message_id for a in done.accepted if not isinstance(a, Exception)]
+    await store.apply_outbox("s1", OutboxBatch(acks=mids[:999]), max_depth=2000, at=2.0)
+    assert await store.find_by_key("s1", "k0") is not None  # young: still known
+    await store.apply_outbox("s1", OutboxBatch(acks=mids[999:]), max_depth=2000, at=500.0)
+    assert await store.find_by_key("s1", "k0") is None  # old: swept
+    assert await store.result("s1", mids[0]) is None
+    kept = await store.find_by_key("s1", "k999")  # acked at 500: young
+    assert kept is not None and kept.result is not None and kept.result.acked_at == 500.0
+
+
+async def test_credentials_sealed_with_a_lost_key_are_reported_at_open(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "broker.db"
+    store = open_sqlite(path)
+    await store.save_credentials("s1", {"token": "t"})
+    await store.close()
+    other = SqliteStore(path, cipher=CredentialCipher.from_key(bytes(32)))
+    with caplog.at_level(logging.ERROR, logger="broker.store.sqlite"):
+        await other.open()
+    try:
+        assert "1 sessions" in caplog.text and "must pair again" in caplog.text
+        assert await other.has_credentials("s1")
+        with pytest.raises(CredentialDecryptError):
+            await other.load_credentials("s1")
+    finally:
+        await other.close()
+
+
+async def test_sends_wait_for_the_disk_sync_acks_alone_do_not(
+    reopen: Callable[..., Awaitable[SqliteStore]], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = await reopen()
+
+    def synchronous(txn: Txn) -> int:
+        return int(txn.conn.execute("PRAGMA synchronous").fetchone()[0])
+
+    assert await store.db.write(synchronous) == 2  # FULL: the WAL is synced
+    assert await store.db.write(synchronous, durable=False) == 1  # NORMAL
+    # sharing a transaction with a durable write, a write is synced with it
+    gate, holding = threading.Event(), threading.Event()
+
+    def hold(txn: Txn) -> None:
+        holding.set()
+        assert gate.wait(WAIT_S)
+
+    held = asyncio.ensure_future(store.db.write(hold, durable=False))
+    assert await asyncio.to_thread(holding.wait, WAIT_S)
+    probe = asyncio.ensure_future(store.db.write(synchronous, durable=False))
+    send = asyncio.ensure_future(store.enqueue("s1", "+1", "m", "k1", max_depth=10, at=1.0))
+    await asyncio.sleep(0)
+    gate.set()
+    await held
+    assert await probe == 2
+    mid = (await send).message.message_id
+    # which outbox writes ask for the sync: those that accept messages
+    asked: list[bool] = []
+    write = store.db.write
+
+    async def spy(fn: Callable[[Txn], object], *, durable: bool = True) -> object:
+        asked.append(durable)
+        return await write(fn, durable=durable)
+
+    monkeypatch.setattr(store.db, "write", spy)
+    await store.apply_outbox("s1", OutboxBatch(messages=[NewMessage("+1", "n", "k2")]),
+                             max_depth=10, at=2.0)
+    await store.mark_acked("s1", mid, 3.0)
+    await store.apply_outbox("s1", OutboxBatch(acks=[mid], messages=[NewMessage("+1", "o", "k3")]),
+                             max_depth=10, at=4.0)
+    assert asked == [True, False, True]
