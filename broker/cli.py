@@ -20,7 +20,6 @@ from broker import errors, logs
 from broker.auth.cli import token
 from broker.config import Settings
 from broker.datadir import DATA_DIR_ENV, default_data_dir, default_store_url
-from broker.errors import BrokerError as BrokerServerError
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator.cli import sim
 from broker.store.crypto import CredentialKeyError
@@ -193,11 +192,9 @@ def serve(**opts: Any) -> None:
     )
     try:
         asyncio.run(_serve(settings))
-    except BrokerServerError as exc:
-        raise click.ClickException(exc.message) from exc
     except (CredentialKeyError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    except errors.BrokerError as exc:  # e.g. a live duplicate of --instance-id
+    except errors.BrokerError as exc:  # a live duplicate of --instance-id, a locked database
         raise click.ClickException(f"{exc.reason}: {exc.message}") from exc
 
 
