@@ -21,6 +21,7 @@ from broker.ops.metrics import BrokerMetrics
 from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
+from broker.runtime.placement import LocalPlacement, PlacementFactory
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
@@ -93,7 +94,11 @@ class BrokerApp:
         provider = WebsocketProvider(settings.upstream_url,
                                      connect_timeout_s=settings.connect_timeout_s,
                                      client=f"broker/{settings.instance_id}")
-        self.manager = SessionManager(store, provider, settings)
+        placement: PlacementFactory = LocalPlacement
+        if isinstance(store, RedisStore):
+            # Several instances may share this store: ownership goes by lease.
+            placement = self._leased(store, settings)
+        self.manager = SessionManager(store, provider, settings, placement=placement)
         install_log_context(self.manager)
         # Observers subscribe before any session starts, so they see its first events.
         if settings.metrics_listen:
@@ -104,17 +109,10 @@ class BrokerApp:
                                             WebhookPolicy.from_settings(settings))
             self.webhooks.start()
         if isinstance(store, RedisStore):
-            # Several instances may share this store: ownership goes by lease and
-            # status events reach local subscribers through the shared log.
+            # Status events of every instance reach local subscribers through the
+            # shared log.
             self.tail = EventTail(store, self.manager.bus)
             await self.tail.start()
-            self.coordinator = Coordinator(
-                self.manager, store.client,
-                instance_id=settings.instance_id,
-                lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
-            )
-            self.manager.coordinator = self.coordinator
-        await self.manager.start()
         auth = [AuthInterceptor(Authorizer(tokens, store_tenants(store)))] if tokens else []
         # Metrics first, so they also time the calls that auth refuses.
         observe = [self.metrics.interceptor()] if self.metrics is not None else []
@@ -125,14 +123,22 @@ class BrokerApp:
             await self.metrics.serve(settings.metrics_listen)
         self.monitor = HealthMonitor(self.manager, settings.health_interval_s)
         self.monitor.start()
-        if self.coordinator is not None:
-            await self.coordinator.start()
+        await self.manager.start()  # sessions start once the API can answer for them
         log.info("broker listening on %s", self.api.address)
         if settings.dashboard_listen:
             # A client of our own API, so it shows exactly what remote clients see.
             self.dashboard = DashboardServer(local_target(self.api.address),
                                              settings.dashboard_listen)
             await self.dashboard.start()
+
+    def _leased(self, store: RedisStore, settings: Settings) -> PlacementFactory:
+        def placement(manager: SessionManager) -> Coordinator:
+            self.coordinator = Coordinator(
+                manager, store.client, instance_id=settings.instance_id,
+                lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix)
+            return self.coordinator
+
+        return placement
 
     async def stop(self) -> None:
         for observer in (self.webhooks, self.metrics):
@@ -144,12 +150,11 @@ class BrokerApp:
             await self.monitor.stop()
         if self.api is not None:
             await self.api.stop()
-        if self.coordinator is not None:
-            await self.coordinator.stop()
+        if self.manager is not None:
+            await self.manager.close()  # hands every session over first
         if self.tail is not None:
             await self.tail.stop()
         if self.manager is not None:
-            await self.manager.close()
             await self.manager.store.close()
         if self.simulator is not None:
             await self.simulator.stop()
