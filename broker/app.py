@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from dataclasses import replace
+from pathlib import Path
 
 from broker.api.auth import AuthInterceptor, Authorizer, check_exposure, store_tenants
 from broker.api.server import ApiServer
@@ -16,6 +17,7 @@ from broker.cluster.coordinator import Coordinator
 from broker.cluster.tail import EventTail
 from broker.config import Settings
 from broker.dashboard.server import DashboardServer, check_embedded, local_target
+from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir, sqlite_cipher, sqlite_path
 from broker.ops import install_log_context
 from broker.ops.metrics import BrokerMetrics
 from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
@@ -26,6 +28,7 @@ from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
+from broker.store.sqlite import SqliteStore
 from broker.upstream.websocket import WebsocketProvider
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,14 @@ def open_store(settings: Settings) -> Store:
                                    inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                                    inbound_retention_s=settings.inbound_retention_s,
                                    consumer=settings.instance_id or None)
-    raise ValueError(f"unsupported store URL {url!r} (use memory:// or redis://host:port/db)")
+    if url.startswith("sqlite://"):
+        path = sqlite_path(url)
+        return SqliteStore(path, cipher=sqlite_cipher(path),
+                           event_log_size=settings.event_log_size,
+                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                           inbound_retention_s=settings.inbound_retention_s)
+    raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "
+                     "or redis://host:port/db)")
 
 
 def default_instance_id() -> str:
@@ -65,6 +75,7 @@ class BrokerApp:
         self.dashboard: DashboardServer | None = None
         self.metrics: BrokerMetrics | None = None
         self.webhooks: WebhookNotifier | None = None
+        self._opened: Store | None = None
 
     @property
     def address(self) -> str:
@@ -83,14 +94,28 @@ class BrokerApp:
         check_embedded(settings)  # the dashboard's own client must get in
         tls = server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                  settings.tls_client_ca_file)
+        store = self._store or open_store(settings)
+        self._opened = store
+        if isinstance(store, SqliteStore):
+            # First: a second broker on this database stops here, before it binds
+            # anything (the simulator's port would be taken too, less clearly).
+            await store.open()
         if settings.upstream_url is None:
-            self.simulator = Simulator(SimulatorConfig())
-            await self.simulator.start(settings.simulator_host, settings.simulator_port)
+            state = None
+            if settings.data_dir:  # like a real upstream, it remembers its logins
+                state = str(ensure_dir(Path(settings.data_dir)) / SIMULATOR_STATE_NAME)
+            self.simulator = Simulator(SimulatorConfig(state_path=state))
+            try:
+                await self.simulator.start(settings.simulator_host, settings.simulator_port)
+            except BaseException:
+                self.simulator = None
+                if self._store is None:  # ours: release the database (and its lock)
+                    await store.close()
+                raise
             settings = replace(settings, upstream_url=self.simulator.url)
             log.info("embedded simulator upstream at %s (control: %s)",
                      self.simulator.url, self.simulator.control_url)
         assert settings.upstream_url is not None
-        store = self._store or open_store(settings)
         provider = WebsocketProvider(settings.upstream_url,
                                      connect_timeout_s=settings.connect_timeout_s,
                                      client=f"broker/{settings.instance_id}")
@@ -154,8 +179,8 @@ class BrokerApp:
             await self.manager.close()  # hands every session over first
         if self.tail is not None:
             await self.tail.stop()
-        if self.manager is not None:
-            await self.manager.store.close()
+        if self._opened is not None:
+            await self._opened.close()
         if self.simulator is not None:
             await self.simulator.stop()
 

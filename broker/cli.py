@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import click
@@ -19,6 +20,7 @@ from google.protobuf.json_format import MessageToDict
 from broker import errors, logs
 from broker.auth.cli import token
 from broker.config import Settings
+from broker.datadir import DATA_DIR_ENV, default_data_dir, default_store_url
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator.cli import sim
 from broker.store.crypto import CredentialKeyError
@@ -66,8 +68,15 @@ async def _until_signalled() -> None:
               help="Upstream websocket URL; unset: start the embedded simulator.")
 @click.option("--sim-port", envvar="BROKER_SIM_PORT", default=_S.simulator_port, show_default=True,
               help="Port of the embedded simulator (websocket + /control).")
-@click.option("--store", "store_url", envvar="BROKER_STORE", default=_S.store_url,
-              show_default=True, help="Store URL: memory:// or redis://host:port/db.")
+@click.option("--data-dir", envvar=DATA_DIR_ENV, type=click.Path(file_okay=False),
+              default=str(default_data_dir()), show_default=True,
+              help="Where the default SQLite database, its credential key file and the "
+                   "embedded simulator's logins live (created on first start).")
+@click.option("--store", "store_url", envvar="BROKER_STORE", default=None,
+              show_default="sqlite:///<data dir>/broker.db",
+              help="Store URL: sqlite:///path/to/broker.db (one process), memory:// (tests, "
+                   "demos: forgets everything on exit) or redis://host:port/db (several "
+                   "instances).")
 @click.option("--backoff-initial", envvar="BROKER_BACKOFF_INITIAL", type=float,
               default=_P.backoff_initial_s,
               show_default=True, help="First reconnect backoff ceiling, seconds.")
@@ -166,7 +175,8 @@ async def _until_signalled() -> None:
 @click.option("--webhook-max-time", envvar="BROKER_WEBHOOK_MAX_TIME", type=float, default=900.0,
               show_default=True, help="Stop retrying a webhook notification after, seconds.")
 def serve(**opts: Any) -> None:
-    """Run the broker (defaults: in-memory store, embedded simulator upstream)."""
+    """Run the broker (defaults: a SQLite store in the data directory, the embedded
+    simulator upstream)."""
     logs.setup(opts["log_level"], opts["log_format"])
     if opts["stable_after"] is not None:
         logging.getLogger("broker").warning(
@@ -185,7 +195,8 @@ def serve(**opts: Any) -> None:
     )
     settings = Settings(
         listen=opts["listen"], upstream_url=opts["upstream_url"], simulator_port=opts["sim_port"],
-        store_url=opts["store_url"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
+        store_url=opts["store_url"] or default_store_url(Path(opts["data_dir"])),
+        data_dir=opts["data_dir"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
         ack_timeout_s=opts["ack_timeout"], send_window=opts["send_window"],
         write_linger_s=opts["write_linger"], inbound_retention_s=opts["inbound_retention"],
         max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
@@ -203,7 +214,7 @@ def serve(**opts: Any) -> None:
         asyncio.run(_serve(settings))
     except (CredentialKeyError, ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
-    except errors.BrokerError as exc:  # e.g. a live duplicate of --instance-id
+    except errors.BrokerError as exc:  # a live duplicate of --instance-id, a locked database
         raise click.ClickException(f"{exc.reason}: {exc.message}") from exc
 
 

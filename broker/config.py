@@ -15,6 +15,12 @@ class Settings:
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 50052
     store_url: str = "memory://"
+    """`memory://`, `sqlite:///path/to/broker.db` or `redis://host:port/db`. A BrokerApp
+    built in code keeps the in-memory default; `broker serve` without `--store` uses
+    the SQLite database in its data directory (broker.datadir)."""
+    data_dir: str | None = None
+    """Where the embedded simulator keeps its logins (`broker serve`: its data
+    directory, beside the default database); None: the simulator keeps no state."""
     lifecycle: LifecyclePolicy = field(default_factory=LifecyclePolicy)
     connect_timeout_s: float = 10.0
     max_body_bytes: int = 64 * 1024

@@ -74,6 +74,21 @@ class StoreUnavailable(BrokerError):
     default_reason = "STORE_UNAVAILABLE"
 
 
+class StoreInUse(BrokerError):
+    """The embedded database is held by another broker process (one process only)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "STORE_IN_USE"
+
+
+class StoreSchemaError(BrokerError):
+    """The embedded database cannot be used as it is: written by a newer release,
+    or on a file system without write-ahead logging."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "STORE_SCHEMA"
+
+
 class NotOwner(BrokerError):
     """A write carried a stale fencing token: another owner holds the session now.
 

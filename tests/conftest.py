@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -14,6 +15,20 @@ from broker.simulator import Simulator, SimulatorConfig
 from tests.helpers import FAST_POLICY
 
 BrokerFactory = Callable[..., Awaitable[BrokerApp]]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`broker serve` without a store flag writes into its data directory: never let a
+    test's broker process use the real user data folder (tests that start one give
+    it a directory of its own; this is the net under them)."""
+    saved = os.environ.get("BROKER_DATA_DIR")
+    os.environ["BROKER_DATA_DIR"] = str(tmp_path_factory.mktemp("broker-data"))
+    yield
+    if saved is None:
+        os.environ.pop("BROKER_DATA_DIR", None)
+    else:
+        os.environ["BROKER_DATA_DIR"] = saved
 
 
 @pytest.fixture

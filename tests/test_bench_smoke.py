@@ -48,9 +48,12 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     for name in SCENARIOS:
         assert name in results, name
         assert "error" not in results[name], (name, results[name], done.stdout[-3000:])
-    for target in ("grpc_echo", "upstream_ws", "relay", "memory", "redis"):
+    for target in ("grpc_echo", "upstream_ws", "relay", "memory", "sqlite", "redis"):
         point = next(iter(results["send"][target].values()))
         assert point["n"] > 0, (target, point)
+    commits = results["send"]["sqlite_group_commit"]
+    assert 0 < commits["transactions"] <= commits["writes"], commits
+    assert commits["messages"] > 0, commits
     assert results["flapping"]["duplicate_deliveries"] == 0
     assert results["flapping"]["delivery_rate"] == 1.0
     for side in ("broker", "ideal"):  # what a user feels, next to the ideal reference

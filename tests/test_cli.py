@@ -3,8 +3,12 @@ then the people commands in another process."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -16,13 +20,14 @@ import pytest
 TIMEOUT_S = 30
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
-    log = tmp_path / "serve.log"
+@contextlib.contextmanager
+def serving(data_dir: Path, log: Path) -> Iterator[tuple[str, str]]:
+    """`broker serve` with no configuration but its data directory (and free ports)."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
              "--sim-port", "0"], stdout=out, stderr=out,
+            env=os.environ | {"BROKER_DATA_DIR": str(data_dir)},
         )
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -40,6 +45,12 @@ def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(TIMEOUT_S) == 0, log.read_text()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    with serving(tmp_path / "data", tmp_path / "serve.log") as addresses:
+        yield addresses
 
 
 def broker(*args: str, ok: bool = True) -> str:
@@ -78,3 +89,30 @@ def test_the_readme_tour(served: tuple[str, str]) -> None:
     assert "FAILED_PRECONDITION LOGGED_OUT" in refused
     assert "REPAIR_NEEDED" in broker("health", "962302", *t)
     assert "SESSION_NOT_FOUND" in broker("send", "nope", "+1", "x", *t, ok=False)
+
+
+def test_the_first_command_keeps_a_paired_session_across_a_restart(tmp_path: Path) -> None:
+    """The README's first command, twice: the second run needs no QR code."""
+    data = tmp_path / "data"
+    with serving(data, tmp_path / "first.log") as (target, control):
+        t = ("--target", target)
+        broker("sessions", "create", "962302", *t)
+        assert "PAIRING" in until("PAIRING", "sessions", "get", "962302", *t)
+        assert '"scanned": true' in broker("sim", "scan", "962302", "--url", control)
+        assert "OPEN" in until("OPEN", "sessions", "get", "962302", *t)
+        assert re.search(r"m-\w+ acked", broker("send", "962302", "+15550100", "one", *t))
+    first_log = (tmp_path / "first.log").read_text()
+    key_file = data / "credentials.key"
+    assert f"created the credential key file {key_file}" in first_log
+    assert "every session must be paired again" in first_log
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert (data / "broker.db").is_file() and (data / "simulator.json").is_file()
+
+    with serving(data, tmp_path / "second.log") as (target, control):
+        t = ("--target", target)
+        assert "OPEN" in until("OPEN", "sessions", "get", "962302", *t)
+        assert re.search(r"m-\w+ acked", broker("send", "962302", "+15550100", "two", *t))
+        record = json.loads(broker("sim", "record", "962302", "--url", control))
+        assert record["qr_codes_sent"] == 0  # this run's simulator never showed a QR code
+        assert [m["body"] for m in record["accepted"]] == ["two"]
+    assert "created the credential key file" not in (tmp_path / "second.log").read_text()

@@ -30,12 +30,17 @@ def sim() -> None:
 @click.option("--qr-max", default=5, show_default=True, type=int,
               help="QR codes shown before pairing times out.")
 @click.option("--seed", default=None, type=int, help="Random seed for scheduled faults.")
+@click.option("--state-file", default=None, type=click.Path(dir_okay=False),
+              help="JSON file keeping paired logins and bans across restarts "
+                   "(default: forget them on exit).")
 def serve(
-    host: str, port: int, idle_timeout: float, qr_interval: float, qr_max: int, seed: int | None
+    host: str, port: int, idle_timeout: float, qr_interval: float, qr_max: int,
+    seed: int | None, state_file: str | None,
 ) -> None:
     """Run the simulator until Ctrl-C."""
     config = SimulatorConfig(
-        idle_timeout_s=idle_timeout, qr_interval_s=qr_interval, qr_max=qr_max, seed=seed
+        idle_timeout_s=idle_timeout, qr_interval_s=qr_interval, qr_max=qr_max, seed=seed,
+        state_path=state_file,
     )
     try:
         asyncio.run(_serve(config, host, port))

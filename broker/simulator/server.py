@@ -15,12 +15,14 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
 from enum import Enum
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -69,6 +71,10 @@ class SimulatorConfig:
     ack_delay_s: float = 0.0
     receipt_delay_s: float = 0.05
     seed: int | None = None
+    state_path: str | None = None
+    """A JSON file keeping the paired logins (their tokens) and bans across restarts,
+    as a real upstream keeps them; None: forget everything on exit. What the
+    simulator received (`record`) is per run either way."""
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,43 @@ class Simulator:
         self._pairing: dict[str, _Conn] = {}
         self._unavailable = Unavailable()
         self._faults = Faults()
+        self._load_state()
+
+    # -- persistent state (logins) ----------------------------------------
+
+    def _load_state(self) -> None:
+        path = self.config.state_path
+        if path is None:
+            return
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"simulator state file {path} is unreadable: {exc}") from None
+        tokens = data.get("tokens", {}) if isinstance(data, dict) else {}
+        banned = data.get("banned", []) if isinstance(data, dict) else []
+        self._tokens = {str(k): str(v) for k, v in tokens.items()}
+        self._banned = {str(b) for b in banned}
+
+    def _save_state(self) -> None:
+        """Atomically (write, sync, rename): a crash leaves the old file or the new one.
+
+        Synchronous on purpose: it is small and changes only on pairing, logout and
+        bans, and a token must be on disk before the client that holds it is."""
+        path = self.config.state_path
+        if path is None:
+            return
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        text = json.dumps({"tokens": self._tokens, "banned": sorted(self._banned)})
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, text.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -280,6 +323,7 @@ class Simulator:
             return False
         token = secrets.token_urlsafe(24)
         self._tokens[login] = token
+        self._save_state()
         self._detach(conn)
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(encode(Paired(credentials={"token": token})))
@@ -294,12 +338,14 @@ class Simulator:
 
     async def ban(self, login: str) -> None:
         self._banned.add(login)
+        self._save_state()
         for conn in (self._open.get(login), self._pairing.get(login)):
             if conn is not None:
                 self._close_soon(conn, DisconnectCode.FORBIDDEN)
 
     async def unban(self, login: str) -> None:
         self._banned.discard(login)
+        self._save_state()
 
     async def drop(self, login: str, code: int = 428) -> bool:
         """Close login's connection with 4000+code; 428 aborts TCP with no close frame."""
@@ -380,11 +426,13 @@ class Simulator:
         self._unavailable = Unavailable()
         self._faults = Faults()
         self._cancel_drops()
+        self._save_state()
 
     def issue_credentials(self, login: str) -> dict[str, Any]:
         """Register login as already paired (tests skip the QR dance)."""
         token = secrets.token_urlsafe(24)
         self._tokens[login] = token
+        self._save_state()
         return {"token": token}
 
     async def wait_for(
@@ -584,6 +632,7 @@ class Simulator:
 
     def _revoke(self, login: str) -> None:
         self._tokens.pop(login, None)
+        self._save_state()
         self.record(login).logouts += 1
 
     def _detach(self, conn: _Conn) -> None:

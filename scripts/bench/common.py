@@ -172,7 +172,8 @@ def broker(name: str, workdir: Path, upstream_url: str, *, store: str = "memory:
     """`broker serve` exactly as an operator runs it; returns it and its address."""
     args = [PY, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0", "--store", store,
             "--upstream-url", upstream_url, "--instance-id", name, *extra]
-    proc = Proc(name, args, workdir, env)
+    data = {"BROKER_DATA_DIR": str(workdir / f"{name}-data")}  # never the user's folder
+    proc = Proc(name, args, workdir, data | (env or {}))
     found = proc.wait_pattern(_LISTENING, timeout, stream="log")
     return proc, found.group(1)
 

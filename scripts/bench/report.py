@@ -120,7 +120,7 @@ def _send_table(send: dict[str, Any]) -> list[str]:
     labels = {"grpc_echo": "gRPC floor (grpc.aio echo)",
               "upstream_ws": "upstream floor (websocket send+ack)",
               "relay": "architecture floor (minimal relay)", "memory": "broker, memory store",
-              "redis": "broker, Redis store"}
+              "sqlite": "broker, SQLite store (synchronous=FULL)", "redis": "broker, Redis store"}
     for target, label in labels.items():
         for c, point in sorted((send.get(target) or {}).items(), key=lambda kv: int(kv[0])):
             relay = _get(send, "relay", c) or {}
@@ -199,6 +199,7 @@ def _compare(runs: list[tuple[str, dict[str, Any]]]) -> list[str]:
             ("Send memory c=64 p99 ms", ("send", "memory", "64", "p99_ms")),
             ("Send memory c=16 req/s", ("send", "memory", "16", "throughput_rps")),
             ("Send memory c=1 p50 ms", ("send", "memory", "1", "p50_ms")),
+            ("Send SQLite c=64 req/s", ("send", "sqlite", "64", "throughput_rps")),
             ("Send Redis c=64 req/s", ("send", "redis", "64", "throughput_rps")),
             ("Send Redis c=64 p99 ms", ("send", "redis", "64", "p99_ms")),
             ("relay floor c=64 req/s (same run)", ("send", "relay", "64", "throughput_rps")),
@@ -265,6 +266,14 @@ def render(doc: dict[str, Any], label: str) -> str:
         if "error" in res["send"]:
             lines += [f"error: `{res['send']['error']}`", ""]
         lines += [*_send_table(res["send"]), ""]
+        commits = res["send"].get("sqlite_group_commit") or {}
+        if commits.get("transactions"):
+            lines += [f"SQLite group commit over the whole Send run: {commits['messages']} "
+                      f"messages and {commits['acks']} acks in {commits['transactions']} "
+                      f"transactions ({commits['messages_per_transaction']} messages per "
+                      "transaction; each outbox write carries the Sends and acks its session "
+                      f"gathered, and writes queued during a commit share the next one: "
+                      f"{commits['writes']} writes in all).", ""]
     titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
               "idle": "Idle sessions with keep-alive",
               "reconnect": "Reconnect after a transient drop (428, default policy)",

@@ -118,19 +118,23 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
                                                  "--control-url", ctl], workdir)
         procs += [echo, relay]
         env = common.credential_env()
-        (mem, mem_addr), (red, red_addr) = await asyncio.gather(
+        (mem, mem_addr), (lite, lite_addr), (red, red_addr) = await asyncio.gather(
             _broker("broker-memory", workdir, upstream),
+            _broker("broker-sqlite", workdir, upstream,
+                    store=f"sqlite://{workdir / 'broker-sqlite.db'}"),
             _broker("broker-redis", workdir, upstream, store=redis.url, env=env),
         )
-        procs += [mem, red]
+        procs += [mem, lite, red]
         echo_info, relay_info = await _ready_all([echo, relay])
         await asyncio.gather(common.pair_sessions(mem_addr, ctl, ["s-mem"]),
+                             common.pair_sessions(lite_addr, ctl, ["s-sqlite"]),
                              common.pair_sessions(red_addr, ctl, ["s-redis"]))
         targets: dict[str, list[str]] = {
             "grpc_echo": ["send", "--target", echo_info["address"], "--session", "s-echo"],
             "upstream_ws": ["ws", "--upstream-url", upstream, "--control-url", ctl],
             "relay": ["send", "--target", relay_info["address"], "--session", "s-relay"],
             "memory": ["send", "--target", mem_addr, "--session", "s-mem"],
+            "sqlite": ["send", "--target", lite_addr, "--session", "s-sqlite"],
             "redis": ["send", "--target", red_addr, "--session", "s-redis"],
         }
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {} for t in targets}
@@ -155,17 +159,34 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
         if cfg.profile:
             top = max(cfg.concurrencies)
             result["profiles"] = {}
-            for target, proc in (("memory", mem), ("redis", red)):
+            for target, proc in (("memory", mem), ("sqlite", lite), ("redis", red)):
                 result["profiles"][target] = await _profiled(
                     cfg, workdir, proc, [*targets[target], "--concurrency", str(top),
                                          "--warmup", "0.5", "--duration",
                                          str(cfg.profile_s + 1), "--prefix", "prof"],
                     f"profile-{target}")
+        lite.stop()  # it logs how many transactions its writes took
+        result["sqlite_group_commit"] = _group_commit(lite.log_path.read_text(errors="replace"))
         return result
     finally:
         for p in procs:
             p.stop()
         redis.close()
+
+
+_GROUP_COMMIT = re.compile(r"SQLite store .+?: (\d+) writes in (\d+) transactions "
+                           r"\(outbox: (\d+) messages and (\d+) acks\)")
+
+
+def _group_commit(log: str) -> dict[str, Any]:
+    """Messages and acks per SQLite transaction over the whole run (all its writes:
+    outbox batches, events, ...)."""
+    found = _GROUP_COMMIT.findall(log)
+    if not found:
+        return {"error": "the SQLite broker logged no transaction count"}
+    writes, transactions, messages, acks = (int(n) for n in found[-1])
+    return {"writes": writes, "transactions": transactions, "messages": messages,
+            "acks": acks, "messages_per_transaction": round(messages / max(transactions, 1), 2)}
 
 
 async def _profiled(cfg: Config, workdir: Path, target: Proc, load_args: list[str],

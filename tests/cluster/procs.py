@@ -33,7 +33,7 @@ class BrokerProcess:
             "--store", store_url, "--upstream-url", upstream_url, "--instance-id", name,
             *FAST_FLAGS, *extra,
         ]
-        self.env = os.environ | env
+        self.env = os.environ | {"BROKER_DATA_DIR": str(workdir / f"{name}-data")} | env
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 

@@ -361,7 +361,7 @@ async def test_app_refuses_a_missing_token_file(
 
 
 def test_serve_without_tokens_on_a_public_address_refuses_to_start(tmp_path: Path) -> None:
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "BROKER_DATA_DIR": str(tmp_path)}
     result = subprocess.run(
         [sys.executable, "-m", "broker.cli", "serve", "--listen", "0.0.0.0:0", "--sim-port", "0"],
         capture_output=True, text=True, timeout=60, env=env,

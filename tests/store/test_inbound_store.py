@@ -1,4 +1,4 @@
-"""The inbound part of the Store contract, on the memory store and on Redis alike.
+"""The inbound part of the Store contract, on the memory, SQLite and Redis stores alike.
 
 Consumer-group semantics (Redis Streams: XREADGROUP + XAUTOCLAIM; the memory
 store mimics them): every group sees every message from the start of the
@@ -15,9 +15,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.store.base import InboundDelivery, SessionRecord, Store
-from broker.store.memory import MemoryStore
-from broker.store.redis import RedisStore
-from tests.store.conftest import TEST_KEY, Backend
+from tests.store.conftest import Backend
 
 REDELIVER_S = 0.2
 WAIT_S = 10.0
@@ -29,17 +27,9 @@ QUIET_S = 0.05
 @pytest.fixture
 async def store(backend: Backend) -> AsyncIterator[Store]:
     """A store with a short redelivery delay, on the backend's server."""
-    opened: Store
-    if backend.server is None:
-        opened = MemoryStore(inbound_redeliver_after_s=REDELIVER_S)
-    else:
-        opened = RedisStore.from_url(backend.server.url, credential_key=TEST_KEY,
-                                     inbound_redeliver_after_s=REDELIVER_S)
+    opened = await backend.fresh(inbound_redeliver_after_s=REDELIVER_S)
     await opened.create_session(SessionRecord("s1", "t1"))
-    try:
-        yield opened
-    finally:
-        await opened.close()
+    yield opened
 
 
 async def _add(store: Store, *bodies: str, session_id: str = "s1") -> list[str]:
@@ -162,19 +152,10 @@ RETENTION_S = 1.0
 @pytest.fixture
 async def kept(backend: Backend) -> AsyncIterator[Store]:
     """A store that keeps inbound messages for RETENTION_S."""
-    opened: Store
-    if backend.server is None:
-        opened = MemoryStore(inbound_redeliver_after_s=REDELIVER_S,
-                             inbound_retention_s=RETENTION_S)
-    else:
-        opened = RedisStore.from_url(backend.server.url, credential_key=TEST_KEY,
-                                     inbound_redeliver_after_s=REDELIVER_S,
-                                     inbound_retention_s=RETENTION_S, key_prefix="kept")
+    opened = await backend.fresh(inbound_redeliver_after_s=REDELIVER_S,
+                                 inbound_retention_s=RETENTION_S)
     await opened.create_session(SessionRecord("s1", "t1"))
-    try:
-        yield opened
-    finally:
-        await opened.close()
+    yield opened
 
 
 async def test_messages_past_the_retention_go_with_their_dedup_entries(kept: Store) -> None:
@@ -210,7 +191,8 @@ async def test_the_broker_opens_its_store_with_the_configured_retention(
     from broker.store.crypto import generate_key
 
     monkeypatch.setenv("BROKER_CREDENTIAL_KEYS", f"k1:{generate_key()}")
-    url = "memory://" if backend.server is None else backend.server.url
+    url = {"memory": "memory://", "sqlite": f"sqlite://{backend.tmp / 'wired.db'}"}.get(
+        backend.name, backend.server.url if backend.server else "")
     opened = open_store(Settings(store_url=url, inbound_retention_s=RETENTION_S,
                                  key_prefix="wired"))
     await opened.create_session(SessionRecord("s1", "t1"))
