@@ -21,6 +21,7 @@ from broker.ops.metrics import BrokerMetrics
 from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
+from broker.runtime.ratelimit import rate_limiter
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
@@ -104,8 +105,10 @@ class BrokerApp:
                                             WebhookPolicy.from_settings(settings))
             self.webhooks.start()
         if isinstance(store, RedisStore):
-            # Several instances may share this store: ownership goes by lease and
-            # status events reach local subscribers through the shared log.
+            # Several instances may share this store: ownership goes by lease,
+            # status events reach local subscribers through the shared log, and
+            # every instance takes send tokens from the same per-session bucket.
+            self.manager.limiter = rate_limiter(settings, redis=store.client, keys=store.keys)
             self.tail = EventTail(store, self.manager.bus)
             await self.tail.start()
             self.coordinator = Coordinator(

@@ -131,7 +131,9 @@ class SessionManager:
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
         self.coordinator: Coordination | None = None
-        self.limiter: RateLimiter = rate_limiter(self.settings, store)
+        # In process by default; whoever wires a shared store (BrokerApp) swaps in
+        # the shared bucket, as it does the coordinator.
+        self.limiter: RateLimiter = rate_limiter(self.settings)
         self._lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
