@@ -43,7 +43,7 @@ from broker.lifecycle import inputs as inp
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
 from broker.store.base import LiveState, SessionRecord
-from broker.store.redis_keys import RedisKeys
+from broker.store.redis.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)

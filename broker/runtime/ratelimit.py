@@ -24,7 +24,7 @@ from redis import exceptions as rexc
 
 from broker.config import Settings
 from broker.errors import RateLimited, StoreUnavailable
-from broker.store.redis_keys import RedisKeys
+from broker.store.redis.keys import RedisKeys
 
 _EPSILON = 1e-9
 
@@ -135,8 +135,7 @@ class RedisLimiter:
         # other keys, and DeleteSession's sweep of the session's keys removes it too.
         try:
             allowed, wait_us = await self._take(
-                keys=[self.keys.session(session_id, "rate")],
-                args=[repr(self.bucket.rate), self.bucket.burst],
+                keys=[self.keys.rate(session_id)], args=[repr(self.bucket.rate), self.bucket.burst]
             )
         except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
             raise StoreUnavailable(
