@@ -24,6 +24,7 @@ from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
 from broker.runtime.placement import LocalPlacement, PlacementFactory
+from broker.runtime.ratelimit import rate_limiter
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
@@ -135,7 +136,9 @@ class BrokerApp:
             self.webhooks.start()
         if isinstance(store, RedisStore):
             # Status events of every instance reach local subscribers through the
-            # shared log.
+            # shared log, and every instance takes send tokens from the same
+            # per-session bucket.
+            self.manager.limiter = rate_limiter(settings, redis=store.client, keys=store.keys)
             self.tail = EventTail(store, self.manager.bus)
             await self.tail.start()
         auth = [AuthInterceptor(Authorizer(tokens, store_tenants(store)))] if tokens else []

@@ -44,7 +44,7 @@ from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
 from broker.runtime.placement import Op
 from broker.store.base import LiveState, SessionRecord, StatusEvent
-from broker.store.redis_keys import RedisKeys
+from broker.store.redis.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)

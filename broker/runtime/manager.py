@@ -117,7 +117,9 @@ class SessionManager:
         self.clock = clock
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
-        self.limiter: RateLimiter = rate_limiter(self.settings, store)
+        # In process by default; whoever wires a shared store (BrokerApp) swaps in
+        # the shared bucket.
+        self.limiter: RateLimiter = rate_limiter(self.settings)
         self._lock = asyncio.Lock()
         self.placement: Placement = placement(self)
 
