@@ -107,9 +107,11 @@ class SessionManager:
         bus: StatusBus | None = None,
         clock: Callable[[], float] = time.time,
         placement: PlacementFactory = LocalPlacement,
+        limiter: RateLimiter | None = None,
     ) -> None:
         """`placement`: builds where sessions run, given this manager (alone, or
-        by lease: `broker.cluster.coordinator.Coordinator`)."""
+        by lease: `broker.cluster.coordinator.Coordinator`); `limiter`: how Sends
+        are rate limited (default: in this process, as `settings` say)."""
         self.store = store
         self.provider = provider
         self.settings = settings or Settings()
@@ -117,9 +119,8 @@ class SessionManager:
         self.clock = clock
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
-        # In process by default; whoever wires a shared store (BrokerApp) swaps in
-        # the shared bucket.
-        self.limiter: RateLimiter = rate_limiter(self.settings)
+        # In process unless the backend shares buckets between instances.
+        self.limiter: RateLimiter = limiter or rate_limiter(self.settings)
         self._lock = asyncio.Lock()
         self.placement: Placement = placement(self)
 
