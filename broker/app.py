@@ -13,11 +13,11 @@ from broker.api.auth import AuthInterceptor, Authorizer, check_exposure, store_t
 from broker.api.server import ApiServer
 from broker.api.tls import server_credentials
 from broker.auth.tokens import TokenStore
-from broker.cluster.coordinator import Coordinator
+from broker.backends import open_backend
 from broker.cluster.tail import EventTail
 from broker.config import Settings
 from broker.dashboard.server import DashboardServer, check_embedded, local_target
-from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir, sqlite_cipher, sqlite_path
+from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir
 from broker.ops import install_log_context
 from broker.ops.metrics import BrokerMetrics
 from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
@@ -25,34 +25,9 @@ from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
-from broker.store.memory import MemoryStore
-from broker.store.redis import RedisStore
-from broker.store.sqlite import SqliteStore
 from broker.upstream.websocket import WebsocketProvider
 
 log = logging.getLogger(__name__)
-
-
-def open_store(settings: Settings) -> Store:
-    url = settings.store_url
-    if url in ("memory", "memory://", ""):
-        return MemoryStore(event_log_size=settings.event_log_size,
-                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
-                           inbound_retention_s=settings.inbound_retention_s)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore.from_url(url, key_prefix=settings.key_prefix,
-                                   event_log_size=settings.event_log_size,
-                                   inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
-                                   inbound_retention_s=settings.inbound_retention_s,
-                                   consumer=settings.instance_id or None)
-    if url.startswith("sqlite://"):
-        path = sqlite_path(url)
-        return SqliteStore(path, cipher=sqlite_cipher(path),
-                           event_log_size=settings.event_log_size,
-                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
-                           inbound_retention_s=settings.inbound_retention_s)
-    raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "
-                     "or redis://host:port/db)")
 
 
 def default_instance_id() -> str:
@@ -69,7 +44,6 @@ class BrokerApp:
         self.manager: SessionManager | None = None
         self.api: ApiServer | None = None
         self.monitor: HealthMonitor | None = None
-        self.coordinator: Coordinator | None = None
         self.tail: EventTail | None = None
         self.dashboard: DashboardServer | None = None
         self.metrics: BrokerMetrics | None = None
@@ -93,12 +67,11 @@ class BrokerApp:
         check_embedded(settings)  # the dashboard's own client must get in
         tls = server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                  settings.tls_client_ca_file)
-        store = self._store or open_store(settings)
-        self._opened = store
-        if isinstance(store, SqliteStore):
-            # First: a second broker on this database stops here, before it binds
-            # anything (the simulator's port would be taken too, less clearly).
-            await store.open()
+        backend = open_backend(settings, self._store)
+        store = self._opened = backend.store
+        # First: a second broker on one SQLite database stops here, before it binds
+        # anything (the simulator's port would be taken too, less clearly).
+        await backend.ready()
         if settings.upstream_url is None:
             state = None
             if settings.data_dir:  # like a real upstream, it remembers its logins
@@ -118,7 +91,8 @@ class BrokerApp:
         provider = WebsocketProvider(settings.upstream_url,
                                      connect_timeout_s=settings.connect_timeout_s,
                                      client=f"broker/{settings.instance_id}")
-        self.manager = SessionManager(store, provider, settings)
+        self.manager = SessionManager(store, provider, settings, placement=backend.placement,
+                                      limiter=backend.limiter)
         install_log_context(self.manager)
         # Observers subscribe before any session starts, so they see its first events.
         if settings.metrics_listen:
@@ -128,18 +102,9 @@ class BrokerApp:
             self.webhooks = WebhookNotifier(self.manager, hooks,
                                             WebhookPolicy.from_settings(settings))
             self.webhooks.start()
-        if isinstance(store, RedisStore):
-            # Several instances may share this store: ownership goes by lease and
-            # status events reach local subscribers through the shared log.
-            self.tail = EventTail(store, self.manager.bus)
+        if backend.events is not None:
+            self.tail = backend.events(self.manager.bus)
             await self.tail.start()
-            self.coordinator = Coordinator(
-                self.manager, store.client,
-                instance_id=settings.instance_id,
-                lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
-            )
-            self.manager.coordinator = self.coordinator
-        await self.manager.start()
         auth = [AuthInterceptor(Authorizer(tokens, store_tenants(store)))] if tokens else []
         # Metrics first, so they also time the calls that auth refuses.
         observe = [self.metrics.interceptor()] if self.metrics is not None else []
@@ -150,8 +115,7 @@ class BrokerApp:
             await self.metrics.serve(settings.metrics_listen)
         self.monitor = HealthMonitor(self.manager, settings.health_interval_s)
         self.monitor.start()
-        if self.coordinator is not None:
-            await self.coordinator.start()
+        await self.manager.start()  # sessions start once the API can answer for them
         log.info("broker listening on %s", self.api.address)
         if settings.dashboard_listen:
             # A client of our own API, so it shows exactly what remote clients see.
@@ -169,12 +133,10 @@ class BrokerApp:
             await self.monitor.stop()
         if self.api is not None:
             await self.api.stop()
-        if self.coordinator is not None:
-            await self.coordinator.stop()
+        if self.manager is not None:
+            await self.manager.close()  # hands every session over first
         if self.tail is not None:
             await self.tail.stop()
-        if self.manager is not None:
-            await self.manager.close()
         if self._opened is not None:
             await self._opened.close()
         if self.simulator is not None:

@@ -169,7 +169,10 @@ def _start_or_skip(*, appendonly: bool) -> RedisServer:
             f"redis-server not found: install it (apt-get install redis-server) or set "
             f"{SERVER_ENV} to run the Redis store tests"
         )
-    return RedisServer(appendonly=appendonly).start()
+    # With append-only on, fsync every write: a test that SIGKILLs Redis asserts
+    # that nothing acknowledged is lost, which `everysec` only promises up to a second.
+    extra = ("--appendfsync", "always") if appendonly else ()
+    return RedisServer(appendonly=appendonly, extra_args=extra).start()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import asyncio
 
 from broker.config import Settings
 from broker.runtime.actor import PIPELINED, PIPELINED_HOLD_S, SessionActor
-from broker.runtime.bus import StatusBus
 from broker.store.base import OutboxMessage, SessionRecord
 from broker.store.memory import MemoryStore
 from broker.upstream.websocket import WebsocketProvider
@@ -21,7 +20,7 @@ def _message(n: int) -> OutboxMessage:
 def _actor() -> SessionActor:
     # Never started: _pipelined reads only what is in flight and the loop's clock.
     return SessionActor(SessionRecord("s-1", "default"), store=MemoryStore(),
-                        provider=WebsocketProvider("ws://127.0.0.1:9"), bus=StatusBus(),
+                        provider=WebsocketProvider("ws://127.0.0.1:9"),
                         settings=Settings())
 
 

@@ -42,8 +42,9 @@ from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle import inputs as inp
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
-from broker.store.base import LiveState, SessionRecord
-from broker.store.redis_keys import RedisKeys
+from broker.runtime.placement import Op
+from broker.store.base import LiveState, SessionRecord, StatusEvent
+from broker.store.redis.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)
@@ -61,6 +62,11 @@ def _rank(instance_id: str, session_id: str) -> bytes:
 
 
 class Coordinator:
+    """The leased placement (`broker.runtime.placement.Placement`): Redis leases
+    decide which instance owns each session."""
+
+    shared = True
+
     def __init__(
         self,
         manager: SessionManager,
@@ -82,6 +88,8 @@ class Coordinator:
         self.interval_s = lease_ttl_s * RENEW_EVERY
         self.fence_after_s = lease_ttl_s * FENCE_AFTER
         self.live_ttl_s = lease_ttl_s
+        #: a kick from another instance travels over pub/sub and may be lost
+        self.outbox_poll_s = 2.0
         self.owned: dict[str, Lease] = {}
         self._renewed_at: dict[str, float] = {}
         self._wake = asyncio.Event()
@@ -102,7 +110,7 @@ class Coordinator:
             asyncio.create_task(self._renew_loop(), name="coordinator-renew"),
             asyncio.create_task(self._listen(), name="coordinator-listen"),
         ]
-        await self.publish("rebalance")
+        await self._announce("rebalance")
 
     async def stop(self) -> None:
         """Graceful shutdown: hand every session over at once instead of after a TTL.
@@ -132,7 +140,7 @@ class Coordinator:
 
     async def _leave(self) -> None:
         await self.membership.leave()
-        await self.publish("rebalance")
+        await self._announce("rebalance")
 
     # what the manager and actors ask
     def may_connect(self, session_id: str) -> bool:
@@ -154,7 +162,17 @@ class Coordinator:
                 raise StoreUnavailable(f"cannot reach Redis to coordinate: {exc}") from exc
             await asyncio.sleep(self.ttl_s / 20)
 
-    async def publish(self, op: str, session_id: str = "") -> None:
+    def publish(self, event: StatusEvent) -> None:
+        """Nothing to do: every instance's EventTail relays the shared event log."""
+
+    async def activate(self, record: SessionRecord) -> None:
+        await self._announce("rebalance")
+
+    async def forward(self, op: Op, session_id: str) -> bool:
+        await self._announce(op.value, session_id)
+        return True
+
+    async def _announce(self, op: str, session_id: str = "") -> None:
         try:
             message = json.dumps({"op": op, "session_id": session_id})
             await self.client.publish(self.keys.control, message)
@@ -241,25 +259,30 @@ class Coordinator:
             except _REDIS_ERRORS as exc:
                 log.warning("session %s: %s failed: %s", session_id, op, exc)
 
-    async def _on_command(self, op: str, session_id: str) -> None:
-        if op == "rebalance":
+    async def _on_command(self, name: str, session_id: str) -> None:
+        if name == "rebalance":
             self.wake()
+            return
+        try:
+            op = Op(name)
+        except ValueError:
             return
         actor = self.manager.actors.get(session_id)
         if actor is None or session_id not in self.owned:
             return
-        if op == "kick":
-            actor.kick()
-        elif op == "stop":
-            await actor.command(inp.Stop())
-            self.wake()
-        elif op == "restart":
-            await self.manager.restart_local(actor)
-        elif op == "logout":
-            await actor.command(inp.Logout())
-        elif op == "delete":
-            async with self._lock:
-                await self._release(session_id)
+        match op:
+            case Op.KICK:
+                actor.kick()
+            case Op.STOP:
+                await actor.command(inp.Stop())
+                self.wake()
+            case Op.RESTART:
+                await self.manager.restart_local(actor)
+            case Op.LOGOUT:
+                await actor.command(inp.Logout())
+            case Op.DELETE:
+                async with self._lock:
+                    await self._release(session_id)
 
     # one round: drop, shed or claim (renewal runs on its own)
     async def _round(self) -> None:
@@ -346,4 +369,4 @@ class Coordinator:
             with contextlib.suppress(*_REDIS_ERRORS):
                 await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
                 if announce:
-                    await self.publish("rebalance")
+                    await self._announce("rebalance")

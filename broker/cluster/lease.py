@@ -1,7 +1,7 @@
 """Ownership leases: `SET NX PX` plus a fencing counter (DESIGN section 5).
 
 The lease value is "<instance>:<token>"; the token is the session's fencing
-token (broker.store.redis_fencing), which grows on every grant, so a stale
+token (broker.store.redis.scripts), which grows on every grant, so a stale
 owner can always be told apart from the current one, and every owner write
 is checked against it. Renew and release are compare-and-set scripts: an
 instance can only extend or drop a lease it still holds. A lease is never
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from broker.store.redis_fencing import NEXT_TOKEN
-from broker.store.redis_keys import RedisKeys
+from broker.store.redis.keys import RedisKeys
+from broker.store.redis.scripts import NEXT_TOKEN
 
 # KEYS: lease, fence; ARGV: instance id, ttl ms
 _ACQUIRE = NEXT_TOKEN + """

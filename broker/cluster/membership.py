@@ -15,7 +15,7 @@ import time
 import redis.asyncio as aioredis
 
 from broker.errors import BrokerError
-from broker.store.redis_keys import RedisKeys
+from broker.store.redis.keys import RedisKeys
 
 
 class InstanceIdInUse(BrokerError):
@@ -42,7 +42,7 @@ class Membership:
                  ttl_s: float) -> None:
         self._client = client
         self._key = keys.instances
-        self._claim_key = f"{keys.instances}:id:{instance_id}"
+        self._claim_key = keys.instance_claim(instance_id)
         self._incarnation = secrets.token_hex(8)
         self._claim = client.register_script(_CLAIM)
         self._release = client.register_script(_RELEASE)

@@ -26,7 +26,6 @@ from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import State
 from broker.runtime.batching import Batcher
-from broker.runtime.bus import StatusBus
 from broker.store.base import (
     Accepted,
     DeliveryResult,
@@ -167,18 +166,22 @@ class SessionActor:
         *,
         store: Store,
         provider: Provider,
-        bus: StatusBus,
         settings: Settings,
         clock: Callable[[], float] = time.time,
         fence: int | None = None,
         may_connect: Callable[[str], bool] | None = None,
         on_fenced: Callable[[str], None] | None = None,
-        publish_locally: bool = True,
+        publish: Callable[[StatusEvent], None] | None = None,
+        outbox_poll_s: float | None = None,
     ) -> None:
         """`fence`: the fencing token every owner write carries (None: unfenced).
         `may_connect`: asked before every connection attempt (the lease is fresh).
         `on_fenced`: told once the store refused a write as stale, after all
-        upstream I/O has stopped; the owner of this actor must then drop it."""
+        upstream I/O has stopped; the owner of this actor must then drop it.
+        `publish`: where each stored status event goes next (this instance's
+        subscribers). `outbox_poll_s`: how often an idle delivery loop looks at
+        the outbox anyway, for kicks that may be lost on their way from other
+        instances (None: every enqueue kicks this actor directly)."""
         self.session_id = record.session_id
         self.fence = fence
         self.fenced = False
@@ -187,11 +190,11 @@ class SessionActor:
         """Set when shutdown begins: no more of the machine's actions are executed."""
         self._may_connect = may_connect
         self._on_fenced = on_fenced
-        self._publish_locally = publish_locally
+        self._publish = publish
+        self._outbox_poll_s = outbox_poll_s
         self.tenant = record.tenant
         self._store = store
         self._provider = provider
-        self._bus = bus
         self._settings = settings
         self._clock = clock
         self.machine = SessionMachine(settings.lifecycle)
@@ -634,8 +637,8 @@ class SessionActor:
                     EVENT_RETRY_S, self._inbox.put_nowait, _StoreEvents())
                 return
             del self._unstored[0]
-            if self._publish_locally:
-                self._bus.publish(stored)
+            if self._publish is not None:
+                self._publish(stored)
 
     # connection I/O
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -775,7 +778,7 @@ class SessionActor:
         ack_timeout = self._settings.ack_timeout_s
         # Alone, every enqueue kicks this loop directly; with several instances a
         # kick from another one travels over pub/sub, so also look now and then.
-        idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
+        idle_poll = self._outbox_poll_s
         loop = asyncio.get_running_loop()
         claimed = False
         while generation == self._generation:

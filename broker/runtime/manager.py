@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Protocol
 
 from broker import validation
 from broker.config import Settings
@@ -31,6 +30,7 @@ from broker.lifecycle.states import State
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
+from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
 from broker.store.base import (
     Accepted,
@@ -97,22 +97,6 @@ class QrView:
     expires_at: float | None
 
 
-class Coordination(Protocol):
-    """What the manager needs from scale-out (broker.cluster.Coordinator)."""
-
-    instance_id: str
-
-    def may_connect(self, session_id: str) -> bool: ...
-    def fenced(self, session_id: str) -> None:
-        """A session's actor was refused a write as stale: let the session go."""
-        ...
-
-    async def publish(self, op: str, session_id: str = "") -> None: ...
-    async def wait_released(self, session_id: str) -> None:
-        """Return once no instance holds the session's lease (bounded by the TTL)."""
-        ...
-
-
 class SessionManager:
     def __init__(
         self,
@@ -122,7 +106,12 @@ class SessionManager:
         *,
         bus: StatusBus | None = None,
         clock: Callable[[], float] = time.time,
+        placement: PlacementFactory = LocalPlacement,
+        limiter: RateLimiter | None = None,
     ) -> None:
+        """`placement`: builds where sessions run, given this manager (alone, or
+        by lease: `broker.cluster.coordinator.Coordinator`); `limiter`: how Sends
+        are rate limited (default: in this process, as `settings` say)."""
         self.store = store
         self.provider = provider
         self.settings = settings or Settings()
@@ -130,20 +119,18 @@ class SessionManager:
         self.clock = clock
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
-        self.coordinator: Coordination | None = None
-        self.limiter: RateLimiter = rate_limiter(self.settings, store)
+        # In process unless the backend shares buckets between instances.
+        self.limiter: RateLimiter = limiter or rate_limiter(self.settings)
         self._lock = asyncio.Lock()
-        self._background: set[asyncio.Task[None]] = set()
+        self.placement: Placement = placement(self)
 
     async def start(self) -> None:
-        """Resume every enabled session found in the store (alone: no coordinator)."""
-        if self.coordinator is not None:
-            return  # the coordinator claims sessions as leases allow
-        for record in await self.store.list_sessions():
-            if record.enabled:
-                await self.run(record)
+        """Begin owning sessions, as the placement decides."""
+        await self.placement.start()
 
     async def close(self) -> None:
+        """Let every session go (handed over where others can own them), then stop."""
+        await self.placement.stop()
         actors, self.actors = self.actors, {}
         await asyncio.gather(*(a.shutdown() for a in actors.values()), return_exceptions=True)
 
@@ -152,15 +139,14 @@ class SessionManager:
         (the lease's; alone, a fresh one from the store)."""
         actor = self.actors.get(record.session_id)
         if actor is None:
-            coordinator = self.coordinator
+            placement = self.placement
             if fence is None:
                 fence = await self.store.new_fence(record.session_id)
             actor = SessionActor(
-                record, store=self.store, provider=self.provider, bus=self.bus,
-                settings=self.settings, clock=self.clock, fence=fence,
-                may_connect=coordinator.may_connect if coordinator else None,
-                on_fenced=coordinator.fenced if coordinator else self._fenced_alone,
-                publish_locally=coordinator is None,
+                record, store=self.store, provider=self.provider, settings=self.settings,
+                clock=self.clock, fence=fence, may_connect=placement.may_connect,
+                on_fenced=placement.fenced, publish=placement.publish,
+                outbox_poll_s=placement.outbox_poll_s,
             )
             self.actors[record.session_id] = actor
             await actor.start()
@@ -170,14 +156,6 @@ class SessionManager:
     def detach(self, session_id: str) -> SessionActor | None:
         """Stop routing to this session's actor here (the caller shuts it down)."""
         return self.actors.pop(session_id, None)
-
-    def _fenced_alone(self, session_id: str) -> None:
-        """Alone, only a delete (or a second process on the same store) fences a session."""
-        actor = self.detach(session_id)
-        if actor is not None:
-            task = asyncio.get_running_loop().create_task(actor.shutdown())
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
 
     async def _record(self, session_id: str) -> SessionRecord:
         validation.session_id(session_id)
@@ -215,7 +193,7 @@ class SessionManager:
                     f"session {session_id!r} belongs to another tenant", session_id=session_id
                 )
             if start and record.enabled:
-                await self._activate(record)
+                await self.placement.activate(record)
         if created:
             log.info("session %s created for tenant %s", session_id, tenant)
         return await self.view(record)
@@ -227,20 +205,6 @@ class SessionManager:
         records = await self.store.list_sessions(validation.optional_tenant(tenant))
         return [await self.view(r) for r in records]
 
-    async def _activate(self, record: SessionRecord) -> None:
-        """Get an enabled session running: here, or by whichever instance claims it."""
-        if self.coordinator is None:
-            await self.run(record)
-        else:
-            await self.coordinator.publish("rebalance")
-
-    async def _forward(self, op: str, session_id: str) -> bool:
-        """Tell the owning instance (if another one) to act; False when running alone."""
-        if self.coordinator is None:
-            return False
-        await self.coordinator.publish(op, session_id)
-        return True
-
     async def stop(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
         await self.store.set_enabled(session_id, False)
@@ -248,7 +212,7 @@ class SessionManager:
         if actor is not None:
             await actor.command(inp.Stop())
         else:
-            await self._forward("stop", session_id)
+            await self.placement.forward(Op.STOP, session_id)
         return await self.view(record)
 
     async def restart(self, session_id: str) -> SessionView:
@@ -257,10 +221,9 @@ class SessionManager:
         actor = self.actors.get(session_id)
         if actor is not None:
             await self.restart_local(actor)
-        elif not await self._forward("restart", session_id):
-            await self.run(record)
-        else:
-            await self._activate(record)
+        else:  # owned elsewhere (it restarts there), or by nobody yet
+            await self.placement.forward(Op.RESTART, session_id)
+            await self.placement.activate(record)
         return await self.view(record)
 
     async def restart_local(self, actor: SessionActor) -> None:
@@ -271,7 +234,7 @@ class SessionManager:
     async def logout(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
         actor = self.actors.get(session_id)
-        if actor is None and await self._forward("logout", session_id):
+        if actor is None and await self.placement.forward(Op.LOGOUT, session_id):
             return await self.view(record)
         if actor is not None:
             await actor.command(inp.Logout())
@@ -293,9 +256,8 @@ class SessionManager:
         actor = self.actors.get(session_id)
         if actor is not None:
             await actor.command(inp.Stop())
-        if self.coordinator is not None:
-            await self.coordinator.publish("delete", session_id)
-            await self.coordinator.wait_released(session_id)
+        await self.placement.forward(Op.DELETE, session_id)
+        await self.placement.wait_released(session_id)
         actor = self.detach(session_id)
         if actor is not None:
             await actor.shutdown()
@@ -391,7 +353,7 @@ class SessionManager:
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
         )
         if not accepted.duplicate:
-            await self._forward("kick", session_id)
+            await self.placement.forward(Op.KICK, session_id)
         return accepted
 
     async def _check_ready(
@@ -401,7 +363,7 @@ class SessionManager:
             state = actor.state
             if state not in BLOCKED_STATES and not actor.has_credentials:
                 state = State.PAIRING
-        elif record is None or not record.enabled or self.coordinator is None:
+        elif record is None or not record.enabled or not self.placement.shared:
             state = State.STOPPED
         else:
             # Owned by another instance (or about to be claimed): judge by the
@@ -483,7 +445,7 @@ class SessionManager:
             )
             live_state: State | None
             if actor is not None:
-                owner = self.coordinator.instance_id if self.coordinator else "local"
+                owner = self.placement.instance_id
                 live_state, activity = actor.state, actor.last_activity
             else:
                 live = await self.store.get_live(view.record.session_id)

@@ -5,8 +5,10 @@ bucket's state lives is a separate, swappable limiter: in process for the
 memory store, in Redis (one Lua script under the session's hash tag, timed by
 the Redis clock) when several instances share a store, so they share one
 bucket and a worker cannot multiply its rate by spreading calls across
-instances. A refused message is never queued, so nothing over the limit can
-reach the upstream.
+instances. Whoever wires the process decides which, by passing the shared
+Redis client and key layout or not (BrokerApp, where it wires the
+coordinator); this module never inspects the store. A refused message is
+never queued, so nothing over the limit can reach the upstream.
 """
 
 from __future__ import annotations
@@ -17,12 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from broker.config import Settings
 from broker.errors import RateLimited, StoreUnavailable
-from broker.store.base import Store
-from broker.store.redis import RedisStore
+from broker.store.redis.keys import RedisKeys
 
 _EPSILON = 1e-9
 
@@ -123,20 +125,17 @@ class RedisLimiter:
 
     limits = True
 
-    def __init__(self, store: RedisStore, bucket: TokenBucket) -> None:
-        self.store = store
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, bucket: TokenBucket) -> None:
+        self.keys = keys
         self.bucket = bucket
-        self._take = store.client.register_script(_TAKE)
-
-    def key(self, session_id: str) -> str:
-        # The session's hash tag: same cluster slot as its other keys, and
-        # DeleteSession's sweep of the session's keys removes the bucket too.
-        return f"{self.store.session_tag(session_id)}:rate"
+        self._take = client.register_script(_TAKE)
 
     async def acquire(self, session_id: str) -> float:
+        # The bucket key carries the session's hash tag: same cluster slot as its
+        # other keys, and DeleteSession's sweep of the session's keys removes it too.
         try:
             allowed, wait_us = await self._take(
-                keys=[self.key(session_id)], args=[repr(self.bucket.rate), self.bucket.burst]
+                keys=[self.keys.rate(session_id)], args=[repr(self.bucket.rate), self.bucket.burst]
             )
         except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
             raise StoreUnavailable(
@@ -146,13 +145,17 @@ class RedisLimiter:
         return 0.0 if int(allowed) else int(wait_us) / 1_000_000
 
 
-def rate_limiter(settings: Settings, store: Store) -> RateLimiter:
-    """The limiter `settings` ask for, keeping its state where the store keeps sessions."""
+def rate_limiter(
+    settings: Settings, *, redis: aioredis.Redis | None = None, keys: RedisKeys | None = None
+) -> RateLimiter:
+    """The limiter `settings` ask for: its buckets in `redis` (under `keys`, by
+    default the layout of `settings.key_prefix`) when instances share that
+    Redis, else in this process."""
     bucket = TokenBucket.from_settings(settings.rate_limit, settings.rate_burst)
     if bucket is None:
         return Unlimited()
-    if isinstance(store, RedisStore):
-        return RedisLimiter(store, bucket)
+    if redis is not None:
+        return RedisLimiter(redis, keys or RedisKeys(settings.key_prefix), bucket)
     return LocalLimiter(bucket)
 
 

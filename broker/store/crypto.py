@@ -17,6 +17,7 @@ import base64
 import binascii
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -26,6 +27,8 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+log = logging.getLogger(__name__)
 
 KEYS_ENV = "BROKER_CREDENTIAL_KEYS"
 KEY_FILE_ENV = "BROKER_CREDENTIAL_KEY_FILE"
@@ -195,6 +198,27 @@ class CredentialCipher:
             raise CredentialDecryptError(f"credentials of session {session_id!r} are not a map")
         return value
 
+
+def resolve_cipher(
+    cipher: CredentialCipher | None, credential_key: bytes | None, ephemeral_key: bool
+) -> CredentialCipher:
+    """The Redis store's cipher: explicit cipher, else the given key, else the
+    environment, else an ephemeral key only if asked for: credentials are never
+    stored in clear."""
+    if cipher is not None:
+        return cipher
+    if credential_key is not None:
+        return CredentialCipher.from_key(credential_key)
+    from_env = CredentialCipher.from_env()
+    if from_env is not None:
+        return from_env
+    if ephemeral_key:
+        log.warning("credentials are encrypted with an ephemeral key: they will not "
+                    "decrypt after this process exits")
+        return CredentialCipher.ephemeral()
+    raise CredentialKeyError(
+        f"the Redis store needs a key to encrypt session credentials at rest: {HOW_TO_SET_KEY}"
+    )
 
 if __name__ == "__main__":
     print(f"{KEYS_ENV}=k1:{generate_key()}")

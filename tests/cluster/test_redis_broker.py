@@ -13,7 +13,6 @@ from broker.app import BrokerApp
 from broker.config import Settings
 from broker.lifecycle.states import State
 from broker.runtime.actor import SessionActor
-from broker.runtime.bus import StatusBus
 from broker.simulator import Simulator
 from broker.store.base import SessionRecord
 from broker.store.memory import MemoryStore
@@ -155,7 +154,7 @@ async def test_actor_never_connects_without_a_fresh_lease(sim: Simulator) -> Non
     await store.create_session(record)
     fenced: list[str] = []
     actor = SessionActor(
-        record, store=store, provider=WebsocketProvider(sim.url), bus=StatusBus(),
+        record, store=store, provider=WebsocketProvider(sim.url),
         settings=Settings(lifecycle=FAST_POLICY), fence=await store.new_fence(SID),
         may_connect=lambda _sid: False, on_fenced=fenced.append,
     )

@@ -10,6 +10,7 @@ from collections import Counter
 import redis.asyncio as aioredis
 
 from broker.simulator import Simulator
+from broker.store.redis import RedisKeys
 from broker_client import BrokerClient, SendResult
 from broker_client.v1 import broker_pb2 as pb
 from tests.cluster.procs import BrokerProcess, ProcessFactory
@@ -18,7 +19,7 @@ from tests.redis_server import RedisServer
 
 
 async def lease_owners(r: aioredis.Redis, session_ids: list[str]) -> dict[str, str | None]:
-    values = await r.mget([f"broker:{{s:{sid}}}:lease" for sid in session_ids])
+    values = await r.mget([RedisKeys().lease(sid) for sid in session_ids])
     return {sid: (_text(v).rsplit(":", 1)[0] if v else None)
             for sid, v in zip(session_ids, values, strict=True)}
 

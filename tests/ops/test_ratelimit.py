@@ -146,7 +146,7 @@ async def test_redis_limiters_share_one_bucket(
     bucket = TokenBucket(NO_REFILL, 3)
     stores = [RedisStore.from_url(redis_server.url) for _ in range(2)]
     try:
-        first, second = (RedisLimiter(s, bucket) for s in stores)
+        first, second = (RedisLimiter(s.client, s.keys, bucket) for s in stores)
         waits = [await first.acquire(SID), await second.acquire(SID), await first.acquire(SID)]
         assert waits == [0.0, 0.0, 0.0]
         assert await second.acquire(SID) > 60

@@ -186,7 +186,7 @@ async def test_without_a_retention_nothing_is_trimmed(store: Store) -> None:
 async def test_the_broker_opens_its_store_with_the_configured_retention(
     backend: Backend, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from broker.app import open_store
+    from broker.backends import open_store
     from broker.config import Settings
     from broker.store.crypto import generate_key
 

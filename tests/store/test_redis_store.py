@@ -61,11 +61,11 @@ async def _raw(store: RedisStore, key: str) -> bytes:
 # encryption at rest
 async def test_stored_credentials_hold_no_plaintext(store: RedisStore) -> None:
     await store.save_credentials("s1", {"token": SECRET, "user": "alice"})
-    raw = await _raw(store, store.session_tag("s1") + ":creds")
+    raw = await _raw(store, store.keys.creds("s1"))
     assert SECRET.encode() not in raw and b"alice" not in raw and b"token" not in raw
     assert CredentialCipher.key_id_of(raw) == store.cipher.current_key_id
     await store.save_credentials("s1", {"token": SECRET, "user": "alice"})
-    assert await _raw(store, store.session_tag("s1") + ":creds") != raw, "fresh nonce per write"
+    assert await _raw(store, store.keys.creds("s1")) != raw, "fresh nonce per write"
     assert SECRET not in repr(store) and SECRET not in repr(store.cipher)
     assert base64.b64encode(TEST_KEY).decode() not in repr(store)
 
@@ -74,9 +74,9 @@ async def test_wrong_key_or_other_session_fails_without_leaking(
     store: RedisStore, shared_redis: RedisServer,
 ) -> None:
     await store.save_credentials("s1", {"token": SECRET})
-    sealed = await _raw(store, store.session_tag("s1") + ":creds")
+    sealed = await _raw(store, store.keys.creds("s1"))
 
-    await store.client.set(store.session_tag("s2") + ":creds", sealed)
+    await store.client.set(store.keys.creds("s2"), sealed)
     with pytest.raises(CredentialDecryptError) as copied:
         await store.load_credentials("s2")
     assert SECRET not in str(copied.value)
@@ -106,7 +106,7 @@ async def test_key_rotation(shared_redis: RedisServer) -> None:
         await old.save_credentials("s1", {"token": SECRET})
         assert await rotated.load_credentials("s1") == {"token": SECRET}
         await rotated.save_credentials("s1", {"token": SECRET})
-        raw = await _raw(rotated, rotated.session_tag("s1") + ":creds")
+        raw = await _raw(rotated, rotated.keys.creds("s1"))
         assert CredentialCipher.key_id_of(raw) == "k2"
         assert await new_only.load_credentials("s1") == {"token": SECRET}
         with pytest.raises(CredentialDecryptError):

@@ -1,0 +1,87 @@
+"""The one place that knows what a store brings with it.
+
+Opening a store URL (or wrapping a store a caller made) gives a `Backend`:
+the store, where sessions run (the placement), how Sends are rate limited,
+where other instances' status events come from, and what must happen before
+anything listens. Nothing downstream asks which backend it was given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from broker.cluster.coordinator import Coordinator
+from broker.cluster.tail import EventTail
+from broker.config import Settings
+from broker.datadir import sqlite_cipher, sqlite_path
+from broker.runtime.bus import StatusBus
+from broker.runtime.manager import SessionManager
+from broker.runtime.placement import LocalPlacement, Placement, PlacementFactory
+from broker.runtime.ratelimit import RateLimiter, rate_limiter
+from broker.store.base import Store
+from broker.store.memory import MemoryStore
+from broker.store.redis import RedisStore
+from broker.store.sqlite import SqliteStore
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    store: Store
+    limiter: RateLimiter
+    placement: PlacementFactory = LocalPlacement
+    events: Callable[[StatusBus], EventTail] | None = None
+    """Relays the status events every instance stores to this one's subscribers
+    (None: this process makes them all)."""
+    ready: Callable[[], Awaitable[None]] = _nothing
+    """Run before anything listens (SQLite: take the database's lock)."""
+
+
+def open_store(settings: Settings) -> Store:
+    url = settings.store_url
+    if url in ("memory", "memory://", ""):
+        return MemoryStore(event_log_size=settings.event_log_size,
+                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                           inbound_retention_s=settings.inbound_retention_s)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore.from_url(url, key_prefix=settings.key_prefix,
+                                   event_log_size=settings.event_log_size,
+                                   inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                                   inbound_retention_s=settings.inbound_retention_s,
+                                   consumer=settings.instance_id or None)
+    if url.startswith("sqlite://"):
+        path = sqlite_path(url)
+        return SqliteStore(path, cipher=sqlite_cipher(path),
+                           event_log_size=settings.event_log_size,
+                           inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
+                           inbound_retention_s=settings.inbound_retention_s)
+    raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "
+                     "or redis://host:port/db)")
+
+
+def open_backend(settings: Settings, store: Store | None = None) -> Backend:
+    """The backend of `settings.store_url`, or of a store the caller opened."""
+    store = store or open_store(settings)
+    if isinstance(store, RedisStore):
+        return _shared(store, settings)
+    if isinstance(store, SqliteStore):
+        return Backend(store, rate_limiter(settings), ready=store.open)
+    return Backend(store, rate_limiter(settings))
+
+
+def _shared(store: RedisStore, settings: Settings) -> Backend:
+    """Several instances share this Redis: ownership goes by lease, status events
+    come through the shared log, and Sends draw on one bucket per session."""
+
+    def placement(manager: SessionManager) -> Placement:
+        return Coordinator(manager, store.client, instance_id=settings.instance_id,
+                           lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix)
+
+    return Backend(
+        store, rate_limiter(settings, redis=store.client, keys=store.keys),
+        placement=placement, events=lambda bus: EventTail(store, bus),
+    )

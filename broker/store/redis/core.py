@@ -1,0 +1,85 @@
+"""What every part of the Redis store shares: the client, the key layout, the
+consumer groups, and the one mapping of Redis trouble to broker errors."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+
+from broker.errors import BrokerError, NotOwner, StoreUnavailable
+from broker.store.redis.groups import ConsumerGroups
+from broker.store.redis.keys import RedisKeys
+from broker.store.redis.scripts import FENCED_REPLY
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+BLOCK_CHUNK_S = 2.0
+"""Longest single blocking call: well under the socket timeout, so a wait never
+looks like a dead connection."""
+_UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
+
+
+def block_ms(seconds: float) -> int:
+    """A blocking command's timeout, capped at BLOCK_CHUNK_S (and at least 1 ms)."""
+    return max(1, int(min(seconds, BLOCK_CHUNK_S) * 1000))
+
+
+class RedisCore:
+    """The state the store's parts (sessions, outbox, events, inbound) build on."""
+
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys) -> None:
+        self._client = client
+        self.keys = keys
+        self._groups = ConsumerGroups(client)
+        kwargs = client.connection_pool.connection_kwargs
+        self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
+        if "path" in kwargs:
+            self._where = f"unix:{kwargs['path']}"
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the Redis store at {self._where} is unavailable ({type(exc).__name__}: {exc}); "
+            "retry shortly (Send: with the same idempotency key)",
+            retry_after_s=1.0,
+        )
+
+    def _forget_session(self, session_id: str) -> None:
+        """Drop what this process caches about a deleted session (parts extend it)."""
+
+
+S = TypeVar("S", bound=RedisCore)
+
+
+def guard(
+    fn: Callable[Concatenate[S, P], Awaitable[R]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]:
+    """Turn Redis connection trouble into StoreUnavailable and a fenced script's
+    refusal into NotOwner, in one place."""
+
+    async def wrapper(self: S, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(self, *args, **kwargs)
+        except BrokerError:
+            raise
+        except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
+            raise self._unavailable(exc) from exc
+        except (rexc.ReadOnlyError, rexc.OutOfMemoryError) as exc:
+            raise self._unavailable(exc) from exc
+        except rexc.ResponseError as exc:
+            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+                raise self._unavailable(exc) from exc
+            if str(exc).startswith(FENCED_REPLY):
+                raise NotOwner(f"refused a stale owner's write: {exc}") from exc
+            raise
+
+    functools.update_wrapper(wrapper, fn)
+    return wrapper

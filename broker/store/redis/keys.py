@@ -1,0 +1,142 @@
+"""The Redis key layout, defined once: the store, the leases, membership, the
+coordinator and the rate limiter all name their keys here.
+
+``P`` is the key prefix (default ``broker``); ``T`` is ``{s:<session_id>}``, the
+hash tag shared by every key of one session, so one Lua script can touch them
+together and the layout holds on Redis Cluster.
+
+- ``P:T:session``       hash: tenant, enabled, created_at
+- ``P:T:creds``         string: AES-GCM sealed credentials (see `broker.store.crypto`)
+- ``P:T:outbox``        stream: unacked messages in FIFO order (acked ones are XDEL'd),
+                        read by the owner through the ``owners`` consumer group
+- ``P:T:ids``           hash: message id -> outbox stream entry id (unacked only)
+- ``P:T:seq``           counter: the outbox sequence
+- ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
+                        no TTL while unacked, the idempotency TTL once acked
+- ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
+- ``P:T:last``          hash: the session's last status event (``id``, ``event``)
+- ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
+                        kept, and raised, when the session is deleted
+- ``P:T:lease``         string: "<instance>:<token>" of the owning instance (broker.cluster.lease)
+- ``P:T:live``          hash: the owner's live report, expiring with the lease TTL
+- ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
+- ``P:T:inbound``       stream: inbound messages; consumer groups are the worker groups
+- ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
+- ``P:T:inbound:aged``  sorted set: upstream message id by arrival (ms), to trim
+                        the de-dup hash with the stream past the inbound retention
+- ``P:T:rate``          hash: the session's send token bucket (broker.runtime.ratelimit)
+- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
+- ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
+                        its entry ids are the event ids
+- ``P:instances``       sorted set: live broker instances by heartbeat;
+                        ``P:instances:id:<id>`` the claim on one instance id
+- ``P:control``         pub/sub channel: coordinator messages (rebalance, ...)
+- ``P:ack-listener``    pub/sub channel the ack listener always subscribes to
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    prefix: str = "broker"
+
+    # per session: every name starts with the session's hash tag
+    def session_tag(self, session_id: str) -> str:
+        """The prefix and hash tag every key of this session starts with."""
+        return f"{self.prefix}:{{s:{session_id}}}"
+
+    def _part(self, session_id: str, part: str) -> str:
+        return f"{self.session_tag(session_id)}:{part}"
+
+    def session_pattern(self, session_id: str) -> str:
+        """A SCAN MATCH pattern for every key of the session (its id glob-escaped)."""
+        return _glob_escape(self.session_tag(session_id)) + ":*"
+
+    def session(self, session_id: str) -> str:
+        return self._part(session_id, "session")
+
+    def creds(self, session_id: str) -> str:
+        return self._part(session_id, "creds")
+
+    def outbox(self, session_id: str) -> str:
+        return self._part(session_id, "outbox")
+
+    def ids(self, session_id: str) -> str:
+        return self._part(session_id, "ids")
+
+    def seq(self, session_id: str) -> str:
+        return self._part(session_id, "seq")
+
+    def idem(self, session_id: str, idempotency_key: str = "") -> str:
+        """With no key: the prefix the outbox script appends keys to."""
+        return self._part(session_id, f"idem:{idempotency_key}")
+
+    def result(self, session_id: str, message_id: str = "") -> str:
+        """With no message id: the prefix the outbox script appends ids to."""
+        return self._part(session_id, f"result:{message_id}")
+
+    def last(self, session_id: str) -> str:
+        return self._part(session_id, "last")
+
+    def fence(self, session_id: str) -> str:
+        """The session's current fencing token; only grows, survives delete."""
+        return self._part(session_id, "fence")
+
+    def lease(self, session_id: str) -> str:
+        """"<instance>:<token>" while an instance owns the session."""
+        return self._part(session_id, "lease")
+
+    def live(self, session_id: str) -> str:
+        return self._part(session_id, "live")
+
+    def acked(self, session_id: str) -> str:
+        """The pub/sub channel an ack is announced on."""
+        return self._part(session_id, "acked")
+
+    def inbound(self, session_id: str) -> str:
+        return self._part(session_id, "inbound")
+
+    def inbound_seen(self, session_id: str) -> str:
+        return self._part(session_id, "inbound:seen")
+
+    def inbound_aged(self, session_id: str) -> str:
+        return self._part(session_id, "inbound:aged")
+
+    def rate(self, session_id: str) -> str:
+        """The send token bucket; under the tag, so deleting the session removes it."""
+        return self._part(session_id, "rate")
+
+    # shared by every session
+    @property
+    def sessions(self) -> str:
+        return f"{self.prefix}:sessions"
+
+    def tenant(self, tenant: str) -> str:
+        return f"{self.prefix}:tenant:{tenant}"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    @property
+    def instances(self) -> str:
+        return f"{self.prefix}:instances"
+
+    def instance_claim(self, instance_id: str) -> str:
+        """Held by the one live process running under this instance id."""
+        return f"{self.instances}:id:{instance_id}"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}:control"
+
+    @property
+    def ack_listener(self) -> str:
+        return f"{self.prefix}:ack-listener"
