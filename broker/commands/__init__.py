@@ -1,0 +1,1 @@
+"""The `broker` command's subcommands: the service, and the people commands."""
