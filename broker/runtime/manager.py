@@ -45,6 +45,7 @@ from broker.upstream.provider import Provider
 
 log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
+LIST_CONCURRENCY = 64
 
 _NOT_READY: dict[State, tuple[str, str]] = {
     State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
@@ -202,8 +203,14 @@ class SessionManager:
         return await self.view(await self._record(session_id))
 
     async def list_sessions(self, tenant: str = "") -> list[SessionView]:
+        """Every session's view; the store reads of up to LIST_CONCURRENCY sessions at
+        once, so a long list costs a few round trips of latency, not one per read."""
         records = await self.store.list_sessions(validation.optional_tenant(tenant))
-        return [await self.view(r) for r in records]
+        views: list[SessionView] = []
+        for start in range(0, len(records), LIST_CONCURRENCY):
+            chunk = records[start:start + LIST_CONCURRENCY]
+            views += await asyncio.gather(*(self.view(r) for r in chunk))
+        return views
 
     async def stop(self, session_id: str) -> SessionView:
         record = await self._record(session_id)

@@ -114,7 +114,7 @@ class Fleet:
             await eventually_async(paired, timeout, "every session paired and OPEN")
 
     async def states(self) -> dict[str, int]:
-        async with BrokerClient(self.address(0)) as admin:
+        async with BrokerClient(self.address(0), timeout=60) as admin:
             return {s.session_id: s.state for s in await admin.list_sessions()}
 
     async def wait_all_open(self, session_ids: list[str], timeout: float = 60) -> None:
