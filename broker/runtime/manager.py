@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,17 +28,18 @@ from broker.errors import (
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
 from broker.lifecycle.states import State
+from broker.runtime import watch as watching
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
+from broker.runtime.watch import Watched
 from broker.store.base import (
     Accepted,
     DeliveryResult,
     NewMessage,
     OutboxMessage,
     SessionRecord,
-    StatusEvent,
     Store,
 )
 from broker.upstream.provider import Provider
@@ -448,24 +449,23 @@ class SessionManager:
     def subscribe(self, session_ids: Collection[str], tenant: str | None) -> Subscription:
         return self.bus.subscribe(session_filter(session_ids, tenant))
 
-    async def snapshot(self, session_ids: Collection[str], tenant: str | None) -> list[StatusEvent]:
-        wanted = set(session_ids)
-        out: list[StatusEvent] = []
-        for record in await self.store.list_sessions(tenant):
-            if wanted and record.session_id not in wanted:
-                continue
-            last = await self.store.last_event(record.session_id)
-            if last is None:
-                last = StatusEvent(
-                    session_id=record.session_id, tenant=record.tenant, sequence=0,
-                    state=State.STOPPED, previous=State.STOPPED, reason="not started",
-                    at=record.created_at,
-                )
-            out.append(last)
-        return out
+    def watch(
+        self, session_ids: Collection[str] = (), tenant: str = "", resume_after: str = ""
+    ) -> AsyncGenerator[Watched, None]:
+        """Status of the matching sessions (all, by default), for as long as it is read.
+
+        First a snapshot of each session's current state or, given the last
+        `event_id` a watcher saw, the events it missed since (a resync snapshot
+        when the log no longer reaches back that far); then live events, each
+        session's in sequence order and none twice. Raises SubscriberTooSlow when
+        the reader falls too far behind (it can resume from its last event).
+        """
+        return watching.watch(self, session_ids, tenant, resume_after)
 
     async def health(self, session_ids: Collection[str] = (), tenant: str = "") -> list[HealthView]:
-        validation.optional_tenant(tenant)  # bad input first, then NOT_FOUND
+        for sid in session_ids:  # bad input first, then NOT_FOUND
+            validation.session_id(sid, "session_ids")
+        validation.optional_tenant(tenant)
         for sid in session_ids:
             await self._record(sid)
         views = await self.list_sessions(tenant)
