@@ -18,7 +18,7 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.errors import BrokerError, InvalidArgument
+from broker.errors import BrokerError, ErrorReason, InvalidArgument
 
 log = logging.getLogger(__name__)
 DOMAIN = "broker.v1"
@@ -51,7 +51,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Statu
 
 def _internal(exc: Exception) -> BrokerError:
     log.exception("unexpected error in RPC", exc_info=exc)
-    return BrokerError("internal error; see the broker's log", reason="INTERNAL")
+    return BrokerError("internal error; see the broker's log", reason=ErrorReason.INTERNAL)
 
 
 #: Set on handlers that answer a request that did not parse themselves, so

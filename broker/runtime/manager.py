@@ -18,9 +18,11 @@ from typing import Protocol
 from broker import validation
 from broker.config import Settings
 from broker.errors import (
+    ErrorReason,
     InvalidArgument,
     NotDeliveredYet,
     NotOwner,
+    Reason,
     SessionExists,
     SessionNotFound,
     SessionNotReady,
@@ -47,15 +49,21 @@ from broker.upstream.provider import Provider
 log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
 
-_NOT_READY: dict[State, tuple[str, str]] = {
-    State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
-    State.PAIRING: ("NEEDS_PAIRING", "the session is waiting for its QR code to be scanned"),
-    State.STOPPED: ("SESSION_STOPPED", "the session is stopped; restart it first"),
+_NOT_READY: dict[State, tuple[Reason, str]] = {
+    State.LOGGED_OUT: (
+        ErrorReason.LOGGED_OUT, "the session is logged out; pair it again (broker qr)"
+    ),
+    State.PAIRING: (
+        ErrorReason.NEEDS_PAIRING, "the session is waiting for its QR code to be scanned"
+    ),
+    State.STOPPED: (ErrorReason.SESSION_STOPPED, "the session is stopped; restart it first"),
     State.CONFLICT: (
-        "SESSION_CONFLICT",
+        ErrorReason.SESSION_CONFLICT,
         "another client outside the broker uses this login; stop it, then restart the session",
     ),
-    State.FAILED: ("SESSION_FAILED", "the session gave up; see Health, then restart it"),
+    State.FAILED: (
+        ErrorReason.SESSION_FAILED, "the session gave up; see Health, then restart it"
+    ),
 }
 
 
@@ -309,7 +317,7 @@ class SessionManager:
             state = actor.state if actor else State.STOPPED
             raise SessionNotReady(
                 f"session {session_id!r} is {state.value}, not pairing: no QR to scan",
-                reason="NOT_PAIRING", session_id=session_id, state=state.value,
+                reason=ErrorReason.NOT_PAIRING, session_id=session_id, state=state.value,
             )
         return QrView(session_id, actor.machine.qr, actor.qr_index, actor.qr_expires_at)
 
@@ -437,7 +445,7 @@ class SessionManager:
         result = await self.store.result(session_id, message.message_id)
         if result is not None:
             return result
-        reason, text = _NOT_READY.get(actor.state, ("SESSION_STOPPED", "stopped"))
+        reason, text = _NOT_READY.get(actor.state, (ErrorReason.SESSION_STOPPED, "stopped"))
         raise SessionNotReady(
             f"session {session_id!r}: {text}; message {message.message_id} stays queued and "
             "is sent once the session is open again",

@@ -20,7 +20,14 @@ import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
-from .errors import BrokerError, DeadlineExceeded, Unavailable, error_from_rpc
+from .errors import (
+    BrokerError,
+    DeadlineExceeded,
+    ErrorReason,
+    Unavailable,
+    error_from_rpc,
+    reason_name,
+)
 from .retry import send_retrying, stream_retrying
 from .v1 import broker_pb2, broker_pb2_grpc
 
@@ -30,6 +37,9 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+
+#: The broker never ends a live stream on its own: one that ends is a restart.
+_STREAM_ENDED = reason_name(ErrorReason.STREAM_ENDED)
 
 _Resp = TypeVar("_Resp")
 _StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
@@ -373,7 +383,7 @@ class StatusWatch(AsyncIterator[broker_pb2.StatusEvent]):
         if not isinstance(event, broker_pb2.StatusEvent):  # grpc.aio.EOF
             self._drop()
             # The broker never ends a live stream on its own: this is a restart.
-            raise Unavailable("status stream ended by the broker", reason="STREAM_ENDED")
+            raise Unavailable("status stream ended by the broker", reason=_STREAM_ENDED)
         return event
 
     async def __anext__(self) -> broker_pb2.StatusEvent:
@@ -445,7 +455,7 @@ class InboundReceiver(AsyncIterator[broker_pb2.InboundMessage]):
             raise error_from_rpc(err) from err
         if not isinstance(message, broker_pb2.InboundMessage):  # grpc.aio.EOF
             self._drop()
-            raise Unavailable("inbound stream ended by the broker", reason="STREAM_ENDED")
+            raise Unavailable("inbound stream ended by the broker", reason=_STREAM_ENDED)
         return message
 
     async def __anext__(self) -> broker_pb2.InboundMessage:
