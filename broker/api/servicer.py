@@ -6,7 +6,7 @@ broker.api.status maps to rich statuses in one place."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -37,7 +37,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @streaming
     async def StreamStatus(
         self, request: pb.StreamStatusRequest, context: Context
-    ) -> AsyncIterator[pb.StatusEvent]:
+    ) -> AsyncGenerator[pb.StatusEvent, None]:
         events = self.manager.watch(request.session_ids, request.tenant, request.resume_after)
         async with aclosing(events):  # unsubscribe as soon as the stream ends
             async for item in events:
@@ -92,7 +92,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @streaming
     async def Receive(
         self, request: pb.ReceiveRequest, context: Context
-    ) -> AsyncIterator[pb.InboundMessage]:
+    ) -> AsyncGenerator[pb.InboundMessage, None]:
         deliveries = self.manager.inbound.receive(
             request.session_ids, request.group, request.consumer, request.max_unacked,
         )

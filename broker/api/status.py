@@ -10,7 +10,8 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import grpc
@@ -83,19 +84,21 @@ def unary(
 
 
 def streaming(
-    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Resp, None]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Resp, None]]:
     """The same mapping for server-streaming handlers."""
 
     @functools.wraps(handler)
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp, None]:
         try:
             if isinstance(request, _Malformed):
                 raise _malformed(request)
-            async for item in handler(self, request, context):
-                yield item
+            # aclosing: a stream that ends closes the handler (and what it reads) at once.
+            async with aclosing(handler(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except BrokerError as exc:
             await _abort(context, to_status(exc))
         except Exception as exc:
