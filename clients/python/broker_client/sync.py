@@ -21,7 +21,6 @@ from .client import (
     InboundReceiver,
     SendResult,
     StatusWatch,
-    tls_credentials,
 )
 from .v1 import broker_pb2
 
@@ -47,25 +46,19 @@ class SyncBrokerClient:
         tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         """Options as :class:`BrokerClient` (``tls_*``: PEM files for TLS / mutual TLS)."""
-        if tls_ca or tls_cert or tls_key:
-            if credentials is not None:
-                raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
-            # Before the loop thread starts, so bad paths fail without leaking it.
-            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        # The async client first: it checks the options (and reads the TLS files)
+        # and opens nothing, so bad options fail before the loop thread exists.
+        self._client = BrokerClient(
+            target, timeout=timeout, retry_attempts=retry_attempts,
+            reconnect_attempts=reconnect_attempts, credentials=credentials, token=token,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="broker-client-loop", daemon=True
         )
         self._thread.start()
         self._closed = False
-        self._client = BrokerClient(
-            target,
-            timeout=timeout,
-            retry_attempts=retry_attempts,
-            reconnect_attempts=reconnect_attempts,
-            credentials=credentials,
-            token=token,
-        )
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
