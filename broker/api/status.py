@@ -12,7 +12,7 @@ import inspect
 import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -45,9 +45,17 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
     # grpc-stubs lacks abort_with_status on the aio context; it always raises AbortError.
     await cast(Any, context).abort_with_status(status)
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
+    """End the call with the error's rich status (a bug's: INTERNAL, logged)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # the call is already ending (the handler aborted it)
+    await _abort(context, to_status(exc if isinstance(exc, BrokerError) else _internal(exc)))
 
 
 def _internal(exc: Exception) -> BrokerError:
@@ -71,13 +79,8 @@ def unary(
             if isinstance(request, _Malformed):
                 raise _malformed(request)
             return await handler(self, request, context)
-        except BrokerError as exc:
-            await _abort(context, to_status(exc))
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, to_status(_internal(exc)))
-        raise AssertionError("unreachable")  # abort_with_status always raises
+            await _fail(context, exc)
 
     setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper
@@ -99,12 +102,8 @@ def streaming(
             async with aclosing(handler(self, request, context)) as items:
                 async for item in items:
                     yield item
-        except BrokerError as exc:
-            await _abort(context, to_status(exc))
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, to_status(_internal(exc)))
+            await _fail(context, exc)
 
     setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper

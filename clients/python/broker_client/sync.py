@@ -11,22 +11,23 @@ import os
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
 from .client import (
     DEFAULT_TARGET,
     BrokerClient,
-    InboundReceiver,
     SendResult,
     StatusWatch,
+    _ReconnectingStream,
 )
 from .v1 import broker_pb2
 
 __all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
 
 _T = TypeVar("_T")
+_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage)
 
 
 class SyncBrokerClient:
@@ -175,31 +176,37 @@ class SyncBrokerClient:
         return self._run(self._client.get_qr(session_id))
 
 
-class _SyncStream(Iterator[_T]):
-    """Blocking iteration over one of the async client's streams, run on its loop."""
+class _SyncStream(Iterator[_Msg]):
+    """Blocking iteration over one of the async client's streams, run on its loop;
+    ``close()`` cancels the stream."""
 
-    def __init__(self, owner: SyncBrokerClient, stream: Any) -> None:
+    def __init__(self, owner: SyncBrokerClient, stream: _ReconnectingStream[_Msg]) -> None:
         self._owner = owner
-        self._stream = stream
+        self._stream: _ReconnectingStream[_Msg] = stream
 
-    def __iter__(self) -> _SyncStream[_T]:
+    @property
+    def reconnects(self) -> int:
+        """How many times the stream was reopened after a failure."""
+        return self._stream.reconnects
+
+    def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> _T:
+    def __next__(self) -> _Msg:
         try:
             return self._owner._run(self._next())
         except StopAsyncIteration:
             raise StopIteration from None
 
-    async def _next(self) -> _T:
-        item: _T = await self._stream.__anext__()
+    async def _next(self) -> _Msg:
+        item: _Msg = await self._stream.__anext__()
         return item
 
     def close(self) -> None:
         if not self._owner._closed:
             self._owner._run(self._stream.aclose())
 
-    def __enter__(self) -> _SyncStream[_T]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -212,7 +219,7 @@ class _SyncStream(Iterator[_T]):
 
 
 class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
-    """Blocking view of a :class:`StatusWatch`; ``close()`` cancels the stream."""
+    """Blocking view of a :class:`StatusWatch`."""
 
     def __init__(self, owner: SyncBrokerClient, watch: StatusWatch) -> None:
         super().__init__(owner, watch)
@@ -222,24 +229,6 @@ class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
     def last_event_id(self) -> str:
         return self._watch.last_event_id
 
-    @property
-    def reconnects(self) -> int:
-        return self._watch.reconnects
-
-    def __enter__(self) -> SyncStatusWatch:
-        return self
-
 
 class SyncInboundReceiver(_SyncStream[broker_pb2.InboundMessage]):
-    """Blocking view of an :class:`InboundReceiver`; ``close()`` cancels the stream."""
-
-    def __init__(self, owner: SyncBrokerClient, receiver: InboundReceiver) -> None:
-        super().__init__(owner, receiver)
-        self._receiver = receiver
-
-    @property
-    def reconnects(self) -> int:
-        return self._receiver.reconnects
-
-    def __enter__(self) -> SyncInboundReceiver:
-        return self
+    """Blocking view of an :class:`InboundReceiver`."""
