@@ -3,31 +3,50 @@
 Each carries a machine-readable `reason` (ErrorInfo.reason in domain
 "broker.v1") and the gRPC status it maps to; `broker.api.status` turns them
 into rich gRPC statuses in one place, so no servicer decides codes itself.
+Reasons are values of the proto's ErrorReason.Reason, so the server and the
+clients share one list; the wire carries the value's name.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import grpc
+
+from broker_client.v1.broker_pb2 import ErrorReason
+
+__all__ = [
+    "BrokerError", "ErrorReason", "InvalidArgument", "NotDeliveredYet", "NotOwner",
+    "OutboxFull", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
+    "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
+    "Unauthenticated", "reason_name",
+]
+
+Reason: TypeAlias = "ErrorReason.Reason.ValueType"
+
+
+def reason_name(reason: Reason) -> str:
+    """The string ErrorInfo.reason carries, e.g. "OUTBOX_FULL"."""
+    return ErrorReason.Reason.Name(reason)
 
 
 class BrokerError(Exception):
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
-    default_reason: ClassVar[str] = "INTERNAL"
+    default_reason: ClassVar[Reason] = ErrorReason.INTERNAL
 
     def __init__(
         self,
         message: str,
         *,
-        reason: str | None = None,
+        reason: Reason | None = None,
         session_id: str | None = None,
         retry_after_s: float | None = None,
         **metadata: str,
     ) -> None:
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
+        #: The wire name of the reason (ErrorInfo.reason), e.g. "NOT_OWNER".
+        self.reason = reason_name(self.default_reason if reason is None else reason)
         self.retry_after_s = retry_after_s
         self.metadata = dict(metadata)
         if session_id is not None:
@@ -36,7 +55,7 @@ class BrokerError(Exception):
 
 class InvalidArgument(BrokerError):
     code = grpc.StatusCode.INVALID_ARGUMENT
-    default_reason = "INVALID_ARGUMENT"
+    default_reason = ErrorReason.INVALID_ARGUMENT
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}", field=field)
@@ -44,7 +63,7 @@ class InvalidArgument(BrokerError):
 
 class SessionNotFound(BrokerError):
     code = grpc.StatusCode.NOT_FOUND
-    default_reason = "SESSION_NOT_FOUND"
+    default_reason = ErrorReason.SESSION_NOT_FOUND
 
     def __init__(self, session_id: str) -> None:
         super().__init__(f"unknown session {session_id!r}", session_id=session_id)
@@ -52,33 +71,33 @@ class SessionNotFound(BrokerError):
 
 class SessionExists(BrokerError):
     code = grpc.StatusCode.ALREADY_EXISTS
-    default_reason = "SESSION_EXISTS"
+    default_reason = ErrorReason.SESSION_EXISTS
 
 
 class SessionNotReady(BrokerError):
     """The session cannot take messages until a person acts (re-pair, restart)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "SESSION_STOPPED"
+    default_reason = ErrorReason.SESSION_STOPPED
 
 
 class NotDeliveredYet(BrokerError):
     """Accepted and queued, but no upstream ack before the deadline: retry with the same key."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "NOT_DELIVERED_YET"
+    default_reason = ErrorReason.NOT_DELIVERED_YET
 
 
 class StoreUnavailable(BrokerError):
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "STORE_UNAVAILABLE"
+    default_reason = ErrorReason.STORE_UNAVAILABLE
 
 
 class StoreInUse(BrokerError):
     """The embedded database is held by another broker process (one process only)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "STORE_IN_USE"
+    default_reason = ErrorReason.STORE_IN_USE
 
 
 class StoreSchemaError(BrokerError):
@@ -86,7 +105,7 @@ class StoreSchemaError(BrokerError):
     or on a file system without write-ahead logging."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
-    default_reason = "STORE_SCHEMA"
+    default_reason = ErrorReason.STORE_SCHEMA
 
 
 class NotOwner(BrokerError):
@@ -95,29 +114,29 @@ class NotOwner(BrokerError):
     The writer must stop owning at once; a caller may retry (any instance accepts)."""
 
     code = grpc.StatusCode.UNAVAILABLE
-    default_reason = "NOT_OWNER"
+    default_reason = ErrorReason.NOT_OWNER
 
 
 class OutboxFull(BrokerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "OUTBOX_FULL"
+    default_reason = ErrorReason.OUTBOX_FULL
 
 
 class RateLimited(BrokerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "RATE_LIMITED"
+    default_reason = ErrorReason.RATE_LIMITED
 
 
 class SubscriberTooSlow(BrokerError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    default_reason = "SUBSCRIBER_TOO_SLOW"
+    default_reason = ErrorReason.SUBSCRIBER_TOO_SLOW
 
 
 class Unauthenticated(BrokerError):
     code = grpc.StatusCode.UNAUTHENTICATED
-    default_reason = "UNAUTHENTICATED"
+    default_reason = ErrorReason.UNAUTHENTICATED
 
 
 class PermissionDenied(BrokerError):
     code = grpc.StatusCode.PERMISSION_DENIED
-    default_reason = "PERMISSION_DENIED"
+    default_reason = ErrorReason.PERMISSION_DENIED

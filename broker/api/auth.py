@@ -37,7 +37,7 @@ from google.protobuf.message import Message
 from broker import validation
 from broker.api.status import ServerInterceptor, to_status
 from broker.auth.tokens import Permission, TokenRecord, TokenStore
-from broker.errors import BrokerError, PermissionDenied, Unauthenticated
+from broker.errors import BrokerError, ErrorReason, PermissionDenied, Unauthenticated
 from broker.store.base import Store
 from broker_client.v1 import broker_pb2 as pb
 
@@ -90,7 +90,7 @@ class Authorizer:
         values = [v for k, v in metadata or () if k == "authorization"]
         if len(values) > 1:
             raise Unauthenticated("send exactly one authorization header",
-                                  reason="TOKEN_MALFORMED")
+                                  reason=ErrorReason.TOKEN_MALFORMED)
         value = values[0] if values else None
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
@@ -102,7 +102,7 @@ class Authorizer:
         permission, scope = RULES.get(name, (Permission.MANAGE, ""))
         if not token.may(permission):
             raise PermissionDenied(
-                f"a {token.role.value} token may not call {name}", reason="WRONG_ROLE",
+                f"a {token.role.value} token may not call {name}", reason=ErrorReason.WRONG_ROLE,
                 token_id=token.id, role=token.role.value, method=name,
             )
         decoded = isinstance(request, Message)  # (a separate name keeps `request` Any)
@@ -124,7 +124,7 @@ class Authorizer:
             return not ids and not request.tenant
         else:
             raise PermissionDenied(f"{name} needs an admin token for all tenants",
-                                   reason="WRONG_TENANT", token_id=token.id, method=name)
+                                   reason=ErrorReason.WRONG_TENANT, token_id=token.id, method=name)
         return False
 
     async def _session(self, token: TokenRecord, session_id: str) -> None:
@@ -132,15 +132,15 @@ class Authorizer:
         tenant = await self.tenant_of(session_id)
         if tenant is None or not token.allows_tenant(tenant):
             raise PermissionDenied(
-                f"this token may not act for session {session_id!r}", reason="WRONG_TENANT",
-                session_id=session_id, token_id=token.id,
+                f"this token may not act for session {session_id!r}",
+                reason=ErrorReason.WRONG_TENANT, session_id=session_id, token_id=token.id,
             )
 
     @staticmethod
     def _tenant(token: TokenRecord, tenant: str) -> None:
         if not token.allows_tenant(tenant):
             raise PermissionDenied(
-                f"this token may not act for tenant {tenant!r}", reason="WRONG_TENANT",
+                f"this token may not act for tenant {tenant!r}", reason=ErrorReason.WRONG_TENANT,
                 tenant=tenant, token_id=token.id,
             )
 

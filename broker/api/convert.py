@@ -1,13 +1,20 @@
-"""Domain objects to broker.v1 messages (one direction: the API only reports)."""
+"""Domain objects to broker.v1 messages (one direction: the API only reports).
+
+Requests need no converting: their fields are plain strings and numbers the
+runtime takes as they are (and validates, through broker.validation).
+"""
 
 from __future__ import annotations
+
+import collections
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.lifecycle.health import Recommendation, SessionStats, Severity
 from broker.lifecycle.states import State
 from broker.runtime.manager import HealthView, QrView, SendOutcome, SessionView
-from broker.store.base import StatusEvent
+from broker.runtime.watch import Origin, Watched
+from broker.store.base import InboundDelivery, StatusEvent
 from broker_client.v1 import broker_pb2 as pb
 
 
@@ -55,6 +62,54 @@ def status_event(
         retry_in_ms=int(event.retry_in_s * 1000) if event.retry_in_s is not None else 0,
         qr=event.qr or "", at=timestamp(event.at), snapshot=snapshot, resync=resync,
         attempt=event.attempt,
+    )
+
+
+_RECENT_EVENTS = 64
+_converted: collections.OrderedDict[int, tuple[StatusEvent, pb.StatusEvent]] = (
+    collections.OrderedDict()
+)
+
+
+def _live_event(event: StatusEvent) -> pb.StatusEvent:
+    """A live event goes to every subscriber: convert it once, not once per stream.
+
+    Keyed by identity (the bus hands every subscriber the same object): hashing
+    the event's fields for a thousand subscribers cost more than converting.
+    """
+    entry = _converted.get(id(event))
+    if entry is not None and entry[0] is event:
+        return entry[1]
+    message = status_event(event)
+    _converted[id(event)] = (event, message)  # holding the event keeps its id unique
+    if len(_converted) > _RECENT_EVENTS:
+        _converted.popitem(last=False)
+    return message
+
+
+def watched(item: Watched) -> pb.StatusEvent:
+    """One event of a status watch, flagged by where it came from."""
+    event, origin = item
+    if origin is Origin.LIVE:
+        return _live_event(event)
+    if origin is Origin.REPLAY:
+        return status_event(event)
+    return status_event(event, snapshot=True, resync=origin is Origin.RESYNC)
+
+
+def send_timeout(time_remaining: float | None) -> float | None:
+    """How long Send may wait for the ack: the caller's deadline less a margin to answer."""
+    if time_remaining is None:
+        return None
+    return max(time_remaining - min(0.05, time_remaining / 10), 0.0)
+
+
+def inbound_message(delivery: InboundDelivery) -> pb.InboundMessage:
+    record = delivery.record
+    return pb.InboundMessage(
+        session_id=record.session_id, inbound_id=record.inbound_id,
+        upstream_id=record.upstream_id, sender=record.sender, body=record.body,
+        received_at=timestamp(record.received_at), delivery_count=delivery.delivery_count,
     )
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.errors import BrokerError, InvalidArgument
+from broker.errors import BrokerError, ErrorReason, InvalidArgument
 
 log = logging.getLogger(__name__)
 DOMAIN = "broker.v1"
@@ -44,14 +45,22 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> None:
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], status: grpc.Status) -> NoReturn:
     # grpc-stubs lacks abort_with_status on the aio context; it always raises AbortError.
     await cast(Any, context).abort_with_status(status)
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+async def _fail(context: grpc.aio.ServicerContext[Any, Any], exc: Exception) -> NoReturn:
+    """End the call with the error's rich status (a bug's: INTERNAL, logged)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # the call is already ending (the handler aborted it)
+    await _abort(context, to_status(exc if isinstance(exc, BrokerError) else _internal(exc)))
 
 
 def _internal(exc: Exception) -> BrokerError:
     log.exception("unexpected error in RPC", exc_info=exc)
-    return BrokerError("internal error; see the broker's log", reason="INTERNAL")
+    return BrokerError("internal error; see the broker's log", reason=ErrorReason.INTERNAL)
 
 
 #: Set on handlers that answer a request that did not parse themselves, so
@@ -70,38 +79,31 @@ def unary(
             if isinstance(request, _Malformed):
                 raise _malformed(request)
             return await handler(self, request, context)
-        except BrokerError as exc:
-            await _abort(context, to_status(exc))
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, to_status(_internal(exc)))
-        raise AssertionError("unreachable")  # abort_with_status always raises
+            await _fail(context, exc)
 
     setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper
 
 
 def streaming(
-    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    handler: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Resp, None]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Resp, None]]:
     """The same mapping for server-streaming handlers."""
 
     @functools.wraps(handler)
     async def wrapper(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Resp]:
+    ) -> AsyncGenerator[Resp, None]:
         try:
             if isinstance(request, _Malformed):
                 raise _malformed(request)
-            async for item in handler(self, request, context):
-                yield item
-        except BrokerError as exc:
-            await _abort(context, to_status(exc))
+            # aclosing: a stream that ends closes the handler (and what it reads) at once.
+            async with aclosing(handler(self, request, context)) as items:
+                async for item in items:
+                    yield item
         except Exception as exc:
-            if isinstance(exc, grpc.aio.AbortError):
-                raise
-            await _abort(context, to_status(_internal(exc)))
+            await _fail(context, exc)
 
     setattr(wrapper, REJECTS_MALFORMED, True)
     return wrapper

@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from broker.errors import Unauthenticated
+from broker.errors import ErrorReason, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -236,23 +236,23 @@ class TokenStore:
         if authorization is None:
             raise Unauthenticated(
                 "no bearer token: send the metadata 'authorization: Bearer <token>'",
-                reason="TOKEN_MISSING",
+                reason=ErrorReason.TOKEN_MISSING,
             )
         scheme, _, token = authorization.strip().partition(" ")
         match = _TOKEN.match(token.strip()) if scheme.lower() == "bearer" else None
         if match is None:
             raise Unauthenticated(
                 "malformed authorization metadata: expected 'Bearer brk_<id>_<secret>'",
-                reason="TOKEN_MALFORMED",
+                reason=ErrorReason.TOKEN_MALFORMED,
             )
         self._refresh()
         record = self._by_id.get(match.group(1))
         expected = record.sha256 if record is not None else _DUMMY_HASH
         if not hmac.compare_digest(hash_token(token.strip()), expected) or record is None:
-            raise Unauthenticated("unknown or revoked token", reason="TOKEN_INVALID")
+            raise Unauthenticated("unknown or revoked token", reason=ErrorReason.TOKEN_INVALID)
         if record.expired(self.clock()):
             raise Unauthenticated(
-                f"token {record.id} expired; create a new one", reason="TOKEN_EXPIRED",
+                f"token {record.id} expired; create a new one", reason=ErrorReason.TOKEN_EXPIRED,
                 token_id=record.id,
             )
         return record

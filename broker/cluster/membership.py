@@ -14,12 +14,12 @@ import time
 
 import redis.asyncio as aioredis
 
-from broker.errors import BrokerError
+from broker.errors import BrokerError, ErrorReason
 from broker.store.redis.keys import RedisKeys
 
 
 class InstanceIdInUse(BrokerError):
-    default_reason = "INSTANCE_ID_IN_USE"
+    default_reason = ErrorReason.INSTANCE_ID_IN_USE
 
 
 # KEYS: claim; ARGV: incarnation, ttl ms.  1: ours (renewed or taken anew); 0: another's

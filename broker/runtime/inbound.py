@@ -11,7 +11,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,7 +77,7 @@ class InboundService:
     async def receive(
         self, session_ids: Sequence[str], group: str = "", consumer: str = "",
         max_unacked: int = 0,
-    ) -> AsyncIterator[InboundDelivery]:
+    ) -> AsyncGenerator[InboundDelivery, None]:
         """Deliveries for one worker until cancelled; never more than `max_unacked` unsettled.
 
         Validation happens before the first delivery, so bad input fails the call

@@ -11,15 +11,17 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from dataclasses import dataclass
 
 from broker import validation
 from broker.config import Settings
 from broker.errors import (
+    ErrorReason,
     InvalidArgument,
     NotDeliveredYet,
     NotOwner,
+    Reason,
     SessionExists,
     SessionNotFound,
     SessionNotReady,
@@ -27,18 +29,19 @@ from broker.errors import (
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
 from broker.lifecycle.states import State
+from broker.runtime import watch as watching
 from broker.runtime.actor import BLOCKED_STATES, SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
+from broker.runtime.watch import Watched
 from broker.store.base import (
     Accepted,
     DeliveryResult,
     NewMessage,
     OutboxMessage,
     SessionRecord,
-    StatusEvent,
     Store,
 )
 from broker.upstream.provider import Provider
@@ -47,15 +50,21 @@ log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
 LIST_CONCURRENCY = 64
 
-_NOT_READY: dict[State, tuple[str, str]] = {
-    State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
-    State.PAIRING: ("NEEDS_PAIRING", "the session is waiting for its QR code to be scanned"),
-    State.STOPPED: ("SESSION_STOPPED", "the session is stopped; restart it first"),
+_NOT_READY: dict[State, tuple[Reason, str]] = {
+    State.LOGGED_OUT: (
+        ErrorReason.LOGGED_OUT, "the session is logged out; pair it again (broker qr)"
+    ),
+    State.PAIRING: (
+        ErrorReason.NEEDS_PAIRING, "the session is waiting for its QR code to be scanned"
+    ),
+    State.STOPPED: (ErrorReason.SESSION_STOPPED, "the session is stopped; restart it first"),
     State.CONFLICT: (
-        "SESSION_CONFLICT",
+        ErrorReason.SESSION_CONFLICT,
         "another client outside the broker uses this login; stop it, then restart the session",
     ),
-    State.FAILED: ("SESSION_FAILED", "the session gave up; see Health, then restart it"),
+    State.FAILED: (
+        ErrorReason.SESSION_FAILED, "the session gave up; see Health, then restart it"
+    ),
 }
 
 
@@ -277,7 +286,7 @@ class SessionManager:
             state = actor.state if actor else State.STOPPED
             raise SessionNotReady(
                 f"session {session_id!r} is {state.value}, not pairing: no QR to scan",
-                reason="NOT_PAIRING", session_id=session_id, state=state.value,
+                reason=ErrorReason.NOT_PAIRING, session_id=session_id, state=state.value,
             )
         return QrView(session_id, actor.machine.qr, actor.qr_index, actor.qr_expires_at)
 
@@ -405,7 +414,7 @@ class SessionManager:
         result = await self.store.result(session_id, message.message_id)
         if result is not None:
             return result
-        reason, text = _NOT_READY.get(actor.state, ("SESSION_STOPPED", "stopped"))
+        reason, text = _NOT_READY.get(actor.state, (ErrorReason.SESSION_STOPPED, "stopped"))
         raise SessionNotReady(
             f"session {session_id!r}: {text}; message {message.message_id} stays queued and "
             "is sent once the session is open again",
@@ -417,24 +426,23 @@ class SessionManager:
     def subscribe(self, session_ids: Collection[str], tenant: str | None) -> Subscription:
         return self.bus.subscribe(session_filter(session_ids, tenant))
 
-    async def snapshot(self, session_ids: Collection[str], tenant: str | None) -> list[StatusEvent]:
-        wanted = set(session_ids)
-        out: list[StatusEvent] = []
-        for record in await self.store.list_sessions(tenant):
-            if wanted and record.session_id not in wanted:
-                continue
-            last = await self.store.last_event(record.session_id)
-            if last is None:
-                last = StatusEvent(
-                    session_id=record.session_id, tenant=record.tenant, sequence=0,
-                    state=State.STOPPED, previous=State.STOPPED, reason="not started",
-                    at=record.created_at,
-                )
-            out.append(last)
-        return out
+    def watch(
+        self, session_ids: Collection[str] = (), tenant: str = "", resume_after: str = ""
+    ) -> AsyncGenerator[Watched, None]:
+        """Status of the matching sessions (all, by default), for as long as it is read.
+
+        First a snapshot of each session's current state or, given the last
+        `event_id` a watcher saw, the events it missed since (a resync snapshot
+        when the log no longer reaches back that far); then live events, each
+        session's in sequence order and none twice. Raises SubscriberTooSlow when
+        the reader falls too far behind (it can resume from its last event).
+        """
+        return watching.watch(self, session_ids, tenant, resume_after)
 
     async def health(self, session_ids: Collection[str] = (), tenant: str = "") -> list[HealthView]:
-        validation.optional_tenant(tenant)  # bad input first, then NOT_FOUND
+        for sid in session_ids:  # bad input first, then NOT_FOUND
+            validation.session_id(sid, "session_ids")
+        validation.optional_tenant(tenant)
         for sid in session_ids:
             await self._record(sid)
         views = await self.list_sessions(tenant)

@@ -2,6 +2,7 @@
 import type { ChannelCredentials, ChannelOptions, status } from '@grpc/grpc-js';
 
 export { status };
+export { ErrorReason, ErrorReasonName } from './lib/reasons';
 
 export const DEFAULT_TARGET: string;
 /** Domain of the broker's google.rpc.ErrorInfo details: "broker.v1". */
@@ -125,7 +126,7 @@ export class BrokerError extends Error {
   readonly code: status;
   /** e.g. "UNAVAILABLE". */
   readonly codeName: string;
-  /** Machine-readable reason, e.g. "NOT_DELIVERED_YET", "LOGGED_OUT" ("" when none). */
+  /** Machine-readable reason, an `ErrorReason` name such as "NOT_DELIVERED_YET" ("" when none). */
   readonly reason: string;
   readonly metadata: Record<string, string>;
   /** The server's RetryInfo delay, ms, or null. */

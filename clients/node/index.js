@@ -3,7 +3,7 @@
 
 const { BrokerClient, StatusWatch, DEFAULT_TARGET, loadBrokerPackage, defaultProtoPath } =
   require('./lib/client');
-const { BrokerError, DOMAIN } = require('./lib/errors');
+const { BrokerError, DOMAIN, ErrorReason } = require('./lib/errors');
 const { status } = require('@grpc/grpc-js');
 
 module.exports = {
@@ -11,6 +11,7 @@ module.exports = {
   StatusWatch,
   BrokerError,
   DOMAIN,
+  ErrorReason,
   DEFAULT_TARGET,
   loadBrokerPackage,
   defaultProtoPath,

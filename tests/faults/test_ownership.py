@@ -24,7 +24,8 @@ from tests.helpers import eventually_async
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(300)]
-TTL = 2.0
+TTL = 3.0
+"""Seconds; fencing acts at TTL/2, which a loaded 2-core machine must not starve."""
 
 
 async def _fleet(sim: Simulator, redis_server: RedisServer, factory: ProcessFactory,

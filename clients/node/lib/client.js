@@ -19,7 +19,7 @@ const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const { BrokerError, toBrokerError } = require('./errors');
+const { BrokerError, ErrorReason, toBrokerError } = require('./errors');
 
 const DEFAULT_TARGET = '127.0.0.1:50051';
 const BACKOFF_BASE_MS = 100;
@@ -86,7 +86,7 @@ function sleep(ms, signal) {
 /** Status streams also resume after being dropped as a too-slow subscriber. */
 function isReconnectable(err) {
   return err.code === grpc.status.UNAVAILABLE ||
-    (err.code === grpc.status.RESOURCE_EXHAUSTED && err.reason === 'SUBSCRIBER_TOO_SLOW');
+    (err.code === grpc.status.RESOURCE_EXHAUSTED && err.reason === ErrorReason.SUBSCRIBER_TOO_SLOW);
 }
 
 function toEvent(ev) {
@@ -249,7 +249,7 @@ class StatusWatch {
           }
           // The broker never ends a live stream on its own: it is restarting.
           error = new BrokerError('status stream ended by the broker', {
-            code: grpc.status.UNAVAILABLE, reason: 'STREAM_ENDED',
+            code: grpc.status.UNAVAILABLE, reason: ErrorReason.STREAM_ENDED,
           });
         } catch (err) {
           error = toBrokerError(err);

@@ -9,6 +9,7 @@
 const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protobuf = require('protobufjs');
+const { ErrorReason } = require('./reasons');
 
 const DOMAIN = 'broker.v1';
 
@@ -35,7 +36,7 @@ class BrokerError extends Error {
     this.code = code;
     /** e.g. "UNAVAILABLE". */
     this.codeName = CODE_NAMES[code] || String(code);
-    /** Machine-readable reason, e.g. "NOT_DELIVERED_YET", "LOGGED_OUT" ("" if none). */
+    /** Machine-readable reason, an `ErrorReason` name such as "NOT_DELIVERED_YET" ("" if none). */
     this.reason = reason;
     /** ErrorInfo metadata, e.g. {session_id, state}. */
     this.metadata = metadata;
@@ -106,4 +107,4 @@ function toBrokerError(err) {
   });
 }
 
-module.exports = { BrokerError, DOMAIN, toBrokerError, decodeDetails, CODE_NAMES };
+module.exports = { BrokerError, DOMAIN, ErrorReason, toBrokerError, decodeDetails, CODE_NAMES };

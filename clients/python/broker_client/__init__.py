@@ -11,6 +11,7 @@ from .errors import (
     AlreadyExists,
     BrokerError,
     DeadlineExceeded,
+    ErrorReason,
     FailedPrecondition,
     InvalidArgument,
     LoggedOut,
@@ -22,6 +23,7 @@ from .errors import (
     Unauthenticated,
     Unavailable,
     error_from_rpc,
+    reason_name,
 )
 from .sync import SyncBrokerClient, SyncInboundReceiver, SyncStatusWatch
 from .v1.broker_pb2 import (
@@ -40,6 +42,7 @@ __all__ = [
     "BrokerClient",
     "BrokerError",
     "DeadlineExceeded",
+    "ErrorReason",
     "FailedPrecondition",
     "InboundMessage",
     "InboundReceiver",
@@ -63,4 +66,5 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "error_from_rpc",
+    "reason_name",
 ]

@@ -14,13 +14,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
-from .errors import BrokerError, DeadlineExceeded, Unavailable, error_from_rpc
+from .errors import (
+    BrokerError,
+    DeadlineExceeded,
+    ErrorReason,
+    Unavailable,
+    error_from_rpc,
+    reason_name,
+)
 from .retry import send_retrying, stream_retrying
 from .v1 import broker_pb2, broker_pb2_grpc
 
@@ -31,7 +38,11 @@ __all__ = [
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
+#: The broker never ends a live stream on its own: one that ends is a restart.
+_STREAM_ENDED = reason_name(ErrorReason.STREAM_ENDED)
+
 _Resp = TypeVar("_Resp")
+_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage)
 _StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
 _ReceiveCall = grpc.aio.UnaryStreamCall[broker_pb2.ReceiveRequest, broker_pb2.InboundMessage]
 
@@ -320,77 +331,77 @@ class BrokerClient:
         )
 
 
-class StatusWatch(AsyncIterator[broker_pb2.StatusEvent]):
-    """Resumable status stream.
+class _ReconnectingStream(AsyncIterator[_Msg]):
+    """A server stream read one tenacity-governed step at a time.
 
-    Each read is one tenacity-governed step: a failed read (UNAVAILABLE,
-    SUBSCRIBER_TOO_SLOW, or the stream ending under us) reopens the stream
-    with ``resume_after = last_event_id`` after a backoff, so nothing is
-    missed. Every delivered event starts a fresh retry budget, so the
-    attempt bound applies per outage, not per watch. Any error that escapes
-    (including cancelling a pending read) closes the watch and its stream.
+    A failed read (UNAVAILABLE, SUBSCRIBER_TOO_SLOW, or the stream ending
+    under us) reopens the stream after a backoff; every item delivered starts
+    a fresh retry budget, so the attempt bound applies per outage, not per
+    stream. Any error that escapes (including cancelling a pending read)
+    closes the stream. Subclasses say how to open it and what it yields.
     """
 
-    def __init__(
-        self, client: BrokerClient, session_ids: list[str], tenant: str, resume_after: str
-    ) -> None:
+    #: What the stream carries, for the message when the broker ends it.
+    _what: str
+    _message_type: type[_Msg]
+
+    def __init__(self, client: BrokerClient) -> None:
         self._client = client
-        self._session_ids = session_ids
-        self._tenant = tenant
-        #: ``event_id`` of the last event handed out; pass it to resume elsewhere.
-        self.last_event_id = resume_after
         #: How many times the stream was reopened after a failure.
         self.reconnects = 0
-        self._call: _StatusCall | None = None
+        self._call: grpc.aio.UnaryStreamCall[Any, _Msg] | None = None
         self._opened_once = False
         self._closed = False
 
-    def __aiter__(self) -> StatusWatch:
+    def __aiter__(self) -> Self:
         return self
 
-    def _open(self) -> _StatusCall:
-        request = broker_pb2.StreamStatusRequest(
-            session_ids=self._session_ids, tenant=self._tenant, resume_after=self.last_event_id
-        )
+    def _start(self) -> grpc.aio.UnaryStreamCall[Any, _Msg]:
+        """Open the stream (again), from where the reader is."""
+        raise NotImplementedError
+
+    def _delivered(self, item: _Msg) -> None:
+        """Called with each item handed out."""
+
+    def _open(self) -> grpc.aio.UnaryStreamCall[Any, _Msg]:
         if self._opened_once:
             self.reconnects += 1
         self._opened_once = True
-        return self._client._stub.StreamStatus(request, metadata=self._client._metadata)
+        return self._start()
 
     def _drop(self) -> None:
         call, self._call = self._call, None
         if call is not None:
             call.cancel()
 
-    async def _read_once(self) -> broker_pb2.StatusEvent:
+    async def _read_once(self) -> _Msg:
         if self._call is None:
             self._call = self._open()
         try:
-            event = await self._call.read()
+            item = await self._call.read()
         except grpc.RpcError as err:
             self._drop()
             raise error_from_rpc(err) from err
-        if not isinstance(event, broker_pb2.StatusEvent):  # grpc.aio.EOF
+        if not isinstance(item, self._message_type):  # grpc.aio.EOF
             self._drop()
             # The broker never ends a live stream on its own: this is a restart.
-            raise Unavailable("status stream ended by the broker", reason="STREAM_ENDED")
-        return event
+            raise Unavailable(f"{self._what} stream ended by the broker", reason=_STREAM_ENDED)
+        return item
 
-    async def __anext__(self) -> broker_pb2.StatusEvent:
+    async def __anext__(self) -> _Msg:
         if self._closed:
             raise StopAsyncIteration
-        event: broker_pb2.StatusEvent | None = None
+        item: _Msg | None = None
         try:
             async for attempt in stream_retrying(attempts=self._client.reconnect_attempts):
                 with attempt:
-                    event = await self._read_once()
+                    item = await self._read_once()
         except BaseException:
             await self.aclose()
             raise
-        assert event is not None
-        if event.event_id:
-            self.last_event_id = event.event_id
-        return event
+        assert item is not None
+        self._delivered(item)
+        return item
 
     async def aclose(self) -> None:
         """Cancel the underlying stream; further iteration stops."""
@@ -398,71 +409,52 @@ class StatusWatch(AsyncIterator[broker_pb2.StatusEvent]):
         self._drop()
 
 
-class InboundReceiver(AsyncIterator[broker_pb2.InboundMessage]):
+class StatusWatch(_ReconnectingStream[broker_pb2.StatusEvent]):
+    """Resumable status stream: reopened with ``resume_after = last_event_id``,
+    so nothing is missed (see :class:`_ReconnectingStream` for the retries)."""
+
+    _what = "status"
+    _message_type = broker_pb2.StatusEvent
+
+    def __init__(
+        self, client: BrokerClient, session_ids: list[str], tenant: str, resume_after: str
+    ) -> None:
+        super().__init__(client)
+        self._session_ids = session_ids
+        self._tenant = tenant
+        #: ``event_id`` of the last event handed out; pass it to resume elsewhere.
+        self.last_event_id = resume_after
+
+    def _start(self) -> _StatusCall:
+        request = broker_pb2.StreamStatusRequest(
+            session_ids=self._session_ids, tenant=self._tenant, resume_after=self.last_event_id
+        )
+        return self._client._stub.StreamStatus(request, metadata=self._client._metadata)
+
+    def _delivered(self, item: broker_pb2.StatusEvent) -> None:
+        if item.event_id:
+            self.last_event_id = item.event_id
+
+
+class InboundReceiver(_ReconnectingStream[broker_pb2.InboundMessage]):
     """Reconnecting inbound stream (see :meth:`BrokerClient.receive`).
 
-    Each read is one tenacity-governed step, like :class:`StatusWatch`: a
-    failed read reopens the stream after a backoff. Nothing is resumed by
-    cursor: what this worker had not acknowledged is redelivered by the broker.
-    Any error that escapes (including cancelling a pending read) closes it.
+    Nothing is resumed by cursor: what this worker had not acknowledged is
+    redelivered by the broker, to it or to another worker of the group, so
+    closing it (``aclose``) hands unacknowledged messages on.
     """
+
+    _what = "inbound"
+    _message_type = broker_pb2.InboundMessage
 
     def __init__(
         self, client: BrokerClient, session_ids: list[str], group: str, consumer: str,
         max_unacked: int,
     ) -> None:
-        self._client = client
+        super().__init__(client)
         self._request = broker_pb2.ReceiveRequest(
             session_ids=session_ids, group=group, consumer=consumer, max_unacked=max_unacked
         )
-        #: How many times the stream was reopened after a failure.
-        self.reconnects = 0
-        self._call: _ReceiveCall | None = None
-        self._opened_once = False
-        self._closed = False
 
-    def __aiter__(self) -> InboundReceiver:
-        return self
-
-    def _open(self) -> _ReceiveCall:
-        if self._opened_once:
-            self.reconnects += 1
-        self._opened_once = True
+    def _start(self) -> _ReceiveCall:
         return self._client._stub.Receive(self._request, metadata=self._client._metadata)
-
-    def _drop(self) -> None:
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-
-    async def _read_once(self) -> broker_pb2.InboundMessage:
-        if self._call is None:
-            self._call = self._open()
-        try:
-            message = await self._call.read()
-        except grpc.RpcError as err:
-            self._drop()
-            raise error_from_rpc(err) from err
-        if not isinstance(message, broker_pb2.InboundMessage):  # grpc.aio.EOF
-            self._drop()
-            raise Unavailable("inbound stream ended by the broker", reason="STREAM_ENDED")
-        return message
-
-    async def __anext__(self) -> broker_pb2.InboundMessage:
-        if self._closed:
-            raise StopAsyncIteration
-        message: broker_pb2.InboundMessage | None = None
-        try:
-            async for attempt in stream_retrying(attempts=self._client.reconnect_attempts):
-                with attempt:
-                    message = await self._read_once()
-        except BaseException:
-            await self.aclose()
-            raise
-        assert message is not None
-        return message
-
-    async def aclose(self) -> None:
-        """Cancel the underlying stream (unacknowledged messages go to other workers)."""
-        self._closed = True
-        self._drop()

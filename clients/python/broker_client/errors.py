@@ -14,11 +14,14 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .v1.broker_pb2 import ErrorReason
+
 __all__ = [
     "DOMAIN",
     "AlreadyExists",
     "BrokerError",
     "DeadlineExceeded",
+    "ErrorReason",
     "FailedPrecondition",
     "InvalidArgument",
     "LoggedOut",
@@ -30,12 +33,19 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "error_from_rpc",
+    "reason_name",
 ]
 
 #: The ErrorInfo domain the broker stamps on every error it raises.
 DOMAIN = "broker.v1"
 
 _DETAILS_KEY = "grpc-status-details-bin"
+
+
+def reason_name(reason: ErrorReason.Reason.ValueType) -> str:
+    """The string the broker puts in ErrorInfo.reason (and :attr:`BrokerError.reason`)
+    for an ``ErrorReason`` value, e.g. ``reason_name(ErrorReason.OUTBOX_FULL)``."""
+    return ErrorReason.Reason.Name(reason)
 
 
 class BrokerError(Exception):
@@ -54,6 +64,7 @@ class BrokerError(Exception):
     ) -> None:
         super().__init__(message)
         self.code: grpc.StatusCode = code if code is not None else self.default_code
+        #: ErrorInfo.reason: an ``ErrorReason`` name (see :func:`reason_name`), or "".
         self.reason = reason
         self.message = message
         self.metadata: dict[str, str] = dict(metadata or {})
@@ -157,9 +168,9 @@ _BY_CODE: dict[grpc.StatusCode, type[BrokerError]] = {
 # Finer classes by reason; only used when the code agrees, so a reason can
 # never turn e.g. an INVALID_ARGUMENT into an Unavailable (and get retried).
 _BY_REASON: dict[str, type[BrokerError]] = {
-    "LOGGED_OUT": LoggedOut,
-    "NEEDS_PAIRING": NeedsPairing,
-    "NOT_DELIVERED_YET": NotDeliveredYet,
+    reason_name(ErrorReason.LOGGED_OUT): LoggedOut,
+    reason_name(ErrorReason.NEEDS_PAIRING): NeedsPairing,
+    reason_name(ErrorReason.NOT_DELIVERED_YET): NotDeliveredYet,
 }
 
 

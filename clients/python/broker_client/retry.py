@@ -21,7 +21,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
-from .errors import BrokerError, Unavailable
+from .errors import BrokerError, ErrorReason, Unavailable, reason_name
 
 __all__ = [
     "DEFAULT_BACKOFF_MAX",
@@ -40,6 +40,9 @@ DEFAULT_BACKOFF_MULTIPLIER = 0.1
 DEFAULT_BACKOFF_MAX = 5.0
 
 
+_TOO_SLOW = reason_name(ErrorReason.SUBSCRIBER_TOO_SLOW)
+
+
 def is_retryable(exc: BaseException) -> bool:
     """Unary calls: retry UNAVAILABLE (NOT_DELIVERED_YET, STORE_UNAVAILABLE, transport)."""
     return isinstance(exc, Unavailable)
@@ -52,7 +55,7 @@ def is_reconnectable(exc: BaseException) -> bool:
     return (
         isinstance(exc, BrokerError)
         and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        and exc.reason == "SUBSCRIBER_TOO_SLOW"
+        and exc.reason == _TOO_SLOW
     )
 
 

@@ -11,23 +11,23 @@ import os
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 
 from .client import (
     DEFAULT_TARGET,
     BrokerClient,
-    InboundReceiver,
     SendResult,
     StatusWatch,
-    tls_credentials,
+    _ReconnectingStream,
 )
 from .v1 import broker_pb2
 
 __all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
 
 _T = TypeVar("_T")
+_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage)
 
 
 class SyncBrokerClient:
@@ -47,25 +47,19 @@ class SyncBrokerClient:
         tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         """Options as :class:`BrokerClient` (``tls_*``: PEM files for TLS / mutual TLS)."""
-        if tls_ca or tls_cert or tls_key:
-            if credentials is not None:
-                raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
-            # Before the loop thread starts, so bad paths fail without leaking it.
-            credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        # The async client first: it checks the options (and reads the TLS files)
+        # and opens nothing, so bad options fail before the loop thread exists.
+        self._client = BrokerClient(
+            target, timeout=timeout, retry_attempts=retry_attempts,
+            reconnect_attempts=reconnect_attempts, credentials=credentials, token=token,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+        )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._run_loop, name="broker-client-loop", daemon=True
         )
         self._thread.start()
         self._closed = False
-        self._client = BrokerClient(
-            target,
-            timeout=timeout,
-            retry_attempts=retry_attempts,
-            reconnect_attempts=reconnect_attempts,
-            credentials=credentials,
-            token=token,
-        )
 
     def _run_loop(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -182,31 +176,37 @@ class SyncBrokerClient:
         return self._run(self._client.get_qr(session_id))
 
 
-class _SyncStream(Iterator[_T]):
-    """Blocking iteration over one of the async client's streams, run on its loop."""
+class _SyncStream(Iterator[_Msg]):
+    """Blocking iteration over one of the async client's streams, run on its loop;
+    ``close()`` cancels the stream."""
 
-    def __init__(self, owner: SyncBrokerClient, stream: Any) -> None:
+    def __init__(self, owner: SyncBrokerClient, stream: _ReconnectingStream[_Msg]) -> None:
         self._owner = owner
-        self._stream = stream
+        self._stream: _ReconnectingStream[_Msg] = stream
 
-    def __iter__(self) -> _SyncStream[_T]:
+    @property
+    def reconnects(self) -> int:
+        """How many times the stream was reopened after a failure."""
+        return self._stream.reconnects
+
+    def __iter__(self) -> Self:
         return self
 
-    def __next__(self) -> _T:
+    def __next__(self) -> _Msg:
         try:
             return self._owner._run(self._next())
         except StopAsyncIteration:
             raise StopIteration from None
 
-    async def _next(self) -> _T:
-        item: _T = await self._stream.__anext__()
+    async def _next(self) -> _Msg:
+        item: _Msg = await self._stream.__anext__()
         return item
 
     def close(self) -> None:
         if not self._owner._closed:
             self._owner._run(self._stream.aclose())
 
-    def __enter__(self) -> _SyncStream[_T]:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -219,7 +219,7 @@ class _SyncStream(Iterator[_T]):
 
 
 class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
-    """Blocking view of a :class:`StatusWatch`; ``close()`` cancels the stream."""
+    """Blocking view of a :class:`StatusWatch`."""
 
     def __init__(self, owner: SyncBrokerClient, watch: StatusWatch) -> None:
         super().__init__(owner, watch)
@@ -229,24 +229,6 @@ class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
     def last_event_id(self) -> str:
         return self._watch.last_event_id
 
-    @property
-    def reconnects(self) -> int:
-        return self._watch.reconnects
-
-    def __enter__(self) -> SyncStatusWatch:
-        return self
-
 
 class SyncInboundReceiver(_SyncStream[broker_pb2.InboundMessage]):
-    """Blocking view of an :class:`InboundReceiver`; ``close()`` cancels the stream."""
-
-    def __init__(self, owner: SyncBrokerClient, receiver: InboundReceiver) -> None:
-        super().__init__(owner, receiver)
-        self._receiver = receiver
-
-    @property
-    def reconnects(self) -> int:
-        return self._receiver.reconnects
-
-    def __enter__(self) -> SyncInboundReceiver:
-        return self
+    """Blocking view of an :class:`InboundReceiver`."""

@@ -9,13 +9,14 @@ per customer); workers, dashboards and operators talk to it through this API.
 
 Status codes are part of the contract (every error also carries a
 google.rpc.ErrorInfo with a machine-readable `reason` in domain
-"broker.v1", and a google.rpc.RetryInfo when retrying later can help):
+"broker.v1", and a google.rpc.RetryInfo when retrying later can help).
+The reasons are the names of ErrorReason.Reason, at the end of this file:
   NOT_FOUND            unknown session                       (SESSION_NOT_FOUND)
   INVALID_ARGUMENT     bad input                             (INVALID_ARGUMENT; metadata.field names it)
   FAILED_PRECONDITION  logged out / needs pairing / stopped  (LOGGED_OUT, NEEDS_PAIRING, SESSION_STOPPED,
-                                                              SESSION_CONFLICT, SESSION_FAILED)
+                                                              SESSION_CONFLICT, SESSION_FAILED, NOT_PAIRING)
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
-                       or the store is unreachable          STORE_UNAVAILABLE; retry with the same key)
+                       or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -901,3 +902,186 @@ class AckInboundResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AckInboundResponse: _TypeAlias = AckInboundResponse  # noqa: Y015
+
+@_typing.final
+class ErrorReason(_message.Message):
+    """The machine-readable reasons of the broker's errors: one list for the
+    server and every client. On the wire nothing changes: an error's
+    google.rpc.ErrorInfo (domain "broker.v1") carries the value's NAME as its
+    `reason` string (e.g. "OUTBOX_FULL"), so grpcurl shows the same text and
+    clients branch on it without this enum. New reasons may be added at any
+    time; a client that meets a name it does not know goes by the status code.
+
+    A message only to scope the enum and never sent: protobuf enum values are
+    names of the whole package, and LOGGED_OUT is a SessionState as well.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Reason:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[ErrorReason._Reason.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        REASON_UNSPECIFIED: ErrorReason._Reason.ValueType  # 0
+        """never set on an error"""
+        INVALID_ARGUMENT: ErrorReason._Reason.ValueType  # 1
+        """INVALID_ARGUMENT
+        metadata.field names the offending field
+        """
+        SESSION_NOT_FOUND: ErrorReason._Reason.ValueType  # 2
+        """NOT_FOUND and ALREADY_EXISTS
+        metadata.session_id
+        """
+        SESSION_EXISTS: ErrorReason._Reason.ValueType  # 3
+        """the session id belongs to another tenant"""
+        SESSION_STOPPED: ErrorReason._Reason.ValueType  # 4
+        """FAILED_PRECONDITION: the session cannot do this until a person acts
+        (metadata.state names its state; a Send's message stays queued)
+        stopped: RestartSession
+        """
+        LOGGED_OUT: ErrorReason._Reason.ValueType  # 5
+        """logged out: RestartSession, then pair again"""
+        NEEDS_PAIRING: ErrorReason._Reason.ValueType  # 6
+        """a QR code waits to be scanned (GetQr)"""
+        SESSION_CONFLICT: ErrorReason._Reason.ValueType  # 7
+        """another client outside the broker uses the login"""
+        SESSION_FAILED: ErrorReason._Reason.ValueType  # 8
+        """gave up: see Health, then RestartSession"""
+        NOT_PAIRING: ErrorReason._Reason.ValueType  # 9
+        """GetQr on a session that shows no QR code"""
+        NOT_DELIVERED_YET: ErrorReason._Reason.ValueType  # 10
+        """UNAVAILABLE: safe to retry (a Send with the same idempotency key)
+        queued, not acked before the deadline; metadata.message_id
+        """
+        STORE_UNAVAILABLE: ErrorReason._Reason.ValueType  # 11
+        """the broker's store (Redis) is unreachable"""
+        NOT_OWNER: ErrorReason._Reason.ValueType  # 12
+        """ownership moved to another instance meanwhile"""
+        STREAM_ENDED: ErrorReason._Reason.ValueType  # 13
+        """Set by the clients, never by the broker: a stream the broker never
+        ends on its own ended (the broker is restarting); they reconnect.
+        """
+        OUTBOX_FULL: ErrorReason._Reason.ValueType  # 14
+        """RESOURCE_EXHAUSTED
+        too many messages queued for the session
+        """
+        RATE_LIMITED: ErrorReason._Reason.ValueType  # 15
+        """over the broker's send rate; see RetryInfo"""
+        SUBSCRIBER_TOO_SLOW: ErrorReason._Reason.ValueType  # 16
+        """a status stream fell behind: resume from its last event_id"""
+        UNAUTHENTICATED: ErrorReason._Reason.ValueType  # 17
+        """UNAUTHENTICATED"""
+        TOKEN_MISSING: ErrorReason._Reason.ValueType  # 18
+        """no `authorization: Bearer <token>` metadata"""
+        TOKEN_MALFORMED: ErrorReason._Reason.ValueType  # 19
+        """not a token the broker could issue"""
+        TOKEN_INVALID: ErrorReason._Reason.ValueType  # 20
+        """unknown or revoked"""
+        TOKEN_EXPIRED: ErrorReason._Reason.ValueType  # 21
+        PERMISSION_DENIED: ErrorReason._Reason.ValueType  # 22
+        """PERMISSION_DENIED (metadata.token_id names the token)"""
+        WRONG_ROLE: ErrorReason._Reason.ValueType  # 23
+        """the token's role may not call the method"""
+        WRONG_TENANT: ErrorReason._Reason.ValueType  # 24
+        """the token may not act for the session's tenant"""
+        INTERNAL: ErrorReason._Reason.ValueType  # 25
+        """INTERNAL: a bug; the broker logged it"""
+        INSTANCE_ID_IN_USE: ErrorReason._Reason.ValueType  # 26
+        """Not an RPC error: `broker serve` refuses to start because another live
+        instance uses the same --instance-id.
+        """
+        STORE_IN_USE: ErrorReason._Reason.ValueType  # 27
+        """Not an RPC error: the SQLite database is held by another broker process."""
+        STORE_SCHEMA: ErrorReason._Reason.ValueType  # 28
+        """Not an RPC error: the SQLite database was written by a newer release (or
+        the file system lacks write-ahead logging).
+        """
+
+    class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
+    REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
+    """never set on an error"""
+    INVALID_ARGUMENT: ErrorReason.Reason.ValueType  # 1
+    """INVALID_ARGUMENT
+    metadata.field names the offending field
+    """
+    SESSION_NOT_FOUND: ErrorReason.Reason.ValueType  # 2
+    """NOT_FOUND and ALREADY_EXISTS
+    metadata.session_id
+    """
+    SESSION_EXISTS: ErrorReason.Reason.ValueType  # 3
+    """the session id belongs to another tenant"""
+    SESSION_STOPPED: ErrorReason.Reason.ValueType  # 4
+    """FAILED_PRECONDITION: the session cannot do this until a person acts
+    (metadata.state names its state; a Send's message stays queued)
+    stopped: RestartSession
+    """
+    LOGGED_OUT: ErrorReason.Reason.ValueType  # 5
+    """logged out: RestartSession, then pair again"""
+    NEEDS_PAIRING: ErrorReason.Reason.ValueType  # 6
+    """a QR code waits to be scanned (GetQr)"""
+    SESSION_CONFLICT: ErrorReason.Reason.ValueType  # 7
+    """another client outside the broker uses the login"""
+    SESSION_FAILED: ErrorReason.Reason.ValueType  # 8
+    """gave up: see Health, then RestartSession"""
+    NOT_PAIRING: ErrorReason.Reason.ValueType  # 9
+    """GetQr on a session that shows no QR code"""
+    NOT_DELIVERED_YET: ErrorReason.Reason.ValueType  # 10
+    """UNAVAILABLE: safe to retry (a Send with the same idempotency key)
+    queued, not acked before the deadline; metadata.message_id
+    """
+    STORE_UNAVAILABLE: ErrorReason.Reason.ValueType  # 11
+    """the broker's store (Redis) is unreachable"""
+    NOT_OWNER: ErrorReason.Reason.ValueType  # 12
+    """ownership moved to another instance meanwhile"""
+    STREAM_ENDED: ErrorReason.Reason.ValueType  # 13
+    """Set by the clients, never by the broker: a stream the broker never
+    ends on its own ended (the broker is restarting); they reconnect.
+    """
+    OUTBOX_FULL: ErrorReason.Reason.ValueType  # 14
+    """RESOURCE_EXHAUSTED
+    too many messages queued for the session
+    """
+    RATE_LIMITED: ErrorReason.Reason.ValueType  # 15
+    """over the broker's send rate; see RetryInfo"""
+    SUBSCRIBER_TOO_SLOW: ErrorReason.Reason.ValueType  # 16
+    """a status stream fell behind: resume from its last event_id"""
+    UNAUTHENTICATED: ErrorReason.Reason.ValueType  # 17
+    """UNAUTHENTICATED"""
+    TOKEN_MISSING: ErrorReason.Reason.ValueType  # 18
+    """no `authorization: Bearer <token>` metadata"""
+    TOKEN_MALFORMED: ErrorReason.Reason.ValueType  # 19
+    """not a token the broker could issue"""
+    TOKEN_INVALID: ErrorReason.Reason.ValueType  # 20
+    """unknown or revoked"""
+    TOKEN_EXPIRED: ErrorReason.Reason.ValueType  # 21
+    PERMISSION_DENIED: ErrorReason.Reason.ValueType  # 22
+    """PERMISSION_DENIED (metadata.token_id names the token)"""
+    WRONG_ROLE: ErrorReason.Reason.ValueType  # 23
+    """the token's role may not call the method"""
+    WRONG_TENANT: ErrorReason.Reason.ValueType  # 24
+    """the token may not act for the session's tenant"""
+    INTERNAL: ErrorReason.Reason.ValueType  # 25
+    """INTERNAL: a bug; the broker logged it"""
+    INSTANCE_ID_IN_USE: ErrorReason.Reason.ValueType  # 26
+    """Not an RPC error: `broker serve` refuses to start because another live
+    instance uses the same --instance-id.
+    """
+    STORE_IN_USE: ErrorReason.Reason.ValueType  # 27
+    """Not an RPC error: the SQLite database is held by another broker process."""
+    STORE_SCHEMA: ErrorReason.Reason.ValueType  # 28
+    """Not an RPC error: the SQLite database was written by a newer release (or
+    the file system lacks write-ahead logging).
+    """
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -9,13 +9,14 @@ per customer); workers, dashboards and operators talk to it through this API.
 
 Status codes are part of the contract (every error also carries a
 google.rpc.ErrorInfo with a machine-readable `reason` in domain
-"broker.v1", and a google.rpc.RetryInfo when retrying later can help):
+"broker.v1", and a google.rpc.RetryInfo when retrying later can help).
+The reasons are the names of ErrorReason.Reason, at the end of this file:
   NOT_FOUND            unknown session                       (SESSION_NOT_FOUND)
   INVALID_ARGUMENT     bad input                             (INVALID_ARGUMENT; metadata.field names it)
   FAILED_PRECONDITION  logged out / needs pairing / stopped  (LOGGED_OUT, NEEDS_PAIRING, SESSION_STOPPED,
-                                                              SESSION_CONFLICT, SESSION_FAILED)
+                                                              SESSION_CONFLICT, SESSION_FAILED, NOT_PAIRING)
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
-                       or the store is unreachable          STORE_UNAVAILABLE; retry with the same key)
+                       or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
