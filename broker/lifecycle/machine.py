@@ -61,6 +61,7 @@ from broker.lifecycle.states import (
     LEASE_LOST,
     PAIRING_TIMED_OUT,
     SPACED_OUT,
+    STARTABLE_STATES,
     State,
     gave_up_reason,
 )
@@ -68,10 +69,6 @@ from broker.lifecycle.storm import AttemptBudget
 
 _D = DisconnectCode
 
-#: States `Start` (re)starts from; from the others a connection is already on its way.
-_STARTABLE = frozenset(
-    {State.STOPPED, State.FAILED, State.CONFLICT, State.LOGGED_OUT, State.RECONNECTING}
-)
 _SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
 #: Jitter source of machines not given one: one for all, as a Random holds
 #: 2.5 KB of state and a broker runs thousands of machines.
@@ -183,7 +180,7 @@ class SessionMachine:
     # -- operator commands ----------------------------------------------------
 
     def _on_start(self) -> list[Action]:
-        if self._state not in _STARTABLE:
+        if self._state not in STARTABLE_STATES:
             return []
         self._attempt = 0
         self._qr_count = 0

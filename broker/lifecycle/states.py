@@ -1,7 +1,10 @@
-"""Session states, and the few reason phrases other modules match on.
+"""Session states, the groupings of them other modules act on, and the few
+reason phrases other modules match on.
 
 The values equal the names so a state survives a round trip through JSON, the
-store and the proto enum (`SessionState`) without a lookup table.
+store and the proto enum (`SessionState`) without a lookup table. A grouping
+lives here, next to the states, so adding a state means reading every rule
+that must place it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,35 @@ class State(StrEnum):
 #: States in which an upstream connection exists (or is being opened), so
 #: leaving them means closing it.
 CONNECTED_STATES: frozenset[State] = frozenset({State.CONNECTING, State.PAIRING, State.OPEN})
+
+#: States `Start` (re)starts from; from the others a connection is already on its way.
+STARTABLE_STATES: frozenset[State] = frozenset(
+    {State.STOPPED, State.FAILED, State.CONFLICT, State.LOGGED_OUT, State.RECONNECTING}
+)
+
+#: States in which a waiting Send cannot succeed until a person acts: its
+#: waiter is released at once instead of running out its deadline.
+NEEDS_A_PERSON: frozenset[State] = frozenset(
+    {State.STOPPED, State.PAIRING, State.LOGGED_OUT, State.CONFLICT, State.FAILED}
+)
+
+#: Entering these ends any reconnect in progress: coming back from them is a
+#: fresh start by a person, not a reconnect time worth averaging (health).
+ENDS_ANY_RECONNECT: frozenset[State] = frozenset({State.STOPPED, State.LOGGED_OUT, State.FAILED})
+
+#: Why a Send is refused in a state that cannot deliver: (machine-readable
+#: reason of the error, what to do about it). CONNECTING, OPEN and
+#: RECONNECTING are absent: there the message waits in the outbox.
+SEND_REFUSALS: dict[State, tuple[str, str]] = {
+    State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
+    State.PAIRING: ("NEEDS_PAIRING", "the session is waiting for its QR code to be scanned"),
+    State.STOPPED: ("SESSION_STOPPED", "the session is stopped; restart it first"),
+    State.CONFLICT: (
+        "SESSION_CONFLICT",
+        "another client outside the broker uses this login; stop it, then restart the session",
+    ),
+    State.FAILED: ("SESSION_FAILED", "the session gave up; see Health, then restart it"),
+}
 
 #: Reason of FAILED when the QR limit ran out (health matches on it).
 PAIRING_TIMED_OUT = "pairing timed out: nobody scanned the QR"

@@ -24,7 +24,7 @@ from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import SessionStats
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
-from broker.lifecycle.states import State
+from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime.batching import Batcher
 from broker.runtime.bus import StatusBus
 from broker.store.base import (
@@ -42,10 +42,6 @@ from broker.upstream.provider import ConnectError, Link, Provider
 
 log = logging.getLogger(__name__)
 
-#: States in which a waiting Send cannot succeed until a person acts.
-BLOCKED_STATES = frozenset(
-    {State.STOPPED, State.PAIRING, State.LOGGED_OUT, State.CONFLICT, State.FAILED}
-)
 
 
 #: Messages awaiting acks from which the session's writes linger (`_pipelined`),
@@ -602,7 +598,7 @@ class SessionActor:
             )
         if emit.state != State.PAIRING:
             self.qr_expires_at = None
-        if emit.state in BLOCKED_STATES:
+        if emit.state in NEEDS_A_PERSON:
             # Acks that came in before this change are stored first: a waiter
             # released now must find its message's result if it was acked.
             if self._batcher is not None:

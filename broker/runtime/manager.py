@@ -27,8 +27,8 @@ from broker.errors import (
 )
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
-from broker.lifecycle.states import State
-from broker.runtime.actor import BLOCKED_STATES, SessionActor
+from broker.lifecycle.states import NEEDS_A_PERSON, SEND_REFUSALS, State
+from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
@@ -45,17 +45,6 @@ from broker.upstream.provider import Provider
 
 log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
-
-_NOT_READY: dict[State, tuple[str, str]] = {
-    State.LOGGED_OUT: ("LOGGED_OUT", "the session is logged out; pair it again (broker qr)"),
-    State.PAIRING: ("NEEDS_PAIRING", "the session is waiting for its QR code to be scanned"),
-    State.STOPPED: ("SESSION_STOPPED", "the session is stopped; restart it first"),
-    State.CONFLICT: (
-        "SESSION_CONFLICT",
-        "another client outside the broker uses this login; stop it, then restart the session",
-    ),
-    State.FAILED: ("SESSION_FAILED", "the session gave up; see Health, then restart it"),
-}
 
 
 @dataclass(frozen=True)
@@ -399,7 +388,7 @@ class SessionManager:
     ) -> None:
         if actor is not None:
             state = actor.state
-            if state not in BLOCKED_STATES and not actor.has_credentials:
+            if state not in NEEDS_A_PERSON and not actor.has_credentials:
                 state = State.PAIRING
         elif record is None or not record.enabled or self.coordinator is None:
             state = State.STOPPED
@@ -410,8 +399,8 @@ class SessionManager:
             state = last.state if last else State.CONNECTING
             if state == State.STOPPED:
                 state = State.CONNECTING
-        if state in _NOT_READY:
-            reason, text = _NOT_READY[state]
+        if state in SEND_REFUSALS:
+            reason, text = SEND_REFUSALS[state]
             raise SessionNotReady(
                 f"session {session_id!r}: {text}", reason=reason, session_id=session_id,
                 state=state.value,
@@ -436,7 +425,7 @@ class SessionManager:
         result = await self.store.result(session_id, message.message_id)
         if result is not None:
             return result
-        reason, text = _NOT_READY.get(actor.state, ("SESSION_STOPPED", "stopped"))
+        reason, text = SEND_REFUSALS.get(actor.state, ("SESSION_STOPPED", "stopped"))
         raise SessionNotReady(
             f"session {session_id!r}: {text}; message {message.message_id} stays queued and "
             "is sent once the session is open again",
