@@ -58,6 +58,11 @@ SEND_REFUSALS: dict[State, tuple[str, str]] = {
 
 #: Reason of FAILED when the QR limit ran out (health matches on it).
 PAIRING_TIMED_OUT = "pairing timed out: nobody scanned the QR"
+#: Close reason when the HANDSHAKE timer ran out.
+HANDSHAKE_TIMED_OUT = "handshake timed out"
+#: Reason of the 408 after it while CONNECTING (while PAIRING the 408 starts
+#: the next pairing round, which has its own reason).
+HANDSHAKE_UNANSWERED = "upstream did not answer the handshake"
 #: Reason of STOPPED after the lease went to another process.
 LEASE_LOST = "lease lost"
 #: Appended to a reason when the attempt budget spaced the next attempt out.

@@ -59,6 +59,11 @@ class _LinkEvent:
 
 
 @dataclass(frozen=True)
+class _LinkUp:
+    generation: int
+
+
+@dataclass(frozen=True)
 class _TimerDue:
     timer: act.Timer
     token: int
@@ -75,7 +80,7 @@ class _StoreEvents:
     """Try again to store the status events the store could not take."""
 
 
-_Item = inp.Event | _LinkEvent | _TimerDue | _Command | _StoreEvents
+_Item = inp.Event | _LinkEvent | _LinkUp | _TimerDue | _Command | _StoreEvents
 
 
 class _Mailbox:
@@ -190,14 +195,13 @@ class SessionActor:
         self._bus = bus
         self._settings = settings
         self._clock = clock
-        self.machine = SessionMachine(settings.lifecycle)
+        self.machine = SessionMachine(settings.lifecycle,
+                                      handshake_timeout_s=settings.connect_timeout_s)
         self.stats = SessionStats()
         self.blocked = asyncio.Event()
         self.blocked.set()
         self.has_credentials = False
         self.last_activity = 0.0
-        self.qr_index = 0
-        self.qr_expires_at: float | None = None
         self._inbox = _Mailbox()
         self._timers: dict[act.Timer, tuple[int, asyncio.TimerHandle]] = {}
         self._timer_tokens = 0
@@ -256,6 +260,20 @@ class SessionActor:
     @property
     def state(self) -> State:
         return self.machine.state
+
+    @property
+    def qr_index(self) -> int:
+        return self.machine.qr_index
+
+    @property
+    def qr_expires_at(self) -> float | None:
+        """When the QR on show expires, on this actor's (wall) clock, for the API.
+
+        The machine keeps it on the loop's clock, the one its timers run on."""
+        expires = self.machine.qr_expires_at
+        if expires is None:
+            return None
+        return self._clock() + (expires - asyncio.get_running_loop().time())
 
     async def start(self) -> None:
         last = await self._store.last_event(self.session_id)
@@ -478,6 +496,9 @@ class SessionActor:
                 if self._events_retry is None or not self._unstored:
                     return
                 await self._store_events()
+            case _LinkUp(generation=gen):
+                if gen == self._generation and not self.fenced:
+                    await self._feed(inp.LinkUp())
             case _LinkEvent(generation=gen, event=event):
                 if gen != self._generation or self.fenced:
                     return  # a link the machine already closed
@@ -491,8 +512,6 @@ class SessionActor:
             case ev.Ready():
                 await self._feed(inp.Connected())
             case ev.QrCode(code=code, index=index, expires_in_ms=expires):
-                self.qr_index = index
-                self.qr_expires_at = self._clock() + expires / 1000
                 await self._feed(inp.QrReceived(code, index, expires))
             case ev.Paired(credentials=creds):
                 await self._feed(inp.Paired(creds))
@@ -596,8 +615,6 @@ class SessionActor:
                 "session %s: %s -> %s (%s)", self.session_id, emit.previous, emit.state,
                 emit.reason, extra={"session_id": self.session_id, "tenant": self.tenant},
             )
-        if emit.state != State.PAIRING:
-            self.qr_expires_at = None
         if emit.state in NEEDS_A_PERSON:
             # Acks that came in before this change are stored first: a waiter
             # released now must find its message's result if it was acked.
@@ -662,34 +679,16 @@ class SessionActor:
             link.abort()  # superseded (or fenced) while connecting
             return
         self._link = link
-        handshake = self._settings.connect_timeout_s
+        # The machine arms its HANDSHAKE deadline from here: until `ready` it, not
+        # this reader, decides how long the upstream may take.
+        post(_LinkUp(generation))
         events = link.events()
-        loop = asyncio.get_running_loop()
-        # Until `ready` the upstream must move the handshake on: answer within the
-        # connect timeout and, once pairing, show the next QR (or pair) before the
-        # current one expires. Stray frames (an ack, a pong) are no progress, or a
-        # hostile upstream could hold the session in CONNECTING/PAIRING for ever.
-        deadline: float | None = loop.time() + handshake
-        waiting_for = "upstream did not answer the handshake"
         try:
             while True:
                 try:
-                    if deadline is not None:
-                        event = await asyncio.wait_for(anext(events), deadline - loop.time())
-                    else:
-                        event = await anext(events)
+                    event = await anext(events)
                 except StopAsyncIteration:
                     return
-                except TimeoutError:
-                    await link.close(DisconnectCode.TIMED_OUT, "handshake timed out")
-                    post(_LinkEvent(generation, ev.Disconnected(
-                        DisconnectCode.TIMED_OUT, waiting_for)))
-                    return
-                if isinstance(event, ev.Ready):
-                    deadline = None  # open: the keep-alive watches the link from here
-                elif isinstance(event, ev.QrCode):
-                    deadline = loop.time() + event.expires_in_ms / 1000 + handshake
-                    waiting_for = "upstream sent no new QR code after the last one expired"
                 if isinstance(event, ev.Acked):
                     # An ack changes no state: record it from here, without a hop
                     # through the inbox (and the machine) per ack.
