@@ -1,9 +1,15 @@
-"""One actor per owned session: runs the lifecycle machine and does its I/O.
+"""One actor per owned session: the loop that feeds the session's two pure
+machines and carries out what they decide.
 
-The machine decides; this module only moves bytes and timers (the sans-I/O
-split of h11 / python-websockets). Everything that touches the session's
-state goes through one inbox processed by one task, so no two coroutines
-ever race on the machine.
+The lifecycle machine (`broker.lifecycle.machine`) decides states, timers and
+connections; the delivery window (`broker.runtime.window`, driven by
+`broker.runtime.delivery`) decides what to send and when to read the outbox.
+This module only moves bytes and timers (the sans-I/O split of h11 /
+python-websockets): operator commands, timer firings and link events go
+through one inbox processed by one task, so no two coroutines ever race on
+the machine. Acks are the exception: the link reader hands them straight to
+the delivery side (see `broker.runtime.delivery`), since they change no
+lifecycle state.
 """
 
 from __future__ import annotations
@@ -12,8 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +30,13 @@ from broker.lifecycle.health import SessionStats
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import NEEDS_A_PERSON, State
-from broker.runtime.batching import Batcher
 from broker.runtime.bus import StatusBus
+from broker.runtime.delivery import Delivery
+from broker.runtime.mailbox import Mailbox
 from broker.store.base import (
     Accepted,
     DeliveryResult,
     NewMessage,
-    OutboxBatch,
-    OutboxMessage,
     SessionRecord,
     StatusEvent,
     Store,
@@ -44,10 +48,6 @@ log = logging.getLogger(__name__)
 
 
 
-#: Messages awaiting acks from which the session's writes linger (`_pipelined`),
-#: and for how long after that they still do while any message awaits its ack.
-PIPELINED = 4
-PIPELINED_HOLD_S = 0.1
 EVENT_RETRY_S = 1.0
 """How soon status events the store refused (unavailable) are offered again."""
 
@@ -81,84 +81,6 @@ class _StoreEvents:
 
 
 _Item = inp.Event | _LinkEvent | _LinkUp | _TimerDue | _Command | _StoreEvents
-
-
-class _Mailbox:
-    """An unbounded single-reader queue: what the actor needs of asyncio.Queue.
-
-    An asyncio.Queue carries three deques and an Event, ~2 KB per session that a
-    broker holding ten thousand idle sessions pays for nothing.
-    """
-
-    __slots__ = ("_items", "_waiter")
-
-    def __init__(self) -> None:
-        self._items: deque[_Item] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-
-    def put_nowait(self, item: _Item) -> None:
-        self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> _Item:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self._items.popleft()
-
-
-class _Wake:
-    """A flag one task waits on with a timeout: the delivery loop's doorbell.
-
-    asyncio.wait_for(event.wait(), t) makes a task per wait (Python 3.11); the
-    loop waits once per burst of Sends, so this plain future and timer do it.
-    """
-
-    __slots__ = ("_set", "_waiter")
-
-    def __init__(self) -> None:
-        self._set = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def set(self) -> None:
-        self._set = True
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def clear(self) -> None:
-        self._set = False
-
-    def is_set(self) -> bool:
-        return self._set
-
-    async def wait(self, timeout: float) -> bool:
-        """Whether the flag was set (False: the timeout passed first)."""
-        if self._set:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(timeout, _settle, waiter, None)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
-        return self._set
-
-
-def _settle(future: asyncio.Future[Any], value: Any) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-_NOTHING_IN_FLIGHT: dict[str, tuple[OutboxMessage, float]] = {}
-"""Shared by actors that have not delivered yet; _deliver gives each its own."""
 
 
 class SessionActor:
@@ -202,60 +124,24 @@ class SessionActor:
         self.blocked.set()
         self.has_credentials = False
         self.last_activity = 0.0
-        self._inbox = _Mailbox()
+        self._inbox: Mailbox[_Item] = Mailbox()
         self._timers: dict[act.Timer, tuple[int, asyncio.TimerHandle]] = {}
         self._timer_tokens = 0
         self._generation = 0
         self._link: Link | None = None
         self._io_task: asyncio.Task[None] | None = None
-        self._delivery_task: asyncio.Task[None] | None = None
-        self._wake = _Wake()
         self._ping_id = 0
-        self._pipelined_until = 0.0
         self._sequence = 0
         #: emitted, not stored yet (the store was unavailable), oldest first
         self._unstored: list[StatusEvent] = []
         self._events_retry: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
-        self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
-        # Made on first use: ten thousand idle sessions should not carry them.
-        self._batcher: Batcher[str | NewMessage, Accepted | None] | None = None
-        # Delivery state of the current connection (reset by _deliver):
-        #: sent and not yet acked, by message id: (message, when last sent);
-        self._in_flight: dict[str, tuple[OutboxMessage, float]] = _NOTHING_IN_FLIGHT
-        #: read from the store, not sent yet (the window is full), in order;
-        self._ready: deque[OutboxMessage] | None = None
-        #: the highest sequence read; everything up to it is in flight, ready or acked;
-        self._newest = 0
-        #: whether the store may hold messages not read yet.
-        self._backlog = True
-
-    @property
-    def _writes(self) -> Batcher[str | NewMessage, Accepted | None]:
-        """Acks (message ids) and new messages, written to the store in batches."""
-        if self._batcher is None:
-            self._batcher = Batcher(self._write_outbox, linger_s=self._settings.write_linger_s,
-                                    loaded=self._pipelined)
-        return self._batcher
-
-    def _pipelined(self) -> bool:
-        """Several messages await their acks: those acks, and the Sends they free,
-        arrive within a round trip, so a write may linger to take them along.
-
-        With a store that writes at once (memory) this is the only sign of load,
-        and taking acks and Sends in bursts is what lets one session near the
-        relay floor at 64 Sends in flight (docs/benchmarks.md). A lone Send, or
-        a few, never waits. Once pipelined, a session stays so for a moment while
-        anything is in flight: right after a batch of acks few messages are out,
-        and dropping back to one write per message there tends to stick, since
-        one write per message never has enough in flight to linger again.
-        """
-        now = asyncio.get_running_loop().time()
-        if len(self._in_flight) >= PIPELINED:
-            self._pipelined_until = now + PIPELINED_HOLD_S
-            return True
-        return bool(self._in_flight) and now < self._pipelined_until
+        self.delivery = Delivery(
+            self.session_id, store=store, settings=settings, stats=self.stats, clock=clock,
+            fence=fence, not_owner=self._not_owner, spawn=self._spawn,
+            publish_locally=publish_locally,
+        )
 
     @property
     def state(self) -> State:
@@ -299,102 +185,16 @@ class SessionActor:
         before yielding, so an ack cannot slip past."""
         if self.blocked.is_set() or self.fenced:
             return None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[DeliveryResult | None] = loop.create_future()
-        waiters = self._ack_waiters.setdefault(message_id, [])
-        waiters.append(done)
-        timer = loop.call_later(timeout, _settle, done, None)
-        try:
-            return await done
-        finally:
-            timer.cancel()
-            if done in waiters:
-                waiters.remove(done)
-            if not waiters:
-                self._ack_waiters.pop(message_id, None)
+        return await self.delivery.wait_ack(message_id, timeout)
 
     async def enqueue(self, message: NewMessage) -> Accepted:
         """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
         one write) and get it delivered. Raises OutboxFull."""
-        outcome = await self._writes.submit(message)  # raises OutboxFull
-        assert outcome is not None  # None answers only acks
-        return outcome
-
-    def _ack(self, message_id: str) -> None:
-        """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
-        self._writes.post(message_id)
-
-    async def _write_outbox(
-        self, items: list[str | NewMessage]
-    ) -> list[Accepted | BaseException | None]:
-        """Write a batch of acks and new messages, then act on the answers.
-
-        New messages are claimed for delivery in the same write while the
-        delivery loop runs and nothing older is unread; the loop then sends them
-        without asking the store again. Acks that cannot be stored leave their
-        messages in the outbox: they are sent again after the ack timeout and
-        the upstream acks the duplicate.
-        """
-        acks = [i for i in items if isinstance(i, str)]
-        messages = [i for i in items if isinstance(i, NewMessage)]
-        generation = self._generation
-        claim = bool(messages) and self._delivering() and not self._backlog
-        try:
-            done = await self._store.apply_outbox(
-                self.session_id, OutboxBatch(acks, messages, claim),
-                max_depth=self._settings.max_outbox, at=self._clock(), fence=self.fence,
-            )
-        except Exception as exc:
-            if isinstance(exc, NotOwner):
-                self._not_owner(exc)  # the Sends' messages go in unfenced (manager)
-            elif not isinstance(exc, StoreUnavailable):
-                log.exception("session %s: outbox write failed", self.session_id)
-            if acks:
-                log.warning("session %s: %d acks not recorded, will resend: %s",
-                            self.session_id, len(acks), exc)
-            return [exc if isinstance(i, NewMessage) else None for i in items]
-        if done.acked:
-            self.stats.on_acked(len(done.acked))
-            for result in done.acked:
-                self._in_flight.pop(result.message_id, None)
-                for waiter in self._ack_waiters.pop(result.message_id, ()):
-                    _settle(waiter, result)
-            self._wake.set()
-        fresh = sum(1 for o in done.accepted if isinstance(o, Accepted) and not o.duplicate)
-        if fresh:
-            self.stats.on_accepted(fresh)
-            if claim:
-                self._hand_over(generation, done.claimed, done.unread)
-            else:
-                self.kick()
-        accepted = iter(done.accepted)
-        return [next(accepted) if isinstance(i, NewMessage) else None for i in items]
-
-    def _delivering(self) -> bool:
-        task = self._delivery_task
-        return task is not None and not task.done()
-
-    def _hand_over(self, generation: int, claimed: list[OutboxMessage], unread: bool) -> None:
-        """Give messages claimed by an enqueue to the delivery loop that was running."""
-        ready = self._ready
-        if generation != self._generation or not self._delivering() or ready is None:
-            self.kick()  # a new loop reads them from the store
-            return
-        for message in claimed:
-            if message.sequence > self._newest:
-                ready.append(message)
-                self._newest = message.sequence
-        if unread:
-            self._backlog = True
-        self._wake.set()
+        return await self.delivery.enqueue(message)
 
     def kick(self) -> None:
-        """A message was queued: wake the delivery loop, or start it if it ended idle."""
-        self._backlog = True
-        self._wake.set()
-        task = self._delivery_task
-        if (task is None or task.done()) and self.machine.state == State.OPEN:
-            self._start_delivery()
+        """A message was queued (maybe by another instance): deliver it if OPEN."""
+        self.delivery.kick()
 
     def fence_now(self) -> None:
         """Stop all upstream I/O at once, without waiting for anything: the lease is,
@@ -403,7 +203,7 @@ class SessionActor:
         self.fenced = True
         self._cancel_all_timers()
         self._generation += 1
-        self._stop_delivery()
+        self.delivery.stop()
         link, self._link = self._link, None
         io_task, self._io_task = self._io_task, None
         if io_task is not None and not io_task.done():
@@ -411,9 +211,7 @@ class SessionActor:
         if link is not None:
             with contextlib.suppress(Exception):
                 link.abort()
-        for waiters in self._ack_waiters.values():
-            for waiter in waiters:
-                _settle(waiter, None)  # the manager waits on the store from here
+        self.delivery.release_waiters()  # the manager waits on the store from here
 
     def _not_owner(self, exc: NotOwner) -> None:
         """The store refused a write as stale: a newer owner exists. Stop at once."""
@@ -446,14 +244,7 @@ class SessionActor:
             await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "broker shutting down",
                                   wait=True, timeout_s=close_timeout_s)
         self.fence_now()
-        # Messages already handed to the store are written whatever happens to
-        # this actor: their Sends are waiting for the answer. (An ack left
-        # unrecorded is harmless: the next owner resends, the upstream re-acks.)
-        if self._batcher is not None:
-            drain = asyncio.ensure_future(self._batcher.drain())
-            done, _ = await asyncio.wait([drain], timeout=drain_timeout_s)
-            if not done:
-                drain.cancel()
+        await self.delivery.shutdown(drain_timeout_s)
         for task in tuple(self._background):
             task.cancel()
         if self._background:
@@ -519,7 +310,7 @@ class SessionActor:
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
             case ev.Acked(message_id=mid):  # normally taken by _connect, off the inbox
-                self._ack(mid)
+                self.delivery.ack(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
@@ -534,7 +325,7 @@ class SessionActor:
                     await self._link.ack_inbound(mid)
             case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
                 self._link = None
-                self._stop_delivery()
+                self.delivery.stop()
                 if code == DisconnectCode.REPLACED and not self._lease_fresh():
                     # Replaced while our lease may already be another instance's:
                     # that is the broker's own next owner, not a stranger. Let go
@@ -618,18 +409,16 @@ class SessionActor:
         if emit.state in NEEDS_A_PERSON:
             # Acks that came in before this change are stored first: a waiter
             # released now must find its message's result if it was acked.
-            if self._batcher is not None:
-                await self._batcher.drain()
+            await self.delivery.drain()
             self.blocked.set()
-            for waiters in self._ack_waiters.values():
-                for waiter in waiters:
-                    _settle(waiter, None)
+            self.delivery.release_waiters()
         else:
             self.blocked.clear()
         if emit.state == State.OPEN and emit.previous != State.OPEN:
-            self._start_delivery()
+            if self._link is not None:
+                self.delivery.start(self._link)
         elif emit.state != State.OPEN:
-            self._stop_delivery()
+            self.delivery.stop()
         self._unstored.append(event)
         await self._store_events()
 
@@ -651,7 +440,7 @@ class SessionActor:
                 self._bus.publish(stored)
 
     # connection I/O
-    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -694,7 +483,7 @@ class SessionActor:
                     # through the inbox (and the machine) per ack.
                     if generation == self._generation:
                         self.last_activity = self._clock()
-                        self._ack(event.message_id)
+                        self.delivery.ack(event.message_id)
                     continue
                 post(_LinkEvent(generation, event))
                 if isinstance(event, ev.Disconnected):
@@ -716,7 +505,7 @@ class SessionActor:
         the next owner to fight.
         """
         self._generation += 1
-        self._stop_delivery()
+        self.delivery.stop()
         link, self._link = self._link, None
         io_task, self._io_task = self._io_task, None
         if io_task is not None and not io_task.done():
@@ -730,90 +519,3 @@ class SessionActor:
                         link.abort()
             else:
                 self._spawn(link.close(code, reason))
-
-    # delivery
-    def _start_delivery(self) -> None:
-        self._stop_delivery()
-        if self._link is not None:
-            self._delivery_task = self._spawn(self._deliver(self._link, self._generation))
-
-    def _stop_delivery(self) -> None:
-        task, self._delivery_task = self._delivery_task, None
-        if task is not None and not task.done():
-            task.cancel()
-
-    async def _deliver(self, link: Link, generation: int) -> None:
-        """Send the outbox in order, window by window; resend what stays unacked.
-
-        Every (re)connect starts again from the oldest unacked message: the
-        upstream de-duplicates by message id, so a resend is harmless while a
-        skipped message would be lost. Within a connection the loop keeps what
-        it read in memory: it asks the store only for messages after the newest
-        one read, and only when some may be waiting (a kick, a full window).
-        """
-        in_flight: dict[str, tuple[OutboxMessage, float]] = {}
-        ready: deque[OutboxMessage] = deque()
-        self._in_flight, self._ready = in_flight, ready
-        self._newest = 0
-        self._backlog = True
-        try:
-            await self._delivery_loop(link, generation, in_flight, ready)
-        finally:
-            if self._ready is ready:  # an idle session keeps no delivery state
-                self._in_flight, self._ready = _NOTHING_IN_FLIGHT, None
-
-    async def _delivery_loop(
-        self, link: Link, generation: int, in_flight: dict[str, tuple[OutboxMessage, float]],
-        ready: deque[OutboxMessage],
-    ) -> None:
-        window = self._settings.send_window
-        ack_timeout = self._settings.ack_timeout_s
-        # Alone, every enqueue kicks this loop directly; with several instances a
-        # kick from another one travels over pub/sub, so also look now and then.
-        idle_poll = None if self._publish_locally else max(ack_timeout, 2.0)
-        loop = asyncio.get_running_loop()
-        claimed = False
-        while generation == self._generation:
-            self._wake.clear()
-            room = window - len(in_flight) - len(ready)
-            try:
-                if not claimed:
-                    taken = await self._store.claim_outbox(self.session_id, fence=self.fence)
-                    claimed = True
-                    if taken:
-                        log.info("session %s: resuming %d read but unacked messages",
-                                 self.session_id, taken)
-                if self._backlog and room > 0:
-                    fresh = await self._store.pending(self.session_id, window, self._newest,
-                                                      fence=self.fence)
-                    self._backlog = len(fresh) >= room
-                    for message in fresh:
-                        if message.sequence > self._newest:
-                            ready.append(message)
-                            self._newest = message.sequence
-            except NotOwner as exc:
-                self._not_owner(exc)
-                return
-            except StoreUnavailable as exc:
-                log.warning("session %s: outbox unreachable, delivery paused: %s",
-                            self.session_id, exc)
-                await asyncio.sleep(1.0)
-                continue
-            now = loop.time()
-            for message, sent in list(in_flight.values()):
-                if now - sent >= ack_timeout and message.message_id in in_flight:
-                    in_flight[message.message_id] = (message, now)
-                    await link.send(message.message_id, message.to, message.body)
-            while ready and len(in_flight) < window:
-                message = ready.popleft()
-                in_flight[message.message_id] = (message, now)
-                await link.send(message.message_id, message.to, message.body)
-            wait = ack_timeout if in_flight else idle_poll
-            if wait is None:
-                if not self._wake.is_set() and not ready and not self._backlog:
-                    # Nothing queued, nothing in flight: end here rather than keep a
-                    # parked task per idle session; kick() starts a new one.
-                    return
-                continue
-            if not await self._wake.wait(wait) and not in_flight:
-                self._backlog = True  # a kick from another instance may be lost
