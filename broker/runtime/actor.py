@@ -15,7 +15,6 @@ lifecycle state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -32,41 +31,21 @@ from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime.bus import StatusBus
 from broker.runtime.delivery import Delivery
+from broker.runtime.link import Connection, LinkEvent, LinkUp
 from broker.runtime.mailbox import Mailbox
+from broker.runtime.recorder import StatusRecorder
+from broker.runtime.timers import TimerDue, Timers
 from broker.store.base import (
     Accepted,
     DeliveryResult,
     NewMessage,
     SessionRecord,
-    StatusEvent,
     Store,
 )
 from broker.upstream import events as ev
-from broker.upstream.provider import ConnectError, Link, Provider
+from broker.upstream.provider import Provider
 
 log = logging.getLogger(__name__)
-
-
-
-EVENT_RETRY_S = 1.0
-"""How soon status events the store refused (unavailable) are offered again."""
-
-
-@dataclass(frozen=True)
-class _LinkEvent:
-    generation: int
-    event: ev.UpstreamEvent
-
-
-@dataclass(frozen=True)
-class _LinkUp:
-    generation: int
-
-
-@dataclass(frozen=True)
-class _TimerDue:
-    timer: act.Timer
-    token: int
 
 
 @dataclass(frozen=True)
@@ -80,10 +59,20 @@ class _StoreEvents:
     """Try again to store the status events the store could not take."""
 
 
-_Item = inp.Event | _LinkEvent | _LinkUp | _TimerDue | _Command | _StoreEvents
+_Item = inp.Event | LinkEvent | LinkUp | TimerDue | _Command | _StoreEvents
+_STORE_EVENTS = _StoreEvents()
 
 
 class SessionActor:
+    """One session's loop: inbox items in, lifecycle actions carried out.
+
+    It owns the machine, its timers (`Timers`), the upstream connection
+    (`Connection`), status events (`StatusRecorder`) and delivery (`Delivery`),
+    and the ownership rules around them: every owner write carries `fence`, a
+    refused one stops everything at once (`_not_owner`, `fence_now`), and no
+    connection is opened on a lease that may be stale (`_lease_fresh`).
+    """
+
     def __init__(
         self,
         record: SessionRecord,
@@ -110,12 +99,8 @@ class SessionActor:
         """Set when shutdown begins: no more of the machine's actions are executed."""
         self._may_connect = may_connect
         self._on_fenced = on_fenced
-        self._publish_locally = publish_locally
         self.tenant = record.tenant
         self._store = store
-        self._provider = provider
-        self._bus = bus
-        self._settings = settings
         self._clock = clock
         self.machine = SessionMachine(settings.lifecycle,
                                       handshake_timeout_s=settings.connect_timeout_s)
@@ -125,16 +110,16 @@ class SessionActor:
         self.has_credentials = False
         self.last_activity = 0.0
         self._inbox: Mailbox[_Item] = Mailbox()
-        self._timers: dict[act.Timer, tuple[int, asyncio.TimerHandle]] = {}
-        self._timer_tokens = 0
-        self._generation = 0
-        self._link: Link | None = None
-        self._io_task: asyncio.Task[None] | None = None
+        self._timers = Timers(self._inbox)
+        self._conn = Connection(
+            self.session_id, store=store, provider=provider, post=self._inbox.put_nowait,
+            lease_fresh=self._lease_fresh, on_ack=self._on_ack, spawn=self._spawn,
+        )
         self._ping_id = 0
-        self._sequence = 0
-        #: emitted, not stored yet (the store was unavailable), oldest first
-        self._unstored: list[StatusEvent] = []
-        self._events_retry: asyncio.TimerHandle | None = None
+        self._events = StatusRecorder(
+            self.session_id, self.tenant, store=store, bus=bus, fence=fence,
+            publish_locally=publish_locally, retry=self._retry_events,
+        )
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.delivery = Delivery(
@@ -163,7 +148,7 @@ class SessionActor:
 
     async def start(self) -> None:
         last = await self._store.last_event(self.session_id)
-        self._sequence = last.sequence if last else 0
+        self._events.sequence = last.sequence if last else 0
         self.has_credentials = await self._store.has_credentials(self.session_id)
         if self.fenced:
             return  # lost (or shut down) while reading: never start running
@@ -202,15 +187,8 @@ class SessionActor:
         so no peer and no network can hold this up."""
         self.fenced = True
         self._cancel_all_timers()
-        self._generation += 1
         self.delivery.stop()
-        link, self._link = self._link, None
-        io_task, self._io_task = self._io_task, None
-        if io_task is not None and not io_task.done():
-            io_task.cancel()
-        if link is not None:
-            with contextlib.suppress(Exception):
-                link.abort()
+        self._conn.abort()
         self.delivery.release_waiters()  # the manager waits on the store from here
 
     def _not_owner(self, exc: NotOwner) -> None:
@@ -251,11 +229,11 @@ class SessionActor:
             await asyncio.wait(tuple(self._background))
 
     def _cancel_all_timers(self) -> None:
-        for _, handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
-        if self._events_retry is not None:
-            self._events_retry.cancel()
+        self._timers.cancel_all()
+        self._events.cancel_retry()
+
+    def _retry_events(self) -> None:
+        self._inbox.put_nowait(_STORE_EVENTS)
 
     # the one loop
     async def _run(self) -> None:
@@ -277,21 +255,16 @@ class SessionActor:
         match item:
             case _Command(event=event):
                 await self._feed(event)
-            case _TimerDue(timer=timer, token=token):
-                current = self._timers.get(timer)
-                if current is None or current[0] != token:
-                    return  # cancelled or re-armed after this firing was queued
-                del self._timers[timer]
-                await self._feed(inp.TimerFired(timer))
+            case TimerDue(timer=timer):
+                if self._timers.fired(item):  # else cancelled or re-armed since
+                    await self._feed(inp.TimerFired(timer))
             case _StoreEvents():
-                if self._events_retry is None or not self._unstored:
-                    return
-                await self._store_events()
-            case _LinkUp(generation=gen):
-                if gen == self._generation and not self.fenced:
+                await self._events.store_due()
+            case LinkUp(generation=gen):
+                if gen == self._conn.generation and not self.fenced:
                     await self._feed(inp.LinkUp())
-            case _LinkEvent(generation=gen, event=event):
-                if gen != self._generation or self.fenced:
+            case LinkEvent(generation=gen, event=event):
+                if gen != self._conn.generation or self.fenced:
                     return  # a link the machine already closed
                 self.last_activity = self._clock()
                 await self._on_link_event(event)
@@ -321,10 +294,10 @@ class SessionActor:
                     log.warning("session %s: inbound %s not stored, not acked: %s",
                                 self.session_id, mid, exc)
                     return
-                if self._link is not None:
-                    await self._link.ack_inbound(mid)
+                if self._conn.link is not None:
+                    await self._conn.link.ack_inbound(mid)
             case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
-                self._link = None
+                self._conn.lost()
                 self.delivery.stop()
                 if code == DisconnectCode.REPLACED and not self._lease_fresh():
                     # Replaced while our lease may already be another instance's:
@@ -354,28 +327,21 @@ class SessionActor:
                     # losing a lease is the broker's business, not the session's.
                     self._not_owner(NotOwner("not connecting without a fresh lease"))
                     return
-                self._generation += 1
-                self._io_task = self._spawn(self._connect(self._generation))
+                self._conn.open()
             case act.CloseConnection(code=code, reason=reason):
                 await self._drop_link(code, reason)
             case act.SendPing():
-                if self._link is not None:
+                if self._conn.link is not None:
                     self._ping_id += 1
                     self.stats.on_keepalive_sent()
-                    await self._link.ping(self._ping_id)
+                    await self._conn.link.ping(self._ping_id)
             case act.SendLogout():
-                if self._link is not None:
-                    await self._link.logout()
+                if self._conn.link is not None:
+                    await self._conn.link.logout()
             case act.StartTimer(timer=timer, delay_s=delay):
-                self._cancel_timer(timer)
-                self._timer_tokens += 1
-                token = self._timer_tokens
-                handle = asyncio.get_running_loop().call_later(
-                    delay, self._inbox.put_nowait, _TimerDue(timer, token)
-                )
-                self._timers[timer] = (token, handle)
+                self._timers.start(timer, delay)
             case act.CancelTimer(timer=timer):
-                self._cancel_timer(timer)
+                self._timers.cancel(timer)
             case act.SaveCredentials(credentials=creds):
                 await self._store.save_credentials(self.session_id, creds, fence=self.fence)
                 self.has_credentials = True
@@ -385,19 +351,9 @@ class SessionActor:
             case act.Emit():
                 await self._emit(action)
 
-    def _cancel_timer(self, timer: act.Timer) -> None:
-        entry = self._timers.pop(timer, None)
-        if entry is not None:
-            entry[1].cancel()
-
     async def _emit(self, emit: act.Emit) -> None:
         now = self._clock()
-        self._sequence += 1
-        event = StatusEvent(
-            session_id=self.session_id, tenant=self.tenant, sequence=self._sequence,
-            state=emit.state, previous=emit.previous, reason=emit.reason, code=emit.code,
-            retry_in_s=emit.retry_in_s, qr=emit.qr, attempt=emit.attempt, at=now,
-        )
+        self._events.record(emit, now)
         # Every emit: a 515 restart (CONNECTING again) is an attempt too.
         self.stats.on_transition(emit.previous, emit.state, emit.reason, emit.code, now,
                                  held_s=emit.held_s)
@@ -415,29 +371,11 @@ class SessionActor:
         else:
             self.blocked.clear()
         if emit.state == State.OPEN and emit.previous != State.OPEN:
-            if self._link is not None:
-                self.delivery.start(self._link)
+            if self._conn.link is not None:
+                self.delivery.start(self._conn.link)
         elif emit.state != State.OPEN:
             self.delivery.stop()
-        self._unstored.append(event)
-        await self._store_events()
-
-    async def _store_events(self) -> None:
-        """Store emitted events in order; while the store is away, keep them and try
-        again later, so the stored state never stays behind the live one."""
-        self._events_retry = None
-        while self._unstored:
-            try:
-                stored = await self._store.append_event(self._unstored[0], fence=self.fence)
-            except StoreUnavailable as exc:
-                log.warning("session %s: %d status events not stored yet: %s",
-                            self.session_id, len(self._unstored), exc)
-                self._events_retry = asyncio.get_running_loop().call_later(
-                    EVENT_RETRY_S, self._inbox.put_nowait, _StoreEvents())
-                return
-            del self._unstored[0]
-            if self._publish_locally:
-                self._bus.publish(stored)
+        await self._events.store()
 
     # connection I/O
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -449,73 +387,15 @@ class SessionActor:
     def _lease_fresh(self) -> bool:
         return self._may_connect is None or self._may_connect(self.session_id)
 
-    async def _connect(self, generation: int) -> None:
-        post = self._inbox.put_nowait
-        try:
-            creds = await self._store.load_credentials(self.session_id)
-            if not self._lease_fresh() or generation != self._generation:
-                return  # the lease went stale while the credentials were read
-            link = await self._provider.connect(self.session_id, creds)
-        except ConnectError as exc:
-            post(_LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
-            return
-        except Exception as exc:  # store down, provider bug: retry like a lost connection
-            log.warning("session %s: connect failed: %s", self.session_id, exc)
-            lost = ev.Disconnected(DisconnectCode.CONNECTION_CLOSED, f"connect failed: {exc}")
-            post(_LinkEvent(generation, lost))
-            return
-        if generation != self._generation:
-            link.abort()  # superseded (or fenced) while connecting
-            return
-        self._link = link
-        # The machine arms its HANDSHAKE deadline from here: until `ready` it, not
-        # this reader, decides how long the upstream may take.
-        post(_LinkUp(generation))
-        events = link.events()
-        try:
-            while True:
-                try:
-                    event = await anext(events)
-                except StopAsyncIteration:
-                    return
-                if isinstance(event, ev.Acked):
-                    # An ack changes no state: record it from here, without a hop
-                    # through the inbox (and the machine) per ack.
-                    if generation == self._generation:
-                        self.last_activity = self._clock()
-                        self.delivery.ack(event.message_id)
-                    continue
-                post(_LinkEvent(generation, event))
-                if isinstance(event, ev.Disconnected):
-                    return
-        except Exception as exc:  # a provider bug must not leave the session hanging
-            log.exception("session %s: upstream link failed", self.session_id)
-            post(_LinkEvent(generation, ev.Disconnected(
-                DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
+    def _on_ack(self, generation: int, message_id: str) -> None:
+        """An upstream ack, straight from the link reader (not through the inbox)."""
+        if generation == self._conn.generation:
+            self.last_activity = self._clock()
+            self.delivery.ack(message_id)
 
     async def _drop_link(
         self, code: DisconnectCode, reason: str, *, wait: bool = False, timeout_s: float = 3.0
     ) -> None:
-        """Forget the current link; events it still produces are ignored.
-
-        With `wait`, the connection is closed before returning (aborted after
-        `timeout_s`): a handover must not leave a live connection behind for
-        the next owner to fight.
-        """
-        self._generation += 1
+        """Stop delivering and close the current link (see `Connection.drop`)."""
         self.delivery.stop()
-        link, self._link = self._link, None
-        io_task, self._io_task = self._io_task, None
-        if io_task is not None and not io_task.done():
-            io_task.cancel()
-        if link is not None:
-            if wait:
-                try:
-                    await asyncio.wait_for(link.close(code, reason), timeout_s)
-                except Exception:
-                    with contextlib.suppress(Exception):
-                        link.abort()
-            else:
-                self._spawn(link.close(code, reason))
+        await self._conn.drop(code, reason, wait=wait, timeout_s=timeout_s)

@@ -49,6 +49,10 @@ _Write = str | NewMessage
 class Delivery:
     """One session's outbox writer, delivery loop and ack waiters; its actor owns it."""
 
+    __slots__ = ("_ack_waiters", "_batcher", "_clock", "_fence", "_idle_poll", "_link",
+                 "_not_owner", "_settings", "_spawn", "_stats", "_store", "_task", "_wake",
+                 "_window", "session_id")
+
     def __init__(
         self,
         session_id: str,
