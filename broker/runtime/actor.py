@@ -282,7 +282,7 @@ class SessionActor:
             case ev.Pong():
                 self.stats.on_keepalive_ok()
                 await self._feed(inp.PongReceived())
-            case ev.Acked(message_id=mid):  # normally taken by _connect, off the inbox
+            case ev.Acked(message_id=mid):  # normally taken by the link reader, off the inbox
                 self.delivery.ack(mid)
             case ev.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
