@@ -42,38 +42,6 @@ class LinkEvent:
     event: ev.UpstreamEvent
 
 
-async def read_link(
-    session_id: str,
-    link: Link,
-    generation: int,
-    *,
-    post: Callable[[LinkUp | LinkEvent], None],
-    on_ack: Callable[[int, str], None],
-) -> None:
-    """Post `LinkUp`, then every event but acks (given to `on_ack(generation,
-    message_id)`), until the link ends; a link that fails ends as a close."""
-    post(LinkUp(generation))
-    events = link.events()
-    try:
-        while True:
-            try:
-                event = await anext(events)
-            except StopAsyncIteration:
-                return
-            if isinstance(event, ev.Acked):
-                on_ack(generation, event.message_id)
-                continue
-            post(LinkEvent(generation, event))
-            if isinstance(event, ev.Disconnected):
-                return
-    except Exception as exc:  # a provider bug must not leave the session hanging
-        log.exception("session %s: upstream link failed", session_id)
-        post(LinkEvent(generation, ev.Disconnected(
-            DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
-
-
 class Connection:
     """The session's current link (if any) and the task that opens and reads it."""
 
@@ -102,7 +70,9 @@ class Connection:
         self._io_task: asyncio.Task[None] | None = None
 
     def open(self) -> None:
-        """Open a new link in the background (the current one is left behind first)."""
+        """Open a new link in the background and read it: `LinkUp`, then every event
+        but acks (given to `on_ack(generation, message_id)`) until the link ends;
+        a link that fails ends as a close."""
         self.generation += 1
         self._io_task = self._spawn(self._connect(self.generation))
 
@@ -167,4 +137,26 @@ class Connection:
             link.abort()  # superseded (or fenced) while connecting
             return
         self.link = link
-        await read_link(self.session_id, link, generation, post=post, on_ack=self._on_ack)
+        # Read in this same task and frame: a nested coroutine would cost an idle
+        # session a frame for as long as its connection lives.
+        post(LinkUp(generation))
+        on_ack = self._on_ack
+        events = link.events()
+        try:
+            while True:
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, ev.Acked):
+                    on_ack(generation, event.message_id)
+                    continue
+                post(LinkEvent(generation, event))
+                if isinstance(event, ev.Disconnected):
+                    return
+        except Exception as exc:  # a provider bug must not leave the session hanging
+            log.exception("session %s: upstream link failed", self.session_id)
+            post(LinkEvent(generation, ev.Disconnected(
+                DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
