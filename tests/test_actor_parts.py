@@ -1,21 +1,30 @@
-"""The small pieces the session actor is built from: timers, mailbox, status recorder.
-
-No sleeps: timer firings are built by hand, and the store is a fake.
+"""The small pieces the session actor is built from (timers, mailbox, status
+recorder), and one rule of its connection. No fixed sleeps: timer firings are
+built by hand, the store and the upstream are fakes.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 
+from broker.config import Settings
 from broker.errors import StoreUnavailable
 from broker.lifecycle.actions import Emit, Timer
+from broker.lifecycle.inputs import Start
+from broker.lifecycle.policy import LifecyclePolicy
+from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import State
+from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus
 from broker.runtime.mailbox import Mailbox, Wake
 from broker.runtime.recorder import StatusRecorder
 from broker.runtime.timers import TimerDue, Timers
-from broker.store.base import StatusEvent
+from broker.store.base import SessionRecord, StatusEvent
 from broker.store.memory import MemoryStore
+from broker.upstream import events as ev
+from tests.helpers import eventually
 
 
 class _Inbox:
@@ -104,3 +113,54 @@ async def test_events_the_store_refused_are_kept_in_order_and_stored_on_the_retr
     assert last is not None and last.sequence == 9 and last.state == State.OPEN
     await recorder.store_due()  # a retry that finds nothing kept does nothing
     recorder.cancel_retry()
+
+
+class _Link:
+    """A link that says `ready` and then stays quiet until closed."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+
+    async def events(self) -> AsyncIterator[ev.UpstreamEvent]:
+        yield ev.Ready("c-1")
+        await self.closed.wait()
+
+    async def send(self, message_id: str, to: str, body: str) -> None: ...
+    async def ping(self, ping_id: int) -> None: ...
+    async def logout(self) -> None: ...
+    async def ack_inbound(self, message_id: str) -> None: ...
+
+    async def close(self, code: DisconnectCode, reason: str) -> None:
+        self.closed.set()
+
+    def abort(self) -> None:
+        self.closed.set()
+
+
+class _Provider:
+    def __init__(self) -> None:
+        self.connects = 0
+
+    async def connect(self, login: str, credentials: dict[str, Any] | None) -> _Link:
+        self.connects += 1
+        return _Link()
+
+
+async def test_a_lease_that_goes_stale_while_connecting_is_a_failed_attempt_not_a_hang() -> None:
+    """The lease is fresh when the machine opens the connection but not once the
+    credentials are read: no connection, and the session retries (and would
+    fence itself there if the lease were still stale) instead of sitting in
+    CONNECTING with no link and no deadline."""
+    answers = iter([True, False])  # OpenConnection: fresh; after the credentials: stale
+    provider = _Provider()
+    settings = Settings(lifecycle=LifecyclePolicy(backoff_initial_s=0.01, backoff_max_s=0.01,
+                                                  keepalive_interval_s=None))
+    actor = SessionActor(SessionRecord("s-1", "default"), store=MemoryStore(),
+                         provider=provider, bus=StatusBus(), settings=settings,
+                         may_connect=lambda _sid: next(answers, True))
+    await actor.start()
+    await actor.command(Start())
+    await eventually(lambda: actor.state == State.OPEN, 10.0, "OPEN after the retry")
+    assert provider.connects == 1 and not actor.fenced
+    assert actor.stats.counters(0).connects_total >= 1
+    await actor.shutdown()

@@ -122,8 +122,18 @@ class Connection:
         post = self._post
         try:
             creds = await self._store.load_credentials(self.session_id)
-            if not self._lease_fresh() or generation != self.generation:
-                return  # the lease went stale while the credentials were read
+            if generation != self.generation:
+                return  # superseded (or fenced) while the credentials were read
+            if not self._lease_fresh():
+                # Never connect on a lease that may be someone else's. Returning
+                # quietly left the machine CONNECTING with no link and no deadline
+                # for good; as a failed attempt it retries, and the retry's
+                # OpenConnection fences if the lease is still not fresh.
+                log.warning("session %s: lease went stale while the credentials were "
+                            "read; not connecting", self.session_id)
+                post(LinkEvent(generation, ev.Disconnected(
+                    DisconnectCode.CONNECTION_CLOSED, "lease not fresh: not connecting")))
+                return
             link = await self._provider.connect(self.session_id, creds)
         except ConnectError as exc:
             post(LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
