@@ -1,15 +1,13 @@
 """When a session's outbox writes linger: only while it is pipelined (several
-messages awaiting acks), and for a moment after, never for one Send at a time."""
+messages awaiting acks), and for a moment after, never for one Send at a time.
+
+The rule lives in the delivery window, which is given the time: no clock, no sleep.
+"""
 
 from __future__ import annotations
 
-import asyncio
-
-from broker.config import Settings
-from broker.runtime.actor import PIPELINED, PIPELINED_HOLD_S, SessionActor
-from broker.store.base import OutboxMessage, SessionRecord
-from broker.store.memory import MemoryStore
-from broker.upstream.websocket import WebsocketProvider
+from broker.runtime.window import PIPELINED, PIPELINED_HOLD_S, DeliveryWindow
+from broker.store.base import OutboxMessage
 
 
 def _message(n: int) -> OutboxMessage:
@@ -17,32 +15,40 @@ def _message(n: int) -> OutboxMessage:
                          idempotency_key=f"k-{n}", sequence=n, accepted_at=0.0)
 
 
-def _actor() -> SessionActor:
-    # Never started: _pipelined reads only what is in flight and the loop's clock.
-    return SessionActor(SessionRecord("s-1", "default"), store=MemoryStore(),
-                        provider=WebsocketProvider("ws://127.0.0.1:9"),
-                        settings=Settings())
+def _window() -> DeliveryWindow:
+    window = DeliveryWindow(64, ack_timeout_s=5.0)
+    window.open()
+    return window
 
 
-def _in_flight(actor: SessionActor, n: int) -> None:
-    actor._in_flight = {f"m-{i}": (_message(i), 0.0) for i in range(n)}
+def _send(window: DeliveryWindow, n: int, now: float = 0.0) -> None:
+    """Put messages 1..n in flight (on top of what is there)."""
+    window.read_limit()
+    window.read_done([_message(window.newest + i + 1) for i in range(n)])
+    window.due(now)
 
 
-async def test_one_send_at_a_time_never_lingers() -> None:
-    actor = _actor()
+def _ack_all_but(window: DeliveryWindow, keep: int) -> None:
+    for n in range(1, window.newest - keep + 1):
+        window.acked(f"m-{n}")
+
+
+def test_one_send_at_a_time_never_lingers() -> None:
     for n in (0, 1, PIPELINED - 1):
-        _in_flight(actor, n)
-        assert not actor._pipelined()
+        window = _window()
+        _send(window, n)
+        assert window.in_flight == n
+        assert not window.pipelined(0.0)
 
 
-async def test_a_pipelined_session_lingers_while_anything_is_in_flight_for_a_moment() -> None:
-    actor = _actor()
-    _in_flight(actor, PIPELINED)
-    assert actor._pipelined()
-    _in_flight(actor, 1)  # right after a batch of acks: still pipelined
-    assert actor._pipelined()
-    _in_flight(actor, 0)  # nothing in flight: nothing is coming, write at once
-    assert not actor._pipelined()
-    _in_flight(actor, 1)
-    await asyncio.sleep(PIPELINED_HOLD_S * 1.5)  # the moment has passed
-    assert not actor._pipelined()
+def test_a_pipelined_session_lingers_while_anything_is_in_flight_for_a_moment() -> None:
+    window = _window()
+    _send(window, PIPELINED)
+    assert window.pipelined(0.0)
+    _ack_all_but(window, 1)  # right after a batch of acks: still pipelined
+    assert window.in_flight == 1
+    assert window.pipelined(0.0)
+    window.acked(f"m-{window.newest}")  # nothing in flight: nothing is coming, write at once
+    assert not window.pipelined(0.0)
+    _send(window, 1)
+    assert not window.pipelined(PIPELINED_HOLD_S * 1.5)  # the moment has passed

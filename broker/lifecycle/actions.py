@@ -20,6 +20,9 @@ class Timer(StrEnum):
     RETRY = "RETRY"
     KEEPALIVE = "KEEPALIVE"
     PONG = "PONG"
+    #: From `LinkUp` until `ready`, re-armed by each QR code: an upstream that
+    #: stops moving the handshake on would otherwise hold a session for ever.
+    HANDSHAKE = "HANDSHAKE"
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import TypeVar
 
 from broker.lifecycle.reasons import DisconnectCode
-from broker.lifecycle.states import GAVE_UP_PREFIX, PAIRING_TIMED_OUT, State
+from broker.lifecycle.states import ENDS_ANY_RECONNECT, GAVE_UP_PREFIX, PAIRING_TIMED_OUT, State
 
 HOUR_S = 3600.0
 #: Attempts per minute and FLAPPING look back this far: recent enough to clear
@@ -28,9 +28,6 @@ MAX_POINTS = 4096
 
 _T = TypeVar("_T")
 
-#: Entering these ends any "reconnect" in progress: coming back from them is a
-#: fresh start by a person, not a reconnect time worth averaging.
-_RESETS_RECONNECT = frozenset({State.STOPPED, State.LOGGED_OUT, State.FAILED})
 
 
 _UPSTREAM_REFUSED = frozenset({int(DisconnectCode.UNAVAILABLE), int(DisconnectCode.RATE_LIMITED)})
@@ -167,7 +164,7 @@ class SessionStats:
             self.open_since = at
             if self.first_open_at is None:
                 self.first_open_at = at
-        elif state in _RESETS_RECONNECT:
+        elif state in ENDS_ANY_RECONNECT:
             self.left_open_at = None
 
     def on_keepalive_sent(self) -> None:

@@ -1,7 +1,7 @@
 """Events the session actor feeds to the machine.
 
 Operator commands (`Start`, `Stop`, `Logout`), upstream happenings
-(`Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`), timers, and
+(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`), timers, and
 ownership (`LeaseLost`). Time never enters except through `TimerFired`.
 """
 
@@ -27,6 +27,11 @@ class Stop:
 @dataclass(frozen=True, slots=True)
 class Logout:
     """Operator logout: revoke the login upstream (if connected) and wipe credentials."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    """The connection `OpenConnection` asked for is up; its handshake begins."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,7 @@ Event = (
     Start
     | Stop
     | Logout
+    | LinkUp
     | Connected
     | QrReceived
     | Paired

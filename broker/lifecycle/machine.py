@@ -4,7 +4,8 @@ Sans-I/O in the style of h11: `SessionMachine.handle` never blocks, sleeps,
 reads the clock or touches a socket. The session actor feeds it events, with
 the time they happened (`now`), and executes the returned actions in order.
 Every decision about reconnecting lives here, so it is tested event by event
-without an event loop.
+without an event loop. So do the handshake's deadlines (the HANDSHAKE timer,
+armed on `LinkUp` and re-armed by each QR) and the QR on show.
 
 Two policies decide when the next connection attempt goes, composed in that
 order: `ReconnectDelay` by how the last connection ended (a drop after it
@@ -46,6 +47,7 @@ from broker.lifecycle.inputs import (
     Connected,
     Event,
     LeaseLost,
+    LinkUp,
     Logout,
     Paired,
     PongReceived,
@@ -58,9 +60,12 @@ from broker.lifecycle.policy import LifecyclePolicy
 from broker.lifecycle.reasons import DisconnectCode, parse_code
 from broker.lifecycle.states import (
     CONNECTED_STATES,
+    HANDSHAKE_TIMED_OUT,
+    HANDSHAKE_UNANSWERED,
     LEASE_LOST,
     PAIRING_TIMED_OUT,
     SPACED_OUT,
+    STARTABLE_STATES,
     State,
     gave_up_reason,
 )
@@ -68,10 +73,6 @@ from broker.lifecycle.storm import AttemptBudget
 
 _D = DisconnectCode
 
-#: States `Start` (re)starts from; from the others a connection is already on its way.
-_STARTABLE = frozenset(
-    {State.STOPPED, State.FAILED, State.CONFLICT, State.LOGGED_OUT, State.RECONNECTING}
-)
 _SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
 #: Jitter source of machines not given one: one for all, as a Random holds
 #: 2.5 KB of state and a broker runs thousands of machines.
@@ -87,8 +88,13 @@ class SessionMachine:
         *,
         rng: random.Random | None = None,
         state: State = State.STOPPED,
+        handshake_timeout_s: float | None = None,
     ) -> None:
+        """`handshake_timeout_s`: how long a connection that is up may take to say
+        `ready` or show a QR, and how long past a QR's expiry the next must come
+        (None: no deadline; the actor passes `Settings.connect_timeout_s`)."""
         self.policy = policy or LifecyclePolicy()
+        self.handshake_timeout_s = handshake_timeout_s
         self._rng = rng or _SHARED_RNG
         self._state = state
         self._budget = AttemptBudget(self.policy.attempt_burst, self.policy.attempt_rate_per_min)
@@ -96,6 +102,8 @@ class SessionMachine:
         self._now = 0.0
         self._attempt = 0
         self._qr: str | None = None
+        self._qr_index = 0
+        self._qr_expires_at: float | None = None
         self._qr_count = 0
         self._reason = ""
         self._code = 0
@@ -126,6 +134,16 @@ class SessionMachine:
     def qr(self) -> str | None:
         """The QR code to show while PAIRING, else None."""
         return self._qr
+
+    @property
+    def qr_index(self) -> int:
+        """The upstream's number of the latest QR code (0: none yet)."""
+        return self._qr_index
+
+    @property
+    def qr_expires_at(self) -> float | None:
+        """When the QR on show expires, on the clock of `now`; None unless PAIRING."""
+        return self._qr_expires_at
 
     @property
     def qr_count(self) -> int:
@@ -164,6 +182,8 @@ class SessionMachine:
                 return self._on_stop()
             case Logout():
                 return self._on_logout()
+            case LinkUp():
+                return self._on_link_up()
             case Connected():
                 return self._on_connected()
             case QrReceived():
@@ -183,7 +203,7 @@ class SessionMachine:
     # -- operator commands ----------------------------------------------------
 
     def _on_start(self) -> list[Action]:
-        if self._state not in _STARTABLE:
+        if self._state not in STARTABLE_STATES:
             return []
         self._attempt = 0
         self._qr_count = 0
@@ -212,6 +232,11 @@ class SessionMachine:
 
     # -- upstream events ------------------------------------------------------
 
+    def _on_link_up(self) -> list[Action]:
+        if self._state is not State.CONNECTING or self.handshake_timeout_s is None:
+            return []
+        return [self._start_timer(Timer.HANDSHAKE, self.handshake_timeout_s)]
+
     def _on_connected(self) -> list[Action]:
         if self._state not in (State.CONNECTING, State.PAIRING):
             return []
@@ -235,7 +260,18 @@ class SessionMachine:
             return self._pairing_timed_out(close=True)
         self._qr_count += 1
         self._qr = event.code
-        return [self._enter(State.PAIRING, "scan the QR code to pair", 0, qr=event.code)]
+        self._qr_index = event.index
+        expires_in_s = event.expires_in_ms / 1000
+        self._qr_expires_at = self._now + expires_in_s
+        actions: list[Action] = []
+        if self.handshake_timeout_s is not None:
+            # Stray frames (an ack, a pong) are no progress: only the next QR, or
+            # pairing and its restart, may come this late.
+            actions.append(
+                self._start_timer(Timer.HANDSHAKE, expires_in_s + self.handshake_timeout_s)
+            )
+        actions.append(self._enter(State.PAIRING, "scan the QR code to pair", 0, qr=event.code))
+        return actions
 
     def _on_paired(self, event: Paired) -> list[Action]:
         if self._state not in (State.CONNECTING, State.PAIRING):
@@ -291,6 +327,11 @@ class SessionMachine:
         if timer not in self._armed:
             return []  # stale: cancelled, or never armed by this machine
         self._armed.discard(timer)
+        if timer is Timer.HANDSHAKE and self._state in (State.CONNECTING, State.PAIRING):
+            # As if the upstream had closed with 408: a round of pairing that ran
+            # out starts the next (or gives up), a silent connect is a failed attempt.
+            close: list[Action] = [CloseConnection(_D.TIMED_OUT, HANDSHAKE_TIMED_OUT)]
+            return close + self._on_closed(Closed(_D.TIMED_OUT, HANDSHAKE_UNANSWERED))
         if timer is Timer.RETRY and self._state in (State.RECONNECTING, State.CONFLICT):
             if not self._budget.take(self._now):
                 # Fired before the budget's refill (a clock tick early, or the delay
@@ -308,7 +349,7 @@ class SessionMachine:
             if self._logout_pending:
                 return actions + self._logged_out(_D.LOGGED_OUT.text)
             return actions + self._backoff(reason, _D.TIMED_OUT, Outcome.DROPPED)
-        return []  # pragma: no cover - RETRY outside RECONNECTING/CONFLICT is never armed
+        return []  # pragma: no cover - RETRY, HANDSHAKE are never armed in OPEN
 
     # -- transitions ----------------------------------------------------------
 
@@ -435,6 +476,7 @@ class SessionMachine:
         self._code = code
         if state is not State.PAIRING:
             self._qr = None
+            self._qr_expires_at = None
         if state is not State.OPEN:
             self._logout_pending = False
         self._paired_here = False

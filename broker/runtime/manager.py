@@ -28,9 +28,9 @@ from broker.errors import (
 )
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
-from broker.lifecycle.states import State
+from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime import watch as watching
-from broker.runtime.actor import BLOCKED_STATES, SessionActor
+from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
@@ -377,7 +377,7 @@ class SessionManager:
     ) -> None:
         if actor is not None:
             state = actor.state
-            if state not in BLOCKED_STATES and not actor.has_credentials:
+            if state not in NEEDS_A_PERSON and not actor.has_credentials:
                 state = State.PAIRING
         elif record is None or not record.enabled or not self.placement.shared:
             state = State.STOPPED

@@ -1,0 +1,304 @@
+"""The I/O around one session's delivery window: outbox writes, the delivery
+loop, and the Sends that wait for their acks.
+
+`broker.runtime.window.DeliveryWindow` decides what to send and when to read
+the store; this module only carries that out:
+
+- the outbox writer: new messages (from Sends) and upstream acks go to the
+  store in batches (`Batcher`), lingering under load (the window's
+  `pipelined` rule). A write of new messages also claims them for the window
+  when it may, so they are sent without asking the store again.
+- the delivery loop: one task per connection while there is work (it ends
+  when the window is idle; a kick starts it again): it reads the store when
+  the window asks, sends what the window says is due, and sleeps until a
+  kick, an ack or the next resend deadline.
+- ack waiters: a Send that waits for its ack gets one plain future, settled
+  by the ack's stored result, by `release_waiters`, or by its timer.
+
+Acks reach `ack()` straight from the link reader, not through the actor's
+inbox: an ack changes no lifecycle state, and a hop per ack through the inbox
+cost throughput. They enter the window (`acked`) once the store has recorded
+them, so an ack the store lost is resent and acked again, never forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from broker.config import Settings
+from broker.errors import NotOwner, StoreUnavailable
+from broker.lifecycle.health import SessionStats
+from broker.runtime.batching import Batcher
+from broker.runtime.mailbox import Wake, settle
+from broker.runtime.window import DeliveryWindow
+from broker.store.base import Accepted, DeliveryResult, NewMessage, OutboxBatch, Store
+from broker.upstream.provider import Link
+
+log = logging.getLogger(__name__)
+
+STORE_RETRY_S = 1.0
+"""How soon the delivery loop asks an unreachable store again."""
+
+_Write = str | NewMessage
+"""An outbox write item: an ack (the message id) or a new message."""
+
+
+class Delivery:
+    """One session's outbox writer, delivery loop and ack waiters; its actor owns it."""
+
+    __slots__ = ("_ack_waiters", "_batcher", "_clock", "_fence", "_idle_poll", "_link",
+                 "_not_owner", "_settings", "_spawn", "_stats", "_store", "_task", "_wake",
+                 "_window", "session_id")
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        store: Store,
+        settings: Settings,
+        stats: SessionStats,
+        clock: Callable[[], float],
+        fence: int | None,
+        not_owner: Callable[[NotOwner], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+        outbox_poll_s: float | None,
+    ) -> None:
+        """`not_owner`: told when the store refused a write as stale.
+        `spawn`: runs the delivery loop as one of the actor's background tasks.
+        `outbox_poll_s`: how often an idle loop looks at the outbox anyway (a kick
+        from another instance may be lost on its way); None: every enqueue kicks
+        the loop here."""
+        self.session_id = session_id
+        self._store = store
+        self._settings = settings
+        self._stats = stats
+        self._clock = clock
+        self._fence = fence
+        self._not_owner = not_owner
+        self._spawn = spawn
+        self._idle_poll = outbox_poll_s
+        self._wake = Wake()
+        self._task: asyncio.Task[None] | None = None
+        #: the connection to deliver on while the session is OPEN, else None
+        self._link: Link | None = None
+        # Made on first use: ten thousand idle sessions should not carry them.
+        self._batcher: Batcher[_Write, Accepted | None] | None = None
+        self._window: DeliveryWindow | None = None
+        self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
+
+    @property
+    def window(self) -> DeliveryWindow | None:
+        """The delivery window (None until the session first delivered)."""
+        return self._window
+
+    # -- the loop -------------------------------------------------------------
+
+    def start(self, link: Link) -> None:
+        """The session is OPEN on `link`: deliver from its oldest unacked message."""
+        self.stop()
+        self._link = link
+        self._run()
+
+    def stop(self) -> None:
+        """The connection is gone (or fenced): stop delivering, forget what was held."""
+        self._link = None
+        if self._window is not None:
+            self._window.close()
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+
+    def kick(self) -> None:
+        """A message was queued: wake the loop, or start it if it ended idle."""
+        if self._window is not None:
+            self._window.maybe_more()
+        self._wake.set()
+        task = self._task
+        if (task is None or task.done()) and self._link is not None:
+            self._run()
+
+    def _run(self) -> None:
+        window = self._window
+        if window is None:
+            window = self._window = DeliveryWindow(self._settings.send_window,
+                                                   self._settings.ack_timeout_s)
+        assert self._link is not None
+        self._task = self._spawn(self._deliver(self._link, window, window.open()))
+
+    async def _deliver(self, link: Link, window: DeliveryWindow, epoch: int) -> None:
+        """Carry out the window's decisions on `link` until it is idle or closed."""
+        try:
+            await self._deliver_loop(link, window, epoch)
+        finally:
+            window.close(epoch)  # an idle session keeps no delivery state
+
+    async def _deliver_loop(self, link: Link, window: DeliveryWindow, epoch: int) -> None:
+        loop = asyncio.get_running_loop()
+        wake = self._wake
+        claimed = False
+        while window.epoch == epoch and window.is_open:
+            wake.clear()
+            try:
+                if not claimed:
+                    taken = await self._store.claim_outbox(self.session_id, fence=self._fence)
+                    claimed = True
+                    if taken:
+                        log.info("session %s: resuming %d read but unacked messages",
+                                 self.session_id, taken)
+                await self._read(window, epoch)
+            except NotOwner as exc:
+                self._not_owner(exc)
+                return
+            except StoreUnavailable as exc:
+                log.warning("session %s: outbox unreachable, delivery paused: %s",
+                            self.session_id, exc)
+                await asyncio.sleep(STORE_RETRY_S)
+                continue
+            if window.epoch != epoch:
+                return
+            now = loop.time()
+            for message in window.due(now):
+                await link.send(message.message_id, message.to, message.body)
+            wait = window.resend_in(now)
+            if wait is None:
+                wait = self._idle_poll
+                if wait is None:
+                    if not wake.is_set() and window.idle():
+                        # Nothing queued, nothing in flight: end here rather than keep
+                        # a parked task per idle session; kick() starts a new one.
+                        return
+                    continue
+            if not await wake.wait(wait) and not window.in_flight:
+                window.maybe_more()  # a kick from another instance may be lost
+
+    async def _read(self, window: DeliveryWindow, epoch: int) -> None:
+        limit = window.read_limit()
+        if not limit:
+            return
+        try:
+            fresh = await self._store.pending(self.session_id, limit, window.newest,
+                                              fence=self._fence)
+        except BaseException:
+            if window.epoch == epoch:
+                window.read_failed()
+            raise
+        if window.epoch == epoch:
+            window.read_done(fresh)
+
+    # -- the outbox writer ----------------------------------------------------
+
+    @property
+    def _writes(self) -> Batcher[_Write, Accepted | None]:
+        """Acks (message ids) and new messages, written to the store in batches."""
+        if self._batcher is None:
+            self._batcher = Batcher(self._write_outbox, linger_s=self._settings.write_linger_s,
+                                    loaded=self._pipelined)
+        return self._batcher
+
+    def _pipelined(self) -> bool:
+        window = self._window
+        return window is not None and window.pipelined(asyncio.get_running_loop().time())
+
+    async def enqueue(self, message: NewMessage) -> Accepted:
+        """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
+        one write) and get it delivered. Raises OutboxFull."""
+        outcome = await self._writes.submit(message)  # raises OutboxFull
+        assert outcome is not None  # None answers only acks
+        return outcome
+
+    def ack(self, message_id: str) -> None:
+        """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
+        self._writes.post(message_id)
+
+    async def drain(self) -> None:
+        """Return once everything handed to the writer so far is written."""
+        if self._batcher is not None:
+            await self._batcher.drain()
+
+    async def _write_outbox(self, items: list[_Write]) -> list[Accepted | BaseException | None]:
+        """Write a batch of acks and new messages, then act on the answers.
+
+        New messages are claimed for delivery in the same write while the window
+        may take them (nothing older can be unread); the loop then sends them
+        without asking the store again. Acks that cannot be stored leave their
+        messages in the outbox: they are sent again after the ack timeout and
+        the upstream acks the duplicate.
+        """
+        acks = [i for i in items if isinstance(i, str)]
+        messages = [i for i in items if isinstance(i, NewMessage)]
+        window = self._window
+        claim = bool(messages) and window is not None and window.may_claim()
+        epoch = window.epoch if window is not None else 0
+        try:
+            done = await self._store.apply_outbox(
+                self.session_id, OutboxBatch(acks, messages, claim),
+                max_depth=self._settings.max_outbox, at=self._clock(), fence=self._fence,
+            )
+        except Exception as exc:
+            if isinstance(exc, NotOwner):
+                self._not_owner(exc)  # the Sends' messages go in unfenced (manager)
+            elif not isinstance(exc, StoreUnavailable):
+                log.exception("session %s: outbox write failed", self.session_id)
+            if acks:
+                log.warning("session %s: %d acks not recorded, will resend: %s",
+                            self.session_id, len(acks), exc)
+            return [exc if isinstance(i, NewMessage) else None for i in items]
+        if done.acked:
+            self._stats.on_acked(len(done.acked))
+            window = self._window
+            for result in done.acked:
+                if window is not None:
+                    window.acked(result.message_id)
+                for waiter in self._ack_waiters.pop(result.message_id, ()):
+                    settle(waiter, result)
+            self._wake.set()
+        fresh = sum(1 for o in done.accepted if isinstance(o, Accepted) and not o.duplicate)
+        if fresh:
+            self._stats.on_accepted(fresh)
+            if claim and window is not None and window.claimed(epoch, done.claimed, done.unread):
+                self._wake.set()
+            else:
+                self.kick()  # the loop reads them from the store
+        accepted = iter(done.accepted)
+        return [next(accepted) if isinstance(i, NewMessage) else None for i in items]
+
+    # -- ack waiters ----------------------------------------------------------
+
+    async def wait_ack(self, message_id: str, timeout: float) -> DeliveryResult | None:
+        """The ack of a message delivered here; None on timeout or on
+        `release_waiters`. Call right after enqueueing, before yielding."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[DeliveryResult | None] = loop.create_future()
+        waiters = self._ack_waiters.setdefault(message_id, [])
+        waiters.append(done)
+        timer = loop.call_later(timeout, settle, done, None)
+        try:
+            return await done
+        finally:
+            timer.cancel()
+            if done in waiters:
+                waiters.remove(done)
+            if not waiters:
+                self._ack_waiters.pop(message_id, None)
+
+    def release_waiters(self) -> None:
+        """Answer every waiting Send with None: the session needs a person, or this
+        actor stopped owning (the manager then waits on the store)."""
+        for waiters in self._ack_waiters.values():
+            for waiter in waiters:
+                settle(waiter, None)
+
+    async def shutdown(self, drain_timeout_s: float) -> None:
+        """Stop delivering; write what the store was handed, within the timeout."""
+        self.stop()
+        # Messages already handed to the writer are written whatever happens to
+        # this actor: their Sends are waiting for the answer. (An ack left
+        # unrecorded is harmless: the next owner resends, the upstream re-acks.)
+        if self._batcher is not None:
+            drain = asyncio.ensure_future(self._batcher.drain())
+            done, _ = await asyncio.wait([drain], timeout=drain_timeout_s)
+            if not done:
+                drain.cancel()

@@ -1,0 +1,172 @@
+"""A session's one upstream connection: opening it, reading it, dropping it.
+
+`Connection` opens a link when the machine says so (loading the stored
+credentials first), runs one reader task per link that turns what the
+upstream sends into items for the session actor's inbox, and closes or aborts
+it. Every item carries the connection's generation, so the actor ignores what
+a connection it already left behind still produces. Acks are the exception to
+the inbox: `on_ack` records them at once (they change no lifecycle state, and
+a hop through the inbox per ack cost throughput). Time rules (the handshake's
+deadlines) are the lifecycle machine's, not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from broker.lifecycle.reasons import DisconnectCode
+from broker.store.base import Store
+from broker.upstream import events as ev
+from broker.upstream.provider import ConnectError, Link, Provider
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp:
+    """The connection of `generation` is up: its handshake begins."""
+
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
+    """Something the connection of `generation` sent (or its end)."""
+
+    generation: int
+    event: ev.UpstreamEvent
+
+
+class Connection:
+    """The session's current link (if any) and the task that opens and reads it."""
+
+    __slots__ = ("_io_task", "_lease_fresh", "_on_ack", "_post", "_provider", "_spawn",
+                 "_store", "generation", "link", "session_id")
+
+    def __init__(
+        self, session_id: str, *, store: Store, provider: Provider,
+        post: Callable[[LinkUp | LinkEvent], None], lease_fresh: Callable[[], bool],
+        on_ack: Callable[[int, str], None],
+        spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    ) -> None:
+        """`lease_fresh`: asked again once the credentials are read, right before
+        connecting. `spawn`: runs a task among the actor's background tasks."""
+        self.session_id = session_id
+        self._store = store
+        self._provider = provider
+        self._post = post
+        self._lease_fresh = lease_fresh
+        self._on_ack = on_ack
+        self._spawn = spawn
+        #: grows whenever a connection is opened or left behind
+        self.generation = 0
+        #: the open link of the current generation, None while there is none
+        self.link: Link | None = None
+        self._io_task: asyncio.Task[None] | None = None
+
+    def open(self) -> None:
+        """Open a new link in the background and read it: `LinkUp`, then every event
+        but acks (given to `on_ack(generation, message_id)`) until the link ends;
+        a link that fails ends as a close."""
+        self.generation += 1
+        self._io_task = self._spawn(self._connect(self.generation))
+
+    def lost(self) -> None:
+        """The link reported its end (the reader stops by itself)."""
+        self.link = None
+
+    def forget(self) -> Link | None:
+        """Leave the current link behind: what it still produces is ignored. Returns
+        it, for the caller to close or abort."""
+        self.generation += 1
+        link, self.link = self.link, None
+        io_task, self._io_task = self._io_task, None
+        if io_task is not None and not io_task.done():
+            io_task.cancel()
+        return link
+
+    async def drop(
+        self, code: DisconnectCode, reason: str, *, wait: bool = False, timeout_s: float = 3.0
+    ) -> None:
+        """Forget the current link and close it.
+
+        With `wait`, the connection is closed before returning (aborted after
+        `timeout_s`): a handover must not leave a live connection behind for
+        the next owner to fight.
+        """
+        link = self.forget()
+        if link is None:
+            return
+        if wait:
+            try:
+                await asyncio.wait_for(link.close(code, reason), timeout_s)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    link.abort()
+        else:
+            self._spawn(link.close(code, reason))
+
+    def abort(self) -> None:
+        """Forget the current link and abort its socket: nothing can hold this up."""
+        link = self.forget()
+        if link is not None:
+            with contextlib.suppress(Exception):
+                link.abort()
+
+    async def _connect(self, generation: int) -> None:
+        post = self._post
+        try:
+            creds = await self._store.load_credentials(self.session_id)
+            if generation != self.generation:
+                return  # superseded (or fenced) while the credentials were read
+            if not self._lease_fresh():
+                # Never connect on a lease that may be someone else's. Returning
+                # quietly left the machine CONNECTING with no link and no deadline
+                # for good; as a failed attempt it retries, and the retry's
+                # OpenConnection fences if the lease is still not fresh.
+                log.warning("session %s: lease went stale while the credentials were "
+                            "read; not connecting", self.session_id)
+                post(LinkEvent(generation, ev.Disconnected(
+                    DisconnectCode.CONNECTION_CLOSED, "lease not fresh: not connecting")))
+                return
+            link = await self._provider.connect(self.session_id, creds)
+        except ConnectError as exc:
+            post(LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
+            return
+        except Exception as exc:  # store down, provider bug: retry like a lost connection
+            log.warning("session %s: connect failed: %s", self.session_id, exc)
+            lost = ev.Disconnected(DisconnectCode.CONNECTION_CLOSED, f"connect failed: {exc}")
+            post(LinkEvent(generation, lost))
+            return
+        if generation != self.generation:
+            link.abort()  # superseded (or fenced) while connecting
+            return
+        self.link = link
+        # Read in this same task and frame: a nested coroutine would cost an idle
+        # session a frame for as long as its connection lives.
+        post(LinkUp(generation))
+        on_ack = self._on_ack
+        events = link.events()
+        try:
+            while True:
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    return
+                if isinstance(event, ev.Acked):
+                    on_ack(generation, event.message_id)
+                    continue
+                post(LinkEvent(generation, event))
+                if isinstance(event, ev.Disconnected):
+                    return
+        except Exception as exc:  # a provider bug must not leave the session hanging
+            log.exception("session %s: upstream link failed", self.session_id)
+            post(LinkEvent(generation, ev.Disconnected(
+                DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
