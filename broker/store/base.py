@@ -16,8 +16,9 @@ also across `delete_session`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 from broker.errors import OutboxFull
@@ -150,6 +151,20 @@ class InboundDelivery:
     record: InboundRecord
     delivery_count: int
     """1 on the first delivery to the group; grows on every redelivery."""
+
+
+def event_to_json(event: StatusEvent) -> str:
+    """The stored form of a status event (SQLite and Redis keep the same JSON)."""
+    return json.dumps(asdict(event), separators=(",", ":"))
+
+
+def event_from_json(raw: bytes | str, event_id: str | None = None) -> StatusEvent:
+    data = json.loads(raw)
+    data["state"] = State(data["state"])
+    data["previous"] = State(data["previous"])
+    if event_id is not None:
+        data["event_id"] = event_id
+    return StatusEvent(**data)
 
 
 def event_order(event_id: str) -> tuple[int, int]:

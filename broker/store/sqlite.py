@@ -30,18 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from broker.errors import NotOwner, OutboxFull
-from broker.lifecycle.states import State
 from broker.store.base import (
     Accepted,
     DeliveryResult,
@@ -55,7 +53,9 @@ from broker.store.base import (
     OutboxMessage,
     SessionRecord,
     StatusEvent,
+    event_from_json,
     event_order,
+    event_to_json,
 )
 from broker.store.crypto import CredentialCipher
 from broker.store.sqlite_db import Database, Txn
@@ -115,17 +115,6 @@ _MAX_CURSOR = 2**62
 _MESSAGE_COLUMNS = "message_id, recipient, body, idempotency_key, sequence, accepted_at"
 
 
-def _event_json(event: StatusEvent) -> str:
-    return json.dumps(asdict(event), separators=(",", ":"))
-
-
-def _event_from_json(raw: str, event_id: str | None = None) -> StatusEvent:
-    data = json.loads(raw)
-    data["state"] = State(data["state"])
-    data["previous"] = State(data["previous"])
-    if event_id is not None:
-        data["event_id"] = event_id
-    return StatusEvent(**data)
 
 
 def _message(session_id: str, row: Sequence[Any]) -> OutboxMessage:
@@ -224,7 +213,7 @@ class SqliteStore(OneAtATime):
                 "SELECT session_id, tenant, enabled, created_at FROM sessions"):
             self._sessions[sid] = SessionRecord(sid, tenant, bool(enabled), float(created))
         for sid, raw in conn.execute("SELECT session_id, event FROM last_events"):
-            self._last[sid] = _event_from_json(raw)
+            self._last[sid] = event_from_json(raw)
         self._depth = dict(conn.execute("SELECT session_id, depth FROM outbox WHERE depth > 0"))
         self._fences = dict(conn.execute("SELECT session_id, token FROM fences"))
         self._trimmed_upto = int(conn.execute(
@@ -644,12 +633,12 @@ class SqliteStore(OneAtATime):
             c = txn.conn
             self._check(c, event.session_id, fence)
             cursor = c.execute("INSERT INTO events (session_id, event) VALUES (?, ?)",
-                               (event.session_id, _event_json(event)))
+                               (event.session_id, event_to_json(event)))
             row_id = int(cursor.lastrowid or 0)
             stored = event.with_id(f"{row_id}-0")
             c.execute("INSERT INTO last_events VALUES (?, ?, ?) ON CONFLICT (session_id) DO "
                       "UPDATE SET event_id = excluded.event_id, event = excluded.event",
-                      (event.session_id, row_id, _event_json(stored)))
+                      (event.session_id, row_id, event_to_json(stored)))
             cutoff = row_id - self._event_log_size
             if cutoff > self._trimmed_upto:
                 c.execute("DELETE FROM events WHERE id <= ?", (cutoff,))
@@ -683,7 +672,7 @@ class SqliteStore(OneAtATime):
                 return EventPage(gap=True)
             rows = conn.execute("SELECT id, event FROM events WHERE id > ? ORDER BY id "
                                 "LIMIT ?", (after, max(limit, 0))).fetchall()
-            return EventPage([_event_from_json(raw, f"{rid}-0") for rid, raw in rows])
+            return EventPage([event_from_json(raw, f"{rid}-0") for rid, raw in rows])
 
         return await self.db.read(read)
 

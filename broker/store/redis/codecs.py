@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
 from typing import Any
 
 from broker.lifecycle.states import State
@@ -20,7 +19,11 @@ from broker.store.base import (
     OutboxMessage,
     SessionRecord,
     StatusEvent,
+    event_from_json,
+    event_to_json,
 )
+
+__all__ = ["event_from_json", "event_to_json"]  # the stored event JSON, shared with SQLite
 
 StreamRow = tuple[Any, Any]
 """One stream entry as redis-py returns it: (entry id, field mapping or None)."""
@@ -97,17 +100,6 @@ def delivery_result(message_id: str, raw: bytes | str) -> DeliveryResult:
 
 
 # events and live state
-def event_to_json(event: StatusEvent) -> str:
-    return json.dumps(asdict(event), separators=(",", ":"))
-
-
-def event_from_json(raw: bytes | str, event_id: str | None = None) -> StatusEvent:
-    data = json.loads(raw)
-    data["state"] = State(data["state"])
-    data["previous"] = State(data["previous"])
-    if event_id is not None:
-        data["event_id"] = event_id
-    return StatusEvent(**data)
 
 
 def event_row(entry_id: bytes | str, raw: Mapping[Any, Any]) -> StatusEvent:
