@@ -56,6 +56,15 @@ async def _owned_by(fleet: Fleet, sessions: list[str], name: str) -> list[str]:
     return [sid for sid, owner in owners.items() if owner == name]
 
 
+async def _moved_off(fleet: Fleet, sessions: list[str], name: str, what: str) -> None:
+    """Until every session is owned, and none by `name`."""
+    async def moved() -> bool:
+        owners = await lease_owners(fleet.redis, sessions)
+        return all(owners[sid] not in (None, name) for sid in sessions)
+
+    await eventually_async(moved, 10 * TTL, what)
+
+
 async def _sent_at_least(fleet: Fleet, sessions: list[str], n: int, timeout: float = 60) -> None:
     async def enough() -> bool:
         return all(len(fleet.logs[sid].told) >= n for sid in sessions)
@@ -108,11 +117,7 @@ async def test_an_instance_cut_off_from_redis_never_overlaps_its_successors(
 
         victim.proxy.blackhole()
         # The others own everything within about one TTL, with nobody fighting.
-        async def taken_over() -> bool:
-            owners = await lease_owners(fleet.redis, sessions)
-            return all(owners[sid] not in (None, "b0") for sid in sessions)
-
-        await eventually_async(taken_over, 10 * TTL, "the cut-off instance's sessions moved")
+        await _moved_off(fleet, sessions, "b0", "the cut-off instance's sessions moved")
         before = {sid: len(fleet.logs[sid].told) for sid in cut}
         await eventually_async(
             lambda: _all_grew(fleet, before), 60, "Sends of the moved sessions acked again")
@@ -166,11 +171,7 @@ async def test_a_frozen_owner_that_wakes_up_is_refused_and_strands_nothing(
         for sid in held:  # each frozen actor now has a state change to write, late
             await sim.drop(sid)
         try:
-            async def taken_over() -> bool:
-                owners = await lease_owners(fleet.redis, sessions)
-                return all(owners[sid] not in (None, "b0") for sid in sessions)
-
-            await eventually_async(taken_over, 10 * TTL, "the frozen owner's sessions moved")
+            await _moved_off(fleet, sessions, "b0", "the frozen owner's sessions moved")
             before = {sid: len(fleet.logs[sid].told) for sid in held}
             await eventually_async(lambda: _all_grew(fleet, before), 60,
                                    "the moved sessions deliver again")

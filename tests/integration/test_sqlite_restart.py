@@ -27,6 +27,7 @@ from broker.store.sqlite import SCHEMA_VERSION
 from broker_client import BrokerClient
 from broker_client.v1 import broker_pb2 as pb
 from tests.cluster.procs import BrokerProcess
+from tests.cluster.test_scale_out import pair_all
 from tests.helpers import eventually_async
 
 SESSIONS = [f"r{i:02d}" for i in range(12)]
@@ -72,15 +73,7 @@ async def _states(client: BrokerClient) -> dict[str, int]:
 
 
 async def _pair_all(sim: Simulator, session_ids: list[str]) -> None:
-    pending = set(session_ids)
-
-    async def scanned() -> bool:
-        for sid in list(pending):
-            if await sim.scan(sid):
-                pending.discard(sid)
-        return not pending
-
-    await eventually_async(scanned, WAIT_S, "every session to show a QR code")
+    await pair_all(sim, session_ids, WAIT_S)
 
 
 async def _snapshot_cursor(client: BrokerClient) -> str:
