@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from broker.auth.cli import token
-from broker.commands.people import dashboard, health, qr, send, sessions, watch
+from broker.commands.people import dashboard, health, pair, qr, send, sessions, watch
 from broker.commands.serve import serve
 from broker.simulator.cli import sim
 
@@ -17,7 +17,7 @@ def main() -> None:
     """gRPC connection broker: one owner for every upstream messaging session."""
 
 
-for command in (serve, send, watch, health, qr, sessions, dashboard, sim, token):
+for command in (serve, send, watch, health, qr, pair, sessions, dashboard, sim, token):
     main.add_command(command)
 
 __all__ = ["main", "serve"]

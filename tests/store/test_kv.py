@@ -92,7 +92,8 @@ async def test_raw_redis_holds_no_plaintext_value(shared_redis: RedisServer) -> 
     store = open_redis(shared_redis)
     try:
         await store.kv_set("kv1", {"creds": SECRET, "pre-key:7": b"pre-key-material-77"})
-        raw = await store.client.hgetall(store.keys.kv("kv1"))
+        raw = {bytes(k): bytes(v) for k, v in  # type: ignore[arg-type]
+               (await store.client.hgetall(store.keys.kv("kv1"))).items()}
         blob = b"".join(k + v for k, v in raw.items())
         assert b"secret-key-material" not in blob and b"c2VjcmV0LWtleS1tYXRlcmlh" not in blob
         assert b"pre-key-material-77" not in blob and b"noiseKey" not in blob
