@@ -361,6 +361,8 @@ class SessionActor:
             case act.ClearCredentials():
                 await self._store.clear_credentials(self.session_id, fence=self.fence)
                 self.has_credentials = False
+            case act.ClearKeys():
+                await self.kv.clear()
             case act.Emit():
                 await self._emit(action)
 

@@ -264,6 +264,7 @@ class SessionManager:
                     log.warning("session %s: upstream did not confirm logout", session_id)
         else:
             await self.store.clear_credentials(session_id)
+            await self.store.kv_clear(session_id)
         return await self.view(record)
 
     async def delete(self, session_id: str) -> None:
