@@ -35,8 +35,8 @@ async def until_signalled() -> None:
 @click.command()
 @click.option("--listen", envvar="BROKER_LISTEN", default=_S.listen, show_default=True,
               help="gRPC listen address.")
-@click.option("--engine", envvar="BROKER_ENGINE", default="",
-              type=click.Choice(["", "sim", "ws", "baileys"]), show_default="sim, or ws with "
+@click.option("--engine", envvar="BROKER_ENGINE", default=None,
+              type=click.Choice(["sim", "ws", "baileys"]), show_default="sim, or ws with "
               "--upstream-url",
               help="What sessions run on: sim (the embedded simulator), ws (the protocol-v1 "
                    "upstream at --upstream-url) or baileys (real WhatsApp through the "
@@ -184,7 +184,7 @@ def serve(**opts: Any) -> None:
     )
     settings = Settings(
         listen=opts["listen"], upstream_url=opts["upstream_url"], simulator_port=opts["sim_port"],
-        engine=opts["engine"], wa_version=opts["wa_version"] or None,
+        engine=opts["engine"] or "", wa_version=opts["wa_version"] or None,
         baileys_ws_url=opts["baileys_ws_url"] or None,
         sent_retention_s=opts["sent_retention"],
         store_url=opts["store_url"] or default_store_url(Path(opts["data_dir"])),
