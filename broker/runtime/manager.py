@@ -26,7 +26,7 @@ from broker.errors import (
     SessionNotFound,
     SessionNotReady,
 )
-from broker.lifecycle import inputs as inp
+from broker.lifecycle import inputs
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
 from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime import watch as watching
@@ -160,7 +160,7 @@ class SessionManager:
             )
             self.actors[record.session_id] = actor
             await actor.start()
-            await actor.command(inp.Start())
+            await actor.command(inputs.Start())
         return actor
 
     def detach(self, session_id: str) -> SessionActor | None:
@@ -226,7 +226,7 @@ class SessionManager:
         await self.store.set_enabled(session_id, False)
         actor = self.actors.get(session_id)
         if actor is not None:
-            await actor.command(inp.Stop())
+            await actor.command(inputs.Stop())
         else:
             await self.placement.forward(Op.STOP, session_id)
         return await self.view(record)
@@ -244,8 +244,8 @@ class SessionManager:
 
     async def restart_local(self, actor: SessionActor) -> None:
         if actor.state in (State.OPEN, State.CONNECTING, State.PAIRING):
-            await actor.command(inp.Stop())
-        await actor.command(inp.Start())
+            await actor.command(inputs.Stop())
+        await actor.command(inputs.Start())
 
     async def logout(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
@@ -253,7 +253,7 @@ class SessionManager:
         if actor is None and await self.placement.forward(Op.LOGOUT, session_id):
             return await self.view(record)
         if actor is not None:
-            await actor.command(inp.Logout())
+            await actor.command(inputs.Logout())
             if actor.state == State.OPEN:
                 # The upstream answers a logout by closing with 401; give it a moment.
                 try:
@@ -271,7 +271,7 @@ class SessionManager:
         await self.store.set_enabled(session_id, False)
         actor = self.actors.get(session_id)
         if actor is not None:
-            await actor.command(inp.Stop())
+            await actor.command(inputs.Stop())
         await self.placement.forward(Op.DELETE, session_id)
         await self.placement.wait_released(session_id)
         actor = self.detach(session_id)

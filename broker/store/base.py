@@ -244,12 +244,6 @@ class Store(Protocol):
         so none is stranded with a former owner."""
         ...
 
-    async def mark_acked(
-        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
-    ) -> DeliveryResult:
-        """Record the upstream ack; a repeated ack keeps the first result."""
-        ...
-
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float
@@ -303,7 +297,7 @@ class Store(Protocol):
 
 
 class OneAtATime:
-    """The single-item outbox calls, written once over `apply_outbox`."""
+    """The single-message `enqueue`, written once over `apply_outbox`."""
 
     async def apply_outbox(
         self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
@@ -321,10 +315,3 @@ class OneAtATime:
         if isinstance(outcome, OutboxFull):
             raise outcome
         return outcome
-
-    async def mark_acked(
-        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
-    ) -> DeliveryResult:
-        batch = OutboxBatch(acks=[message_id])
-        return (await self.apply_outbox(session_id, batch, max_depth=0, at=at,
-                                        fence=fence)).acked[0]
