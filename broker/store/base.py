@@ -1,11 +1,11 @@
 """The store interface every backend implements, and the records it holds.
 
 The runtime only talks to this interface, so the embedded memory store and
-Redis are interchangeable; durability promises (DESIGN section 6) are the
+Redis are interchangeable; durability promises (README "What survives what") are the
 backend's: `enqueue` returns only once the message is as durable as the
 backend can make it.
 
-Fencing (DESIGN section 5): every write a session's owner makes carries the
+Fencing (docs/reliability.md): every write a session's owner makes carries the
 owner's fencing token as `fence`. The store refuses a write whose token is not
 the session's current one by raising `NotOwner`, so a paused or partitioned
 former owner can never write over its successor. `fence=None` marks a write

@@ -1,8 +1,8 @@
 """The fencing contract, on every backend: each owner write carries the owner's
 token, and the store refuses any write whose token is not the current one.
 
-Expiry alone never makes ownership exclusive; refused stale writes do (DESIGN
-section 5). Every owner write is listed here, so a new one that forgets its
+Expiry alone never makes ownership exclusive; refused stale writes do
+(docs/reliability.md). Every owner write is listed here, so a new one that forgets its
 fence has no test to pass.
 """
 
