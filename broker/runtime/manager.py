@@ -1,8 +1,8 @@
 """The broker's domain API: sessions, sending, status and health.
 
-Servicers and the CLI call this; it validates nothing about wire formats and
-knows nothing about gRPC. It owns the actors of the sessions this process
-runs.
+The servicers, metrics and webhooks call this. It checks its inputs (through
+broker.validation), raises typed domain errors and knows nothing about gRPC.
+It owns the actors of the sessions this process runs.
 """
 
 from __future__ import annotations
