@@ -32,6 +32,7 @@ from broker.store.base import (
     StatusEvent,
     event_order,
 )
+from broker.store.waiters import AckWaiters
 
 _Kept = tuple[str, str, str, int, float]
 """A message remembered for its idempotency key: (to, body, key, sequence, accepted_at).
@@ -48,7 +49,7 @@ class _Outbox:
         self.by_key: dict[str, str] = {}
         self.results: dict[str, float] = {}
         """Acked message id -> acked at."""
-        self.waiters: dict[str, list[asyncio.Future[DeliveryResult]]] = {}
+        self.waiters: AckWaiters[str] = AckWaiters()
         self.sequence = itertools.count(1)
         self.read_upto = 0
         """The highest sequence handed to the reader (what Redis's consumer group tracks)."""
@@ -287,9 +288,7 @@ class MemoryStore(OneAtATime):
         box.messages.pop(message_id, None)
         if message_id in box.known:
             box.results[message_id] = at
-        for fut in box.waiters.pop(message_id, []):
-            if not fut.done():
-                fut.set_result(result)
+        box.waiters.resolve(message_id, result)
         return result
 
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
@@ -302,18 +301,7 @@ class MemoryStore(OneAtATime):
         done = _result(box, message_id)
         if done is not None or timeout <= 0:
             return done
-        fut: asyncio.Future[DeliveryResult] = asyncio.get_running_loop().create_future()
-        box.waiters.setdefault(message_id, []).append(fut)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            waiters = box.waiters.get(message_id)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del box.waiters[message_id]
+        return await box.waiters.wait(message_id, timeout)
 
     async def outbox_depth(self, session_id: str) -> int:
         box = self._outboxes.get(session_id)

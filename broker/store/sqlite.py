@@ -59,6 +59,7 @@ from broker.store.base import (
 )
 from broker.store.crypto import CredentialCipher
 from broker.store.sqlite_db import Database, Txn
+from broker.store.waiters import AckWaiters
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +130,6 @@ def _row_id(store_id: str) -> int | None:
     return head if head >= 0 and tail == 0 and head < _MAX_CURSOR else None
 
 
-def _settle_waiters(waiters: list[asyncio.Future[DeliveryResult]],
-                    result: DeliveryResult) -> None:
-    for fut in waiters:
-        if not fut.done():
-            fut.set_result(result)
-
-
 class SqliteStore(OneAtATime):
     """The `Store` in one SQLite file, for one broker process."""
 
@@ -164,7 +158,7 @@ class SqliteStore(OneAtATime):
         self._depth: dict[str, int] = {}
         self._fences: dict[str, int] = {}
         self._live: dict[str, tuple[LiveState, float]] = {}
-        self._ack_waiters: dict[tuple[str, str], list[asyncio.Future[DeliveryResult]]] = {}
+        self._ack_waiters: AckWaiters[tuple[str, str]] = AckWaiters()
         self._outbox_changed: dict[str, asyncio.Event] = {}
         self._inbound_changed: dict[str, asyncio.Event] = {}
         # Writer-thread state, touched only by write jobs and their after-commit hooks.
@@ -499,9 +493,7 @@ class SqliteStore(OneAtATime):
         def notify() -> None:
             self._depth[sid] = depth
             for result in newly_acked:
-                waiters = self._ack_waiters.pop((sid, result.message_id), None)
-                if waiters:
-                    _settle_waiters(waiters, result)
+                self._ack_waiters.resolve((sid, result.message_id), result)
             if fresh:
                 self._outbox_event(sid).set()
 
@@ -582,22 +574,8 @@ class SqliteStore(OneAtATime):
         await self._ready()
         if timeout <= 0:
             return await self.result(session_id, message_id)
-        key = (session_id, message_id)
-        fut: asyncio.Future[DeliveryResult] = asyncio.get_running_loop().create_future()
-        self._ack_waiters.setdefault(key, []).append(fut)
-        try:
-            done = await self.result(session_id, message_id)
-            if done is not None:
-                return done
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            waiters = self._ack_waiters.get(key)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del self._ack_waiters[key]
+        return await self._ack_waiters.wait((session_id, message_id), timeout,
+                                            lambda: self.result(session_id, message_id))
 
     async def outbox_depth(self, session_id: str) -> int:
         await self._ready()
