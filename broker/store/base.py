@@ -17,6 +17,7 @@ also across `delete_session`.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -151,6 +152,17 @@ class InboundDelivery:
     record: InboundRecord
     delivery_count: int
     """1 on the first delivery to the group; grows on every redelivery."""
+
+
+def new_message_id() -> str:
+    """The id a store gives an accepted message: random, so any instance mints one."""
+    return f"m-{uuid.uuid4().hex}"
+
+
+def outbox_full(session_id: str, depth: int | str) -> OutboxFull:
+    """The refusal of a Send to an outbox holding `depth` undelivered messages."""
+    return OutboxFull(f"outbox of {session_id!r} holds {depth} undelivered messages",
+                      session_id=session_id, retry_after_s=1.0)
 
 
 def event_to_json(event: StatusEvent) -> str:

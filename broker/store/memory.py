@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +30,8 @@ from broker.store.base import (
     SessionRecord,
     StatusEvent,
     event_order,
+    new_message_id,
+    outbox_full,
 )
 from broker.store.waiters import AckWaiters
 
@@ -224,12 +225,9 @@ class MemoryStore(OneAtATime):
         if known_id is not None:
             return self._known(box, session_id, known_id)
         if len(box.messages) >= max_depth:
-            return OutboxFull(
-                f"outbox of {session_id!r} holds {len(box.messages)} undelivered messages",
-                session_id=session_id, retry_after_s=1.0,
-            )
+            return outbox_full(session_id, len(box.messages))
         message = OutboxMessage(
-            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=new.to,
+            session_id=session_id, message_id=new_message_id(), to=new.to,
             body=new.body, idempotency_key=new.idempotency_key, sequence=next(box.sequence),
             accepted_at=at,
         )
