@@ -19,7 +19,7 @@ from broker.store.base import LiveState, NewMessage, OutboxBatch, SessionRecord,
 from broker.store.crypto import CredentialCipher, CredentialDecryptError
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from broker.store.sqlite_db import Txn
+from broker.store.sqlite.db import Txn
 from tests.store.conftest import mark_acked, open_sqlite
 
 WAIT_S = 10.0
