@@ -33,7 +33,7 @@ from broker.store.base import (
     new_message_id,
     outbox_full,
 )
-from broker.store.waiters import AckWaiters
+from broker.store.local import AckWaiters, LiveStates
 
 _Kept = tuple[str, str, str, int, float]
 """A message remembered for its idempotency key: (to, body, key, sequence, accepted_at).
@@ -119,7 +119,7 @@ class MemoryStore(OneAtATime):
         self._event_counter = itertools.count(1)
         self._dropped_events = False
         self._results_kept = results_kept
-        self._live: dict[str, tuple[LiveState, float]] = {}
+        self._live = LiveStates()
         self._inbound: dict[str, _InboundLog] = {}
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
@@ -316,13 +316,10 @@ class MemoryStore(OneAtATime):
         self, session_id: str, live: LiveState, ttl_s: float, *, fence: int | None = None
     ) -> None:
         self._check(session_id, fence)
-        self._live[session_id] = (live, time.monotonic() + ttl_s)
+        self._live.report(session_id, live, ttl_s)
 
     async def get_live(self, session_id: str) -> LiveState | None:
-        entry = self._live.get(session_id)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
+        return self._live.get(session_id)
 
     # events
     async def append_event(self, event: StatusEvent, *, fence: int | None = None) -> StatusEvent:

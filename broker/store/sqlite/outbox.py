@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
-import time
 
 from broker.errors import OutboxFull
 from broker.store.base import (
@@ -235,10 +234,7 @@ class OutboxPart(SqlitePart):
     ) -> None:
         await self._ready()
         self._check_cached(session_id, fence)
-        self._live[session_id] = (live, time.monotonic() + ttl_s)
+        self._live.report(session_id, live, ttl_s)
 
     async def get_live(self, session_id: str) -> LiveState | None:
-        entry = self._live.get(session_id)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
+        return self._live.get(session_id)

@@ -12,15 +12,14 @@ from typing import Any, TypeVar
 
 from broker.errors import NotOwner
 from broker.store.base import (
-    LiveState,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
     event_order,
 )
 from broker.store.crypto import CredentialCipher
+from broker.store.local import AckWaiters, LiveStates
 from broker.store.sqlite.db import Database, Txn
-from broker.store.waiters import AckWaiters
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class SqlitePart:
     _with_credentials: set[str]
     _depth: dict[str, int]
     _fences: dict[str, int]
-    _live: dict[str, tuple[LiveState, float]]
+    _live: LiveStates
     _ack_waiters: AckWaiters[tuple[str, str]]
     _outbox_changed: dict[str, asyncio.Event]
     _inbound_changed: dict[str, asyncio.Event]

@@ -35,20 +35,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker.store.base import (
-    LiveState,
     OneAtATime,
     SessionRecord,
     StatusEvent,
     event_from_json,
 )
 from broker.store.crypto import CredentialCipher
+from broker.store.local import AckWaiters, LiveStates
 from broker.store.sqlite.db import Database, Txn
 from broker.store.sqlite.events import EventsPart
 from broker.store.sqlite.inbound import InboundPart
 from broker.store.sqlite.outbox import OutboxPart
 from broker.store.sqlite.schema import MIGRATIONS
 from broker.store.sqlite.sessions import SessionsPart
-from broker.store.waiters import AckWaiters
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +79,7 @@ class SqliteStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime)
         self._with_credentials: set[str] = set()
         self._depth: dict[str, int] = {}
         self._fences: dict[str, int] = {}
-        self._live: dict[str, tuple[LiveState, float]] = {}
+        self._live = LiveStates()
         self._ack_waiters: AckWaiters[tuple[str, str]] = AckWaiters()
         self._outbox_changed: dict[str, asyncio.Event] = {}
         self._inbound_changed: dict[str, asyncio.Event] = {}
@@ -166,7 +165,7 @@ class SqliteStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime)
         self._last.pop(session_id, None)
         self._with_credentials.discard(session_id)
         self._depth.pop(session_id, None)
-        self._live.pop(session_id, None)
+        self._live.forget(session_id)
         self._wake_inbound(session_id)
 
     async def close(self) -> None:

@@ -1,12 +1,14 @@
-"""Callers waiting for a Send's ack, woken by whoever records it (memory, SQLite)."""
+"""What the in-process stores (memory, SQLite) keep in memory only: callers waiting
+for a Send's ack, and the live state of this process's sessions."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
-from broker.store.base import DeliveryResult
+from broker.store.base import DeliveryResult, LiveState
 
 K = TypeVar("K", bound=Hashable)
 
@@ -41,3 +43,22 @@ class AckWaiters(Generic[K]):
         for fut in self._futures.pop(key, []):
             if not fut.done():
                 fut.set_result(result)
+
+
+class LiveStates:
+    """Each session's live state until its time-to-live runs out (monotonic clock)."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, tuple[LiveState, float]] = {}
+
+    def report(self, session_id: str, live: LiveState, ttl_s: float) -> None:
+        self._states[session_id] = (live, time.monotonic() + ttl_s)
+
+    def get(self, session_id: str) -> LiveState | None:
+        entry = self._states.get(session_id)
+        if entry is None or entry[1] < time.monotonic():
+            return None
+        return entry[0]
+
+    def forget(self, session_id: str) -> None:
+        self._states.pop(session_id, None)
