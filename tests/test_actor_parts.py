@@ -130,6 +130,9 @@ class _Link:
     async def logout(self) -> None: ...
     async def ack_inbound(self, message_id: str) -> None: ...
 
+    async def request_pairing_code(self, phone_number: str) -> str:
+        raise AssertionError("not asked in this test")
+
     async def close(self, code: DisconnectCode, reason: str) -> None:
         self.closed.set()
 
@@ -141,7 +144,8 @@ class _Provider:
     def __init__(self) -> None:
         self.connects = 0
 
-    async def connect(self, login: str, credentials: dict[str, Any] | None) -> _Link:
+    async def connect(self, login: str, credentials: dict[str, Any] | None,
+                      kv: object = None) -> _Link:
         self.connects += 1
         return _Link()
 

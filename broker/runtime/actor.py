@@ -42,6 +42,7 @@ from broker.store.base import (
     StatusEvent,
     Store,
 )
+from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream.provider import Provider
 
@@ -115,8 +116,10 @@ class SessionActor:
         self.last_activity = 0.0
         self._inbox: Mailbox[_Item] = Mailbox()
         self._timers = Timers(self._inbox)
+        self.kv = SessionKV(store, self.session_id, fence, on_not_owner=self._not_owner)
         self._conn = Connection(
-            self.session_id, store=store, provider=provider, post=self._inbox.put_nowait,
+            self.session_id, store=store, provider=provider, kv=self.kv,
+            post=self._inbox.put_nowait,
             lease_fresh=self._lease_fresh, on_ack=self._on_ack, spawn=self._spawn,
         )
         self._ping_id = 0

@@ -21,6 +21,7 @@ from typing import Any
 
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.base import Store
+from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, Link, Provider
 
@@ -45,20 +46,22 @@ class LinkEvent:
 class Connection:
     """The session's current link (if any) and the task that opens and reads it."""
 
-    __slots__ = ("_io_task", "_lease_fresh", "_on_ack", "_post", "_provider", "_spawn",
+    __slots__ = ("_io_task", "_kv", "_lease_fresh", "_on_ack", "_post", "_provider", "_spawn",
                  "_store", "generation", "link", "session_id")
 
     def __init__(
-        self, session_id: str, *, store: Store, provider: Provider,
+        self, session_id: str, *, store: Store, provider: Provider, kv: SessionKV,
         post: Callable[[LinkUp | LinkEvent], None], lease_fresh: Callable[[], bool],
         on_ack: Callable[[int, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     ) -> None:
         """`lease_fresh`: asked again once the credentials are read, right before
-        connecting. `spawn`: runs a task among the actor's background tasks."""
+        connecting. `spawn`: runs a task among the actor's background tasks. `kv`:
+        the session's key-value area under the owner's fence, handed to the provider."""
         self.session_id = session_id
         self._store = store
         self._provider = provider
+        self._kv = kv
         self._post = post
         self._lease_fresh = lease_fresh
         self._on_ack = on_ack
@@ -134,7 +137,7 @@ class Connection:
                 post(LinkEvent(generation, ev.Disconnected(
                     DisconnectCode.CONNECTION_CLOSED, "lease not fresh: not connecting")))
                 return
-            link = await self._provider.connect(self.session_id, creds)
+            link = await self._provider.connect(self.session_id, creds, self._kv)
         except ConnectError as exc:
             post(LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
             return

@@ -17,7 +17,7 @@ also across `delete_session`.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -206,6 +206,25 @@ class Store(Protocol):
         """Whether credentials are stored, without reading (decrypting) them."""
         ...
 
+    # per-session key-value area (an engine's auth state, e.g. Baileys' creds and
+    # signal keys). Values are opaque bytes, sealed per value on disk and in Redis
+    # (broker.store.crypto `seal_value`: the session id and the key name are the
+    # associated data) and never logged. Wiped by delete_session.
+    async def kv_get(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
+        """The stored values of `keys`; keys that are not stored are absent."""
+        ...
+
+    async def kv_set(
+        self, session_id: str, values: Mapping[str, bytes | None], *, fence: int | None = None
+    ) -> None:
+        """Store every value (None deletes its key) in one atomic write; with a stale
+        `fence` nothing is written (NotOwner)."""
+        ...
+
+    async def kv_clear(self, session_id: str, *, fence: int | None = None) -> None:
+        """Delete every key of the session's area (refused when fenced)."""
+        ...
+
     # outbox
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
@@ -251,6 +270,13 @@ class Store(Protocol):
         ...
 
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
+    async def sent_message(self, session_id: str, message_id: str) -> OutboxMessage | None:
+        """The message queued under this id: while unacked, and after its ack for the
+        store's sent-message retention (`sent_retention_s`, the idempotency record's
+        lifetime), so an engine can answer a recipient's retry request (Baileys'
+        `getMessage`) with the original text."""
+        ...
+
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float
     ) -> DeliveryResult | None: ...

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -168,35 +168,57 @@ class CredentialCipher:
             raise CredentialDecryptError("stored credentials are not in a known format")
         return kid.decode("ascii", "replace")
 
-    def encrypt(self, session_id: str, credentials: Mapping[str, Any]) -> bytes:
-        """Seal with the current key and a fresh random 96-bit nonce."""
-        plain = json.dumps(dict(credentials), separators=(",", ":"), sort_keys=True).encode()
+    @staticmethod
+    def _kv_aad(session_id: str, name: str, kid: str) -> bytes:
+        return (b"broker-kv\0" + session_id.encode() + b"\0" + name.encode() + b"\0"
+                + kid.encode())
+
+    def _seal(self, plain: bytes, aad: Callable[[str], bytes]) -> bytes:
         nonce = secrets.token_bytes(_NONCE_BYTES)
         kid = self._current
-        sealed = self._aeads[kid].encrypt(nonce, plain, self._aad(session_id, kid))
+        sealed = self._aeads[kid].encrypt(nonce, plain, aad(kid))
         return b".".join((_MAGIC, kid.encode(), base64.urlsafe_b64encode(nonce + sealed)))
 
-    def decrypt(self, session_id: str, sealed: bytes) -> dict[str, Any]:
+    def _open(self, sealed: bytes, aad: Callable[[str], bytes], what: str) -> bytes:
         kid = self.key_id_of(sealed)
         aead = self._aeads.get(kid)
         if aead is None:
             raise CredentialDecryptError(
-                f"credentials of session {session_id!r} were sealed with key id {kid!r}, which "
-                f"is not configured (known: {', '.join(self._aeads)}); keep old keys in "
-                f"{KEYS_ENV} until every value is rewritten"
+                f"{what} was sealed with key id {kid!r}, which is not configured (known: "
+                f"{', '.join(self._aeads)}); keep old keys in {KEYS_ENV} until every value "
+                "is rewritten"
             )
         try:
             raw = base64.urlsafe_b64decode(sealed.split(b".", 2)[2])
-            plain = aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._aad(session_id, kid))
+            return aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], aad(kid))
         except (InvalidTag, ValueError, binascii.Error):
             raise CredentialDecryptError(
-                f"credentials of session {session_id!r} do not decrypt with key {kid!r}: wrong "
-                "key, tampered value, or a value copied from another session"
+                f"{what} does not decrypt with key {kid!r}: wrong key, tampered value, or a "
+                "value copied from another session or key"
             ) from None
+
+    def encrypt(self, session_id: str, credentials: Mapping[str, Any]) -> bytes:
+        """Seal with the current key and a fresh random 96-bit nonce."""
+        plain = json.dumps(dict(credentials), separators=(",", ":"), sort_keys=True).encode()
+        return self._seal(plain, lambda kid: self._aad(session_id, kid))
+
+    def decrypt(self, session_id: str, sealed: bytes) -> dict[str, Any]:
+        plain = self._open(sealed, lambda kid: self._aad(session_id, kid),
+                           f"the credentials of session {session_id!r}")
         value = json.loads(plain)
         if not isinstance(value, dict):
             raise CredentialDecryptError(f"credentials of session {session_id!r} are not a map")
         return value
+
+    def seal_value(self, session_id: str, name: str, value: bytes) -> bytes:
+        """Seal one key-value entry of a session (`Store.kv_set`). The session id and
+        the entry's name are associated data: a value moved to another session or
+        name fails to open."""
+        return self._seal(value, lambda kid: self._kv_aad(session_id, name, kid))
+
+    def open_value(self, session_id: str, name: str, sealed: bytes) -> bytes:
+        return self._open(sealed, lambda kid: self._kv_aad(session_id, name, kid),
+                          f"key-value entry {name!r} of session {session_id!r}")
 
 
 def resolve_cipher(

@@ -12,6 +12,7 @@ import itertools
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -111,6 +112,8 @@ class MemoryStore(OneAtATime):
     ) -> None:
         self._sessions: dict[str, SessionRecord] = {}
         self._credentials: dict[str, dict[str, Any]] = {}
+        self._kv: dict[str, dict[str, bytes]] = {}
+        """Per session, the key-value area (in this process only, so not sealed)."""
         self._outboxes: dict[str, _Outbox] = {}
         self._events: deque[StatusEvent] = deque(maxlen=event_log_size)
         self._last: dict[str, StatusEvent] = {}
@@ -153,6 +156,7 @@ class MemoryStore(OneAtATime):
             self._fences[session_id] = next(self._fence_counter)
         self._sessions.pop(session_id, None)
         self._credentials.pop(session_id, None)
+        self._kv.pop(session_id, None)
         self._outboxes.pop(session_id, None)
         self._last.pop(session_id, None)
         self._inbound.pop(session_id, None)
@@ -186,6 +190,28 @@ class MemoryStore(OneAtATime):
     async def clear_credentials(self, session_id: str, *, fence: int | None = None) -> None:
         self._check(session_id, fence)
         self._credentials.pop(session_id, None)
+
+    # key-value area
+    async def kv_get(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
+        area = self._kv.get(session_id, {})
+        return {k: area[k] for k in keys if k in area}
+
+    async def kv_set(
+        self, session_id: str, values: Mapping[str, bytes | None], *, fence: int | None = None
+    ) -> None:
+        self._check(session_id, fence)
+        area = self._kv.setdefault(session_id, {})
+        for name, value in values.items():
+            if value is None:
+                area.pop(name, None)
+            else:
+                area[name] = bytes(value)
+        if not area:
+            del self._kv[session_id]
+
+    async def kv_clear(self, session_id: str, *, fence: int | None = None) -> None:
+        self._check(session_id, fence)
+        self._kv.pop(session_id, None)
 
     # outbox
     def _outbox(self, session_id: str) -> _Outbox:
@@ -294,6 +320,13 @@ class MemoryStore(OneAtATime):
 
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
         return _result(self._outbox(session_id), message_id)
+
+    async def sent_message(self, session_id: str, message_id: str) -> OutboxMessage | None:
+        """Kept as long as its idempotency record: the newest `results_kept` per session."""
+        box = self._outboxes.get(session_id)
+        if box is None or message_id not in box.known:
+            return None
+        return self._known(box, session_id, message_id).message
 
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float

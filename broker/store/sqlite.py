@@ -59,6 +59,7 @@ from broker.store.base import (
 )
 from broker.store.crypto import CredentialCipher
 from broker.store.sqlite_db import Database, Txn
+from broker.store.sqlite_kv import SCHEMA_V2_KV, SqliteKV
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ CREATE TABLE inbound_pending (
   PRIMARY KEY (session_id, grp, inbound_id)) WITHOUT ROWID;
 """
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1,)
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV)
 """Schema steps in order; PRAGMA user_version counts those applied. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -136,7 +137,7 @@ def _settle_waiters(waiters: list[asyncio.Future[DeliveryResult]],
             fut.set_result(result)
 
 
-class SqliteStore(OneAtATime):
+class SqliteStore(SqliteKV, OneAtATime):
     """The `Store` in one SQLite file, for one broker process."""
 
     def __init__(
@@ -320,8 +321,8 @@ class SqliteStore(OneAtATime):
             if c.execute("SELECT 1 FROM fences WHERE session_id = ?", (session_id,)).fetchone():
                 token = self._next_fence(c, session_id)  # a former owner's late writes fail
                 txn.notify(lambda: self._fences.__setitem__(session_id, token))
-            for table in ("sessions", "credentials", "outbox", "messages", "last_events",
-                          "inbound", "inbound_groups", "inbound_pending"):
+            for table in ("sessions", "credentials", "kv", "outbox", "messages",
+                          "last_events", "inbound", "inbound_groups", "inbound_pending"):
                 c.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
             txn.after(lambda: self._advance(session_id, None))
             txn.notify(lambda: self._forget(session_id))
@@ -572,6 +573,17 @@ class SqliteStore(OneAtATime):
                                "message_id = ?", (session_id, message_id)).fetchone()
             return None if row is None or row[0] is None else DeliveryResult(message_id,
                                                                               float(row[0]))
+
+        return await self.db.read(read)
+
+    async def sent_message(self, session_id: str, message_id: str) -> OutboxMessage | None:
+        """Kept as long as its idempotency record (`idempotency_ttl_s` after the ack)."""
+        await self._ready()
+
+        def read(conn: sqlite3.Connection) -> OutboxMessage | None:
+            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = ? "
+                               "AND message_id = ?", (session_id, message_id)).fetchone()
+            return None if row is None else _message(session_id, row)
 
         return await self.db.read(read)
 

@@ -128,9 +128,32 @@ class Logout:
     type: str = field(default="logout", init=False)
 
 
+@dataclass(frozen=True)
+class PairingCodeRequest:
+    """Client to upstream, while pairing: link by phone number instead of a QR scan."""
+
+    id: int
+    phone: str
+    """E.164, with the leading '+'."""
+    type: str = field(default="pairing_code_request", init=False)
+
+
+@dataclass(frozen=True)
+class PairingCode:
+    """The upstream's answer to the request with the same id: an 8-character code,
+    or an empty code and the reason it gave none."""
+
+    id: int
+    code: str = ""
+    reason: str = ""
+    type: str = field(default="pairing_code", init=False)
+
+
+PAIRING_CODE_LENGTH = 8
+
 Frame = (
     Hello | Ready | Qr | Paired | Error | Send | Ack | Receipt | Ping | Pong | Message
-    | InboundAck | Logout
+    | InboundAck | Logout | PairingCodeRequest | PairingCode
 )
 
 
@@ -262,5 +285,14 @@ def decode(raw: str | bytes) -> Frame:
             return InboundAck(id=_str(obj, "id", max_len=256))
         case "logout":
             return Logout()
+        case "pairing_code_request":
+            return PairingCodeRequest(id=_req_int(obj, "id"), phone=_str(obj, "phone", max_len=32))
+        case "pairing_code":
+            code = _str(obj, "code", max_len=PAIRING_CODE_LENGTH)
+            if code and len(code) != PAIRING_CODE_LENGTH:
+                raise ProtocolError(f"field 'code' must be {PAIRING_CODE_LENGTH} characters")
+            reason = obj.get("reason", "")
+            return PairingCode(id=_req_int(obj, "id"), code=code,
+                               reason=reason[:256] if isinstance(reason, str) else "")
         case _:
             raise ProtocolError(f"unknown frame type {kind!r:.60}")  # bounded: may be 1 MB

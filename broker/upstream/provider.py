@@ -11,7 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from broker.lifecycle.reasons import DisconnectCode
+from broker.store.kv import SessionKV
 from broker.upstream.events import UpstreamEvent
+
+
+class PairingUnavailable(Exception):
+    """The upstream gave no pairing code (the link is not pairing, or it refused)."""
 
 
 class ConnectError(Exception):
@@ -34,6 +39,13 @@ class Link(Protocol):
 
     async def logout(self) -> None: ...
 
+    async def request_pairing_code(self, phone_number: str) -> str:
+        """Ask the upstream for an 8-character pairing code for `phone_number`
+        (E.164, validated by the caller), to be typed into the phone instead of
+        scanning a QR. Only meaningful while the link is pairing; raises
+        PairingUnavailable when the upstream cannot give one."""
+        ...
+
     async def ack_inbound(self, message_id: str) -> None: ...
 
     async def close(self, code: DisconnectCode, reason: str) -> None: ...
@@ -45,6 +57,12 @@ class Link(Protocol):
 
 
 class Provider(Protocol):
-    async def connect(self, login: str, credentials: dict[str, Any] | None) -> Link:
-        """Open a link and start the handshake; raises ConnectError."""
+    async def connect(
+        self, login: str, credentials: dict[str, Any] | None, kv: SessionKV
+    ) -> Link:
+        """Open a link and start the handshake; raises ConnectError.
+
+        `kv` is the session's key-value area, fenced with the owner's token: an
+        engine that keeps its own auth state (Baileys) reads and writes it there
+        and nowhere else; the protocol-v1 provider ignores it."""
         ...

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +13,13 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import Close
 
 from broker.lifecycle.reasons import DisconnectCode
+from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream import protocol as p
-from broker.upstream.provider import ConnectError
+from broker.upstream.provider import ConnectError, PairingUnavailable
+
+PAIRING_CODE_TIMEOUT_S = 10.0
+"""How long `request_pairing_code` waits for the upstream's answer."""
 
 
 class WebsocketLink:
@@ -21,12 +27,15 @@ class WebsocketLink:
         self._ws = ws
         self._retry_after_ms: int | None = None
         self._local_close: tuple[DisconnectCode, str] | None = None
+        self._code_requests: dict[int, asyncio.Future[p.PairingCode]] = {}
+        self._request_ids = itertools.count(1)
 
     async def events(self) -> AsyncIterator[ev.UpstreamEvent]:
         while True:
             try:
                 raw = await self._ws.recv()
             except ConnectionClosed as exc:
+                self._fail_code_requests()
                 yield self._disconnected(exc.rcvd)
                 return
             try:
@@ -36,6 +45,7 @@ class WebsocketLink:
                 # link and let the lifecycle reconnect with backoff.
                 self._local_close = (DisconnectCode.CONNECTION_CLOSED, f"bad frame: {exc}")
                 await self._ws.close(p.close_code_for(DisconnectCode.BAD_FRAME), "bad frame")
+                self._fail_code_requests()
                 yield self._disconnected(None)
                 return
             event = self._translate(frame)
@@ -60,6 +70,11 @@ class WebsocketLink:
                 return ev.Inbound(mid, sender, body, ts)
             case p.Error(retry_after_ms=retry):
                 self._retry_after_ms = retry
+                return None
+            case p.PairingCode(id=rid):
+                waiter = self._code_requests.pop(rid, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(frame)
                 return None
             case _:
                 return None
@@ -87,6 +102,29 @@ class WebsocketLink:
     async def logout(self) -> None:
         await self._send(p.Logout())
 
+    async def request_pairing_code(self, phone_number: str) -> str:
+        """Answered through the reader (`events`), which must be running."""
+        rid = next(self._request_ids)
+        waiter: asyncio.Future[p.PairingCode] = asyncio.get_running_loop().create_future()
+        self._code_requests[rid] = waiter
+        try:
+            await self._send(p.PairingCodeRequest(id=rid, phone=phone_number))
+            answer = await asyncio.wait_for(waiter, PAIRING_CODE_TIMEOUT_S)
+        except TimeoutError:
+            raise PairingUnavailable("the upstream did not answer the pairing code "
+                                     "request in time") from None
+        finally:
+            self._code_requests.pop(rid, None)
+        if not answer.code:
+            raise PairingUnavailable(answer.reason or "the upstream gave no pairing code")
+        return answer.code
+
+    def _fail_code_requests(self) -> None:
+        for waiter in self._code_requests.values():
+            if not waiter.done():
+                waiter.set_exception(PairingUnavailable("the connection closed"))
+        self._code_requests.clear()
+
     async def ack_inbound(self, message_id: str) -> None:
         await self._send(p.InboundAck(id=message_id))
 
@@ -106,7 +144,10 @@ class WebsocketProvider:
         self.client = client
         """Sent in every hello, so the upstream can tell who holds a login."""
 
-    async def connect(self, login: str, credentials: dict[str, Any] | None) -> WebsocketLink:
+    async def connect(
+        self, login: str, credentials: dict[str, Any] | None, kv: SessionKV | None = None
+    ) -> WebsocketLink:
+        """`kv` is unused: protocol-v1 credentials are the opaque map the upstream sent."""
         try:
             ws = await connect(
                 self.url,

@@ -99,7 +99,8 @@ async def read(stream: AsyncIterator[pb.StatusEvent], n: int) -> list[pb.StatusE
 class NoUpstream:
     """Nothing here starts a session; a connect would be a test bug."""
 
-    async def connect(self, login: str, credentials: dict[str, Any] | None) -> Link:
+    async def connect(self, login: str, credentials: dict[str, Any] | None,
+                      kv: object = None) -> Link:
         raise AssertionError("the servicer tests never connect upstream")
 
 

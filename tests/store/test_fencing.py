@@ -41,6 +41,8 @@ OWNER_WRITES: dict[str, Write] = {
     "add_inbound": lambda s, f: s.add_inbound(SID, f"u{f}", "+2", "hi", 3.0, fence=f),
     "save_credentials": lambda s, f: s.save_credentials(SID, {"token": f"t{f}"}, fence=f),
     "clear_credentials": lambda s, f: s.clear_credentials(SID, fence=f),
+    "kv_set": lambda s, f: s.kv_set(SID, {"creds": f"c{f}".encode(), "gone": None}, fence=f),
+    "kv_clear": lambda s, f: s.kv_clear(SID, fence=f),
 }
 
 
@@ -72,6 +74,12 @@ async def test_a_refused_write_changes_nothing(store: Store) -> None:
         await store.clear_credentials(SID, fence=old)
     with pytest.raises(NotOwner):
         await _apply(store, old)
+    await store.kv_set(SID, {"creds": b"mine"}, fence=new)
+    with pytest.raises(NotOwner):
+        await store.kv_set(SID, {"creds": b"stale", "pre-key:1": b"k"}, fence=old)
+    with pytest.raises(NotOwner):
+        await store.kv_clear(SID, fence=old)
+    assert await store.kv_get(SID, ["creds", "pre-key:1"]) == {"creds": b"mine"}
     last = await store.last_event(SID)
     assert last is not None and (last.sequence, last.state) == (2, State.OPEN)
     assert await store.load_credentials(SID) == {"token": "a"}

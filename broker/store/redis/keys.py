@@ -7,6 +7,8 @@ together and the layout holds on Redis Cluster.
 
 - ``P:T:session``       hash: tenant, enabled, created_at
 - ``P:T:creds``         string: AES-GCM sealed credentials (see `broker.store.crypto`)
+- ``P:T:kv``            hash: the session's key-value area, name -> value sealed on its
+                        own (`CredentialCipher.seal_value`; see `broker.store.kv`)
 - ``P:T:outbox``        stream: unacked messages in FIFO order (acked ones are XDEL'd),
                         read by the owner through the ``owners`` consumer group
 - ``P:T:ids``           hash: message id -> outbox stream entry id (unacked only)
@@ -14,6 +16,8 @@ together and the layout holds on Redis Cluster.
 - ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
                         no TTL while unacked, the idempotency TTL once acked
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
+- ``P:T:result:<mid>:key`` string: its idempotency key (idempotency TTL), so the
+                        message stays readable by id after its ack (`sent_message`)
 - ``P:T:last``          hash: the session's last status event (``id``, ``event``)
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
                         kept, and raised, when the session is deleted
@@ -64,6 +68,9 @@ class RedisKeys:
 
     def creds(self, session_id: str) -> str:
         return self._part(session_id, "creds")
+
+    def kv(self, session_id: str) -> str:
+        return self._part(session_id, "kv")
 
     def outbox(self, session_id: str) -> str:
         return self._part(session_id, "outbox")

@@ -146,6 +146,22 @@ class OutboxPart(RedisCore):
         return await self._result(session_id, message_id)
 
     @guard
+    async def sent_message(self, session_id: str, message_id: str) -> OutboxMessage | None:
+        """Unacked: from the stream; acked: from its idempotency record, which lives
+        for the idempotency TTL after the ack."""
+        entry = await self._client.hget(self.keys.ids(session_id), message_id)
+        if entry is not None:
+            rows = await self._client.xrange(self.keys.outbox(session_id), entry, entry)
+            if rows and rows[0][1]:
+                flat = [item for pair in rows[0][1].items() for item in pair]
+                return outbox_entry(session_id, flat)
+        key = await self._client.get(self.keys.result(session_id, message_id) + ":key")
+        if key is None:
+            return None
+        raw = await self._client.get(self.keys.idem(session_id, text(key)))
+        return None if raw is None else idem_record(session_id, text(key), raw)
+
+    @guard
     async def wait_result(
         self, session_id: str, message_id: str, timeout: float
     ) -> DeliveryResult | None:

@@ -121,7 +121,10 @@ for n = 12, 11 + n_acks do
       local rows = redis.call('XRANGE', KEYS[1], entry, entry)
       if rows[1] then
         local key = field(rows[1][2], 'key')
-        if key then redis.call('PEXPIRE', ARGV[3] .. key, ttl) end
+        if key then
+          redis.call('PEXPIRE', ARGV[3] .. key, ttl)
+          redis.call('SET', result_key .. ':key', key, 'PX', ttl)  -- for sent_message
+        end
       end
       redis.call('XACK', KEYS[1], ARGV[7], entry)
       redis.call('XDEL', KEYS[1], entry)
@@ -238,6 +241,27 @@ return 1
 SET_CREDENTIALS = FENCED + """
 if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
 if ARGV[2] then redis.call('SET', KEYS[1], ARGV[2]) else redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+# KEYS: kv hash, fence.  ARGV: token, number of values to set n, n name/sealed pairs,
+# then the names to delete.  All of one call in one write, fenced.
+KV_SET = FENCED + """
+if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
+local last_set = 2 + 2 * tonumber(ARGV[2])
+for i = 3, last_set, 1000 do  -- in steps, within Lua's bound on unpacked values
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, math.min(i + 999, last_set)))
+end
+for i = last_set + 1, #ARGV, 1000 do
+  redis.call('HDEL', KEYS[1], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+return 1
+"""
+
+# KEYS: kv hash, fence.  ARGV: token.  Deletes the whole area, fenced.
+KV_CLEAR = FENCED + """
+if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
+redis.call('DEL', KEYS[1])
 return 1
 """
 

@@ -24,11 +24,12 @@ from broker.store.crypto import CredentialCipher, resolve_cipher
 from broker.store.redis.events import EventsPart
 from broker.store.redis.inbound import InboundPart
 from broker.store.redis.keys import RedisKeys
+from broker.store.redis.kv import KVPart
 from broker.store.redis.outbox import OutboxPart
 from broker.store.redis.sessions import SessionsPart
 
 
-class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
+class RedisStore(SessionsPart, KVPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
     """The `Store` on Redis (5+ client, Redis server 7+ for the event gap check)."""
 
     def __init__(
@@ -59,6 +60,7 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         self._prefix = key_prefix
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._init_sessions(client)
+        self._init_kv(client)
         self._init_outbox(client, idempotency_ttl_s=idempotency_ttl_s, recheck_s=recheck_s)
         self._init_events(client, event_log_size=event_log_size, state_ttl_s=state_ttl_s)
         self._init_inbound(client, redeliver_after_s=inbound_redeliver_after_s,
