@@ -7,7 +7,6 @@ import os
 import socket
 import uuid
 from dataclasses import replace
-from pathlib import Path
 
 from broker.api.auth import AuthInterceptor, Authorizer, check_exposure, store_tenants
 from broker.api.server import ApiServer
@@ -17,15 +16,15 @@ from broker.backends import open_backend
 from broker.cluster.tail import EventTail
 from broker.config import Settings
 from broker.dashboard.server import DashboardServer, check_embedded, local_target
-from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir
+from broker.engines import Engine, select_engine
+from broker.engines import resolve as resolve_engine
 from broker.ops import install_log_context
 from broker.ops.metrics import BrokerMetrics
 from broker.ops.webhooks import WebhookNotifier, WebhookPolicy, load_targets
 from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
-from broker.simulator import Simulator, SimulatorConfig
+from broker.simulator import Simulator
 from broker.store.base import Store
-from broker.upstream.websocket import WebsocketProvider
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,9 @@ class BrokerApp:
     def __init__(self, settings: Settings | None = None, *, store: Store | None = None) -> None:
         self.settings = settings or Settings()
         self._store = store
+        self.engine: Engine | None = None
         self.simulator: Simulator | None = None
+        """The embedded simulator of the sim engine (tests and the demo drive it)."""
         self.manager: SessionManager | None = None
         self.api: ApiServer | None = None
         self.monitor: HealthMonitor | None = None
@@ -59,6 +60,7 @@ class BrokerApp:
         settings = self.settings
         if not settings.instance_id:
             settings = replace(settings, instance_id=default_instance_id())
+        settings = resolve_engine(settings)
         # Read before anything starts, so a bad file fails fast and leaks nothing.
         hooks = load_targets(settings.webhooks_file) if settings.webhooks_file else None
         # Security configuration fails the start before anything listens.
@@ -67,30 +69,19 @@ class BrokerApp:
         check_embedded(settings)  # the dashboard's own client must get in
         tls = server_credentials(settings.tls_cert_file, settings.tls_key_file,
                                  settings.tls_client_ca_file)
+        engine = select_engine(settings)  # an engine that is not installed fails here
         backend = open_backend(settings, self._store)
         store = self._opened = backend.store
         # First: a second broker on one SQLite database stops here, before it binds
         # anything (the simulator's port would be taken too, less clearly).
         await backend.ready()
-        if settings.upstream_url is None:
-            state = None
-            if settings.data_dir:  # like a real upstream, it remembers its logins
-                state = str(ensure_dir(Path(settings.data_dir)) / SIMULATOR_STATE_NAME)
-            self.simulator = Simulator(SimulatorConfig(state_path=state))
-            try:
-                await self.simulator.start(settings.simulator_host, settings.simulator_port)
-            except BaseException:
-                self.simulator = None
-                if self._store is None:  # ours: release the database (and its lock)
-                    await store.close()
-                raise
-            settings = replace(settings, upstream_url=self.simulator.url)
-            log.info("embedded simulator upstream at %s (control: %s)",
-                     self.simulator.url, self.simulator.control_url)
-        assert settings.upstream_url is not None
-        provider = WebsocketProvider(settings.upstream_url,
-                                     connect_timeout_s=settings.connect_timeout_s,
-                                     client=f"broker/{settings.instance_id}")
+        try:
+            provider = await engine.start()
+        except BaseException:
+            if self._store is None:  # ours: release the database (and its lock)
+                await store.close()
+            raise
+        self.engine, self.simulator = engine, engine.simulator
         self.manager = SessionManager(store, provider, settings, placement=backend.placement,
                                       limiter=backend.limiter)
         install_log_context(self.manager)
@@ -139,8 +130,8 @@ class BrokerApp:
             await self.tail.stop()
         if self._opened is not None:
             await self._opened.close()
-        if self.simulator is not None:
-            await self.simulator.stop()
+        if self.engine is not None:
+            await self.engine.stop()
 
     async def __aenter__(self) -> BrokerApp:
         await self.start()

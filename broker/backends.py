@@ -50,6 +50,7 @@ def open_store(settings: Settings) -> Store:
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.from_url(url, key_prefix=settings.key_prefix,
                                    event_log_size=settings.event_log_size,
+                                   idempotency_ttl_s=settings.sent_retention_s,
                                    inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                                    inbound_retention_s=settings.inbound_retention_s,
                                    consumer=settings.instance_id or None)
@@ -57,6 +58,7 @@ def open_store(settings: Settings) -> Store:
         path = sqlite_path(url)
         return SqliteStore(path, cipher=sqlite_cipher(path),
                            event_log_size=settings.event_log_size,
+                           idempotency_ttl_s=settings.sent_retention_s,
                            inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                            inbound_retention_s=settings.inbound_retention_s)
     raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import click
 
 from broker.auth.cli import token
-from broker.commands.people import dashboard, health, qr, send, sessions, watch
+from broker.commands.import_session import import_session
+from broker.commands.people import dashboard, health, pair, qr, send, sessions, watch
 from broker.commands.serve import serve
 from broker.simulator.cli import sim
 
@@ -17,7 +18,8 @@ def main() -> None:
     """gRPC connection broker: one owner for every upstream messaging session."""
 
 
-for command in (serve, send, watch, health, qr, sessions, dashboard, sim, token):
+sessions.add_command(import_session)
+for command in (serve, send, watch, health, qr, pair, sessions, dashboard, sim, token):
     main.add_command(command)
 
 __all__ = ["main", "serve"]

@@ -11,7 +11,17 @@ from broker.lifecycle.policy import LifecyclePolicy
 class Settings:
     listen: str = "127.0.0.1:50051"
     upstream_url: str | None = None
-    """None: start the embedded simulator and connect to it."""
+    """The protocol-v1 upstream of `--engine ws` (None: no such upstream)."""
+    engine: str = ""
+    """What sessions run on: "sim" (the embedded simulator), "ws" (`upstream_url`)
+    or "baileys" (real WhatsApp through the Node.js bridge); "": ws with an
+    upstream URL, else sim (broker.engines)."""
+    wa_version: str | None = None
+    """baileys: the WhatsApp Web version to announce ("2.3000.1023223821"); None: the
+    bridge's default. Pin it when WhatsApp rejects the client as outdated (405)."""
+    baileys_ws_url: str | None = None
+    """baileys: the WhatsApp websocket URL (Baileys' `waWebSocketUrl`), for tests
+    and proxies only; None: WhatsApp's own."""
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 50052
     store_url: str = "memory://"
@@ -48,6 +58,11 @@ class Settings:
     """Ownership lease TTL with Redis; a dead instance's sessions move after about this."""
     key_prefix: str = "broker"
     """Prefix of every Redis key (several deployments can share one Redis)."""
+    sent_retention_s: float = 86400.0
+    """Keep a sent message (recipient, body, idempotency key) this long after its ack:
+    a Send retried with the same key within it is not sent again, and the baileys
+    engine answers a recipient's retry request (`getMessage`) from it (SQLite and
+    Redis; the memory store keeps the newest 100,000 per session)."""
     inbound_redeliver_after_s: float = 30.0
     """Hand an unacked inbound message to another worker of its group after this long."""
     inbound_retention_s: float = 7 * 86400.0
@@ -62,8 +77,9 @@ class Settings:
     tls_key_file: str | None = None
     tls_client_ca_file: str | None = None
     """PEM CA that client certificates must chain to (mutual TLS); None: no client certs."""
-    rate_limit: float = 0.0
-    """Messages per second each session accepts (token bucket; 0: no limit)."""
+    rate_limit: float | None = None
+    """Messages per second each session accepts (token bucket; 0: no limit; None: the
+    engine's default, no limit but on baileys, see broker.engines.BAILEYS_RATE_LIMIT)."""
     rate_burst: int = 0
     """Bucket size: messages accepted at once after a quiet spell (0: one second's worth)."""
     metrics_listen: str | None = None

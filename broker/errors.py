@@ -17,7 +17,7 @@ from broker_client.v1.broker_pb2 import ErrorReason
 
 __all__ = [
     "BrokerError", "ErrorReason", "InvalidArgument", "NotDeliveredYet", "NotOwner",
-    "OutboxFull", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
+    "OutboxFull", "PairingRefused", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
     "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
     "Unauthenticated", "reason_name",
 ]
@@ -79,6 +79,13 @@ class SessionNotReady(BrokerError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = ErrorReason.SESSION_STOPPED
+
+
+class PairingRefused(BrokerError):
+    """The session is pairing but the upstream gave no pairing code."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = ErrorReason.PAIRING_CODE_REFUSED
 
 
 class NotDeliveredYet(BrokerError):

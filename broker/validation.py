@@ -7,6 +7,7 @@ import re
 from broker.errors import InvalidArgument
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
 MAX_RECIPIENT = 256
 MAX_KEY = 128
 DEFAULT_TENANT = "default"
@@ -53,3 +54,16 @@ def idempotency_key(value: str) -> str:
             "idempotency_key", f"must be at most {MAX_KEY} printable characters"
         )
     return value
+
+
+def phone_number(value: str, field: str = "phone_number") -> str:
+    """E.164: '+', then 8-15 digits, the first not 0 (spaces and dashes are dropped)."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    compact = re.sub(r"[ \-()]", "", value)
+    if not _E164.fullmatch(compact):
+        raise InvalidArgument(
+            field, "must be an E.164 number: '+', the country code and the number, 8-15 "
+                   "digits, e.g. +4915123456789"
+        )
+    return compact

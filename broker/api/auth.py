@@ -68,6 +68,7 @@ RULES: dict[str, tuple[Permission, str]] = {
     "LogoutSession": (Permission.MANAGE, _SESSION),
     "RestartSession": (Permission.MANAGE, _SESSION),
     "DeleteSession": (Permission.MANAGE, _SESSION),
+    "RequestPairingCode": (Permission.MANAGE, _SESSION),
 }
 
 

@@ -153,7 +153,7 @@ def health(item: HealthView) -> pb.SessionHealth:
         counters=counters(item.stats, item.now, item.view.outbox_depth, item.attempt),
         recommendations=[recommendation(r) for r in item.recommendations],
         healthy=not any(r.severity != Severity.INFO for r in item.recommendations),
-        owner=item.owner, last_activity=timestamp(item.last_activity),
+        owner=item.owner, last_activity=timestamp(item.last_activity), engine=item.engine,
     )
 
 

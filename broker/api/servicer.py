@@ -89,6 +89,13 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def GetQr(self, request: pb.SessionRef, context: Context) -> pb.QrCode:
         return convert.qr(await self.manager.qr(request.session_id))
 
+    @unary
+    async def RequestPairingCode(
+        self, request: pb.RequestPairingCodeRequest, context: Context
+    ) -> pb.PairingCode:
+        code = await self.manager.request_pairing_code(request.session_id, request.phone_number)
+        return pb.PairingCode(session_id=request.session_id, code=code)
+
     @streaming
     async def Receive(
         self, request: pb.ReceiveRequest, context: Context

@@ -50,7 +50,7 @@ class Permission(StrEnum):
     VIEW = "view"
     """StreamStatus, Health, GetSession, ListSessions, GetQr."""
     MANAGE = "manage"
-    """Create, Stop, Logout, Restart, Delete."""
+    """Create, Stop, Logout, Restart, Delete, RequestPairingCode."""
 
 
 ROLE_PERMISSIONS: Mapping[Role, frozenset[Permission]] = {

@@ -173,7 +173,8 @@ def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_jso
     for h in items:
         c = h.counters
         mark = "healthy" if h.healthy else "NEEDS ATTENTION"
-        click.echo(f"{h.session.session_id}: {_state(h.session.state)} - {mark}")
+        engine = f" on {h.engine}" if h.engine else ""
+        click.echo(f"{h.session.session_id}: {_state(h.session.state)}{engine} - {mark}")
         click.echo(f"  disconnects last hour {c.disconnects_last_hour}, reconnect mean "
                    f"{c.reconnect_ms_mean:.0f} ms, keep-alive {c.keepalive_success_rate:.0%}, "
                    f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}")
@@ -206,6 +207,24 @@ def qr(target: Connection, session_id: str) -> None:
     image.add_data(code.qr)
     image.print_ascii(out=sys.stdout, invert=True)
     click.echo(f"QR #{code.index} for {session_id}: {code.qr}")
+
+
+@click.command()
+@target_option
+@click.argument("session_id")
+@click.option("--phone", required=True,
+              help="The login's phone number in E.164, e.g. +4915123456789.")
+def pair(target: Connection, session_id: str, phone: str) -> None:
+    """Pair a session by phone number: print the code to type into the phone."""
+
+    async def go() -> str:
+        async with target.client() as client:
+            return await client.request_pairing_code(session_id, phone)
+
+    code = _run(go())
+    click.echo(f"pairing code for {session_id}: {code[:4]}-{code[4:]}")
+    click.echo("on the phone: WhatsApp > Linked devices > Link a device > Link with phone "
+               "number instead, then type the code", err=True)
 
 
 @click.group()

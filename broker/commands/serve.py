@@ -35,8 +35,20 @@ async def until_signalled() -> None:
 @click.command()
 @click.option("--listen", envvar="BROKER_LISTEN", default=_S.listen, show_default=True,
               help="gRPC listen address.")
+@click.option("--engine", envvar="BROKER_ENGINE", default=None,
+              type=click.Choice(["sim", "ws", "baileys"]), show_default="sim, or ws with "
+              "--upstream-url",
+              help="What sessions run on: sim (the embedded simulator), ws (the protocol-v1 "
+                   "upstream at --upstream-url) or baileys (real WhatsApp through the "
+                   "Node.js bridge).")
 @click.option("--upstream-url", envvar="BROKER_UPSTREAM_URL", default=None,
-              help="Upstream websocket URL; unset: start the embedded simulator.")
+              help="Protocol-v1 upstream websocket URL (--engine ws).")
+@click.option("--wa-version", envvar="BROKER_WA_VERSION", default=None,
+              help="baileys: WhatsApp Web version to announce, e.g. 2.3000.1023223821; pin "
+                   "it when WhatsApp rejects the client as outdated (405).")
+@click.option("--baileys-ws-url", envvar="BROKER_BAILEYS_WS_URL", default=None,
+              help="baileys: WhatsApp websocket URL (Baileys' waWebSocketUrl), for tests and "
+                   "proxies only.")
 @click.option("--sim-port", envvar="BROKER_SIM_PORT", default=_S.simulator_port, show_default=True,
               help="Port of the embedded simulator (websocket + /control).")
 @click.option("--data-dir", envvar=DATA_DIR_ENV, type=click.Path(file_okay=False),
@@ -123,10 +135,16 @@ async def until_signalled() -> None:
 @click.option("--tls-key", envvar="BROKER_TLS_KEY", default=None, help="PEM server private key.")
 @click.option("--tls-client-ca", envvar="BROKER_TLS_CLIENT_CA", default=None,
               help="PEM CA that client certificates must chain to (mutual TLS).")
-@click.option("--rate-limit", envvar="BROKER_RATE_LIMIT", type=float, default=0.0,
-              show_default=True, help="Messages per second per session (0: no limit).")
+@click.option("--rate-limit", envvar="BROKER_RATE_LIMIT", type=click.FloatRange(0),
+              default=None, show_default="0, on --engine baileys 1",
+              help="Messages per second per session (0: no limit).")
 @click.option("--rate-burst", envvar="BROKER_RATE_BURST", type=int, default=0,
-              show_default=True, help="Messages at once after a quiet spell (0: one second's).")
+              show_default="0, on --engine baileys 5",
+              help="Messages at once after a quiet spell (0: one second's).")
+@click.option("--sent-retention", envvar="BROKER_SENT_RETENTION", type=click.FloatRange(0),
+              default=_S.sent_retention_s, show_default=True,
+              help="Seconds a sent message is kept after its ack: for Send retries with "
+                   "the same idempotency key and WhatsApp's retry requests (baileys).")
 @click.option("--log-level", envvar="BROKER_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", envvar="BROKER_LOG_FORMAT", default="text", show_default=True,
@@ -166,6 +184,9 @@ def serve(**opts: Any) -> None:
     )
     settings = Settings(
         listen=opts["listen"], upstream_url=opts["upstream_url"], simulator_port=opts["sim_port"],
+        engine=opts["engine"] or "", wa_version=opts["wa_version"] or None,
+        baileys_ws_url=opts["baileys_ws_url"] or None,
+        sent_retention_s=opts["sent_retention"],
         store_url=opts["store_url"] or default_store_url(Path(opts["data_dir"])),
         data_dir=opts["data_dir"], lifecycle=policy, connect_timeout_s=opts["connect_timeout"],
         ack_timeout_s=opts["ack_timeout"], send_window=opts["send_window"],

@@ -80,6 +80,14 @@ class ClearCredentials:
 
 
 @dataclass(frozen=True, slots=True)
+class ClearKeys:
+    """Wipe the session's key-value area (an engine's auth state: Baileys' creds
+    and signal keys), fenced like every owner write: they are revoked (401) or
+    no longer match what the upstream holds (500, 411). Always follows a
+    ClearCredentials: a login whose credentials are gone has no use for keys."""
+
+
+@dataclass(frozen=True, slots=True)
 class Emit:
     """Publish a status change.
 
@@ -107,5 +115,6 @@ Action = (
     | CancelTimer
     | SaveCredentials
     | ClearCredentials
+    | ClearKeys
     | Emit
 )

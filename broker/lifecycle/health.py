@@ -493,6 +493,23 @@ def _failed_advice(reason: str, code: int, session_id: str) -> Recommendation:
             "The stored credentials were corrupt and have been wiped. Re-pair: run "
             f"`broker qr {session_id}` and scan the code.",
         )
+    if code == DisconnectCode.MULTIDEVICE_MISMATCH:
+        return Recommendation(
+            Severity.CRITICAL,
+            "MULTIDEVICE_MISMATCH",
+            "The upstream no longer accepts this linked device (multi-device mismatch); its "
+            f"keys have been wiped. Re-pair: run `broker restart {session_id}`, then "
+            f"`broker qr {session_id}` (or `broker pair {session_id} --phone ...`).",
+        )
+    if code == DisconnectCode.CLIENT_OUTDATED:
+        return Recommendation(
+            Severity.CRITICAL,
+            "CLIENT_OUTDATED",
+            "WhatsApp rejected the client's web version as outdated (405). Pin a current "
+            "one with `broker serve --wa-version <version>` (BROKER_WA_VERSION; the version "
+            "WhatsApp Web shows now), then run "
+            f"`broker restart {session_id}`. The credentials are kept.",
+        )
     if reason == PAIRING_TIMED_OUT:
         return Recommendation(
             Severity.CRITICAL,

@@ -32,6 +32,7 @@ from broker.lifecycle.actions import (
     Action,
     CancelTimer,
     ClearCredentials,
+    ClearKeys,
     CloseConnection,
     Emit,
     OpenConnection,
@@ -217,7 +218,7 @@ class SessionMachine:
     def _on_logout(self) -> list[Action]:
         if self._state is State.LOGGED_OUT:
             # Nothing to leave; wiping again makes the operator's intent certain.
-            return [ClearCredentials()]
+            return [ClearCredentials(), ClearKeys()]
         if self._state is State.OPEN and not self._logout_pending:
             # Let the upstream revoke the login; its 401 close finishes the job.
             self._logout_pending = True
@@ -288,10 +289,16 @@ class SessionMachine:
             return self._logged_out(_D.LOGGED_OUT.text)
         if code is _D.LOGGED_OUT:
             return self._logged_out(reason)
-        if code is _D.BAD_SESSION:
+        if code in (_D.BAD_SESSION, _D.MULTIDEVICE_MISMATCH):
+            # The stored login no longer matches the upstream's: only a new pairing helps.
             return self._fail(reason, code, clear_credentials=True)
         if code is _D.FORBIDDEN:
-            return self._fail(reason, code)
+            return self._fail(reason if "ban" in reason.lower() else f"banned ({reason})", code)
+        if code is _D.CLIENT_OUTDATED:
+            # The same client version is refused again on every attempt: a person pins
+            # another one (Health says how), reconnecting alone never helps.
+            return self._fail(_D.CLIENT_OUTDATED.text if reason == code.text or not reason
+                              else f"{_D.CLIENT_OUTDATED.text} ({reason})", code)
         if code is _D.REPLACED:
             return self._conflict(reason)
         if code is _D.RESTART_REQUIRED:
@@ -428,7 +435,7 @@ class SessionMachine:
         """Give up until an operator acts (connection already gone)."""
         actions = self._cancel_all()
         if clear_credentials:
-            actions.append(ClearCredentials())
+            actions += [ClearCredentials(), ClearKeys()]
         actions.append(self._enter(State.FAILED, reason, int(code)))
         return actions
 
@@ -444,7 +451,7 @@ class SessionMachine:
         if close_reason is not None and self._state in CONNECTED_STATES:
             actions.append(CloseConnection(_D.LOGGED_OUT, close_reason))
         actions.extend(self._cancel_all())
-        actions.append(ClearCredentials())
+        actions += [ClearCredentials(), ClearKeys()]
         actions.append(self._enter(State.LOGGED_OUT, reason, int(_D.LOGGED_OUT)))
         return actions
 

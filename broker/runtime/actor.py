@@ -44,7 +44,7 @@ from broker.store.base import (
 )
 from broker.store.kv import SessionKV
 from broker.upstream import events as ev
-from broker.upstream.provider import Provider
+from broker.upstream.provider import Link, Provider
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,12 @@ class SessionActor:
     @property
     def qr_index(self) -> int:
         return self.machine.qr_index
+
+    @property
+    def link(self) -> Link | None:
+        """The open upstream link, if any (for requests that ask the upstream, such
+        as a pairing code; lifecycle and delivery go through the machine)."""
+        return self._conn.link
 
     @property
     def qr_expires_at(self) -> float | None:
@@ -355,6 +361,8 @@ class SessionActor:
             case act.ClearCredentials():
                 await self._store.clear_credentials(self.session_id, fence=self.fence)
                 self.has_credentials = False
+            case act.ClearKeys():
+                await self.kv.clear()
             case act.Emit():
                 await self._emit(action)
 

@@ -21,6 +21,7 @@ from broker.errors import (
     InvalidArgument,
     NotDeliveredYet,
     NotOwner,
+    PairingRefused,
     Reason,
     SessionExists,
     SessionNotFound,
@@ -44,7 +45,7 @@ from broker.store.base import (
     SessionRecord,
     Store,
 )
-from broker.upstream.provider import Provider
+from broker.upstream.provider import PairingUnavailable, Provider
 
 log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
@@ -97,6 +98,7 @@ class HealthView:
     attempt: int
     owner: str = ""
     last_activity: float = 0.0
+    engine: str = ""
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,7 @@ class SessionManager:
                     log.warning("session %s: upstream did not confirm logout", session_id)
         else:
             await self.store.clear_credentials(session_id)
+            await self.store.kv_clear(session_id)
         return await self.view(record)
 
     async def delete(self, session_id: str) -> None:
@@ -289,6 +292,31 @@ class SessionManager:
                 reason=ErrorReason.NOT_PAIRING, session_id=session_id, state=state.value,
             )
         return QrView(session_id, actor.machine.qr, actor.qr_index, actor.qr_expires_at)
+
+    async def request_pairing_code(self, session_id: str, phone_number: str) -> str:
+        """An 8-character code to pair by phone number, asked of the upstream on the
+        pairing session's link (of this instance: the code comes from the link)."""
+        phone = validation.phone_number(phone_number)
+        await self._record(session_id)
+        actor = self.actors.get(session_id)
+        link = actor.link if actor is not None and actor.state == State.PAIRING else None
+        if actor is None or link is None:
+            state = actor.state if actor else State.STOPPED
+            why = (f"is {state.value}, not pairing: pairing codes are given while a session "
+                   "is pairing (restart a logged-out session first)")
+            if actor is None and (live := await self.store.get_live(session_id)) is not None:
+                state = live.state
+                why = (f"is owned by instance {live.owner!r} ({state.value}): ask that "
+                       "instance, whose link gives the code")
+            raise SessionNotReady(f"session {session_id!r} {why}", reason=ErrorReason.NOT_PAIRING,
+                                  session_id=session_id, state=state.value)
+        try:
+            code = await link.request_pairing_code(phone)
+        except PairingUnavailable as exc:
+            raise PairingRefused(f"session {session_id!r}: no pairing code: {exc}",
+                                 session_id=session_id) from None
+        log.info("session %s: pairing code requested", session_id)
+        return code
 
     # sending
     async def send(
@@ -468,5 +496,6 @@ class SessionManager:
                 live_state = live.state if live else None
                 activity = live.last_activity if live else 0.0
             out.append(HealthView(view, live_state, stats, recs, now,
-                                  actor.machine.attempt if actor else 0, owner, activity))
+                                  actor.machine.attempt if actor else 0, owner, activity,
+                                  self.settings.engine))
         return out

@@ -151,7 +151,7 @@ def rate_limiter(
     """The limiter `settings` ask for: its buckets in `redis` (under `keys`, by
     default the layout of `settings.key_prefix`) when instances share that
     Redis, else in this process."""
-    bucket = TokenBucket.from_settings(settings.rate_limit, settings.rate_burst)
+    bucket = TokenBucket.from_settings(settings.rate_limit or 0.0, settings.rate_burst)
     if bucket is None:
         return Unlimited()
     if redis is not None:

@@ -89,6 +89,14 @@ def scan(login: str, url: str) -> None:
     _run(url, lambda c: c.scan(login))
 
 
+@sim.command("enter-code")
+@click.argument("code")
+@_url_option
+def enter_code(code: str, url: str) -> None:
+    """Enter the pairing CODE a session got from `broker pair` (pairs it, like a scan)."""
+    _run(url, lambda c: c.enter_code(code))
+
+
 @sim.command()
 @click.argument("login")
 @_url_option

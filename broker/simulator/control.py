@@ -47,6 +47,10 @@ class SimulatorControl:
     def scan(self, login: str) -> Any:
         return self.command("scan", login=login)
 
+    def enter_code(self, code: str) -> Any:
+        """Type a pairing code (from RequestPairingCode) into the simulated phone."""
+        return self.command("enter-code", code=code)
+
     def logout(self, login: str) -> Any:
         return self.command("logout", login=login)
 

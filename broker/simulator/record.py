@@ -51,6 +51,8 @@ class LoginRecord:
     logouts: int = 0
     pings: int = 0
     qr_codes_sent: int = 0
+    pairing_codes: list[str] = field(default_factory=list)
+    """The phone number of every pairing code handed out, in order."""
     inbound_acked: list[str] = field(default_factory=list)
 
     def overlaps_by(self, client_prefix: str) -> list[Overlap]:

@@ -45,6 +45,8 @@ from broker.upstream.protocol import (
     Logout,
     Message,
     Paired,
+    PairingCode,
+    PairingCodeRequest,
     Ping,
     Pong,
     ProtocolError,
@@ -61,6 +63,10 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.01
 _CLOSE_TIMEOUT_S = 2.0
 _MAX_REASON_BYTES = 120
+
+
+_PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ0123456789"
+"""Pairing codes read aloud and typed: no I, O or U."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +219,8 @@ class Simulator:
         self._inbox: dict[str, dict[str, Message]] = {}
         self._open: dict[str, _Conn] = {}
         self._pairing: dict[str, _Conn] = {}
+        self._pairing_codes: dict[str, _Conn] = {}
+        """Pairing code handed out -> the pairing connection it links when entered."""
         self._unavailable = Unavailable()
         self._faults = Faults()
         self._load_state()
@@ -321,6 +329,31 @@ class Simulator:
         conn = self._pairing.get(login)
         if conn is None or conn.state is not _State.PAIRING:
             return False
+        return await self._pair(conn, login)
+
+    async def enter_code(self, code: str) -> str | None:
+        """Type a pairing code into the "phone": pairs the connection that asked for
+        it, as a scan would. Returns the login it paired, None for an unknown code
+        or one whose connection no longer pairs."""
+        conn = self._pairing_codes.pop(code.strip().upper().replace("-", ""), None)
+        if conn is None or conn.login is None or conn.state is not _State.PAIRING:
+            return None
+        login = conn.login
+        return login if await self._pair(conn, login) else None
+
+    def _pairing_code(self, conn: _Conn, phone: str) -> PairingCode | str:
+        """A new 8-character code for a pairing connection, or why there is none."""
+        if conn.state is not _State.PAIRING:
+            return "not pairing"
+        if not phone.startswith("+") or not phone[1:].isdigit():
+            return "phone number is not E.164"
+        code = "".join(secrets.choice(_PAIRING_ALPHABET) for _ in range(8))
+        self._pairing_codes[code] = conn
+        assert conn.login is not None
+        self.record(conn.login).pairing_codes.append(phone)
+        return PairingCode(id=0, code=code)
+
+    async def _pair(self, conn: _Conn, login: str) -> bool:
         token = secrets.token_urlsafe(24)
         self._tokens[login] = token
         self._save_state()
@@ -423,6 +456,7 @@ class Simulator:
         self._records.clear()
         self._accepted.clear()
         self._inbox.clear()
+        self._pairing_codes.clear()
         self._unavailable = Unavailable()
         self._faults = Faults()
         self._cancel_drops()
@@ -609,6 +643,11 @@ class Simulator:
             case Logout() if is_open:
                 self._revoke(login)
                 await self._close(conn, DisconnectCode.LOGGED_OUT)
+            case PairingCodeRequest(id=rid, phone=phone):
+                made = self._pairing_code(conn, phone)
+                answer = PairingCode(id=rid, reason=made) if isinstance(made, str) else \
+                    PairingCode(id=rid, code=made.code)
+                conn.outbox.put(encode(answer), self._answer_delay())
             case _:
                 await self._close(conn, DisconnectCode.BAD_FRAME, f"unexpected {frame.type} frame")
 
@@ -643,6 +682,8 @@ class Simulator:
                 del self._open[conn.login]
             if self._pairing.get(conn.login) is conn:
                 del self._pairing[conn.login]
+        for code in [c for c, owner in self._pairing_codes.items() if owner is conn]:
+            del self._pairing_codes[code]
 
     async def _close(self, conn: _Conn, code: int, reason: str | None = None) -> None:
         self._detach(conn)
@@ -739,6 +780,10 @@ class Simulator:
         async def scan(p: _Params) -> Any:
             return {"scanned": await self.scan(p.text("login"))}
 
+        async def enter_code(p: _Params) -> Any:
+            login = await self.enter_code(p.text("code"))
+            return {"paired": login is not None, "login": login}
+
         async def logout(p: _Params) -> Any:
             await self.logout(p.text("login"))
             return {"ok": True}
@@ -782,9 +827,9 @@ class Simulator:
             return {"ok": True}
 
         return {
-            "state": state, "scan": scan, "logout": logout, "ban": ban, "unban": unban,
-            "drop": drop, "unavailable": unavailable, "faults": faults, "inbound": inbound,
-            "record": record, "reset": reset,
+            "state": state, "scan": scan, "enter-code": enter_code, "logout": logout,
+            "ban": ban, "unban": unban, "drop": drop, "unavailable": unavailable,
+            "faults": faults, "inbound": inbound, "record": record, "reset": reset,
         }
 
 

@@ -154,6 +154,8 @@ export class BrokerClient {
   getSession(sessionId: string): Promise<Session>;
   listSessions(tenant?: string): Promise<Session[]>;
   getQr(sessionId: string): Promise<QrCode>;
+  /** The 8-character code to type into the phone while the session is pairing. */
+  requestPairingCode(sessionId: string, phoneNumber: string): Promise<string>;
   close(): void;
 }
 

@@ -185,6 +185,13 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
             context, lambda: broker_pb2.QrCode(session_id=request.session_id, qr="QR", index=1)
         )
 
+    async def RequestPairingCode(
+        self, request: broker_pb2.RequestPairingCodeRequest, context: Context
+    ) -> broker_pb2.PairingCode:
+        return await self._unary(
+            context, lambda: broker_pb2.PairingCode(session_id=request.session_id,
+                                                    code="ABCD1234"))
+
     async def ListSessions(
         self, request: broker_pb2.ListSessionsRequest, context: Context
     ) -> broker_pb2.ListSessionsResponse:

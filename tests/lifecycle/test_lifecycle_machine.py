@@ -13,6 +13,7 @@ from broker.lifecycle.actions import (
     Action,
     CancelTimer,
     ClearCredentials,
+    ClearKeys,
     CloseConnection,
     Emit,
     OpenConnection,
@@ -284,6 +285,7 @@ def test_logged_out_wipes_credentials_and_never_reconnects() -> None:
     assert m.handle(Closed(D.LOGGED_OUT)) == [
         *OPEN_TIMERS,
         ClearCredentials(),
+        ClearKeys(),
         emit(State.LOGGED_OUT, State.OPEN, "logged out", 401),
     ]
     for event in (TimerFired(Timer.RETRY), Closed(D.CONNECTION_CLOSED), Connected(), qr()):
@@ -299,6 +301,7 @@ def test_bad_session_fails_and_wipes_the_corrupt_credentials() -> None:
     m = drive_to(State.CONNECTING)
     assert m.handle(Closed(D.BAD_SESSION)) == [
         ClearCredentials(),
+        ClearKeys(),
         emit(State.FAILED, State.CONNECTING, "bad session", 500),
     ]
     assert m.handle(TimerFired(Timer.RETRY)) == []
@@ -514,7 +517,7 @@ def test_logout_from_every_state(state: State) -> None:
         assert m.state is State.OPEN
         return
     if state is State.LOGGED_OUT:
-        assert actions == [ClearCredentials()]
+        assert actions == [ClearCredentials(), ClearKeys()]
         return
     close: list[Action] = [CloseConnection(D.LOGGED_OUT, "logged out by operator")]
     before: dict[State, list[Action]] = {
@@ -528,6 +531,7 @@ def test_logout_from_every_state(state: State) -> None:
     assert actions == [
         *before[state],
         ClearCredentials(),
+        ClearKeys(),
         emit(State.LOGGED_OUT, state, "logged out", 401, attempt=m.attempt),
     ]
     assert m.armed_timers == frozenset()
@@ -539,6 +543,7 @@ def test_logout_while_open_completes_on_the_upstream_401() -> None:
     assert m.handle(Closed(D.LOGGED_OUT)) == [
         *OPEN_TIMERS,
         ClearCredentials(),
+        ClearKeys(),
         emit(State.LOGGED_OUT, State.OPEN, "logged out", 401),
     ]
 
@@ -546,8 +551,9 @@ def test_logout_while_open_completes_on_the_upstream_401() -> None:
 def test_logout_while_open_completes_even_if_the_close_has_another_code() -> None:
     m = drive_to(State.OPEN)
     m.handle(Logout())
-    assert m.handle(Closed(D.CONNECTION_CLOSED))[-2:] == [
+    assert m.handle(Closed(D.CONNECTION_CLOSED))[-3:] == [
         ClearCredentials(),
+        ClearKeys(),
         emit(State.LOGGED_OUT, State.OPEN, "logged out", 401),
     ]
 
@@ -559,6 +565,7 @@ def test_second_logout_while_waiting_forces_a_local_logout() -> None:
         CloseConnection(D.LOGGED_OUT, "logged out by operator"),
         *OPEN_TIMERS,
         ClearCredentials(),
+        ClearKeys(),
         emit(State.LOGGED_OUT, State.OPEN, "logged out", 401),
     ]
 

@@ -4,6 +4,7 @@ session; on SQLite and Redis no value is stored in clear."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,8 @@ async def test_raw_redis_holds_no_plaintext_value(shared_redis: RedisServer) -> 
     store = open_redis(shared_redis)
     try:
         await store.kv_set("kv1", {"creds": SECRET, "pre-key:7": b"pre-key-material-77"})
-        raw = await store.client.hgetall(store.keys.kv("kv1"))
+        raw = {bytes(k): bytes(v) for k, v in  # type: ignore[arg-type]
+               (await store.client.hgetall(store.keys.kv("kv1"))).items()}
         blob = b"".join(k + v for k, v in raw.items())
         assert b"secret-key-material" not in blob and b"c2VjcmV0LWtleS1tYXRlcmlh" not in blob
         assert b"pre-key-material-77" not in blob and b"noiseKey" not in blob
@@ -163,3 +165,19 @@ async def test_a_sent_message_is_readable_by_id_before_and_after_its_ack(store: 
     assert acked == unacked
     assert await store.sent_message("s1", "m-unknown") is None
     assert await store.sent_message("s2", mid) is None
+
+
+@pytest.mark.redis
+async def test_a_sent_message_expires_with_the_retention_on_redis(backend: Backend) -> None:
+    if backend.name != "redis":
+        pytest.skip("the Redis store's TTL; SQLite sweeps in batches, memory keeps by count")
+    store = await backend.fresh(idempotency_ttl_s=0.3)
+    accepted = await store.enqueue("s1", "+1", "short-lived", "k", max_depth=10, at=1.0)
+    mid = accepted.message.message_id
+    await store.mark_acked("s1", mid, 2.0)
+    assert await store.sent_message("s1", mid) is not None
+    for _ in range(200):  # bounded: 0.3 s TTL, up to 10 s
+        if await store.sent_message("s1", mid) is None:
+            break
+        await asyncio.sleep(0.05)
+    assert await store.sent_message("s1", mid) is None

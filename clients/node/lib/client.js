@@ -205,6 +205,13 @@ class BrokerClient {
     return this._unaryRetrying('GetQr', { sessionId });
   }
 
+  // The 8-character code to type into the phone while the session is pairing;
+  // not retried (each call asks for a new code).
+  async requestPairingCode(sessionId, phoneNumber) {
+    const reply = await this._unary('RequestPairingCode', { sessionId, phoneNumber });
+    return reply.code;
+  }
+
   close() {
     this._stub.close();
   }

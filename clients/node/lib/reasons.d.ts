@@ -58,6 +58,8 @@ export declare const ErrorReason: {
   readonly STORE_IN_USE: 'STORE_IN_USE';
   /** Not an RPC error: the SQLite database was written by a newer release (or the file system lacks write-ahead logging). */
   readonly STORE_SCHEMA: 'STORE_SCHEMA';
+  /** FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream gave no code (metadata names the session); try again or scan the QR. */
+  readonly PAIRING_CODE_REFUSED: 'PAIRING_CODE_REFUSED';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

@@ -330,6 +330,15 @@ class BrokerClient:
             self._stub.GetQr, broker_pb2.SessionRef(session_id=session_id)
         )
 
+    async def request_pairing_code(self, session_id: str, phone_number: str) -> str:
+        """The 8-character code to type into the phone while the session is pairing
+        (instead of scanning the QR). Not retried: each call asks for a new code."""
+        request = broker_pb2.RequestPairingCodeRequest(
+            session_id=session_id, phone_number=phone_number
+        )
+        response = await self._call(self._stub.RequestPairingCode, request)
+        return response.code
+
 
 class _ReconnectingStream(AsyncIterator[_Msg]):
     """A server stream read one tenacity-governed step at a time.

@@ -175,6 +175,9 @@ class SyncBrokerClient:
     def get_qr(self, session_id: str) -> broker_pb2.QrCode:
         return self._run(self._client.get_qr(session_id))
 
+    def request_pairing_code(self, session_id: str, phone_number: str) -> str:
+        return self._run(self._client.request_pairing_code(session_id, phone_number))
+
 
 class _SyncStream(Iterator[_Msg]):
     """Blocking iteration over one of the async client's streams, run on its loop;

@@ -585,6 +585,7 @@ class SessionHealth(_message.Message):
     HEALTHY_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     LAST_ACTIVITY_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     live_state: Global___SessionState.ValueType
     """The state the owning instance's live actor holds, next to the stored
     state in `session.state` (UNSPECIFIED when no instance has reported it
@@ -594,6 +595,10 @@ class SessionHealth(_message.Message):
     """True when nothing needs attention."""
     owner: _builtins.str
     """The broker instance that owns the session ("" when none does)."""
+    engine: _builtins.str
+    """What the session's connection runs on at the answering instance: "sim"
+    (the embedded simulator), "ws" (a protocol-v1 upstream) or "baileys".
+    """
     @_builtins.property
     def session(self) -> Global___Session: ...
     @_builtins.property
@@ -619,10 +624,11 @@ class SessionHealth(_message.Message):
         healthy: _builtins.bool = ...,
         owner: _builtins.str = ...,
         last_activity: _timestamp_pb2.Timestamp | None = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "last_activity", b"last_activity", "session", b"session"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "healthy", b"healthy", "last_activity", b"last_activity", "live_state", b"live_state", "owner", b"owner", "recent", b"recent", "recommendations", b"recommendations", "session", b"session"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "engine", b"engine", "healthy", b"healthy", "last_activity", b"last_activity", "live_state", b"live_state", "owner", b"owner", "recent", b"recent", "recommendations", b"recommendations", "session", b"session"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,6 +765,54 @@ class QrCode(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QrCode: _TypeAlias = QrCode  # noqa: Y015
+
+@_typing.final
+class RequestPairingCodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBER_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    phone_number: _builtins.str
+    """The login's phone number in E.164: '+', country code and number, 8-15
+    digits (e.g. "+4915123456789").
+    """
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        phone_number: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phone_number", b"phone_number", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RequestPairingCodeRequest: _TypeAlias = RequestPairingCodeRequest  # noqa: Y015
+
+@_typing.final
+class PairingCode(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    code: _builtins.str
+    """8 characters, to type into the phone while the session is pairing."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PairingCode: _TypeAlias = PairingCode  # noqa: Y015
 
 @_typing.final
 class ReceiveRequest(_message.Message):
@@ -998,6 +1052,10 @@ class ErrorReason(_message.Message):
         """Not an RPC error: the SQLite database was written by a newer release (or
         the file system lacks write-ahead logging).
         """
+        PAIRING_CODE_REFUSED: ErrorReason._Reason.ValueType  # 29
+        """FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream
+        gave no code (metadata names the session); try again or scan the QR.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1073,6 +1131,10 @@ class ErrorReason(_message.Message):
     STORE_SCHEMA: ErrorReason.Reason.ValueType  # 28
     """Not an RPC error: the SQLite database was written by a newer release (or
     the file system lacks write-ahead logging).
+    """
+    PAIRING_CODE_REFUSED: ErrorReason.Reason.ValueType  # 29
+    """FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream
+    gave no code (metadata names the session); try again or scan the QR.
     """
 
     def __init__(

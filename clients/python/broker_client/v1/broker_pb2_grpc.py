@@ -91,6 +91,11 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.SessionRef.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.QrCode.FromString,
                 _registered_method=True)
+        self.RequestPairingCode = channel.unary_unary(
+                '/broker.v1.Broker/RequestPairingCode',
+                request_serializer=broker_dot_v1_dot_broker__pb2.RequestPairingCodeRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.PairingCode.FromString,
+                _registered_method=True)
         self.Receive = channel.unary_stream(
                 '/broker.v1.Broker/Receive',
                 request_serializer=broker_dot_v1_dot_broker__pb2.ReceiveRequest.SerializeToString,
@@ -197,6 +202,17 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestPairingCode(self, request, context):
+        """Pair by phone number instead of scanning the QR: an 8-character code to
+        type into the phone (WhatsApp: Linked devices, Link with phone number).
+        INVALID_ARGUMENT for a number that is not E.164; FAILED_PRECONDITION,
+        reason NOT_PAIRING, when the session is not pairing (on this instance),
+        PAIRING_CODE_REFUSED when the upstream gave no code.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Receive(self, request, context):
         """Messages the upstream delivered to the given sessions, at least once.
         Every message is stored durably before the upstream is told it arrived,
@@ -279,6 +295,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetQr,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.SessionRef.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.QrCode.SerializeToString,
+            ),
+            'RequestPairingCode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestPairingCode,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.RequestPairingCodeRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.PairingCode.SerializeToString,
             ),
             'Receive': grpc.unary_stream_rpc_method_handler(
                     servicer.Receive,
@@ -589,6 +610,33 @@ class Broker:
             '/broker.v1.Broker/GetQr',
             broker_dot_v1_dot_broker__pb2.SessionRef.SerializeToString,
             broker_dot_v1_dot_broker__pb2.QrCode.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestPairingCode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/RequestPairingCode',
+            broker_dot_v1_dot_broker__pb2.RequestPairingCodeRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.PairingCode.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,13 @@ class BrokerStub:
     """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
     reason NOT_PAIRING, when the session is not pairing).
     """
+    RequestPairingCode: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RequestPairingCodeRequest, _broker_pb2.PairingCode]
+    """Pair by phone number instead of scanning the QR: an 8-character code to
+    type into the phone (WhatsApp: Linked devices, Link with phone number).
+    INVALID_ARGUMENT for a number that is not E.164; FAILED_PRECONDITION,
+    reason NOT_PAIRING, when the session is not pairing (on this instance),
+    PAIRING_CODE_REFUSED when the upstream gave no code.
+    """
     Receive: _grpc.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.InboundMessage]
     """Messages the upstream delivered to the given sessions, at least once.
     Every message is stored durably before the upstream is told it arrived,
@@ -156,6 +163,13 @@ class BrokerAsyncStub(BrokerStub):
     GetQr: _aio.UnaryUnaryMultiCallable[_broker_pb2.SessionRef, _broker_pb2.QrCode]  # type: ignore[assignment]
     """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
     reason NOT_PAIRING, when the session is not pairing).
+    """
+    RequestPairingCode: _aio.UnaryUnaryMultiCallable[_broker_pb2.RequestPairingCodeRequest, _broker_pb2.PairingCode]  # type: ignore[assignment]
+    """Pair by phone number instead of scanning the QR: an 8-character code to
+    type into the phone (WhatsApp: Linked devices, Link with phone number).
+    INVALID_ARGUMENT for a number that is not E.164; FAILED_PRECONDITION,
+    reason NOT_PAIRING, when the session is not pairing (on this instance),
+    PAIRING_CODE_REFUSED when the upstream gave no code.
     """
     Receive: _aio.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.InboundMessage]  # type: ignore[assignment]
     """Messages the upstream delivered to the given sessions, at least once.
@@ -283,6 +297,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.QrCode, _abc.Awaitable[_broker_pb2.QrCode]]:
         """The QR code currently waiting to be scanned (FAILED_PRECONDITION,
         reason NOT_PAIRING, when the session is not pairing).
+        """
+
+    @_abc_1.abstractmethod
+    def RequestPairingCode(
+        self,
+        request: _broker_pb2.RequestPairingCodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.PairingCode, _abc.Awaitable[_broker_pb2.PairingCode]]:
+        """Pair by phone number instead of scanning the QR: an 8-character code to
+        type into the phone (WhatsApp: Linked devices, Link with phone number).
+        INVALID_ARGUMENT for a number that is not E.164; FAILED_PRECONDITION,
+        reason NOT_PAIRING, when the session is not pairing (on this instance),
+        PAIRING_CODE_REFUSED when the upstream gave no code.
         """
 
     @_abc_1.abstractmethod
