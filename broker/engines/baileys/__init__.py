@@ -8,7 +8,7 @@ provider; `stop()` stops the bridge with the broker.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 from broker.engines.baileys.link import BridgeLink, BridgeProvider
 from broker.engines.baileys.supervisor import (
@@ -23,9 +23,9 @@ __all__ = ["BaileysEngine", "BridgeExited", "BridgeLink", "BridgeNotInstalled", 
            "BridgeState", "BridgeSupervisor", "check_installed", "create", "parse_wa_version"]
 
 
-class _Options(Protocol):
-    @property
-    def settings(self) -> Any: ...
+if TYPE_CHECKING:
+    from broker.engines import EngineOptions
+    from broker.simulator import Simulator
 
 
 def parse_wa_version(text: str | None) -> tuple[int, int, int] | None:
@@ -40,6 +40,7 @@ def parse_wa_version(text: str | None) -> tuple[int, int, int] | None:
 
 class BaileysEngine:
     name = "baileys"
+    simulator: Simulator | None = None
 
     def __init__(self, *, wa_version: str | None = None, ws_url: str | None = None,
                  connect_timeout_s: float = 10.0) -> None:
@@ -68,8 +69,7 @@ class BaileysEngine:
         return self.supervisor.state if self.supervisor is not None else None
 
 
-def create(options: _Options) -> BaileysEngine:
+def create(options: EngineOptions) -> BaileysEngine:
     s = options.settings
-    return BaileysEngine(wa_version=getattr(s, "wa_version", None),
-                         ws_url=getattr(s, "baileys_ws_url", None),
+    return BaileysEngine(wa_version=s.wa_version, ws_url=s.baileys_ws_url,
                          connect_timeout_s=s.connect_timeout_s)
