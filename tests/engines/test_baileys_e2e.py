@@ -137,3 +137,36 @@ async def test_bridge_killed_is_restarted_and_sessions_open_again(rig: Rig) -> N
     assert all(record["connects"][sid] == 1 for sid in sids)
     outcome = await rig.manager.send("k0", "15550009", "after restart", timeout=10.0)
     assert outcome.result is not None
+
+
+async def test_flapping_socket_each_message_reaches_send_message_once_in_order(rig: Rig) -> None:
+    """The original failure, on this engine: the socket drops every 0.1-0.5 s while
+    a worker sends 1,000 messages."""
+    await rig.pair("flap")
+    assert (await rig.fake.do("flap", session="flap", min_ms=100, max_ms=500,
+                              for_ms=600_000))["ok"]
+    accepted = []
+    for n in range(1000):
+        outcome = await rig.manager.send("flap", "15550009", f"m{n}", idempotency_key=f"k{n}",
+                                         wait=False)
+        accepted.append(outcome.message.message_id)
+
+    async def all_sent() -> bool:
+        sent = {s["id"] for s in (await rig.fake.record())["sent"] if s["session"] == "flap"}
+        return len(sent) == len(accepted)
+
+    deadline = asyncio.get_running_loop().time() + 100  # inside pytest-timeout's 120 s
+    while not await all_sent():
+        assert asyncio.get_running_loop().time() < deadline, "not every message reached WhatsApp"
+        await asyncio.sleep(0.2)
+    record = await rig.fake.do("stop_flap", session="flap")
+    assert record["ok"]
+    record = await rig.fake.record()
+    sent = [s for s in record["sent"] if s["session"] == "flap"]
+    assert [s["id"] for s in sent] == accepted, "each id once, in the order accepted"
+    assert [s["text"] for s in sent] == [f"m{n}" for n in range(1000)]
+    assert record["connects"]["flap"] > 3, "the socket did drop meanwhile"
+    for n in (0, 999):  # and the broker learned of the acks
+        outcome = await rig.manager.send("flap", "15550009", f"m{n}", idempotency_key=f"k{n}",
+                                         timeout=60.0)
+        assert outcome.result is not None

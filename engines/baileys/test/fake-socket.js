@@ -109,13 +109,16 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
     async sendMessage (jid, content, options) {
       if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
       const id = options.messageId
-      net.sent.push({ session: this.session, id, jid, text: content.text, socket: this.n })
-      // A session with this peer, as relayMessage would store one.
+      // A session with this peer, as relayMessage would store one before it
+      // writes the stanza; the socket may drop meanwhile, and then nothing went out.
       await this.authState.keys.set({ session: { [`${jid.split('@')[0]}.0`]: randomBytes(64) } })
+      if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
+      net.sent.push({ session: this.session, id, jid, text: content.text, socket: this.n })
       const error = net.failSend.get(this.session)
       net.failSend.delete(this.session)
       const attrs = { class: 'message', id, from: jid, t: String(Math.floor(Date.now() / 1000)) }
       if (error) attrs.error = String(error)
+      // The server acks what it received before anything else can happen here.
       queueMicrotask(() => { if (!this.closed) this.ws.emit('CB:ack,class:message', { tag: 'ack', attrs }) })
       if (!error) {
         setImmediate(() => this.emit('messages.update', [{ key: { remoteJid: jid, fromMe: true, id }, update: { status: 3, messageTimestamp: Math.floor(Date.now() / 1000) } }]))
