@@ -8,6 +8,7 @@ import asyncio
 import functools
 import os
 import signal
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -70,7 +71,10 @@ async def pair(inst: Instance, client: BrokerClient, sid: str) -> None:
 async def test_serve_pairs_by_code_sends_receives_and_reports_405(
     redis_server: RedisServer, start_instance: StartInstance
 ) -> None:
-    inst = start_instance("b0", redis_server.url)
+    metrics_port = free_port()
+    inst = start_instance("b0", redis_server.url, "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    scrape = await asyncio.to_thread(_get, f"http://127.0.0.1:{metrics_port}/metrics")
+    assert "broker_bridge_up 1.0" in scrape and "broker_bridge_starts_total 1.0" in scrape
     async with BrokerClient(inst.proc.address) as client:
         # Pairing by phone number.
         await client.create_session("c1")
@@ -183,6 +187,12 @@ async def test_owner_killed_another_instance_owns_with_the_same_keys_no_pairing(
     for pid in bridge_pids:
         await eventually_async(functools.partial(_gone, pid), 10, f"bridge {pid} to exit")
     await r.aclose()
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:  # loopback only
+        text: str = answer.read().decode()
+        return text
 
 
 async def _gone(pid: int) -> bool:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from prometheus_client.registry import Collector
+
 from broker.engines.baileys.link import BridgeLink, BridgeProvider
+from broker.engines.baileys.metrics import BridgeCollector
 from broker.engines.baileys.supervisor import (
     BridgeExited,
     BridgeNotInstalled,
@@ -67,6 +70,10 @@ class BaileysEngine:
     def status(self) -> BridgeState | None:
         """The bridge's state for Health and metrics (None before start)."""
         return self.supervisor.state if self.supervisor is not None else None
+
+    def collectors(self) -> list[Collector]:
+        """The bridge's metrics (`broker_bridge_up`, `broker_bridge_starts_total`)."""
+        return [BridgeCollector(self.status)]
 
 
 def create(options: EngineOptions) -> BaileysEngine:
