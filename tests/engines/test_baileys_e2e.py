@@ -18,7 +18,7 @@ from broker.engines.baileys import BaileysEngine
 from broker.lifecycle.states import State
 from broker.runtime.manager import SessionManager
 from tests.engines.baileys_support import FAKE_ENV, FakeWhatsApp, free_port, needs_bridge
-from tests.helpers import FAST_POLICY, eventually
+from tests.helpers import FAST_POLICY, eventually, eventually_async
 from tests.redis_server import RedisServer
 
 pytestmark = needs_bridge
@@ -129,6 +129,12 @@ async def test_bridge_killed_is_restarted_and_sessions_open_again(rig: Rig) -> N
     assert supervisor is not None
     first_pid = supervisor.state.pid
     supervisor.kill()
+
+    async def says_bridge_down() -> bool:
+        view = await rig.manager.get("k1")
+        return view.state == State.RECONNECTING and "bridge" in view.reason
+
+    await eventually_async(says_bridge_down, 20, "k1 RECONNECTING because of the bridge")
     await eventually(lambda: supervisor.state.up and supervisor.state.pid != first_pid, 30,
                      "the bridge to be restarted")
     for sid in sids:
