@@ -88,6 +88,8 @@ class BrokerApp:
         # Observers subscribe before any session starts, so they see its first events.
         if settings.metrics_listen:
             self.metrics = BrokerMetrics(self.manager)
+            for collector in engine.collectors():  # e.g. the Baileys bridge's state
+                self.metrics.registry.register(collector)
             self.metrics.start()
         if hooks:
             self.webhooks = WebhookNotifier(self.manager, hooks,

@@ -31,6 +31,11 @@ fi
 if command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
     (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
+# The Baileys bridge (engines/baileys): its node --test suite and the engine's
+# end-to-end tests skip when node is absent.
+if command -v npm >/dev/null 2>&1 && [ ! -d engines/baileys/node_modules ]; then
+    (cd engines/baileys && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .

@@ -20,6 +20,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
+from prometheus_client.registry import Collector
+
 from broker.config import Settings
 from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir
 from broker.simulator import Simulator, SimulatorConfig
@@ -67,6 +69,10 @@ class Engine(Protocol):
         """Stop what `start` started (after every session was handed over)."""
         ...
 
+    def collectors(self) -> list[Collector]:
+        """Prometheus collectors of what the engine runs (the bridge's state)."""
+        ...
+
 
 class WsEngine:
     """A protocol-v1 upstream that someone else runs."""
@@ -85,6 +91,9 @@ class WsEngine:
 
     async def stop(self) -> None:
         return None
+
+    def collectors(self) -> list[Collector]:
+        return []
 
 
 class SimEngine:
@@ -112,6 +121,9 @@ class SimEngine:
     async def stop(self) -> None:
         if self.simulator is not None:
             await self.simulator.stop()
+
+    def collectors(self) -> list[Collector]:
+        return []
 
 
 def engine_name(settings: Settings) -> str:

@@ -1,0 +1,289 @@
+// One broker link = one WhatsApp login on one Baileys socket.
+//
+// The broker opens a connection per session link; this object runs the
+// socket for it and translates both ways: Baileys events to bridge frames,
+// broker frames (send, ping, logout, pairing code, close) to socket calls.
+// Auth state is read from and written through to the broker (auth-state.js);
+// nothing is kept here once the link ends.
+
+import { WAMessageStatus, isJidGroup, jidNormalizedUser } from 'baileys'
+import { kvAuthState } from './auth-state.js'
+import { closeReason } from './reasons.js'
+
+const QR_FIRST_MS = 60_000 // Baileys' own QR lifetimes (first, then each next)
+const QR_NEXT_MS = 20_000
+const REPLY_TIMEOUT_MS = 30_000
+
+/** Text of a message, or null for anything that is not plain text. */
+function textOf (message) {
+  if (!message) return null
+  if (typeof message.conversation === 'string') return message.conversation
+  const ext = message.extendedTextMessage
+  if (ext && typeof ext.text === 'string') return ext.text
+  return null
+}
+
+/** The Send `to` as a JID: E.164 numbers become user JIDs, JIDs pass as they are. */
+export function toJid (to) {
+  if (to.includes('@')) return to
+  return `${to.replace(/^\+/, '')}@s.whatsapp.net`
+}
+
+export class BridgeSession {
+  /**
+   * @param {object} o
+   * @param {string} o.sessionId
+   * @param {(frame: object) => boolean} o.write  sends one frame to the broker
+   * @param {() => void} o.done  the link is over (close the connection)
+   * @param {(config: object) => object} o.makeSocket  makeWASocket, or a fake
+   * @param {object} o.options  {version, waWebSocketUrl}
+   * @param {object} o.logger
+   */
+  constructor ({ sessionId, write, done, makeSocket, options, logger }) {
+    this.sessionId = sessionId
+    this.write = write
+    this.done = done
+    this.makeSocket = makeSocket
+    this.options = options || {}
+    this.logger = logger
+    this.sock = null
+    this.state = 'connecting'
+    this.closed = false
+    this.rid = 0
+    this.pending = new Map() // rid -> {resolve, reject, timer}
+    this.sendChain = Promise.resolve()
+    this.handed = new Set() // ids given to sendMessage on this socket
+    this.unacked = new Set() // of those, not yet acked by the server
+    this.delivered = new Set()
+    this.qrIndex = 0
+  }
+
+  // -- requests to the broker (kv, sent-message record) --
+
+  request (t, body) {
+    if (this.closed) return Promise.reject(new Error('link closed'))
+    const rid = ++this.rid
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(rid)
+        reject(new Error(`broker did not answer ${t}`))
+      }, REPLY_TIMEOUT_MS)
+      this.pending.set(rid, { resolve, reject, timer })
+      this.write({ t, rid, ...body })
+    })
+  }
+
+  get kv () {
+    return {
+      get: keys => this.request('kv_get', { keys }).then(r => r.values || {}),
+      set: values => this.request('kv_set', { values }).then(() => undefined),
+      clear: () => this.request('kv_clear', {}).then(() => undefined)
+    }
+  }
+
+  async getMessage (key) {
+    try {
+      const reply = await this.request('get_message', { id: key.id, to: key.remoteJid })
+      return typeof reply.body === 'string' ? { conversation: reply.body } : undefined
+    } catch {
+      return undefined
+    }
+  }
+
+  // -- the socket --
+
+  async start () {
+    const auth = await kvAuthState(this.kv, this.logger)
+    if (this.closed) return
+    const config = {
+      auth: auth.state,
+      logger: this.logger,
+      markOnlineOnConnect: false,
+      syncFullHistory: false,
+      getMessage: key => this.getMessage(key)
+    }
+    if (this.options.version) config.version = this.options.version
+    if (this.options.waWebSocketUrl) config.waWebSocketUrl = this.options.waWebSocketUrl
+    const sock = this.makeSocket(config, { sessionId: this.sessionId })
+    this.sock = sock
+    sock.ev.on('creds.update', () => {
+      auth.saveCreds().catch(err => this.fail(`store refused the credentials: ${err.message}`))
+    })
+    sock.ev.on('connection.update', update => this.onConnection(update))
+    sock.ev.on('messages.upsert', upsert => this.onUpsert(upsert))
+    sock.ev.on('messages.update', updates => this.onUpdates(updates))
+    sock.ws.on('CB:ack,class:message', node => this.onServerAck(node))
+  }
+
+  onConnection (update) {
+    if (this.closed) return
+    const { connection, qr, isNewLogin, lastDisconnect } = update
+    if (qr) {
+      this.qrIndex += 1
+      this.write({ t: 'qr', code: qr, index: this.qrIndex, expires_in_ms: this.qrIndex === 1 ? QR_FIRST_MS : QR_NEXT_MS })
+    }
+    if (isNewLogin) {
+      const me = this.sock.authState?.creds?.me || this.sock.user || {}
+      this.write({ t: 'paired', me: me.id || '' })
+    }
+    if (connection === 'open') {
+      this.state = 'open'
+      const me = this.sock.user || {}
+      this.write({ t: 'open', me: me.id || '', lid: me.lid || '' })
+    }
+    if (connection === 'close') {
+      const { code, reason } = closeReason(lastDisconnect)
+      this.end({ t: 'close', code, reason })
+    }
+  }
+
+  onUpsert ({ messages, type }) {
+    if (this.closed || type !== 'notify') return
+    for (const msg of messages || []) {
+      const key = msg.key || {}
+      if (key.fromMe) continue
+      const body = textOf(msg.message)
+      if (body === null || !key.id || !key.remoteJid) continue
+      const chat = key.remoteJid
+      const raw = isJidGroup(chat) ? (key.participant || '') : chat
+      const alt = isJidGroup(chat) ? key.participantAlt : key.remoteJidAlt
+      const isLid = raw.endsWith('@lid')
+      const sender = isLid && alt ? alt : raw
+      const lid = isLid ? raw : (alt && alt.endsWith('@lid') ? alt : '')
+      this.write({
+        t: 'inbound',
+        id: key.id,
+        sender: sender ? jidNormalizedUser(sender) : '',
+        lid,
+        push_name: msg.pushName || '',
+        chat,
+        ts: Number(msg.messageTimestamp || 0),
+        body
+      })
+    }
+  }
+
+  onUpdates (updates) {
+    if (this.closed) return
+    for (const { key, update } of updates || []) {
+      if (!key || !key.fromMe || !update || update.status == null) continue
+      const status = update.status
+      if (status === WAMessageStatus.ERROR) {
+        const code = Number((update.messageStubParameters || [])[0])
+        this.failed(key.id, code, 'WhatsApp refused the message')
+      } else if (status >= WAMessageStatus.SERVER_ACK) {
+        this.acked(key.id) // a later status implies the server had it
+        if (status >= WAMessageStatus.DELIVERY_ACK && !this.delivered.has(key.id)) {
+          this.delivered.add(key.id)
+          this.write({ t: 'delivered', id: key.id })
+        }
+      }
+    }
+  }
+
+  /** WhatsApp's server ack of a sent message: `<ack class="message" id=.. [error=..]>`. */
+  onServerAck (node) {
+    const attrs = (node && node.attrs) || {}
+    if (!attrs.id) return
+    if (attrs.error) this.failed(attrs.id, Number(attrs.error), 'WhatsApp refused the message')
+    else this.acked(attrs.id)
+  }
+
+  acked (id) {
+    if (!this.unacked.delete(id)) return
+    this.write({ t: 'ack', id })
+  }
+
+  failed (id, code, reason) {
+    if (!this.unacked.delete(id)) return
+    this.write({ t: 'failed', id, code: Number.isInteger(code) ? code : 0, reason })
+  }
+
+  // -- frames from the broker --
+
+  onFrame (frame) {
+    switch (frame.t) {
+      case 'reply': {
+        const waiter = this.pending.get(frame.rid)
+        if (!waiter) return
+        this.pending.delete(frame.rid)
+        clearTimeout(waiter.timer)
+        if (frame.error) waiter.reject(new Error(frame.error))
+        else waiter.resolve(frame)
+        return
+      }
+      case 'send':
+        this.sendChain = this.sendChain.then(() => this.sendOne(frame))
+        return
+      case 'ping':
+        // Only an open WhatsApp socket answers: the broker's keep-alive
+        // measures the WhatsApp link, not this bridge.
+        if (this.state === 'open') this.write({ t: 'pong', id: frame.id })
+        return
+      case 'logout':
+        this.run('logout', () => this.sock.logout())
+        return
+      case 'pair_code':
+        this.pairCode(frame)
+        return
+      case 'close':
+        this.end(null)
+        return
+      default:
+        this.logger.warn(`unknown frame ${String(frame.t).slice(0, 40)}`)
+    }
+  }
+
+  async sendOne ({ id, to, body }) {
+    // A message handed to this socket once waits for its ack there; one sent
+    // while the socket is not open waits for the broker's resend on the next.
+    if (this.closed || this.state !== 'open' || this.handed.has(id)) return
+    this.handed.add(id)
+    this.unacked.add(id)
+    try {
+      await this.sock.sendMessage(toJid(to), { text: body }, { messageId: id })
+    } catch (err) {
+      if (this.closed || this.state !== 'open') return // the close says why; resent later
+      const code = err && err.output && err.output.statusCode
+      this.failed(id, Number.isInteger(code) ? code : 0, (err && err.message) || 'send failed')
+    }
+  }
+
+  async pairCode ({ rid, phone }) {
+    try {
+      const code = await this.sock.requestPairingCode(String(phone).replace(/[^0-9]/g, ''))
+      this.write({ t: 'reply', rid, code })
+    } catch (err) {
+      this.write({ t: 'reply', rid, error: (err && err.message) || 'pairing code failed' })
+    }
+  }
+
+  run (what, fn) {
+    Promise.resolve().then(fn).catch(err => this.logger.warn(`${what} failed: ${err && err.message}`))
+  }
+
+  /** The store refused a write (fenced, or down): this bridge must not go on as owner. */
+  fail (reason) {
+    this.end({ t: 'close', code: 428, reason })
+  }
+
+  /** Ends the link once: the last frame (if any), the socket, the connection. */
+  end (last) {
+    if (this.closed) return
+    if (last) this.write(last)
+    this.closed = true
+    this.state = 'closed'
+    for (const [, waiter] of this.pending) {
+      clearTimeout(waiter.timer)
+      waiter.reject(new Error('link closed'))
+    }
+    this.pending.clear()
+    const sock = this.sock
+    if (sock) {
+      try {
+        sock.end(undefined)
+      } catch {}
+    }
+    this.done()
+  }
+}

@@ -1,0 +1,252 @@
+// A scripted stand-in for WhatsApp behind makeWASocket, for tests only.
+//
+// It has the surface the bridge uses (ev, ws, user, authState, sendMessage,
+// requestPairingCode, logout, end) and emits Baileys' real event shapes:
+// connection.update with qr / isNewLogin / open / close + a Boom error whose
+// output.statusCode is the reason, creds.update, messages.upsert,
+// messages.update, and the server's <ack class="message"> stanza on `ws`.
+// Whether a login is paired comes only from the creds it is given (creds.me),
+// as with WhatsApp, so a login moved to another bridge opens without pairing.
+// A control API (HTTP on loopback) scripts it from pytest; `record` tells
+// what it saw.
+
+import { EventEmitter } from 'node:events'
+import { createHash, randomBytes } from 'node:crypto'
+import { createServer } from 'node:http'
+import { Boom } from '@hapi/boom'
+
+const fingerprint = creds => createHash('sha256').update(Buffer.from(creds.noiseKey.public)).digest('hex').slice(0, 16)
+
+export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
+  const net = {
+    sockets: new Map(), // session -> current FakeSocket
+    connects: new Map(), // session -> count
+    sent: [], // {session, id, jid, text, socket}
+    pairingCodes: new Map(), // session -> {code, phone}
+    failConnect: new Map(), // session -> {code, message, times}
+    failSend: new Map(), // session -> code of the next send's error ack
+    fingerprints: new Map(), // session -> noise key fingerprint per connect
+    flaps: new Map(), // session -> timer
+    qrIntervalMs,
+    socketSeq: 0
+  }
+
+  class FakeSocket {
+    constructor (config, meta) {
+      this.config = config
+      this.session = (meta && meta.sessionId) || 'default'
+      this.authState = config.auth
+      this.ev = new EventEmitter()
+      this.ws = new EventEmitter()
+      this.closed = false
+      this.open = false
+      this.n = ++net.socketSeq
+      this.qrTimer = null
+      this.qrCount = 0
+      this.user = undefined
+      net.sockets.set(this.session, this)
+      net.connects.set(this.session, (net.connects.get(this.session) || 0) + 1)
+      const prints = net.fingerprints.get(this.session) || []
+      prints.push(fingerprint(config.auth.creds))
+      net.fingerprints.set(this.session, prints)
+      setImmediate(() => this.handshake())
+    }
+
+    emit (event, data) {
+      if (!this.closed || event === 'connection.update') this.ev.emit(event, data)
+    }
+
+    handshake () {
+      if (this.closed) return
+      this.emit('connection.update', { connection: 'connecting', receivedPendingNotifications: false, qr: undefined })
+      const fail = net.failConnect.get(this.session)
+      if (fail && fail.times !== 0) {
+        fail.times -= 1
+        this.end(new Boom(fail.message || 'Connection Failure', { statusCode: fail.code }))
+        return
+      }
+      const creds = this.authState.creds
+      if (creds.me && creds.me.id && creds.registered) {
+        this.goOpen()
+        return
+      }
+      this.nextQr()
+    }
+
+    nextQr () {
+      if (this.closed || this.open) return
+      this.qrCount += 1
+      this.emit('connection.update', { qr: `2@fake-ref-${this.session}-${this.n}-${this.qrCount},noise,identity,adv` })
+      this.qrTimer = setTimeout(() => this.nextQr(), net.qrIntervalMs)
+    }
+
+    async pair (phone) {
+      clearTimeout(this.qrTimer)
+      const creds = this.authState.creds
+      // As on a real pairing: pre-keys are uploaded (written to the key store),
+      // then the creds learn who they are, then the server asks for a restart.
+      const preKeys = {}
+      for (let id = 1; id <= 3; id++) preKeys[id] = { public: randomBytes(32), private: randomBytes(32) }
+      await this.authState.keys.set({ 'pre-key': preKeys })
+      const update = { me: { id: `${phone}:7@s.whatsapp.net`, name: '~' }, registered: true, platform: 'fake', nextPreKeyId: 4, firstUnuploadedPreKeyId: 4 }
+      Object.assign(creds, update)
+      this.emit('creds.update', update)
+      this.emit('connection.update', { isNewLogin: true, qr: undefined })
+      setImmediate(() => this.end(new Boom('Stream Errored (restart required)', { statusCode: 515 })))
+    }
+
+    goOpen () {
+      const creds = this.authState.creds
+      const lid = `${creds.me.id.split(':')[0].split('@')[0]}9@lid`
+      this.user = { ...creds.me, lid }
+      this.open = true
+      const update = { me: { ...creds.me, lid } }
+      Object.assign(creds, update)
+      this.emit('creds.update', update)
+      this.emit('connection.update', { connection: 'open' })
+    }
+
+    async sendMessage (jid, content, options) {
+      if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
+      const id = options.messageId
+      // A session with this peer, as relayMessage would store one before it
+      // writes the stanza; the socket may drop meanwhile, and then nothing went out.
+      await this.authState.keys.set({ session: { [`${jid.split('@')[0]}.0`]: randomBytes(64) } })
+      if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
+      net.sent.push({ session: this.session, id, jid, text: content.text, socket: this.n })
+      const error = net.failSend.get(this.session)
+      net.failSend.delete(this.session)
+      const attrs = { class: 'message', id, from: jid, t: String(Math.floor(Date.now() / 1000)) }
+      if (error) attrs.error = String(error)
+      // The server acks what it received before anything else can happen here.
+      queueMicrotask(() => { if (!this.closed) this.ws.emit('CB:ack,class:message', { tag: 'ack', attrs }) })
+      if (!error) {
+        setImmediate(() => this.emit('messages.update', [{ key: { remoteJid: jid, fromMe: true, id }, update: { status: 3, messageTimestamp: Math.floor(Date.now() / 1000) } }]))
+      }
+      return { key: { remoteJid: jid, fromMe: true, id }, message: { conversation: content.text }, status: 1 }
+    }
+
+    async requestPairingCode (phone) {
+      const code = randomBytes(4).toString('hex').toUpperCase()
+      net.pairingCodes.set(this.session, { code, phone })
+      const update = { pairingCode: code, me: { id: `${phone}@s.whatsapp.net`, name: '~' } }
+      Object.assign(this.authState.creds, update)
+      this.emit('creds.update', update)
+      return code
+    }
+
+    inbound ({ id, from, lid, text, push_name: pushName, chat }) {
+      const group = chat && chat.endsWith('@g.us')
+      const key = group
+        ? { remoteJid: chat, fromMe: false, id, participant: lid || from, participantAlt: lid ? from : undefined }
+        : { remoteJid: lid || from, fromMe: false, id, remoteJidAlt: lid ? from : undefined }
+      this.emit('messages.upsert', {
+        type: 'notify',
+        messages: [{ key, message: { conversation: text }, pushName: pushName || '', messageTimestamp: Math.floor(Date.now() / 1000) }]
+      })
+    }
+
+    async logout () {
+      this.end(new Boom('Intentional Logout', { statusCode: 401 }))
+    }
+
+    end (error) {
+      if (this.closed) return
+      this.closed = true
+      this.open = false
+      clearTimeout(this.qrTimer)
+      this.emit('connection.update', { connection: 'close', lastDisconnect: { error, date: new Date() } })
+      this.ev.removeAllListeners()
+      this.ws.removeAllListeners()
+    }
+  }
+
+  net.makeSocket = (config, meta) => new FakeSocket(config, meta)
+
+  /** One control action; returns a JSON-able answer. */
+  net.control = async (body) => {
+    const sock = net.sockets.get(body.session)
+    const live = sock && !sock.closed ? sock : null
+    switch (body.action) {
+      case 'scan':
+        if (!live) return { ok: false, error: 'no live socket' }
+        await live.pair(body.phone || '15550001')
+        return { ok: true }
+      case 'enter_code': {
+        const want = net.pairingCodes.get(body.session)
+        if (!live || !want || want.code !== body.code) return { ok: false, error: 'wrong code' }
+        await live.pair(want.phone)
+        return { ok: true }
+      }
+      case 'close':
+        if (!live) return { ok: false, error: 'no live socket' }
+        live.end(new Boom(body.message || 'closed', { statusCode: body.code }))
+        return { ok: true }
+      case 'fail_connect':
+        net.failConnect.set(body.session, { code: body.code, message: body.message, times: body.times ?? -1 })
+        return { ok: true }
+      case 'clear_fail_connect':
+        net.failConnect.delete(body.session)
+        return { ok: true }
+      case 'fail_send':
+        net.failSend.set(body.session, body.code)
+        return { ok: true }
+      case 'inbound':
+        if (!live || !live.open) return { ok: false, error: 'not open' }
+        live.inbound(body)
+        return { ok: true }
+      case 'flap': {
+        clearTimeout(net.flaps.get(body.session))
+        const min = body.min_ms ?? 100
+        const max = body.max_ms ?? 500
+        const until = Date.now() + (body.for_ms ?? 60_000)
+        const tick = () => {
+          if (Date.now() > until) return
+          const s = net.sockets.get(body.session)
+          if (s && s.open) s.end(new Boom('Connection Lost', { statusCode: 408 }))
+          net.flaps.set(body.session, setTimeout(tick, min + Math.random() * (max - min)))
+        }
+        net.flaps.set(body.session, setTimeout(tick, min + Math.random() * (max - min)))
+        return { ok: true }
+      }
+      case 'stop_flap':
+        clearTimeout(net.flaps.get(body.session))
+        net.flaps.delete(body.session)
+        return { ok: true }
+      case 'record':
+        return {
+          ok: true,
+          sent: net.sent,
+          connects: Object.fromEntries(net.connects),
+          fingerprints: Object.fromEntries(net.fingerprints),
+          open: [...net.sockets.values()].filter(s => s.open && !s.closed).map(s => s.session),
+          pairing_codes: Object.fromEntries([...net.pairingCodes].map(([k, v]) => [k, v.code]))
+        }
+      default:
+        return { ok: false, error: `unknown action ${body.action}` }
+    }
+  }
+
+  /** Serves `control` as POST / (JSON in, JSON out) on host:port. */
+  net.serveControl = (address) => new Promise((resolve, reject) => {
+    const [host, port] = address.split(':')
+    const server = createServer((req, res) => {
+      let data = ''
+      req.on('data', c => { data += c })
+      req.on('end', async () => {
+        let answer
+        try {
+          answer = await net.control(JSON.parse(data || '{}'))
+        } catch (err) {
+          answer = { ok: false, error: err.message }
+        }
+        res.setHeader('content-type', 'application/json')
+        res.end(JSON.stringify(answer))
+      })
+    })
+    server.on('error', reject)
+    server.listen(Number(port), host, () => resolve(server))
+  })
+
+  return net
+}
