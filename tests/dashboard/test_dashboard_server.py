@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -334,3 +336,30 @@ def test_embedded_dashboard_settings() -> None:
         check_embedded(Settings(dashboard_listen="127.0.0.1:0", tls_cert_file="cert.pem"))
     with pytest.raises(ValueError, match="without authentication"):
         check_embedded(Settings(dashboard_listen="0.0.0.0:8080"))
+
+
+async def test_random_ids_and_bodies_never_crash_it(dashboard_app: BrokerApp,
+                                                    http: aiohttp.ClientSession) -> None:
+    """Seeded random junk (unicode, control characters, slashes, huge, wrong types) in
+    paths and bodies: every answer is JSON and below 500."""
+    rng = random.Random(15)
+    alphabet = "aZ09._:-/ %?#\\\"'<>\u00e9\u0000\u202e\U0001f600\n\t"
+
+    def junk() -> str:
+        return "".join(rng.choice(alphabet) for _ in range(rng.choice((1, 3, 20, 140))))
+
+    values: list[Any] = [None, 0, -1, 2**70, 1.5, True, [], {}, ["x"], {"a": 1}]
+    for _ in range(60):
+        sid = quote(junk(), safe="")
+        method, path = rng.choice([
+            ("POST", f"api/sessions/{sid}/stop"), ("POST", f"api/sessions/{sid}/logout"),
+            ("POST", f"api/sessions/{sid}/restart"), ("DELETE", f"api/sessions/{sid}"),
+            ("GET", f"api/sessions/{sid}/health"), ("GET", f"qr/{sid}.svg"),
+            ("POST", "api/sessions"),
+        ])
+        body = {"session_id": rng.choice([junk(), *values]),
+                "tenant": rng.choice([junk(), "", *values])}
+        status, answer = await call(http, method, _url(dashboard_app, path), body=body)
+        assert status < 500, (method, path, body, status, answer)
+        if status >= 400:
+            assert isinstance(answer, dict) and answer["error"]["message"], answer
