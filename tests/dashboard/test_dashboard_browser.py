@@ -204,6 +204,7 @@ async def test_admin_creates_pairs_inspects_and_logs_out_a_session(
                 "outbox depth samples")
     states = await js(browser, "return window.plots.state.data[1]")
     assert 3 in states  # OPEN (index in the page's STATES) is on the state line
+    await js(browser, "document.getElementById('plot-state').scrollIntoView()")
     await asyncio.to_thread(browser.save_screenshot, str(tmp_path / "session.png"))
 
     # Back to the table; log out from the page, confirming in the dialog.

@@ -198,13 +198,16 @@ function render(sid, entry, before) {
   const pair = row.querySelector('button[data-action="pair"]');
   if (pair) pair.title = ev.state === "PAIRING" ? "scan the QR" : "start a new pairing";
   const qr = cell(row, "qr");
+  const detailQr = $("detail-qr");
   if (ev.state === "PAIRING" && ev.has_qr) {
     // A new QR (a new event) is fetched again; the image carries the token's header.
     if (!before || before.event_id !== ev.event_id || !qr.querySelector("img.qr")) {
       loadQr(sid, qr);
+      if (detailId === sid) loadQr(sid, detailQr);
     }
   } else {
     dropQr(sid, qr);
+    if (detailId === sid) detailQr.replaceChildren();
   }
   tick();
 }
@@ -225,10 +228,15 @@ async function loadQr(sid, td) {
     img.alt = "pairing QR for " + sid;
     td.replaceChildren(img);
   }
+  // The row and the session page show the same image: one URL per session.
   const url = URL.createObjectURL(blob);
-  if (qrUrls.has(sid)) URL.revokeObjectURL(qrUrls.get(sid));
+  const old = qrUrls.get(sid);
   qrUrls.set(sid, url);
   img.src = url;
+  for (const other of document.querySelectorAll("img.qr")) {
+    if (other.src === old) other.src = url;
+  }
+  if (old) URL.revokeObjectURL(old);
 }
 
 function dropQr(sid, td) {
@@ -382,7 +390,9 @@ function route() {
     $("detail-title").textContent = detailId;
     for (const p of Object.values(window.plots)) p.destroy();
     window.plots = {};
-    for (const id of ["recs", "counters"]) $(id).replaceChildren();
+    for (const id of ["recs", "counters", "detail-qr"]) $(id).replaceChildren();
+    const entry = sessions.get(detailId);
+    if (entry && entry.ev.state === "PAIRING" && entry.ev.has_qr) loadQr(detailId, $("detail-qr"));
     $("transitions").tBodies[0].replaceChildren();
     pollHealth();
     pollTimer = setInterval(pollHealth, HEALTH_POLL_MS);
@@ -458,12 +468,17 @@ function renderHealth(health) {
   }));
 }
 
-// The state line: one step per transition of the last hour, then "now".
+// The state line: the state an hour ago (when the transitions reach back that
+// far), one step per transition since, then the state now.
 function stateSeries(health) {
   const now = health.now_ms / 1000;
+  const start = now - HOUR_S;
+  const known = health.recent.filter((tr) => tr.at_ms);
+  const before = known.filter((tr) => tr.at_ms / 1000 < start).pop();
   const xs = [], ys = [];
-  for (const tr of health.recent) {
-    if (!tr.at_ms || tr.at_ms / 1000 < now - HOUR_S) continue;
+  if (before) { xs.push(start); ys.push(STATES.indexOf(before.to)); }
+  for (const tr of known) {
+    if (tr.at_ms / 1000 < start) continue;
     xs.push(tr.at_ms / 1000);
     ys.push(STATES.indexOf(tr.to));
   }
@@ -486,19 +501,26 @@ function perMinute(series) {
   return [minutes, minutes.map((m) => buckets.get(m).sent), minutes.map((m) => buckets.get(m).acked)];
 }
 
+let plotNow = 0;   // the broker's clock at the latest sample, seconds
+
 function plot(name, opts, data) {
   const existing = window.plots[name];
   if (existing) { existing.setData(data); return; }
   const el = $("plot-" + name);
   el.replaceChildren();
-  window.plots[name] = new uPlot({ width: 320, height: 160, ...opts }, data, el);
+  // Every plot spans the last hour, whatever part of it has data.
+  const x = { time: true, range: () => [plotNow - HOUR_S, plotNow] };
+  window.plots[name] = new uPlot(
+    { width: 320, height: 160, ...opts, scales: { x, ...(opts.scales || {}) } }, data, el);
 }
 
 function renderPlots(health, series) {
+  plotNow = health.now_ms / 1000;
   plot("state", {
     scales: { y: { range: [0, STATES.length - 1] } },
-    axes: [{}, { values: (u, ticks) => ticks.map((v) => STATES[v] || ""), size: 90,
-                 splits: () => STATES.map((_, i) => i) }],
+    legend: { show: false },
+    axes: [{}, { values: (u, ticks) => ticks.map((v) => STATES[v] || ""), size: 110,
+                 font: "11px system-ui", splits: () => STATES.map((_, i) => i) }],
     series: [{}, { label: "state", stroke: "#1c64c8", paths: uPlot.paths.stepped({ align: 1 }) }],
   }, stateSeries(health));
   const bars = uPlot.paths.bars({ size: [0.4, 40] });
@@ -507,6 +529,8 @@ function renderPlots(health, series) {
              { label: "acked", stroke: "#1f8a4c", fill: "#1f8a4c55", paths: bars }],
   }, perMinute(series));
   plot("outbox", {
+    legend: { show: false },
+    scales: { y: { range: (u, min, max) => [0, Math.max(5, max)] } },
     series: [{}, { label: "outbox", stroke: "#d17f12" }],
   }, [series.map((s) => s.t), series.map((s) => s.outbox)]);
 }
