@@ -86,16 +86,20 @@ def _static_dir() -> Path:
 
 
 @web.middleware
-async def _headers(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _finish(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Security headers on every answer; /api errors as JSON, whatever raised them."""
     try:
         response = await handler(request)
     except web.HTTPException as exc:
-        if not request.path.startswith("/api/") or exc.content_type == "application/json":
-            raise
-        response = web.json_response(
-            error_json(exc.status, exc.reason.upper().replace(" ", "_"), exc.reason),
-            status=exc.status)
+        if exc.content_type == "application/json":
+            response = web.Response(status=exc.status, text=exc.text,
+                                    content_type="application/json")
+        elif request.path.startswith("/api/"):
+            response = web.json_response(
+                error_json(exc.status, exc.reason.upper().replace(" ", "_"), exc.reason),
+                status=exc.status)
+        else:
+            response = web.Response(status=exc.status, text=f"{exc.status} {exc.reason}\n")
     if not response.prepared:
         response.headers.update(_SECURITY_HEADERS)
         response.headers.setdefault("Cache-Control", "no-store")
@@ -140,7 +144,7 @@ class DashboardServer:
         async def index(request: web.Request) -> web.Response:
             return web.Response(body=page, content_type="text/html", charset="utf-8")
 
-        app = web.Application(middlewares=[_headers], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[_finish], client_max_size=MAX_BODY)
         app.add_routes([web.get("/", index), web.get("/index.html", index)])
         app.add_routes(DashboardApi(clients, self.target).routes())
         app.add_routes([web.get(WS_PATH, StatusBridge(clients, self.target).handle)])

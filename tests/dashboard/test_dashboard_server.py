@@ -130,7 +130,8 @@ async def test_page_assets_and_qr_image(dashboard_app: BrokerApp,
         assert (response.status, response.content_type) == (200, "image/svg+xml")
         svg = await response.read()
     assert b"<svg" in svg and b"<path" in svg
-    assert (await call(http, "GET", _url(dashboard_app, "nothing-here")))[0] == 404
+    async with http.get(_url(dashboard_app, "nothing-here")) as response:
+        assert response.status == 404 and response.headers["X-Frame-Options"] == "DENY"
     assert (await call(http, "GET", _url(dashboard_app, "static/../server.py")))[0] in (403, 404)
 
 
@@ -363,3 +364,24 @@ async def test_random_ids_and_bodies_never_crash_it(dashboard_app: BrokerApp,
         assert status < 500, (method, path, body, status, answer)
         if status >= 400:
             assert isinstance(answer, dict) and answer["error"]["message"], answer
+
+
+async def test_standalone_dashboard_uses_its_token_until_a_tab_signs_in(
+    make_broker: BrokerFactory, tokens: Tokens, http: aiohttp.ClientSession
+) -> None:
+    """`broker dashboard --token <viewer>`: tabs that have not signed in see as that
+    viewer; a tab that signs in as admin acts as the admin, on the same channel."""
+    app = await make_broker(auth_tokens_file=str(tokens.path))
+    client = BrokerClient(app.address, token=tokens["viewer"])
+    async with DashboardServer(app.address, "127.0.0.1:0", client=client) as server:
+        status, me = await call(http, "GET", server.url + "api/me")
+        assert status == 200 and (me["can_view"], me["can_manage"]) == (True, False)
+        status, _ = await call(http, "POST", server.url + "api/sessions",
+                               body={"session_id": "s1"})
+        assert status == 403
+        status, me = await call(http, "GET", server.url + "api/me", token=tokens["admin"])
+        assert status == 200 and me["can_manage"]
+        status, _ = await call(http, "POST", server.url + "api/sessions",
+                               token=tokens["admin"], body={"session_id": "s1"})
+        assert status == 201
+    await client.close()
