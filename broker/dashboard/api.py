@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from broker.dashboard.identity import BadToken, Clients, bearer, probe
+from broker.dashboard.identity import BadToken, Clients, bearer, probe, same_origin
 from broker.dashboard.views import (
     broker_error,
     error_json,
@@ -68,6 +68,10 @@ class DashboardApi:
         """Resolve the caller, run the handler, turn refusals into JSON 4xx."""
 
         async def guarded(request: web.Request) -> web.StreamResponse:
+            if request.method not in ("GET", "HEAD") and not same_origin(request):
+                # Another site's page posting through a visitor's browser (CSRF): with
+                # auth off nothing else would stop it.
+                return json_error(403, "PERMISSION_DENIED", "cross-origin request refused")
             try:
                 client = self.clients.acting_as(bearer(request.headers.get("Authorization")))
             except BadToken as exc:

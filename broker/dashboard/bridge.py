@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from urllib.parse import urlsplit
 
 import grpc
 from aiohttp import WSMsgType, web
 
-from broker.dashboard.identity import BadToken, Clients, check_token
+from broker.dashboard.identity import BadToken, Clients, check_token, same_origin
 from broker.dashboard.views import event_to_json
 from broker_client import BrokerError, StatusWatch
 
@@ -34,12 +33,6 @@ MAX_MESSAGE = 4096
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_STREAM_FAILED = 1011
-
-
-def same_origin(request: web.Request) -> bool:
-    """No Origin (not a browser) or the Origin names this very host."""
-    origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.headers.get("Host")
 
 
 class _Gone(Exception):

@@ -7,15 +7,19 @@ gRPC call made for that request carries it, so the broker's own authorization
 decides every call. A request without a token calls with the dashboard's own
 identity: none for the embedded dashboard (fine with auth off; refused with
 auth on, so the page asks to sign in), the ``--token`` of ``broker dashboard``
-for the standalone one.
+for the standalone one. Requests that change something must come from the
+dashboard's own origin (or from no browser at all), so another site cannot
+act through a visitor's browser.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import grpc
+from aiohttp import web
 
 from broker_client import BrokerClient, BrokerError
 
@@ -46,6 +50,12 @@ def check_token(token: object) -> str | None:
     if not isinstance(token, str) or not _TOKEN.fullmatch(token):
         raise BadToken("the token must be a string of printable characters")
     return token
+
+
+def same_origin(request: web.BaseRequest) -> bool:
+    """No Origin (not a browser) or the Origin names this very host."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.headers.get("Host")
 
 
 class Clients:

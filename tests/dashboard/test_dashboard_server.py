@@ -172,6 +172,21 @@ async def test_cross_origin_websocket_is_refused(dashboard_app: BrokerApp) -> No
     assert caught.value.response.status_code == 403
 
 
+async def test_cross_origin_actions_are_refused(dashboard_app: BrokerApp,
+                                                http: aiohttp.ClientSession) -> None:
+    """Another site's form posting through a visitor's browser (CSRF) acts on nothing."""
+    status, body = await call(http, "POST", _url(dashboard_app, "api/sessions"),
+                              body={"session_id": "csrf"},
+                              headers={"Origin": "http://evil.example"})
+    assert status == 403 and "cross-origin" in body["error"]["message"]
+    assert dashboard_app.manager is not None
+    assert await dashboard_app.manager.store.get_session("csrf") is None
+    host = _url(dashboard_app).removeprefix("http://").rstrip("/")
+    status, _ = await call(http, "POST", _url(dashboard_app, "api/sessions"),
+                           body={"session_id": "same"}, headers={"Origin": f"http://{host}"})
+    assert status == 201
+
+
 async def test_actions_without_auth(sim: Simulator, dashboard_app: BrokerApp,
                                     http: aiohttp.ClientSession) -> None:
     status, me = await call(http, "GET", _url(dashboard_app, "api/me"))
