@@ -92,8 +92,9 @@ class Settings:
                      "worker groups, acked or not (0: for ever).",
         minimum=0)
     dashboard_listen: str | None = setting(
-        None, "Serve the web dashboard on host:port, e.g. 127.0.0.1:8080 (default: off; no "
-              "authentication, keep it on loopback).", zero_is_none=True)
+        None, "Serve the web dashboard on host:port, e.g. 127.0.0.1:8080 (default: off; with "
+              "--auth-tokens people sign in with a token, without it loopback only).",
+        zero_is_none=True)
     auth_tokens_file: str | None = setting(
         None, "Token file from `broker token create` (unset: no auth, loopback only).")
     tls_cert_file: str | None = setting(

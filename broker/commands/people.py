@@ -297,9 +297,14 @@ def list_(target: Connection, tenant: str, as_json: bool) -> None:
 @click.command()
 @target_option
 @click.option("--listen", envvar="BROKER_DASHBOARD_LISTEN", default="127.0.0.1:8080",
-              show_default=True, help="Web dashboard address (no authentication: keep it local).")
+              show_default=True, help="Web dashboard address (keep it local unless the broker "
+              "has authentication on: then each person signs in with a token).")
 def dashboard(target: Connection, listen: str) -> None:
-    """Serve the live web dashboard (sessions, states, pairing QR) for a running broker."""
+    """Serve the web dashboard (live sessions, sign-in, actions, health) for a running broker.
+
+    Each tab signs in with a broker token and acts as it; --token, if given, is
+    used for tabs that have not signed in.
+    """
     from broker.dashboard import DashboardServer
 
     async def go() -> None:

@@ -11,6 +11,12 @@ Signature: `X-Broker-Signature: sha256=<hex>` is HMAC-SHA256 with the
 tenant's secret over `<X-Broker-Timestamp>.<raw body>`; the timestamp (unix
 seconds of this attempt) lets a receiver reject replays.
 
+Posts go through one aiohttp ClientSession per notifier (connections to a
+receiver are reused across notifications), each attempt bounded by
+`--webhook-timeout`; redirects are not followed (they would turn the POST
+into a bodiless GET, or send the signed body to a URL nobody configured), so a
+3xx counts as a failed attempt.
+
 Pending notifications live in memory: a process killed mid-retry drops them
 (the state itself is in the store and `Health`).
 """
@@ -23,14 +29,13 @@ import hmac
 import json
 import logging
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -172,8 +177,14 @@ class WebhookNotifier:
         self.given_up = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._follower = BusFollower(manager.bus, self.observe, "webhooks")
+        self._http: aiohttp.ClientSession | None = None
 
     def start(self) -> None:
+        """Start following the bus; call from the running loop (the HTTP session binds it)."""
+        self._http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s),
+            headers={"User-Agent": USER_AGENT},
+        )
         self._follower.start()
 
     async def stop(self) -> None:
@@ -183,6 +194,9 @@ class WebhookNotifier:
         for task in tuple(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
     def target_for(self, tenant: str) -> WebhookTarget | None:
         return self.targets.get(tenant) or self.targets.get(DEFAULT_TARGET)
@@ -225,7 +239,7 @@ class WebhookNotifier:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await asyncio.to_thread(self._post, target, body, event.event_id)
+                    await self._post(target, body, event.event_id)
         except (DeliveryFailed, OSError) as exc:
             self.given_up += 1
             log.error("session %s: webhook %s to %s not delivered, giving up: %s",
@@ -236,33 +250,25 @@ class WebhookNotifier:
         log.info("session %s: webhook %s delivered to %s", event.session_id,
                  EVENT_TYPES[event.state], target.safe_url, extra=extra)
 
-    def _post(self, target: WebhookTarget, body: bytes, event_id: str) -> None:
-        """One attempt, blocking (runs in a thread); raises DeliveryFailed unless 2xx."""
+    async def _post(self, target: WebhookTarget, body: bytes, event_id: str) -> None:
+        """One attempt; raises DeliveryFailed unless the receiver answers 2xx."""
+        if self._http is None:
+            raise DeliveryFailed("notifier stopped")
         timestamp = str(int(time.time()))
-        request = urllib.request.Request(target.url, data=body, method="POST", headers={
+        headers = {
             "Content-Type": "application/json",
-            "User-Agent": USER_AGENT,
             "X-Broker-Timestamp": timestamp,
             "X-Broker-Signature": sign(target.secret, timestamp, body),
             "X-Broker-Event-Id": event_id,
-        })
+        }
         try:
-            with _OPENER.open(request, timeout=self.policy.timeout_s) as response:
-                status = int(response.status)
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-            exc.close()
-        except urllib.error.URLError as exc:
-            raise DeliveryFailed(f"unreachable: {exc.reason}") from None
+            async with self._http.post(target.url, data=body, headers=headers,
+                                       allow_redirects=False) as response:
+                status = response.status
+                await response.read()  # drain, so the connection can be reused
+        except TimeoutError:
+            raise DeliveryFailed(f"no answer within {self.policy.timeout_s}s") from None
+        except aiohttp.ClientError as exc:
+            raise DeliveryFailed(f"unreachable: {exc}") from None
         if not 200 <= status < 300:
             raise DeliveryFailed(f"HTTP {status}")
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """A redirected POST would arrive as a GET without the body: count it as a failure."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirect())

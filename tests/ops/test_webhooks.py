@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from broker.app import BrokerApp
 from broker.lifecycle.states import State
@@ -31,6 +32,9 @@ class Hit:
     headers: dict[str, str]
     body: bytes
     status: int
+    peer: tuple[str, int]
+    """The client's address and port: the same port means a reused connection."""
+    path: str = "/hooks/broker"
 
     @property
     def json(self) -> dict[str, Any]:
@@ -38,44 +42,55 @@ class Hit:
         return data
 
 
+HANG = 0
+"""A scripted "status" that answers nothing until the test ends (the sender times out)."""
+
+
 @dataclass
 class Receiver:
-    """A tiny HTTP server that records every POST and answers scripted statuses."""
+    """A real aiohttp server that records every POST and answers scripted statuses."""
 
     url: str = ""
     hits: list[Hit] = field(default_factory=list)
     #: Statuses to answer for notifications of a given type, in order; then 200.
     script: dict[str, list[int]] = field(default_factory=dict)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
 
     def of_type(self, kind: str) -> list[Hit]:
         return [h for h in self.hits if h.json.get("type") == kind]
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-            lines = head.decode("latin-1").split("\r\n")
-            headers = {k.strip().lower(): v.strip()
-                       for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-            body = await asyncio.wait_for(
-                reader.readexactly(int(headers.get("content-length", "0"))), 5.0)
-            kind = json.loads(body).get("type", "")
-            planned = self.script.get(kind)
-            status = planned.pop(0) if planned else 200
-            self.hits.append(Hit(headers, body, status))
-            writer.write(f"HTTP/1.1 {status} X\r\nContent-Length: 0\r\n"
-                         "Connection: close\r\n\r\n".encode())
-            await writer.drain()
-        finally:
-            writer.close()
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        kind = json.loads(body).get("type", "")
+        planned = self.script.get(kind)
+        status = planned.pop(0) if planned else 200
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.hits.append(Hit({k.lower(): v for k, v in request.headers.items()}, body, status,
+                             tuple(peer[:2]) if peer else ("", 0), request.path))
+        if status == HANG:
+            await self.released.wait()
+            status = 200
+        headers = {"Location": "/elsewhere"} if 300 <= status < 400 else None
+        return web.Response(status=status, headers=headers)
 
 
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
-    server = await asyncio.start_server(rec.handle, "127.0.0.1", 0)
-    rec.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/hooks/broker"
-    async with server:
+    app = web.Application()
+    app.router.add_post("/hooks/broker", rec.handle)
+    app.router.add_route("*", "/elsewhere", rec.handle)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    rec.url = f"http://127.0.0.1:{port}/hooks/broker"
+    try:
         yield rec
+    finally:
+        rec.released.set()
+        await runner.cleanup()
 
 
 def hooks_file(tmp_path: Path, config: dict[str, Any]) -> str:
@@ -85,10 +100,10 @@ def hooks_file(tmp_path: Path, config: dict[str, Any]) -> str:
 
 
 async def broker_with_hooks(make_broker: BrokerFactory, tmp_path: Path,
-                            config: dict[str, Any]) -> BrokerApp:
+                            config: dict[str, Any], timeout_s: float = 5.0) -> BrokerApp:
     return await make_broker(webhooks_file=hooks_file(tmp_path, config),
                              webhook_backoff_initial_s=0.01, webhook_backoff_max_s=0.05,
-                             webhook_max_attempts=5, webhook_timeout_s=5.0)
+                             webhook_max_attempts=5, webhook_timeout_s=timeout_s)
 
 
 def assert_signed(hit: Hit, secret: str = SECRET) -> None:
@@ -122,11 +137,35 @@ async def test_logout_notifies_with_a_signed_body(make_broker: BrokerFactory, si
     assert body["event_id"] and hit.headers["x-broker-event-id"] == body["event_id"]
     assert body["timestamp"].endswith("Z")
     assert "broker qr w1" in body["recommendation"]
+    assert hit.headers["user-agent"] == "session-broker-webhooks/1"
     # Pairing needed a person too: that was notified when the session asked for a scan.
     pairing = receiver.of_type("session.pairing_required")
     assert pairing and pairing[0].json["state"] == "PAIRING"
     assert_signed(pairing[0])
     assert SECRET.encode() not in hit.body
+    # One HTTP session per notifier: the second post reused the first one's connection.
+    assert pairing[0].peer == hit.peer
+
+
+async def test_a_redirect_is_not_followed_and_a_hung_receiver_times_out(
+    make_broker: BrokerFactory, sim: Simulator, receiver: Receiver, tmp_path: Path
+) -> None:
+    """A 3xx is a failed attempt (never followed to a URL nobody configured); an attempt that
+    gets no answer within --webhook-timeout is abandoned and retried."""
+    receiver.script["session.pairing_required"] = [307]
+    receiver.script["session.logged_out"] = [HANG]
+    app = await broker_with_hooks(make_broker, tmp_path,
+                                  {"*": {"url": receiver.url, "secret": SECRET}}, timeout_s=0.3)
+    await paired_session(app, sim, "w5", "acme")
+    await sim.logout("w5")
+    await eventually(lambda: len(receiver.of_type("session.logged_out")) >= 2, 10.0,
+                     "the logged_out webhook retried after a timeout")
+    assert app.webhooks is not None
+    await eventually(lambda: app.webhooks is not None and app.webhooks.delivered >= 2, 10.0,
+                     "both notifications delivered")
+    assert [h.status for h in receiver.of_type("session.pairing_required")] == [307, 200]
+    assert {h.path for h in receiver.hits} == {"/hooks/broker"}  # the redirect not followed
+    assert app.webhooks.given_up == 0
 
 
 async def test_a_failed_delivery_is_retried(make_broker: BrokerFactory, sim: Simulator,

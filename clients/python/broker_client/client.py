@@ -149,6 +149,24 @@ class BrokerClient:
         if channel is not None and self._owns_channel:
             await channel.close(grace=None)
 
+    def with_token(self, token: str | None) -> BrokerClient:
+        """A client on this client's channel that calls with ``token`` instead.
+
+        For a service acting for several people (the dashboard, one signed-in
+        token per tab): one channel, each call authorized as its caller. ``None``
+        keeps this client's own token. Closing the returned client leaves the
+        channel open; it lives as long as this client.
+        """
+        self._stub  # noqa: B018  (opens the channel to share)
+        other = BrokerClient(self.target, timeout=self.timeout,
+                             retry_attempts=self.retry_attempts,
+                             reconnect_attempts=self.reconnect_attempts, channel=self._channel)
+        if token is None:
+            other._metadata = self._metadata
+        else:
+            other._metadata = (("authorization", f"Bearer {token}"),)
+        return other
+
     @property
     def _stub(self) -> broker_pb2_grpc.BrokerAsyncStub:
         if self._stub_cache is None:
