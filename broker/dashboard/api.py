@@ -39,11 +39,6 @@ def json_error(status: int, code: str, message: str, reason: str = "") -> web.Re
     return web.json_response(error_json(status, code, message, reason), status=status)
 
 
-def pairing_code_supported(client: BrokerClient) -> bool:
-    """Whether this client library has RequestPairingCode (the broker may still refuse)."""
-    return callable(getattr(client, "request_pairing_code", None))
-
-
 class DashboardApi:
     """Handlers for /api/... and /qr/<id>.svg over one channel to the broker."""
 
@@ -92,7 +87,7 @@ class DashboardApi:
             "target": self.target,
             "can_view": access.can_view,
             "can_manage": access.can_manage,
-            "pairing_code": pairing_code_supported(client),
+            "pairing_code": True,
         })
 
     # -- sessions ----------------------------------------------------------
@@ -127,13 +122,10 @@ class DashboardApi:
     async def pairing_code(self, request: web.Request, client: BrokerClient) -> web.Response:
         body = await _json_object(request)
         phone = body.get("phone_number")
-        if not pairing_code_supported(client):
-            return json_error(501, "UNIMPLEMENTED",
-                              "this broker version cannot pair by phone code; scan the QR")
         if not isinstance(phone, str) or not phone:
             return json_error(400, "INVALID_ARGUMENT", "phone_number: a number like "
                               "+4915123456789 is required")
-        code = await client.request_pairing_code(  # type: ignore[attr-defined]
+        code = await client.request_pairing_code(
             request.match_info["session_id"], phone)
         return web.json_response({"code": str(code)})
 
