@@ -31,6 +31,10 @@ fi
 if command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then
     (cd clients/node && npm ci --no-audit --no-fund --loglevel=error)
 fi
+# The benchmark's Node peer (Express + ws; scripts/bench/node/http_relay.js).
+if command -v npm >/dev/null 2>&1 && [ ! -d scripts/bench/node_modules ]; then
+    (cd scripts/bench && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .

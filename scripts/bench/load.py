@@ -2,6 +2,7 @@
 ``RESULT {json}`` line and exits. Every loop is bounded in count and in time.
 
 - ``send``: closed-loop unary Send at a fixed concurrency (broker, relay and echo alike);
+- ``http``: the same closed loop against an HTTP relay peer (``POST /send``);
 - ``ws``: the upstream floor, send-and-ack over one websocket straight to the simulator;
 - ``fanout``: N StreamStatus subscribers; latency from each event's `at` to its arrival;
 - ``reliable``: Sends retried with the same key until acked, for the drop schedule;
@@ -83,6 +84,44 @@ async def run_send(args: argparse.Namespace) -> None:
                     continue
                 if response.status != pb.ACKED:
                     window.error("NOT_ACKED")
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+# -- http (the relay peers users run today) ------------------------------------------
+
+async def run_http(args: argparse.Namespace) -> None:
+    """Closed-loop ``POST /send`` on keep-alive connections, one per worker."""
+    import aiohttp
+
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    url = f"{args.target}/send"
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= 1
+                n += 1
+                payload = {"session_id": args.session, "to": "+15550100",
+                           "body": f"{args.prefix} {w} {n}",
+                           "idempotency_key": f"{args.prefix}-{w}-{n}"}
+                started = time.perf_counter()
+                try:
+                    async with http.post(url, json=payload) as response:
+                        answer = await response.json()
+                        if response.status != 200 or answer.get("status") != "ACKED":
+                            window.error(f"HTTP_{response.status}")
+                            continue
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    window.error(type(exc).__name__)
                     continue
                 window.record(started, time.perf_counter())
 
@@ -398,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_nofile()
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.load")
     sub = parser.add_subparsers(dest="role", required=True)
-    for name in ("send", "ws", "reliable", "ideal"):
+    for name in ("send", "http", "ws", "reliable", "ideal"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="")
         p.add_argument("--upstream-url", default="")
@@ -421,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     fan.add_argument("--channels", type=int, default=10)
     fan.add_argument("--max-seconds", type=float, default=120.0)
     args = parser.parse_args(argv)
-    runner = {"send": run_send, "ws": run_ws, "fanout": run_fanout,
+    runner = {"send": run_send, "http": run_http, "ws": run_ws, "fanout": run_fanout,
               "reliable": run_reliable, "ideal": run_ideal}[args.role]
     asyncio.run(runner(args))
 

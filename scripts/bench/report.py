@@ -113,25 +113,47 @@ def _f(value: Any, digits: int = 1) -> str:
     return "n/a" if number is None else f"{number:,.{digits}f}"
 
 
-def _send_table(send: dict[str, Any]) -> list[str]:
+SEND_LABELS = {
+    "grpc_echo": "gRPC floor (grpc.aio echo)",
+    "upstream_ws": "upstream floor (websocket send+ack)",
+    "relay": "architecture floor (minimal gRPC relay)",
+    "aiohttp": "peer: HTTP relay, aiohttp (the seed's design)",
+    "express": "peer: HTTP relay, Express + ws (the seed's design)",
+    "memory": "broker Send, memory store",
+    "sqlite": "broker Send, SQLite store (synchronous=FULL)",
+    "redis": "broker Send, Redis store",
+}
+"""The Send paths in the order shown; paths not listed here follow in the results' order."""
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "n/a"
+
+
+def _send_table(send: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
+    """Every path at every concurrency, with its throughput as a ratio of the peers'
+    and of the relay floor's at the same concurrency, and its p99 as the relay's."""
     lines = ["| path | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | "
-             "throughput / relay | p99 / relay | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    labels = {"grpc_echo": "gRPC floor (grpc.aio echo)",
-              "upstream_ws": "upstream floor (websocket send+ack)",
-              "relay": "architecture floor (minimal relay)", "memory": "broker, memory store",
-              "sqlite": "broker, SQLite store (synchronous=FULL)", "redis": "broker, Redis store"}
+             "/ aiohttp | / Express | / relay | p99 / relay | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    labels = labels or SEND_LABELS
     for target, label in labels.items():
         for c, point in sorted((send.get(target) or {}).items(), key=lambda kv: int(kv[0])):
-            relay = _get(send, "relay", c) or {}
-            rps, rrps = _num(point.get("throughput_rps")), _num(relay.get("throughput_rps"))
-            p99, rp99 = _num(point.get("p99_ms")), _num(relay.get("p99_ms"))
-            tr = f"{rps / rrps:.2f}x" if rps is not None and rrps else "n/a"
-            pr = f"{p99 / rp99:.2f}x" if p99 is not None and rp99 else "n/a"
+            if not isinstance(point, dict):
+                continue
+
+            def base(peer: str, key: str, c: str = c) -> float | None:
+                return _num(_get(send, peer, c, key))
+
+            rps, p99 = _num(point.get("throughput_rps")), _num(point.get("p99_ms"))
             errors = point.get("errors") or {}
-            lines.append(f"| {label} | {c} | {_f(rps)} | {_f(point.get('p50_ms'), 2)} | "
-                         f"{_f(p99, 2)} | {tr} | {pr} | "
-                         f"{', '.join(f'{k} {v}' for k, v in errors.items()) or '-'} |")
+            lines.append(
+                f"| {label} | {c} | {_f(rps)} | {_f(point.get('p50_ms'), 2)} | {_f(p99, 2)} | "
+                f"{_ratio(rps, base('aiohttp', 'throughput_rps'))} | "
+                f"{_ratio(rps, base('express', 'throughput_rps'))} | "
+                f"{_ratio(rps, base('relay', 'throughput_rps'))} | "
+                f"{_ratio(p99, base('relay', 'p99_ms'))} | "
+                f"{', '.join(f'{k} {v}' for k, v in errors.items()) or '-'} |")
     return lines
 
 

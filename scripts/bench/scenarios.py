@@ -116,7 +116,10 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
         echo = common.role("echo", "servers", ["echo"], workdir)
         relay = common.role("relay", "servers", ["relay", "--upstream-url", upstream,
                                                  "--control-url", ctl], workdir)
-        procs += [echo, relay]
+        aio = common.role("http-relay", "servers", ["http-relay", "--upstream-url", upstream,
+                                                    "--control-url", ctl], workdir)
+        express = common.node_peer("express-relay", workdir, upstream, ctl)
+        procs += [echo, relay, aio, express]
         env = common.credential_env()
         (mem, mem_addr), (lite, lite_addr), (red, red_addr) = await asyncio.gather(
             _broker("broker-memory", workdir, upstream),
@@ -125,7 +128,8 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             _broker("broker-redis", workdir, upstream, store=redis.url, env=env),
         )
         procs += [mem, lite, red]
-        echo_info, relay_info = await _ready_all([echo, relay])
+        echo_info, relay_info, aio_info, express_info = await _ready_all(
+            [echo, relay, aio, express])
         await asyncio.gather(common.pair_sessions(mem_addr, ctl, ["s-mem"]),
                              common.pair_sessions(lite_addr, ctl, ["s-sqlite"]),
                              common.pair_sessions(red_addr, ctl, ["s-redis"]))
@@ -133,6 +137,8 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             "grpc_echo": ["send", "--target", echo_info["address"], "--session", "s-echo"],
             "upstream_ws": ["ws", "--upstream-url", upstream, "--control-url", ctl],
             "relay": ["send", "--target", relay_info["address"], "--session", "s-relay"],
+            "aiohttp": ["http", "--target", aio_info["url"], "--session", "s-aiohttp"],
+            "express": ["http", "--target", express_info["url"], "--session", "s-express"],
             "memory": ["send", "--target", mem_addr, "--session", "s-mem"],
             "sqlite": ["send", "--target", lite_addr, "--session", "s-sqlite"],
             "redis": ["send", "--target", red_addr, "--session", "s-redis"],
