@@ -6,7 +6,8 @@ broker.api.status maps to rich statuses in one place."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
@@ -33,6 +34,39 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             timeout=convert.send_timeout(context.time_remaining()),
         )
         return convert.send_response(outcome)
+
+    @streaming
+    async def SendStream(
+        self, request_iterator: AsyncIterator[pb.SendItem], context: Context
+    ) -> AsyncGenerator[pb.SendResult, None]:
+        flow = self.manager.send_flow()
+
+        async def read() -> None:
+            try:
+                async for item in request_iterator:
+                    await flow.submit(convert.send_item(item, context.time_remaining()))
+            finally:
+                flow.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            async for ref, outcome in flow.results():
+                yield convert.send_result(ref, outcome)
+            await reader  # a reading error ends the call with its status
+        finally:
+            reader.cancel()
+            flow.cancel()
+
+    @unary
+    async def SendBatch(
+        self, request: pb.SendBatchRequest, context: Context
+    ) -> pb.SendBatchResponse:
+        remaining = context.time_remaining()
+        outcomes = await self.manager.send_many(
+            [convert.send_item(item, remaining) for item in request.items])
+        return pb.SendBatchResponse(results=[
+            convert.send_result(item.ref, outcome)
+            for item, outcome in zip(request.items, outcomes, strict=True)])
 
     @streaming
     async def StreamStatus(
