@@ -37,21 +37,24 @@ class BrokerServicer(pb_grpc.BrokerServicer):
 
     @streaming
     async def SendStream(
-        self, request_iterator: AsyncIterator[pb.SendItem], context: Context
-    ) -> AsyncGenerator[pb.SendResult, None]:
+        self, request_iterator: AsyncIterator[pb.SendBatchRequest], context: Context
+    ) -> AsyncGenerator[pb.SendBatchResponse, None]:
         flow = self.manager.send_flow()
 
         async def read() -> None:
             try:
-                async for item in request_iterator:
-                    await flow.submit(convert.send_item(item, context.time_remaining()))
+                async for request in request_iterator:
+                    remaining = context.time_remaining()
+                    for item in request.items:
+                        await flow.submit(convert.send_item(item, remaining))
             finally:
                 flow.close()
 
         reader = asyncio.create_task(read())
         try:
-            async for ref, outcome in flow.results():
-                yield convert.send_result(ref, outcome)
+            async for finished in flow.results():
+                yield pb.SendBatchResponse(
+                    results=[convert.send_result(ref, outcome) for ref, outcome in finished])
             await reader  # a reading error ends the call with its status
         finally:
             reader.cancel()

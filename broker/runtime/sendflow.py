@@ -87,13 +87,17 @@ class SendFlow:
         for task in list(self._tasks):
             task.cancel()
 
-    async def results(self) -> AsyncIterator[tuple[int, Outcome]]:
-        """(ref, outcome) of each item as it finishes, until closed and all answered."""
+    async def results(self) -> AsyncIterator[list[tuple[int, Outcome]]]:
+        """(ref, outcome) of the items finished since the last yield, as they finish,
+        until closed and all answered: what finished together is answered together."""
         while not (self._closed and self._unanswered == 0):
-            entry = await self._done.get()
-            if entry is not None:
-                self._unanswered -= 1
-                yield entry
+            ready = [await self._done.get()]
+            while not self._done.empty():
+                ready.append(self._done.get_nowait())
+            answered = [entry for entry in ready if entry is not None]
+            self._unanswered -= len(answered)
+            if answered:
+                yield answered
 
     async def _run(
         self, item: SendItem, before: asyncio.Future[None] | None, placed: asyncio.Future[None]
@@ -131,6 +135,7 @@ async def send_all(send: SendOne, items: Sequence[SendItem]) -> list[Outcome]:
         await flow.submit(replace(item, ref=position))
     flow.close()
     outcomes: list[Outcome] = [None] * len(items)
-    async for position, outcome in flow.results():
-        outcomes[position] = outcome
+    async for finished in flow.results():
+        for position, outcome in finished:
+            outcomes[position] = outcome
     return outcomes

@@ -60,6 +60,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json go (default docs/)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument("--concurrency", action="append", type=int, default=[], metavar="N",
+                        help="Send points at these concurrencies only (repeatable)")
     args = parser.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -73,6 +75,8 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cfg = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.no_profile:
         cfg = replace(cfg, profile=False)
+    if args.concurrency:
+        cfg = replace(cfg, concurrencies=tuple(args.concurrency))
     results: dict[str, Any] = {}
     for name, scenario in SCENARIOS.items():
         if args.only and name not in args.only:

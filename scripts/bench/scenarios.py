@@ -142,6 +142,13 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             "memory": ["send", "--target", mem_addr, "--session", "s-mem"],
             "sqlite": ["send", "--target", lite_addr, "--session", "s-sqlite"],
             "redis": ["send", "--target", red_addr, "--session", "s-redis"],
+            "memory_stream": ["stream", "--target", mem_addr, "--session", "s-mem"],
+            "memory_batch": ["batch", "--target", mem_addr, "--session", "s-mem",
+                             "--batch", "16"],
+            "redis_stream": ["stream", "--target", red_addr, "--session", "s-redis"],
+            "client": ["client", "--target", mem_addr, "--session", "s-mem"],
+            "client_unary": ["client", "--target", mem_addr, "--session", "s-mem",
+                             "--no-coalesce"],
         }
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {} for t in targets}
         for rep in range(cfg.reps):

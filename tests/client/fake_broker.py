@@ -128,11 +128,11 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
         return response
 
     async def SendStream(
-        self, request_iterator: AsyncIterator[broker_pb2.SendItem], context: Context
-    ) -> AsyncIterator[broker_pb2.SendResult]:
+        self, request_iterator: AsyncIterator[broker_pb2.SendBatchRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.SendBatchResponse]:
         """A broker of a release without SendStream: the client falls back to Send."""
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendStream in this release")
-        yield broker_pb2.SendResult()  # pragma: no cover
+        yield broker_pb2.SendBatchResponse()  # pragma: no cover
 
     async def SendBatch(
         self, request: broker_pb2.SendBatchRequest, context: Context

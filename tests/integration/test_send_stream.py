@@ -37,12 +37,12 @@ async def stream(address: str, items: list[pb.SendItem],
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.BrokerStub(channel)
 
-        async def requests() -> AsyncIterator[pb.SendItem]:
-            for it in items:
-                yield it
+        async def requests() -> AsyncIterator[pb.SendBatchRequest]:
+            for start in range(0, len(items), 7):  # several requests of several items
+                yield pb.SendBatchRequest(items=items[start:start + 7])
 
         call = stub.SendStream(requests(), timeout=timeout)
-        return {result.ref: result async for result in call}
+        return {result.ref: result async for response in call for result in response.results}
 
 
 async def test_stream_keeps_fifo_per_session_across_interleaved_sessions(
@@ -102,12 +102,12 @@ async def test_each_item_has_its_own_deadline(sim: Simulator, broker: BrokerApp)
     await wait_state(broker, "s-a", State.RECONNECTING)
     results: list[pb.SendResult] = []
     async with grpc.aio.insecure_channel(broker.address) as channel:
-        call = pb_grpc.BrokerStub(channel).SendStream(iter([
+        call = pb_grpc.BrokerStub(channel).SendStream(iter([pb.SendBatchRequest(items=[
             item(1, "s-a", "short", key="d1", timeout_ms=200),
-            item(2, "s-a", "long", key="d2", timeout_ms=30_000)]), timeout=60)
-        async for result in call:
-            results.append(result)
-            if result.ref == 1:  # the short one gave up: the upstream comes back
+            item(2, "s-a", "long", key="d2", timeout_ms=30_000)])]), timeout=60)
+        async for response in call:
+            results.extend(response.results)
+            if any(r.ref == 1 for r in response.results):  # it gave up: the upstream is back
                 sim.set_unavailable(503, count=0)
     assert [r.ref for r in results] == [1, 2]
     assert results[0].error.reason == pb.ErrorReason.NOT_DELIVERED_YET

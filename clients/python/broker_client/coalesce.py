@@ -1,8 +1,10 @@
 """Concurrent ``send()`` calls of one client, coalesced onto one SendStream call.
 
 A unary Send costs a whole gRPC call per message (headers, a stream, its
-own HTTP/2 frames, a task on each side); a stream carries each message as one
-small frame and the broker writes the session's messages in shared batches.
+own HTTP/2 frames, a task on each side); on the stream, the messages queued by
+the time it can write travel in one request, the results that finished
+together come back in one response, and the broker writes each session's
+messages in shared batches.
 Each message keeps what a unary Send gives it (its key, its deadline, its
 typed error, FIFO per session in the order calls were made), so callers see no
 difference but speed. A broken stream fails the items it carried with
@@ -38,7 +40,7 @@ class StreamUnsupported(Exception):
     """The broker has no SendStream (an older release): use unary Send."""
 
 
-_Call = grpc.aio.StreamStreamCall[broker_pb2.SendItem, broker_pb2.SendResult]
+_Call = grpc.aio.StreamStreamCall[broker_pb2.SendBatchRequest, broker_pb2.SendBatchResponse]
 
 
 class _Open:
@@ -56,17 +58,26 @@ class _Open:
     def live(self) -> bool:
         return not self.reader.done()
 
-    async def _items(self) -> AsyncIterator[broker_pb2.SendItem]:
+    async def _items(self) -> AsyncIterator[broker_pb2.SendBatchRequest]:
+        """Every item queued by the time the stream can write goes in one request."""
         while (item := await self.outgoing.get()) is not None:
-            yield item
+            items = [item]
+            while not self.outgoing.empty():
+                more = self.outgoing.get_nowait()
+                if more is None:
+                    yield broker_pb2.SendBatchRequest(items=items)
+                    return
+                items.append(more)
+            yield broker_pb2.SendBatchRequest(items=items)
 
     async def _read(self) -> None:
         error: BaseException
         try:
-            async for result in self.call:
-                answer = self.waiting.pop(result.ref, None)
-                if answer is not None and not answer.done():
-                    answer.set_result(result)
+            async for response in self.call:
+                for result in response.results:
+                    answer = self.waiting.pop(result.ref, None)
+                    if answer is not None and not answer.done():
+                        answer.set_result(result)
             error = Unavailable("the send stream ended")
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:

@@ -427,7 +427,7 @@ class SendBatchResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendResult]:
-        """One per item, in item order."""
+        """SendBatch: one per item, in item order. SendStream: those that finished."""
 
     def __init__(
         self,

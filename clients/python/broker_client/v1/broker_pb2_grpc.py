@@ -43,8 +43,8 @@ class BrokerStub:
                 _registered_method=True)
         self.SendStream = channel.stream_stream(
                 '/broker.v1.Broker/SendStream',
-                request_serializer=broker_dot_v1_dot_broker__pb2.SendItem.SerializeToString,
-                response_deserializer=broker_dot_v1_dot_broker__pb2.SendResult.FromString,
+                request_serializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
                 _registered_method=True)
         self.SendBatch = channel.unary_unary(
                 '/broker.v1.Broker/SendBatch',
@@ -130,9 +130,10 @@ class BrokerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendStream(self, request_iterator, context):
-        """Many Sends on one call, for high throughput: each SendItem written gets
-        one SendResult (carrying its `ref`) as soon as that message is done, in
-        whatever order messages finish. Every message has Send's guarantees: its
+        """Many Sends on one call, for high throughput: each request carries one or
+        more items; each item gets one SendResult (carrying its `ref`) as soon as
+        that message is done, in whatever order messages finish, the results of
+        items that finished together in one response. Every message has Send's guarantees: its
         idempotency key, FIFO order per session (items of one session are
         accepted in the order written), its own deadline (`timeout_ms`), a typed
         per-message error (a bad or refused item fails alone; the stream goes
@@ -267,8 +268,8 @@ def add_BrokerServicer_to_server(servicer, server):
             ),
             'SendStream': grpc.stream_stream_rpc_method_handler(
                     servicer.SendStream,
-                    request_deserializer=broker_dot_v1_dot_broker__pb2.SendItem.FromString,
-                    response_serializer=broker_dot_v1_dot_broker__pb2.SendResult.SerializeToString,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.SerializeToString,
             ),
             'SendBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.SendBatch,
@@ -389,8 +390,8 @@ class Broker:
             request_iterator,
             target,
             '/broker.v1.Broker/SendStream',
-            broker_dot_v1_dot_broker__pb2.SendItem.SerializeToString,
-            broker_dot_v1_dot_broker__pb2.SendResult.FromString,
+            broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

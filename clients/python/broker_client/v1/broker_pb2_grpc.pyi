@@ -60,10 +60,11 @@ class BrokerStub:
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
     """
-    SendStream: _grpc.StreamStreamMultiCallable[_broker_pb2.SendItem, _broker_pb2.SendResult]
-    """Many Sends on one call, for high throughput: each SendItem written gets
-    one SendResult (carrying its `ref`) as soon as that message is done, in
-    whatever order messages finish. Every message has Send's guarantees: its
+    SendStream: _grpc.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]
+    """Many Sends on one call, for high throughput: each request carries one or
+    more items; each item gets one SendResult (carrying its `ref`) as soon as
+    that message is done, in whatever order messages finish, the results of
+    items that finished together in one response. Every message has Send's guarantees: its
     idempotency key, FIFO order per session (items of one session are
     accepted in the order written), its own deadline (`timeout_ms`), a typed
     per-message error (a bad or refused item fails alone; the stream goes
@@ -141,10 +142,11 @@ class BrokerAsyncStub(BrokerStub):
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
     """
-    SendStream: _aio.StreamStreamMultiCallable[_broker_pb2.SendItem, _broker_pb2.SendResult]  # type: ignore[assignment]
-    """Many Sends on one call, for high throughput: each SendItem written gets
-    one SendResult (carrying its `ref`) as soon as that message is done, in
-    whatever order messages finish. Every message has Send's guarantees: its
+    SendStream: _aio.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]  # type: ignore[assignment]
+    """Many Sends on one call, for high throughput: each request carries one or
+    more items; each item gets one SendResult (carrying its `ref`) as soon as
+    that message is done, in whatever order messages finish, the results of
+    items that finished together in one response. Every message has Send's guarantees: its
     idempotency key, FIFO order per session (items of one session are
     accepted in the order written), its own deadline (`timeout_ms`), a typed
     per-message error (a bad or refused item fails alone; the stream goes
@@ -229,12 +231,13 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SendStream(
         self,
-        request_iterator: _MaybeAsyncIterator[_broker_pb2.SendItem],
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.SendBatchRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_broker_pb2.SendResult], _abc.AsyncIterator[_broker_pb2.SendResult]]:
-        """Many Sends on one call, for high throughput: each SendItem written gets
-        one SendResult (carrying its `ref`) as soon as that message is done, in
-        whatever order messages finish. Every message has Send's guarantees: its
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.SendBatchResponse], _abc.AsyncIterator[_broker_pb2.SendBatchResponse]]:
+        """Many Sends on one call, for high throughput: each request carries one or
+        more items; each item gets one SendResult (carrying its `ref`) as soon as
+        that message is done, in whatever order messages finish, the results of
+        items that finished together in one response. Every message has Send's guarantees: its
         idempotency key, FIFO order per session (items of one session are
         accepted in the order written), its own deadline (`timeout_ms`), a typed
         per-message error (a bad or refused item fails alone; the stream goes
