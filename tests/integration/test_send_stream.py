@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -54,6 +55,25 @@ async def test_stream_keeps_fifo_per_session_across_interleaved_sessions(
              for n in range(300)]
     results = await stream(broker.address, items)
     assert sorted(results) == list(range(300))
+    assert all(r.response.status == pb.ACKED for r in results.values())
+    for sid in SESSIONS:
+        bodies = [m.body for m in sim.record(sid).accepted]
+        assert bodies == [it.request.body for it in items if it.request.session_id == sid]
+
+
+async def test_fifo_holds_where_accepting_suspends_before_the_outbox(
+    sim: Simulator, make_broker: BrokerFactory, tmp_path: Path
+) -> None:
+    """With a rate limit the broker reads the key (a SQLite read, off the loop)
+    before queueing, so items started together would race: each must still wait
+    for its predecessor's place."""
+    broker = await make_broker(rate_limit=100_000.0, rate_burst=100_000,
+                               store_url=f"sqlite://{tmp_path / 'fifo.db'}")
+    for sid in SESSIONS:
+        await paired_session(broker, sim, sid)
+    items = [item(n, SESSIONS[n % 3], f"{SESSIONS[n % 3]} {n}", key=f"k{n}")
+             for n in range(300)]
+    results = await stream(broker.address, items)
     assert all(r.response.status == pb.ACKED for r in results.values())
     for sid in SESSIONS:
         bodies = [m.body for m in sim.record(sid).accepted]
