@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench/run.py --only send     # one scenario (repeatable)
     .venv/bin/python scripts/bench/run.py --smoke --out-dir /tmp/b   # seconds; for the test
 
-Scenarios: send (with the three floors), fanout, idle, reconnect, flapping,
+Scenarios: send (with the floors and the HTTP relay peers), sessions (100 and
+1,000 sessions), fairness, fanout, idle, reconnect, flapping,
 failover. Results are stored under a label (`--label`, default `latest`); a
 run with `--only` merges into the label's earlier results. These are
 benchmarks: they print numbers and never fail on a threshold.
@@ -35,7 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.bench import report  # noqa: E402
-from scripts.bench.scenarios import PRESETS, SCENARIOS  # noqa: E402
+from scripts.bench.many import SCENARIOS  # noqa: E402
+from scripts.bench.scenarios import PRESETS  # noqa: E402
 
 
 def _cpu_model() -> str:

@@ -51,6 +51,11 @@ class Config:
     failover_rounds: int = 2
     failover_ttl_s: float = 10.0
     failover_sessions: int = 6
+    #: Many sessions: session counts, each with the matching total in flight.
+    many_sessions: tuple[int, ...] = (100, 1000)
+    many_in_flight: tuple[int, ...] = (64, 1024)
+    #: Fairness: the flooding neighbour's items in flight (SendStream).
+    fairness_flood: int = 256
     extra_profiles: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +69,8 @@ PRESETS: dict[str, Config] = {
                     profile=False, fanout_subscribers=10, fanout_changes=1, idle_sessions=5,
                     idle_window_s=0.5, idle_settle_s=0.2, reconnect_sessions=2,
                     flap_s=1.0, flap_drain_s=15.0, failover_rounds=1, failover_ttl_s=1.5,
-                    failover_sessions=2),
+                    failover_sessions=2, many_sessions=(3, 6), many_in_flight=(4, 8),
+                    fairness_flood=8),
 }
 
 
