@@ -6,6 +6,7 @@ typed error of its own, ACKED/QUEUED only once durable), counted at the simulato
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,7 +16,15 @@ import pytest
 from broker.app import BrokerApp
 from broker.lifecycle.states import State
 from broker.simulator import Simulator
-from broker_client import BrokerClient, Message, NotDeliveredYet, SessionNotFound
+from broker_client import (
+    BrokerClient,
+    BrokerError,
+    Message,
+    NotDeliveredYet,
+    SendResult,
+    SessionNotFound,
+    SyncBrokerClient,
+)
 from broker_client.errors import InvalidArgument, ResourceExhausted
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
@@ -231,3 +240,27 @@ async def test_outbox_full_on_the_stream_is_resource_exhausted(
         with pytest.raises(ResourceExhausted) as err:
             await client.send("s-a", "+15550100", "over", wait=False)
     assert err.value.reason == "OUTBOX_FULL"
+
+
+async def test_sync_client_sends_from_many_threads_on_one_stream_and_send_many(
+    sim: Simulator, broker: BrokerApp
+) -> None:
+    await paired_session(broker, sim, "s-a")
+
+    def work() -> tuple[list[SendResult], list[SendResult | BrokerError], int]:
+        with SyncBrokerClient(broker.address, timeout=30) as client, \
+                concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(
+                lambda n: client.send("s-a", "+15550100", f"t{n}", idempotency_key=f"t{n}"),
+                range(64)))
+            many = client.send_many([Message("s-a", "+15550100", f"sm{n}", f"sm{n}")
+                                     for n in range(10)])
+            stream_ = client._client._stream
+            return results, many, stream_.opened if stream_ is not None else 0
+
+    results, many, opened = await asyncio.to_thread(work)
+    assert all(r.acked for r in results) and opened == 1
+    assert all(isinstance(r, SendResult) and r.acked for r in many)
+    bodies = [m.body for m in sim.record("s-a").accepted]
+    assert sorted(bodies[:64]) == sorted(f"t{n}" for n in range(64))
+    assert bodies[64:] == [f"sm{n}" for n in range(10)]  # send_many keeps its order
