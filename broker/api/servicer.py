@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from broker.api import convert
+from broker.api.auth import item_guard
 from broker.api.status import streaming, unary
 from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2 as pb
@@ -39,7 +40,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def SendStream(
         self, request_iterator: AsyncIterator[pb.SendBatchRequest], context: Context
     ) -> AsyncGenerator[pb.SendBatchResponse, None]:
-        flow = self.manager.send_flow()
+        flow = self.manager.send_flow(item_guard.get())
 
         async def read() -> None:
             try:
@@ -66,7 +67,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     ) -> pb.SendBatchResponse:
         remaining = context.time_remaining()
         outcomes = await self.manager.send_many(
-            [convert.send_item(item, remaining) for item in request.items])
+            [convert.send_item(item, remaining) for item in request.items], item_guard.get())
         return pb.SendBatchResponse(results=[
             convert.send_result(item.ref, outcome)
             for item, outcome in zip(request.items, outcomes, strict=True)])

@@ -37,7 +37,7 @@ from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
-from broker.runtime.sendflow import SendFlow, SendItem, send_all
+from broker.runtime.sendflow import Guard, SendFlow, SendItem, send_all
 from broker.runtime.watch import Watched
 from broker.store.base import (
     Accepted,
@@ -348,13 +348,17 @@ class SessionManager:
             )
         return SendOutcome(message, accepted.duplicate, result)
 
-    def send_flow(self) -> SendFlow:
-        """A many-Sends call (SendStream): items in, outcomes out as they finish."""
-        return SendFlow(self._send_item)
+    def send_flow(self, guard: Guard | None = None) -> SendFlow:
+        """A many-Sends call (SendStream): items in, outcomes out as they finish;
+        `guard(session_id)` may refuse one item (say, a token's tenants)."""
+        return SendFlow(self._send_item, guard=guard)
 
-    async def send_many(self, items: Sequence[SendItem]) -> list[SendOutcome | BrokerError]:
+    async def send_many(
+        self, items: Sequence[SendItem], guard: Guard | None = None
+    ) -> list[SendOutcome | BrokerError]:
         """Every item's outcome, in item order (SendBatch)."""
-        return cast(list[SendOutcome | BrokerError], await send_all(self._send_item, items))
+        outcomes = await send_all(self._send_item, items, guard)
+        return cast(list[SendOutcome | BrokerError], outcomes)
 
     async def _send_item(self, item: SendItem, placed: Callable[[], None]) -> SendOutcome:
         return await self.send(item.session_id, item.to, item.body,

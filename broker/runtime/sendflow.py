@@ -45,6 +45,8 @@ class SendOne(Protocol):
     def __call__(self, item: SendItem, placed: Callable[[], None]) -> Awaitable[object]: ...
 
 
+Guard = Callable[[str], Awaitable[None]]
+
 Outcome = object | BrokerError
 """What `SendOne` returned (the manager's SendOutcome), or the item's typed error."""
 
@@ -53,8 +55,12 @@ class SendFlow:
     """The items of one call: `submit` starts each, `results` yields (ref, outcome)
     as items finish, `close` says no more items come."""
 
-    def __init__(self, send: SendOne, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    def __init__(self, send: SendOne, max_in_flight: int = MAX_IN_FLIGHT,
+                 guard: Guard | None = None) -> None:
+        """`guard(session_id)`: checked before each item (raising a BrokerError answers
+        that item with it), e.g. whether the caller may send for the session."""
         self._send = send
+        self._guard = guard
         self._room = asyncio.Semaphore(max_in_flight)
         self._last_placed: dict[str, asyncio.Future[None]] = {}
         self._done: asyncio.Queue[tuple[int, Outcome] | None] = asyncio.Queue()
@@ -110,6 +116,8 @@ class SendFlow:
         try:
             if before is not None and not before.done():
                 await before  # the previous item of the session has its place
+            if self._guard is not None:
+                await self._guard(item.session_id)
             outcome = await self._send(item, mark_placed)
         except BrokerError as exc:
             outcome = exc
@@ -128,9 +136,10 @@ class SendFlow:
         self._done.put_nowait((item.ref, outcome))
 
 
-async def send_all(send: SendOne, items: Sequence[SendItem]) -> list[Outcome]:
+async def send_all(send: SendOne, items: Sequence[SendItem],
+                   guard: Guard | None = None) -> list[Outcome]:
     """Every item's outcome, in item order (SendBatch; refs need not be unique there)."""
-    flow = SendFlow(send, max_in_flight=max(1, len(items)))
+    flow = SendFlow(send, max_in_flight=max(1, len(items)), guard=guard)
     for position, item in enumerate(items):
         await flow.submit(replace(item, ref=position))
     flow.close()
