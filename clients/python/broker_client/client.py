@@ -286,8 +286,9 @@ class BrokerClient:
             self._stream = SendStream(self._stub, metadata)
         try:
             return await self._stream.send(request, timeout)
-        except StreamUnsupported:
-            self.coalesce = False
+        except StreamUnsupported as err:
+            if err.permanent:  # an older broker: unary Send from now on
+                self.coalesce = False
             return await self._stub.Send(request, timeout=timeout, metadata=metadata)
 
     # -- status ----------------------------------------------------------------

@@ -37,7 +37,12 @@ _ANSWER_MARGIN_S = 1.0
 
 
 class StreamUnsupported(Exception):
-    """The broker has no SendStream (an older release): use unary Send."""
+    """Send this attempt with unary Send: the broker has no SendStream (an older
+    release; ``permanent``), or the stream failed before it answered anything."""
+
+    def __init__(self, permanent: bool) -> None:
+        super().__init__("SendStream unavailable: use unary Send")
+        self.permanent = permanent
 
 
 _Call = grpc.aio.StreamStreamCall[broker_pb2.SendBatchRequest, broker_pb2.SendBatchResponse]
@@ -51,6 +56,7 @@ class _Open:
         self.outgoing: asyncio.Queue[broker_pb2.SendItem | None] = asyncio.Queue()
         self.waiting: dict[int, asyncio.Future[broker_pb2.SendResult]] = {}
         self.unsupported = False
+        self.answered = False
         self.call: _Call = stub.SendStream(self._items(), metadata=metadata)
         self.reader = asyncio.create_task(self._read())
 
@@ -74,6 +80,7 @@ class _Open:
         error: BaseException
         try:
             async for response in self.call:
+                self.answered = True
                 for result in response.results:
                     answer = self.waiting.pop(result.ref, None)
                     if answer is not None and not answer.done():
@@ -82,7 +89,12 @@ class _Open:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.UNIMPLEMENTED:
                 self.unsupported = True
-                error = StreamUnsupported()
+                error = StreamUnsupported(permanent=True)
+            elif not self.answered:
+                # Refused before any answer (the call never really opened, or a
+                # broker ending it as grpc-core reports INTERNAL): each item tries
+                # unary Send once, with its key, which says what really happened.
+                error = StreamUnsupported(permanent=False)
             else:
                 error = error_from_rpc(err)
         except asyncio.CancelledError:
@@ -122,7 +134,7 @@ class SendStream:
         """One attempt of one message, with ``timeout`` as its deadline; raises the
         same :class:`BrokerError` a unary Send would, StreamUnsupported if none."""
         if self.unsupported:
-            raise StreamUnsupported()
+            raise StreamUnsupported(permanent=True)
         stream = self._open
         if stream is None or not stream.live:
             stream = self._open = _Open(self._stub, self._metadata)
@@ -136,8 +148,8 @@ class SendStream:
             result = await asyncio.wait_for(answer, timeout + _ANSWER_MARGIN_S)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer on the send stream within {timeout:.1f}s") from None
-        except StreamUnsupported:
-            self.unsupported = True
+        except StreamUnsupported as err:
+            self.unsupported = self.unsupported or err.permanent
             raise
         finally:
             stream.waiting.pop(ref, None)
