@@ -17,6 +17,7 @@ also across `delete_session`.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -151,6 +152,14 @@ class InboundDelivery:
     record: InboundRecord
     delivery_count: int
     """1 on the first delivery to the group; grows on every redelivery."""
+
+
+def new_message_id() -> str:
+    """A fresh, unguessable message id ("m-" and 32 hex digits, as uuid4().hex gave).
+
+    os.urandom directly: uuid.uuid4() costs about 3 us here, 6% of the broker's
+    CPU in the 100-session SendStream profile (docs/benchmarks.md)."""
+    return f"m-{os.urandom(16).hex()}"
 
 
 def event_to_json(event: StatusEvent) -> str:

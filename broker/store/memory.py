@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -31,6 +30,7 @@ from broker.store.base import (
     SessionRecord,
     StatusEvent,
     event_order,
+    new_message_id,
 )
 
 _Kept = tuple[str, str, str, int, float]
@@ -228,7 +228,7 @@ class MemoryStore(OneAtATime):
                 session_id=session_id, retry_after_s=1.0,
             )
         message = OutboxMessage(
-            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=new.to,
+            session_id=session_id, message_id=new_message_id(), to=new.to,
             body=new.body, idempotency_key=new.idempotency_key, sequence=next(box.sequence),
             accepted_at=at,
         )

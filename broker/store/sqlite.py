@@ -33,7 +33,6 @@ import contextlib
 import logging
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -56,6 +55,7 @@ from broker.store.base import (
     event_from_json,
     event_order,
     event_to_json,
+    new_message_id,
 )
 from broker.store.crypto import CredentialCipher
 from broker.store.sqlite_db import Database, Txn
@@ -458,7 +458,7 @@ class SqliteStore(OneAtATime):
             last_seq += 1
             depth += 1
             message = OutboxMessage(
-                session_id=sid, message_id=f"m-{uuid.uuid4().hex}", to=new.to, body=new.body,
+                session_id=sid, message_id=new_message_id(), to=new.to, body=new.body,
                 idempotency_key=new.idempotency_key, sequence=last_seq, accepted_at=at,
             )
             c.execute("INSERT INTO messages (session_id, sequence, message_id, recipient, body, "

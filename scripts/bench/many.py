@@ -13,14 +13,18 @@ from typing import Any
 
 from scripts.bench import common, scenarios
 from scripts.bench.common import Proc
-from scripts.bench.scenarios import Config, _broker, _load
+from scripts.bench.scenarios import Config, _broker, _load, _profiled
 
 
 def _point(cfg: Config, role: str, addr: str, session: str, concurrency: int, prefix: str,
-           sessions: int = 1) -> list[str]:
+           sessions: int = 1, *, warmup: float | None = None,
+           duration: float | None = None) -> list[str]:
+    """Load-client arguments: the preset's warm-up and duration unless given."""
     return [role, "--target", addr, "--session", session, "--sessions", str(sessions),
-            "--concurrency", str(concurrency), "--warmup", str(cfg.warmup_s),
-            "--duration", str(cfg.duration_s), "--prefix", prefix]
+            "--concurrency", str(concurrency),
+            "--warmup", str(cfg.warmup_s if warmup is None else warmup),
+            "--duration", str(cfg.duration_s if duration is None else duration),
+            "--prefix", prefix]
 
 
 async def sessions(cfg: Config, workdir: Path) -> dict[str, Any]:
@@ -57,6 +61,19 @@ async def sessions(cfg: Config, workdir: Path) -> dict[str, Any]:
                 best[f"aggregate_vs_one{kind}"] = round(
                     many["throughput_rps"] / max(one["throughput_rps"], 1e-9), 3)
             out[str(n)] = {"sessions": n, "in_flight": c, **best}
+        if cfg.profile:  # where the time goes, spread against one session (SendStream)
+            n, c = cfg.many_sessions[0], cfg.many_in_flight[0]
+            secs = cfg.profile_s + 1
+            out["profiles"] = {
+                f"{n} sessions, SendStream c={c}": await _profiled(
+                    cfg, workdir, brk, _point(cfg, "stream", addr, "many", c, "pm", n,
+                                              warmup=0.5, duration=secs),
+                    "profile-many-sessions"),
+                f"one session, SendStream c={c}": await _profiled(
+                    cfg, workdir, brk, _point(cfg, "stream", addr, "one", c, "po",
+                                              warmup=0.5, duration=secs),
+                    "profile-one-session"),
+            }
         return out
     finally:
         for p in procs:
@@ -95,11 +112,17 @@ async def fairness(cfg: Config, workdir: Path) -> dict[str, Any]:
             print(f"  fairness rep {rep}: light alone p99 {alone[-1]['p99_ms']:.2f} ms, "
                   f"under flood p99 {flooded[-1]['p99_ms']:.2f} ms (flood "
                   f"{floods[-1]['throughput_rps']:.0f} rps)", flush=True)
+        profile: dict[str, Any] | None = None
+        if cfg.profile:  # the broker while the neighbour floods
+            profile = await _profiled(cfg, workdir, brk, _point(
+                cfg, "stream", addr, "flood", cfg.fairness_flood, "pf", warmup=0.5,
+                duration=cfg.profile_s + 1), "profile-fairness")
         best_alone = min(alone, key=lambda r: r["p99_ms"])
         best_flooded = min(flooded, key=lambda r: r["p99_ms"])
         return {"light_alone": best_alone, "light_under_flood": best_flooded,
                 "flood": max(floods, key=lambda r: r["throughput_rps"]),
                 "flood_in_flight": cfg.fairness_flood,
+                **({"profile": profile} if profile is not None else {}),
                 "p99_ratio": round(best_flooded["p99_ms"] / max(best_alone["p99_ms"], 1e-9), 3)}
     finally:
         for p in procs:

@@ -356,6 +356,8 @@ def render(doc: dict[str, Any], label: str) -> str:
     if isinstance(res.get("sessions"), dict) and "error" not in res["sessions"]:
         lines += ["## Many sessions: aggregate Send throughput against one session", "",
                   *_sessions_table(res["sessions"]), ""]
+        for name, prof in (res["sessions"].get("profiles") or {}).items():
+            lines += _profile_lines(f"py-spy profile of the broker: {name}", prof)
     fair = res.get("fairness")
     if isinstance(fair, dict) and "light_alone" in fair:
         lines += ["## Fairness: a light session while a neighbour floods", "",
@@ -369,6 +371,9 @@ def render(doc: dict[str, Any], label: str) -> str:
             lines.append(f"| {what} | {_f(point.get('throughput_rps'))} | "
                          f"{_f(point.get('p50_ms'), 2)} | {_f(point.get('p99_ms'), 2)} |")
         lines += ["", f"p99 under the flood / alone: {fair.get('p99_ratio')}x", ""]
+        if isinstance(fair.get("profile"), dict):
+            lines += _profile_lines("py-spy profile of the broker during the flood",
+                                    fair["profile"])
     titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
               "idle": "Idle sessions with keep-alive",
               "reconnect": "Reconnect after a transient drop (428, default policy)",
