@@ -150,6 +150,27 @@ async def test_subscription_overflow_wakes_a_waiting_reader_and_cancel_is_clean(
         assert await sub.get() is None
 
 
+async def test_memory_outbox_forgets_the_oldest_keys_in_order() -> None:
+    """The kept keys are trimmed from the front of an OrderedDict (a plain dict made
+    every trim scan all the slots deleted before it)."""
+    from collections import OrderedDict
+
+    from broker.store.base import NewMessage, OutboxBatch
+    from broker.store.memory import MemoryStore
+
+    store = MemoryStore(results_kept=3)
+    for n in range(6):
+        out = await store.apply_outbox("s1", OutboxBatch(messages=[NewMessage("+1", "b", f"k{n}")]),
+                                       max_depth=100, at=1.0)
+        mid = out.accepted[0].message.message_id  # type: ignore[union-attr]
+        await store.apply_outbox("s1", OutboxBatch(acks=[mid]), max_depth=100, at=2.0)
+    box = store._outboxes["s1"]
+    assert isinstance(box.known, OrderedDict)
+    assert [k[2] for k in box.known.values()] == ["k3", "k4", "k5"]
+    assert await store.find_by_key("s1", "k0") is None
+    assert await store.find_by_key("s1", "k5") is not None
+
+
 def test_machines_share_one_jitter_source_unless_given_one() -> None:
     a, b = SessionMachine(), SessionMachine()
     assert a._rng is b._rng
