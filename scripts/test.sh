@@ -36,6 +36,10 @@ fi
 if command -v npm >/dev/null 2>&1 && [ ! -d engines/baileys/node_modules ]; then
     (cd engines/baileys && npm ci --no-audit --no-fund --loglevel=error)
 fi
+# The benchmark's Node peer (Express + ws; scripts/bench/node/http_relay.js).
+if command -v npm >/dev/null 2>&1 && [ ! -d scripts/bench/node_modules ]; then
+    (cd scripts/bench && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 .venv/bin/python scripts/gen_proto.py --check
 .venv/bin/ruff check .

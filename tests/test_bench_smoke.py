@@ -28,17 +28,20 @@ from broker.upstream.websocket import WebsocketProvider
 from tests.redis_server import find_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SCENARIOS = ("send", "fanout", "idle", "reconnect", "flapping", "failover")
+SCENARIOS = ("send", "sessions", "fairness", "fanout", "idle", "reconnect", "flapping",
+             "failover")
+SEND_PATHS = ("grpc_echo", "upstream_ws", "relay", "aiohttp", "express", "memory", "sqlite",
+              "redis", "memory_stream", "memory_batch", "redis_stream", "client", "client_unary")
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(150)
 def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     if find_redis_server() is None:
         pytest.skip("redis-server not found: the Send-on-Redis and failover scenarios need it")
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench" / "run.py"), "--smoke",
          "--out-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=80, check=False,
+        cwd=ROOT, capture_output=True, text=True, timeout=140, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     doc = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -48,9 +51,18 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     for name in SCENARIOS:
         assert name in results, name
         assert "error" not in results[name], (name, results[name], done.stdout[-3000:])
-    for target in ("grpc_echo", "upstream_ws", "relay", "memory", "sqlite", "redis"):
+    for target in SEND_PATHS:
         point = next(iter(results["send"][target].values()))
-        assert point["n"] > 0, (target, point)
+        assert point["n"] > 0 and not point["errors"], (target, point)
+    for n in ("3", "6"):  # the smoke preset: 3 and 6 sessions
+        point = results["sessions"][n]
+        for path in ("one_session", "many_sessions", "one_session_stream",
+                     "many_sessions_stream"):
+            assert point[path]["n"] > 0 and not point[path]["errors"], (path, point)
+        assert point["aggregate_vs_one"] > 0
+    fair = results["fairness"]
+    assert fair["light_alone"]["n"] > 0 and fair["light_under_flood"]["n"] > 0, fair
+    assert fair["flood"]["n"] > 0 and fair["p99_ratio"] > 0, fair
     commits = results["send"]["sqlite_group_commit"]
     assert 0 < commits["transactions"] <= commits["writes"], commits
     assert commits["messages"] > 0, commits
@@ -64,6 +76,10 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     assert {t["target"] for t in run["targets"]}
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "## Targets" in markdown and "architecture floor" in markdown
+    assert "HTTP relay, aiohttp" in markdown and "Express + ws" in markdown
+    assert "## Many sessions" in markdown and "## Fairness" in markdown
+    assert any(t["target"].startswith("SendStream memory") and t["met"] is not None
+               for t in run["targets"])
 
 
 def test_the_run_by_run_table_lines_up_runs_that_measured_different_scenarios() -> None:
@@ -132,6 +148,27 @@ async def test_subscription_overflow_wakes_a_waiting_reader_and_cancel_is_clean(
         got = await asyncio.wait_for(waiting, 1)
         assert got is not None and got.sequence == 2
         assert await sub.get() is None
+
+
+async def test_memory_outbox_forgets_the_oldest_keys_in_order() -> None:
+    """The kept keys are trimmed from the front of an OrderedDict (a plain dict made
+    every trim scan all the slots deleted before it)."""
+    from collections import OrderedDict
+
+    from broker.store.base import NewMessage, OutboxBatch
+    from broker.store.memory import MemoryStore
+
+    store = MemoryStore(results_kept=3)
+    for n in range(6):
+        out = await store.apply_outbox("s1", OutboxBatch(messages=[NewMessage("+1", "b", f"k{n}")]),
+                                       max_depth=100, at=1.0)
+        mid = out.accepted[0].message.message_id  # type: ignore[union-attr]
+        await store.apply_outbox("s1", OutboxBatch(acks=[mid]), max_depth=100, at=2.0)
+    box = store._outboxes["s1"]
+    assert isinstance(box.known, OrderedDict)
+    assert [k[2] for k in box.known.values()] == ["k3", "k4", "k5"]
+    assert await store.find_by_key("s1", "k0") is None
+    assert await store.find_by_key("s1", "k5") is not None
 
 
 def test_machines_share_one_jitter_source_unless_given_one() -> None:

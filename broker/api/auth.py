@@ -7,7 +7,7 @@ callers. Rules:
 - ``grpc.health.v1.Health`` stays open (load-balancer and Kubernetes probes).
 - Server reflection needs any valid token.
 - ``broker.v1.Broker``: the role must grant the method's permission
-  (worker: Send/Receive/AckInbound; viewer: StreamStatus/Health/GetSession/
+  (worker: Send/SendStream/SendBatch/Receive/AckInbound; viewer: StreamStatus/Health/GetSession/
   ListSessions/GetQr; admin: all), then every session or tenant the request
   names must be in the token's tenants. A session unknown to a tenant-scoped
   token is refused like another tenant's session, so tokens cannot probe for
@@ -24,11 +24,13 @@ TOKEN_EXPIRED (UNAUTHENTICATED); WRONG_ROLE, WRONG_TENANT (PERMISSION_DENIED).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import ipaddress
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -49,13 +51,23 @@ log = logging.getLogger(__name__)
 TenantOf = Callable[[str], Awaitable[str | None]]
 """The tenant owning a session id, or None when there is no such session."""
 
+ItemGuard = Callable[[str], Awaitable[None]]
+item_guard: ContextVar[ItemGuard | None] = ContextVar("item_guard", default=None)
+"""Set for a SendStream/SendBatch call by a token limited to some tenants: the check
+of one item's session (raises PermissionDenied), so a foreign item fails alone, with
+the error a unary Send of it would get, and the call goes on."""
+
 BROKER_PREFIX = "/broker.v1.Broker/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 REFLECTION_PREFIXES = ("/grpc.reflection.",)
 
 _SESSION, _SESSIONS, _LISTING, _CREATE = "session", "sessions", "listing", "create"
+_ITEMS = "items"
+"""Many-Sends calls: each item's session is checked as the item is read (item_guard)."""
 RULES: dict[str, tuple[Permission, str]] = {
     "Send": (Permission.SEND, _SESSION),
+    "SendStream": (Permission.SEND, _ITEMS),
+    "SendBatch": (Permission.SEND, _ITEMS),
     "AckInbound": (Permission.SEND, _SESSION),
     "Receive": (Permission.SEND, _SESSIONS),
     "StreamStatus": (Permission.VIEW, _LISTING),
@@ -106,6 +118,10 @@ class Authorizer:
                 f"a {token.role.value} token may not call {name}", reason=ErrorReason.WRONG_ROLE,
                 token_id=token.id, role=token.role.value, method=name,
             )
+        if scope == _ITEMS:
+            if not token.all_tenants:
+                item_guard.set(functools.partial(self._session, token))
+            return False
         decoded = isinstance(request, Message)  # (a separate name keeps `request` Any)
         if token.all_tenants or not decoded:
             return False  # undecodable bytes: the handler answers INVALID_ARGUMENT

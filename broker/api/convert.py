@@ -10,9 +10,11 @@ import collections
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker.errors import BrokerError, ErrorReason
 from broker.lifecycle.health import Recommendation, SessionStats, Severity
 from broker.lifecycle.states import State
 from broker.runtime.manager import HealthView, QrView, SendOutcome, SessionView
+from broker.runtime.sendflow import SendItem
 from broker.runtime.watch import Origin, Watched
 from broker.store.base import InboundDelivery, StatusEvent
 from broker_client.v1 import broker_pb2 as pb
@@ -50,6 +52,27 @@ def send_response(outcome: SendOutcome) -> pb.SendResponse:
         accepted_at=timestamp(outcome.message.accepted_at),
         acked_at=timestamp(result.acked_at if result else None),
     )
+
+
+def send_item(item: pb.SendItem, time_remaining: float | None) -> SendItem:
+    """A many-Sends item: its own deadline, else what is left of the call's."""
+    request = item.request
+    timeout = item.timeout_ms / 1000 if item.timeout_ms else send_timeout(time_remaining)
+    return SendItem(ref=item.ref, session_id=request.session_id, to=request.to,
+                    body=request.body, idempotency_key=request.idempotency_key,
+                    wait=not request.no_wait, timeout=timeout)
+
+
+def send_result(ref: int, outcome: object) -> pb.SendResult:
+    """One item's answer: Send's response, or the error Send would have ended with."""
+    if isinstance(outcome, BrokerError):
+        error = pb.SendError(
+            code=outcome.code.value[0], reason=ErrorReason.Reason.Value(outcome.reason),
+            message=outcome.message, metadata=outcome.metadata,
+            retry_after_ms=int((outcome.retry_after_s or 0) * 1000))
+        return pb.SendResult(ref=ref, error=error)
+    assert isinstance(outcome, SendOutcome)
+    return pb.SendResult(ref=ref, response=send_response(outcome))
 
 
 def status_event(

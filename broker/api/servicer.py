@@ -6,13 +6,15 @@ broker.api.status maps to rich statuses in one place."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
 import grpc
 
 from broker.api import convert
+from broker.api.auth import item_guard
 from broker.api.status import streaming, unary
 from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2 as pb
@@ -33,6 +35,42 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             timeout=convert.send_timeout(context.time_remaining()),
         )
         return convert.send_response(outcome)
+
+    @streaming
+    async def SendStream(
+        self, request_iterator: AsyncIterator[pb.SendBatchRequest], context: Context
+    ) -> AsyncGenerator[pb.SendBatchResponse, None]:
+        flow = self.manager.send_flow(item_guard.get())
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    remaining = context.time_remaining()
+                    for item in request.items:
+                        await flow.submit(convert.send_item(item, remaining))
+            finally:
+                flow.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            async for finished in flow.results():
+                yield pb.SendBatchResponse(
+                    results=[convert.send_result(ref, outcome) for ref, outcome in finished])
+            await reader  # a reading error ends the call with its status
+        finally:
+            reader.cancel()
+            flow.cancel()
+
+    @unary
+    async def SendBatch(
+        self, request: pb.SendBatchRequest, context: Context
+    ) -> pb.SendBatchResponse:
+        remaining = context.time_remaining()
+        outcomes = await self.manager.send_many(
+            [convert.send_item(item, remaining) for item in request.items], item_guard.get())
+        return pb.SendBatchResponse(results=[
+            convert.send_result(item.ref, outcome)
+            for item, outcome in zip(request.items, outcomes, strict=True)])
 
     @streaming
     async def StreamStatus(

@@ -46,7 +46,7 @@ class Role(StrEnum):
 
 class Permission(StrEnum):
     SEND = "send"
-    """Send, Receive, AckInbound."""
+    """Send, SendStream, SendBatch, Receive, AckInbound."""
     VIEW = "view"
     """StreamStatus, Health, GetSession, ListSessions, GetQr."""
     MANAGE = "manage"

@@ -46,6 +46,8 @@ from broker_client.v1 import broker_pb2 as pb
 log = logging.getLogger(__name__)
 
 SEND_METHOD = "/broker.v1.Broker/Send"
+SEND_BATCH_METHOD = "/broker.v1.Broker/SendBatch"
+SEND_STREAM_METHOD = "/broker.v1.Broker/SendStream"
 #: Reason the lifecycle machine gives when a pong did not come back in time.
 KEEPALIVE_TIMED_OUT = "keep-alive timed out"
 #: Entering these ends a reconnect in progress (a person restarts from there),
@@ -208,6 +210,17 @@ class BrokerMetrics:
         self.rpc_seconds.labels(method.lstrip("/"), code.name).observe(seconds)
         if method == SEND_METHOD:
             self.sends.labels(_send_outcome(code, response, context)).inc()
+        elif method == SEND_BATCH_METHOD and isinstance(response, pb.SendBatchResponse):
+            self.on_send_results(response)
+
+    def on_send_results(self, response: pb.SendBatchResponse) -> None:
+        """Each message of a SendBatch or SendStream answer, counted as a unary Send is."""
+        for result in response.results:
+            if result.HasField("error"):
+                outcome = pb.ErrorReason.Reason.Name(result.error.reason)
+            else:
+                outcome = "acked" if result.response.status == pb.ACKED else "queued"
+            self.sends.labels(outcome).inc()
 
 
 class _SessionCollector(Collector):
@@ -327,7 +340,25 @@ class _MetricsInterceptor(ServerInterceptor):
                 self._stream(method, h.unary_stream),
                 request_deserializer=h.request_deserializer,
                 response_serializer=h.response_serializer)
-        return handler  # client and bidi streams (reflection): not measured
+        if h.stream_stream is not None and method == SEND_STREAM_METHOD:
+            return grpc.stream_stream_rpc_method_handler(
+                self._send_stream(method, h.stream_stream),
+                request_deserializer=h.request_deserializer,
+                response_serializer=h.response_serializer)
+        return handler  # other client and bidi streams (reflection): not measured
+
+    def _send_stream(self, method: str, behavior: Any) -> Any:
+        """SendStream: an open stream like the others, and every message's outcome."""
+        counted = self._stream(method, behavior)
+        metrics = self._metrics
+
+        async def each(requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+                       ) -> AsyncIterator[Any]:
+            async for response in counted(requests, context):
+                metrics.on_send_results(response)
+                yield response
+
+        return each
 
     def _unary(self, method: str, behavior: Any) -> Any:
         metrics = self._metrics

@@ -11,12 +11,14 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from broker import validation
 from broker.config import Settings
 from broker.errors import (
+    BrokerError,
     ErrorReason,
     InvalidArgument,
     NotDeliveredYet,
@@ -36,6 +38,7 @@ from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
+from broker.runtime.sendflow import Guard, SendFlow, SendItem, send_all
 from broker.runtime.watch import Watched
 from broker.store.base import (
     Accepted,
@@ -49,6 +52,10 @@ from broker.upstream.provider import PairingUnavailable, Provider
 
 log = logging.getLogger(__name__)
 MIN_SEND_TIMEOUT_S = 0.01
+
+
+def _nothing() -> None:
+    """`placed` of a lone Send: nobody waits for its place."""
 LIST_CONCURRENCY = 64
 
 _NOT_READY: dict[State, tuple[Reason, str]] = {
@@ -328,7 +335,11 @@ class SessionManager:
         idempotency_key: str = "",
         wait: bool = True,
         timeout: float | None = None,
+        placed: Callable[[], None] | None = None,
     ) -> SendOutcome:
+        """Queue a message and, with `wait`, wait up to `timeout` for its ack.
+        `placed()` is called once the message's outbox position is fixed: what lets
+        a many-Sends call keep each session's order (SendFlow)."""
         validation.session_id(session_id)
         validation.recipient(to)
         validation.body(body, self.settings.max_body_bytes)
@@ -349,7 +360,8 @@ class SessionManager:
         actor = self.actors.get(session_id)
         record = None if actor is not None else await self._record(session_id)
 
-        accepted = await self._accept(session_id, record, actor, to, body, key)
+        accepted = await self._accept(session_id, record, actor, to, body, key,
+                                      placed or _nothing)
         message = accepted.message
         if accepted.result is not None or not wait:
             return SendOutcome(message, accepted.duplicate, accepted.result)
@@ -364,9 +376,26 @@ class SessionManager:
             )
         return SendOutcome(message, accepted.duplicate, result)
 
+    def send_flow(self, guard: Guard | None = None) -> SendFlow:
+        """A many-Sends call (SendStream): items in, outcomes out as they finish;
+        `guard(session_id)` may refuse one item (say, a token's tenants)."""
+        return SendFlow(self._send_item, guard=guard)
+
+    async def send_many(
+        self, items: Sequence[SendItem], guard: Guard | None = None
+    ) -> list[SendOutcome | BrokerError]:
+        """Every item's outcome, in item order (SendBatch)."""
+        outcomes = await send_all(self._send_item, items, guard)
+        return cast(list[SendOutcome | BrokerError], outcomes)
+
+    async def _send_item(self, item: SendItem, placed: Callable[[], None]) -> SendOutcome:
+        return await self.send(item.session_id, item.to, item.body,
+                               idempotency_key=item.idempotency_key, wait=item.wait,
+                               timeout=item.timeout, placed=placed)
+
     async def _accept(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None,
-        to: str, body: str, key: str,
+        to: str, body: str, key: str, placed: Callable[[], None],
     ) -> Accepted:
         """Queue the message, or find the one an earlier call queued under the key.
 
@@ -389,6 +418,9 @@ class SessionManager:
             # Before enqueue: a message over the limit is never queued, so never sent.
             await admit(self.limiter, session_id)
         if actor is not None:
+            # The actor's write batch takes the message before this call first
+            # suspends: its place is fixed once placed() lets the next one go.
+            placed()
             try:
                 return await actor.enqueue(NewMessage(to, body, key))
             except NotOwner:
@@ -396,6 +428,7 @@ class SessionManager:
         accepted = await self.store.enqueue(
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
         )
+        placed()
         if not accepted.duplicate:
             await self.placement.forward(Op.KICK, session_id)
         return accepted

@@ -33,6 +33,8 @@ export interface BrokerClientOptions {
   /** broker.proto to load (default: ../../proto/broker/v1/broker.proto or BROKER_PROTO_PATH). */
   protoPath?: string;
   channelOptions?: ChannelOptions;
+  /** Carry concurrent send() calls on one SendStream call (default true; false: unary Send). */
+  coalesce?: boolean;
 }
 
 export interface SendOptions {
@@ -148,6 +150,11 @@ export class BrokerClient {
   constructor(target?: string, options?: BrokerClientOptions);
   readonly target: string;
   send(sessionId: string, to: string, body: string, options?: SendOptions): Promise<SendResult>;
+  /** Each message's result, or the BrokerError send() would have thrown (returned), in order. */
+  sendMany(
+    messages: { sessionId: string; to: string; body: string; idempotencyKey?: string }[],
+    options?: Omit<SendOptions, 'idempotencyKey'>,
+  ): Promise<(SendResult | BrokerError)[]>;
   watchStatus(options?: WatchOptions): StatusWatch;
   health(sessionIds?: string[], tenant?: string): Promise<SessionHealth[]>;
   createSession(sessionId: string, options?: { tenant?: string; start?: boolean }): Promise<Session>;

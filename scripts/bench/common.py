@@ -166,6 +166,19 @@ def role(name: str, module: str, args: list[str], workdir: Path, *,
     return Proc(name, [PY, "-m", f"scripts.bench.{module}", *args], workdir, env, stdin)
 
 
+BENCH = ROOT / "scripts" / "bench"
+
+
+def node_peer(name: str, workdir: Path, upstream_url: str, control_url: str) -> Proc:
+    """The Express + ws relay peer (scripts/bench/node/http_relay.js), its packages
+    installed from the harness's own lockfile on first use (`npm ci`)."""
+    if not (BENCH / "node_modules" / "express").is_dir():
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+                       cwd=BENCH, check=True, timeout=300)
+    return Proc(name, ["node", str(BENCH / "node" / "http_relay.js"), "--upstream-url",
+                       upstream_url, "--control-url", control_url], workdir)
+
+
 def broker(name: str, workdir: Path, upstream_url: str, *, store: str = "memory://",
            extra: Sequence[str] = (), env: dict[str, str] | None = None,
            timeout: float = 30.0) -> tuple[Proc, str]:

@@ -2,6 +2,10 @@
 ``RESULT {json}`` line and exits. Every loop is bounded in count and in time.
 
 - ``send``: closed-loop unary Send at a fixed concurrency (broker, relay and echo alike);
+- ``stream``: the same closed loop on one SendStream call (``concurrency`` items in flight);
+- ``batch``: SendBatch calls of ``--batch`` items, ``concurrency / batch`` calls in flight;
+- ``client``: ``BrokerClient.send()`` from ``concurrency`` callers (``--no-coalesce``: unary);
+- ``http``: the same closed loop against an HTTP relay peer (``POST /send``);
 - ``ws``: the upstream floor, send-and-ack over one websocket straight to the simulator;
 - ``fanout``: N StreamStatus subscribers; latency from each event's `at` to its arrival;
 - ``reliable``: Sends retried with the same key until acked, for the drop schedule;
@@ -72,7 +76,7 @@ async def run_send(args: argparse.Namespace) -> None:
             while budget[0] > 0 and time.perf_counter() < hard_stop:
                 budget[0] -= 1
                 n += 1
-                request = pb.SendRequest(session_id=args.session, to="+15550100",
+                request = pb.SendRequest(session_id=_session(args, w), to="+15550100",
                                          body=f"{args.prefix} {w} {n}",
                                          idempotency_key=f"{args.prefix}-{w}-{n}")
                 started = time.perf_counter()
@@ -83,6 +87,183 @@ async def run_send(args: argparse.Namespace) -> None:
                     continue
                 if response.status != pb.ACKED:
                     window.error("NOT_ACKED")
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+# -- stream, batch, client (the high-throughput Send paths) ----------------------------
+
+def _item(args: argparse.Namespace, ref: int, w: int, n: int) -> pb.SendItem:
+    return pb.SendItem(ref=ref, request=pb.SendRequest(
+        session_id=_session(args, w), to="+15550100", body=f"{args.prefix} {w} {n}",
+        idempotency_key=f"{args.prefix}-{w}-{n}"))
+
+
+def _session(args: argparse.Namespace, w: int) -> str:
+    """Worker w's session: `--sessions N` spreads workers over N sessions `<session>-<i>`."""
+    return args.session if args.sessions <= 1 else f"{args.session}-{w % args.sessions}"
+
+
+async def run_stream(args: argparse.Namespace) -> None:
+    """`concurrency` workers, each with one item in flight on one shared SendStream."""
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        outgoing: asyncio.Queue[pb.SendItem | None] = asyncio.Queue()
+        waiting: dict[int, asyncio.Future[pb.SendResult]] = {}
+
+        async def requests() -> Any:
+            """What is queued by the time the stream can write, in one request."""
+            while (it := await outgoing.get()) is not None:
+                items = [it]
+                while not outgoing.empty() and (more := outgoing.get_nowait()) is not None:
+                    items.append(more)
+                yield pb.SendBatchRequest(items=items)
+
+        call = pb_grpc.BrokerStub(channel).SendStream(requests())
+
+        async def read() -> None:
+            async for response in call:
+                for result in response.results:
+                    fut = waiting.pop(result.ref, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(result)
+
+        reader = asyncio.create_task(read())
+        refs = itertools.count(1)
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= 1
+                n += 1
+                ref = next(refs)
+                fut: asyncio.Future[pb.SendResult] = asyncio.get_running_loop().create_future()
+                waiting[ref] = fut
+                started = time.perf_counter()
+                outgoing.put_nowait(_item(args, ref, w, n))
+                try:
+                    result = await asyncio.wait_for(fut, args.timeout)
+                except TimeoutError:
+                    window.error("TIMEOUT")
+                    continue
+                if result.HasField("error"):
+                    window.error(pb.ErrorReason.Reason.Name(result.error.reason))
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+        outgoing.put_nowait(None)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await asyncio.wait_for(reader, 10)
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+async def run_batch(args: argparse.Namespace) -> None:
+    """Closed-loop SendBatch calls of `--batch` items; every item's latency is its call's."""
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    calls = max(1, args.concurrency // args.batch)
+    async with grpc.aio.insecure_channel(args.target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), 10)
+        stub = pb_grpc.BrokerStub(channel)
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= args.batch
+                items = []
+                for i in range(args.batch):
+                    n += 1
+                    items.append(_item(args, i, w * args.batch + i, n))
+                started = time.perf_counter()
+                try:
+                    response = await stub.SendBatch(pb.SendBatchRequest(items=items),
+                                                    timeout=args.timeout)
+                except grpc.aio.AioRpcError as exc:
+                    window.error(exc.code().name)
+                    continue
+                finished = time.perf_counter()
+                for result in response.results:
+                    if result.HasField("error"):
+                        window.error(pb.ErrorReason.Reason.Name(result.error.reason))
+                    else:
+                        window.record(started, finished)
+
+        await asyncio.gather(*(worker(w) for w in range(calls)))
+    _result(**window.report(args.duration, concurrency=calls * args.batch))
+
+
+async def run_client(args: argparse.Namespace) -> None:
+    """The project's own client: `concurrency` callers of BrokerClient.send()."""
+    from broker_client import BrokerClient, BrokerError
+
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    async with BrokerClient(args.target, timeout=args.timeout,
+                            coalesce=not args.no_coalesce) as client:
+        await client.list_sessions()  # connected before the clock starts
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= 1
+                n += 1
+                started = time.perf_counter()
+                try:
+                    result = await client.send(_session(args, w), "+15550100",
+                                               f"{args.prefix} {w} {n}",
+                                               idempotency_key=f"{args.prefix}-{w}-{n}")
+                except BrokerError as exc:
+                    window.error(exc.reason or exc.code.name)
+                    continue
+                if not result.acked:
+                    window.error("NOT_ACKED")
+                    continue
+                window.record(started, time.perf_counter())
+
+        await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
+    _result(**window.report(args.duration, concurrency=args.concurrency))
+
+
+# -- http (the relay peers users run today) ------------------------------------------
+
+async def run_http(args: argparse.Namespace) -> None:
+    """Closed-loop ``POST /send`` on keep-alive connections, one per worker."""
+    import aiohttp
+
+    window = Window(args.warmup, args.duration)
+    hard_stop = window.end + 0.001
+    url = f"{args.target}/send"
+    connector = aiohttp.TCPConnector(limit=args.concurrency)
+    timeout = aiohttp.ClientTimeout(total=args.timeout)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        budget = [args.max_requests]
+
+        async def worker(w: int) -> None:
+            n = 0
+            while budget[0] > 0 and time.perf_counter() < hard_stop:
+                budget[0] -= 1
+                n += 1
+                payload = {"session_id": args.session, "to": "+15550100",
+                           "body": f"{args.prefix} {w} {n}",
+                           "idempotency_key": f"{args.prefix}-{w}-{n}"}
+                started = time.perf_counter()
+                try:
+                    async with http.post(url, json=payload) as response:
+                        answer = await response.json()
+                        if response.status != 200 or answer.get("status") != "ACKED":
+                            window.error(f"HTTP_{response.status}")
+                            continue
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    window.error(type(exc).__name__)
                     continue
                 window.record(started, time.perf_counter())
 
@@ -398,7 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_nofile()
     parser = argparse.ArgumentParser(prog="python -m scripts.bench.load")
     sub = parser.add_subparsers(dest="role", required=True)
-    for name in ("send", "ws", "reliable", "ideal"):
+    for name in ("send", "stream", "batch", "client", "http", "ws", "reliable", "ideal"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="")
         p.add_argument("--upstream-url", default="")
@@ -412,6 +593,11 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--max-requests", type=int, default=1_000_000)
         p.add_argument("--timeout", type=float, default=30.0)
         p.add_argument("--prefix", default="b")
+        p.add_argument("--sessions", type=int, default=1,
+                       help="spread workers over N sessions <session>-0 .. <session>-N-1")
+        p.add_argument("--batch", type=int, default=16, help="items per SendBatch (batch)")
+        p.add_argument("--no-coalesce", action="store_true",
+                       help="client: unary Send per call (BrokerClient(coalesce=False))")
         p.add_argument("--wait-go", action="store_true",
                        help="print READY, then start on a line on stdin (reliable)")
     fan = sub.add_parser("fanout")
@@ -421,7 +607,8 @@ def main(argv: list[str] | None = None) -> None:
     fan.add_argument("--channels", type=int, default=10)
     fan.add_argument("--max-seconds", type=float, default=120.0)
     args = parser.parse_args(argv)
-    runner = {"send": run_send, "ws": run_ws, "fanout": run_fanout,
+    runner = {"send": run_send, "stream": run_stream, "batch": run_batch,
+              "client": run_client, "http": run_http, "ws": run_ws, "fanout": run_fanout,
               "reliable": run_reliable, "ideal": run_ideal}[args.role]
     asyncio.run(runner(args))
 

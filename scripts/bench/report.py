@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 NOTES = Path(__file__).with_name("NOTES.md")
-SCENARIO_KEYS = ("send", "fanout", "idle", "reconnect", "flapping", "failover")
+SCENARIO_KEYS = ("send", "sessions", "fairness", "fanout", "idle", "reconnect", "flapping",
+                 "failover")
 
 
 def _get(data: Any, *path: str) -> Any:
@@ -80,7 +81,41 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{worst / 1000:.2f} s" + (f", {missing:.0f} not reopened" if missing else ""))
     else:
         add("Failover kill -> OPEN", None, "< TTL + 1 s", None, "")
+    _issue13_targets(results, add)
     return out
+
+
+def _issue13_targets(results: dict[str, Any], add: Any) -> None:
+    """Against what users run today (the HTTP relay peers) and the floors, same run."""
+    send = results.get("send") or {}
+    top = max((int(c) for c in (send.get("aiohttp") or {})), default=64)
+    c = str(top)
+
+    def rps(path: str) -> float | None:
+        return _num(_get(send, path, c, "throughput_rps"))
+
+    def ratio(a: str, b: str, goal: float, name: str) -> None:
+        x, y = rps(a), rps(b)
+        value = x / y if x is not None and y else None
+        add(name, value, f">= {goal}x", value is not None and value >= goal,
+            f"{value:.2f}x" if value is not None else "")
+
+    ratio("memory_stream", "aiohttp", 2.0, f"SendStream memory c={c} vs aiohttp peer")
+    ratio("memory_stream", "upstream_ws", 0.7, f"SendStream memory c={c} vs websocket floor")
+    ratio("redis_stream", "aiohttp", 1.5, f"SendStream Redis c={c} vs aiohttp peer")
+    ratio("client", "aiohttp", 1.5, f"client.send() x{c} callers (coalescing) vs aiohttp peer")
+    ratio("memory", "grpc_echo", 0.95, f"unary Send memory c={c} vs grpc.aio echo floor")
+    ratio("memory", "express", 1.0, f"unary Send memory c={c} vs Express peer")
+    measured = sorted((k for k in (results.get("sessions") or {}) if k.isdigit()), key=int)
+    for n in [*measured, "100", "1000"][:2] if measured else ("100", "1000"):
+        point = _get(results, "sessions", n) or {}
+        value = _num(point.get("aggregate_vs_one"))
+        add(f"{n} sessions, {point.get('in_flight', '?')} in flight: aggregate vs one session",
+            value, ">= 0.9x", value is not None and value >= 0.9,
+            f"{value:.2f}x" if value is not None else "")
+    value = _num(_get(results, "fairness", "p99_ratio"))
+    add("Fairness: light session p99 under a neighbour's flood vs alone", value, "<= 2x",
+        value is not None and value <= 2.0, f"{value:.2f}x" if value is not None else "")
 
 
 def _flapping_targets(flap: dict[str, Any], add: Any) -> None:
@@ -113,25 +148,69 @@ def _f(value: Any, digits: int = 1) -> str:
     return "n/a" if number is None else f"{number:,.{digits}f}"
 
 
-def _send_table(send: dict[str, Any]) -> list[str]:
+SEND_LABELS = {
+    "grpc_echo": "gRPC floor (grpc.aio echo)",
+    "upstream_ws": "upstream floor (websocket send+ack)",
+    "relay": "architecture floor (minimal gRPC relay)",
+    "aiohttp": "peer: HTTP relay, aiohttp (the seed's design)",
+    "express": "peer: HTTP relay, Express + ws (the seed's design)",
+    "memory": "broker Send, memory store",
+    "sqlite": "broker Send, SQLite store (synchronous=FULL)",
+    "redis": "broker Send, Redis store",
+    "memory_stream": "broker SendStream, memory store",
+    "memory_batch": "broker SendBatch (16 a call), memory store",
+    "redis_stream": "broker SendStream, Redis store",
+    "client": "BrokerClient.send(), coalescing (memory)",
+    "client_unary": "BrokerClient.send(coalesce=False), unary (memory)",
+}
+"""The Send paths in the order shown; paths not listed here follow in the results' order."""
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "n/a"
+
+
+def _send_table(send: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
+    """Every path at every concurrency, with its throughput as a ratio of the peers'
+    and of the relay floor's at the same concurrency, and its p99 as the relay's."""
     lines = ["| path | concurrency | throughput (req/s) | p50 (ms) | p99 (ms) | "
-             "throughput / relay | p99 / relay | errors |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    labels = {"grpc_echo": "gRPC floor (grpc.aio echo)",
-              "upstream_ws": "upstream floor (websocket send+ack)",
-              "relay": "architecture floor (minimal relay)", "memory": "broker, memory store",
-              "sqlite": "broker, SQLite store (synchronous=FULL)", "redis": "broker, Redis store"}
+             "/ aiohttp | / Express | / relay | p99 / relay | errors |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    labels = labels or SEND_LABELS
     for target, label in labels.items():
         for c, point in sorted((send.get(target) or {}).items(), key=lambda kv: int(kv[0])):
-            relay = _get(send, "relay", c) or {}
-            rps, rrps = _num(point.get("throughput_rps")), _num(relay.get("throughput_rps"))
-            p99, rp99 = _num(point.get("p99_ms")), _num(relay.get("p99_ms"))
-            tr = f"{rps / rrps:.2f}x" if rps is not None and rrps else "n/a"
-            pr = f"{p99 / rp99:.2f}x" if p99 is not None and rp99 else "n/a"
+            if not isinstance(point, dict):
+                continue
+
+            def base(peer: str, key: str, c: str = c) -> float | None:
+                return _num(_get(send, peer, c, key))
+
+            rps, p99 = _num(point.get("throughput_rps")), _num(point.get("p99_ms"))
             errors = point.get("errors") or {}
-            lines.append(f"| {label} | {c} | {_f(rps)} | {_f(point.get('p50_ms'), 2)} | "
-                         f"{_f(p99, 2)} | {tr} | {pr} | "
-                         f"{', '.join(f'{k} {v}' for k, v in errors.items()) or '-'} |")
+            lines.append(
+                f"| {label} | {c} | {_f(rps)} | {_f(point.get('p50_ms'), 2)} | {_f(p99, 2)} | "
+                f"{_ratio(rps, base('aiohttp', 'throughput_rps'))} | "
+                f"{_ratio(rps, base('express', 'throughput_rps'))} | "
+                f"{_ratio(rps, base('relay', 'throughput_rps'))} | "
+                f"{_ratio(p99, base('relay', 'p99_ms'))} | "
+                f"{', '.join(f'{k} {v}' for k, v in errors.items()) or '-'} |")
+    return lines
+
+
+def _sessions_table(data: dict[str, Any]) -> list[str]:
+    lines = ["| sessions | in flight | path | one session (req/s, p99 ms) | "
+             "spread over the sessions (req/s, p99 ms) | aggregate / one |",
+             "| ---: | ---: | --- | --- | --- | ---: |"]
+    for n, point in sorted(data.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+        if not isinstance(point, dict) or "sessions" not in point:
+            continue
+        for kind, label in (("", "unary Send"), ("_stream", "SendStream")):
+            one = point.get(f"one_session{kind}") or {}
+            many = point.get(f"many_sessions{kind}") or {}
+            lines.append(f"| {n} | {point.get('in_flight')} | {label} | "
+                         f"{_f(one.get('throughput_rps'))}, {_f(one.get('p99_ms'))} | "
+                         f"{_f(many.get('throughput_rps'))}, {_f(many.get('p99_ms'))} | "
+                         f"{point.get(f'aggregate_vs_one{kind}', 'n/a')}x |")
     return lines
 
 
@@ -274,6 +353,27 @@ def render(doc: dict[str, Any], label: str) -> str:
                       "transaction; each outbox write carries the Sends and acks its session "
                       f"gathered, and writes queued during a commit share the next one: "
                       f"{commits['writes']} writes in all).", ""]
+    if isinstance(res.get("sessions"), dict) and "error" not in res["sessions"]:
+        lines += ["## Many sessions: aggregate Send throughput against one session", "",
+                  *_sessions_table(res["sessions"]), ""]
+        for name, prof in (res["sessions"].get("profiles") or {}).items():
+            lines += _profile_lines(f"py-spy profile of the broker: {name}", prof)
+    fair = res.get("fairness")
+    if isinstance(fair, dict) and "light_alone" in fair:
+        lines += ["## Fairness: a light session while a neighbour floods", "",
+                  "| light session (one Send at a time) | throughput (req/s) | p50 (ms) | "
+                  "p99 (ms) |", "| --- | ---: | ---: | ---: |"]
+        flood_rps = _f(_get(fair, "flood", "throughput_rps"))
+        flooded = (f"while a neighbour floods on SendStream ({fair.get('flood_in_flight')} "
+                   f"in flight, {flood_rps} req/s)")
+        for key, what in (("light_alone", "alone"), ("light_under_flood", flooded)):
+            point = fair[key]
+            lines.append(f"| {what} | {_f(point.get('throughput_rps'))} | "
+                         f"{_f(point.get('p50_ms'), 2)} | {_f(point.get('p99_ms'), 2)} |")
+        lines += ["", f"p99 under the flood / alone: {fair.get('p99_ratio')}x", ""]
+        if isinstance(fair.get("profile"), dict):
+            lines += _profile_lines("py-spy profile of the broker during the flood",
+                                    fair["profile"])
     titles = {"fanout": "StreamStatus fan-out (event `at` to arrival)",
               "idle": "Idle sessions with keep-alive",
               "reconnect": "Reconnect after a transient drop (428, default policy)",

@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench/run.py --only send     # one scenario (repeatable)
     .venv/bin/python scripts/bench/run.py --smoke --out-dir /tmp/b   # seconds; for the test
 
-Scenarios: send (with the three floors), fanout, idle, reconnect, flapping,
+Scenarios: send (with the floors and the HTTP relay peers), sessions (100 and
+1,000 sessions), fairness, fanout, idle, reconnect, flapping,
 failover. Results are stored under a label (`--label`, default `latest`); a
 run with `--only` merges into the label's earlier results. These are
 benchmarks: they print numbers and never fail on a threshold.
@@ -35,7 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from scripts.bench import report  # noqa: E402
-from scripts.bench.scenarios import PRESETS, SCENARIOS  # noqa: E402
+from scripts.bench.many import SCENARIOS  # noqa: E402
+from scripts.bench.scenarios import PRESETS  # noqa: E402
 
 
 def _cpu_model() -> str:
@@ -60,6 +62,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=ROOT / "docs",
                         help="where benchmarks.md and benchmarks.json go (default docs/)")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
+    parser.add_argument("--concurrency", action="append", type=int, default=[], metavar="N",
+                        help="Send points at these concurrencies only (repeatable)")
     args = parser.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -73,6 +77,8 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     cfg = PRESETS["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.no_profile:
         cfg = replace(cfg, profile=False)
+    if args.concurrency:
+        cfg = replace(cfg, concurrencies=tuple(args.concurrency))
     results: dict[str, Any] = {}
     for name, scenario in SCENARIOS.items():
         if args.only and name not in args.only:

@@ -51,6 +51,11 @@ class Config:
     failover_rounds: int = 2
     failover_ttl_s: float = 10.0
     failover_sessions: int = 6
+    #: Many sessions: session counts, each with the matching total in flight.
+    many_sessions: tuple[int, ...] = (100, 1000)
+    many_in_flight: tuple[int, ...] = (64, 1024)
+    #: Fairness: the flooding neighbour's items in flight (SendStream).
+    fairness_flood: int = 256
     extra_profiles: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,7 +69,8 @@ PRESETS: dict[str, Config] = {
                     profile=False, fanout_subscribers=10, fanout_changes=1, idle_sessions=5,
                     idle_window_s=0.5, idle_settle_s=0.2, reconnect_sessions=2,
                     flap_s=1.0, flap_drain_s=15.0, failover_rounds=1, failover_ttl_s=1.5,
-                    failover_sessions=2),
+                    failover_sessions=2, many_sessions=(3, 6), many_in_flight=(4, 8),
+                    fairness_flood=8),
 }
 
 
@@ -116,7 +122,10 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
         echo = common.role("echo", "servers", ["echo"], workdir)
         relay = common.role("relay", "servers", ["relay", "--upstream-url", upstream,
                                                  "--control-url", ctl], workdir)
-        procs += [echo, relay]
+        aio = common.role("http-relay", "servers", ["http-relay", "--upstream-url", upstream,
+                                                    "--control-url", ctl], workdir)
+        express = common.node_peer("express-relay", workdir, upstream, ctl)
+        procs += [echo, relay, aio, express]
         env = common.credential_env()
         (mem, mem_addr), (lite, lite_addr), (red, red_addr) = await asyncio.gather(
             _broker("broker-memory", workdir, upstream),
@@ -125,7 +134,8 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             _broker("broker-redis", workdir, upstream, store=redis.url, env=env),
         )
         procs += [mem, lite, red]
-        echo_info, relay_info = await _ready_all([echo, relay])
+        echo_info, relay_info, aio_info, express_info = await _ready_all(
+            [echo, relay, aio, express])
         await asyncio.gather(common.pair_sessions(mem_addr, ctl, ["s-mem"]),
                              common.pair_sessions(lite_addr, ctl, ["s-sqlite"]),
                              common.pair_sessions(red_addr, ctl, ["s-redis"]))
@@ -133,9 +143,18 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             "grpc_echo": ["send", "--target", echo_info["address"], "--session", "s-echo"],
             "upstream_ws": ["ws", "--upstream-url", upstream, "--control-url", ctl],
             "relay": ["send", "--target", relay_info["address"], "--session", "s-relay"],
+            "aiohttp": ["http", "--target", aio_info["url"], "--session", "s-aiohttp"],
+            "express": ["http", "--target", express_info["url"], "--session", "s-express"],
             "memory": ["send", "--target", mem_addr, "--session", "s-mem"],
             "sqlite": ["send", "--target", lite_addr, "--session", "s-sqlite"],
             "redis": ["send", "--target", red_addr, "--session", "s-redis"],
+            "memory_stream": ["stream", "--target", mem_addr, "--session", "s-mem"],
+            "memory_batch": ["batch", "--target", mem_addr, "--session", "s-mem",
+                             "--batch", "16"],
+            "redis_stream": ["stream", "--target", red_addr, "--session", "s-redis"],
+            "client": ["client", "--target", mem_addr, "--session", "s-mem"],
+            "client_unary": ["client", "--target", mem_addr, "--session", "s-mem",
+                             "--no-coalesce"],
         }
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {} for t in targets}
         for rep in range(cfg.reps):

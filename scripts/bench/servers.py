@@ -6,6 +6,9 @@
   every stream on request (the fan-out floor).
 - ``relay``: the minimal relay, gRPC in and websocket out to the simulator, one
   connection per session, no persistence, no lifecycle (the architecture floor).
+- ``http-relay``: the seed's own design, the peer users run today: an aiohttp HTTP
+  API that owns one websocket per login and answers ``POST /send`` after the
+  upstream ack (its Node twin, Express + ``ws``, is ``node/http_relay.js``).
 
 Each prints ``READY {json}`` on stdout once it serves, then runs until SIGTERM.
 """
@@ -183,14 +186,16 @@ class _Upstream:
         return mid, await fut
 
 
-class Relay(pb_grpc.BrokerServicer):
+class _Links:
+    """One upstream websocket per login, opened on first use (concurrent first
+    uses share the opening)."""
+
     def __init__(self, url: str, control: str) -> None:
         self.url, self.control = url, control
         self.links: dict[str, _Upstream] = {}
         self.opening: dict[str, asyncio.Task[_Upstream]] = {}
-        self._seq = itertools.count(1)
 
-    async def _link(self, session_id: str) -> _Upstream:
+    async def get(self, session_id: str) -> _Upstream:
         link = self.links.get(session_id)
         if link is not None:
             return link
@@ -205,9 +210,20 @@ class Relay(pb_grpc.BrokerServicer):
         self.links[session_id] = link
         return link
 
+    async def close(self) -> None:
+        for link in self.links.values():
+            with contextlib.suppress(Exception):
+                await link.ws.close()
+
+
+class Relay(pb_grpc.BrokerServicer):
+    def __init__(self, url: str, control: str) -> None:
+        self.links = _Links(url, control)
+        self._seq = itertools.count(1)
+
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         accepted = time.time()
-        link = await self._link(request.session_id)
+        link = await self.links.get(request.session_id)
         mid, acked = await link.send(request.to, request.body)
         return pb.SendResponse(message_id=mid, status=pb.ACKED, sequence=next(self._seq),
                                accepted_at=_ts(accepted), acked_at=_ts(acked))
@@ -216,9 +232,35 @@ class Relay(pb_grpc.BrokerServicer):
 async def run_relay(args: argparse.Namespace) -> None:
     relay = Relay(args.upstream_url, args.control_url)  # type: ignore[abstract]
     await _serve(relay)
-    for link in relay.links.values():
-        with contextlib.suppress(Exception):
-            await link.ws.close()
+    await relay.links.close()
+
+
+# -- the peer users run today: an HTTP relay (aiohttp) -------------------------------
+
+async def run_http_relay(args: argparse.Namespace) -> None:
+    """``POST /send`` with JSON ``{session_id, to, body}``: relayed on the login's one
+    websocket, answered ``{message_id, status, acked_at}`` once the upstream acks."""
+    from aiohttp import web
+
+    links = _Links(args.upstream_url, args.control_url)
+
+    async def send(request: web.Request) -> web.Response:
+        data = await request.json()
+        link = await links.get(data["session_id"])
+        mid, acked = await link.send(data["to"], data["body"])
+        return web.json_response({"message_id": mid, "status": "ACKED", "acked_at": acked})
+
+    app = web.Application()
+    app.router.add_post("/send", send)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    _ready(url=f"http://127.0.0.1:{port}")
+    await _until_term()
+    await links.close()
+    await runner.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,9 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     relay = sub.add_parser("relay")
     relay.add_argument("--upstream-url", required=True)
     relay.add_argument("--control-url", required=True)
+    http = sub.add_parser("http-relay")
+    http.add_argument("--upstream-url", required=True)
+    http.add_argument("--control-url", required=True)
     args = parser.parse_args(argv)
     runner = {"sim": run_sim, "echo": run_echo, "relay": run_relay,
-              "fanout-floor": run_fanout_floor}[args.role]
+              "http-relay": run_http_relay, "fanout-floor": run_fanout_floor}[args.role]
     asyncio.run(runner(args))
 
 

@@ -127,6 +127,18 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
             response.acked_at.GetCurrentTime()
         return response
 
+    async def SendStream(
+        self, request_iterator: AsyncIterator[broker_pb2.SendBatchRequest], context: Context
+    ) -> AsyncIterator[broker_pb2.SendBatchResponse]:
+        """A broker of a release without SendStream: the client falls back to Send."""
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendStream in this release")
+        yield broker_pb2.SendBatchResponse()  # pragma: no cover
+
+    async def SendBatch(
+        self, request: broker_pb2.SendBatchRequest, context: Context
+    ) -> broker_pb2.SendBatchResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendBatch in this release")
+
     async def StreamStatus(
         self, request: broker_pb2.StreamStatusRequest, context: Context
     ) -> AsyncIterator[broker_pb2.StatusEvent]:

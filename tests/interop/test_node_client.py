@@ -39,11 +39,12 @@ def node_client() -> Path:
     return NODE_DIR
 
 
-async def run_worker(*args: str) -> tuple[int, list[dict[str, Any]]]:
-    """Run examples/worker.js without blocking the loop that serves the broker."""
+async def run_worker(*args: str, script: str = "examples/worker.js"
+                     ) -> tuple[int, list[dict[str, Any]]]:
+    """Run an example without blocking the loop that serves the broker."""
     assert NODE is not None
     proc = await asyncio.create_subprocess_exec(
-        NODE, "examples/worker.js", *args, cwd=NODE_DIR,
+        NODE, script, *args, cwd=NODE_DIR,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     try:
@@ -92,6 +93,27 @@ async def test_worker_reports_the_machine_readable_reason(
     assert code == 1
     [error] = lines
     assert (error["code"], error["reason"]) == ("NOT_FOUND", "SESSION_NOT_FOUND")
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalescing", "unary"])
+async def test_concurrent_sends_share_one_stream_in_order_and_send_many_types_errors(
+    node_client: Path, sim: Simulator, broker: BrokerApp, coalesce: bool
+) -> None:
+    await paired_session(broker, sim, SID)
+    args = ["--target", broker.address, "--session", SID, "--to", "+15550100",
+            "--count", "50", "--prefix", "n"]
+    code, lines = await run_worker(*args, *([] if coalesce else ["--no-coalesce"]),
+                                   script="examples/bulk.js")
+    assert code == 0, lines
+    *results, summary = lines
+    assert summary["streamsOpened"] == (1 if coalesce else 0)
+    assert summary["coalesce"] is coalesce
+    assert [r["type"] for r in results] == ["sent"] * 50 + ["error"] + ["sent"] * 49
+    assert results[50] == {"type": "error", "code": "NOT_FOUND", "reason": "SESSION_NOT_FOUND"}
+    assert all(r["acked"] for r in results if r["type"] == "sent")
+    bodies = [m.body for m in sim.record(SID).accepted]
+    # FIFO in call order, each message once
+    assert bodies == [f"n {i}" for i in range(50)] + [f"n many {i}" for i in range(1, 50)]
 
 
 def test_node_unit_tests(node_client: Path) -> None:

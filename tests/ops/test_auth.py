@@ -97,6 +97,37 @@ async def first_events(client: BrokerClient, ids: list[str], tenant: str = "",
         await watch.aclose()
 
 
+async def test_on_send_stream_and_batch_a_foreign_item_fails_alone(
+    app: BrokerApp, sim: Simulator, tokens: Tokens
+) -> None:
+    """The same answer per message as unary Send gives, and the call goes on."""
+    def item(ref: int, sid: str) -> pb.SendItem:
+        return pb.SendItem(ref=ref, request=pb.SendRequest(
+            session_id=sid, to=TO, body=f"{sid} {ref}", idempotency_key=f"{sid}-{ref}"))
+
+    auth = (("authorization", f"Bearer {tokens['worker_acme']}"),)
+    async with grpc.aio.insecure_channel(app.address) as channel:
+        stub = pb_grpc.BrokerStub(channel)
+        call = stub.SendStream(iter([pb.SendBatchRequest(items=[
+            item(1, A), item(2, B), item(3, "s-nope"), item(4, A)])]), metadata=auth, timeout=10)
+        results = {r.ref: r async for response in call for r in response.results}
+        batch = await stub.SendBatch(pb.SendBatchRequest(items=[item(5, B), item(6, A)]),
+                                     metadata=auth, timeout=10)
+        viewer = (("authorization", f"Bearer {tokens['viewer_acme']}"),)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.SendBatch(pb.SendBatchRequest(items=[item(7, A)]), metadata=viewer,
+                                 timeout=10)
+    for ref in (2, 3):  # unknown and foreign look the same, as on unary Send
+        assert results[ref].error.reason == pb.ErrorReason.WRONG_TENANT, results[ref]
+        assert results[ref].error.code == DENIED.value[0]
+    assert results[1].response.status == results[4].response.status == pb.ACKED
+    assert batch.results[0].error.reason == pb.ErrorReason.WRONG_TENANT
+    assert batch.results[1].response.status == pb.ACKED
+    assert error_from_rpc(err.value).reason == "WRONG_ROLE"
+    assert sim.record(B).accepted == []
+    assert [m.body for m in sim.record(A).accepted] == [f"{A} 1", f"{A} 4", f"{A} 6"]
+
+
 async def test_worker_sends_only_for_its_own_tenant(
     app: BrokerApp, sim: Simulator, as_: Callable[[str], BrokerClient]
 ) -> None:

@@ -83,7 +83,7 @@ async def test_metrics_follow_connects_drops_and_sends(app: BrokerApp, sim: Simu
     assert value(s, "broker_reconnect_seconds_count") == reconnects + 1
     assert value(s, "broker_sessions", state="OPEN") == 1
 
-    async with BrokerClient(app.address) as client:
+    async with BrokerClient(app.address, coalesce=False) as client:  # unary Send
         sent = await client.send("m1", "+15550100", "hello", idempotency_key="k1")
         assert sent.acked
         with pytest.raises(SessionNotFound):
@@ -107,6 +107,17 @@ async def test_metrics_follow_connects_drops_and_sends(app: BrokerApp, sim: Simu
         == value(before, send_ok, method="broker.v1.Broker/Send", code="NOT_FOUND") + 1
     assert value(s, "broker_outbox_depth", session_id="m1", tenant="acme") == 1
     assert value(s, "broker_outbox_depth_total") == 1
+
+    # The same outcomes on SendStream (the clients' default) count the same way.
+    async with BrokerClient(app.address) as client:
+        await client.send("m1", "+15550100", "streamed", idempotency_key="k4", wait=False)
+        with pytest.raises(SessionNotFound):
+            await client.send("nope", "+15550100", "hello", idempotency_key="k5")
+    streamed = await scrape(app)
+    assert value(streamed, "broker_sends_total", outcome="queued") \
+        == value(s, "broker_sends_total", outcome="queued") + 1
+    assert value(streamed, "broker_sends_total", outcome="SESSION_NOT_FOUND") \
+        == value(s, "broker_sends_total", outcome="SESSION_NOT_FOUND") + 1
 
     # Acks flow again: the resend is acked and the outbox drains.
     sim.set_faults()

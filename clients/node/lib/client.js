@@ -19,6 +19,7 @@ const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
+const { SendStream, StreamUnsupported } = require('./coalesce');
 const { BrokerError, ErrorReason, toBrokerError } = require('./errors');
 
 const DEFAULT_TARGET = '127.0.0.1:50051';
@@ -107,6 +108,7 @@ class BrokerClient {
       token = null,
       protoPath = defaultProtoPath(),
       channelOptions = {},
+      coalesce = true,
     } = options;
     this.target = target;
     this.timeoutMs = timeoutMs;
@@ -115,6 +117,9 @@ class BrokerClient {
     this._token = token;
     const pkg = loadBrokerPackage(protoPath);
     this._stub = new pkg.Broker(target, credentials, channelOptions);
+    /** Carry concurrent send() calls on one SendStream call (false: unary Send each). */
+    this.coalesce = coalesce;
+    this._sendStream = new SendStream(this._stub, () => this._metadata());
   }
 
   _metadata() {
@@ -135,14 +140,31 @@ class BrokerClient {
   }
 
   /** Retry UNAVAILABLE within `budgetMs` in total; each attempt gets what is left. */
-  async _unaryRetrying(method, request, budgetMs = this.timeoutMs) {
+  _unaryRetrying(method, request, budgetMs = this.timeoutMs) {
+    return this._retrying((remaining) => this._unary(method, request, remaining), budgetMs);
+  }
+
+  /** One attempt of a Send: on the shared SendStream, or unary. */
+  async _sendOnce(request, timeoutMs) {
+    if (this.coalesce) {
+      try {
+        return await this._sendStream.send(request, timeoutMs);
+      } catch (err) {
+        if (!(err instanceof StreamUnsupported)) throw err;
+        this.coalesce = false; // an older broker: unary Send from now on
+      }
+    }
+    return this._unary('Send', request, timeoutMs);
+  }
+
+  async _retrying(attemptFn, budgetMs) {
     const deadline = Date.now() + budgetMs;
     let last = null;
     for (let attempt = 1; attempt <= this.retryAttempts; attempt++) {
       const remaining = deadline - Date.now();
       if (remaining <= 0) break;
       try {
-        return await this._unary(method, request, remaining);
+        return await attemptFn(remaining);
       } catch (err) {
         if (!(err instanceof BrokerError) || !err.retryable) throw err;
         last = err;
@@ -165,9 +187,8 @@ class BrokerClient {
   async send(sessionId, to, body, options = {}) {
     const { idempotencyKey = crypto.randomUUID(), wait = true, timeoutMs = this.timeoutMs } =
       options;
-    const response = await this._unaryRetrying('Send', {
-      sessionId, to, body, idempotencyKey, noWait: !wait,
-    }, timeoutMs);
+    const request = { sessionId, to, body, idempotencyKey, noWait: !wait };
+    const response = await this._retrying((left) => this._sendOnce(request, left), timeoutMs);
     return {
       messageId: response.messageId,
       acked: response.status === 'ACKED',
@@ -177,6 +198,21 @@ class BrokerClient {
       acceptedAt: toDate(response.acceptedAt),
       ackedAt: toDate(response.ackedAt),
     };
+  }
+
+  /**
+   * Send many messages at once: each one's result, or the BrokerError send()
+   * would have thrown for it (returned, not thrown), in the order given.
+   * Messages of one session are queued in that order.
+   * @param {{sessionId: string, to: string, body: string, idempotencyKey?: string}[]} messages
+   */
+  sendMany(messages, options = {}) {
+    return Promise.all(messages.map((m) => this.send(m.sessionId, m.to, m.body, {
+      ...options, idempotencyKey: m.idempotencyKey || crypto.randomUUID(),
+    }).catch((err) => {
+      if (err instanceof BrokerError) return err;
+      throw err;
+    })));
   }
 
   /** Live status events (a snapshot first), resuming after stream failures. */
@@ -213,6 +249,7 @@ class BrokerClient {
   }
 
   close() {
+    this._sendStream.close();
     this._stub.close();
   }
 }

@@ -5,7 +5,14 @@
 raise typed :class:`BrokerError` subclasses decoded from rich error details.
 """
 
-from .client import DEFAULT_TARGET, BrokerClient, InboundReceiver, SendResult, StatusWatch
+from .client import (
+    DEFAULT_TARGET,
+    BrokerClient,
+    InboundReceiver,
+    Message,
+    SendResult,
+    StatusWatch,
+)
 from .errors import (
     DOMAIN,
     AlreadyExists,
@@ -48,6 +55,7 @@ __all__ = [
     "InboundReceiver",
     "InvalidArgument",
     "LoggedOut",
+    "Message",
     "NeedsPairing",
     "NotDeliveredYet",
     "PermissionDenied",

@@ -6,6 +6,7 @@ drives this same class from a background event loop.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import uuid
@@ -20,6 +21,7 @@ import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
+from .coalesce import SendStream, StreamUnsupported
 from .errors import (
     BrokerError,
     DeadlineExceeded,
@@ -32,8 +34,8 @@ from .retry import send_retrying, stream_retrying
 from .v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = [
-    "DEFAULT_TARGET", "BrokerClient", "InboundReceiver", "SendResult", "StatusWatch",
-    "tls_credentials",
+    "DEFAULT_TARGET", "BrokerClient", "InboundReceiver", "Message", "SendResult",
+    "StatusWatch", "tls_credentials",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -90,6 +92,17 @@ class SendResult:
         )
 
 
+@dataclass(frozen=True)
+class Message:
+    """One message of :meth:`BrokerClient.send_many`."""
+
+    session_id: str
+    to: str
+    body: str
+    #: Makes retries safe (default: a fresh one, as :meth:`BrokerClient.send` does).
+    idempotency_key: str | None = None
+
+
 class BrokerClient:
     """Async broker client; every method raises :class:`BrokerError` subclasses only.
 
@@ -110,10 +123,13 @@ class BrokerClient:
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
+        coalesce: bool = True,
     ) -> None:
         """``token``: a bearer token; ``tls_ca``: PEM CA to trust (TLS); ``tls_cert`` and
         ``tls_key``: this client's PEM certificate and key (mutual TLS). Any ``tls_*``
-        switches the channel to TLS (system roots without ``tls_ca``)."""
+        switches the channel to TLS (system roots without ``tls_ca``). ``coalesce``:
+        carry concurrent :meth:`send` calls on one SendStream call (the default; each
+        message keeps unary Send's guarantees); False sends each with unary Send."""
         if tls_ca or tls_cert or tls_key:
             if credentials is not None:
                 raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
@@ -129,6 +145,8 @@ class BrokerClient:
         self._channel = channel
         self._owns_channel = channel is None
         self._stub_cache: broker_pb2_grpc.BrokerAsyncStub | None = None
+        self.coalesce = coalesce
+        self._stream: SendStream | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -145,6 +163,9 @@ class BrokerClient:
 
     async def close(self) -> None:
         """Close the channel if we created it (a caller's channel stays theirs)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.close()
         channel, self._channel, self._stub_cache = self._channel, None, None
         if channel is not None and self._owns_channel:
             await channel.close(grace=None)
@@ -252,8 +273,41 @@ class BrokerClient:
             idempotency_key=idempotency_key or str(uuid.uuid4()),
             no_wait=not wait,
         )
-        response = await self._call_retrying(self._stub.Send, request, timeout)
+        method = self._send_on_stream if self.coalesce else self._stub.Send
+        response = await self._call_retrying(method, request, timeout)
         return SendResult.from_response(response)
+
+    async def send_many(
+        self, messages: Sequence[Message], *, wait: bool = True, timeout: float | None = None
+    ) -> list[SendResult | BrokerError]:
+        """Send many messages at once: each one's result, or the error :meth:`send` would
+        have raised for it (returned, not raised), in the order given. Messages of one
+        session are queued in that order; each is retried as :meth:`send` retries."""
+
+        async def one(message: Message) -> SendResult | BrokerError:
+            try:
+                return await self.send(message.session_id, message.to, message.body,
+                                       idempotency_key=message.idempotency_key, wait=wait,
+                                       timeout=timeout)
+            except BrokerError as err:
+                return err
+
+        # Tasks start in order and each queues its message before it first waits.
+        return list(await asyncio.gather(*(one(m) for m in messages)))
+
+    async def _send_on_stream(
+        self, request: broker_pb2.SendRequest, *, timeout: float,
+        metadata: tuple[tuple[str, str], ...],
+    ) -> broker_pb2.SendResponse:
+        """One attempt on the shared SendStream; unary Send on a broker without it."""
+        if self._stream is None:
+            self._stream = SendStream(self._stub, metadata)
+        try:
+            return await self._stream.send(request, timeout)
+        except StreamUnsupported as err:
+            if err.permanent:  # an older broker: unary Send from now on
+                self.coalesce = False
+            return await self._stub.Send(request, timeout=timeout, metadata=metadata)
 
     # -- status ----------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from .v1 import broker_pb2
 from .v1.broker_pb2 import ErrorReason
 
 __all__ = [
@@ -237,3 +238,20 @@ def error_from_rpc(err: grpc.RpcError) -> BrokerError:
     if finer is not None and finer.default_code == code:
         cls = finer
     return cls(message, code=code, reason=reason, metadata=metadata, retry_after=retry_after)
+
+
+def error_from_send_error(error: broker_pb2.SendError) -> BrokerError:
+    """The :class:`BrokerError` one failed item of SendStream/SendBatch stands for: the
+    same class, reason and metadata a unary Send of that message would have raised."""
+    try:
+        code = next(c for c in grpc.StatusCode if c.value[0] == error.code)
+    except StopIteration:
+        code = grpc.StatusCode.UNKNOWN
+    reason = reason_name(error.reason) if error.reason else ""
+    cls = _BY_CODE.get(code, BrokerError)
+    finer = _BY_REASON.get(reason)
+    if finer is not None and finer.default_code == code:
+        cls = finer
+    retry_after = error.retry_after_ms / 1000 if error.retry_after_ms else None
+    return cls(error.message, code=code, reason=reason, metadata=dict(error.metadata),
+               retry_after=retry_after)

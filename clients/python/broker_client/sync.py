@@ -18,10 +18,12 @@ import grpc
 from .client import (
     DEFAULT_TARGET,
     BrokerClient,
+    Message,
     SendResult,
     StatusWatch,
     _ReconnectingStream,
 )
+from .errors import BrokerError
 from .v1 import broker_pb2
 
 __all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
@@ -45,14 +47,17 @@ class SyncBrokerClient:
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
+        coalesce: bool = True,
     ) -> None:
-        """Options as :class:`BrokerClient` (``tls_*``: PEM files for TLS / mutual TLS)."""
+        """Options as :class:`BrokerClient` (``tls_*``: PEM files for TLS / mutual TLS).
+        With ``coalesce`` (the default), :meth:`send` calls made from many threads at
+        once share one SendStream call, as the async client's do."""
         # The async client first: it checks the options (and reads the TLS files)
         # and opens nothing, so bad options fail before the loop thread exists.
         self._client = BrokerClient(
             target, timeout=timeout, retry_attempts=retry_attempts,
             reconnect_attempts=reconnect_attempts, credentials=credentials, token=token,
-            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+            tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, coalesce=coalesce,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -119,6 +124,12 @@ class SyncBrokerClient:
                 session_id, to, body, idempotency_key=idempotency_key, wait=wait, timeout=timeout
             )
         )
+
+    def send_many(
+        self, messages: Sequence[Message], *, wait: bool = True, timeout: float | None = None
+    ) -> list[SendResult | BrokerError]:
+        """As :meth:`BrokerClient.send_many`: each message's result or error, in order."""
+        return self._run(self._client.send_many(messages, wait=wait, timeout=timeout))
 
     def watch_status(
         self, session_ids: Sequence[str] = (), tenant: str = "", *, resume_after: str = ""

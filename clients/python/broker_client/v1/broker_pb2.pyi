@@ -278,6 +278,171 @@ class SendResponse(_message.Message):
 Global___SendResponse: _TypeAlias = SendResponse  # noqa: Y015
 
 @_typing.final
+class SendItem(_message.Message):
+    """One message of SendStream or SendBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    ref: _builtins.int
+    """The caller's handle for this item, echoed in its SendResult (unique among
+    the call's unanswered items).
+    """
+    timeout_ms: _builtins.int
+    """This message's deadline in milliseconds from when the broker reads it
+    (0: the call's own deadline, else the broker's default send timeout).
+    """
+    @_builtins.property
+    def request(self) -> Global___SendRequest: ...
+    def __init__(
+        self,
+        *,
+        ref: _builtins.int = ...,
+        request: Global___SendRequest | None = ...,
+        timeout_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ref", b"ref", "request", b"request", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendItem: _TypeAlias = SendItem  # noqa: Y015
+
+@_typing.final
+class SendError(_message.Message):
+    """Why one item of SendStream or SendBatch failed: what Send would have ended
+    with for the same message.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    RETRY_AFTER_MS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code number Send would end with (5 NOT_FOUND, 14 UNAVAILABLE, ...)."""
+    reason: Global___ErrorReason.Reason.ValueType
+    message: _builtins.str
+    retry_after_ms: _builtins.int
+    """As RetryInfo: retrying after this long can help (0: no hint)."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """As ErrorInfo.metadata (session_id, message_id, field, state, ...)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        reason: Global___ErrorReason.Reason.ValueType = ...,
+        message: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        retry_after_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason", "retry_after_ms", b"retry_after_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendError: _TypeAlias = SendError  # noqa: Y015
+
+@_typing.final
+class SendResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REF_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ref: _builtins.int
+    @_builtins.property
+    def response(self) -> Global___SendResponse: ...
+    @_builtins.property
+    def error(self) -> Global___SendError: ...
+    def __init__(
+        self,
+        *,
+        ref: _builtins.int = ...,
+        response: Global___SendResponse | None = ...,
+        error: Global___SendError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "ref", b"ref", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SendResult: _TypeAlias = SendResult  # noqa: Y015
+
+@_typing.final
+class SendBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendItem]: ...
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SendItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendBatchRequest: _TypeAlias = SendBatchRequest  # noqa: Y015
+
+@_typing.final
+class SendBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SendResult]:
+        """SendBatch: one per item, in item order. SendStream: those that finished."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SendResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendBatchResponse: _TypeAlias = SendBatchResponse  # noqa: Y015
+
+@_typing.final
 class StreamStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -41,6 +41,16 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.SendRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.SendResponse.FromString,
                 _registered_method=True)
+        self.SendStream = channel.stream_stream(
+                '/broker.v1.Broker/SendStream',
+                request_serializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
+                _registered_method=True)
+        self.SendBatch = channel.unary_unary(
+                '/broker.v1.Broker/SendBatch',
+                request_serializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
+                _registered_method=True)
         self.StreamStatus = channel.unary_stream(
                 '/broker.v1.Broker/StreamStatus',
                 request_serializer=broker_dot_v1_dot_broker__pb2.StreamStatusRequest.SerializeToString,
@@ -119,6 +129,32 @@ class BrokerServicer:
         never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
         message is accepted and queued but the upstream has not acked it before
         the deadline: retry with the same key to learn its fate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendStream(self, request_iterator, context):
+        """Many Sends on one call, for high throughput: each request carries one or
+        more items; each item gets one SendResult (carrying its `ref`) as soon as
+        that message is done, in whatever order messages finish, the results of
+        items that finished together in one response. Every message has Send's guarantees: its
+        idempotency key, FIFO order per session (items of one session are
+        accepted in the order written), its own deadline (`timeout_ms`), a typed
+        per-message error (a bad or refused item fails alone; the stream goes
+        on), and an ACKED or QUEUED result only once it is durably accepted. The
+        stream ends when the client half-closes and every result is sent. An
+        error status on the stream itself (e.g. UNAVAILABLE when the broker
+        restarts) leaves the fate of unanswered items open: retry them with the
+        same keys. grpcurl users keep plain Send.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SendBatch(self, request, context):
+        """The same for a list known up front: one result per item, in item order,
+        once every item is done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -246,6 +282,16 @@ def add_BrokerServicer_to_server(servicer, server):
                     request_deserializer=broker_dot_v1_dot_broker__pb2.SendRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.SendResponse.SerializeToString,
             ),
+            'SendStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SendStream,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.SerializeToString,
+            ),
+            'SendBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendBatch,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SendBatchRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SendBatchResponse.SerializeToString,
+            ),
             'StreamStatus': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamStatus,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.StreamStatusRequest.FromString,
@@ -340,6 +386,60 @@ class Broker:
             '/broker.v1.Broker/Send',
             broker_dot_v1_dot_broker__pb2.SendRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.SendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/broker.v1.Broker/SendStream',
+            broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/SendBatch',
+            broker_dot_v1_dot_broker__pb2.SendBatchRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SendBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,24 @@ class BrokerStub:
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
     """
+    SendStream: _grpc.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]
+    """Many Sends on one call, for high throughput: each request carries one or
+    more items; each item gets one SendResult (carrying its `ref`) as soon as
+    that message is done, in whatever order messages finish, the results of
+    items that finished together in one response. Every message has Send's guarantees: its
+    idempotency key, FIFO order per session (items of one session are
+    accepted in the order written), its own deadline (`timeout_ms`), a typed
+    per-message error (a bad or refused item fails alone; the stream goes
+    on), and an ACKED or QUEUED result only once it is durably accepted. The
+    stream ends when the client half-closes and every result is sent. An
+    error status on the stream itself (e.g. UNAVAILABLE when the broker
+    restarts) leaves the fate of unanswered items open: retry them with the
+    same keys. grpcurl users keep plain Send.
+    """
+    SendBatch: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]
+    """The same for a list known up front: one result per item, in item order,
+    once every item is done.
+    """
     StreamStatus: _grpc.UnaryStreamMultiCallable[_broker_pb2.StreamStatusRequest, _broker_pb2.StatusEvent]
     """A snapshot of every matching session first (events with `snapshot` set),
     then live events as they happen. Resume after a reconnect by passing the
@@ -130,6 +148,24 @@ class BrokerAsyncStub(BrokerStub):
     never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
+    """
+    SendStream: _aio.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]  # type: ignore[assignment]
+    """Many Sends on one call, for high throughput: each request carries one or
+    more items; each item gets one SendResult (carrying its `ref`) as soon as
+    that message is done, in whatever order messages finish, the results of
+    items that finished together in one response. Every message has Send's guarantees: its
+    idempotency key, FIFO order per session (items of one session are
+    accepted in the order written), its own deadline (`timeout_ms`), a typed
+    per-message error (a bad or refused item fails alone; the stream goes
+    on), and an ACKED or QUEUED result only once it is durably accepted. The
+    stream ends when the client half-closes and every result is sent. An
+    error status on the stream itself (e.g. UNAVAILABLE when the broker
+    restarts) leaves the fate of unanswered items open: retry them with the
+    same keys. grpcurl users keep plain Send.
+    """
+    SendBatch: _aio.UnaryUnaryMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]  # type: ignore[assignment]
+    """The same for a list known up front: one result per item, in item order,
+    once every item is done.
     """
     StreamStatus: _aio.UnaryStreamMultiCallable[_broker_pb2.StreamStatusRequest, _broker_pb2.StatusEvent]  # type: ignore[assignment]
     """A snapshot of every matching session first (events with `snapshot` set),
@@ -204,6 +240,36 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
         message is accepted and queued but the upstream has not acked it before
         the deadline: retry with the same key to learn its fate.
+        """
+
+    @_abc_1.abstractmethod
+    def SendStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_broker_pb2.SendBatchRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.SendBatchResponse], _abc.AsyncIterator[_broker_pb2.SendBatchResponse]]:
+        """Many Sends on one call, for high throughput: each request carries one or
+        more items; each item gets one SendResult (carrying its `ref`) as soon as
+        that message is done, in whatever order messages finish, the results of
+        items that finished together in one response. Every message has Send's guarantees: its
+        idempotency key, FIFO order per session (items of one session are
+        accepted in the order written), its own deadline (`timeout_ms`), a typed
+        per-message error (a bad or refused item fails alone; the stream goes
+        on), and an ACKED or QUEUED result only once it is durably accepted. The
+        stream ends when the client half-closes and every result is sent. An
+        error status on the stream itself (e.g. UNAVAILABLE when the broker
+        restarts) leaves the fate of unanswered items open: retry them with the
+        same keys. grpcurl users keep plain Send.
+        """
+
+    @_abc_1.abstractmethod
+    def SendBatch(
+        self,
+        request: _broker_pb2.SendBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SendBatchResponse, _abc.Awaitable[_broker_pb2.SendBatchResponse]]:
+        """The same for a list known up front: one result per item, in item order,
+        once every item is done.
         """
 
     @_abc_1.abstractmethod
