@@ -93,7 +93,6 @@ class BridgeSupervisor:
         self.secret = ""
         self.state = BridgeState()
         self._proc: asyncio.subprocess.Process | None = None
-        self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._stopping = False
