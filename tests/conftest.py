@@ -12,6 +12,7 @@ from broker.app import BrokerApp
 from broker.config import Settings
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator import Simulator, SimulatorConfig
+from broker.store.base import Store
 from tests.helpers import FAST_POLICY
 
 BrokerFactory = Callable[..., Awaitable[BrokerApp]]
@@ -46,12 +47,15 @@ async def sim(sim_config: SimulatorConfig) -> AsyncIterator[Simulator]:
 async def make_broker(sim: Simulator) -> AsyncIterator[BrokerFactory]:
     apps: list[BrokerApp] = []
 
-    async def factory(policy: LifecyclePolicy | None = None, **overrides: object) -> BrokerApp:
+    async def factory(policy: LifecyclePolicy | None = None, *, store: Store | None = None,
+                      **overrides: object) -> BrokerApp:
+        """A started broker on the simulator (fast policy); `store`: another than
+        the settings' memory store."""
         settings = Settings(listen="127.0.0.1:0", upstream_url=sim.url,
                             lifecycle=policy or FAST_POLICY, ack_timeout_s=1.0,
                             connect_timeout_s=2.0)
         settings = replace(settings, **overrides)  # type: ignore[arg-type]
-        app = BrokerApp(settings)
+        app = BrokerApp(settings, store=store)
         await app.start()
         apps.append(app)
         return app

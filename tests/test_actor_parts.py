@@ -23,7 +23,7 @@ from broker.runtime.recorder import StatusRecorder
 from broker.runtime.timers import TimerDue, Timers
 from broker.store.base import SessionRecord, StatusEvent
 from broker.store.memory import MemoryStore
-from broker.upstream import events as ev
+from broker.upstream.events import Ready, UpstreamEvent
 from tests.helpers import eventually
 
 
@@ -121,8 +121,8 @@ class _Link:
     def __init__(self) -> None:
         self.closed = asyncio.Event()
 
-    async def events(self) -> AsyncIterator[ev.UpstreamEvent]:
-        yield ev.Ready("c-1")
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
+        yield Ready("c-1")
         await self.closed.wait()
 
     async def send(self, message_id: str, to: str, body: str) -> None: ...

@@ -39,7 +39,7 @@ from redis import exceptions as rexc
 from broker.cluster.lease import Lease, LeaseClient
 from broker.cluster.membership import Membership
 from broker.errors import NotOwner, StoreUnavailable
-from broker.lifecycle import inputs as inp
+from broker.lifecycle import inputs
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
 from broker.runtime.placement import Op
@@ -274,12 +274,12 @@ class Coordinator:
             case Op.KICK:
                 actor.kick()
             case Op.STOP:
-                await actor.command(inp.Stop())
+                await actor.command(inputs.Stop())
                 self.wake()
             case Op.RESTART:
                 await self.manager.restart_local(actor)
             case Op.LOGOUT:
-                await actor.command(inp.Logout())
+                await actor.command(inputs.Logout())
             case Op.DELETE:
                 async with self._lock:
                     await self._release(session_id)

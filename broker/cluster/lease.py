@@ -1,4 +1,4 @@
-"""Ownership leases: `SET NX PX` plus a fencing counter (DESIGN section 5).
+"""Ownership leases: `SET NX PX` plus a fencing counter (docs/reliability.md).
 
 The lease value is "<instance>:<token>"; the token is the session's fencing
 token (broker.store.redis.scripts), which grows on every grant, so a stale

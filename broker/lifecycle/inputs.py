@@ -1,8 +1,10 @@
 """Events the session actor feeds to the machine.
 
 Operator commands (`Start`, `Stop`, `Logout`), upstream happenings
-(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`), timers, and
-ownership (`LeaseLost`). Time never enters except through `TimerFired`.
+(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`) and
+timers. Time never enters except through `TimerFired`. Losing ownership is not
+an input: the coordinator stops the actor and nothing is recorded (the next
+owner speaks for the session).
 """
 
 from __future__ import annotations
@@ -76,11 +78,6 @@ class PongReceived:
     """The upstream answered a keep-alive ping."""
 
 
-@dataclass(frozen=True, slots=True)
-class LeaseLost:
-    """Another process owns the session now: let go without reconnecting."""
-
-
 Event = (
     Start
     | Stop
@@ -92,5 +89,4 @@ Event = (
     | Closed
     | TimerFired
     | PongReceived
-    | LeaseLost
 )

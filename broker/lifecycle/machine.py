@@ -47,7 +47,6 @@ from broker.lifecycle.inputs import (
     Closed,
     Connected,
     Event,
-    LeaseLost,
     LinkUp,
     Logout,
     Paired,
@@ -63,7 +62,6 @@ from broker.lifecycle.states import (
     CONNECTED_STATES,
     HANDSHAKE_TIMED_OUT,
     HANDSHAKE_UNANSWERED,
-    LEASE_LOST,
     PAIRING_TIMED_OUT,
     SPACED_OUT,
     STARTABLE_STATES,
@@ -72,9 +70,7 @@ from broker.lifecycle.states import (
 )
 from broker.lifecycle.storm import AttemptBudget
 
-_D = DisconnectCode
-
-_SLOW_BACKOFF = frozenset({_D.UNAVAILABLE, _D.RATE_LIMITED})
+_SLOW_BACKOFF = frozenset({DisconnectCode.UNAVAILABLE, DisconnectCode.RATE_LIMITED})
 #: Jitter source of machines not given one: one for all, as a Random holds
 #: 2.5 KB of state and a broker runs thousands of machines.
 _SHARED_RNG = random.Random()
@@ -197,8 +193,6 @@ class SessionMachine:
                 return self._on_timer(event.timer)
             case PongReceived():
                 return self._on_pong()
-            case LeaseLost():
-                return self._on_lease_lost()
         return []  # pragma: no cover - unknown event types are ignored, not fatal
 
     # -- operator commands ----------------------------------------------------
@@ -213,7 +207,8 @@ class SessionMachine:
     def _on_stop(self) -> list[Action]:
         if self._state is State.STOPPED:
             return []
-        return self._shut_down(State.STOPPED, "stopped", 0, close_code=_D.CONNECTION_CLOSED)
+        return self._shut_down(State.STOPPED, "stopped", 0,
+                               close_code=DisconnectCode.CONNECTION_CLOSED)
 
     def _on_logout(self) -> list[Action]:
         if self._state is State.LOGGED_OUT:
@@ -224,12 +219,8 @@ class SessionMachine:
             self._logout_pending = True
             return [SendLogout()]
         # Not connected (or a second Logout while waiting): log out locally.
-        return self._logged_out(_D.LOGGED_OUT.text, close_reason="logged out by operator")
-
-    def _on_lease_lost(self) -> list[Action]:
-        if self._state is State.STOPPED:
-            return []
-        return self._shut_down(State.STOPPED, LEASE_LOST, 0, close_code=_D.CONNECTION_CLOSED)
+        return self._logged_out(DisconnectCode.LOGGED_OUT.text,
+                                close_reason="logged out by operator")
 
     # -- upstream events ------------------------------------------------------
 
@@ -286,28 +277,29 @@ class SessionMachine:
         code = parse_code(int(event.code))
         reason = event.reason or code.text
         if self._logout_pending:
-            return self._logged_out(_D.LOGGED_OUT.text)
-        if code is _D.LOGGED_OUT:
+            return self._logged_out(DisconnectCode.LOGGED_OUT.text)
+        if code is DisconnectCode.LOGGED_OUT:
             return self._logged_out(reason)
-        if code in (_D.BAD_SESSION, _D.MULTIDEVICE_MISMATCH):
+        if code in (DisconnectCode.BAD_SESSION, DisconnectCode.MULTIDEVICE_MISMATCH):
             # The stored login no longer matches the upstream's: only a new pairing helps.
             return self._fail(reason, code, clear_credentials=True)
-        if code is _D.FORBIDDEN:
+        if code is DisconnectCode.FORBIDDEN:
             return self._fail(reason if "ban" in reason.lower() else f"banned ({reason})", code)
-        if code is _D.CLIENT_OUTDATED:
+        if code is DisconnectCode.CLIENT_OUTDATED:
             # The same client version is refused again on every attempt: a person pins
             # another one (Health says how), reconnecting alone never helps.
-            return self._fail(_D.CLIENT_OUTDATED.text if reason == code.text or not reason
-                              else f"{_D.CLIENT_OUTDATED.text} ({reason})", code)
-        if code is _D.REPLACED:
+            outdated = DisconnectCode.CLIENT_OUTDATED.text
+            return self._fail(outdated if reason == code.text or not reason
+                              else f"{outdated} ({reason})", code)
+        if code is DisconnectCode.REPLACED:
             return self._conflict(reason)
-        if code is _D.RESTART_REQUIRED:
+        if code is DisconnectCode.RESTART_REQUIRED:
             if self._state is State.CONNECTING and not self._paired_here:
                 # Restart demanded before this connection got anywhere: treat it as
                 # a failed attempt, or a looping upstream would get a reconnect storm.
                 return self._backoff(reason, code, Outcome.FAILED)
             return self._reconnect_now(reason, code)
-        if code is _D.TIMED_OUT and self._state is State.PAIRING:
+        if code is DisconnectCode.TIMED_OUT and self._state is State.PAIRING:
             limit = self.policy.max_qr_codes
             if limit and self._qr_count >= limit:
                 return self._pairing_timed_out(close=False)
@@ -337,8 +329,8 @@ class SessionMachine:
         if timer is Timer.HANDSHAKE and self._state in (State.CONNECTING, State.PAIRING):
             # As if the upstream had closed with 408: a round of pairing that ran
             # out starts the next (or gives up), a silent connect is a failed attempt.
-            close: list[Action] = [CloseConnection(_D.TIMED_OUT, HANDSHAKE_TIMED_OUT)]
-            return close + self._on_closed(Closed(_D.TIMED_OUT, HANDSHAKE_UNANSWERED))
+            close: list[Action] = [CloseConnection(DisconnectCode.TIMED_OUT, HANDSHAKE_TIMED_OUT)]
+            return close + self._on_closed(Closed(DisconnectCode.TIMED_OUT, HANDSHAKE_UNANSWERED))
         if timer is Timer.RETRY and self._state in (State.RECONNECTING, State.CONFLICT):
             if not self._budget.take(self._now):
                 # Fired before the budget's refill (a clock tick early, or the delay
@@ -352,10 +344,10 @@ class SessionMachine:
             return [SendPing(), self._start_timer(Timer.PONG, self.policy.keepalive_timeout_s)]
         if timer is Timer.PONG:
             reason = "keep-alive timed out"
-            actions: list[Action] = [CloseConnection(_D.TIMED_OUT, reason)]
+            actions: list[Action] = [CloseConnection(DisconnectCode.TIMED_OUT, reason)]
             if self._logout_pending:
-                return actions + self._logged_out(_D.LOGGED_OUT.text)
-            return actions + self._backoff(reason, _D.TIMED_OUT, Outcome.DROPPED)
+                return actions + self._logged_out(DisconnectCode.LOGGED_OUT.text)
+            return actions + self._backoff(reason, DisconnectCode.TIMED_OUT, Outcome.DROPPED)
         return []  # pragma: no cover - RETRY, HANDSHAKE are never armed in OPEN
 
     # -- transitions ----------------------------------------------------------
@@ -426,7 +418,8 @@ class SessionMachine:
                 self.policy.conflict_retry_s, self._rng, jitter=self.policy.conflict_jitter
             )
             actions.append(self._start_timer(Timer.RETRY, delay))
-        actions.append(self._enter(State.CONFLICT, reason, int(_D.REPLACED), retry_in_s=delay))
+        actions.append(self._enter(State.CONFLICT, reason, int(DisconnectCode.REPLACED),
+                                   retry_in_s=delay))
         return actions
 
     def _fail(
@@ -442,17 +435,17 @@ class SessionMachine:
     def _pairing_timed_out(self, *, close: bool) -> list[Action]:
         actions: list[Action] = []
         if close:
-            actions.append(CloseConnection(_D.TIMED_OUT, PAIRING_TIMED_OUT))
-        return actions + self._fail(PAIRING_TIMED_OUT, _D.TIMED_OUT)
+            actions.append(CloseConnection(DisconnectCode.TIMED_OUT, PAIRING_TIMED_OUT))
+        return actions + self._fail(PAIRING_TIMED_OUT, DisconnectCode.TIMED_OUT)
 
     def _logged_out(self, reason: str, *, close_reason: str | None = None) -> list[Action]:
         """Credentials are gone for good: wipe them and wait for a new pairing."""
         actions: list[Action] = []
         if close_reason is not None and self._state in CONNECTED_STATES:
-            actions.append(CloseConnection(_D.LOGGED_OUT, close_reason))
+            actions.append(CloseConnection(DisconnectCode.LOGGED_OUT, close_reason))
         actions.extend(self._cancel_all())
         actions += [ClearCredentials(), ClearKeys()]
-        actions.append(self._enter(State.LOGGED_OUT, reason, int(_D.LOGGED_OUT)))
+        actions.append(self._enter(State.LOGGED_OUT, reason, int(DisconnectCode.LOGGED_OUT)))
         return actions
 
     def _shut_down(

@@ -4,42 +4,51 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from broker.flags import setting
+
 
 @dataclass(frozen=True)
 class LifecyclePolicy:
     """How hard and how fast the machine retries, and when it gives up."""
 
-    #: First backoff window after an attempt that failed to connect (refused, timed
-    #: out, closed in the handshake), doubling per failure up to `backoff_max_s`.
-    backoff_initial_s: float = 0.5
-    backoff_max_s: float = 30.0
-    #: After a connection that had opened is dropped (428 / 408 / 400), the next
-    #: attempt waits uniform [0, redial_max_s]: connecting works, the network took it.
-    redial_max_s: float = 0.25
-    #: Slower backoff for 429 / 503: the upstream asked us to go away for a while.
-    slow_backoff_initial_s: float = 5.0
-    slow_backoff_max_s: float = 300.0
-    #: Delay before trying again after 440 (replaced); None: wait for an operator.
-    conflict_retry_s: float | None = 300.0
-    #: Attempt budget (the storm bound): at most `attempt_burst` connection attempts
-    #: at once, refilled at `attempt_rate_per_min`; past it attempts are spaced out
-    #: to that rate and Health says the session is flapping. 0 for either: no bound.
-    #: 10 at once, one every 2 s sustained: a login that drops every few seconds
-    #: is redialled at once, one that drops every second waits its turn.
-    attempt_burst: int = 10
-    attempt_rate_per_min: float = 30.0
-    #: Consecutive failed attempts before FAILED (0 = never give up); an attempt that
-    #: opens resets the count.
-    max_attempts: int = 100
-    #: Interval between keep-alive pings (None: keep-alive off).
-    keepalive_interval_s: float | None = 15.0
-    #: How long to wait for a pong before declaring the connection dead.
-    keepalive_timeout_s: float = 10.0
-    #: QR codes shown across pairing rounds before FAILED (0 = no limit).
-    max_qr_codes: int = 10
-    #: Extra random fraction added to `conflict_retry_s`, so several brokers
-    #: that lost the same login do not all come back at the same instant.
-    conflict_jitter: float = 0.1
+    backoff_initial_s: float = setting(
+        0.5, "First reconnect backoff ceiling after a failed attempt, seconds.")
+    """After an attempt that failed to connect (refused, timed out, closed in the
+    handshake); the window doubles per failure up to backoff_max_s."""
+    backoff_max_s: float = setting(30.0, "Reconnect backoff cap, seconds.")
+    redial_max_s: float = setting(
+        0.25, "A connection that had opened and dropped is redialled after a random 0 to "
+              "this many seconds.", minimum=0)
+    """After 428 / 408 / 400 on a connection that had opened: connecting works, the
+    network took it, so no escalating backoff."""
+    slow_backoff_initial_s: float = setting(5.0, "Backoff after 503/429, seconds.")
+    """The upstream asked us to go away for a while."""
+    slow_backoff_max_s: float = setting(300.0, "Backoff cap after 503/429, seconds.")
+    conflict_retry_s: float | None = setting(
+        300.0, "Retry after a 440 conflict, seconds (0: never).", zero_is_none=True)
+    """None: wait for an operator."""
+    attempt_burst: int = setting(
+        10, "Connection attempts per session at once before they are spaced out (0: no "
+            "bound).", minimum=0)
+    """The storm bound: at most `attempt_burst` attempts at once, refilled at
+    `attempt_rate_per_min`; past it attempts are spaced out to that rate and Health
+    says the session is flapping. 10 at once, one every 2 s sustained: a login that
+    drops every few seconds is redialled at once, one that drops every second waits."""
+    attempt_rate_per_min: float = setting(
+        30.0, "Sustained connection attempts per session per minute past the burst (0: no "
+              "bound).", name="--attempt-rate", minimum=0)
+    max_attempts: int = setting(
+        100, "Failed attempts in a row before FAILED (0: never).")
+    """An attempt that opens resets the count."""
+    keepalive_interval_s: float | None = setting(
+        15.0, "Keep-alive ping interval, seconds (0: off).", zero_is_none=True)
+    keepalive_timeout_s: float = setting(
+        10.0, "Missed pong after this long reconnects, seconds.")
+    max_qr_codes: int = setting(
+        10, "QR codes shown across pairing rounds before FAILED (0: no limit).")
+    conflict_jitter: float = setting(
+        0.1, "Random fraction added to --conflict-retry, so brokers that lost the same "
+             "login do not all come back at once.", minimum=0)
 
     def __post_init__(self) -> None:
         if self.backoff_initial_s <= 0 or self.slow_backoff_initial_s <= 0:

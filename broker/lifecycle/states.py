@@ -49,8 +49,6 @@ HANDSHAKE_TIMED_OUT = "handshake timed out"
 #: Reason of the 408 after it while CONNECTING (while PAIRING the 408 starts
 #: the next pairing round, which has its own reason).
 HANDSHAKE_UNANSWERED = "upstream did not answer the handshake"
-#: Reason of STOPPED after the lease went to another process.
-LEASE_LOST = "lease lost"
 #: Appended to a reason when the attempt budget spaced the next attempt out.
 SPACED_OUT = "reconnects spaced out: the connection keeps dropping"
 #: Prefix of the reason of FAILED after too many failed attempts.

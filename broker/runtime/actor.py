@@ -23,8 +23,7 @@ from typing import Any
 
 from broker.config import Settings
 from broker.errors import NotOwner, StoreUnavailable
-from broker.lifecycle import actions as act
-from broker.lifecycle import inputs as inp
+from broker.lifecycle import actions, inputs
 from broker.lifecycle.health import SessionStats
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
@@ -43,7 +42,7 @@ from broker.store.base import (
     Store,
 )
 from broker.store.kv import SessionKV
-from broker.upstream import events as ev
+from broker.upstream import events as upstream_events
 from broker.upstream.provider import Link, Provider
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class _Command:
-    event: inp.Event
+    event: inputs.Event
     done: asyncio.Future[None]
 
 
@@ -60,7 +59,7 @@ class _StoreEvents:
     """Try again to store the status events the store could not take."""
 
 
-_Item = inp.Event | LinkEvent | LinkUp | TimerDue | _Command | _StoreEvents
+_Item = inputs.Event | LinkEvent | LinkUp | TimerDue | _Command | _StoreEvents
 _STORE_EVENTS = _StoreEvents()
 
 
@@ -167,7 +166,7 @@ class SessionActor:
             return  # lost (or shut down) while reading: never start running
         self._task = asyncio.create_task(self._run(), name=f"actor:{self.session_id}")
 
-    async def command(self, event: inp.Event) -> None:
+    async def command(self, event: inputs.Event) -> None:
         """Feed an operator command and return once the machine has handled it
         (at once if this actor no longer runs)."""
         task = self._task
@@ -270,12 +269,12 @@ class SessionActor:
                 await self._feed(event)
             case TimerDue(timer=timer):
                 if self._timers.fired(item):  # else cancelled or re-armed since
-                    await self._feed(inp.TimerFired(timer))
+                    await self._feed(inputs.TimerFired(timer))
             case _StoreEvents():
                 await self._events.store_due()
             case LinkUp(generation=gen):
                 if gen == self._conn.generation and not self.fenced:
-                    await self._feed(inp.LinkUp())
+                    await self._feed(inputs.LinkUp())
             case LinkEvent(generation=gen, event=event):
                 if gen != self._conn.generation or self.fenced:
                     return  # a link the machine already closed
@@ -284,20 +283,20 @@ class SessionActor:
             case _:
                 await self._feed(item)
 
-    async def _on_link_event(self, event: ev.UpstreamEvent) -> None:
+    async def _on_link_event(self, event: upstream_events.UpstreamEvent) -> None:
         match event:
-            case ev.Ready():
-                await self._feed(inp.Connected())
-            case ev.QrCode(code=code, index=index, expires_in_ms=expires):
-                await self._feed(inp.QrReceived(code, index, expires))
-            case ev.Paired(credentials=creds):
-                await self._feed(inp.Paired(creds))
-            case ev.Pong():
+            case upstream_events.Ready():
+                await self._feed(inputs.Connected())
+            case upstream_events.QrCode(code=code, index=index, expires_in_ms=expires):
+                await self._feed(inputs.QrReceived(code, index, expires))
+            case upstream_events.Paired(credentials=creds):
+                await self._feed(inputs.Paired(creds))
+            case upstream_events.Pong():
                 self.stats.on_keepalive_ok()
-                await self._feed(inp.PongReceived())
-            case ev.Acked(message_id=mid):  # normally taken by the link reader, off the inbox
+                await self._feed(inputs.PongReceived())
+            case upstream_events.Acked(message_id=mid):  # the link reader takes most acks
                 self.delivery.ack(mid)
-            case ev.Inbound(message_id=mid, sender=sender, body=body):
+            case upstream_events.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
                 try:
@@ -309,7 +308,7 @@ class SessionActor:
                     return
                 if self._conn.link is not None:
                     await self._conn.link.ack_inbound(mid)
-            case ev.Disconnected(code=code, reason=reason, retry_after_ms=retry):
+            case upstream_events.Disconnected(code=code, reason=reason, retry_after_ms=retry):
                 self._conn.lost()
                 self.delivery.stop()
                 if code == DisconnectCode.REPLACED and not self._lease_fresh():
@@ -318,21 +317,21 @@ class SessionActor:
                     # quietly instead of reporting (and storing) a CONFLICT.
                     self._not_owner(NotOwner("replaced by the session's next owner"))
                     return
-                await self._feed(inp.Closed(code, reason, retry))
+                await self._feed(inputs.Closed(code, reason, retry))
             case _:
                 pass
 
-    async def _feed(self, event: inp.Event) -> None:
+    async def _feed(self, event: inputs.Event) -> None:
         # The machine's clock (for the attempt budget): monotonic, like its timers.
         now = asyncio.get_running_loop().time()
         for action in self.machine.handle(event, now=now):
             await self._execute(action)
 
-    async def _execute(self, action: act.Action) -> None:
+    async def _execute(self, action: actions.Action) -> None:
         if self.stopping or self.fenced:
             return
         match action:
-            case act.OpenConnection():
+            case actions.OpenConnection():
                 await self._drop_link(DisconnectCode.CONNECTION_CLOSED, "reconnecting")
                 if not self._lease_fresh():
                     # Self-fencing at the point of I/O: never connect on a lease
@@ -341,32 +340,32 @@ class SessionActor:
                     self._not_owner(NotOwner("not connecting without a fresh lease"))
                     return
                 self._conn.open()
-            case act.CloseConnection(code=code, reason=reason):
+            case actions.CloseConnection(code=code, reason=reason):
                 await self._drop_link(code, reason)
-            case act.SendPing():
+            case actions.SendPing():
                 if self._conn.link is not None:
                     self._ping_id += 1
                     self.stats.on_keepalive_sent()
                     await self._conn.link.ping(self._ping_id)
-            case act.SendLogout():
+            case actions.SendLogout():
                 if self._conn.link is not None:
                     await self._conn.link.logout()
-            case act.StartTimer(timer=timer, delay_s=delay):
+            case actions.StartTimer(timer=timer, delay_s=delay):
                 self._timers.start(timer, delay)
-            case act.CancelTimer(timer=timer):
+            case actions.CancelTimer(timer=timer):
                 self._timers.cancel(timer)
-            case act.SaveCredentials(credentials=creds):
+            case actions.SaveCredentials(credentials=creds):
                 await self._store.save_credentials(self.session_id, creds, fence=self.fence)
                 self.has_credentials = True
-            case act.ClearCredentials():
+            case actions.ClearCredentials():
                 await self._store.clear_credentials(self.session_id, fence=self.fence)
                 self.has_credentials = False
-            case act.ClearKeys():
+            case actions.ClearKeys():
                 await self.kv.clear()
-            case act.Emit():
+            case actions.Emit():
                 await self._emit(action)
 
-    async def _emit(self, emit: act.Emit) -> None:
+    async def _emit(self, emit: actions.Emit) -> None:
         now = self._clock()
         self._events.record(emit, now)
         # Every emit: a 515 restart (CONNECTING again) is an attempt too.

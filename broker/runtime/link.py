@@ -22,7 +22,7 @@ from typing import Any
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.base import Store
 from broker.store.kv import SessionKV
-from broker.upstream import events as ev
+from broker.upstream.events import Acked, Disconnected, UpstreamEvent
 from broker.upstream.provider import ConnectError, Link, Provider
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class LinkEvent:
     """Something the connection of `generation` sent (or its end)."""
 
     generation: int
-    event: ev.UpstreamEvent
+    event: UpstreamEvent
 
 
 class Connection:
@@ -134,16 +134,16 @@ class Connection:
                 # OpenConnection fences if the lease is still not fresh.
                 log.warning("session %s: lease went stale while the credentials were "
                             "read; not connecting", self.session_id)
-                post(LinkEvent(generation, ev.Disconnected(
+                post(LinkEvent(generation, Disconnected(
                     DisconnectCode.CONNECTION_CLOSED, "lease not fresh: not connecting")))
                 return
             link = await self._provider.connect(self.session_id, creds, self._kv)
         except ConnectError as exc:
-            post(LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
+            post(LinkEvent(generation, Disconnected(exc.code, exc.reason)))
             return
         except Exception as exc:  # store down, provider bug: retry like a lost connection
             log.warning("session %s: connect failed: %s", self.session_id, exc)
-            lost = ev.Disconnected(DisconnectCode.CONNECTION_CLOSED, f"connect failed: {exc}")
+            lost = Disconnected(DisconnectCode.CONNECTION_CLOSED, f"connect failed: {exc}")
             post(LinkEvent(generation, lost))
             return
         if generation != self.generation:
@@ -161,15 +161,15 @@ class Connection:
                     event = await anext(events)
                 except StopAsyncIteration:
                     return
-                if isinstance(event, ev.Acked):
+                if isinstance(event, Acked):
                     on_ack(generation, event.message_id)
                     continue
                 post(LinkEvent(generation, event))
-                if isinstance(event, ev.Disconnected):
+                if isinstance(event, Disconnected):
                     return
         except Exception as exc:  # a provider bug must not leave the session hanging
             log.exception("session %s: upstream link failed", self.session_id)
-            post(LinkEvent(generation, ev.Disconnected(
+            post(LinkEvent(generation, Disconnected(
                 DisconnectCode.CONNECTION_CLOSED, f"link error: {exc}")))
         finally:
             await events.aclose()  # type: ignore[attr-defined]

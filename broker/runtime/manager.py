@@ -1,8 +1,8 @@
 """The broker's domain API: sessions, sending, status and health.
 
-Servicers and the CLI call this; it validates nothing about wire formats and
-knows nothing about gRPC. It owns the actors of the sessions this process
-runs.
+The servicers, metrics and webhooks call this. It checks its inputs (through
+broker.validation), raises typed domain errors and knows nothing about gRPC.
+It owns the actors of the sessions this process runs.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from broker.errors import (
     SessionNotFound,
     SessionNotReady,
 )
-from broker.lifecycle import inputs as inp
+from broker.lifecycle import inputs
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
 from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime import watch as watching
@@ -162,7 +162,7 @@ class SessionManager:
             )
             self.actors[record.session_id] = actor
             await actor.start()
-            await actor.command(inp.Start())
+            await actor.command(inputs.Start())
         return actor
 
     def detach(self, session_id: str) -> SessionActor | None:
@@ -228,7 +228,7 @@ class SessionManager:
         await self.store.set_enabled(session_id, False)
         actor = self.actors.get(session_id)
         if actor is not None:
-            await actor.command(inp.Stop())
+            await actor.command(inputs.Stop())
         else:
             await self.placement.forward(Op.STOP, session_id)
         return await self.view(record)
@@ -246,8 +246,8 @@ class SessionManager:
 
     async def restart_local(self, actor: SessionActor) -> None:
         if actor.state in (State.OPEN, State.CONNECTING, State.PAIRING):
-            await actor.command(inp.Stop())
-        await actor.command(inp.Start())
+            await actor.command(inputs.Stop())
+        await actor.command(inputs.Start())
 
     async def logout(self, session_id: str) -> SessionView:
         record = await self._record(session_id)
@@ -255,7 +255,7 @@ class SessionManager:
         if actor is None and await self.placement.forward(Op.LOGOUT, session_id):
             return await self.view(record)
         if actor is not None:
-            await actor.command(inp.Logout())
+            await actor.command(inputs.Logout())
             if actor.state == State.OPEN:
                 # The upstream answers a logout by closing with 401; give it a moment.
                 try:
@@ -274,7 +274,7 @@ class SessionManager:
         await self.store.set_enabled(session_id, False)
         actor = self.actors.get(session_id)
         if actor is not None:
-            await actor.command(inp.Stop())
+            await actor.command(inputs.Stop())
         await self.placement.forward(Op.DELETE, session_id)
         await self.placement.wait_released(session_id)
         actor = self.detach(session_id)
@@ -497,5 +497,5 @@ class SessionManager:
                 activity = live.last_activity if live else 0.0
             out.append(HealthView(view, live_state, stats, recs, now,
                                   actor.machine.attempt if actor else 0, owner, activity,
-                                  self.settings.engine))
+                                  self.settings.engine or ""))
         return out

@@ -11,27 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
+import functools
 import itertools
-import json
 import logging
-import os
 import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass
-from enum import Enum
-from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 
 from broker.lifecycle.reasons import DisconnectCode
+from broker.simulator import commands
+from broker.simulator.commands import ControlError
+from broker.simulator.connection import (
+    Conn,
+    ConnState,
+    close_text,
+    has_corrupt_credentials,
+    truncate,
+)
+from broker.simulator.logins import load_logins, save_logins
 from broker.simulator.record import AcceptedMessage, LoginRecord, Overlap
 from broker.upstream.protocol import (
     CLOSE_CODE_BASE,
@@ -62,7 +66,6 @@ log = logging.getLogger(__name__)
 
 _POLL_S = 0.01
 _CLOSE_TIMEOUT_S = 2.0
-_MAX_REASON_BYTES = 120
 
 
 _PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTVWXYZ0123456789"
@@ -102,103 +105,6 @@ class Unavailable:
     retry_after_ms: int | None = None
 
 
-class _State(Enum):
-    HANDSHAKE = "handshake"  # waiting for hello
-    PAIRING = "pairing"  # showing QR codes
-    OPEN = "open"  # ready: sends allowed
-    CLOSING = "closing"  # closed or being closed: every further frame is ignored
-
-
-class _Outbox:
-    """Frames due at given times, written in due order by one task.
-
-    Latency and receipt delays then never block the read loop and never
-    reorder frames that share a delay (ties keep insertion order).
-    """
-
-    def __init__(self, ws: ServerConnection) -> None:
-        self._ws = ws
-        self._heap: list[tuple[float, int, str]] = []
-        self._seq = itertools.count()
-        self._wake = asyncio.Event()
-
-    def put(self, text: str, delay_s: float = 0.0) -> None:
-        due = asyncio.get_running_loop().time() + max(delay_s, 0.0)
-        heapq.heappush(self._heap, (due, next(self._seq), text))
-        self._wake.set()
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            self._wake.clear()
-            if not self._heap:
-                await self._wake.wait()
-                continue
-            wait_s = self._heap[0][0] - loop.time()
-            if wait_s > 0:
-                # Wake early if a frame with an earlier due time arrives.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait_s):
-                        await self._wake.wait()
-                continue
-            _, _, text = heapq.heappop(self._heap)
-            await self._ws.send(text)
-
-
-class _Conn:
-    """One client websocket and where it is in the handshake."""
-
-    def __init__(self, ws: ServerConnection, conn_id: str) -> None:
-        self.ws = ws
-        self.id = conn_id
-        self.login: str | None = None
-        self.client = ""
-        #: overlaps this connection was the older one of, with when each began
-        self.overlapped: list[tuple[Overlap, float]] = []
-        self.state = _State.HANDSHAKE
-        self.outbox = _Outbox(ws)
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def closing(self) -> bool:
-        return self.state is _State.CLOSING
-
-
-def _close_text(code: int) -> str:
-    try:
-        return DisconnectCode(code).text
-    except ValueError:
-        return "closed by the simulator"
-
-
-def _truncate(reason: str) -> str:
-    # Websocket close reasons must fit in 123 bytes of UTF-8.
-    return reason.encode()[:_MAX_REASON_BYTES].decode(errors="ignore")
-
-
-def _has_corrupt_credentials(raw: str | bytes) -> bool:
-    """A hello whose credentials are neither null nor an object.
-
-    decode() rejects it as a bad frame, but the protocol calls it a corrupt
-    session (4500), which is what a client must be told so it stops retrying.
-    """
-    try:
-        obj = json.loads(raw)
-    except (ValueError, RecursionError):
-        return False
-    return (
-        isinstance(obj, dict)
-        and obj.get("type") == "hello"
-        and isinstance(obj.get("login"), str)
-        and obj.get("credentials") is not None
-        and not isinstance(obj.get("credentials"), dict)
-    )
-
-
-class ControlError(ValueError):
-    """A control command with bad or missing parameters (HTTP 400)."""
-
-
 class Simulator:
     """The fake upstream: websocket endpoint, control methods and HTTP control."""
 
@@ -209,7 +115,7 @@ class Simulator:
         self._host = "127.0.0.1"
         self._conn_ids = itertools.count(1)
         self._inbound_ids = itertools.count(1)
-        self._conns: set[_Conn] = set()
+        self._conns: set[Conn] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._drop_task: asyncio.Task[None] | None = None
         self._tokens: dict[str, str] = {}
@@ -217,49 +123,18 @@ class Simulator:
         self._records: dict[str, LoginRecord] = {}
         self._accepted: dict[str, set[str]] = {}
         self._inbox: dict[str, dict[str, Message]] = {}
-        self._open: dict[str, _Conn] = {}
-        self._pairing: dict[str, _Conn] = {}
-        self._pairing_codes: dict[str, _Conn] = {}
+        self._open: dict[str, Conn] = {}
+        self._pairing: dict[str, Conn] = {}
+        self._pairing_codes: dict[str, Conn] = {}
         """Pairing code handed out -> the pairing connection it links when entered."""
         self._unavailable = Unavailable()
         self._faults = Faults()
-        self._load_state()
+        if self.config.state_path is not None:
+            self._tokens, self._banned = load_logins(self.config.state_path)
 
-    # -- persistent state (logins) ----------------------------------------
-
-    def _load_state(self) -> None:
-        path = self.config.state_path
-        if path is None:
-            return
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"simulator state file {path} is unreadable: {exc}") from None
-        tokens = data.get("tokens", {}) if isinstance(data, dict) else {}
-        banned = data.get("banned", []) if isinstance(data, dict) else []
-        self._tokens = {str(k): str(v) for k, v in tokens.items()}
-        self._banned = {str(b) for b in banned}
-
-    def _save_state(self) -> None:
-        """Atomically (write, sync, rename): a crash leaves the old file or the new one.
-
-        Synchronous on purpose: it is small and changes only on pairing, logout and
-        bans, and a token must be on disk before the client that holds it is."""
-        path = self.config.state_path
-        if path is None:
-            return
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        text = json.dumps({"tokens": self._tokens, "banned": sorted(self._banned)})
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, text.encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
+    def _save_logins(self) -> None:
+        if self.config.state_path is not None:
+            save_logins(self.config.state_path, self._tokens, self._banned)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -271,7 +146,7 @@ class Simulator:
             self._handle,
             host,
             port,
-            process_request=self._process_request,
+            process_request=functools.partial(commands.respond, self),
             ping_interval=None,  # keep-alive is the client's job (application pings)
             close_timeout=_CLOSE_TIMEOUT_S,
             max_size=MAX_FRAME_BYTES,
@@ -327,7 +202,7 @@ class Simulator:
     async def scan(self, login: str) -> bool:
         """Scan login's current QR: hand out credentials, then demand a restart."""
         conn = self._pairing.get(login)
-        if conn is None or conn.state is not _State.PAIRING:
+        if conn is None or conn.state is not ConnState.PAIRING:
             return False
         return await self._pair(conn, login)
 
@@ -336,14 +211,14 @@ class Simulator:
         it, as a scan would. Returns the login it paired, None for an unknown code
         or one whose connection no longer pairs."""
         conn = self._pairing_codes.pop(code.strip().upper().replace("-", ""), None)
-        if conn is None or conn.login is None or conn.state is not _State.PAIRING:
+        if conn is None or conn.login is None or conn.state is not ConnState.PAIRING:
             return None
         login = conn.login
         return login if await self._pair(conn, login) else None
 
-    def _pairing_code(self, conn: _Conn, phone: str) -> PairingCode | str:
+    def _pairing_code(self, conn: Conn, phone: str) -> PairingCode | str:
         """A new 8-character code for a pairing connection, or why there is none."""
-        if conn.state is not _State.PAIRING:
+        if conn.state is not ConnState.PAIRING:
             return "not pairing"
         if not phone.startswith("+") or not phone[1:].isdigit():
             return "phone number is not E.164"
@@ -353,10 +228,10 @@ class Simulator:
         self.record(conn.login).pairing_codes.append(phone)
         return PairingCode(id=0, code=code)
 
-    async def _pair(self, conn: _Conn, login: str) -> bool:
+    async def _pair(self, conn: Conn, login: str) -> bool:
         token = secrets.token_urlsafe(24)
         self._tokens[login] = token
-        self._save_state()
+        self._save_logins()
         self._detach(conn)
         with contextlib.suppress(ConnectionClosed):
             await conn.ws.send(encode(Paired(credentials={"token": token})))
@@ -371,14 +246,14 @@ class Simulator:
 
     async def ban(self, login: str) -> None:
         self._banned.add(login)
-        self._save_state()
+        self._save_logins()
         for conn in (self._open.get(login), self._pairing.get(login)):
             if conn is not None:
                 self._close_soon(conn, DisconnectCode.FORBIDDEN)
 
     async def unban(self, login: str) -> None:
         self._banned.discard(login)
-        self._save_state()
+        self._save_logins()
 
     async def drop(self, login: str, code: int = 428) -> bool:
         """Close login's connection with 4000+code; 428 aborts TCP with no close frame."""
@@ -404,6 +279,11 @@ class Simulator:
         if retry_after_ms is not None and retry_after_ms < 0:
             raise ControlError("retry_after_ms must not be negative")
         self._unavailable = Unavailable(code, count, retry_after_ms)
+
+    @property
+    def faults(self) -> Faults:
+        """The faults in force (set_faults)."""
+        return self._faults
 
     def set_faults(
         self,
@@ -445,7 +325,7 @@ class Simulator:
         return self._records.setdefault(login, LoginRecord())
 
     def live_connections(self, login: str) -> int:
-        return sum(1 for c in self._conns if c.login == login and c.state is _State.OPEN)
+        return sum(1 for c in self._conns if c.login == login and c.state is ConnState.OPEN)
 
     def reset(self) -> None:
         """Forget every login, record and fault; every connection is closed 4428."""
@@ -460,13 +340,13 @@ class Simulator:
         self._unavailable = Unavailable()
         self._faults = Faults()
         self._cancel_drops()
-        self._save_state()
+        self._save_logins()
 
     def issue_credentials(self, login: str) -> dict[str, Any]:
         """Register login as already paired (tests skip the QR dance)."""
         token = secrets.token_urlsafe(24)
         self._tokens[login] = token
-        self._save_state()
+        self._save_logins()
         return {"token": token}
 
     async def wait_for(
@@ -508,7 +388,7 @@ class Simulator:
     # -- websocket conversation -------------------------------------------
 
     async def _handle(self, ws: ServerConnection) -> None:
-        conn = _Conn(ws, f"c-{next(self._conn_ids)}")
+        conn = Conn(ws, f"c-{next(self._conn_ids)}")
         self._conns.add(conn)
         self._spawn(conn, conn.outbox.run())
         try:
@@ -527,7 +407,7 @@ class Simulator:
             for task in conn.tasks:
                 task.cancel()
 
-    async def _converse(self, conn: _Conn) -> None:
+    async def _converse(self, conn: Conn) -> None:
         frame = await self._receive(conn, self.config.idle_timeout_s)
         if frame is None:
             return
@@ -537,13 +417,13 @@ class Simulator:
         await self._greet(conn, frame)
         while not conn.closing:
             # Pairing is bounded by the QR limit, not by the idle timeout.
-            idle = self.config.idle_timeout_s if conn.state is _State.OPEN else None
+            idle = self.config.idle_timeout_s if conn.state is ConnState.OPEN else None
             frame = await self._receive(conn, idle)
             if frame is None or conn.closing:
                 return
             await self._dispatch(conn, frame)
 
-    async def _receive(self, conn: _Conn, timeout_s: float | None) -> Frame | None:
+    async def _receive(self, conn: Conn, timeout_s: float | None) -> Frame | None:
         """The next frame, or None once the connection was closed for cause."""
         try:
             async with asyncio.timeout(timeout_s):
@@ -554,13 +434,13 @@ class Simulator:
         try:
             return decode(raw)
         except ProtocolError as exc:
-            if _has_corrupt_credentials(raw):
+            if has_corrupt_credentials(raw):
                 await self._close(conn, DisconnectCode.BAD_SESSION, "corrupt credentials")
             else:
                 await self._close(conn, DisconnectCode.BAD_FRAME, str(exc))
             return None
 
-    async def _greet(self, conn: _Conn, hello: Hello) -> None:
+    async def _greet(self, conn: Conn, hello: Hello) -> None:
         await self._latency()
         if conn.closing:  # reset() or stop() came first
             return
@@ -579,7 +459,7 @@ class Simulator:
             await self._close(conn, DisconnectCode.FORBIDDEN)
             return
         if hello.credentials is None:
-            conn.state = _State.PAIRING
+            conn.state = ConnState.PAIRING
             self._pairing[login] = conn  # the newest pairing connection is the one scanned
             self._spawn(conn, self._show_qr_codes(conn, record))
             return
@@ -601,36 +481,36 @@ class Simulator:
             record.overlaps.append(overlap)
             previous.overlapped.append((overlap, time.monotonic()))
             self._close_soon(previous, DisconnectCode.REPLACED)
-        conn.state = _State.OPEN
+        conn.state = ConnState.OPEN
         self._open[login] = conn
         conn.outbox.put(encode(Ready(login=login, connection_id=conn.id)))
         for message in self._inbox.get(login, {}).values():
             conn.outbox.put(encode(message))
 
-    async def _refuse(self, conn: _Conn) -> None:
+    async def _refuse(self, conn: Conn) -> None:
         u = self._unavailable
         self._unavailable = Unavailable(u.code, u.count - 1, u.retry_after_ms)
-        text = _close_text(u.code)
+        text = close_text(u.code)
         await conn.ws.send(encode(Error(code=u.code, reason=text, retry_after_ms=u.retry_after_ms)))
         await self._close(conn, u.code, text)
 
-    async def _show_qr_codes(self, conn: _Conn, record: LoginRecord) -> None:
+    async def _show_qr_codes(self, conn: Conn, record: LoginRecord) -> None:
         interval = self.config.qr_interval_s
         for index in range(1, self.config.qr_max + 1):
-            if conn.state is not _State.PAIRING:
+            if conn.state is not ConnState.PAIRING:
                 return
             code = f"2@{secrets.token_urlsafe(24)},{secrets.token_urlsafe(16)}"
             qr = Qr(code=code, index=index, expires_in_ms=int(interval * 1000))
             await conn.ws.send(encode(qr))
             record.qr_codes_sent += 1
             await asyncio.sleep(interval)
-        if conn.state is _State.PAIRING:
+        if conn.state is ConnState.PAIRING:
             await self._close(conn, DisconnectCode.TIMED_OUT, "pairing timed out")
 
-    async def _dispatch(self, conn: _Conn, frame: Frame) -> None:
+    async def _dispatch(self, conn: Conn, frame: Frame) -> None:
         assert conn.login is not None
         login = conn.login
-        is_open = conn.state is _State.OPEN
+        is_open = conn.state is ConnState.OPEN
         match frame:
             case Ping(id=ping_id):
                 self.record(login).pings += 1
@@ -651,7 +531,7 @@ class Simulator:
             case _:
                 await self._close(conn, DisconnectCode.BAD_FRAME, f"unexpected {frame.type} frame")
 
-    def _accept(self, conn: _Conn, login: str, send: Send) -> None:
+    def _accept(self, conn: Conn, login: str, send: Send) -> None:
         record = self.record(login)
         seen = self._accepted.setdefault(login, set())
         duplicate = send.id in seen
@@ -671,12 +551,12 @@ class Simulator:
 
     def _revoke(self, login: str) -> None:
         self._tokens.pop(login, None)
-        self._save_state()
+        self._save_logins()
         self.record(login).logouts += 1
 
-    def _detach(self, conn: _Conn) -> None:
+    def _detach(self, conn: Conn) -> None:
         """Mark conn closing and forget it as login's live or pairing connection."""
-        conn.state = _State.CLOSING
+        conn.state = ConnState.CLOSING
         if conn.login is not None:
             if self._open.get(conn.login) is conn:
                 del self._open[conn.login]
@@ -685,17 +565,17 @@ class Simulator:
         for code in [c for c, owner in self._pairing_codes.items() if owner is conn]:
             del self._pairing_codes[code]
 
-    async def _close(self, conn: _Conn, code: int, reason: str | None = None) -> None:
+    async def _close(self, conn: Conn, code: int, reason: str | None = None) -> None:
         self._detach(conn)
-        await conn.ws.close(CLOSE_CODE_BASE + code, _truncate(reason or _close_text(code)))
+        await conn.ws.close(CLOSE_CODE_BASE + code, truncate(reason or close_text(code)))
 
-    def _close_soon(self, conn: _Conn, code: int, reason: str | None = None) -> None:
+    def _close_soon(self, conn: Conn, code: int, reason: str | None = None) -> None:
         """Close from outside conn's handler without waiting for the handshake."""
         self._detach(conn)
-        reason = _truncate(reason or _close_text(code))
+        reason = truncate(reason or close_text(code))
         self._spawn(None, conn.ws.close(CLOSE_CODE_BASE + code, reason))
 
-    def _abort(self, conn: _Conn) -> None:
+    def _abort(self, conn: Conn) -> None:
         """Drop like a dead network: no close frame, the client sees 1006."""
         self._detach(conn)
         conn.ws.transport.abort()
@@ -728,7 +608,7 @@ class Simulator:
                 self.record(login).drops += 1
                 self._abort(conn)
 
-    def _spawn(self, conn: _Conn | None, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, conn: Conn | None, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background task that stop() (and conn's end, if given) cancels."""
         task = asyncio.get_running_loop().create_task(self._guard(coro))
         self._tasks.add(task)
@@ -745,131 +625,3 @@ class Simulator:
             pass
         except Exception:
             log.exception("simulator background task failed")
-
-    # -- HTTP control ------------------------------------------------------
-
-    async def _process_request(
-        self, connection: ServerConnection, request: Request
-    ) -> Response | None:
-        url = urlsplit(request.path)
-        if url.path == CONNECT_PATH:
-            return None  # go on with the websocket handshake
-        if url.path.startswith("/control/"):
-            command = url.path.removeprefix("/control/")
-            status, body = await self._control(command, parse_qs(url.query, keep_blank_values=True))
-        else:
-            status, body = 404, {"error": f"no such path {url.path}"}
-        response = connection.respond(status, json.dumps(body) + "\n")
-        del response.headers["Content-Type"]
-        response.headers["Content-Type"] = "application/json"
-        return response
-
-    async def _control(self, command: str, query: dict[str, list[str]]) -> tuple[int, Any]:
-        handler = self._commands().get(command)
-        if handler is None:
-            return 404, {"error": f"unknown command {command!r}"}
-        try:
-            return 200, await handler(_Params(query))
-        except ControlError as exc:
-            return 400, {"error": str(exc)}
-
-    def _commands(self) -> dict[str, Callable[[_Params], Coroutine[Any, Any, Any]]]:
-        async def state(p: _Params) -> Any:
-            return self.state()
-
-        async def scan(p: _Params) -> Any:
-            return {"scanned": await self.scan(p.text("login"))}
-
-        async def enter_code(p: _Params) -> Any:
-            login = await self.enter_code(p.text("code"))
-            return {"paired": login is not None, "login": login}
-
-        async def logout(p: _Params) -> Any:
-            await self.logout(p.text("login"))
-            return {"ok": True}
-
-        async def ban(p: _Params) -> Any:
-            await self.ban(p.text("login"))
-            return {"ok": True}
-
-        async def unban(p: _Params) -> Any:
-            await self.unban(p.text("login"))
-            return {"ok": True}
-
-        async def drop(p: _Params) -> Any:
-            login = p.text("login")
-            return {"dropped": await self.drop(login, p.integer("code", 428))}
-
-        async def unavailable(p: _Params) -> Any:
-            self.set_unavailable(
-                p.integer("code", 503), p.integer("count", 1), p.optional_integer("retry_after_ms")
-            )
-            return {"ok": True}
-
-        async def faults(p: _Params) -> Any:
-            self.set_faults(
-                drop_min_s=p.optional_number("drop_min_s"),
-                drop_max_s=p.optional_number("drop_max_s"),
-                latency_ms=p.optional_number("latency_ms") or 0.0,
-                lose_acks=p.optional_number("lose_acks") or 0.0,
-            )
-            return {"ok": True, "faults": asdict(self._faults)}
-
-        async def inbound(p: _Params) -> Any:
-            login, sender, body = p.text("login"), p.text("from"), p.text("body", allow_empty=True)
-            return {"id": await self.inbound(login, sender, body)}
-
-        async def record(p: _Params) -> Any:
-            return self.record(p.text("login")).to_json()
-
-        async def reset(p: _Params) -> Any:
-            self.reset()
-            return {"ok": True}
-
-        return {
-            "state": state, "scan": scan, "enter-code": enter_code, "logout": logout,
-            "ban": ban, "unban": unban, "drop": drop, "unavailable": unavailable,
-            "faults": faults, "inbound": inbound, "record": record, "reset": reset,
-        }
-
-
-class _Params:
-    """Query parameters of one control command, parsed strictly (ControlError = 400)."""
-
-    def __init__(self, query: dict[str, list[str]]) -> None:
-        self._query = query
-
-    def _raw(self, name: str) -> str | None:
-        values = self._query.get(name)
-        return values[-1] if values else None
-
-    def text(self, name: str, *, allow_empty: bool = False) -> str:
-        value = self._raw(name)
-        if value is None or (not value and not allow_empty):
-            raise ControlError(f"missing parameter {name!r}")
-        return value
-
-    def optional_integer(self, name: str) -> int | None:
-        value = self._raw(name)
-        if value is None or value == "":
-            return None
-        try:
-            return int(value)
-        except ValueError:
-            raise ControlError(f"parameter {name!r} must be an integer") from None
-
-    def integer(self, name: str, default: int) -> int:
-        value = self.optional_integer(name)
-        return default if value is None else value
-
-    def optional_number(self, name: str) -> float | None:
-        value = self._raw(name)
-        if value is None or value == "":
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            raise ControlError(f"parameter {name!r} must be a number") from None
-        if number != number or number in (float("inf"), float("-inf")):
-            raise ControlError(f"parameter {name!r} must be finite")
-        return number

@@ -1,11 +1,11 @@
 """The store interface every backend implements, and the records it holds.
 
 The runtime only talks to this interface, so the embedded memory store and
-Redis are interchangeable; durability promises (DESIGN section 6) are the
+Redis are interchangeable; durability promises (README "What survives what") are the
 backend's: `enqueue` returns only once the message is as durable as the
 backend can make it.
 
-Fencing (DESIGN section 5): every write a session's owner makes carries the
+Fencing (docs/reliability.md): every write a session's owner makes carries the
 owner's fencing token as `fence`. The store refuses a write whose token is not
 the session's current one by raising `NotOwner`, so a paused or partitioned
 former owner can never write over its successor. `fence=None` marks a write
@@ -17,6 +17,7 @@ also across `delete_session`.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
@@ -153,6 +154,17 @@ class InboundDelivery:
     """1 on the first delivery to the group; grows on every redelivery."""
 
 
+def new_message_id() -> str:
+    """The id a store gives an accepted message: random, so any instance mints one."""
+    return f"m-{uuid.uuid4().hex}"
+
+
+def outbox_full(session_id: str, depth: int | str) -> OutboxFull:
+    """The refusal of a Send to an outbox holding `depth` undelivered messages."""
+    return OutboxFull(f"outbox of {session_id!r} holds {depth} undelivered messages",
+                      session_id=session_id, retry_after_s=1.0)
+
+
 def event_to_json(event: StatusEvent) -> str:
     """The stored form of a status event (SQLite and Redis keep the same JSON)."""
     return json.dumps(asdict(event), separators=(",", ":"))
@@ -263,12 +275,6 @@ class Store(Protocol):
         so none is stranded with a former owner."""
         ...
 
-    async def mark_acked(
-        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
-    ) -> DeliveryResult:
-        """Record the upstream ack; a repeated ack keeps the first result."""
-        ...
-
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None: ...
     async def sent_message(self, session_id: str, message_id: str) -> OutboxMessage | None:
         """The message queued under this id: while unacked, and after its ack for the
@@ -329,7 +335,7 @@ class Store(Protocol):
 
 
 class OneAtATime:
-    """The single-item outbox calls, written once over `apply_outbox`."""
+    """The single-message `enqueue`, written once over `apply_outbox`."""
 
     async def apply_outbox(
         self, session_id: str, batch: OutboxBatch, *, max_depth: int, at: float,
@@ -347,10 +353,3 @@ class OneAtATime:
         if isinstance(outcome, OutboxFull):
             raise outcome
         return outcome
-
-    async def mark_acked(
-        self, session_id: str, message_id: str, at: float, *, fence: int | None = None
-    ) -> DeliveryResult:
-        batch = OutboxBatch(acks=[message_id])
-        return (await self.apply_outbox(session_id, batch, max_depth=0, at=at,
-                                        fence=fence)).acked[0]

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import time
-import uuid
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,7 +31,10 @@ from broker.store.base import (
     SessionRecord,
     StatusEvent,
     event_order,
+    new_message_id,
+    outbox_full,
 )
+from broker.store.local import AckWaiters, LiveStates
 
 _Kept = tuple[str, str, str, int, float]
 """A message remembered for its idempotency key: (to, body, key, sequence, accepted_at).
@@ -49,7 +51,7 @@ class _Outbox:
         self.by_key: dict[str, str] = {}
         self.results: dict[str, float] = {}
         """Acked message id -> acked at."""
-        self.waiters: dict[str, list[asyncio.Future[DeliveryResult]]] = {}
+        self.waiters: AckWaiters[str] = AckWaiters()
         self.sequence = itertools.count(1)
         self.read_upto = 0
         """The highest sequence handed to the reader (what Redis's consumer group tracks)."""
@@ -120,7 +122,7 @@ class MemoryStore(OneAtATime):
         self._event_counter = itertools.count(1)
         self._dropped_events = False
         self._results_kept = results_kept
-        self._live: dict[str, tuple[LiveState, float]] = {}
+        self._live = LiveStates()
         self._inbound: dict[str, _InboundLog] = {}
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
@@ -249,12 +251,9 @@ class MemoryStore(OneAtATime):
         if known_id is not None:
             return self._known(box, session_id, known_id)
         if len(box.messages) >= max_depth:
-            return OutboxFull(
-                f"outbox of {session_id!r} holds {len(box.messages)} undelivered messages",
-                session_id=session_id, retry_after_s=1.0,
-            )
+            return outbox_full(session_id, len(box.messages))
         message = OutboxMessage(
-            session_id=session_id, message_id=f"m-{uuid.uuid4().hex}", to=new.to,
+            session_id=session_id, message_id=new_message_id(), to=new.to,
             body=new.body, idempotency_key=new.idempotency_key, sequence=next(box.sequence),
             accepted_at=at,
         )
@@ -313,9 +312,7 @@ class MemoryStore(OneAtATime):
         box.messages.pop(message_id, None)
         if message_id in box.known:
             box.results[message_id] = at
-        for fut in box.waiters.pop(message_id, []):
-            if not fut.done():
-                fut.set_result(result)
+        box.waiters.resolve(message_id, result)
         return result
 
     async def result(self, session_id: str, message_id: str) -> DeliveryResult | None:
@@ -335,18 +332,7 @@ class MemoryStore(OneAtATime):
         done = _result(box, message_id)
         if done is not None or timeout <= 0:
             return done
-        fut: asyncio.Future[DeliveryResult] = asyncio.get_running_loop().create_future()
-        box.waiters.setdefault(message_id, []).append(fut)
-        try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            return None
-        finally:
-            waiters = box.waiters.get(message_id)
-            if waiters and fut in waiters:
-                waiters.remove(fut)
-                if not waiters:
-                    del box.waiters[message_id]
+        return await box.waiters.wait(message_id, timeout)
 
     async def outbox_depth(self, session_id: str) -> int:
         box = self._outboxes.get(session_id)
@@ -363,13 +349,10 @@ class MemoryStore(OneAtATime):
         self, session_id: str, live: LiveState, ttl_s: float, *, fence: int | None = None
     ) -> None:
         self._check(session_id, fence)
-        self._live[session_id] = (live, time.monotonic() + ttl_s)
+        self._live.report(session_id, live, ttl_s)
 
     async def get_live(self, session_id: str) -> LiveState | None:
-        entry = self._live.get(session_id)
-        if entry is None or entry[1] < time.monotonic():
-            return None
-        return entry[0]
+        return self._live.get(session_id)
 
     # events
     async def append_event(self, event: StatusEvent, *, fence: int | None = None) -> StatusEvent:

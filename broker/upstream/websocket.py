@@ -14,8 +14,18 @@ from websockets.frames import Close
 
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.kv import SessionKV
-from broker.upstream import events as ev
 from broker.upstream import protocol as p
+from broker.upstream.events import (
+    Acked,
+    Delivered,
+    Disconnected,
+    Inbound,
+    Paired,
+    Pong,
+    QrCode,
+    Ready,
+    UpstreamEvent,
+)
 from broker.upstream.provider import ConnectError, PairingUnavailable
 
 PAIRING_CODE_TIMEOUT_S = 10.0
@@ -30,7 +40,7 @@ class WebsocketLink:
         self._code_requests: dict[int, asyncio.Future[p.PairingCode]] = {}
         self._request_ids = itertools.count(1)
 
-    async def events(self) -> AsyncIterator[ev.UpstreamEvent]:
+    async def events(self) -> AsyncIterator[UpstreamEvent]:
         while True:
             try:
                 raw = await self._ws.recv()
@@ -52,22 +62,22 @@ class WebsocketLink:
             if event is not None:
                 yield event
 
-    def _translate(self, frame: p.Frame) -> ev.UpstreamEvent | None:
+    def _translate(self, frame: p.Frame) -> UpstreamEvent | None:
         match frame:
             case p.Ready(connection_id=cid):
-                return ev.Ready(cid)
+                return Ready(cid)
             case p.Qr(code=code, index=index, expires_in_ms=expires):
-                return ev.QrCode(code, index, expires)
+                return QrCode(code, index, expires)
             case p.Paired(credentials=creds):
-                return ev.Paired(creds)
+                return Paired(creds)
             case p.Ack(id=mid, duplicate=dup):
-                return ev.Acked(mid, dup)
+                return Acked(mid, dup)
             case p.Receipt(id=mid):
-                return ev.Delivered(mid)
+                return Delivered(mid)
             case p.Pong(id=pid):
-                return ev.Pong(pid)
+                return Pong(pid)
             case p.Message(id=mid, sender=sender, body=body, ts=ts):
-                return ev.Inbound(mid, sender, body, ts)
+                return Inbound(mid, sender, body, ts)
             case p.Error(retry_after_ms=retry):
                 self._retry_after_ms = retry
                 return None
@@ -79,15 +89,15 @@ class WebsocketLink:
             case _:
                 return None
 
-    def _disconnected(self, rcvd: Close | None) -> ev.Disconnected:
+    def _disconnected(self, rcvd: Close | None) -> Disconnected:
         if self._local_close is not None:
             code, reason = self._local_close
-            return ev.Disconnected(code, reason)
+            return Disconnected(code, reason)
         code = p.reason_for_close(rcvd.code if rcvd else None)
         reason = (rcvd.reason if rcvd and rcvd.reason else "") or code.text
         if rcvd is None:
             reason = "connection lost"
-        return ev.Disconnected(code, reason, self._retry_after_ms)
+        return Disconnected(code, reason, self._retry_after_ms)
 
     async def _send(self, frame: p.Frame) -> None:
         with contextlib.suppress(ConnectionClosed):  # the reader reports the disconnect

@@ -1,28 +1,23 @@
 """BrokerServicer in-process: status codes, rich error details and conversion.
 
-No server, no sockets, no upstream: each test calls a servicer method with a
-fake context on a real SessionManager over the memory store (sessions are
-created unstarted, so nothing connects). The real-server tests in
-tests/integration keep covering behaviour end to end.
-
-Why not grpcio-testing: its servers call each handler as a plain function on
-a thread, so a grpc.aio servicer's coroutine comes back unawaited as the
-"response" with status OK, and its ServicerContext does not implement
-abort_with_status, which carries the rich error details (grpc/grpc#24942:
-grpc.aio support is not planned). `test_grpc_testing_cannot_drive_aio_servicers`
-pins that, so this module can switch to grpc_testing the day it fails.
+No server, no sockets, no upstream: a real SessionManager over the memory
+store (sessions are created unstarted, so nothing connects). Unary methods are
+invoked through grpcio-testing by method descriptor, with deadlines, and their
+code, details and trailing metadata read as a client would (tests/api/aio_testing.py
+bridges its threads to the asyncio servicer); StreamStatus, whose tests
+interleave the stream with publishing events, is called with a fake context.
+The real-server tests in tests/integration keep covering behaviour end to end.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, cast
 
 import grpc
-import grpc_testing
 import pytest
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
 from broker.api import convert
@@ -35,6 +30,7 @@ from broker.store.base import StatusEvent
 from broker.store.memory import MemoryStore
 from broker.upstream.provider import Link
 from broker_client.v1 import broker_pb2 as pb
+from tests.api import aio_testing
 
 SID = "962302"
 
@@ -83,13 +79,29 @@ def _failure(status: grpc.Status) -> Failure:
     return out
 
 
-async def fails(call: Callable[[Any], Awaitable[object]], **context: Any) -> Failure:
-    """Run a unary call that must fail; its status, decoded."""
-    ctx = FakeContext(**context)
-    with pytest.raises(grpc.aio.AbortError):
-        await call(ctx)
-    assert ctx.status is not None
-    return _failure(ctx.status)
+class Rpcs:
+    """The servicer's unary methods called through grpcio-testing, by name."""
+
+    def __init__(self, servicer: BrokerServicer) -> None:
+        self._rpcs = aio_testing.Rpcs(pb.DESCRIPTOR.services_by_name["Broker"], servicer)
+
+    async def call(self, method: str, request: Message, *, timeout: float | None = None) -> Any:
+        """A call that must succeed: its response."""
+        response, _, code, details = await self._rpcs.unary(method, request, timeout=timeout)
+        assert code == grpc.StatusCode.OK, (code, details)
+        return response
+
+    async def fails(self, method: str, request: Message, *,
+                    timeout: float | None = None) -> Failure:
+        """A call that must fail: its status, decoded as a client would."""
+        response, trailing, code, details = await self._rpcs.unary(method, request,
+                                                                   timeout=timeout)
+        assert code != grpc.StatusCode.OK and response is None
+        return _failure(grpc_status(code, details, trailing))
+
+
+def grpc_status(code: grpc.StatusCode, details: str, trailing: Any) -> grpc.Status:
+    return cast(grpc.Status, aio_testing.Status(code, details, tuple(trailing)))
 
 
 async def read(stream: AsyncIterator[pb.StatusEvent], n: int) -> list[pb.StatusEvent]:
@@ -116,6 +128,11 @@ def servicer(manager: SessionManager) -> BrokerServicer:
     return BrokerServicer(manager)
 
 
+@pytest.fixture
+async def rpcs(servicer: BrokerServicer) -> Rpcs:
+    return Rpcs(servicer)
+
+
 def ctx(time_remaining: float | None = None) -> Any:
     return FakeContext(time_remaining)
 
@@ -123,25 +140,24 @@ def ctx(time_remaining: float | None = None) -> Any:
 # -- conversion ----------------------------------------------------------------
 
 
-async def test_create_get_and_list_convert_sessions(servicer: BrokerServicer) -> None:
-    created = await servicer.CreateSession(
-        pb.CreateSessionRequest(session_id=SID, tenant="acme", no_start=True), ctx()
-    )
+async def test_create_get_and_list_convert_sessions(rpcs: Rpcs) -> None:
+    created = await rpcs.call(
+        "CreateSession", pb.CreateSessionRequest(session_id=SID, tenant="acme", no_start=True))
     assert (created.session_id, created.tenant, created.state) == (SID, "acme", pb.STOPPED)
     assert not created.has_credentials and created.outbox_depth == 0
     assert created.HasField("updated_at")
-    got = await servicer.GetSession(pb.GetSessionRequest(session_id=SID), ctx())
+    got = await rpcs.call("GetSession", pb.GetSessionRequest(session_id=SID))
     assert got == created
-    await servicer.CreateSession(
-        pb.CreateSessionRequest(session_id="other", tenant="globex", no_start=True), ctx()
-    )
-    listed = await servicer.ListSessions(pb.ListSessionsRequest(tenant="acme"), ctx())
+    await rpcs.call(
+        "CreateSession",
+        pb.CreateSessionRequest(session_id="other", tenant="globex", no_start=True))
+    listed = await rpcs.call("ListSessions", pb.ListSessionsRequest(tenant="acme"))
     assert [s.session_id for s in listed.sessions] == [SID]
 
 
-async def test_health_converts_counters_and_recommendations(servicer: BrokerServicer) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
-    health = await servicer.Health(pb.HealthRequest(session_ids=[SID]), ctx())
+async def test_health_converts_counters_and_recommendations(rpcs: Rpcs) -> None:
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
+    health = await rpcs.call("Health", pb.HealthRequest(session_ids=[SID]))
     (item,) = health.sessions
     assert item.session.session_id == SID and item.session.tenant == "default"
     assert item.live_state == pb.SESSION_STATE_UNSPECIFIED  # nobody owns it
@@ -175,85 +191,77 @@ def test_send_keeps_a_margin_of_the_deadline_to_answer() -> None:
 # -- status codes and rich details ---------------------------------------------
 
 
-async def test_unknown_session_is_not_found_with_its_id(servicer: BrokerServicer) -> None:
-    failure = await fails(lambda c: servicer.GetSession(pb.GetSessionRequest(session_id="x1"), c))
+async def test_unknown_session_is_not_found_with_its_id(rpcs: Rpcs) -> None:
+    failure = await rpcs.fails("GetSession", pb.GetSessionRequest(session_id="x1"))
     assert failure.code == grpc.StatusCode.NOT_FOUND
     assert (failure.reason, failure.domain) == ("SESSION_NOT_FOUND", "broker.v1")
     assert failure.metadata == {"session_id": "x1"}
 
 
 @pytest.mark.parametrize(
-    ("call", "field_name"),
+    ("method", "request_", "field_name"),
     [
-        (lambda s, c: s.GetSession(pb.GetSessionRequest(session_id="bad id"), c), "session_id"),
-        (lambda s, c: s.Health(pb.HealthRequest(session_ids=["ok", ""]), c), "session_ids"),
-        (lambda s, c: s.Health(pb.HealthRequest(tenant="a b"), c), "tenant"),
-        (lambda s, c: s.ListSessions(pb.ListSessionsRequest(tenant="-x"), c), "tenant"),
-        (lambda s, c: s.Send(pb.SendRequest(session_id=SID, to="", body="hi"), c), "to"),
-        (lambda s, c: s.Send(pb.SendRequest(session_id=SID, to="+1", body=""), c), "body"),
-        (lambda s, c: s.AckInbound(pb.AckInboundRequest(session_id=SID), c), "inbound_ids"),
+        ("GetSession", pb.GetSessionRequest(session_id="bad id"), "session_id"),
+        ("Health", pb.HealthRequest(session_ids=["ok", ""]), "session_ids"),
+        ("Health", pb.HealthRequest(tenant="a b"), "tenant"),
+        ("ListSessions", pb.ListSessionsRequest(tenant="-x"), "tenant"),
+        ("Send", pb.SendRequest(session_id=SID, to="", body="hi"), "to"),
+        ("Send", pb.SendRequest(session_id=SID, to="+1", body=""), "body"),
+        ("AckInbound", pb.AckInboundRequest(session_id=SID), "inbound_ids"),
     ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
-    servicer: BrokerServicer, call: Callable[[BrokerServicer, Any], Awaitable[object]],
-    field_name: str,
+    rpcs: Rpcs, method: str, request_: Message, field_name: str,
 ) -> None:
-    failure = await fails(lambda c: call(servicer, c))
+    failure = await rpcs.fails(method, request_)
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert failure.reason == "INVALID_ARGUMENT"
     assert failure.metadata == {"field": field_name}
     assert failure.message.startswith(f"{field_name}: ")
 
 
-async def test_a_deadline_too_short_to_wait_for_an_ack_is_invalid(
-    servicer: BrokerServicer,
-) -> None:
+async def test_a_deadline_too_short_to_wait_for_an_ack_is_invalid(rpcs: Rpcs) -> None:
     request = pb.SendRequest(session_id=SID, to="+1", body="hi")
-    failure = await fails(lambda c: servicer.Send(request, c), time_remaining=0.005)
+    failure = await rpcs.fails("Send", request, timeout=0.005)
     assert failure.code == grpc.StatusCode.INVALID_ARGUMENT
     assert failure.metadata == {"field": "deadline"}
 
 
-async def test_send_to_a_stopped_session_is_failed_precondition(
-    servicer: BrokerServicer,
-) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
+async def test_send_to_a_stopped_session_is_failed_precondition(rpcs: Rpcs) -> None:
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
     request = pb.SendRequest(session_id=SID, to="+1", body="hi", idempotency_key="k1")
-    failure = await fails(lambda c: servicer.Send(request, c), time_remaining=5.0)
+    failure = await rpcs.fails("Send", request, timeout=5.0)
     assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
     assert failure.reason == "SESSION_STOPPED"
     assert failure.metadata == {"session_id": SID, "state": "STOPPED"}
     assert failure.retry_after_s is None
 
 
-async def test_qr_of_a_session_not_pairing_is_failed_precondition(
-    servicer: BrokerServicer,
-) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
-    failure = await fails(lambda c: servicer.GetQr(pb.SessionRef(session_id=SID), c))
+async def test_qr_of_a_session_not_pairing_is_failed_precondition(rpcs: Rpcs) -> None:
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
+    failure = await rpcs.fails("GetQr", pb.SessionRef(session_id=SID))
     assert failure.code == grpc.StatusCode.FAILED_PRECONDITION
     assert failure.reason == "NOT_PAIRING"
     assert failure.metadata == {"session_id": SID, "state": "STOPPED"}
 
 
-async def test_a_session_id_of_another_tenant_already_exists(servicer: BrokerServicer) -> None:
-    await servicer.CreateSession(
-        pb.CreateSessionRequest(session_id=SID, tenant="acme", no_start=True), ctx()
-    )
+async def test_a_session_id_of_another_tenant_already_exists(rpcs: Rpcs) -> None:
+    await rpcs.call(
+        "CreateSession", pb.CreateSessionRequest(session_id=SID, tenant="acme", no_start=True))
     request = pb.CreateSessionRequest(session_id=SID, tenant="globex", no_start=True)
-    failure = await fails(lambda c: servicer.CreateSession(request, c))
+    failure = await rpcs.fails("CreateSession", request)
     assert failure.code == grpc.StatusCode.ALREADY_EXISTS
     assert (failure.reason, failure.metadata) == ("SESSION_EXISTS", {"session_id": SID})
 
 
 async def test_a_bug_is_internal_without_its_details(
-    servicer: BrokerServicer, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
+    rpcs: Rpcs, manager: SessionManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def broken(session_id: str) -> NoReturn:
         raise KeyError("secret internals")
 
     monkeypatch.setattr(manager, "get", broken)
-    failure = await fails(lambda c: servicer.GetSession(pb.GetSessionRequest(session_id=SID), c))
+    failure = await rpcs.fails("GetSession", pb.GetSessionRequest(session_id=SID))
     assert failure.code == grpc.StatusCode.INTERNAL
     assert failure.reason == "INTERNAL"
     assert "secret" not in failure.message
@@ -267,9 +275,9 @@ def _event(seq: int, state: State) -> StatusEvent:
 
 
 async def test_stream_status_sends_a_snapshot_then_live_events_once(
-    servicer: BrokerServicer, manager: SessionManager
+    servicer: BrokerServicer, rpcs: Rpcs, manager: SessionManager
 ) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
     stored = await manager.store.append_event(_event(1, State.CONNECTING))
     stream = servicer.StreamStatus(pb.StreamStatusRequest(session_ids=[SID]), ctx())
     (snapshot,) = await read(stream, 1)
@@ -285,9 +293,9 @@ async def test_stream_status_sends_a_snapshot_then_live_events_once(
 
 
 async def test_stream_status_resumes_with_the_missed_events_only(
-    servicer: BrokerServicer, manager: SessionManager
+    servicer: BrokerServicer, rpcs: Rpcs, manager: SessionManager
 ) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
     seen = await manager.store.append_event(_event(1, State.CONNECTING))
     missed = [await manager.store.append_event(_event(n, State.OPEN)) for n in (2, 3)]
     request = pb.StreamStatusRequest(session_ids=[SID], resume_after=seen.event_id)
@@ -303,9 +311,9 @@ async def test_stream_status_resumes_with_the_missed_events_only(
 
 
 async def test_stream_status_resyncs_when_the_cursor_is_unknown(
-    servicer: BrokerServicer, manager: SessionManager
+    servicer: BrokerServicer, rpcs: Rpcs, manager: SessionManager
 ) -> None:
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
     request = pb.StreamStatusRequest(session_ids=[SID], resume_after="not-an-id")
     stream = servicer.StreamStatus(request, ctx())
     (event,) = await read(stream, 1)
@@ -329,11 +337,10 @@ async def test_stream_status_of_an_unknown_session_is_not_found(
 
 
 async def test_a_subscriber_that_falls_behind_is_cut_off_and_told_to_resume(
-    manager: SessionManager,
+    manager: SessionManager, servicer: BrokerServicer, rpcs: Rpcs,
 ) -> None:
     manager.bus.buffer = 1
-    servicer = BrokerServicer(manager)
-    await servicer.CreateSession(pb.CreateSessionRequest(session_id=SID, no_start=True), ctx())
+    await rpcs.call("CreateSession", pb.CreateSessionRequest(session_id=SID, no_start=True))
     context = FakeContext()
     stream = servicer.StreamStatus(pb.StreamStatusRequest(), cast(Any, context))
     await read(stream, 1)  # the snapshot; now subscribed
@@ -347,23 +354,3 @@ async def test_a_subscriber_that_falls_behind_is_cut_off_and_told_to_resume(
     assert failure.reason == "SUBSCRIBER_TOO_SLOW"
     assert failure.retry_after_s == pytest.approx(0.1)
     assert manager.bus.subscriber_count == 0
-
-
-# -- why not grpcio-testing --------------------------------------------------------
-
-
-def test_grpc_testing_cannot_drive_aio_servicers(servicer: BrokerServicer) -> None:
-    """If this fails, grpc_testing learned grpc.aio: use it instead of FakeContext."""
-    service = pb.DESCRIPTOR.services_by_name["Broker"]
-    server = grpc_testing.server_from_dictionary(
-        {service: servicer}, grpc_testing.strict_real_time()
-    )
-    rpc = server.invoke_unary_unary(
-        service.methods_by_name["GetSession"], (), pb.GetSessionRequest(session_id="x1"), None
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the coroutine is never awaited
-        response, _, code, _ = rpc.termination()
-        assert code == grpc.StatusCode.OK  # not NOT_FOUND: the handler never ran
-        assert not isinstance(response, pb.Session)
-        cast(Any, response).close()

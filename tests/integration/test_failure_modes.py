@@ -1,5 +1,5 @@
 """Logged out, replaced, pairing and keep-alive: the upstream's faults and what
-the broker does about each (DESIGN section 4)."""
+the broker does about each (docs/lifecycle.md)."""
 
 from __future__ import annotations
 

@@ -13,13 +13,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.app import BrokerApp
-from broker.config import Settings
 from broker.lifecycle.states import State
 from broker.simulator import Simulator
 from broker.store.redis import RedisStore
 from broker_client import BrokerClient, SendResult
 from tests.conftest import BrokerFactory
-from tests.helpers import FAST_POLICY, eventually, paired_session, wait_state
+from tests.helpers import eventually, paired_session, wait_state
 from tests.redis_server import (  # noqa: F401  (fixtures)
     RedisServer,
     shared_redis,
@@ -41,14 +40,7 @@ async def broker(
         yield await make_broker()
         return
     server: RedisServer = request.getfixturevalue("shared_redis")
-    settings = Settings(listen="127.0.0.1:0", upstream_url=sim.url, lifecycle=FAST_POLICY,
-                        ack_timeout_s=1.0, connect_timeout_s=2.0)
-    app = BrokerApp(settings, store=RedisStore.from_url(server.url, ephemeral_key=True))
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
+    yield await make_broker(store=RedisStore.from_url(server.url, ephemeral_key=True))
 
 
 async def test_thousand_messages_survive_constant_drops(sim: Simulator, broker: BrokerApp) -> None:

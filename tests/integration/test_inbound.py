@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.app import BrokerApp
-from broker.config import Settings
 from broker.simulator import Simulator
 from broker.store.redis import RedisStore
 from broker.upstream.protocol import Message
 from broker_client import BrokerClient, InboundMessage, InboundReceiver, SyncBrokerClient
 from broker_client.errors import InvalidArgument, SessionNotFound
 from tests.conftest import BrokerFactory
-from tests.helpers import FAST_POLICY, eventually, paired_session
+from tests.helpers import eventually, paired_session
 from tests.redis_server import (  # noqa: F401  (fixtures)
     RedisServer,
     shared_redis,
@@ -43,17 +42,9 @@ async def app(
         yield await make_broker(inbound_redeliver_after_s=REDELIVER_S)
         return
     server: RedisServer = request.getfixturevalue("shared_redis")
-    settings = Settings(listen="127.0.0.1:0", upstream_url=sim.url, lifecycle=FAST_POLICY,
-                        ack_timeout_s=1.0, connect_timeout_s=2.0,
-                        inbound_redeliver_after_s=REDELIVER_S)
     store = RedisStore.from_url(server.url, ephemeral_key=True,
                                 inbound_redeliver_after_s=REDELIVER_S)
-    broker = BrokerApp(settings, store=store)
-    await broker.start()
-    try:
-        yield broker
-    finally:
-        await broker.stop()
+    yield await make_broker(store=store, inbound_redeliver_after_s=REDELIVER_S)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from broker.lifecycle.health import (
     Severity,
     recommend,
 )
-from broker.lifecycle.states import LEASE_LOST, PAIRING_TIMED_OUT, State, gave_up_reason
+from broker.lifecycle.states import PAIRING_TIMED_OUT, State, gave_up_reason
 
 NOW = 100_000.0
 
@@ -64,7 +64,7 @@ def test_open_and_connecting_are_healthy() -> None:
         (State.RECONNECTING, "service unavailable", 503, "UPSTREAM_UNAVAILABLE", Severity.WARNING),
         (State.RECONNECTING, "rate limited", 429, "UPSTREAM_UNAVAILABLE", Severity.WARNING),
         (State.STOPPED, "stopped", 0, "STOPPED", Severity.INFO),
-        (State.STOPPED, LEASE_LOST, 0, "STOPPED", Severity.INFO),
+        (State.STOPPED, "stopped", 0, "STOPPED", Severity.INFO),
     ],
 )
 def test_state_recommendation(

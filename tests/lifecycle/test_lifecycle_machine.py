@@ -28,7 +28,6 @@ from broker.lifecycle.inputs import (
     Closed,
     Connected,
     Event,
-    LeaseLost,
     Logout,
     Paired,
     PongReceived,
@@ -40,7 +39,7 @@ from broker.lifecycle.inputs import (
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.lifecycle.reasons import DisconnectCode as D
-from broker.lifecycle.states import LEASE_LOST, PAIRING_TIMED_OUT, State
+from broker.lifecycle.states import PAIRING_TIMED_OUT, State
 
 
 class MaxRng(random.Random):
@@ -577,31 +576,6 @@ def test_stop_clears_a_pending_logout() -> None:
     assert m.state is State.RECONNECTING
 
 
-@pytest.mark.parametrize("state", ALL_STATES)
-def test_lease_lost_from_every_state(state: State) -> None:
-    m = drive_to(state)
-    actions = m.handle(LeaseLost())
-    if state is State.STOPPED:
-        assert actions == []
-        return
-    close: list[Action] = [CloseConnection(D.CONNECTION_CLOSED, LEASE_LOST)]
-    before: dict[State, list[Action]] = {
-        State.CONNECTING: close,
-        State.PAIRING: close,
-        State.OPEN: [*close, *OPEN_TIMERS],
-        State.RECONNECTING: [CancelTimer(Timer.RETRY)],
-        State.CONFLICT: [CancelTimer(Timer.RETRY)],
-        State.LOGGED_OUT: [],
-        State.FAILED: [],
-    }
-    assert actions == [*before[state], emit(State.STOPPED, state, LEASE_LOST, attempt=m.attempt)]
-    assert m.reason == LEASE_LOST
-    # It never comes back on its own.
-    for timer in Timer:
-        assert m.handle(TimerFired(timer)) == []
-    assert m.state is State.STOPPED
-
-
 # -- events that do not apply -----------------------------------------------------
 
 WITH_CONNECTION = {State.CONNECTING, State.PAIRING, State.OPEN}
@@ -654,7 +628,6 @@ EVENTS: list[Event] = [
     *[Closed(code, retry_after_ms=ms) for code in D for ms in (None, 3_000)],
     *[TimerFired(t) for t in Timer],
     PongReceived(),
-    LeaseLost(),
 ]
 
 RETRY_STATES = {State.RECONNECTING, State.CONFLICT}

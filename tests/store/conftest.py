@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker.store.base import Store
+from broker.store.base import DeliveryResult, OutboxBatch, Store
 from broker.store.crypto import CredentialCipher
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
@@ -108,3 +108,11 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 async def store(backend: Backend) -> Store:
     return await backend.open()
+
+
+async def mark_acked(store: Store, session_id: str, message_id: str, at: float, *,
+                     fence: int | None = None) -> DeliveryResult:
+    """Record one upstream ack, as the delivery loop's batch does."""
+    result = await store.apply_outbox(session_id, OutboxBatch(acks=[message_id]), max_depth=0,
+                                      at=at, fence=fence)
+    return result.acked[0]

@@ -22,7 +22,7 @@ from broker.store.base import (
     event_order,
 )
 from broker.store.redis import RedisStore
-from tests.store.conftest import Backend
+from tests.store.conftest import Backend, mark_acked
 
 WAIT_S = 30.0
 """Upper bound of every wait that should end much sooner: a hang fails, never blocks."""
@@ -128,8 +128,8 @@ async def test_pending_is_fifo_oldest_unacked(store: Store) -> None:
     assert [m.message_id for m in await store.pending("s1", 100)] == ids
     assert [m.message_id for m in await store.pending("s1", 2)] == ids[:2]
     assert [m.sequence for m in await store.pending("s1", 100)] == [1, 2, 3, 4, 5, 6]
-    await store.mark_acked("s1", ids[0], 10.0)
-    await store.mark_acked("s1", ids[3], 11.0)
+    await mark_acked(store, "s1", ids[0], 10.0)
+    await mark_acked(store, "s1", ids[3], 11.0)
     assert [m.message_id for m in await store.pending("s1", 100)] == [
         ids[1], ids[2], ids[4], ids[5]
     ]
@@ -159,7 +159,7 @@ async def test_a_batch_of_acks_keeps_first_results(store: Store) -> None:
         .message.message_id
         for i in range(4)
     ]
-    first = await store.mark_acked("s1", mids[1], 2.0)
+    first = await mark_acked(store, "s1", mids[1], 2.0)
     batch = OutboxBatch(acks=[mids[0], mids[1], mids[3], mids[0]])
     results = (await store.apply_outbox("s1", batch, max_depth=10, at=5.0)).acked
     assert [r.message_id for r in results] == [mids[0], mids[1], mids[3], mids[0]]
@@ -214,7 +214,7 @@ async def test_outbox_full_at_max_depth(store: Store) -> None:
     assert await store.find_by_key("s1", "kc") is None
     # a retry of an accepted message is answered even when the outbox is full
     assert (await store.enqueue("s1", "+1", "a", "ka", max_depth=2, at=1.0)).duplicate
-    await store.mark_acked("s1", a.message.message_id, 2.0)
+    await mark_acked(store, "s1", a.message.message_id, 2.0)
     c = await store.enqueue("s1", "+1", "c", "kc", max_depth=2, at=1.0)
     assert not c.duplicate and c.message.sequence == 3
 
@@ -223,12 +223,12 @@ async def test_mark_acked_records_result_and_removes(store: Store) -> None:
     accepted = await store.enqueue("s1", "+1", "hi", "k1", max_depth=10, at=1.0)
     mid = accepted.message.message_id
     assert await store.result("s1", mid) is None
-    result = await store.mark_acked("s1", mid, 2.5)
+    result = await mark_acked(store, "s1", mid, 2.5)
     assert (result.message_id, result.acked_at) == (mid, 2.5)
     assert await store.pending("s1", 10) == []
     assert await store.outbox_depth("s1") == 0
     assert await store.result("s1", mid) == result
-    assert await store.mark_acked("s1", mid, 9.0) == result  # a repeated ack keeps the first
+    assert await mark_acked(store, "s1", mid, 9.0) == result  # a repeated ack keeps the first
     dup = await store.enqueue("s1", "+1", "hi", "k1", max_depth=10, at=3.0)
     assert dup.duplicate and dup.message == accepted.message and dup.result == result
     assert await store.find_by_key("s1", "k1") == dup
@@ -244,7 +244,7 @@ async def test_wait_result_wakes_a_waiter_in_this_and_another_view(backend: Back
     there = asyncio.create_task(other.wait_result("s1", mid, WAIT_S))
     await _let_waiter_start()
     assert not here.done() and not there.done()
-    result = await acker.mark_acked("s1", mid, 4.0)
+    result = await mark_acked(acker, "s1", mid, 4.0)
     assert await asyncio.wait_for(here, WAIT_S) == result
     assert await asyncio.wait_for(there, WAIT_S) == result
     # once stored, a wait returns at once, even with no time left
@@ -259,10 +259,10 @@ async def test_waiters_for_other_messages_keep_waiting(backend: Backend) -> None
     w1 = asyncio.create_task(other.wait_result("s1", m1, WAIT_S))
     w2 = asyncio.create_task(other.wait_result("s1", m2, WAIT_S))
     await _let_waiter_start()
-    await store.mark_acked("s1", m2, 2.0)
+    await mark_acked(store, "s1", m2, 2.0)
     assert (await asyncio.wait_for(w2, WAIT_S)) is not None
     assert not w1.done()
-    await store.mark_acked("s1", m1, 3.0)
+    await mark_acked(store, "s1", m1, 3.0)
     assert (await asyncio.wait_for(w1, WAIT_S)) is not None
 
 

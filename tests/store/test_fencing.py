@@ -1,8 +1,8 @@
 """The fencing contract, on every backend: each owner write carries the owner's
 token, and the store refuses any write whose token is not the current one.
 
-Expiry alone never makes ownership exclusive; refused stale writes do (DESIGN
-section 5). Every owner write is listed here, so a new one that forgets its
+Expiry alone never makes ownership exclusive; refused stale writes do
+(docs/reliability.md). Every owner write is listed here, so a new one that forgets its
 fence has no test to pass.
 """
 
@@ -15,6 +15,7 @@ import pytest
 from broker.errors import NotOwner
 from broker.lifecycle.states import State
 from broker.store.base import LiveState, NewMessage, OutboxBatch, SessionRecord, StatusEvent, Store
+from tests.store.conftest import mark_acked
 
 SID = "s1"
 Write = Callable[[Store, int], Awaitable[object]]
@@ -32,7 +33,7 @@ async def _apply(store: Store, fence: int) -> object:
 
 OWNER_WRITES: dict[str, Write] = {
     "apply_outbox": _apply,
-    "mark_acked": lambda s, f: s.mark_acked(SID, "m-none", 2.0, fence=f),
+    "mark_acked": lambda s, f: mark_acked(s, SID, "m-none", 2.0, fence=f),
     "claim_outbox": lambda s, f: s.claim_outbox(SID, fence=f),
     "pending": lambda s, f: s.pending(SID, 10, fence=f),
     "append_event": lambda s, f: s.append_event(_event(f), fence=f),

@@ -15,7 +15,7 @@ from broker.store.crypto import CredentialCipher, CredentialDecryptError
 from broker.store.kv import SessionKV
 from broker.store.redis import RedisStore
 from tests.redis_server import RedisServer
-from tests.store.conftest import Backend, open_redis, open_sqlite
+from tests.store.conftest import Backend, mark_acked, open_redis, open_sqlite
 
 SECRET = b'{"noiseKey":{"private":{"type":"Buffer","data":"c2VjcmV0LWtleS1tYXRlcmlhbA=="}}}'
 
@@ -160,7 +160,7 @@ async def test_a_sent_message_is_readable_by_id_before_and_after_its_ack(store: 
     unacked = await store.sent_message("s1", mid)
     assert unacked is not None and (unacked.to, unacked.body) == ("+4915100000001",
                                                                   "hello there")
-    await store.mark_acked("s1", mid, 2.0)
+    await mark_acked(store, "s1", mid, 2.0)
     acked = await SessionKV(store, "s1", None).sent_message(mid)
     assert acked == unacked
     assert await store.sent_message("s1", "m-unknown") is None
@@ -174,7 +174,7 @@ async def test_a_sent_message_expires_with_the_retention_on_redis(backend: Backe
     store = await backend.fresh(idempotency_ttl_s=0.3)
     accepted = await store.enqueue("s1", "+1", "short-lived", "k", max_depth=10, at=1.0)
     mid = accepted.message.message_id
-    await store.mark_acked("s1", mid, 2.0)
+    await mark_acked(store, "s1", mid, 2.0)
     assert await store.sent_message("s1", mid) is not None
     for _ in range(200):  # bounded: 0.3 s TTL, up to 10 s
         if await store.sent_message("s1", mid) is None:

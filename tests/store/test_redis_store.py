@@ -25,7 +25,7 @@ from broker.store.crypto import (
 )
 from broker.store.redis import RedisStore
 from tests.redis_server import RedisServer
-from tests.store.conftest import RECHECK_S, TEST_KEY, open_redis
+from tests.store.conftest import RECHECK_S, TEST_KEY, mark_acked, open_redis
 
 pytestmark = pytest.mark.redis
 
@@ -162,7 +162,7 @@ async def _fill(store: RedisStore) -> tuple[str, str, StatusEvent]:
     await store.save_credentials("s1", {"token": SECRET})
     done = await store.enqueue("s1", "+1", "delivered", "k1", max_depth=10, at=1.0)
     waiting = await store.enqueue("s1", "+1", "waiting", "k2", max_depth=10, at=2.0)
-    await store.mark_acked("s1", done.message.message_id, 3.0)
+    await mark_acked(store, "s1", done.message.message_id, 3.0)
     event = await store.append_event(StatusEvent("s1", "t1", 1, State.OPEN, State.CONNECTING))
     return done.message.message_id, waiting.message.message_id, event
 
@@ -225,7 +225,7 @@ async def test_a_waiter_survives_a_redis_restart(redis_server: RedisServer) -> N
         for _ in range(20):
             await asyncio.sleep(0.005)
         redis_server.restart()
-        result = await acker.mark_acked("s1", mid, 2.0)
+        result = await mark_acked(acker, "s1", mid, 2.0)
         assert await asyncio.wait_for(waiter, WAIT_S) == result
         assert RECHECK_S > WAIT_S  # so the safety-net re-check cannot be what woke it
     finally:
@@ -240,7 +240,7 @@ async def test_every_key_of_a_session_shares_one_hash_tag(store: RedisStore) -> 
         await store.save_credentials(sid, {"token": SECRET})
         acked = await store.enqueue(sid, "+1", "a", "key:1", max_depth=10, at=1.0)
         await store.enqueue(sid, "+1", "b", "key:2", max_depth=10, at=1.0)
-        await store.mark_acked(sid, acked.message.message_id, 2.0)
+        await mark_acked(store, sid, acked.message.message_id, 2.0)
         await store.append_event(StatusEvent(sid, "t1", 1, State.OPEN, State.CONNECTING))
     keys = sorted(_str(k) for k in await store.client.keys("*"))
     tags: dict[str, set[str]] = {}
@@ -279,7 +279,7 @@ async def test_new_owner_reclaims_what_a_dead_consumer_read(shared_redis: RedisS
         assert await new.claim_outbox("s1") == 5  # all five are the new owner's now
         assert [m.message_id for m in await old.pending("s1", 10)] == ids  # and back
         assert [m.message_id for m in await new.pending("s1", 10)] == ids
-        await new.mark_acked("s1", ids[0], 2.0)
+        await mark_acked(new, "s1", ids[0], 2.0)
         assert [m.message_id for m in await new.pending("s1", 10)] == ids[1:]
         assert await new.outbox_depth("s1") == 4
     finally:

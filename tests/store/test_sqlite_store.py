@@ -19,8 +19,8 @@ from broker.store.base import LiveState, NewMessage, OutboxBatch, SessionRecord,
 from broker.store.crypto import CredentialCipher, CredentialDecryptError
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
-from broker.store.sqlite_db import Txn
-from tests.store.conftest import open_sqlite
+from broker.store.sqlite.db import Txn
+from tests.store.conftest import mark_acked, open_sqlite
 
 WAIT_S = 10.0
 
@@ -63,7 +63,7 @@ async def test_everything_survives_a_reopen(
     second = await store.enqueue("s1", "+1", "two", "k2", max_depth=10, at=2.0)
     third = await store.enqueue("s1", "+1", "three", "k3", max_depth=10, at=3.0)
     await store.pending("s1", 10)  # read by the owner, never acked: still owed
-    acked = await store.mark_acked("s1", first.message.message_id, 4.0)
+    acked = await mark_acked(store, "s1", first.message.message_id, 4.0)
     events = [await store.append_event(_event("s1", i)) for i in range(1, 4)]
     inbound = await store.add_inbound("s1", "up-1", "+49", "hi", 1000.0)
     assert inbound is not None
@@ -128,7 +128,7 @@ async def test_every_owner_write_refuses_a_stale_token(fenced: Store) -> None:
         lambda: store.apply_outbox("s1", OutboxBatch(acks=[mid],
                                    messages=[NewMessage("+1", "b", "kb")]),
                                    max_depth=10, at=2.0, fence=old),
-        lambda: store.mark_acked("s1", mid, 2.0, fence=old),
+        lambda: mark_acked(store, "s1", mid, 2.0, fence=old),
         lambda: store.claim_outbox("s1", fence=old),
         lambda: store.pending("s1", 10, fence=old),
         lambda: store.append_event(_event("s1", 1), fence=old),
@@ -152,7 +152,7 @@ async def test_every_owner_write_refuses_a_stale_token(fenced: Store) -> None:
     # the current token and unfenced writes go through
     await store.save_credentials("s1", {"token": "ok"}, fence=current)
     assert await store.load_credentials("s1") == {"token": "ok"}
-    assert (await store.mark_acked("s1", mid, 3.0, fence=current)).acked_at == 3.0
+    assert (await mark_acked(store, "s1", mid, 3.0, fence=current)).acked_at == 3.0
     await store.append_event(_event("s1", 1), fence=current)
     await store.append_event(_event("s1", 2))
     await store.clear_credentials("s1", fence=current)
@@ -448,7 +448,7 @@ async def test_sends_wait_for_the_disk_sync_acks_alone_do_not(
     monkeypatch.setattr(store.db, "write", spy)
     await store.apply_outbox("s1", OutboxBatch(messages=[NewMessage("+1", "n", "k2")]),
                              max_depth=10, at=2.0)
-    await store.mark_acked("s1", mid, 3.0)
+    await mark_acked(store, "s1", mid, 3.0)
     await store.apply_outbox("s1", OutboxBatch(acks=[mid], messages=[NewMessage("+1", "o", "k3")]),
                              max_depth=10, at=4.0)
     assert asked == [True, False, True]

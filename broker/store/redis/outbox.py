@@ -9,7 +9,6 @@ is a fenced script (broker.store.redis.scripts).
 from __future__ import annotations
 
 import asyncio
-import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -22,6 +21,8 @@ from broker.store.base import (
     OutboxBatchResult,
     OutboxMessage,
     event_order,
+    new_message_id,
+    outbox_full,
 )
 from broker.store.redis import scripts
 from broker.store.redis.acks import AckListener
@@ -74,7 +75,7 @@ class OutboxPart(RedisCore):
             1 if batch.claim else 0, len(batch.acks), fence_arg(fence), *batch.acks,
         ]
         for m in batch.messages:
-            args += [f"m-{uuid.uuid4().hex}", m.to, m.body, m.idempotency_key]
+            args += [new_message_id(), m.to, m.body, m.idempotency_key]
         reply: Any = await self._apply_outbox(
             keys=[k.outbox(session_id), k.ids(session_id), k.seq(session_id),
                   k.fence(session_id)],
@@ -86,10 +87,7 @@ class OutboxPart(RedisCore):
         for new, item in zip(batch.messages, accepted_raw, strict=True):
             kind = text(item[0])
             if kind == "full":
-                accepted.append(OutboxFull(
-                    f"outbox of {session_id!r} holds {text(item[1])} undelivered messages",
-                    session_id=session_id, retry_after_s=1.0,
-                ))
+                accepted.append(outbox_full(session_id, text(item[1])))
                 continue
             message = idem_record(session_id, new.idempotency_key, item[1])
             if kind == "dup":

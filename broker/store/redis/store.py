@@ -4,7 +4,7 @@ Behaves like `MemoryStore` (the reference); what differs is where things live
 (the key layout: broker.store.redis.keys). The store is assembled from one
 part per concern, all on the same client and keys: sessions and credentials,
 the outbox, events and live state, inbound. Ownership of a session is a lease
-(DESIGN section 5); every owner write is a script that first checks the
+(docs/reliability.md); every owner write is a script that first checks the
 writer's fencing token against the session's ``fence`` key, so a former
 owner's late writes are refused (NotOwner).
 """

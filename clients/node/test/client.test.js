@@ -27,8 +27,8 @@ function richError(code, reason, message) {
   return { code, details: message, metadata };
 }
 
-const calls = { send: [], status: [] };
-const script = { send: [], status: [] };
+const calls = { send: [], status: [], pairing: [] };
+const script = { send: [], status: [], pairing: [] };
 let server;
 let target;
 
@@ -41,6 +41,12 @@ before(async () => {
       const next = script.send.shift();
       if (next) return callback(next);
       callback(null, { messageId: 'm-1', status: 'ACKED', sequence: 1 });
+    },
+    RequestPairingCode(call, callback) {
+      calls.pairing.push(call.request);
+      const next = script.pairing.shift();
+      if (next) return callback(next);
+      callback(null, { sessionId: call.request.sessionId, code: 'ABCD1234' });
     },
     StreamStatus(call) {
       calls.status.push(call.request);
@@ -106,6 +112,21 @@ test('other codes are not retried and carry the machine-readable reason', async 
       return true;
     });
     assert.equal(calls.send.length, 1);
+  } finally {
+    client.close();
+  }
+});
+
+test('requestPairingCode returns the code and is not retried', async () => {
+  const client = new BrokerClient(target);
+  try {
+    assert.equal(await client.requestPairingCode('s1', '+4915123456789'), 'ABCD1234');
+    assert.deepEqual(calls.pairing.map((r) => [r.sessionId, r.phoneNumber]),
+      [['s1', '+4915123456789']]);
+    script.pairing = [richError(grpc.status.UNAVAILABLE, 'NOT_OWNER', 'moved')];
+    await assert.rejects(client.requestPairingCode('s1', '+4915123456789'),
+      (err) => err instanceof BrokerError && err.reason === 'NOT_OWNER');
+    assert.equal(calls.pairing.length, 2);
   } finally {
     client.close();
   }

@@ -1,41 +1,23 @@
-"""The SQLite store's per-session key-value area (`Store.kv_get` / `kv_set` /
-`kv_clear`): one row per key, each value sealed on its own with the credential
-cipher (the session id and the key name are its associated data)."""
+"""The per-session key-value area (`Store.kv_get` / `kv_set` / `kv_clear`): one row
+per key in table `kv` (migration 2, `broker.store.sqlite.schema`), each value
+sealed on its own with the credential cipher (the session id and the key name
+are its associated data)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from broker.store.crypto import CredentialCipher
-from broker.store.sqlite_db import Database, Txn
-
-T = TypeVar("T")
-
-SCHEMA_V2_KV = """
-CREATE TABLE kv (
-  session_id TEXT NOT NULL, name TEXT NOT NULL, key_id TEXT NOT NULL, sealed BLOB NOT NULL,
-  PRIMARY KEY (session_id, name)) WITHOUT ROWID;
-"""
-"""Migration 2: the key-value area (a database of schema 1 gains an empty table)."""
+from broker.store.sqlite.db import Txn
+from broker.store.sqlite.part import SqlitePart
 
 _READ_CHUNK = 500
 """Keys per SELECT ... IN (...): well under SQLite's bound on host parameters."""
 
 
-class SqliteKV:
-    """Mixed into `SqliteStore`, whose transaction and fencing helpers it uses."""
-
-    _cipher: CredentialCipher
-    db: Database
-
-    if TYPE_CHECKING:  # SqliteStore's
-        async def _ready(self) -> None: ...
-        async def _write(self, fn: Callable[[Txn], T], *, durable: bool = True) -> T: ...
-
-        @staticmethod
-        def _check(conn: sqlite3.Connection, session_id: str, fence: int | None) -> None: ...
+class KVPart(SqlitePart):
+    """Mixed into `SqliteStore`."""
 
     async def kv_get(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:
         await self._ready()

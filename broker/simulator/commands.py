@@ -1,0 +1,153 @@
+"""The simulator's HTTP control endpoint (GET /control/<command>?...), server side:
+strict parameter parsing and one handler per command, each a call on the
+Simulator's public methods. The client side is broker.simulator.control."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.http11 import Request, Response
+
+from broker.upstream.protocol import CONNECT_PATH
+
+if TYPE_CHECKING:
+    from broker.simulator.server import Simulator
+
+
+class ControlError(ValueError):
+    """A control command with bad or missing parameters (HTTP 400)."""
+
+
+async def respond(
+    sim: Simulator, connection: ServerConnection, request: Request
+) -> Response | None:
+    """Answer a plain HTTP request on the websocket port: /control/<command>, or 404;
+    None lets the websocket handshake of CONNECT_PATH go on."""
+    url = urlsplit(request.path)
+    if url.path == CONNECT_PATH:
+        return None  # go on with the websocket handshake
+    if url.path.startswith("/control/"):
+        command = url.path.removeprefix("/control/")
+        status, body = await _control(
+            sim, command, parse_qs(url.query, keep_blank_values=True))
+    else:
+        status, body = 404, {"error": f"no such path {url.path}"}
+    response = connection.respond(status, json.dumps(body) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    return response
+
+async def _control(sim: Simulator, command: str, query: dict[str, list[str]]) -> tuple[int, Any]:
+    handler = _commands(sim).get(command)
+    if handler is None:
+        return 404, {"error": f"unknown command {command!r}"}
+    try:
+        return 200, await handler(Params(query))
+    except ControlError as exc:
+        return 400, {"error": str(exc)}
+
+def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any, Any]]]:
+    async def state(p: Params) -> Any:
+        return sim.state()
+
+    async def scan(p: Params) -> Any:
+        return {"scanned": await sim.scan(p.text("login"))}
+
+    async def enter_code(p: Params) -> Any:
+        login = await sim.enter_code(p.text("code"))
+        return {"paired": login is not None, "login": login}
+
+    async def logout(p: Params) -> Any:
+        await sim.logout(p.text("login"))
+        return {"ok": True}
+
+    async def ban(p: Params) -> Any:
+        await sim.ban(p.text("login"))
+        return {"ok": True}
+
+    async def unban(p: Params) -> Any:
+        await sim.unban(p.text("login"))
+        return {"ok": True}
+
+    async def drop(p: Params) -> Any:
+        login = p.text("login")
+        return {"dropped": await sim.drop(login, p.integer("code", 428))}
+
+    async def unavailable(p: Params) -> Any:
+        sim.set_unavailable(
+            p.integer("code", 503), p.integer("count", 1), p.optional_integer("retry_after_ms")
+        )
+        return {"ok": True}
+
+    async def faults(p: Params) -> Any:
+        sim.set_faults(
+            drop_min_s=p.optional_number("drop_min_s"),
+            drop_max_s=p.optional_number("drop_max_s"),
+            latency_ms=p.optional_number("latency_ms") or 0.0,
+            lose_acks=p.optional_number("lose_acks") or 0.0,
+        )
+        return {"ok": True, "faults": asdict(sim.faults)}
+
+    async def inbound(p: Params) -> Any:
+        login, sender, body = p.text("login"), p.text("from"), p.text("body", allow_empty=True)
+        return {"id": await sim.inbound(login, sender, body)}
+
+    async def record(p: Params) -> Any:
+        return sim.record(p.text("login")).to_json()
+
+    async def reset(p: Params) -> Any:
+        sim.reset()
+        return {"ok": True}
+
+    return {
+        "state": state, "scan": scan, "enter-code": enter_code, "logout": logout,
+        "ban": ban, "unban": unban, "drop": drop, "unavailable": unavailable,
+        "faults": faults, "inbound": inbound, "record": record, "reset": reset,
+    }
+
+
+class Params:
+    """Query parameters of one control command, parsed strictly (ControlError = 400)."""
+
+    def __init__(self, query: dict[str, list[str]]) -> None:
+        self._query = query
+
+    def _raw(self, name: str) -> str | None:
+        values = self._query.get(name)
+        return values[-1] if values else None
+
+    def text(self, name: str, *, allow_empty: bool = False) -> str:
+        value = self._raw(name)
+        if value is None or (not value and not allow_empty):
+            raise ControlError(f"missing parameter {name!r}")
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        value = self._raw(name)
+        if value is None or value == "":
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise ControlError(f"parameter {name!r} must be an integer") from None
+
+    def integer(self, name: str, default: int) -> int:
+        value = self.optional_integer(name)
+        return default if value is None else value
+
+    def optional_number(self, name: str) -> float | None:
+        value = self._raw(name)
+        if value is None or value == "":
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            raise ControlError(f"parameter {name!r} must be a number") from None
+        if number != number or number in (float("inf"), float("-inf")):
+            raise ControlError(f"parameter {name!r} must be finite")
+        return number

@@ -1,0 +1,141 @@
+"""Inbound messages with consumer groups, redelivery and retention."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from broker.store.base import (
+    InboundDelivery,
+    InboundRecord,
+)
+from broker.store.sqlite.db import Txn
+from broker.store.sqlite.part import (
+    SqlitePart,
+    _row_id,
+)
+
+log = logging.getLogger(__name__)
+
+
+class InboundPart(SqlitePart):
+    # -- inbound -----------------------------------------------------------------
+
+    def _inbound_event(self, session_id: str) -> asyncio.Event:
+        event = self._inbound_changed.get(session_id)
+        if event is None:
+            event = self._inbound_changed[session_id] = asyncio.Event()
+        return event
+
+    def _wake_inbound(self, session_id: str) -> None:
+        """Wake every reader blocked on the session once (the event is replaced)."""
+        event = self._inbound_changed.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    async def add_inbound(
+        self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
+        fence: int | None = None,
+    ) -> InboundRecord | None:
+        retention = self._inbound_retention_s
+
+        def job(txn: Txn) -> InboundRecord | None:
+            c = txn.conn
+            self._check(c, session_id, fence)
+            cursor = c.execute(
+                "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) DO NOTHING",
+                (session_id, upstream_id, sender, body, at))
+            if cursor.rowcount == 0:
+                return None
+            row_id = int(cursor.lastrowid or 0)
+            if retention:
+                # As the memory store (and Redis's XTRIM MINID): what is past the
+                # retention goes, acked or not, and its de-dup entry with it.
+                old = [(session_id, r[0]) for r in c.execute(
+                    "SELECT id FROM inbound WHERE session_id = ? AND received_at < ?",
+                    (session_id, at - retention))]
+                if old:
+                    c.executemany("DELETE FROM inbound WHERE session_id = ? AND id = ?", old)
+                    c.executemany("DELETE FROM inbound_pending WHERE session_id = ? AND "
+                                  "inbound_id = ?", old)
+            txn.notify(lambda: self._wake_inbound(session_id))
+            return InboundRecord(session_id=session_id, inbound_id=f"{row_id}-0",
+                                 upstream_id=upstream_id, sender=sender, body=body,
+                                 received_at=at)
+
+        record: InboundRecord | None = await self._write(job)
+        return record
+
+    async def read_inbound(
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+    ) -> list[InboundDelivery]:
+        """Idle pending messages of the group claimed first, then new ones; blocks on
+        an in-process wake-up, so a reader cancelled while blocked takes nothing."""
+        if count <= 0:
+            return []
+        await self._ready()
+        woken = self._inbound_event(session_id)  # before the read: no add slips between
+        out = await self.db.write(lambda txn: self._take_inbound(
+            txn, session_id, group, consumer, count), durable=False)
+        if out or block_s <= 0:
+            return out
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), block_s)
+        if not woken.is_set():
+            return []
+        taken: list[InboundDelivery] = await self.db.write(lambda txn: self._take_inbound(
+            txn, session_id, group, consumer, count, claim=False), durable=False)
+        return taken
+
+    def _take_inbound(
+        self, txn: Txn, sid: str, group: str, consumer: str, count: int, claim: bool = True
+    ) -> list[InboundDelivery]:
+        c = txn.conn
+        now = time.time()
+        c.execute("INSERT INTO inbound_groups VALUES (?, ?, 0) ON CONFLICT DO NOTHING",
+                  (sid, group))
+        out: list[InboundDelivery] = []
+        if claim:
+            idle = c.execute(
+                "SELECT p.inbound_id, p.deliveries, i.upstream_id, i.sender, i.body, "
+                "i.received_at FROM inbound_pending p JOIN inbound i ON i.id = p.inbound_id "
+                "WHERE p.session_id = ? AND p.grp = ? AND p.delivered_at <= ? "
+                "ORDER BY p.inbound_id LIMIT ?",
+                (sid, group, now - self._redeliver_after_s, count)).fetchall()
+            for row_id, deliveries, uid, sender, body, received in idle:
+                c.execute("UPDATE inbound_pending SET consumer = ?, delivered_at = ?, "
+                          "deliveries = ? WHERE session_id = ? AND grp = ? AND inbound_id = ?",
+                          (consumer, now, deliveries + 1, sid, group, row_id))
+                record = InboundRecord(sid, f"{row_id}-0", uid, sender, body, received)
+                out.append(InboundDelivery(record, deliveries + 1))
+        if len(out) < count:
+            last_id = int(c.execute("SELECT last_id FROM inbound_groups WHERE session_id = ? "
+                                    "AND grp = ?", (sid, group)).fetchone()[0])
+            rows = c.execute(
+                "SELECT id, upstream_id, sender, body, received_at FROM inbound WHERE "
+                "session_id = ? AND id > ? ORDER BY id LIMIT ?",
+                (sid, last_id, count - len(out))).fetchall()
+            if rows:
+                c.executemany("INSERT INTO inbound_pending VALUES (?, ?, ?, ?, ?, 1)",
+                              [(sid, group, r[0], consumer, now) for r in rows])
+                c.execute("UPDATE inbound_groups SET last_id = ? WHERE session_id = ? AND "
+                          "grp = ?", (rows[-1][0], sid, group))
+                out += [InboundDelivery(InboundRecord(sid, f"{r[0]}-0", r[1], r[2], r[3], r[4]),
+                                        1) for r in rows]
+        return out
+
+    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+        rows = {row for row in map(_row_id, inbound_ids) if row is not None}
+        if not rows:
+            return 0
+
+        def job(txn: Txn) -> int:
+            return sum(txn.conn.execute(
+                "DELETE FROM inbound_pending WHERE session_id = ? AND grp = ? AND "
+                "inbound_id = ?", (session_id, group, row)).rowcount for row in rows)
+
+        settled: int = await self._write(job, durable=False)  # lost: redelivered
+        return settled
