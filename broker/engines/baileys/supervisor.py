@@ -87,13 +87,12 @@ class BridgeSupervisor:
         self._engine_dir = engine_dir
         self._start_settings = {"wa_version": list(wa_version) if wa_version else None,
                                 "ws_url": ws_url, "log_level": log_level}
-        self._wait = wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s)
+        self._wait = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
         self._dir = Path(tempfile.mkdtemp(prefix="broker-bridge-"))  # mode 0700
         self.socket_path = str(self._dir / "bridge.sock")
         self.secret = ""
         self.state = BridgeState()
         self._proc: asyncio.subprocess.Process | None = None
-        self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._stopping = False

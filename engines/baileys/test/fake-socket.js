@@ -14,6 +14,10 @@ import { EventEmitter } from 'node:events'
 import { createHash, randomBytes } from 'node:crypto'
 import { createServer } from 'node:http'
 import { Boom } from '@hapi/boom'
+import { Curve, DEFAULT_CONNECTION_CONFIG, addTransactionCapability, generateSignalPubKey } from 'baileys'
+import { makeLogger } from '../src/log.js'
+
+const quiet = makeLogger('fatal')
 
 const fingerprint = creds => createHash('sha256').update(Buffer.from(creds.noiseKey.public)).digest('hex').slice(0, 16)
 
@@ -86,7 +90,7 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
       // As on a real pairing: pre-keys are uploaded (written to the key store),
       // then the creds learn who they are, then the server asks for a restart.
       const preKeys = {}
-      for (let id = 1; id <= 3; id++) preKeys[id] = { public: randomBytes(32), private: randomBytes(32) }
+      for (let id = 1; id <= 3; id++) preKeys[id] = Curve.generateKeyPair()
       await this.authState.keys.set({ 'pre-key': preKeys })
       const update = { me: { id: `${phone}:7@s.whatsapp.net`, name: '~' }, registered: true, platform: 'fake', nextPreKeyId: 4, firstUnuploadedPreKeyId: 4 }
       Object.assign(creds, update)
@@ -124,6 +128,29 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         setImmediate(() => this.emit('messages.update', [{ key: { remoteJid: jid, fromMe: true, id }, update: { status: 3, messageTimestamp: Math.floor(Date.now() / 1000) } }]))
       }
       return { key: { remoteJid: jid, fromMe: true, id }, message: { conversation: content.text }, status: 1 }
+    }
+
+    /** Baileys' own signal repository over this socket's (broker-backed) key store,
+     * wrapped in transactions the way makeWASocket wraps it. */
+    get repo () {
+      if (!this._repo) {
+        const keys = addTransactionCapability(this.authState.keys, quiet, { maxCommitRetries: 3, delayBetweenTriesMs: 10 })
+        this._repo = DEFAULT_CONNECTION_CONFIG.makeSignalRepository({ creds: this.authState.creds, keys }, quiet)
+      }
+      return this._repo
+    }
+
+    /** The pre-key bundle WhatsApp's server would hand out for this login. */
+    async bundle () {
+      const creds = this.authState.creds
+      const preKeys = await this.authState.keys.get('pre-key', ['1'])
+      const preKey = preKeys['1']
+      return {
+        registrationId: creds.registrationId,
+        identityKey: generateSignalPubKey(creds.signedIdentityKey.public),
+        signedPreKey: { keyId: creds.signedPreKey.keyId, publicKey: generateSignalPubKey(creds.signedPreKey.keyPair.public), signature: creds.signedPreKey.signature },
+        preKey: preKey ? { keyId: 1, publicKey: generateSignalPubKey(preKey.public) } : undefined
+      }
     }
 
     async requestPairingCode (phone) {
@@ -188,6 +215,23 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
       case 'clear_fail_connect':
         net.failConnect.delete(body.session)
         return { ok: true }
+      case 'e2e_send': {
+        // Real end-to-end crypto between two logins of this bridge: encrypt with
+        // the sender's signal repository, decrypt with the recipient's, both on
+        // key stores that live in the broker's store.
+        const from = net.sockets.get(body.from)
+        const to = net.sockets.get(body.to)
+        if (!from || !to || !from.open || !to.open) return { ok: false, error: 'both must be open' }
+        const jidFrom = from.authState.creds.me.id
+        const jidTo = to.authState.creds.me.id
+        if (!(await from.repo.validateSession(jidTo)).exists) {
+          await from.repo.injectE2ESession({ jid: jidTo, session: await to.bundle() })
+        }
+        const { type, ciphertext } = await from.repo.encryptMessage({ jid: jidTo, data: Buffer.from(body.text) })
+        const plain = await to.repo.decryptMessage({ jid: jidFrom, type, ciphertext })
+        to.inbound({ id: body.id, from: jidFrom.replace(/:\d+@/, '@'), text: Buffer.from(plain).toString() })
+        return { ok: true, type }
+      }
       case 'fail_send':
         net.failSend.set(body.session, body.code)
         return { ok: true }
