@@ -27,6 +27,7 @@ from broker_client.v1 import broker_pb2_grpc as pb_grpc
 from scripts.bench import common
 from scripts.bench.common import Proc, acontrol, summary_ms
 from scripts.bench.profile import profile_pid
+from scripts.bench.scale import scale
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Config:
     failover_rounds: int = 2
     failover_ttl_s: float = 10.0
     failover_sessions: int = 6
+    scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000)
+    scale_brokers: int = 4
+    scale_engine: str = "null"
+    scale_window_s: float = 30.0
     extra_profiles: dict[str, Any] = field(default_factory=dict)
 
 
@@ -59,12 +64,14 @@ PRESETS: dict[str, Config] = {
     "quick": Config("quick", warmup_s=0.5, duration_s=2.0, reps=1, profile_s=4.0,
                     fanout_changes=5, idle_sessions=1000, idle_window_s=30.0,
                     reconnect_sessions=50, flap_s=20.0, flap_drain_s=60.0,
-                    failover_rounds=1, failover_ttl_s=5.0, failover_sessions=4),
+                    failover_rounds=1, failover_ttl_s=5.0, failover_sessions=4,
+                    scale_sizes=(1000,), scale_window_s=20.0),
     "smoke": Config("smoke", concurrencies=(4,), warmup_s=0.1, duration_s=0.4, reps=1,
                     profile=False, fanout_subscribers=10, fanout_changes=1, idle_sessions=5,
                     idle_window_s=0.5, idle_settle_s=0.2, reconnect_sessions=2,
                     flap_s=1.0, flap_drain_s=15.0, failover_rounds=1, failover_ttl_s=1.5,
-                    failover_sessions=2),
+                    failover_sessions=2, scale_sizes=(20,), scale_brokers=2,
+                    scale_window_s=1.0),
 }
 
 
@@ -707,4 +714,5 @@ SCENARIOS: dict[str, Callable[[Config, Path], Awaitable[dict[str, Any]]]] = {
     "reconnect": reconnect,
     "flapping": flapping,
     "failover": failover,
+    "scale": scale,
 }
