@@ -91,7 +91,7 @@ async def _create(addresses: Sequence[str], ids: Sequence[str], timeout: float) 
         await asyncio.gather(*(create(n, s) for n, s in enumerate(ids)))
     finally:
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
 
 
 async def _until(what: str, check: Any, timeout: float, every: float) -> float:
