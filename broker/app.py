@@ -25,6 +25,8 @@ from broker.runtime.manager import SessionManager
 from broker.runtime.monitor import HealthMonitor
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
+from broker.upstream.null import NullProvider, is_null
+from broker.upstream.provider import Provider
 from broker.upstream.websocket import WebsocketProvider
 
 log = logging.getLogger(__name__)
@@ -88,9 +90,15 @@ class BrokerApp:
             log.info("embedded simulator upstream at %s (control: %s)",
                      self.simulator.url, self.simulator.control_url)
         assert settings.upstream_url is not None
-        provider = WebsocketProvider(settings.upstream_url,
-                                     connect_timeout_s=settings.connect_timeout_s,
-                                     client=f"broker/{settings.instance_id}")
+        provider: Provider
+        if is_null(settings.upstream_url):  # bench-only: sessions with no socket
+            log.warning("upstream %s: the null engine (benchmarks only; nothing is "
+                        "delivered anywhere)", settings.upstream_url)
+            provider = NullProvider()
+        else:
+            provider = WebsocketProvider(settings.upstream_url,
+                                         connect_timeout_s=settings.connect_timeout_s,
+                                         client=f"broker/{settings.instance_id}")
         self.manager = SessionManager(store, provider, settings, placement=backend.placement,
                                       limiter=backend.limiter)
         install_log_context(self.manager)
