@@ -44,13 +44,14 @@ from redis import exceptions as rexc
 from broker.cluster import rules
 from broker.cluster.inbox import Inbox
 from broker.cluster.lease import Lease, LeaseClient
+from broker.cluster.live import LiveReporter
 from broker.cluster.membership import Membership
-from broker.errors import NotOwner, StoreUnavailable
+from broker.errors import StoreUnavailable
 from broker.lifecycle import inputs as inp
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
 from broker.runtime.placement import Op
-from broker.store.base import LiveState, SessionRecord, StatusEvent
+from broker.store.base import SessionRecord, StatusEvent
 from broker.store.redis.codecs import text
 from broker.store.redis.keys import RedisKeys
 
@@ -87,10 +88,11 @@ class Coordinator:
         self.interval_s = lease_ttl_s * rules.RENEW_EVERY
         self.liveness = rules.Liveness(lease_ttl_s)
         self.schedule = rules.RoundSchedule()
-        self.reports = rules.LiveReports()
+        self.live = LiveReporter(manager.store, instance_id, fenced=self.fenced)
         self.owned: dict[str, Lease] = {}
         self._records: list[SessionRecord] = []
         self._live: list[str] = [instance_id]
+        self._heartbeats: dict[str, float] = {}
         self._joined = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -214,8 +216,10 @@ class Coordinator:
             except Exception:
                 log.exception("coordination round failed")
             self._wake.clear()
+            wait = rules.next_round_in(self.interval_s, self._heartbeats, me=self.instance_id,
+                                       ttl_s=self.ttl_s, now=time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _renew_loop(self) -> None:
         """One heartbeat per period keeps every lease; on its own task."""
@@ -306,7 +310,8 @@ class Coordinator:
     # one round: drop, shed or claim (the heartbeat runs on its own)
     async def _round(self) -> None:
         now = time.monotonic()
-        self._live = await self.membership.live()
+        self._heartbeats = await self.membership.live()
+        self._live = sorted(self._heartbeats)
         self.schedule.members(self._live)
         raw = await self.client.get(self.keys.sessions_version)
         version = None if raw is None else text(raw)
@@ -317,7 +322,7 @@ class Coordinator:
         enabled = {r.session_id for r in records}
         for session_id in [s for s in self.owned if s not in enabled]:
             await self._release(session_id)
-        await self._report_live()
+        await self.live.report(self.owned, self.manager.actors)
         share = rules.fair_share(len(records), len(self._live))
         if len(self.owned) > share:
             victim = rules.shed_victim(self.instance_id, self.owned)
@@ -328,25 +333,6 @@ class Coordinator:
         if (len(self.owned) < share and self.schedule.scan_due(now)
                 and self.liveness.fresh(time.monotonic())):
             await self._claim(records, share, now)
-
-    async def _report_live(self) -> None:
-        """Write each owned session's live state when it changed (or to refresh it)."""
-        now = time.time()
-        for session_id, lease in list(self.owned.items()):
-            actor = self.manager.actors.get(session_id)
-            if actor is None:
-                continue
-            state, activity = actor.state, actor.last_activity
-            if not self.reports.due(session_id, state.value, activity, now):
-                continue
-            live = LiveState(state, self.instance_id, activity, now)
-            try:
-                await self.manager.store.report_live(session_id, live, self.reports.ttl_s,
-                                                     fence=lease.token)
-            except NotOwner:
-                self.fenced(session_id)
-                continue
-            self.reports.reported(session_id, state.value, activity, now)
 
     async def _claim(self, records: list[SessionRecord], share: int, now: float) -> None:
         by_id = {r.session_id: r for r in records if r.session_id not in self.owned}
@@ -379,7 +365,7 @@ class Coordinator:
         """
         for session_id in session_ids:
             self.owned.pop(session_id, None)
-            self.reports.forget(session_id)
+            self.live.forget(session_id)
             actor = self.manager.detach(session_id)
             if actor is not None:
                 actor.fence_now()
@@ -394,22 +380,19 @@ class Coordinator:
         task.add_done_callback(self._shutdowns.discard)
 
     async def _release(self, session_id: str, *, announce: bool = True) -> None:
-        """Hand a session over: close its upstream first, then free the lease (its live
-        report left to expire within a TTL, as a dead owner's would be ignored)."""
+        """Hand a session over: close its upstream first, leave a live report that
+        expires within a TTL, then free the lease."""
         actor = self.manager.detach(session_id)
         if actor is not None:
             # Bounded well inside the lease's remaining life; past it, aborted.
             await actor.shutdown(close_timeout_s=self.ttl_s / 10,
                                  drain_timeout_s=self.ttl_s / 4)
         lease = self.owned.pop(session_id, None)
-        self.reports.forget(session_id)
+        self.live.forget(session_id)
         if lease is None:
             return
         if actor is not None:
-            live = LiveState(actor.state, self.instance_id, actor.last_activity, time.time())
-            with contextlib.suppress(*_REDIS_ERRORS, NotOwner):
-                await asyncio.wait_for(self.manager.store.report_live(
-                    session_id, live, self.ttl_s, fence=lease.token), self.ttl_s / 4)
+            await self.live.leaving(actor, lease, self.ttl_s)
         with contextlib.suppress(*_REDIS_ERRORS):
             await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
             if announce:

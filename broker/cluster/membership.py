@@ -18,6 +18,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Collection
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -112,12 +113,15 @@ class Membership:
             found = await pipe.execute()
         return {i for i, n in zip(ids, found, strict=True) if n}
 
-    async def live(self) -> list[str]:
-        """Instances that heartbeated within the TTL; forgets the others."""
+    async def live(self) -> dict[str, float]:
+        """Instances that heartbeated within the TTL, with their last heartbeat (wall
+        clock); forgets the others."""
         now = time.time()
         await self._client.zremrangebyscore(self._key, "-inf", now - self.ttl_s)
-        members = await self._client.zrangebyscore(self._key, now - self.ttl_s, "+inf")
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        members: Any = await self._client.zrangebyscore(self._key, now - self.ttl_s, "+inf",
+                                                        withscores=True)
+        return {(m.decode() if isinstance(m, bytes) else str(m)): float(score)
+                for m, score in members}
 
     async def leave(self) -> None:
         await self._client.zrem(self._key, self.instance_id)

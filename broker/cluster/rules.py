@@ -48,6 +48,16 @@ def fair_share(sessions: int, instances: int) -> int:
     return math.ceil(sessions / max(1, instances))
 
 
+def next_round_in(interval_s: float, heartbeats: Mapping[str, float], *, me: str,
+                  ttl_s: float, now: float) -> float:
+    """How long the claim loop may wait: its period, or less when another instance's
+    claim lapses sooner (its last heartbeat + TTL, wall clock), so its sessions are
+    taken over right then rather than up to a period later."""
+    lapses = [at + ttl_s - now for instance, at in heartbeats.items() if instance != me]
+    soonest = min((t for t in lapses if t >= 0), default=interval_s)
+    return max(0.05, min(interval_s, soonest + 0.05))
+
+
 def holder_of(value: bytes | str | None) -> str | None:
     """The instance named by a lease value "<instance>:<token>"."""
     if value is None:

@@ -133,16 +133,19 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
         addresses = [a for _, a in procs.values()]
         started = time.monotonic()
         place_timeout = max(120.0, n / 50)
-        if sim is not None:
-            from scripts.bench.scenarios import _pair_in_process
-
-            await _pair_in_process(sim, addresses[0], ids, timeout=place_timeout)
-        else:
-            await _create(addresses, ids, timeout=60)
+        await _create(addresses, ids, timeout=60)
         created_s = time.monotonic() - started
 
         async def all_open() -> bool:
-            return await _open_count(client, ids) == n
+            if sim is None:
+                return await _open_count(client, ids) == n
+            # A session handed over while it paired shows a new QR: scan until all open.
+            rows = await _chunked(client, ids, "last")
+            waiting = [sid for sid, raw in zip(ids, rows, strict=True)
+                       if raw is None or event_from_json(raw).state != State.OPEN]
+            for sid in waiting:
+                await sim.scan(sid)
+            return not waiting
 
         await _until("every session OPEN", all_open, place_timeout, 1.0)
         place_s = time.monotonic() - started

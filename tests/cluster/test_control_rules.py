@@ -124,3 +124,11 @@ def test_live_state_is_written_on_change_not_every_round() -> None:
     assert reports.due("s", "OPEN", 0.0, 1800.0)  # refreshed at half its TTL
     reports.forget("s")
     assert reports.due("s", "OPEN", 0.0, 1.0)
+
+
+def test_the_claim_loop_wakes_when_another_instance_claim_lapses() -> None:
+    beats = {"b0": 100.0, "b1": 95.5, "b2": 99.0}
+    assert rules.next_round_in(2.0, beats, me="b0", ttl_s=5.0, now=100.0) == 0.55
+    assert rules.next_round_in(2.0, {"b0": 100.0}, me="b0", ttl_s=5.0, now=100.0) == 2.0
+    gone = {"b1": 90.0}  # already lapsed (pruned at the next round): the period
+    assert rules.next_round_in(2.0, gone, me="b0", ttl_s=5.0, now=100.0) == 2.0
