@@ -162,7 +162,6 @@ class Coordinator:
         """An actor was refused a write as stale: the lease is someone else's."""
         log.warning("session %s: a newer owner holds the lease; letting go", session_id)
         self._lose([session_id])
-        self.schedule.changed()
 
     async def wait_released(self, session_id: str) -> None:
         """Until no live instance holds the lease (a dead owner's lease counts as free)."""
@@ -313,8 +312,12 @@ class Coordinator:
         self._heartbeats = await self.membership.live()
         self._live = sorted(self._heartbeats)
         self.schedule.members(self._live)
-        raw = await self.client.get(self.keys.sessions_version)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.sessions_version)
+            pipe.get(self.keys.leases_version)  # two slots on a cluster: no MGET
+            raw, released = await pipe.execute()
         version = None if raw is None else text(raw)
+        self.schedule.releases(None if released is None else text(released))
         if self.schedule.reload_due(version, now):
             self._records = [r for r in await self.manager.store.list_sessions() if r.enabled]
             self.schedule.loaded(version, now)
@@ -363,6 +366,7 @@ class Coordinator:
         before this returns; the rest of each shutdown runs in the background,
         all of them side by side.
         """
+        self.schedule.changed()  # their leases still name us: look again once fresh
         for session_id in session_ids:
             self.owned.pop(session_id, None)
             self.live.forget(session_id)
@@ -395,5 +399,6 @@ class Coordinator:
             await self.live.leaving(actor, lease, self.ttl_s)
         with contextlib.suppress(*_REDIS_ERRORS):
             await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
+            await self.client.incr(self.keys.leases_version)  # others look, even unannounced
             if announce:
                 await self._announce("rebalance")

@@ -85,5 +85,10 @@ class LeaseClient:
         """The raw lease values, for `broker.cluster.rules.survey`."""
         if not session_ids:
             return {}
-        found = await self._client.mget([self._keys.lease(s) for s in session_ids])
+        # One GET per key in a pipeline, not MGET: on Redis Cluster each lease lives
+        # in its session's own slot. Rounds read them only after a change.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.get(self._keys.lease(session_id))
+            found = await pipe.execute()
         return dict(zip(session_ids, found, strict=True))

@@ -26,9 +26,9 @@ FENCE_AFTER = 1 / 2
 up every lease locally; no one can take them over before the full TTL."""
 FENCE_CHECK_EVERY = 1 / 20
 """How often the fence loop looks, as a fraction of the TTL."""
-RESCAN_EVERY_S = 30.0
-"""Even when nothing announced a change, read every lease this often (pub/sub
-announcements may be lost)."""
+RESCAN_EVERY_S = 300.0
+"""Even when nothing moved, read every lease this often: a safety net only (a
+release raises the lease version, a death changes the members)."""
 RELOAD_EVERY_S = 300.0
 """Even when the session set's version did not move, reread every session record
 this often (a writer may have crashed between its change and the version bump)."""
@@ -145,8 +145,9 @@ class RoundSchedule:
     """When a claim round must reread the session records and every lease.
 
     Idle, a round reads neither: records when the session set's version moved
-    (or every RELOAD_EVERY_S), leases after any change until a survey finds
-    everything settled (or every RESCAN_EVERY_S).
+    (or every RELOAD_EVERY_S), leases after any change (members, the lease
+    version, a lease lost here) until a survey finds everything settled (or
+    every RESCAN_EVERY_S).
     """
 
     def __init__(self, rescan_every_s: float = RESCAN_EVERY_S,
@@ -158,6 +159,7 @@ class RoundSchedule:
         self._scanned_at: float | None = None
         self._dirty = True
         self._members: tuple[str, ...] = ()
+        self._released: str | None = None
 
     def changed(self) -> None:
         """Something may have moved (an announcement, a release, a lost lease)."""
@@ -169,6 +171,12 @@ class RoundSchedule:
         current = tuple(sorted(live))
         if current != self._members:
             self._members = current
+            self._dirty = True
+
+    def releases(self, version: str | None) -> None:
+        """The lease version this round: a move means a lease was let go."""
+        if version != self._released:
+            self._released = version
             self._dirty = True
 
     def reload_due(self, version: str | None, now: float) -> bool:

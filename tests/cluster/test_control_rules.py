@@ -132,3 +132,14 @@ def test_the_claim_loop_wakes_when_another_instance_claim_lapses() -> None:
     assert rules.next_round_in(2.0, {"b0": 100.0}, me="b0", ttl_s=5.0, now=100.0) == 2.0
     gone = {"b1": 90.0}  # already lapsed (pruned at the next round): the period
     assert rules.next_round_in(2.0, gone, me="b0", ttl_s=5.0, now=100.0) == 2.0
+
+
+def test_a_release_elsewhere_makes_the_next_round_look_even_if_unannounced() -> None:
+    plan = RoundSchedule(rescan_every_s=300, reload_every_s=300)
+    plan.releases("4")
+    plan.loaded("1", 0.0)
+    plan.scanned(0.0, settled=True)
+    plan.releases("4")
+    assert not plan.scan_due(1.0)
+    plan.releases("5")
+    assert plan.scan_due(1.0)

@@ -18,7 +18,8 @@ together and the layout holds on Redis Cluster.
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
                         kept, and raised, when the session is deleted
 - ``P:T:lease``         string: "<instance>:<token>" of the owning instance, no TTL: it
-                        lives as long as that instance's claim (broker.cluster.rules)
+                        lives as long as that instance's claim (broker.cluster.rules);
+                        ``P:leases:version`` counter raised after every release
 - ``P:T:live``          hash: the owner's live report, written on change, refreshed
                         within its TTL (an hour) while unchanged
 - ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
@@ -129,6 +130,11 @@ class RedisKeys:
     def sessions_version(self) -> str:
         """Raised after every change of the session set or of an enabled flag."""
         return f"{self.prefix}:sessions:version"
+
+    @property
+    def leases_version(self) -> str:
+        """Raised after every lease release: a session may be free to claim."""
+        return f"{self.prefix}:leases:version"
 
     def tenant(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}"
