@@ -343,20 +343,25 @@ class Coordinator:
         holders = {h for v in values.values() if (h := rules.holder_of(v)) is not None}
         claimed = await self.membership.claimed(holders - {self.instance_id})
         found = rules.survey(values, me=self.instance_id, claimed=claimed, live=self._live)
-        for session_id in rules.claim_order(self.instance_id, found):
-            if len(self.owned) >= share or not self.liveness.fresh(time.monotonic()):
-                break
-            was = found.orphaned.get(session_id, "")
-            lease = await self.leases.acquire(session_id, was)
-            if lease is None:
-                continue
-            self.owned[session_id] = lease
-            if was:
-                log.info("session %s: took the lease over from %s, whose claim is gone "
-                         "(token %d)", session_id, rules.holder_of(was), lease.token)
-            else:
-                log.info("session %s: acquired lease (token %d)", session_id, lease.token)
-            await self.manager.run(by_id[session_id], fence=lease.token)
+        order = rules.claim_order(self.instance_id, found)
+        while order and len(self.owned) < share and self.liveness.fresh(time.monotonic()):
+            # A few at a time, side by side: a failover of thousands of sessions
+            # waits on round trips in parallel, never beyond the fair share.
+            batch = order[:min(rules.CLAIM_BATCH, share - len(self.owned))]
+            order = order[len(batch):]
+            taken = await asyncio.gather(*(
+                self.leases.acquire(sid, found.orphaned.get(sid, "")) for sid in batch))
+            for session_id, lease in zip(batch, taken, strict=True):
+                if lease is None:
+                    continue
+                self.owned[session_id] = lease
+                was = found.orphaned.get(session_id)
+                if was:
+                    log.info("session %s: took the lease over from %s, whose claim is gone "
+                             "(token %d)", session_id, rules.holder_of(was), lease.token)
+                else:
+                    log.info("session %s: acquired lease (token %d)", session_id, lease.token)
+                await self.manager.run(by_id[session_id], fence=lease.token)
         self.schedule.scanned(now, found.settled)
 
     def _lose(self, session_ids: Iterable[str]) -> None:

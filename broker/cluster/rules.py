@@ -32,6 +32,8 @@ release raises the lease version, a death changes the members)."""
 RELOAD_EVERY_S = 300.0
 """Even when the session set's version did not move, reread every session record
 this often (a writer may have crashed between its change and the version bump)."""
+CLAIM_BATCH = 32
+"""Leases a round asks for side by side."""
 LIVE_TTL_S = 3600.0
 """How long a live report stands; owners refresh it at half that while unchanged."""
 LIVE_ACTIVITY_EVERY_S = 300.0
