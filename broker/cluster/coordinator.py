@@ -1,4 +1,4 @@
-"""Claims, renews, fences and hands over session leases for one broker instance.
+"""Claims, keeps, fences and hands over session leases for one broker instance.
 
 Balanced claiming: each instance owns at most its fair share,
 ceil(enabled sessions / live instances), and tries candidates in rendezvous-
@@ -6,16 +6,23 @@ hash order so instances rarely contend for the same session. An instance
 above its share sheds one session per round, closing the upstream connection
 before releasing the lease, so the next owner never meets a live connection.
 
+The idle cost is per instance, not per session (`broker.cluster.rules`): one
+heartbeat keeps every lease this instance holds; a round rereads the session
+records only when their version moved and every lease only after a change,
+until all are held; live state is written when it changes; requests for an
+owned session arrive in this instance's inbox (`broker.cluster.inbox`), so no
+outbox is polled.
+
 Timing, with T the lease TTL (`docs` and the README state the same):
 
-- renewal runs in its own task every T/5, timed from *before* each request,
-  so neither a slow reply nor a long takeover makes a lease look fresher than
-  Redis knows it to be;
-- a lease not renewed for T/2 is fenced: the fence loop (every T/20, never
-  waiting on Redis) aborts the upstream sockets of *every* such session at
-  once, then drains what it can in the background; the sockets are gone
-  within T/20 + one event-loop turn, well before Redis can grant the lease
-  to anyone else at T;
+- the heartbeat runs in its own task every T/5, timed from *before* each
+  request, so neither a slow reply nor a long takeover makes the leases look
+  fresher than Redis knows them to be;
+- leases whose heartbeat was not confirmed for T/2 are fenced: the fence loop
+  (every T/20, never waiting on Redis) aborts the upstream sockets of *every*
+  session at once, then drains what it can in the background; the sockets are
+  gone within T/20 + one event-loop turn, well before the claim expires at T
+  and anyone may take a lease over;
 - every owner write carries the lease's fencing token, so whatever a
   fenced (or frozen, then resumed) instance still tries to write is refused
   by the store (`NotOwner`), and the actor that hears it stops at once.
@@ -25,10 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -36,29 +41,22 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
+from broker.cluster import rules
+from broker.cluster.inbox import Inbox
 from broker.cluster.lease import Lease, LeaseClient
+from broker.cluster.live import LiveReporter
 from broker.cluster.membership import Membership
-from broker.errors import NotOwner, StoreUnavailable
+from broker.errors import StoreUnavailable
 from broker.lifecycle import inputs
 from broker.runtime.actor import SessionActor
 from broker.runtime.manager import SessionManager
 from broker.runtime.placement import Op
-from broker.store.base import LiveState, SessionRecord, StatusEvent
+from broker.store.base import SessionRecord, StatusEvent
+from broker.store.redis.codecs import text
 from broker.store.redis.keys import RedisKeys
 
 log = logging.getLogger(__name__)
 _REDIS_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)
-
-RENEW_EVERY = 1 / 5
-"""Renewal period, as a fraction of the lease TTL."""
-FENCE_AFTER = 1 / 2
-"""A lease not renewed for this fraction of its TTL is given up locally."""
-FENCE_CHECK_EVERY = 1 / 20
-"""How often the fence loop looks, as a fraction of the TTL."""
-
-
-def _rank(instance_id: str, session_id: str) -> bytes:
-    return hashlib.blake2b(f"{instance_id}/{session_id}".encode(), digest_size=8).digest()
 
 
 class Coordinator:
@@ -66,6 +64,8 @@ class Coordinator:
     decide which instance owns each session."""
 
     shared = True
+    #: requests from other instances arrive in this instance's inbox: no polling
+    outbox_poll_s: float | None = None
 
     def __init__(
         self,
@@ -80,18 +80,20 @@ class Coordinator:
         self.client = client
         self.instance_id = instance_id
         self.keys = RedisKeys(key_prefix)
-        self.leases = LeaseClient(client, keys=self.keys, instance_id=instance_id,
-                                  ttl_s=lease_ttl_s)
+        self.leases = LeaseClient(client, keys=self.keys, instance_id=instance_id)
         self.membership = Membership(client, keys=self.keys, instance_id=instance_id,
                                      ttl_s=lease_ttl_s)
+        self.inbox = Inbox(client, keys=self.keys, instance_id=instance_id)
         self.ttl_s = lease_ttl_s
-        self.interval_s = lease_ttl_s * RENEW_EVERY
-        self.fence_after_s = lease_ttl_s * FENCE_AFTER
-        self.live_ttl_s = lease_ttl_s
-        #: a kick from another instance travels over pub/sub and may be lost
-        self.outbox_poll_s = 2.0
+        self.interval_s = lease_ttl_s * rules.RENEW_EVERY
+        self.liveness = rules.Liveness(lease_ttl_s)
+        self.schedule = rules.RoundSchedule()
+        self.live = LiveReporter(manager.store, instance_id, fenced=self.fenced)
         self.owned: dict[str, Lease] = {}
-        self._renewed_at: dict[str, float] = {}
+        self._records: list[SessionRecord] = []
+        self._live: list[str] = [instance_id]
+        self._heartbeats: dict[str, float] = {}
+        self._joined = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._fence_task: asyncio.Task[None] | None = None
@@ -102,27 +104,33 @@ class Coordinator:
     # lifecycle of the coordinator itself
     async def start(self) -> None:
         await self.membership.join()  # refuses a live duplicate of this instance id
+        sent = time.monotonic()
+        self._joined = await self.membership.heartbeat()
+        if self._joined:
+            self.liveness.renewed(sent)
+        await self.inbox.open()
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(self.keys.control)
         self._fence_task = asyncio.create_task(self._fence_loop(), name="coordinator-fence")
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="coordinator-claim"),
-            asyncio.create_task(self._renew_loop(), name="coordinator-renew"),
+            asyncio.create_task(self._renew_loop(), name="coordinator-heartbeat"),
             asyncio.create_task(self._listen(), name="coordinator-listen"),
+            asyncio.create_task(self.inbox.run(self._on_command), name="coordinator-inbox"),
         ]
         await self._announce("rebalance")
 
     async def stop(self) -> None:
         """Graceful shutdown: hand every session over at once instead of after a TTL.
 
-        Renewal and fencing keep running until every session is released or
+        The heartbeat and fencing keep running until every session is released or
         fenced, so a session whose release hangs (Redis stalled) is still
         fenced in time; every upstream connection is closed in parallel.
         """
-        claim, renew, listen = self._tasks
-        for task in (claim, listen):
+        claim, renew, *others = self._tasks
+        for task in (claim, *others):
             task.cancel()
-        await asyncio.wait([claim, listen])
+        await asyncio.wait([claim, *others])
         async with self._lock:
             await asyncio.gather(*(self._release(sid, announce=False) for sid in list(self.owned)))
         renew.cancel()
@@ -144,8 +152,11 @@ class Coordinator:
 
     # what the manager and actors ask
     def may_connect(self, session_id: str) -> bool:
-        renewed = self._renewed_at.get(session_id)
-        return renewed is not None and time.monotonic() - renewed < self.fence_after_s
+        return session_id in self.owned and self.liveness.fresh(time.monotonic())
+
+    def is_live(self, instance_id: str) -> bool:
+        """Whether an owner named in a live report still runs (as of the last round)."""
+        return instance_id in self._live
 
     def fenced(self, session_id: str) -> None:
         """An actor was refused a write as stale: the lease is someone else's."""
@@ -153,10 +164,13 @@ class Coordinator:
         self._lose([session_id])
 
     async def wait_released(self, session_id: str) -> None:
+        """Until no live instance holds the lease (a dead owner's lease counts as free)."""
         deadline = time.monotonic() + self.ttl_s * 2
         while time.monotonic() < deadline:
             try:
-                if await self.leases.holder(session_id) is None:
+                holder = await self.leases.holder(session_id)
+                if holder is None or (holder != self.instance_id
+                                      and not await self.membership.claimed([holder])):
                     return
             except _REDIS_ERRORS as exc:
                 raise StoreUnavailable(f"cannot reach Redis to coordinate: {exc}") from exc
@@ -169,7 +183,14 @@ class Coordinator:
         await self._announce("rebalance")
 
     async def forward(self, op: Op, session_id: str) -> bool:
-        await self._announce(op.value, session_id)
+        """Put the request in the owner's inbox; with no owner, the next one reads
+        the session's outbox and stored state when it takes the lease."""
+        try:
+            holder = await self.leases.holder(session_id)
+            if holder is not None:
+                await self.inbox.post(holder, op.value, session_id)
+        except _REDIS_ERRORS as exc:
+            raise StoreUnavailable(f"cannot reach Redis to coordinate: {exc}") from exc
         return True
 
     async def _announce(self, op: str, session_id: str = "") -> None:
@@ -180,6 +201,7 @@ class Coordinator:
             raise StoreUnavailable(f"cannot reach Redis to coordinate: {exc}") from exc
 
     def wake(self) -> None:
+        self.schedule.changed()
         self._wake.set()
 
     # loops
@@ -193,50 +215,50 @@ class Coordinator:
             except Exception:
                 log.exception("coordination round failed")
             self._wake.clear()
+            wait = rules.next_round_in(self.interval_s, self._heartbeats, me=self.instance_id,
+                                       ttl_s=self.ttl_s, now=time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _renew_loop(self) -> None:
-        """Renew every owned lease in one round trip per period, on its own."""
+        """One heartbeat per period keeps every lease; on its own task."""
         while True:
             started = time.monotonic()
             try:
-                await self._renew(started)
+                await self._heartbeat(started)
             except _REDIS_ERRORS as exc:
-                log.warning("lease renewal failed (Redis unreachable?): %s", exc)
+                log.warning("heartbeat failed (Redis unreachable?): %s", exc)
             except Exception:
-                log.exception("lease renewal failed")
+                log.exception("heartbeat failed")
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
-    async def _renew(self, started: float) -> None:
-        if not await self.membership.heartbeat():
-            log.error("instance id %s is now held by another process: giving up every "
-                      "session", self.instance_id)
-            self._lose(list(self.owned))
+    async def _heartbeat(self, started: float) -> None:
+        if not self._joined:
+            self._joined = await self.membership.rejoin()
+            if self._joined:
+                log.warning("instance %s joined again under a new incarnation",
+                            self.instance_id)
+                self.liveness.renewed(started)
+                self.wake()
             return
-        leases = list(self.owned.values())
-        results = await self.leases.renew(leases)
-        lost = []
-        for lease in leases:
-            if self.owned.get(lease.session_id) is not lease:
-                continue  # released or lost while the request was out
-            if results.get(lease.session_id):
-                self._renewed_at[lease.session_id] = started
-            else:
-                log.warning("session %s: lease lost to another instance", lease.session_id)
-                lost.append(lease.session_id)
-        self._lose(lost)
+        if await self.membership.heartbeat():
+            self.liveness.renewed(started)
+            return
+        log.error("instance %s: its claim expired or another process holds it: giving up "
+                  "every session", self.instance_id)
+        self._joined = False
+        self.liveness.lost()
+        self._lose(list(self.owned))
 
     async def _fence_loop(self) -> None:
         """Independent of Redis round trips, which may hang while Redis is away."""
         while True:
-            await asyncio.sleep(self.ttl_s * FENCE_CHECK_EVERY)
-            now = time.monotonic()
-            stale = [sid for sid, renewed in self._renewed_at.items()
-                     if now - renewed >= self.fence_after_s]
-            if stale:
-                log.warning("%d leases not renewed for %.1fs; fencing myself: %s",
-                            len(stale), self.fence_after_s, ", ".join(sorted(stale)[:10]))
+            await asyncio.sleep(self.ttl_s * rules.FENCE_CHECK_EVERY)
+            if self.liveness.must_fence(time.monotonic()) and self.owned:
+                stale = sorted(self.owned)
+                log.warning("heartbeat not confirmed for %.1fs; fencing myself: %d "
+                            "sessions (%s)", self.liveness.fence_after_s, len(stale),
+                            ", ".join(stale[:10]))
                 self._lose(stale)
 
     async def _listen(self) -> None:
@@ -284,54 +306,63 @@ class Coordinator:
                 async with self._lock:
                     await self._release(session_id)
 
-    # one round: drop, shed or claim (renewal runs on its own)
+    # one round: drop, shed or claim (the heartbeat runs on its own)
     async def _round(self) -> None:
-        await self._report_live()
-        live = await self.membership.live()
-        records = [r for r in await self.manager.store.list_sessions() if r.enabled]
+        now = time.monotonic()
+        self._heartbeats = await self.membership.live()
+        self._live = sorted(self._heartbeats)
+        self.schedule.members(self._live)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.get(self.keys.sessions_version)
+            pipe.get(self.keys.leases_version)  # two slots on a cluster: no MGET
+            raw, released = await pipe.execute()
+        version = None if raw is None else text(raw)
+        self.schedule.releases(None if released is None else text(released))
+        if self.schedule.reload_due(version, now):
+            self._records = [r for r in await self.manager.store.list_sessions() if r.enabled]
+            self.schedule.loaded(version, now)
+        records = self._records
         enabled = {r.session_id for r in records}
         for session_id in [s for s in self.owned if s not in enabled]:
             await self._release(session_id)
-        share = math.ceil(len(records) / max(1, len(live)))
+        await self.live.report(self.owned, self.manager.actors)
+        share = rules.fair_share(len(records), len(self._live))
         if len(self.owned) > share:
-            victim = max(self.owned, key=lambda s: _rank(self.instance_id, s))
+            victim = rules.shed_victim(self.instance_id, self.owned)
             log.info("owning %d sessions, fair share %d: handing %s over",
                      len(self.owned), share, victim)
             await self._release(victim)
             return
-        if len(self.owned) < share:
-            await self._claim(records, share)
+        if (len(self.owned) < share and self.schedule.scan_due(now)
+                and self.liveness.fresh(time.monotonic())):
+            await self._claim(records, share, now)
 
-    async def _report_live(self) -> None:
-        """Publish each owned session's live state, expiring unless renewed."""
-        now = time.time()
-        for session_id, lease in list(self.owned.items()):
-            actor = self.manager.actors.get(session_id)
-            if actor is None:
-                continue
-            live = LiveState(actor.state, self.instance_id, actor.last_activity, now)
-            try:
-                await self.manager.store.report_live(session_id, live, self.live_ttl_s,
-                                                     fence=lease.token)
-            except NotOwner:
-                self.fenced(session_id)
-
-    async def _claim(self, records: list[SessionRecord], share: int) -> None:
-        candidates = [r for r in records if r.session_id not in self.owned]
-        holders = await self.leases.holders([r.session_id for r in candidates])
-        free = sorted((r for r in candidates if holders.get(r.session_id) is None),
-                      key=lambda r: _rank(self.instance_id, r.session_id))
-        for record in free:
-            if len(self.owned) >= share:
-                return
-            asked = time.monotonic()  # the lease runs from (at latest) now
-            lease = await self.leases.acquire(record.session_id)
-            if lease is None:
-                continue
-            self.owned[record.session_id] = lease
-            self._renewed_at[record.session_id] = asked
-            log.info("session %s: acquired lease (token %d)", record.session_id, lease.token)
-            await self.manager.run(record, fence=lease.token)
+    async def _claim(self, records: list[SessionRecord], share: int, now: float) -> None:
+        by_id = {r.session_id: r for r in records if r.session_id not in self.owned}
+        values = await self.leases.values(list(by_id))
+        holders = {h for v in values.values() if (h := rules.holder_of(v)) is not None}
+        claimed = await self.membership.claimed(holders - {self.instance_id})
+        found = rules.survey(values, me=self.instance_id, claimed=claimed, live=self._live)
+        order = rules.claim_order(self.instance_id, found)
+        while order and len(self.owned) < share and self.liveness.fresh(time.monotonic()):
+            # A few at a time, side by side: a failover of thousands of sessions
+            # waits on round trips in parallel, never beyond the fair share.
+            batch = order[:min(rules.CLAIM_BATCH, share - len(self.owned))]
+            order = order[len(batch):]
+            taken = await asyncio.gather(*(
+                self.leases.acquire(sid, found.orphaned.get(sid, "")) for sid in batch))
+            for session_id, lease in zip(batch, taken, strict=True):
+                if lease is None:
+                    continue
+                self.owned[session_id] = lease
+                was = found.orphaned.get(session_id)
+                if was:
+                    log.info("session %s: took the lease over from %s, whose claim is gone "
+                             "(token %d)", session_id, rules.holder_of(was), lease.token)
+                else:
+                    log.info("session %s: acquired lease (token %d)", session_id, lease.token)
+                await self.manager.run(by_id[session_id], fence=lease.token)
+        self.schedule.scanned(now, found.settled)
 
     def _lose(self, session_ids: Iterable[str]) -> None:
         """The leases are (or may soon be) someone else's: stop all their I/O now.
@@ -340,9 +371,10 @@ class Coordinator:
         before this returns; the rest of each shutdown runs in the background,
         all of them side by side.
         """
+        self.schedule.changed()  # their leases still name us: look again once fresh
         for session_id in session_ids:
             self.owned.pop(session_id, None)
-            self._renewed_at.pop(session_id, None)
+            self.live.forget(session_id)
             actor = self.manager.detach(session_id)
             if actor is not None:
                 actor.fence_now()
@@ -357,16 +389,21 @@ class Coordinator:
         task.add_done_callback(self._shutdowns.discard)
 
     async def _release(self, session_id: str, *, announce: bool = True) -> None:
-        """Hand a session over: close its upstream first, then free the lease."""
+        """Hand a session over: close its upstream first, leave a live report that
+        expires within a TTL, then free the lease."""
         actor = self.manager.detach(session_id)
         if actor is not None:
             # Bounded well inside the lease's remaining life; past it, aborted.
             await actor.shutdown(close_timeout_s=self.ttl_s / 10,
                                  drain_timeout_s=self.ttl_s / 4)
         lease = self.owned.pop(session_id, None)
-        self._renewed_at.pop(session_id, None)
-        if lease is not None:
-            with contextlib.suppress(*_REDIS_ERRORS):
-                await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
-                if announce:
-                    await self._announce("rebalance")
+        self.live.forget(session_id)
+        if lease is None:
+            return
+        if actor is not None:
+            await self.live.leaving(actor, lease, self.ttl_s)
+        with contextlib.suppress(*_REDIS_ERRORS):
+            await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
+            await self.client.incr(self.keys.leases_version)  # others look, even unannounced
+            if announce:
+                await self._announce("rebalance")

@@ -1,11 +1,15 @@
-"""Ownership leases: `SET NX PX` plus a fencing counter (docs/reliability.md).
+"""Ownership leases: a lease key per session plus a fencing counter (docs/reliability.md).
 
 The lease value is "<instance>:<token>"; the token is the session's fencing
 token (broker.store.redis.scripts), which grows on every grant, so a stale
 owner can always be told apart from the current one, and every owner write
-is checked against it. Renew and release are compare-and-set scripts: an
-instance can only extend or drop a lease it still holds. A lease is never
-re-entered: a second process claiming with the same instance id gets none.
+is checked against it. A lease key has no TTL: it stands for as long as its
+instance's claim does (`broker.cluster.rules`), so holding a thousand leases
+costs no more renewals than holding one. Taking a lease is a compare-and-set
+in the session's own hash slot: from nothing, or from the exact value of an
+owner whose claim is gone. Release is a compare-and-delete: an instance can
+only drop a lease it still holds. A lease is never re-entered: a second process
+claiming with the same instance id gets none.
 """
 
 from __future__ import annotations
@@ -14,23 +18,22 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
+from broker.cluster.rules import holder_of
 from broker.store.redis.keys import RedisKeys
 from broker.store.redis.scripts import NEXT_TOKEN
 
-# KEYS: lease, fence; ARGV: instance id, ttl ms
-_ACQUIRE = NEXT_TOKEN + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local token = next_token(KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token, 'PX', ARGV[2])
-return token
-"""
-
-# KEYS: lease; ARGV: expected value, ttl ms
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# KEYS: lease, fence; ARGV: instance id, the value found ('' = none)
+# The lease is granted only if it is still exactly what the caller judged.
+_TAKE = NEXT_TOKEN + """
+local current = redis.call('GET', KEYS[1])
+if ARGV[2] == '' then
+  if current then return false end
+elseif current ~= ARGV[2] then
+  return false
 end
-return 0
+local token = next_token(KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. token)
+return token
 """
 
 # KEYS: lease; ARGV: expected value
@@ -53,53 +56,39 @@ class Lease:
         return f"{self.instance_id}:{self.token}"
 
 
-def _holder(value: bytes | str | None) -> str | None:
-    if value is None:
-        return None
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return text.rsplit(":", 1)[0]
-
-
 class LeaseClient:
-    def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str,
-                 ttl_s: float) -> None:
+    def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str) -> None:
         self._client = client
         self._keys = keys
         self.instance_id = instance_id
-        self.ttl_ms = int(ttl_s * 1000)
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
+        self._take = client.register_script(_TAKE)
         self._release = client.register_script(_RELEASE)
 
-    async def acquire(self, session_id: str) -> Lease | None:
-        token = await self._acquire(
+    async def acquire(self, session_id: str, found: str = "") -> Lease | None:
+        """Take the lease if it is still `found` ('' = no lease); a fresh token."""
+        token = await self._take(
             keys=[self._keys.lease(session_id), self._keys.fence(session_id)],
-            args=[self.instance_id, self.ttl_ms])
+            args=[self.instance_id, found])
         if token is None:
             return None
         text = token.decode() if isinstance(token, bytes) else str(token)
         return Lease(session_id, self.instance_id, int(text))
 
-    async def renew(self, leases: list[Lease]) -> dict[str, bool]:
-        """Renew many leases in one round trip; False where the lease is gone."""
-        if not leases:
-            return {}
-        pipe = self._client.pipeline(transaction=False)
-        for lease in leases:
-            await self._renew(keys=[self._keys.lease(lease.session_id)],
-                              args=[lease.value, self.ttl_ms], client=pipe)
-        results = await pipe.execute()
-        return {lease.session_id: bool(ok) for lease, ok in zip(leases, results, strict=True)}
-
     async def release(self, lease: Lease) -> None:
         await self._release(keys=[self._keys.lease(lease.session_id)], args=[lease.value])
 
     async def holder(self, session_id: str) -> str | None:
-        """The instance holding the session's lease, if any."""
-        return _holder(await self._client.get(self._keys.lease(session_id)))
+        """The instance named by the session's lease, if any (it may be dead)."""
+        return holder_of(await self._client.get(self._keys.lease(session_id)))
 
-    async def holders(self, session_ids: list[str]) -> dict[str, str | None]:
+    async def values(self, session_ids: list[str]) -> dict[str, bytes | str | None]:
+        """The raw lease values, for `broker.cluster.rules.survey`."""
         if not session_ids:
             return {}
-        values = await self._client.mget([self._keys.lease(s) for s in session_ids])
-        return {sid: _holder(v) for sid, v in zip(session_ids, values, strict=True)}
+        # One GET per key in a pipeline, not MGET: on Redis Cluster each lease lives
+        # in its session's own slot. Rounds read them only after a change.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for session_id in session_ids:
+                pipe.get(self._keys.lease(session_id))
+            found = await pipe.execute()
+        return dict(zip(session_ids, found, strict=True))

@@ -4,6 +4,12 @@ Liveness is a heartbeat score per instance in one sorted set. Uniqueness is a
 claim key per instance id holding a random incarnation, renewed with the
 heartbeat: a second process started with an id that is live is refused, so
 two processes never share a lease or a consumer name.
+
+The claim is also the liveness of every lease the instance holds
+(`broker.cluster.rules`), so a heartbeat only ever *extends* the claim of its
+own incarnation: once the claim expired, other instances may have taken its
+leases over, and the process must give every session up and join again under
+a new incarnation (`rejoin`), never quietly re-create the old one.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections.abc import Collection
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -30,6 +38,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 """
 
+# KEYS: claim; ARGV: incarnation, ttl ms.  1: extended; 0: gone or another's
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 # KEYS: claim; ARGV: incarnation
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -45,6 +62,8 @@ class Membership:
         self._claim_key = keys.instance_claim(instance_id)
         self._incarnation = secrets.token_hex(8)
         self._claim = client.register_script(_CLAIM)
+        self._renew = client.register_script(_RENEW)
+        self._keys = keys
         self._release = client.register_script(_RELEASE)
         self.instance_id = instance_id
         self.ttl_s = ttl_s
@@ -67,18 +86,42 @@ class Membership:
                                       args=[self._incarnation, int(self.ttl_s * 1000)]))
 
     async def heartbeat(self) -> bool:
-        """Renew the claim and the heartbeat; False if another process took the id."""
+        """Extend the claim and the heartbeat; False once the claim expired or another
+        process took the id: every lease this process held may be someone else's."""
+        if not await self._renew(keys=[self._claim_key],
+                                 args=[self._incarnation, int(self.ttl_s * 1000)]):
+            return False
+        await self._client.zadd(self._key, {self.instance_id: time.time()})
+        return True
+
+    async def rejoin(self) -> bool:
+        """After a lost claim: claim the id again under a new incarnation, if free."""
+        self._incarnation = secrets.token_hex(8)
         if not await self._claimed():
             return False
         await self._client.zadd(self._key, {self.instance_id: time.time()})
         return True
 
-    async def live(self) -> list[str]:
-        """Instances that heartbeated within the TTL; forgets the others."""
+    async def claimed(self, instance_ids: Collection[str]) -> set[str]:
+        """Which of these instances hold their claim now (one EXISTS each, pipelined)."""
+        ids = sorted(set(instance_ids))
+        if not ids:
+            return set()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for instance_id in ids:
+                pipe.exists(self._keys.instance_claim(instance_id))
+            found = await pipe.execute()
+        return {i for i, n in zip(ids, found, strict=True) if n}
+
+    async def live(self) -> dict[str, float]:
+        """Instances that heartbeated within the TTL, with their last heartbeat (wall
+        clock); forgets the others."""
         now = time.time()
         await self._client.zremrangebyscore(self._key, "-inf", now - self.ttl_s)
-        members = await self._client.zrangebyscore(self._key, now - self.ttl_s, "+inf")
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
+        members: Any = await self._client.zrangebyscore(self._key, now - self.ttl_s, "+inf",
+                                                        withscores=True)
+        return {(m.decode() if isinstance(m, bytes) else str(m)): float(score)
+                for m, score in members}
 
     async def leave(self) -> None:
         await self._client.zrem(self._key, self.instance_id)

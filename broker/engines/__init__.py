@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from broker.config import Settings
 from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir
 from broker.simulator import Simulator, SimulatorConfig
+from broker.upstream.null import NullProvider, is_null
 from broker.upstream.provider import Provider
 from broker.upstream.websocket import WebsocketProvider
 
@@ -86,6 +87,10 @@ class WsEngine:
 
     async def start(self) -> Provider:
         settings = self._options.settings
+        if is_null(self.url):  # bench-only: sessions with no socket (broker.upstream.null)
+            log.warning("upstream %s: the null engine (benchmarks only; nothing is "
+                        "delivered anywhere)", self.url)
+            return NullProvider()
         return WebsocketProvider(self.url, connect_timeout_s=settings.connect_timeout_s,
                                  client=self._options.client)
 

@@ -96,6 +96,12 @@ class Delivery:
 
     # -- the loop -------------------------------------------------------------
 
+    @property
+    def idle(self) -> bool:
+        """No delivery loop runs: it ended with nothing queued and nothing in flight
+        (or the session is not open)."""
+        return self._task is None or self._task.done()
+
     def start(self, link: Link) -> None:
         """The session is OPEN on `link`: deliver from its oldest unacked message."""
         self.stop()
@@ -256,6 +262,9 @@ class Delivery:
                     settle(waiter, result)
             self._wake.set()
         fresh = sum(1 for o in done.accepted if isinstance(o, Accepted) and not o.duplicate)
+        if any(isinstance(o, Accepted) and o.duplicate and o.result is None
+               for o in done.accepted):
+            self.kick()  # a retry of an unacked message: it may be unread (see the manager)
         if fresh:
             self._stats.on_accepted(fresh)
             if claim and window is not None and window.claimed(epoch, done.claimed, done.unread):

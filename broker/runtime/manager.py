@@ -429,7 +429,9 @@ class SessionManager:
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
         )
         placed()
-        if not accepted.duplicate:
+        if accepted.result is None:
+            # A retry of an unacked message kicks too: the kick after its first
+            # acceptance may never have left (owners do not poll their outboxes).
             await self.placement.forward(Op.KICK, session_id)
         return accepted
 
@@ -525,6 +527,8 @@ class SessionManager:
                 live_state, activity = actor.state, actor.last_activity
             else:
                 live = await self.store.get_live(view.record.session_id)
+                if live is not None and not self.placement.is_live(live.owner):
+                    live = None  # its owner is gone; the report outlives it
                 owner = live.owner if live else ""
                 live_state = live.state if live else None
                 activity = live.last_activity if live else 0.0

@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from broker.lifecycle.health import Severity, recommend
+from broker.lifecycle.states import State
 from broker.runtime.manager import SessionManager
 
 log = logging.getLogger(__name__)
@@ -29,13 +30,17 @@ class HealthMonitor:
 
     async def check(self) -> None:
         """Only the sessions this instance runs, from their actors: each instance
-        watches what it owns, and a check costs no store reads but the outbox depth."""
+        watches what it owns, and a check costs no store reads but the outbox depth of
+        sessions that are delivering or cannot (an open, idle one has none)."""
         now = self.manager.clock()
         actors = dict(self.manager.actors)
         for gone in set(self.current) - set(actors):
             del self.current[gone]
         for sid, actor in actors.items():
-            depth = await self.manager.store.outbox_depth(sid)
+            if actor.state == State.OPEN and actor.delivery.idle:
+                depth = 0  # its loop ended on an empty outbox; a Send starts it again
+            else:
+                depth = await self.manager.store.outbox_depth(sid)
             recommendations = recommend(
                 actor.state, actor.stats, now=now, outbox_depth=depth,
                 reason=actor.machine.reason, code=actor.machine.code, session_id=sid,

@@ -76,6 +76,10 @@ class Placement(Protocol):
         """Asked by an actor before every connection attempt."""
         ...
 
+    def is_live(self, instance_id: str) -> bool:
+        """Whether the owner named in a stored live report still runs."""
+        ...
+
     def fenced(self, session_id: str) -> None:
         """An actor was refused a write as stale (or stopped owning): drop it."""
         ...
@@ -118,6 +122,9 @@ class LocalPlacement:
         return None
 
     def may_connect(self, session_id: str) -> bool:
+        return True
+
+    def is_live(self, instance_id: str) -> bool:
         return True
 
     def fenced(self, session_id: str) -> None:

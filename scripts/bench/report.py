@@ -8,7 +8,7 @@ from typing import Any
 
 NOTES = Path(__file__).with_name("NOTES.md")
 SCENARIO_KEYS = ("send", "sessions", "fairness", "fanout", "idle", "reconnect", "flapping",
-                 "failover")
+                 "failover", "scale")
 
 
 def _get(data: Any, *path: str) -> Any:
@@ -81,6 +81,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{worst / 1000:.2f} s" + (f", {missing:.0f} not reopened" if missing else ""))
     else:
         add("Failover kill -> OPEN", None, "< TTL + 1 s", None, "")
+    sizes = _get(results, "scale", "sizes") or {}
+    done = [int(n) for n, r in sizes.items() if "redis_commands_per_session_per_s" in r]
+    cost = _num(_get(sizes, str(max(done)), "redis_commands_per_session_per_s")) if done else None
+    add(f"Idle Redis commands per session per s ({max(done) if done else 0:,} sessions)",
+        cost, "<= 0.1", cost is not None and cost <= 0.1,
+        f"{cost:.4f}" if cost is not None else "")
     _issue13_targets(results, add)
     return out
 
@@ -116,6 +122,28 @@ def _issue13_targets(results: dict[str, Any], add: Any) -> None:
     value = _num(_get(results, "fairness", "p99_ratio"))
     add("Fairness: light session p99 under a neighbour's flood vs alone", value, "<= 2x",
         value is not None and value <= 2.0, f"{value:.2f}x" if value is not None else "")
+
+
+def _scale_table(scale: dict[str, Any]) -> list[str]:
+    """One row per session count: placement, idle Redis cost, broker cost, failover."""
+    lines = ["| sessions | brokers | engine | place all (s) | idle Redis cmd/s | per session/s "
+             "| Redis CPU (core) | brokers CPU (core, sum) | broker RSS MB (max) "
+             "| SIGKILL: moved | all owned again (s) |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for n, r in (scale.get("sizes") or {}).items():
+        if "error" in r:
+            lines.append(f"| {int(n):,} | | | `{r['error'][:120]}` | | | | | | | |")
+            continue
+        cpu = sum((r.get("broker_cpu_share_of_core") or {}).values())
+        rss = max((r.get("broker_rss_mb") or {"": 0}).values())
+        fo = r.get("failover") or {}
+        lines.append(
+            f"| {int(n):,} | {r.get('brokers')} | {r.get('engine')} | "
+            f"{_f(r.get('place_all_open_s'))} | {_f(r.get('redis_commands_per_s'))} | "
+            f"{_f(r.get('redis_commands_per_session_per_s'), 4)} | "
+            f"{_f(r.get('redis_cpu_share_of_core'), 3)} | {_f(cpu, 3)} | {_f(rss)} | "
+            f"{fo.get('sessions_moved', '')} | {_f(fo.get('kill_to_all_owned_s'), 2)} |")
+    return [*lines, ""]
 
 
 def _flapping_targets(flap: dict[str, Any], add: Any) -> None:
@@ -379,12 +407,16 @@ def render(doc: dict[str, Any], label: str) -> str:
               "reconnect": "Reconnect after a transient drop (428, default policy)",
               "flapping": "The upstream drops every 1-5 s: delivery, availability, waits "
                           "(broker next to the ideal reference)",
-              "failover": "Failover on Redis (SIGKILL of the owner)"}
+              "failover": "Failover on Redis (SIGKILL of the owner)",
+              "scale": "Control-plane scale: idle sessions on several brokers, one Redis"}
     for key, title in titles.items():
         if key in res:
             lines += ["## " + title, ""]
             if key == "flapping" and isinstance(res[key].get("broker"), dict):
                 lines += _flap_table(res[key])
+            if key == "scale":
+                lines += _scale_table(res[key])
+                continue
             lines += _kv_table(key, res[key])
             if isinstance(res[key].get("profile"), dict):
                 lines += _profile_lines(f"py-spy profile of the broker ({key})",

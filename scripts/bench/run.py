@@ -6,9 +6,10 @@
     .venv/bin/python scripts/bench/run.py --smoke --out-dir /tmp/b   # seconds; for the test
 
 Scenarios: send (with the floors and the HTTP relay peers), sessions (100 and
-1,000 sessions), fairness, fanout, idle, reconnect, flapping,
-failover. Results are stored under a label (`--label`, default `latest`); a
-run with `--only` merges into the label's earlier results. These are
+1,000 sessions), fairness, fanout, idle, reconnect, flapping, failover, scale
+(`--scale-sizes`, `--scale-brokers`, `--scale-engine`). Results are stored
+under a label (`--label`, default `latest`); a run with `--only` merges into
+the label's earlier results. These are
 benchmarks: they print numbers and never fail on a threshold.
 """
 
@@ -64,6 +65,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profiles")
     parser.add_argument("--concurrency", action="append", type=int, default=[], metavar="N",
                         help="Send points at these concurrencies only (repeatable)")
+    parser.add_argument("--scale-sizes", default="", metavar="N,N,...",
+                        help="scale: the session counts to run (default by mode)")
+    parser.add_argument("--scale-brokers", type=int, default=0, metavar="N",
+                        help="scale: broker processes (default 4)")
+    parser.add_argument("--scale-engine", choices=("null", "sim"), default="",
+                        help="scale: null sessions (no sockets) or paired simulator sessions")
     args = parser.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -79,6 +86,12 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cfg = replace(cfg, profile=False)
     if args.concurrency:
         cfg = replace(cfg, concurrencies=tuple(args.concurrency))
+    if args.scale_sizes:
+        cfg = replace(cfg, scale_sizes=tuple(int(n) for n in args.scale_sizes.split(",")))
+    if args.scale_brokers:
+        cfg = replace(cfg, scale_brokers=args.scale_brokers)
+    if args.scale_engine:
+        cfg = replace(cfg, scale_engine=args.scale_engine)
     results: dict[str, Any] = {}
     for name, scenario in SCENARIOS.items():
         if args.only and name not in args.only:

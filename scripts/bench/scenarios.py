@@ -27,6 +27,7 @@ from broker_client.v1 import broker_pb2_grpc as pb_grpc
 from scripts.bench import common
 from scripts.bench.common import Proc, acontrol, summary_ms
 from scripts.bench.profile import profile_pid
+from scripts.bench.scale import scale
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,10 @@ class Config:
     many_in_flight: tuple[int, ...] = (64, 1024)
     #: Fairness: the flooding neighbour's items in flight (SendStream).
     fairness_flood: int = 256
+    scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000)
+    scale_brokers: int = 4
+    scale_engine: str = "null"
+    scale_window_s: float = 30.0
     extra_profiles: dict[str, Any] = field(default_factory=dict)
 
 
@@ -64,13 +69,16 @@ PRESETS: dict[str, Config] = {
     "quick": Config("quick", warmup_s=0.5, duration_s=2.0, reps=1, profile_s=4.0,
                     fanout_changes=5, idle_sessions=1000, idle_window_s=30.0,
                     reconnect_sessions=50, flap_s=20.0, flap_drain_s=60.0,
-                    failover_rounds=1, failover_ttl_s=5.0, failover_sessions=4),
+                    failover_rounds=1, failover_ttl_s=5.0, failover_sessions=4,
+                    scale_sizes=(1000,), scale_window_s=20.0),
     "smoke": Config("smoke", concurrencies=(4,), warmup_s=0.1, duration_s=0.4, reps=1,
                     profile=False, fanout_subscribers=10, fanout_changes=1, idle_sessions=5,
                     idle_window_s=0.5, idle_settle_s=0.2, reconnect_sessions=2,
                     flap_s=1.0, flap_drain_s=15.0, failover_rounds=1, failover_ttl_s=1.5,
                     failover_sessions=2, many_sessions=(3, 6), many_in_flight=(4, 8),
-                    fairness_flood=8),
+                    fairness_flood=8,
+                    scale_sizes=(20,), scale_brokers=2,
+                    scale_window_s=1.0),
 }
 
 
@@ -726,4 +734,5 @@ SCENARIOS: dict[str, Callable[[Config, Path], Awaitable[dict[str, Any]]]] = {
     "reconnect": reconnect,
     "flapping": flapping,
     "failover": failover,
+    "scale": scale,
 }

@@ -251,7 +251,8 @@ async def test_every_key_of_a_session_shares_one_hash_tag(store: RedisStore) -> 
             tags.setdefault(match.group(1), set()).add(key)
         else:
             global_keys.append(key)
-    assert global_keys == ["broker:events", "broker:sessions", "broker:tenant:t1"]
+    assert global_keys == ["broker:events", "broker:sessions", "broker:sessions:version",
+                           "broker:tenant:t1"]
     assert set(tags) == {"s:s1", "s:tenant.x:42"}
     parts = {k.split("}:", 1)[1].split(":", 1)[0] for k in tags["s:s1"]}
     assert parts == {"session", "creds", "outbox", "ids", "seq", "idem", "result", "last"}

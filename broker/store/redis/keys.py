@@ -21,19 +21,27 @@ together and the layout holds on Redis Cluster.
 - ``P:T:last``          hash: the session's last status event (``id``, ``event``)
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
                         kept, and raised, when the session is deleted
-- ``P:T:lease``         string: "<instance>:<token>" of the owning instance (broker.cluster.lease)
-- ``P:T:live``          hash: the owner's live report, expiring with the lease TTL
+- ``P:T:lease``         string: "<instance>:<token>" of the owning instance, no TTL: it
+                        lives as long as that instance's claim (broker.cluster.rules);
+                        ``P:leases:version`` counter raised after every release
+- ``P:T:live``          hash: the owner's live report, written on change, refreshed
+                        within its TTL (an hour) while unchanged
 - ``P:T:acked``         pub/sub channel: "<mid> <acked_at>" on every ack
 - ``P:T:inbound``       stream: inbound messages; consumer groups are the worker groups
 - ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
 - ``P:T:inbound:aged``  sorted set: upstream message id by arrival (ms), to trim
                         the de-dup hash with the stream past the inbound retention
 - ``P:T:rate``          hash: the session's send token bucket (broker.runtime.ratelimit)
-- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
+- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant;
+                        ``P:sessions:version`` counter raised after every change of the
+                        session set or an enabled flag (coordinators reload on a move)
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
                         its entry ids are the event ids
 - ``P:instances``       sorted set: live broker instances by heartbeat;
-                        ``P:instances:id:<id>`` the claim on one instance id
+                        ``P:instances:id:<id>`` the claim on one instance id, renewed
+                        every heartbeat: the liveness of every lease the instance holds;
+                        ``P:instances:inbox:<id>`` stream: requests for that instance's
+                        sessions (kick, stop, ...), read by it alone
 - ``P:control``         pub/sub channel: coordinator messages (rebalance, ...)
 - ``P:ack-listener``    pub/sub channel the ack listener always subscribes to
 """
@@ -125,6 +133,16 @@ class RedisKeys:
     def sessions(self) -> str:
         return f"{self.prefix}:sessions"
 
+    @property
+    def sessions_version(self) -> str:
+        """Raised after every change of the session set or of an enabled flag."""
+        return f"{self.prefix}:sessions:version"
+
+    @property
+    def leases_version(self) -> str:
+        """Raised after every lease release: a session may be free to claim."""
+        return f"{self.prefix}:leases:version"
+
     def tenant(self, tenant: str) -> str:
         return f"{self.prefix}:tenant:{tenant}"
 
@@ -139,6 +157,10 @@ class RedisKeys:
     def instance_claim(self, instance_id: str) -> str:
         """Held by the one live process running under this instance id."""
         return f"{self.instances}:id:{instance_id}"
+
+    def instance_inbox(self, instance_id: str) -> str:
+        """The stream other instances put requests for this instance's sessions in."""
+        return f"{self.instances}:inbox:{instance_id}"
 
     @property
     def control(self) -> str:

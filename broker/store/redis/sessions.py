@@ -44,6 +44,7 @@ class SessionsPart(RedisCore):
         async with self._client.pipeline(transaction=False) as pipe:
             pipe.sadd(self.keys.sessions, sid)
             pipe.sadd(self.keys.tenant(stored.tenant), sid)
+            pipe.incr(self.keys.sessions_version)
             await pipe.execute()
         return stored, not existing
 
@@ -71,6 +72,7 @@ class SessionsPart(RedisCore):
     @guard
     async def set_enabled(self, session_id: str, enabled: bool) -> None:
         await self._set_enabled(keys=[self.keys.session(session_id)], args=[flag(enabled)])
+        await self._client.incr(self.keys.sessions_version)  # after: a reload sees it
 
     @guard
     async def delete_session(self, session_id: str) -> None:
@@ -95,6 +97,7 @@ class SessionsPart(RedisCore):
             pipe.srem(self.keys.sessions, session_id)
             if raw:
                 pipe.srem(self.keys.tenant(fields(raw).get("tenant", "")), session_id)
+            pipe.incr(self.keys.sessions_version)
             await pipe.execute()
         self._forget_session(session_id)
 

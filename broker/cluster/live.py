@@ -1,0 +1,66 @@
+"""Writes the owned sessions' live state (what Health shows on other instances).
+
+Written when it changes, per `broker.cluster.rules.LiveReports`, not every
+round; fenced like every owner write. A session handed over gets a last
+report that expires within a lease TTL; a dead owner's stays until the next
+owner writes, and Health ignores it meanwhile (`Placement.is_live`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+
+from redis import exceptions as rexc
+
+from broker.cluster.lease import Lease
+from broker.cluster.rules import LiveReports
+from broker.errors import NotOwner, StoreUnavailable
+from broker.runtime.actor import SessionActor
+from broker.store.base import LiveState, Store
+
+_ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)
+
+
+class LiveReporter:
+    def __init__(self, store: Store, instance_id: str, *, fenced: Callable[[str], None],
+                 rules: LiveReports | None = None) -> None:
+        self._store = store
+        self._instance_id = instance_id
+        self._fenced = fenced
+        self.rules = rules or LiveReports()
+
+    def _live(self, actor: SessionActor, now: float) -> LiveState:
+        return LiveState(actor.state, self._instance_id, actor.last_activity, now)
+
+    async def report(self, owned: Mapping[str, Lease],
+                     actors: Mapping[str, SessionActor]) -> None:
+        """Write the live state of every owned session whose report is due."""
+        now = time.time()
+        for session_id, lease in list(owned.items()):
+            actor = actors.get(session_id)
+            if actor is None:
+                continue
+            state, activity = actor.state.value, actor.last_activity
+            if not self.rules.due(session_id, state, activity, now):
+                continue
+            try:
+                await self._store.report_live(session_id, self._live(actor, now),
+                                              self.rules.ttl_s, fence=lease.token)
+            except NotOwner:
+                self._fenced(session_id)
+                continue
+            self.rules.reported(session_id, state, activity, now)
+
+    async def leaving(self, actor: SessionActor, lease: Lease, ttl_s: float) -> None:
+        """A last report before the lease is released, expiring within `ttl_s`."""
+        self.rules.forget(lease.session_id)
+        with contextlib.suppress(*_ERRORS, NotOwner):
+            await asyncio.wait_for(self._store.report_live(
+                lease.session_id, self._live(actor, time.time()), ttl_s, fence=lease.token),
+                ttl_s / 4)
+
+    def forget(self, session_id: str) -> None:
+        self.rules.forget(session_id)
