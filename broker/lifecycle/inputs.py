@@ -1,10 +1,10 @@
 """Events the session actor feeds to the machine.
 
 Operator commands (`Start`, `Stop`, `Logout`), upstream happenings
-(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`) and
-timers. Time never enters except through `TimerFired`. Losing ownership is not
-an input: the coordinator stops the actor and nothing is recorded (the next
-owner speaks for the session).
+(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`,
+`CredentialsUnreadable`) and timers. Time never enters except through
+`TimerFired`. Losing ownership is not an input: the coordinator stops the
+actor and nothing is recorded (the next owner speaks for the session).
 """
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ class Closed:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsUnreadable:
+    """The stored credentials do not decrypt with any configured key (a wrong or
+    rotated-away key): no attempt can succeed until a person configures it."""
+
+    key_id: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     """A timer armed by `StartTimer` ran out."""
 
@@ -87,6 +96,7 @@ Event = (
     | QrReceived
     | Paired
     | Closed
+    | CredentialsUnreadable
     | TimerFired
     | PongReceived
 )

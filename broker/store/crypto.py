@@ -51,7 +51,14 @@ class CredentialKeyError(ValueError):
 
 class CredentialDecryptError(Exception):
     """A stored credential value cannot be opened: unknown key id, wrong key, tampering,
-    or a value copied from another session. The message never includes the value."""
+    or a value copied from another session. The message never includes the value.
+
+    `key_id` is the key id the value names ('' when it names none): what an
+    operator must configure again. Retrying cannot help, so the session fails."""
+
+    def __init__(self, message: str, *, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 def generate_key() -> str:
@@ -186,7 +193,7 @@ class CredentialCipher:
             raise CredentialDecryptError(
                 f"{what} was sealed with key id {kid!r}, which is not configured (known: "
                 f"{', '.join(self._aeads)}); keep old keys in {KEYS_ENV} until every value "
-                "is rewritten"
+                "is rewritten", key_id=kid,
             )
         try:
             raw = base64.urlsafe_b64decode(sealed.split(b".", 2)[2])
@@ -194,7 +201,7 @@ class CredentialCipher:
         except (InvalidTag, ValueError, binascii.Error):
             raise CredentialDecryptError(
                 f"{what} does not decrypt with key {kid!r}: wrong key, tampered value, or a "
-                "value copied from another session or key"
+                "value copied from another session or key", key_id=kid,
             ) from None
 
     def encrypt(self, session_id: str, credentials: Mapping[str, Any]) -> bytes:

@@ -60,6 +60,8 @@ export declare const ErrorReason: {
   readonly STORE_SCHEMA: 'STORE_SCHEMA';
   /** FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream gave no code (metadata names the session); try again or scan the QR. */
   readonly PAIRING_CODE_REFUSED: 'PAIRING_CODE_REFUSED';
+  /** FAILED_PRECONDITION: the session's stored credentials do not decrypt with any configured key (a wrong or rotated-away key); metadata.state is FAILED and Health names the key id to configure again. */
+  readonly CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

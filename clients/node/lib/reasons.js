@@ -32,6 +32,7 @@ const ErrorReason = Object.freeze({
   STORE_IN_USE: 'STORE_IN_USE',
   STORE_SCHEMA: 'STORE_SCHEMA',
   PAIRING_CODE_REFUSED: 'PAIRING_CODE_REFUSED',
+  CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE',
 });
 
 module.exports = { ErrorReason };

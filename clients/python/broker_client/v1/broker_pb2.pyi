@@ -1221,6 +1221,11 @@ class ErrorReason(_message.Message):
         """FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream
         gave no code (metadata names the session); try again or scan the QR.
         """
+        CREDENTIALS_UNREADABLE: ErrorReason._Reason.ValueType  # 30
+        """FAILED_PRECONDITION: the session's stored credentials do not decrypt with
+        any configured key (a wrong or rotated-away key); metadata.state is FAILED
+        and Health names the key id to configure again.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1300,6 +1305,11 @@ class ErrorReason(_message.Message):
     PAIRING_CODE_REFUSED: ErrorReason.Reason.ValueType  # 29
     """FAILED_PRECONDITION: RequestPairingCode while pairing, but the upstream
     gave no code (metadata names the session); try again or scan the QR.
+    """
+    CREDENTIALS_UNREADABLE: ErrorReason.Reason.ValueType  # 30
+    """FAILED_PRECONDITION: the session's stored credentials do not decrypt with
+    any configured key (a wrong or rotated-away key); metadata.state is FAILED
+    and Health names the key id to configure again.
     """
 
     def __init__(
