@@ -16,7 +16,13 @@ from enum import StrEnum
 from typing import TypeVar
 
 from broker.lifecycle.reasons import DisconnectCode
-from broker.lifecycle.states import ENDS_ANY_RECONNECT, GAVE_UP_PREFIX, PAIRING_TIMED_OUT, State
+from broker.lifecycle.states import (
+    CREDENTIALS_UNREADABLE_PREFIX,
+    ENDS_ANY_RECONNECT,
+    GAVE_UP_PREFIX,
+    PAIRING_TIMED_OUT,
+    State,
+)
 
 HOUR_S = 3600.0
 #: Attempts per minute and FLAPPING look back this far: recent enough to clear
@@ -492,6 +498,14 @@ def _failed_advice(reason: str, code: int, session_id: str) -> Recommendation:
             "BAD_SESSION",
             "The stored credentials were corrupt and have been wiped. Re-pair: run "
             f"`broker qr {session_id}` and scan the code.",
+        )
+    if reason.startswith(CREDENTIALS_UNREADABLE_PREFIX):
+        return Recommendation(
+            Severity.CRITICAL,
+            "CREDENTIALS_UNREADABLE",
+            f"The stored credentials cannot be decrypted: {reason.split(': ', 1)[0]}. "
+            "Add that key (kid:key) back to BROKER_CREDENTIAL_KEYS (after the current "
+            f"one), then run `broker restart {session_id}`; without the key, re-pair.",
         )
     if reason == PAIRING_TIMED_OUT:
         return Recommendation(

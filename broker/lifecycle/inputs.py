@@ -1,7 +1,8 @@
 """Events the session actor feeds to the machine.
 
 Operator commands (`Start`, `Stop`, `Logout`), upstream happenings
-(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`), timers, and
+(`LinkUp`, `Connected`, `QrReceived`, `Paired`, `Closed`, `PongReceived`,
+`CredentialsUnreadable`), timers, and
 ownership (`LeaseLost`). Time never enters except through `TimerFired`.
 """
 
@@ -65,6 +66,15 @@ class Closed:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialsUnreadable:
+    """The stored credentials do not decrypt with any configured key (a wrong or
+    rotated-away key): no attempt can succeed until a person configures it."""
+
+    key_id: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class TimerFired:
     """A timer armed by `StartTimer` ran out."""
 
@@ -90,6 +100,7 @@ Event = (
     | QrReceived
     | Paired
     | Closed
+    | CredentialsUnreadable
     | TimerFired
     | PongReceived
     | LeaseLost

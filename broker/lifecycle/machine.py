@@ -45,6 +45,7 @@ from broker.lifecycle.backoff import Outcome, ReconnectDelay, conflict_delay
 from broker.lifecycle.inputs import (
     Closed,
     Connected,
+    CredentialsUnreadable,
     Event,
     LeaseLost,
     LinkUp,
@@ -67,6 +68,7 @@ from broker.lifecycle.states import (
     SPACED_OUT,
     STARTABLE_STATES,
     State,
+    credentials_unreadable_reason,
     gave_up_reason,
 )
 from broker.lifecycle.storm import AttemptBudget
@@ -192,6 +194,8 @@ class SessionMachine:
                 return self._on_paired(event)
             case Closed():
                 return self._on_closed(event)
+            case CredentialsUnreadable():
+                return self._on_credentials_unreadable(event)
             case TimerFired():
                 return self._on_timer(event.timer)
             case PongReceived():
@@ -315,6 +319,13 @@ class SessionMachine:
         opened = self._state in (State.OPEN, State.PAIRING)
         return self._backoff(reason, code, Outcome.DROPPED if opened else Outcome.FAILED)
 
+    def _on_credentials_unreadable(self, event: CredentialsUnreadable) -> list[Action]:
+        """Permanent: no reconnect can open credentials no configured key decrypts, and
+        they are kept (the right key may come back), unlike a 500's corrupt ones."""
+        if self._state is not State.CONNECTING:
+            return []
+        return self._fail(credentials_unreadable_reason(event.key_id), 0)
+
     def _on_pong(self) -> list[Action]:
         if self._state is not State.OPEN or Timer.PONG not in self._armed:
             return []
@@ -423,7 +434,7 @@ class SessionMachine:
         return actions
 
     def _fail(
-        self, reason: str, code: DisconnectCode, *, clear_credentials: bool = False
+        self, reason: str, code: DisconnectCode | int, *, clear_credentials: bool = False
     ) -> list[Action]:
         """Give up until an operator acts (connection already gone)."""
         actions = self._cancel_all()

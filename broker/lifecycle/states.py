@@ -57,6 +57,16 @@ SPACED_OUT = "reconnects spaced out: the connection keeps dropping"
 GAVE_UP_PREFIX = "gave up after "
 
 
+#: Prefix of the reason of FAILED when the stored credentials do not decrypt.
+CREDENTIALS_UNREADABLE_PREFIX = "credentials do not decrypt"
+
+
+def credentials_unreadable_reason(key_id: str) -> str:
+    """The FAILED reason when the credentials are sealed with a key not configured."""
+    named = f"key id {key_id!r}" if key_id else "no known key id"
+    return f"{CREDENTIALS_UNREADABLE_PREFIX} ({named}): configure that key, then restart"
+
+
 def gave_up_reason(attempts: int) -> str:
     """The FAILED reason after `attempts` consecutive failed attempts."""
     return f"{GAVE_UP_PREFIX}{attempts} attempts"

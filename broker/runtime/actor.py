@@ -30,7 +30,7 @@ from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.reasons import DisconnectCode
 from broker.lifecycle.states import NEEDS_A_PERSON, State
 from broker.runtime.delivery import Delivery
-from broker.runtime.link import Connection, LinkEvent, LinkUp
+from broker.runtime.link import Connection, LinkEvent, LinkRefused, LinkUp
 from broker.runtime.mailbox import Mailbox
 from broker.runtime.recorder import StatusRecorder
 from broker.runtime.timers import TimerDue, Timers
@@ -59,7 +59,7 @@ class _StoreEvents:
     """Try again to store the status events the store could not take."""
 
 
-_Item = inp.Event | LinkEvent | LinkUp | TimerDue | _Command | _StoreEvents
+_Item = inp.Event | LinkEvent | LinkRefused | LinkUp | TimerDue | _Command | _StoreEvents
 _STORE_EVENTS = _StoreEvents()
 
 
@@ -267,6 +267,9 @@ class SessionActor:
             case LinkUp(generation=gen):
                 if gen == self._conn.generation and not self.fenced:
                     await self._feed(inp.LinkUp())
+            case LinkRefused(generation=gen, key_id=key_id, detail=detail):
+                if gen == self._conn.generation and not self.fenced:
+                    await self._feed(inp.CredentialsUnreadable(key_id, detail))
             case LinkEvent(generation=gen, event=event):
                 if gen != self._conn.generation or self.fenced:
                     return  # a link the machine already closed

@@ -21,6 +21,7 @@ from typing import Any
 
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.base import Store
+from broker.store.crypto import CredentialDecryptError
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, Link, Provider
 
@@ -32,6 +33,16 @@ class LinkUp:
     """The connection of `generation` is up: its handshake begins."""
 
     generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class LinkRefused:
+    """The connection of `generation` was never attempted: the stored credentials
+    do not decrypt (sealed with `key_id`, a key not configured or a wrong one)."""
+
+    generation: int
+    key_id: str
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +61,8 @@ class Connection:
 
     def __init__(
         self, session_id: str, *, store: Store, provider: Provider,
-        post: Callable[[LinkUp | LinkEvent], None], lease_fresh: Callable[[], bool],
+        post: Callable[[LinkUp | LinkEvent | LinkRefused], None],
+        lease_fresh: Callable[[], bool],
         on_ack: Callable[[int, str], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     ) -> None:
@@ -137,6 +149,10 @@ class Connection:
             link = await self._provider.connect(self.session_id, creds)
         except ConnectError as exc:
             post(LinkEvent(generation, ev.Disconnected(exc.code, exc.reason)))
+            return
+        except CredentialDecryptError as exc:  # no retry can help: the machine fails
+            log.error("session %s: %s", self.session_id, exc)
+            post(LinkRefused(generation, exc.key_id, str(exc)))
             return
         except Exception as exc:  # store down, provider bug: retry like a lost connection
             log.warning("session %s: connect failed: %s", self.session_id, exc)

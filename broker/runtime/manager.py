@@ -28,7 +28,7 @@ from broker.errors import (
 )
 from broker.lifecycle import inputs as inp
 from broker.lifecycle.health import Recommendation, SessionStats, recommend
-from broker.lifecycle.states import NEEDS_A_PERSON, State
+from broker.lifecycle.states import CREDENTIALS_UNREADABLE_PREFIX, NEEDS_A_PERSON, State
 from broker.runtime import watch as watching
 from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
@@ -375,8 +375,9 @@ class SessionManager:
     async def _check_ready(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None
     ) -> None:
+        why = ""
         if actor is not None:
-            state = actor.state
+            state, why = actor.state, actor.machine.reason
             if state not in NEEDS_A_PERSON and not actor.has_credentials:
                 state = State.PAIRING
         elif record is None or not record.enabled or not self.placement.shared:
@@ -386,8 +387,14 @@ class SessionManager:
             # last state its owner recorded; STOPPED there means "between owners".
             last = await self.store.last_event(session_id)
             state = last.state if last else State.CONNECTING
+            why = last.reason if last else ""
             if state == State.STOPPED:
                 state = State.CONNECTING
+        if state is State.FAILED and why.startswith(CREDENTIALS_UNREADABLE_PREFIX):
+            raise SessionNotReady(
+                f"session {session_id!r}: {why}", reason=ErrorReason.CREDENTIALS_UNREADABLE,
+                session_id=session_id, state=state.value,
+            )
         if state in _NOT_READY:
             reason, text = _NOT_READY[state]
             raise SessionNotReady(

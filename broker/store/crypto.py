@@ -51,7 +51,14 @@ class CredentialKeyError(ValueError):
 
 class CredentialDecryptError(Exception):
     """A stored credential value cannot be opened: unknown key id, wrong key, tampering,
-    or a value copied from another session. The message never includes the value."""
+    or a value copied from another session. The message never includes the value.
+
+    `key_id` is the key id the value names ('' when it names none): what an
+    operator must configure again. Retrying cannot help, so the session fails."""
+
+    def __init__(self, message: str, *, key_id: str = "") -> None:
+        super().__init__(message)
+        self.key_id = key_id
 
 
 def generate_key() -> str:
@@ -183,7 +190,7 @@ class CredentialCipher:
             raise CredentialDecryptError(
                 f"credentials of session {session_id!r} were sealed with key id {kid!r}, which "
                 f"is not configured (known: {', '.join(self._aeads)}); keep old keys in "
-                f"{KEYS_ENV} until every value is rewritten"
+                f"{KEYS_ENV} until every value is rewritten", key_id=kid,
             )
         try:
             raw = base64.urlsafe_b64decode(sealed.split(b".", 2)[2])
@@ -191,11 +198,12 @@ class CredentialCipher:
         except (InvalidTag, ValueError, binascii.Error):
             raise CredentialDecryptError(
                 f"credentials of session {session_id!r} do not decrypt with key {kid!r}: wrong "
-                "key, tampered value, or a value copied from another session"
+                "key, tampered value, or a value copied from another session", key_id=kid,
             ) from None
         value = json.loads(plain)
         if not isinstance(value, dict):
-            raise CredentialDecryptError(f"credentials of session {session_id!r} are not a map")
+            raise CredentialDecryptError(f"credentials of session {session_id!r} are not a map",
+                                         key_id=kid)
         return value
 
 

@@ -26,6 +26,7 @@ from broker.lifecycle.backoff import delay_for
 from broker.lifecycle.inputs import (
     Closed,
     Connected,
+    CredentialsUnreadable,
     Event,
     LeaseLost,
     Logout,
@@ -39,7 +40,12 @@ from broker.lifecycle.inputs import (
 from broker.lifecycle.machine import SessionMachine
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.lifecycle.reasons import DisconnectCode as D
-from broker.lifecycle.states import LEASE_LOST, PAIRING_TIMED_OUT, State
+from broker.lifecycle.states import (
+    LEASE_LOST,
+    PAIRING_TIMED_OUT,
+    State,
+    credentials_unreadable_reason,
+)
 
 
 class MaxRng(random.Random):
@@ -302,6 +308,17 @@ def test_bad_session_fails_and_wipes_the_corrupt_credentials() -> None:
         emit(State.FAILED, State.CONNECTING, "bad session", 500),
     ]
     assert m.handle(TimerFired(Timer.RETRY)) == []
+
+
+def test_undecryptable_credentials_fail_for_good_and_keep_them() -> None:
+    m = drive_to(State.CONNECTING)
+    reason = credentials_unreadable_reason("k1")
+    assert m.handle(CredentialsUnreadable("k1", "do not decrypt")) == [
+        emit(State.FAILED, State.CONNECTING, reason, 0),
+    ]
+    assert "'k1'" in reason
+    assert m.handle(TimerFired(Timer.RETRY)) == []
+    assert m.handle(CredentialsUnreadable("k1")) == []  # a late one changes nothing
 
 
 def test_forbidden_fails_and_keeps_the_credentials() -> None:

@@ -58,6 +58,8 @@ export declare const ErrorReason: {
   readonly STORE_IN_USE: 'STORE_IN_USE';
   /** Not an RPC error: the SQLite database was written by a newer release (or the file system lacks write-ahead logging). */
   readonly STORE_SCHEMA: 'STORE_SCHEMA';
+  /** FAILED_PRECONDITION: the session's stored credentials do not decrypt with any configured key (a wrong or rotated-away key); metadata.state is FAILED and Health names the key id to configure again. */
+  readonly CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

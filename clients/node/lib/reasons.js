@@ -31,6 +31,7 @@ const ErrorReason = Object.freeze({
   INSTANCE_ID_IN_USE: 'INSTANCE_ID_IN_USE',
   STORE_IN_USE: 'STORE_IN_USE',
   STORE_SCHEMA: 'STORE_SCHEMA',
+  CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE',
 });
 
 module.exports = { ErrorReason };

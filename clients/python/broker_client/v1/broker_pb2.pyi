@@ -998,6 +998,11 @@ class ErrorReason(_message.Message):
         """Not an RPC error: the SQLite database was written by a newer release (or
         the file system lacks write-ahead logging).
         """
+        CREDENTIALS_UNREADABLE: ErrorReason._Reason.ValueType  # 29
+        """FAILED_PRECONDITION: the session's stored credentials do not decrypt with
+        any configured key (a wrong or rotated-away key); metadata.state is FAILED
+        and Health names the key id to configure again.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1073,6 +1078,11 @@ class ErrorReason(_message.Message):
     STORE_SCHEMA: ErrorReason.Reason.ValueType  # 28
     """Not an RPC error: the SQLite database was written by a newer release (or
     the file system lacks write-ahead logging).
+    """
+    CREDENTIALS_UNREADABLE: ErrorReason.Reason.ValueType  # 29
+    """FAILED_PRECONDITION: the session's stored credentials do not decrypt with
+    any configured key (a wrong or rotated-away key); metadata.state is FAILED
+    and Health names the key id to configure again.
     """
 
     def __init__(
