@@ -47,7 +47,7 @@ def open_store(settings: Settings) -> Store:
         return MemoryStore(event_log_size=settings.event_log_size,
                            inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                            inbound_retention_s=settings.inbound_retention_s)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://")):
         return RedisStore.from_url(url, key_prefix=settings.key_prefix,
                                    event_log_size=settings.event_log_size,
                                    inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
@@ -60,7 +60,7 @@ def open_store(settings: Settings) -> Store:
                            inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                            inbound_retention_s=settings.inbound_retention_s)
     raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "
-                     "or redis://host:port/db)")
+                     "redis://host:port/db or redis+cluster://host:port[,host:port...])")
 
 
 def open_backend(settings: Settings, store: Store | None = None) -> Backend:

@@ -25,9 +25,12 @@ together and the layout holds on Redis Cluster.
 - ``P:T:inbound:aged``  sorted set: upstream message id by arrival (ms), to trim
                         the de-dup hash with the stream past the inbound retention
 - ``P:T:rate``          hash: the session's send token bucket (broker.runtime.ratelimit)
-- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant
+- ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant.
+                        Sharded (Redis Cluster): ``P:{x:<i>}:sessions``, shard `i`
+                        = `shard_of(session_id, shards)`, each shard in its own slot
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
-                        its entry ids are the event ids
+                        its entry ids are the event ids. Sharded (Redis Cluster):
+                        ``P:{e:<i>}:events``, the log of the sessions of shard `i`
 - ``P:instances``       sorted set: live broker instances by heartbeat;
                         ``P:instances:id:<id>`` the claim on one instance id
 - ``P:control``         pub/sub channel: coordinator messages (rebalance, ...)
@@ -36,7 +39,13 @@ together and the layout holds on Redis Cluster.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+
+def shard_of(session_id: str, shards: int) -> int:
+    """The shard of a session's entries in sharded shared structures (stable: CRC-32)."""
+    return zlib.crc32(session_id.encode()) % shards if shards > 1 else 0
 
 
 def _glob_escape(text: str) -> str:
@@ -124,6 +133,14 @@ class RedisKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    def event_shard(self, shard: int) -> str:
+        """One shard of the sharded event log, under its own hash tag (its own slot)."""
+        return f"{self.prefix}:{{e:{shard}}}:events"
+
+    def sessions_shard(self, shard: int) -> str:
+        """One shard of the sharded session index, under its own hash tag."""
+        return f"{self.prefix}:{{x:{shard}}}:sessions"
 
     @property
     def instances(self) -> str:

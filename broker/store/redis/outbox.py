@@ -32,6 +32,7 @@ from broker.store.redis.codecs import (
     stream_rows,
     text,
 )
+from broker.store.redis.connect import PubSubFactory
 from broker.store.redis.core import RedisCore, block_ms, guard
 from broker.store.redis.scripts import fence_arg
 
@@ -44,7 +45,8 @@ class OutboxPart(RedisCore):
     """This instance's consumer name in the owners' group."""
 
     def _init_outbox(
-        self, client: aioredis.Redis, *, idempotency_ttl_s: float, recheck_s: float
+        self, client: aioredis.Redis, *, idempotency_ttl_s: float, recheck_s: float,
+        pubsub: PubSubFactory,
     ) -> None:
         self._idem_ttl_ms = max(1, int(idempotency_ttl_s * 1000))
         self._outbox_seen: dict[str, str] = {}
@@ -52,7 +54,7 @@ class OutboxPart(RedisCore):
         self._apply_outbox = client.register_script(scripts.APPLY_OUTBOX)
         self._pending = client.register_script(scripts.PENDING)
         self._claim_outbox = client.register_script(scripts.CLAIM_OUTBOX)
-        self._acks = AckListener(client, self.keys.ack_listener, recheck_s)
+        self._acks = AckListener(pubsub, self.keys.ack_listener, recheck_s)
 
     def _forget_session(self, session_id: str) -> None:
         super()._forget_session(session_id)
