@@ -79,7 +79,8 @@ def _shared(store: RedisStore, settings: Settings) -> Backend:
 
     def placement(manager: SessionManager) -> Placement:
         return Coordinator(manager, store.client, instance_id=settings.instance_id,
-                           lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix)
+                           lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
+                           pipeline_scripts=not store.cluster)
 
     return Backend(
         store, rate_limiter(settings, redis=store.client, keys=store.keys),

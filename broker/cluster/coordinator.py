@@ -75,13 +75,15 @@ class Coordinator:
         instance_id: str,
         lease_ttl_s: float,
         key_prefix: str = "broker",
+        pipeline_scripts: bool = True,
     ) -> None:
+        """`pipeline_scripts`: False on Redis Cluster (see `LeaseClient`)."""
         self.manager = manager
         self.client = client
         self.instance_id = instance_id
         self.keys = RedisKeys(key_prefix)
         self.leases = LeaseClient(client, keys=self.keys, instance_id=instance_id,
-                                  ttl_s=lease_ttl_s)
+                                  ttl_s=lease_ttl_s, pipeline_scripts=pipeline_scripts)
         self.membership = Membership(client, keys=self.keys, instance_id=instance_id,
                                      ttl_s=lease_ttl_s)
         self.ttl_s = lease_ttl_s

@@ -10,7 +10,9 @@ re-entered: a second process claiming with the same instance id gets none.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -62,8 +64,11 @@ def _holder(value: bytes | str | None) -> str | None:
 
 class LeaseClient:
     def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str,
-                 ttl_s: float) -> None:
+                 ttl_s: float, pipeline_scripts: bool = True) -> None:
+        """`pipeline_scripts`: False on Redis Cluster, whose pipelines refuse EVALSHA;
+        renewals then go as concurrent calls."""
         self._client = client
+        self._pipeline_scripts = pipeline_scripts
         self._keys = keys
         self.instance_id = instance_id
         self.ttl_ms = int(ttl_s * 1000)
@@ -84,11 +89,17 @@ class LeaseClient:
         """Renew many leases in one round trip; False where the lease is gone."""
         if not leases:
             return {}
-        pipe = self._client.pipeline(transaction=False)
-        for lease in leases:
-            await self._renew(keys=[self._keys.lease(lease.session_id)],
-                              args=[lease.value, self.ttl_ms], client=pipe)
-        results = await pipe.execute()
+        results: list[Any]
+        if self._pipeline_scripts:
+            pipe = self._client.pipeline(transaction=False)
+            for lease in leases:
+                await self._renew(keys=[self._keys.lease(lease.session_id)],
+                                  args=[lease.value, self.ttl_ms], client=pipe)
+            results = await pipe.execute()
+        else:
+            results = list(await asyncio.gather(*(
+                self._renew(keys=[self._keys.lease(lease.session_id)],
+                            args=[lease.value, self.ttl_ms]) for lease in leases)))
         return {lease.session_id: bool(ok) for lease, ok in zip(leases, results, strict=True)}
 
     async def release(self, lease: Lease) -> None:
@@ -101,5 +112,10 @@ class LeaseClient:
     async def holders(self, session_ids: list[str]) -> dict[str, str | None]:
         if not session_ids:
             return {}
-        values = await self._client.mget([self._keys.lease(s) for s in session_ids])
+        # One GET per key in a pipeline rather than MGET: on Redis Cluster the
+        # leases live in every session's own slot, which MGET refuses.
+        async with self._client.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.get(self._keys.lease(sid))
+            values = await pipe.execute()
         return {sid: _holder(v) for sid, v in zip(session_ids, values, strict=True)}

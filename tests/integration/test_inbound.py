@@ -22,6 +22,11 @@ from broker_client import BrokerClient, InboundMessage, InboundReceiver, SyncBro
 from broker_client.errors import InvalidArgument, SessionNotFound
 from tests.conftest import BrokerFactory
 from tests.helpers import FAST_POLICY, eventually, paired_session
+from tests.redis_cluster import (  # noqa: F401  (fixtures)
+    RedisClusterServers,
+    shared_redis_cluster,
+    shared_redis_cluster_servers,
+)
 from tests.redis_server import (  # noqa: F401  (fixtures)
     RedisServer,
     shared_redis,
@@ -34,7 +39,8 @@ WAIT_S = 15.0
 """Bound of every wait that should end much sooner: a broken broker fails, never hangs."""
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
 async def app(
     request: pytest.FixtureRequest, sim: Simulator, make_broker: BrokerFactory
 ) -> AsyncIterator[BrokerApp]:
@@ -42,7 +48,8 @@ async def app(
     if request.param == "memory":
         yield await make_broker(inbound_redeliver_after_s=REDELIVER_S)
         return
-    server: RedisServer = request.getfixturevalue("shared_redis")
+    server: RedisServer | RedisClusterServers = request.getfixturevalue(
+        "shared_redis" if request.param == "redis" else "shared_redis_cluster")
     settings = Settings(listen="127.0.0.1:0", upstream_url=sim.url, lifecycle=FAST_POLICY,
                         ack_timeout_s=1.0, connect_timeout_s=2.0,
                         inbound_redeliver_after_s=REDELIVER_S)

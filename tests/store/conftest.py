@@ -93,7 +93,8 @@ def open_sqlite(path: Path, **options: Any) -> SqliteStore:
 
 
 def open_redis(
-    server: RedisServer | RedisClusterServers, *, event_log_size: int = 10_000, consumer: str | None = None
+    server: RedisServer | RedisClusterServers, *, event_log_size: int = 10_000,
+    consumer: str | None = None,
 ) -> RedisStore:
     return RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
                                event_log_size=event_log_size, consumer=consumer)

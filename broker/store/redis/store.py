@@ -48,6 +48,7 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         shards: int = 1,
         where: str = "",
         pubsub: connect.PubSubFactory | None = None,
+        cluster: bool = False,
     ) -> None:
         """`consumer`: this instance's name in the outbox's ``owners`` consumer group.
 
@@ -55,7 +56,8 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         log, the session index) are spread over; > 1 on Redis Cluster, where the
         client is a `redis.asyncio.cluster.RedisCluster`. `where`: names the
         server(s) in errors. `pubsub`: opens the ack listener's pub/sub connection
-        (default: the client's own).
+        (default: the client's own). `cluster`: the client is a RedisCluster (whose
+        pipelines refuse scripts: the coordinator's renewals must know).
 
         `inbound_retention_s`: inbound messages older than this are trimmed (with
         their de-dup entries) as new ones arrive, acked or not; None keeps them.
@@ -65,6 +67,7 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         self._cipher = resolve_cipher(cipher, credential_key, ephemeral_key)
         super().__init__(client, RedisKeys(key_prefix), where)
         self._prefix = key_prefix
+        self.cluster = cluster
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._init_sessions(client, shards=shards)
         self._init_outbox(client, idempotency_ttl_s=idempotency_ttl_s, recheck_s=recheck_s,
@@ -99,16 +102,17 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         missing key fails before any connection is made."""
         resolved = resolve_cipher(cipher, credential_key, ephemeral_key)
         timeouts = connect.Timeouts(connect_timeout_s, socket_timeout_s, retries)
-        shards, where, pubsub = 1, "", None
+        shards, where, pubsub, cluster = 1, "", None, False
         client: aioredis.Redis
         if url.startswith(connect.CLUSTER_SCHEME):
             nodes = connect.cluster(url, timeouts)
             client = nodes  # type: ignore[assignment]  # the same commands, routed by slot
             shards, where, pubsub = connect.CLUSTER_SHARDS, url, connect.cluster_pubsub_of(nodes)
+            cluster = True
         else:
             client = connect.single(url, timeouts)
         return cls(
-            client, cipher=resolved, shards=shards, where=where, pubsub=pubsub,
+            client, cipher=resolved, shards=shards, where=where, pubsub=pubsub, cluster=cluster,
             key_prefix=key_prefix,
             event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
