@@ -15,7 +15,9 @@ class Settings:
     simulator_host: str = "127.0.0.1"
     simulator_port: int = 50052
     store_url: str = "memory://"
-    """`memory://`, `sqlite:///path/to/broker.db` or `redis://host:port/db`. A BrokerApp
+    """`memory://`, `sqlite:///path/to/broker.db`, `redis://host:port/db`,
+    `redis+cluster://host:port[,host:port...]` or
+    `redis+sentinel://host:port[,host:port...]/service_name[/db]`. A BrokerApp
     built in code keeps the in-memory default; `broker serve` without `--store` uses
     the SQLite database in its data directory (broker.datadir)."""
     data_dir: str | None = None
@@ -48,6 +50,10 @@ class Settings:
     """Ownership lease TTL with Redis; a dead instance's sessions move after about this."""
     key_prefix: str = "broker"
     """Prefix of every Redis key (several deployments can share one Redis)."""
+    durability: str = "local"
+    """Redis: when a Send counts as accepted. `local`: written on the primary (as safe as
+    its append-only file); `replica`: also confirmed by a replica (WAIT / WAITAOF), so
+    a failover loses nothing accepted."""
     inbound_redeliver_after_s: float = 30.0
     """Hand an unacked inbound message to another worker of its group after this long."""
     inbound_retention_s: float = 7 * 86400.0

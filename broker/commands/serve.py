@@ -47,7 +47,8 @@ async def until_signalled() -> None:
               show_default="sqlite:///<data dir>/broker.db",
               help="Store URL: sqlite:///path/to/broker.db (one process), memory:// (tests, "
                    "demos: forgets everything on exit) or redis://host:port/db (several "
-                   "instances).")
+                   "instances); redis+cluster://host:port[,host:port...] (Redis Cluster), "
+                   "redis+sentinel://host:port[,host:port...]/service_name[/db] (Sentinel).")
 @click.option("--backoff-initial", envvar="BROKER_BACKOFF_INITIAL", type=float,
               default=_P.backoff_initial_s,
               show_default=True, help="First reconnect backoff ceiling, seconds.")
@@ -116,6 +117,10 @@ async def until_signalled() -> None:
               show_default=True, help="Session ownership lease TTL with Redis, seconds.")
 @click.option("--key-prefix", envvar="BROKER_KEY_PREFIX", default=_S.key_prefix, show_default=True,
               help="Prefix of every Redis key.")
+@click.option("--durability", envvar="BROKER_DURABILITY", default=_S.durability,
+              type=click.Choice(["local", "replica"]), show_default=True,
+              help="Redis: a Send is accepted once the primary has it (local) or once a "
+                   "replica confirmed it too (replica: WAIT, WAITAOF on Redis 7.2+).")
 @click.option("--auth-tokens", envvar="BROKER_AUTH_TOKENS", default=None,
               help="Token file from `broker token create` (unset: no auth, loopback only).")
 @click.option("--tls-cert", envvar="BROKER_TLS_CERT", default=None,
@@ -173,6 +178,7 @@ def serve(**opts: Any) -> None:
         max_outbox=opts["max_outbox"], max_body_bytes=opts["max_body_bytes"],
         default_send_timeout_s=opts["send_timeout"], instance_id=opts["instance_id"],
         lease_ttl_s=opts["lease_ttl"], key_prefix=opts["key_prefix"],
+        durability=opts["durability"],
         auth_tokens_file=opts["auth_tokens"], tls_cert_file=opts["tls_cert"],
         tls_key_file=opts["tls_key"], tls_client_ca_file=opts["tls_client_ca"],
         rate_limit=opts["rate_limit"], rate_burst=opts["rate_burst"],

@@ -16,6 +16,7 @@ from tests.redis_cluster import (  # noqa: F401  (fixtures)
     shared_redis_cluster,
     shared_redis_cluster_servers,
 )
+from tests.redis_sentinel import sentinel_group  # noqa: F401  (fixture)
 from tests.redis_server import RedisServer, redis_server  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.redis

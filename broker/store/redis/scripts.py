@@ -140,6 +140,9 @@ for n = 12 + n_acks, #ARGV, 4 do
   local idem = ARGV[3] .. key
   local known = redis.call('GET', idem)
   if known then
+    -- rewritten as is: a propagated write, so a WAIT after this script also covers
+    -- the record (accepted earlier, maybe on another connection)
+    redis.call('SET', idem, known, 'KEEPTTL')
     local known_mid = cjson.decode(known)[1]
     accepted[#accepted + 1] = {'dup', known, redis.call('GET', ARGV[4] .. known_mid)}
   elseif depth >= max_depth then

@@ -20,6 +20,7 @@ from redis import exceptions as rexc
 from broker.store.base import OneAtATime
 from broker.store.crypto import CredentialCipher, resolve_cipher
 from broker.store.redis import connect
+from broker.store.redis.durability import durability_for
 from broker.store.redis.events import EventsPart
 from broker.store.redis.inbound import InboundPart
 from broker.store.redis.keys import RedisKeys
@@ -49,6 +50,7 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         where: str = "",
         pubsub: connect.PubSubFactory | None = None,
         cluster: bool = False,
+        durability: str = "local",
     ) -> None:
         """`consumer`: this instance's name in the outbox's ``owners`` consumer group.
 
@@ -58,6 +60,7 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         server(s) in errors. `pubsub`: opens the ack listener's pub/sub connection
         (default: the client's own). `cluster`: the client is a RedisCluster (whose
         pipelines refuse scripts: the coordinator's renewals must know).
+        `durability`: "local" or "replica" (broker.store.redis.durability).
 
         `inbound_retention_s`: inbound messages older than this are trimmed (with
         their de-dup entries) as new ones arrive, acked or not; None keeps them.
@@ -70,8 +73,13 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         self.cluster = cluster
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
         self._init_sessions(client, shards=shards)
+        if cluster and durability != "local":
+            raise ValueError("--durability replica needs redis:// or redis+sentinel://: a Redis "
+                             "Cluster pipeline cannot carry the script and its WAIT together")
+        self.durability = durability_for(durability, client)
         self._init_outbox(client, idempotency_ttl_s=idempotency_ttl_s, recheck_s=recheck_s,
-                          pubsub=pubsub or connect.pubsub_of(client))
+                          pubsub=pubsub or connect.pubsub_of(client),
+                          durability=self.durability)
         self._init_events(client, event_log_size=event_log_size, state_ttl_s=state_ttl_s,
                           shards=shards)
         self._init_inbound(client, redeliver_after_s=inbound_redeliver_after_s,
@@ -96,9 +104,10 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
         inbound_redeliver_after_s: float = 30.0,
         inbound_retention_s: float | None = None,
         consumer: str | None = None,
+        durability: str = "local",
     ) -> RedisStore:
-        """Connect lazily to `url` (redis://, rediss://, unix://, redis+cluster://;
-        see broker.store.redis.connect). The cipher is resolved first, so a
+        """Connect lazily to `url` (redis://, rediss://, unix://, redis+cluster://,
+        redis+sentinel://; see broker.store.redis.connect). The cipher is resolved first, so a
         missing key fails before any connection is made."""
         resolved = resolve_cipher(cipher, credential_key, ephemeral_key)
         timeouts = connect.Timeouts(connect_timeout_s, socket_timeout_s, retries)
@@ -109,10 +118,13 @@ class RedisStore(SessionsPart, OutboxPart, EventsPart, InboundPart, OneAtATime):
             client = nodes  # type: ignore[assignment]  # the same commands, routed by slot
             shards, where, pubsub = connect.CLUSTER_SHARDS, url, connect.cluster_pubsub_of(nodes)
             cluster = True
+        elif url.startswith(connect.SENTINEL_SCHEME):
+            client, where = connect.sentinel(url, timeouts), url
         else:
             client = connect.single(url, timeouts)
         return cls(
             client, cipher=resolved, shards=shards, where=where, pubsub=pubsub, cluster=cluster,
+            durability=durability,
             key_prefix=key_prefix,
             event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
