@@ -14,7 +14,8 @@ together and the layout holds on Redis Cluster.
 - ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
                         no TTL while unacked, the idempotency TTL once acked
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
-- ``P:T:last``          hash: the session's last status event (``id``, ``event``)
+- ``P:T:last``          hash: the session's last status event (``id``, ``event``; with the
+                        sharded log also ``seq``, and ``id`` '' until the entry is named)
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
                         kept, and raised, when the session is deleted
 - ``P:T:lease``         string: "<instance>:<token>" of the owning instance (broker.cluster.lease)
