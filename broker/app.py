@@ -75,6 +75,8 @@ class BrokerApp:
         # First: a second broker on one SQLite database stops here, before it binds
         # anything (the simulator's port would be taken too, less clearly).
         await backend.ready()
+        durability = await backend.durability()
+        log.info("%s", durability)
         try:
             provider = await engine.start()
         except BaseException:
@@ -102,7 +104,7 @@ class BrokerApp:
         # Metrics first, so they also time the calls that auth refuses.
         observe = [self.metrics.interceptor()] if self.metrics is not None else []
         self.api = ApiServer(self.manager, settings.listen, interceptors=[*observe, *auth],
-                             credentials=tls)
+                             credentials=tls, durability=durability)
         await self.api.start()
         if self.metrics is not None and settings.metrics_listen:
             await self.metrics.serve(settings.metrics_listen)

@@ -8,6 +8,7 @@ anything listens. Nothing downstream asks which backend it was given.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -22,11 +23,23 @@ from broker.runtime.ratelimit import RateLimiter, rate_limiter
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
+from broker.store.redis.durability import inspect
 from broker.store.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
 
 
 async def _nothing() -> None:
     return None
+
+
+async def _in_memory() -> str:
+    return "memory store: nothing survives the process; a crash or exit loses everything"
+
+
+async def _synced() -> str:
+    return ("SQLite store (synchronous=FULL): every accepted message was synced to disk "
+            "first; a crash or power loss loses nothing accepted")
 
 
 @dataclass(frozen=True)
@@ -39,6 +52,8 @@ class Backend:
     (None: this process makes them all)."""
     ready: Callable[[], Awaitable[None]] = _nothing
     """Run before anything listens (SQLite: take the database's lock)."""
+    durability: Callable[[], Awaitable[str]] = _in_memory
+    """What a crash can lose, said once at start (with warnings) and in Health."""
 
 
 def open_store(settings: Settings) -> Store:
@@ -47,8 +62,10 @@ def open_store(settings: Settings) -> Store:
         return MemoryStore(event_log_size=settings.event_log_size,
                            inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                            inbound_retention_s=settings.inbound_retention_s)
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://",
+                       "redis+sentinel://")):
         return RedisStore.from_url(url, key_prefix=settings.key_prefix,
+                                   durability=settings.durability,
                                    event_log_size=settings.event_log_size,
                                    idempotency_ttl_s=settings.sent_retention_s,
                                    inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
@@ -62,7 +79,8 @@ def open_store(settings: Settings) -> Store:
                            inbound_redeliver_after_s=settings.inbound_redeliver_after_s,
                            inbound_retention_s=settings.inbound_retention_s)
     raise ValueError(f"unsupported store URL {url!r} (use memory://, sqlite:///path/to/broker.db "
-                     "or redis://host:port/db)")
+                     "redis://host:port/db, redis+cluster://host:port[,host:port...] or "
+                     "redis+sentinel://host:port[,host:port...]/service_name[/db])")
 
 
 def open_backend(settings: Settings, store: Store | None = None) -> Backend:
@@ -71,7 +89,7 @@ def open_backend(settings: Settings, store: Store | None = None) -> Backend:
     if isinstance(store, RedisStore):
         return _shared(store, settings)
     if isinstance(store, SqliteStore):
-        return Backend(store, rate_limiter(settings), ready=store.open)
+        return Backend(store, rate_limiter(settings), ready=store.open, durability=_synced)
     return Backend(store, rate_limiter(settings))
 
 
@@ -83,7 +101,13 @@ def _shared(store: RedisStore, settings: Settings) -> Backend:
         return Coordinator(manager, store.client, instance_id=settings.instance_id,
                            lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix)
 
+    async def durability() -> str:
+        report = await inspect(store.client, store.durability.mode)
+        for warning in report.warnings:
+            log.warning("%s", warning)
+        return report.summary
+
     return Backend(
         store, rate_limiter(settings, redis=store.client, keys=store.keys),
-        placement=placement, events=lambda bus: EventTail(store, bus),
+        placement=placement, events=lambda bus: EventTail(store, bus), durability=durability,
     )

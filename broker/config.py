@@ -37,7 +37,9 @@ class Settings:
     store_url: str = setting(
         "memory://",
         "Store URL: sqlite:///path/to/broker.db (one process), memory:// (tests, demos: "
-        "forgets everything on exit) or redis://host:port/db (several instances).",
+        "forgets everything on exit) or redis://host:port/db (several instances); "
+        "redis+cluster://host:port[,host:port...] (Redis Cluster), "
+        "redis+sentinel://host:port[,host:port...]/service_name[/db] (Sentinel).",
         name="--store", cli_default=lambda: None,
         show_default="sqlite:///<data dir>/broker.db")
     """A BrokerApp built in code keeps memory://; `broker serve` without `--store`
@@ -85,6 +87,11 @@ class Settings:
                  "same idempotency key and WhatsApp's retry requests (baileys).",
         minimum=0)
     """SQLite and Redis; the memory store keeps the newest 100,000 per session."""
+    durability: str = setting(
+        "local", "Redis: a Send is accepted once the primary has it (local) or once a replica "
+                 "confirmed it too (replica: WAIT / WAITAOF; a failover loses nothing "
+                 "accepted).", choices=("local", "replica"))
+    """`local`: written on the primary (as safe as its append-only file)."""
     inbound_redeliver_after_s: float = setting(
         30.0, "Hand an unacked inbound message to another worker of its group after, seconds.")
     inbound_retention_s: float = setting(

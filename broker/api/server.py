@@ -25,8 +25,10 @@ class ApiServer:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         credentials: grpc.ServerCredentials | None = None,
+        durability: str = "",
     ) -> None:
-        """`interceptors`: e.g. broker.api.auth; `credentials`: TLS (None: plaintext)."""
+        """`interceptors`: e.g. broker.api.auth; `credentials`: TLS (None: plaintext);
+        `durability`: what a crash of the store can lose, for Health."""
         self.server = grpc.aio.server(
             # Innermost: undecodable requests become INVALID_ARGUMENT, not UNKNOWN.
             interceptors=[*interceptors, MalformedRequests()],
@@ -36,7 +38,8 @@ class ApiServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager), self.server)
+        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager, durability),
+                                                  self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -24,8 +24,9 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(self, manager: SessionManager, durability: str = "") -> None:
         self.manager = manager
+        self.durability = durability
 
     @unary
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
@@ -84,7 +85,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @unary
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         items = await self.manager.health(request.session_ids, request.tenant)
-        return pb.HealthResponse(sessions=[convert.health(i) for i in items])
+        return pb.HealthResponse(sessions=[convert.health(i) for i in items],
+                                 durability=self.durability)
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:

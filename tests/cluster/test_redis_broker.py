@@ -19,6 +19,7 @@ from broker.store.memory import MemoryStore
 from broker.upstream.websocket import WebsocketProvider
 from broker_client import BrokerClient, BrokerError
 from broker_client.v1 import broker_pb2 as pb
+from tests.cluster.conftest import RedisTarget
 from tests.conftest import BrokerFactory
 from tests.helpers import (
     FAST_POLICY,
@@ -39,6 +40,19 @@ async def redis_broker(
 ) -> BrokerFactory:
     async def factory(**overrides: object) -> BrokerApp:
         settings: dict[str, object] = {"store_url": redis_server.url, "lease_ttl_s": 2.0}
+        return await make_broker(**(settings | overrides))
+
+    return factory
+
+
+@pytest.fixture
+async def shared_broker(
+    make_broker: BrokerFactory, redis_target: RedisTarget, credential_env: dict[str, str]
+) -> BrokerFactory:
+    """Brokers on one redis-server or on the 3-primary cluster (both, by parameter)."""
+
+    async def factory(**overrides: object) -> BrokerApp:
+        settings: dict[str, object] = {"store_url": redis_target.url, "lease_ttl_s": 2.0}
         return await make_broker(**(settings | overrides))
 
     return factory
@@ -90,10 +104,10 @@ async def test_restarted_broker_reuses_encrypted_credentials(
 
 
 async def test_stream_status_resumes_on_another_instance(
-    sim: Simulator, redis_broker: BrokerFactory
+    sim: Simulator, shared_broker: BrokerFactory
 ) -> None:
-    a = await redis_broker(instance_id="a")
-    b = await redis_broker(instance_id="b")
+    a = await shared_broker(instance_id="a")
+    b = await shared_broker(instance_id="b")
     async with BrokerClient(a.address) as client:
         await client.create_session(SID)
     owner = await _owner(a, b)
@@ -182,10 +196,10 @@ async def _owner(*apps: BrokerApp) -> BrokerApp:
 
 
 async def test_health_on_any_instance_shows_the_owner_and_live_state(
-    sim: Simulator, redis_broker: BrokerFactory
+    sim: Simulator, shared_broker: BrokerFactory
 ) -> None:
-    a = await redis_broker(instance_id="a")
-    b = await redis_broker(instance_id="b")
+    a = await shared_broker(instance_id="a")
+    b = await shared_broker(instance_id="b")
     async with BrokerClient(a.address) as client:
         await client.create_session(SID)
     owner = await _owner(a, b)

@@ -13,13 +13,16 @@ from broker.simulator import Simulator
 from broker.store.redis import RedisKeys
 from broker_client import BrokerClient, SendResult
 from broker_client.v1 import broker_pb2 as pb
+from tests.cluster.conftest import RedisTarget
 from tests.cluster.procs import BrokerProcess, ProcessFactory
 from tests.helpers import eventually, eventually_async
-from tests.redis_server import RedisServer
 
 
 async def lease_owners(r: aioredis.Redis, session_ids: list[str]) -> dict[str, str | None]:
-    values = await r.mget([RedisKeys().lease(sid) for sid in session_ids])
+    async with r.pipeline(transaction=False) as pipe:  # one GET per slot, also on a cluster
+        for sid in session_ids:
+            pipe.get(RedisKeys().lease(sid))
+        values = await pipe.execute()
     return {sid: (_text(v).rsplit(":", 1)[0] if v else None)
             for sid, v in zip(session_ids, values, strict=True)}
 
@@ -47,11 +50,11 @@ async def all_open(client: BrokerClient, session_ids: list[str]) -> bool:
 
 
 async def test_three_instances_share_thirty_sessions_without_conflict(
-    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+    sim: Simulator, redis_target: RedisTarget, broker_processes: ProcessFactory
 ) -> None:
-    procs = [broker_processes(f"b{i}", redis_server.url, sim.url, "--lease-ttl", "2")
+    procs = [broker_processes(f"b{i}", redis_target.url, sim.url, "--lease-ttl", "2")
              for i in range(3)]
-    r = aioredis.Redis.from_url(redis_server.url)
+    r = redis_target.client()
     sids = [f"s{i:02d}" for i in range(30)]
 
     async def three_live() -> bool:
@@ -89,7 +92,7 @@ async def start_fleet(sim: Simulator, redis_url: str, factory: ProcessFactory, t
                       ) -> tuple[list[BrokerProcess], aioredis.Redis]:
     """Two instances sharing SIDS, every session paired and OPEN, both owning some."""
     procs = [factory(f"b{i}", redis_url, sim.url, "--lease-ttl", ttl) for i in range(2)]
-    r = aioredis.Redis.from_url(redis_url)
+    r = RedisTarget(redis_url).client()
     async with BrokerClient(procs[0].address) as client:
         for sid in SIDS:
             await client.create_session(sid)
@@ -110,9 +113,9 @@ def no_overlaps(sim: Simulator) -> None:
 
 
 async def test_sigkill_owner_loses_nothing_accepted(
-    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+    sim: Simulator, redis_target: RedisTarget, broker_processes: ProcessFactory
 ) -> None:
-    procs, r = await start_fleet(sim, redis_server.url, broker_processes, "2")
+    procs, r = await start_fleet(sim, redis_target.url, broker_processes, "2")
     victim, survivor = procs
     results: dict[str, list[SendResult]] = {sid: [] for sid in SIDS}
     killed = asyncio.Event()
@@ -137,10 +140,10 @@ async def test_sigkill_owner_loses_nothing_accepted(
 
 
 async def test_graceful_shutdown_hands_over_before_the_ttl(
-    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+    sim: Simulator, redis_target: RedisTarget, broker_processes: ProcessFactory
 ) -> None:
     # A 60 s lease: waiting for it to expire would blow the bounded wait below.
-    procs, r = await start_fleet(sim, redis_server.url, broker_processes, "60")
+    procs, r = await start_fleet(sim, redis_target.url, broker_processes, "60")
     victim, survivor = procs
     victim.signal(signal.SIGTERM)
     assert victim.wait() == 0
@@ -159,9 +162,9 @@ async def test_graceful_shutdown_hands_over_before_the_ttl(
 
 
 async def test_frozen_owner_fences_itself_and_never_fights(
-    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+    sim: Simulator, redis_target: RedisTarget, broker_processes: ProcessFactory
 ) -> None:
-    procs, r = await start_fleet(sim, redis_server.url, broker_processes, "2")
+    procs, r = await start_fleet(sim, redis_target.url, broker_processes, "2")
     frozen, survivor = procs
     held = [sid for sid, owner in (await lease_owners(r, SIDS)).items() if owner == frozen.name]
     frozen.signal(signal.SIGSTOP)

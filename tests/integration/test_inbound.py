@@ -21,6 +21,11 @@ from broker_client import BrokerClient, InboundMessage, InboundReceiver, SyncBro
 from broker_client.errors import InvalidArgument, SessionNotFound
 from tests.conftest import BrokerFactory
 from tests.helpers import eventually, paired_session
+from tests.redis_cluster import (  # noqa: F401  (fixtures)
+    RedisClusterServers,
+    shared_redis_cluster,
+    shared_redis_cluster_servers,
+)
 from tests.redis_server import (  # noqa: F401  (fixtures)
     RedisServer,
     shared_redis,
@@ -33,7 +38,8 @@ WAIT_S = 15.0
 """Bound of every wait that should end much sooner: a broken broker fails, never hangs."""
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
 async def app(
     request: pytest.FixtureRequest, sim: Simulator, make_broker: BrokerFactory
 ) -> AsyncIterator[BrokerApp]:
@@ -41,7 +47,8 @@ async def app(
     if request.param == "memory":
         yield await make_broker(inbound_redeliver_after_s=REDELIVER_S)
         return
-    server: RedisServer = request.getfixturevalue("shared_redis")
+    server: RedisServer | RedisClusterServers = request.getfixturevalue(
+        "shared_redis" if request.param == "redis" else "shared_redis_cluster")
     store = RedisStore.from_url(server.url, ephemeral_key=True,
                                 inbound_redeliver_after_s=REDELIVER_S)
     yield await make_broker(store=store, inbound_redeliver_after_s=REDELIVER_S)

@@ -22,6 +22,11 @@ from broker.store.crypto import CredentialCipher
 from broker.store.memory import MemoryStore
 from broker.store.redis import RedisStore
 from broker.store.sqlite import SqliteStore
+from tests.redis_cluster import (  # noqa: F401  (fixtures)
+    RedisClusterServers,
+    shared_redis_cluster,
+    shared_redis_cluster_servers,
+)
 from tests.redis_server import (  # noqa: F401  (fixtures)
     RedisServer,
     redis_server,
@@ -39,7 +44,8 @@ safety-net re-check fails the test instead of passing slowly."""
 class Backend:
     """Opens views of one backend and closes them all at the end."""
 
-    def __init__(self, name: str, server: RedisServer | None, tmp: Path) -> None:
+    def __init__(self, name: str, server: RedisServer | RedisClusterServers | None,
+                 tmp: Path) -> None:
         self.name = name
         self.server = server
         self.tmp = tmp
@@ -87,17 +93,21 @@ def open_sqlite(path: Path, **options: Any) -> SqliteStore:
 
 
 def open_redis(
-    server: RedisServer, *, event_log_size: int = 10_000, consumer: str | None = None
+    server: RedisServer | RedisClusterServers, *, event_log_size: int = 10_000,
+    consumer: str | None = None,
 ) -> RedisStore:
     return RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
                                event_log_size=event_log_size, consumer=consumer)
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    server: RedisServer | None = None
+    server: RedisServer | RedisClusterServers | None = None
     if request.param == "redis":
         server = request.getfixturevalue("shared_redis")
+    elif request.param == "redis-cluster":
+        server = request.getfixturevalue("shared_redis_cluster")
     backend = Backend(request.param, server, tmp_path)
     try:
         yield backend

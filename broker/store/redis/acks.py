@@ -14,12 +14,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 
 from broker.store.base import DeliveryResult
 from broker.store.redis.codecs import text
+from broker.store.redis.connect import PubSubFactory
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,8 @@ class AckListener:
     safety net.
     """
 
-    def __init__(self, client: aioredis.Redis, control_channel: str, recheck_s: float) -> None:
-        self._client = client
+    def __init__(self, pubsub: PubSubFactory, control_channel: str, recheck_s: float) -> None:
+        self._open_pubsub = pubsub
         self._control = control_channel
         self._recheck_s = recheck_s
         self._channels: dict[str, _Channel] = {}
@@ -125,7 +125,7 @@ class AckListener:
 
     async def _connect(self) -> PubSub:
         async with self._lock:
-            pubsub = self._client.pubsub()
+            pubsub = await self._open_pubsub()
             channels = list(self._channels)
             for name in channels:
                 ch = self._channels[name]

@@ -32,14 +32,12 @@ def block_ms(seconds: float) -> int:
 class RedisCore:
     """The state the store's parts (sessions, outbox, events, inbound) build on."""
 
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys) -> None:
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, where: str = "") -> None:
+        """`where`: how errors name the server (default: the client's host and port)."""
         self._client = client
         self.keys = keys
         self._groups = ConsumerGroups(client)
-        kwargs = client.connection_pool.connection_kwargs
-        self._where = f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
-        if "path" in kwargs:
-            self._where = f"unix:{kwargs['path']}"
+        self._where = where or _where(client)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -54,6 +52,16 @@ class RedisCore:
 
     def _forget_session(self, session_id: str) -> None:
         """Drop what this process caches about a deleted session (parts extend it)."""
+
+
+def _where(client: aioredis.Redis) -> str:
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:
+        return "?"
+    kwargs = pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix:{kwargs['path']}"
+    return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}"
 
 
 S = TypeVar("S", bound=RedisCore)
@@ -73,6 +81,11 @@ def guard(
         except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from exc
         except (rexc.ReadOnlyError, rexc.OutOfMemoryError) as exc:
+            raise self._unavailable(exc) from exc
+        except (rexc.ClusterError, rexc.ClusterDownError, rexc.TryAgainError,
+                rexc.MasterDownError, rexc.RedisClusterException) as exc:
+            # Redis Cluster: no primary for a slot, redirections or retries run out
+            # (during a failover or a slot migration): retry shortly, like a restart.
             raise self._unavailable(exc) from exc
         except rexc.ResponseError as exc:
             if str(exc).startswith(_UNAVAILABLE_REPLIES):

@@ -18,7 +18,8 @@ together and the layout holds on Redis Cluster.
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
 - ``P:T:result:<mid>:key`` string: its idempotency key (idempotency TTL), so the
                         message stays readable by id after its ack (`sent_message`)
-- ``P:T:last``          hash: the session's last status event (``id``, ``event``)
+- ``P:T:last``          hash: the session's last status event (``id``, ``event``; with the
+                        sharded log also ``seq``, and ``id`` '' until the entry is named)
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
                         kept, and raised, when the session is deleted
 - ``P:T:lease``         string: "<instance>:<token>" of the owning instance, no TTL: it
@@ -35,8 +36,11 @@ together and the layout holds on Redis Cluster.
 - ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant;
                         ``P:sessions:version`` counter raised after every change of the
                         session set or an enabled flag (coordinators reload on a move)
+                        Sharded (Redis Cluster): ``P:{x:<i>}:sessions``, shard `i`
+                        = `shard_of(session_id, shards)`, each shard in its own slot
 - ``P:events``          stream: the global status event log, ``MAXLEN ~ event_log_size``;
-                        its entry ids are the event ids
+                        its entry ids are the event ids. Sharded (Redis Cluster):
+                        ``P:{e:<i>}:events``, the log of the sessions of shard `i`
 - ``P:instances``       sorted set: live broker instances by heartbeat;
                         ``P:instances:id:<id>`` the claim on one instance id, renewed
                         every heartbeat: the liveness of every lease the instance holds;
@@ -48,7 +52,13 @@ together and the layout holds on Redis Cluster.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+
+
+def shard_of(session_id: str, shards: int) -> int:
+    """The shard of a session's entries in sharded shared structures (stable: CRC-32)."""
+    return zlib.crc32(session_id.encode()) % shards if shards > 1 else 0
 
 
 def _glob_escape(text: str) -> str:
@@ -149,6 +159,14 @@ class RedisKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}:events"
+
+    def event_shard(self, shard: int) -> str:
+        """One shard of the sharded event log, under its own hash tag (its own slot)."""
+        return f"{self.prefix}:{{e:{shard}}}:events"
+
+    def sessions_shard(self, shard: int) -> str:
+        """One shard of the sharded session index, under its own hash tag."""
+        return f"{self.prefix}:{{x:{shard}}}:sessions"
 
     @property
     def instances(self) -> str:

@@ -33,7 +33,9 @@ from broker.store.redis.codecs import (
     stream_rows,
     text,
 )
+from broker.store.redis.connect import PubSubFactory
 from broker.store.redis.core import RedisCore, block_ms, guard
+from broker.store.redis.durability import Durability
 from broker.store.redis.scripts import fence_arg
 
 OUTBOX_GROUP = "owners"
@@ -45,15 +47,17 @@ class OutboxPart(RedisCore):
     """This instance's consumer name in the owners' group."""
 
     def _init_outbox(
-        self, client: aioredis.Redis, *, idempotency_ttl_s: float, recheck_s: float
+        self, client: aioredis.Redis, *, idempotency_ttl_s: float, recheck_s: float,
+        pubsub: PubSubFactory, durability: Durability,
     ) -> None:
+        self._durability = durability
         self._idem_ttl_ms = max(1, int(idempotency_ttl_s * 1000))
         self._outbox_seen: dict[str, str] = {}
         """Per session, the newest entry id `wait_outbox` saw at its last wake-up."""
         self._apply_outbox = client.register_script(scripts.APPLY_OUTBOX)
         self._pending = client.register_script(scripts.PENDING)
         self._claim_outbox = client.register_script(scripts.CLAIM_OUTBOX)
-        self._acks = AckListener(client, self.keys.ack_listener, recheck_s)
+        self._acks = AckListener(pubsub, self.keys.ack_listener, recheck_s)
 
     def _forget_session(self, session_id: str) -> None:
         super()._forget_session(session_id)
@@ -76,10 +80,10 @@ class OutboxPart(RedisCore):
         ]
         for m in batch.messages:
             args += [new_message_id(), m.to, m.body, m.idempotency_key]
-        reply: Any = await self._apply_outbox(
-            keys=[k.outbox(session_id), k.ids(session_id), k.seq(session_id),
-                  k.fence(session_id)],
-            args=args)
+        reply: Any = await self._durability.run(
+            self._apply_outbox,
+            [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)],
+            args)
         acked_raw, accepted_raw, claimed_raw, unread = reply
         acked = [delivery_result(mid, raw)
                  for mid, raw in zip(batch.acks, acked_raw, strict=True)]
@@ -130,9 +134,9 @@ class OutboxPart(RedisCore):
         if limit <= 0:
             return []
         key = self.keys.outbox(session_id)
-        rows = await self._groups.run(key, OUTBOX_GROUP, lambda: self._pending(
-            keys=[key, self.keys.fence(session_id)],
-            args=[OUTBOX_GROUP, self.consumer, limit, after_sequence, fence_arg(fence)]))
+        rows = await self._groups.run(key, OUTBOX_GROUP, lambda: self._durability.run(
+            self._pending, [key, self.keys.fence(session_id)],
+            [OUTBOX_GROUP, self.consumer, limit, after_sequence, fence_arg(fence)]))
         return [outbox_entry(session_id, row) for row in rows]
 
     async def _result(self, session_id: str, message_id: str) -> DeliveryResult | None:

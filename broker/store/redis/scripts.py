@@ -143,6 +143,9 @@ for n = 12 + n_acks, #ARGV, 4 do
   local idem = ARGV[3] .. key
   local known = redis.call('GET', idem)
   if known then
+    -- rewritten as is: a propagated write, so a WAIT after this script also covers
+    -- the record (accepted earlier, maybe on another connection)
+    redis.call('SET', idem, known, 'KEEPTTL')
     local known_mid = cjson.decode(known)[1]
     accepted[#accepted + 1] = {'dup', known, redis.call('GET', ARGV[4] .. known_mid)}
   elseif depth >= max_depth then
@@ -227,6 +230,23 @@ local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[2]
 redis.call('HSET', KEYS[2], 'id', id, 'event', ARGV[2])
 if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 return id
+"""
+
+# KEYS: last-event hash, fence.  ARGV: token, event json, sequence, ttl_ms (0: none)
+# The sharded log's first step (Redis Cluster: the log shard is in another slot): the
+# session's last event, fenced, its id cleared until LAST_EVENT_ID names its log entry.
+LAST_EVENT = FENCED + """
+if fenced(KEYS[2], ARGV[1]) then return refuse(ARGV[1]) end
+redis.call('HSET', KEYS[1], 'id', '', 'event', ARGV[2], 'seq', ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return 1
+"""
+
+# KEYS: last-event hash.  ARGV: sequence, log entry id
+# The sharded log's last step: names the entry, unless a newer event replaced it meanwhile.
+LAST_EVENT_ID = """
+if redis.call('HGET', KEYS[1], 'seq') == ARGV[1] then redis.call('HSET', KEYS[1], 'id', ARGV[2]) end
+return 1
 """
 
 # KEYS: live hash, fence.  ARGV: token, ttl_ms, then field/value pairs

@@ -18,17 +18,31 @@ from broker.store.redis.codecs import (
     text,
 )
 from broker.store.redis.core import RedisCore, guard
+from broker.store.redis.keys import shard_of
 from broker.store.redis.scripts import fence_arg
 
 
 class SessionsPart(RedisCore):
     _cipher: CredentialCipher
 
-    def _init_sessions(self, client: aioredis.Redis) -> None:
+    def _init_sessions(self, client: aioredis.Redis, *, shards: int = 1) -> None:
+        """`shards` > 1: the index of all sessions is that many sets, one slot each
+        (Redis Cluster), else the one set ``P:sessions``."""
+        self._index_shards = shards
         self._create = client.register_script(scripts.CREATE_SESSION)
         self._set_enabled = client.register_script(scripts.SET_ENABLED)
         self._new_fence = client.register_script(scripts.NEW_FENCE)
         self._set_credentials = client.register_script(scripts.SET_CREDENTIALS)
+
+    def _index(self, session_id: str) -> str:
+        if self._index_shards > 1:
+            return self.keys.sessions_shard(shard_of(session_id, self._index_shards))
+        return self.keys.sessions
+
+    def _indexes(self) -> list[str]:
+        if self._index_shards > 1:
+            return [self.keys.sessions_shard(i) for i in range(self._index_shards)]
+        return [self.keys.sessions]
 
     # sessions
     @guard
@@ -42,7 +56,7 @@ class SessionsPart(RedisCore):
         # Index after the record exists; repeated on every create so a retry repairs a
         # crash between the two (the index keys live in other cluster slots).
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.keys.sessions, sid)
+            pipe.sadd(self._index(sid), sid)
             pipe.sadd(self.keys.tenant(stored.tenant), sid)
             pipe.incr(self.keys.sessions_version)
             await pipe.execute()
@@ -55,8 +69,12 @@ class SessionsPart(RedisCore):
 
     @guard
     async def list_sessions(self, tenant: str | None = None) -> list[SessionRecord]:
-        index = self.keys.sessions if tenant is None else self.keys.tenant(tenant)
-        ids = sorted(text(m) for m in await self._client.smembers(index))
+        indexes = self._indexes() if tenant is None else [self.keys.tenant(tenant)]
+        async with self._client.pipeline(transaction=False) as pipe:
+            for index in indexes:
+                pipe.smembers(index)
+            members = await pipe.execute()
+        ids = sorted({text(m) for shard in members for m in shard})
         if not ids:
             return []
         async with self._client.pipeline(transaction=False) as pipe:
@@ -94,7 +112,7 @@ class SessionsPart(RedisCore):
         if batch:
             await self._client.unlink(*batch)
         async with self._client.pipeline(transaction=False) as pipe:
-            pipe.srem(self.keys.sessions, session_id)
+            pipe.srem(self._index(session_id), session_id)
             if raw:
                 pipe.srem(self.keys.tenant(fields(raw).get("tenant", "")), session_id)
             pipe.incr(self.keys.sessions_version)

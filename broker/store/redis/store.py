@@ -16,11 +16,11 @@ import uuid
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from broker.store.base import OneAtATime
 from broker.store.crypto import CredentialCipher, resolve_cipher
+from broker.store.redis import connect
+from broker.store.redis.durability import durability_for
 from broker.store.redis.events import EventsPart
 from broker.store.redis.inbound import InboundPart
 from broker.store.redis.keys import RedisKeys
@@ -47,8 +47,21 @@ class RedisStore(SessionsPart, KVPart, OutboxPart, EventsPart, InboundPart, OneA
         inbound_redeliver_after_s: float = 30.0,
         inbound_retention_s: float | None = None,
         consumer: str | None = None,
+        shards: int = 1,
+        where: str = "",
+        pubsub: connect.PubSubFactory | None = None,
+        cluster: bool = False,
+        durability: str = "local",
     ) -> None:
         """`consumer`: this instance's name in the outbox's ``owners`` consumer group.
+
+        `shards`: how many slots the structures shared by all sessions (the event
+        log, the session index) are spread over; > 1 on Redis Cluster, where the
+        client is a `redis.asyncio.cluster.RedisCluster`. `where`: names the
+        server(s) in errors. `pubsub`: opens the ack listener's pub/sub connection
+        (default: the client's own). `cluster`: the client is a RedisCluster (whose
+        pipelines refuse scripts: the coordinator's renewals must know).
+        `durability`: "local" or "replica" (broker.store.redis.durability).
 
         `inbound_retention_s`: inbound messages older than this are trimmed (with
         their de-dup entries) as new ones arrive, acked or not; None keeps them.
@@ -56,13 +69,21 @@ class RedisStore(SessionsPart, KVPart, OutboxPart, EventsPart, InboundPart, OneA
         `state_ttl_s`: expiry of a session's last-event record (refreshed on every
         event); None keeps it for as long as the session exists."""
         self._cipher = resolve_cipher(cipher, credential_key, ephemeral_key)
-        super().__init__(client, RedisKeys(key_prefix))
+        super().__init__(client, RedisKeys(key_prefix), where)
         self._prefix = key_prefix
+        self.cluster = cluster
         self.consumer = consumer or f"c-{uuid.uuid4().hex[:12]}"
-        self._init_sessions(client)
+        self._init_sessions(client, shards=shards)
         self._init_kv(client)
-        self._init_outbox(client, idempotency_ttl_s=idempotency_ttl_s, recheck_s=recheck_s)
-        self._init_events(client, event_log_size=event_log_size, state_ttl_s=state_ttl_s)
+        if cluster and durability != "local":
+            raise ValueError("--durability replica needs redis:// or redis+sentinel://: a Redis "
+                             "Cluster pipeline cannot carry the script and its WAIT together")
+        self.durability = durability_for(durability, client)
+        self._init_outbox(client, idempotency_ttl_s=idempotency_ttl_s, recheck_s=recheck_s,
+                          pubsub=pubsub or connect.pubsub_of(client),
+                          durability=self.durability)
+        self._init_events(client, event_log_size=event_log_size, state_ttl_s=state_ttl_s,
+                          shards=shards)
         self._init_inbound(client, redeliver_after_s=inbound_redeliver_after_s,
                            retention_s=inbound_retention_s)
 
@@ -85,23 +106,29 @@ class RedisStore(SessionsPart, KVPart, OutboxPart, EventsPart, InboundPart, OneA
         inbound_redeliver_after_s: float = 30.0,
         inbound_retention_s: float | None = None,
         consumer: str | None = None,
+        durability: str = "local",
     ) -> RedisStore:
-        """Connect lazily to `url` (redis://, rediss://, unix://).
-
-        Few, short retries: when Redis is down a caller should hear UNAVAILABLE
-        within about a second and retry with its idempotency key, rather than
-        hang in the client's own long default backoff. The cipher is resolved
-        first, so a missing key fails before any connection is made.
-        """
+        """Connect lazily to `url` (redis://, rediss://, unix://, redis+cluster://,
+        redis+sentinel://; see broker.store.redis.connect). The cipher is resolved first, so a
+        missing key fails before any connection is made."""
         resolved = resolve_cipher(cipher, credential_key, ephemeral_key)
-        client = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=connect_timeout_s,
-            socket_timeout=socket_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
-        )
+        timeouts = connect.Timeouts(connect_timeout_s, socket_timeout_s, retries)
+        shards, where, pubsub, cluster = 1, "", None, False
+        client: aioredis.Redis
+        if url.startswith(connect.CLUSTER_SCHEME):
+            nodes = connect.cluster(url, timeouts)
+            client = nodes  # type: ignore[assignment]  # the same commands, routed by slot
+            shards, where, pubsub = connect.CLUSTER_SHARDS, url, connect.cluster_pubsub_of(nodes)
+            cluster = True
+        elif url.startswith(connect.SENTINEL_SCHEME):
+            client, where = connect.sentinel(url, timeouts), url
+        else:
+            client = connect.single(url, timeouts)
         return cls(
-            client, cipher=resolved, key_prefix=key_prefix, event_log_size=event_log_size,
+            client, cipher=resolved, shards=shards, where=where, pubsub=pubsub, cluster=cluster,
+            durability=durability,
+            key_prefix=key_prefix,
+            event_log_size=event_log_size,
             idempotency_ttl_s=idempotency_ttl_s, state_ttl_s=state_ttl_s, recheck_s=recheck_s,
             inbound_redeliver_after_s=inbound_redeliver_after_s,
             inbound_retention_s=inbound_retention_s, consumer=consumer,

@@ -1,0 +1,118 @@
+"""Redis clients for each store URL scheme: one server, or a Redis Cluster.
+
+- ``redis://host:port/db`` (also ``rediss://``, ``unix://``): one server.
+- ``redis+cluster://host:port[,host:port...]``: a Redis Cluster, reached through
+  any of the listed nodes; `redis.asyncio.cluster.RedisCluster` follows MOVED
+  and ASK redirections and retries TRYAGAIN during a slot migration.
+- ``redis+sentinel://host:port[,host:port...]/service_name[/db]``: the primary
+  that the listed Sentinels name for `service_name`; after a failover the
+  client's next connection goes to the new primary (a connection to a demoted
+  one fails READONLY and is dropped), and the store's callers retry.
+
+Few, short retries: when Redis is down a caller should hear UNAVAILABLE within
+about a second and retry with its idempotency key, rather than hang in the
+client's own long default backoff.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+
+CLUSTER_SCHEME = "redis+cluster://"
+SENTINEL_SCHEME = "redis+sentinel://"
+CLUSTER_SHARDS = 16
+"""Slots the shared structures (event log, session index) are spread over on a cluster."""
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 2.0
+    socket_s: float = 10.0
+    retries: int = 2
+
+    def retry(self) -> Retry:
+        return Retry(ExponentialBackoff(cap=0.5, base=0.05), self.retries)
+
+
+def single(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
+    return aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
+        retry=timeouts.retry())
+
+
+def cluster_nodes(url: str) -> list[tuple[str, int]]:
+    """The (host, port) startup nodes of a ``redis+cluster://`` URL."""
+    if not url.startswith(CLUSTER_SCHEME):
+        raise ValueError(f"not a Redis Cluster URL: {url!r}")
+    return _hosts(url, urlsplit("redis://" + url[len(CLUSTER_SCHEME):]).netloc)
+
+
+def sentinel_target(url: str) -> tuple[list[tuple[str, int]], str, int]:
+    """The Sentinels, service name and db of a ``redis+sentinel://`` URL."""
+    if not url.startswith(SENTINEL_SCHEME):
+        raise ValueError(f"not a Redis Sentinel URL: {url!r}")
+    parts = urlsplit("redis://" + url[len(SENTINEL_SCHEME):])
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError(f"{url!r}: expected redis+sentinel://host:port[,host:port]/"
+                         "service_name[/db]")
+    return _hosts(url, parts.netloc), path[0], int(path[1]) if len(path) == 2 else 0
+
+
+def _hosts(url: str, netloc: str) -> list[tuple[str, int]]:
+    nodes: list[tuple[str, int]] = []
+    for part in netloc.split(","):
+        host, _, port = part.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r}: each node must be host:port (got {part!r})")
+        nodes.append((host.strip("[]"), int(port)))
+    return nodes
+
+
+def sentinel(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
+    nodes, service, db = sentinel_target(url)
+    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+        nodes, socket_timeout=timeouts.connect_s, socket_connect_timeout=timeouts.connect_s)
+    primary: aioredis.Redis = sentinels.master_for(
+        service, db=db, socket_timeout=timeouts.socket_s,
+        socket_connect_timeout=timeouts.connect_s, retry=timeouts.retry())
+    return primary
+
+
+def cluster(url: str, timeouts: Timeouts = Timeouts()) -> RedisCluster:
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
+        retry=timeouts.retry(),
+    )
+
+
+PubSubFactory = Callable[[], Awaitable[PubSub]]
+"""Opens a pub/sub connection (the ack listener's)."""
+
+
+def pubsub_of(client: aioredis.Redis) -> PubSubFactory:
+    async def open_pubsub() -> PubSub:
+        return client.pubsub()
+
+    return open_pubsub
+
+
+def cluster_pubsub_of(client: RedisCluster) -> PubSubFactory:
+    """Classic pub/sub on a cluster: PUBLISH reaches every node, so one connection to
+    any node hears every channel; the client must know the slots before it picks one."""
+
+    async def open_pubsub() -> PubSub:
+        await client.initialize()
+        return client.pubsub()
+
+    return open_pubsub
