@@ -210,6 +210,34 @@ async def test_actions_without_auth(sim: Simulator, dashboard_app: BrokerApp,
     assert listing["sessions"] == []
 
 
+async def test_pairing_by_phone_code(sim: Simulator, dashboard_app: BrokerApp,
+                                    http: aiohttp.ClientSession) -> None:
+    """Several sessions pair through the page's phone-code action, each with its own code."""
+    sids = [f"pc{i}" for i in range(4)]
+    for sid in sids:
+        status, _ = await call(http, "POST", _url(dashboard_app, "api/sessions"),
+                               body={"session_id": sid})
+        assert status == 201
+    codes = {}
+    for sid in sids:
+        await wait_state(dashboard_app, sid, State.PAIRING)
+        status, body = await call(
+            http, "POST", _url(dashboard_app, f"api/sessions/{sid}/pairing-code"),
+            body={"phone_number": "+4915123456789"})
+        assert status == 200, body
+        assert len(body["code"]) == 8
+        codes[sid] = body["code"]
+    assert len(set(codes.values())) == len(sids)
+    for sid, code in codes.items():
+        assert await sim.enter_code(code) == sid
+    for sid in sids:
+        await wait_state(dashboard_app, sid, State.OPEN)
+    status, body = await call(
+        http, "POST", _url(dashboard_app, f"api/sessions/{sids[0]}/pairing-code"),
+        body={"phone_number": "+4915123456789"})
+    assert status == 409 and body["error"]["reason"] == "NOT_PAIRING", body
+
+
 async def test_health_endpoint(sim: Simulator, dashboard_app: BrokerApp,
                                http: aiohttp.ClientSession) -> None:
     await paired_session(dashboard_app, sim, "h1")
