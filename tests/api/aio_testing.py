@@ -12,6 +12,7 @@ metadata (the rich error details).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -73,13 +74,16 @@ class AioServicer:
 
 
 class Rpcs:
-    """Invoke a service's methods by name on a grpcio-testing server."""
+    """Invoke a service's methods by name on a grpcio-testing server.
+
+    Its clock is fake and stands still, so a handler sees exactly the deadline a
+    test set, however loaded the machine is."""
 
     def __init__(self, service: ServiceDescriptor, servicer: Any) -> None:
         self._service = service
         self._server = grpc_testing.server_from_dictionary(
             {service: AioServicer(servicer, asyncio.get_running_loop())},
-            grpc_testing.strict_real_time())
+            grpc_testing.strict_fake_time(time.time()))
 
     async def unary(self, method: str, request: Any, *, timeout: float | None = None,
                     metadata: tuple[tuple[str, str], ...] = ()
