@@ -15,7 +15,7 @@ from typing import Any, TypeVar, cast
 import click
 from google.protobuf.json_format import MessageToDict
 
-from broker.commands.serve import until_signalled
+from broker.signals import until_signalled
 from broker_client import BrokerClient, BrokerError
 from broker_client.v1 import broker_pb2 as pb
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +13,8 @@ from broker import errors, logs
 from broker.commands.options import settings_from, settings_options
 from broker.config import Settings
 from broker.datadir import default_store_url
+from broker.signals import until_signalled
 from broker.store.crypto import CredentialKeyError
-
-
-async def until_signalled() -> None:
-    """Return on SIGINT or SIGTERM: what a long-running command serves until."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 @click.command()

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
+from broker.signals import until_signalled
 from broker.simulator.control import DEFAULT_URL, SimulatorControl, SimulatorControlError
 from broker.simulator.server import Simulator, SimulatorConfig
 
@@ -37,15 +38,13 @@ def serve(
     host: str, port: int, idle_timeout: float, qr_interval: float, qr_max: int,
     seed: int | None, state_file: str | None,
 ) -> None:
-    """Run the simulator until Ctrl-C."""
+    """Run the simulator until Ctrl-C (SIGINT) or SIGTERM."""
     config = SimulatorConfig(
         idle_timeout_s=idle_timeout, qr_interval_s=qr_interval, qr_max=qr_max, seed=seed,
         state_path=state_file,
     )
-    try:
-        asyncio.run(_serve(config, host, port))
-    except KeyboardInterrupt:
-        click.echo("simulator stopped")
+    asyncio.run(_serve(config, host, port))
+    click.echo("simulator stopped")
 
 
 async def _serve(config: SimulatorConfig, host: str, port: int) -> None:
@@ -54,7 +53,7 @@ async def _serve(config: SimulatorConfig, host: str, port: int) -> None:
     try:
         click.echo(f"upstream: {simulator.url}")
         click.echo(f"control:  {simulator.control_url}/control/state")
-        await asyncio.Event().wait()
+        await until_signalled()
     finally:
         await simulator.stop()
 
