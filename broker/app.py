@@ -104,7 +104,7 @@ class BrokerApp:
         # Metrics first, so they also time the calls that auth refuses.
         observe = [self.metrics.interceptor()] if self.metrics is not None else []
         self.api = ApiServer(self.manager, settings.listen, interceptors=[*observe, *auth],
-                             credentials=tls, durability=durability)
+                             credentials=tls, durability=durability, engine=engine.status)
         await self.api.start()
         if self.metrics is not None and settings.metrics_listen:
             await self.metrics.serve(settings.metrics_listen)

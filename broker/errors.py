@@ -16,7 +16,8 @@ import grpc
 from broker_client.v1.broker_pb2 import ErrorReason
 
 __all__ = [
-    "BrokerError", "ErrorReason", "InvalidArgument", "NotDeliveredYet", "NotOwner",
+    "BrokerError", "ErrorReason", "InvalidArgument", "MessageRefused", "NotDeliveredYet",
+    "NotOwner",
     "OutboxFull", "PairingRefused", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
     "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
     "Unauthenticated", "reason_name",
@@ -86,6 +87,13 @@ class PairingRefused(BrokerError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = ErrorReason.PAIRING_CODE_REFUSED
+
+
+class MessageRefused(BrokerError):
+    """The upstream refused the message for good (WhatsApp e.g. 463, 475): not resent."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = ErrorReason.MESSAGE_REFUSED
 
 
 class NotDeliveredYet(BrokerError):

@@ -10,6 +10,7 @@ import collections
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker.engines.status import EngineStatus
 from broker.errors import BrokerError, ErrorReason
 from broker.lifecycle.health import Recommendation, SessionStats, Severity
 from broker.lifecycle.states import State
@@ -127,12 +128,20 @@ def send_timeout(time_remaining: float | None) -> float | None:
     return max(time_remaining - min(0.05, time_remaining / 10), 0.0)
 
 
+def engine_health(status: EngineStatus) -> pb.EngineHealth:
+    return pb.EngineHealth(name=status.name, up=status.up, detail=status.detail,
+                           starts=status.starts, since=timestamp(status.since))
+
+
 def inbound_message(delivery: InboundDelivery) -> pb.InboundMessage:
     record = delivery.record
+    origin = record.origin
     return pb.InboundMessage(
         session_id=record.session_id, inbound_id=record.inbound_id,
         upstream_id=record.upstream_id, sender=record.sender, body=record.body,
         received_at=timestamp(record.received_at), delivery_count=delivery.delivery_count,
+        sender_lid=origin.sender_lid, push_name=origin.push_name, chat=origin.chat,
+        sent_at=timestamp(origin.sent_at),
     )
 
 
@@ -160,6 +169,7 @@ def counters(
         reconnect_gap_ms_p50=c.reconnect_gap_ms_p50, reconnect_gap_ms_p99=c.reconnect_gap_ms_p99,
         reconnect_gap_ms_max=c.reconnect_gap_ms_max, attempts_per_minute=c.attempts_per_minute,
         attempts_held_back_last_hour=c.attempts_held_back_last_hour,
+        messages_refused=c.messages_refused,
     )
 
 

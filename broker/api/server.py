@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from broker.api.servicer import BrokerServicer
 from broker.api.status import MalformedRequests
+from broker.engines.status import EngineStatus
 from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2, broker_pb2_grpc
 
@@ -26,9 +27,11 @@ class ApiServer:
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         credentials: grpc.ServerCredentials | None = None,
         durability: str = "",
+        engine: Callable[[], EngineStatus] | None = None,
     ) -> None:
         """`interceptors`: e.g. broker.api.auth; `credentials`: TLS (None: plaintext);
-        `durability`: what a crash of the store can lose, for Health."""
+        `durability`: what a crash of the store can lose, and `engine`: whether the
+        engine is up, both for Health."""
         self.server = grpc.aio.server(
             # Innermost: undecodable requests become INVALID_ARGUMENT, not UNKNOWN.
             interceptors=[*interceptors, MalformedRequests()],
@@ -38,7 +41,7 @@ class ApiServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager, durability),
+        broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager, durability, engine),
                                                   self.server)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

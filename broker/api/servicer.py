@@ -7,7 +7,7 @@ broker.api.status maps to rich statuses in one place."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -16,6 +16,7 @@ import grpc
 from broker.api import convert
 from broker.api.auth import item_guard
 from broker.api.status import streaming, unary
+from broker.engines.status import EngineStatus
 from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
@@ -24,9 +25,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class BrokerServicer(pb_grpc.BrokerServicer):
-    def __init__(self, manager: SessionManager, durability: str = "") -> None:
+    def __init__(
+        self, manager: SessionManager, durability: str = "",
+        engine: Callable[[], EngineStatus] | None = None,
+    ) -> None:
         self.manager = manager
         self.durability = durability
+        self.engine = engine
 
     @unary
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
@@ -85,8 +90,9 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     @unary
     async def Health(self, request: pb.HealthRequest, context: Context) -> pb.HealthResponse:
         items = await self.manager.health(request.session_ids, request.tenant)
+        engine = convert.engine_health(self.engine()) if self.engine is not None else None
         return pb.HealthResponse(sessions=[convert.health(i) for i in items],
-                                 durability=self.durability)
+                                 durability=self.durability, engine=engine)
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Context) -> pb.Session:

@@ -162,14 +162,19 @@ def _event_line(e: pb.StatusEvent) -> str:
 def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_json: bool) -> None:
     """Diagnose sessions: state, counters, recent transitions, recommendations."""
 
-    async def go() -> list[pb.SessionHealth]:
+    async def go() -> pb.HealthResponse:
         async with target.client() as client:
-            return await client.health(list(session_ids), tenant)
+            return await client.health_report(list(session_ids), tenant)
 
-    items = _run(go())
+    report = _run(go())
+    items = list(report.sessions)
     if as_json:
         click.echo(json.dumps([MessageToDict(i) for i in items], indent=2))
         return
+    running = report.engine
+    if running.name:
+        click.echo(f"engine {running.name}: {'up' if running.up else 'DOWN'} - "
+                   f"{running.detail}")
     for h in items:
         c = h.counters
         mark = "healthy" if h.healthy else "NEEDS ATTENTION"
@@ -177,7 +182,8 @@ def health(target: Connection, session_ids: tuple[str, ...], tenant: str, as_jso
         click.echo(f"{h.session.session_id}: {_state(h.session.state)}{engine} - {mark}")
         click.echo(f"  disconnects last hour {c.disconnects_last_hour}, reconnect mean "
                    f"{c.reconnect_ms_mean:.0f} ms, keep-alive {c.keepalive_success_rate:.0%}, "
-                   f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}")
+                   f"delivery {c.delivery_rate:.0%}, outbox {c.outbox_depth}"
+                   + (f", {c.messages_refused} refused" if c.messages_refused else ""))
         if c.availability_window_s:
             click.echo(f"  OPEN {c.availability_last_hour:.1%} of the last "
                        f"{c.availability_window_s / 60:.0f} min, reconnect gaps p50 "

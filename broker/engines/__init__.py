@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 
 from broker.config import Settings
 from broker.datadir import SIMULATOR_STATE_NAME, ensure_dir
+from broker.engines.status import EngineStatus
 from broker.simulator import Simulator, SimulatorConfig
 from broker.upstream.null import NullProvider, is_null
 from broker.upstream.provider import Provider
@@ -74,6 +76,10 @@ class Engine(Protocol):
         """Prometheus collectors of what the engine runs (the bridge's state)."""
         ...
 
+    def status(self) -> EngineStatus:
+        """Whether what the engine runs is up, for Health."""
+        ...
+
 
 class WsEngine:
     """A protocol-v1 upstream that someone else runs."""
@@ -84,9 +90,11 @@ class WsEngine:
     def __init__(self, options: EngineOptions, url: str) -> None:
         self._options = options
         self.url = url
+        self._started_at = 0.0
 
     async def start(self) -> Provider:
         settings = self._options.settings
+        self._started_at = time.time()
         if is_null(self.url):  # bench-only: sessions with no socket (broker.upstream.null)
             log.warning("upstream %s: the null engine (benchmarks only; nothing is "
                         "delivered anywhere)", self.url)
@@ -100,6 +108,12 @@ class WsEngine:
     def collectors(self) -> list[Collector]:
         return []
 
+    def status(self) -> EngineStatus:
+        """Nothing of ours runs: the upstream's own reachability shows per session."""
+        return EngineStatus(self.name, bool(self._started_at),
+                            "protocol-v1 upstream (no process of the broker's own)",
+                            since=self._started_at)
+
 
 class SimEngine:
     """The embedded simulator, started with the broker and stopped with it."""
@@ -109,6 +123,7 @@ class SimEngine:
     def __init__(self, options: EngineOptions) -> None:
         self._options = options
         self.simulator: Simulator | None = None
+        self._started_at = 0.0
 
     async def start(self) -> Provider:
         settings = self._options.settings
@@ -118,6 +133,7 @@ class SimEngine:
         simulator = Simulator(SimulatorConfig(state_path=state))
         await simulator.start(settings.simulator_host, settings.simulator_port)
         self.simulator = simulator
+        self._started_at = time.time()
         log.info("embedded simulator upstream at %s (control: %s)", simulator.url,
                  simulator.control_url)
         return WebsocketProvider(simulator.url, connect_timeout_s=settings.connect_timeout_s,
@@ -129,6 +145,13 @@ class SimEngine:
 
     def collectors(self) -> list[Collector]:
         return []
+
+    def status(self) -> EngineStatus:
+        sim = self.simulator
+        if sim is None:
+            return EngineStatus(self.name, False, "embedded simulator not started")
+        return EngineStatus(self.name, True, f"embedded simulator at {sim.url}",
+                            since=self._started_at)
 
 
 def engine_name(settings: Settings) -> str:

@@ -96,6 +96,8 @@ class Counters:
     attempts_per_minute: float = 0.0
     #: Attempts the attempt budget held back (spaced out) in the last hour.
     attempts_held_back_last_hour: int = 0
+    #: Messages the upstream refused for good (not resent).
+    messages_refused: int = 0
 
 
 @dataclass
@@ -110,6 +112,9 @@ class SessionStats:
     keepalive_ok: int = 0
     messages_accepted: int = 0
     messages_acked: int = 0
+    messages_refused: int = 0
+    #: The latest refusal's (code, reason).
+    last_refusal: tuple[int, str] | None = None
     #: Timestamps of disconnects within the last hour (older ones are pruned).
     disconnect_times: deque[float] = field(default_factory=deque)
     #: Recent reconnect durations in ms (from leaving OPEN to OPEN again).
@@ -184,6 +189,10 @@ class SessionStats:
 
     def on_acked(self, n: int = 1) -> None:
         self.messages_acked += n
+
+    def on_refused(self, code: int, reason: str) -> None:
+        self.messages_refused += 1
+        self.last_refusal = (code, reason)
 
     # -- derived --------------------------------------------------------------
 
@@ -279,6 +288,7 @@ class SessionStats:
             reconnect_gap_ms_max=max(gaps, default=0.0),
             attempts_per_minute=self.attempts_per_minute(now),
             attempts_held_back_last_hour=self.held_within(now, HOUR_S),
+            messages_refused=self.messages_refused,
         )
 
     def _prune(self, now: float) -> None:
@@ -372,6 +382,19 @@ def recommend(
                 f"Only {stats.keepalive_success_rate:.0%} of keep-alive pings were answered "
                 f"({stats.keepalive_ok}/{stats.keepalive_sent}). The link is lossy or the "
                 "upstream is overloaded; check latency to the upstream.",
+            )
+        )
+    if stats.last_refusal is not None:
+        code, why = stats.last_refusal
+        recs.append(
+            Recommendation(
+                Severity.WARNING,
+                "MESSAGES_REFUSED",
+                f"The upstream refused {stats.messages_refused} message(s), the latest with "
+                f"code {code} ({why}). Refused messages are not resent: their Sends fail with "
+                "MESSAGE_REFUSED. Check the recipients (a number that is not on WhatsApp, a "
+                "contact that blocked this one) and that this login may message them; many "
+                "refusals in a row can precede a ban, so slow down before sending more.",
             )
         )
     if outbox_depth >= outbox_backlog:

@@ -36,7 +36,9 @@ from broker.runtime.timers import TimerDue, Timers
 from broker.store.base import (
     Accepted,
     DeliveryResult,
+    InboundOrigin,
     NewMessage,
+    Refusal,
     SessionRecord,
     StatusEvent,
     Store,
@@ -299,12 +301,18 @@ class SessionActor:
                 await self._feed(inputs.PongReceived())
             case upstream_events.Acked(message_id=mid):  # the link reader takes most acks
                 self.delivery.ack(mid)
+            case upstream_events.Refused(message_id=mid, code=code, reason=why):
+                log.warning("session %s: the upstream refused message %s (%s %s)",
+                            self.session_id, mid, code, why)
+                self.delivery.refuse(Refusal(mid, code, why))
             case upstream_events.Inbound(message_id=mid, sender=sender, body=body):
                 # Durable first, ack second: if storing fails the upstream keeps
                 # the message and re-sends it; a re-sent one is stored only once.
+                origin = InboundOrigin(event.sender_lid, event.push_name, event.chat,
+                                       max(0.0, event.ts))
                 try:
                     await self._store.add_inbound(self.session_id, mid, sender, body,
-                                                  self._clock(), fence=self.fence)
+                                                  self._clock(), fence=self.fence, origin=origin)
                 except StoreUnavailable as exc:
                     log.warning("session %s: inbound %s not stored, not acked: %s",
                                 self.session_id, mid, exc)

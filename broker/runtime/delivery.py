@@ -34,7 +34,14 @@ from broker.lifecycle.health import SessionStats
 from broker.runtime.batching import Batcher
 from broker.runtime.mailbox import Wake, settle
 from broker.runtime.window import DeliveryWindow
-from broker.store.base import Accepted, DeliveryResult, NewMessage, OutboxBatch, Store
+from broker.store.base import (
+    Accepted,
+    DeliveryResult,
+    NewMessage,
+    OutboxBatch,
+    Refusal,
+    Store,
+)
 from broker.upstream.provider import Link
 
 log = logging.getLogger(__name__)
@@ -42,8 +49,8 @@ log = logging.getLogger(__name__)
 STORE_RETRY_S = 1.0
 """How soon the delivery loop asks an unreachable store again."""
 
-_Write = str | NewMessage
-"""An outbox write item: an ack (the message id) or a new message."""
+_Write = str | Refusal | NewMessage
+"""An outbox write item: an ack (the message id), a refusal or a new message."""
 
 
 class Delivery:
@@ -219,6 +226,11 @@ class Delivery:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
         self._writes.post(message_id)
 
+    def refuse(self, refusal: Refusal) -> None:
+        """Record that the upstream refused a message: settled, never sent again, and
+        its waiting Sends answered with the refusal."""
+        self._writes.post(refusal)
+
     async def drain(self) -> None:
         """Return once everything handed to the writer so far is written."""
         if self._batcher is not None:
@@ -234,13 +246,14 @@ class Delivery:
         the upstream acks the duplicate.
         """
         acks = [i for i in items if isinstance(i, str)]
+        refusals = [i for i in items if isinstance(i, Refusal)]
         messages = [i for i in items if isinstance(i, NewMessage)]
         window = self._window
         claim = bool(messages) and window is not None and window.may_claim()
         epoch = window.epoch if window is not None else 0
         try:
             done = await self._store.apply_outbox(
-                self.session_id, OutboxBatch(acks, messages, claim),
+                self.session_id, OutboxBatch(acks, messages, claim, refusals),
                 max_depth=self._settings.max_outbox, at=self._clock(), fence=self._fence,
             )
         except Exception as exc:
@@ -248,12 +261,15 @@ class Delivery:
                 self._not_owner(exc)  # the Sends' messages go in unfenced (manager)
             elif not isinstance(exc, StoreUnavailable):
                 log.exception("session %s: outbox write failed", self.session_id)
-            if acks:
+            if acks or refusals:
                 log.warning("session %s: %d acks not recorded, will resend: %s",
-                            self.session_id, len(acks), exc)
+                            self.session_id, len(acks) + len(refusals), exc)
             return [exc if isinstance(i, NewMessage) else None for i in items]
         if done.acked:
-            self._stats.on_acked(len(done.acked))
+            self._stats.on_acked(len(acks))
+            for result in done.acked[len(acks):]:
+                if not result.ok:
+                    self._stats.on_refused(result.refused_code, result.refused)
             window = self._window
             for result in done.acked:
                 if window is not None:

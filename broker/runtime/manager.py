@@ -21,6 +21,7 @@ from broker.errors import (
     BrokerError,
     ErrorReason,
     InvalidArgument,
+    MessageRefused,
     NotDeliveredYet,
     NotOwner,
     PairingRefused,
@@ -364,7 +365,7 @@ class SessionManager:
                                       placed or _nothing)
         message = accepted.message
         if accepted.result is not None or not wait:
-            return SendOutcome(message, accepted.duplicate, accepted.result)
+            return _answered(SendOutcome(message, accepted.duplicate, accepted.result))
         result = await self._wait_ack(session_id, message, actor, timeout)
         if result is None:
             state = actor.state if actor else State.STOPPED
@@ -374,7 +375,7 @@ class SessionManager:
                 session_id=session_id, message_id=message.message_id, state=state.value,
                 retry_after_s=1.0,
             )
-        return SendOutcome(message, accepted.duplicate, result)
+        return _answered(SendOutcome(message, accepted.duplicate, result))
 
     def send_flow(self, guard: Guard | None = None) -> SendFlow:
         """A many-Sends call (SendStream): items in, outcomes out as they finish;
@@ -543,3 +544,18 @@ class SessionManager:
                                   actor.machine.attempt if actor else 0, owner, activity,
                                   self.settings.engine or ""))
         return out
+
+
+def _answered(outcome: SendOutcome) -> SendOutcome:
+    """The outcome a Send returns, or MessageRefused when the upstream refused it
+    (a retry under the same key gets the same refusal: the message is settled)."""
+    result = outcome.result
+    if result is None or result.ok:
+        return outcome
+    message = outcome.message
+    raise MessageRefused(
+        f"the upstream refused message {message.message_id} (code {result.refused_code}: "
+        f"{result.refused}); it is not resent",
+        session_id=message.session_id, message_id=message.message_id,
+        code=str(result.refused_code), upstream_reason=result.refused,
+    )

@@ -68,8 +68,32 @@ class OutboxMessage:
 
 @dataclass(frozen=True)
 class DeliveryResult:
+    """The upstream's final answer about a message: its ack, or its refusal."""
+
     message_id: str
     acked_at: float
+    """When the answer was recorded."""
+    refused_code: int = 0
+    """The upstream's code when it refused the message (WhatsApp e.g. 463), else 0."""
+    refused: str = ""
+    """Why the upstream refused the message; "" when it took it."""
+
+    @property
+    def ok(self) -> bool:
+        """The upstream took the message (it was not refused)."""
+        return not self.refused
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The upstream will never take this message as it is: settle it as refused."""
+
+    message_id: str
+    code: int
+    reason: str
+
+    def result(self, at: float) -> DeliveryResult:
+        return DeliveryResult(self.message_id, at, self.code, self.reason or "refused")
 
 
 @dataclass(frozen=True)
@@ -90,7 +114,10 @@ class NewMessage:
 
 @dataclass(frozen=True)
 class OutboxBatch:
-    """Outbox changes written together: acks first, then new messages.
+    """Outbox changes written together: acks and refusals first, then new messages.
+
+    A refusal settles its message like an ack (it leaves the outbox and is never
+    sent again) but its result says why the upstream refused it.
 
     With `claim`, the new messages are also read for delivery by the caller (as
     `pending` would read them), so the session's owner gets them without a
@@ -101,11 +128,14 @@ class OutboxBatch:
     acks: Sequence[str] = ()
     messages: Sequence[NewMessage] = ()
     claim: bool = False
+    refusals: Sequence[Refusal] = ()
 
 
 @dataclass(frozen=True)
 class OutboxBatchResult:
     acked: list[DeliveryResult]
+    """Per ack, then per refusal, in order: the result now stored (an earlier
+    one if the message was already settled)."""
     accepted: list[Accepted | OutboxFull]
     """Per new message, in order; one that did not fit gets its OutboxFull."""
     claimed: list[OutboxMessage] = field(default_factory=list)
@@ -133,6 +163,37 @@ class EventPage:
 
 
 @dataclass(frozen=True)
+class InboundOrigin:
+    """Who sent an inbound message and where, as far as the upstream says (Baileys
+    reports all of it; the simulator none)."""
+
+    sender_lid: str = ""
+    """The sender's LID (``...@lid``), WhatsApp's privacy id, where reported."""
+    push_name: str = ""
+    """The name the sender set for themselves."""
+    chat: str = ""
+    """The chat's JID: the sender's in a 1:1 chat, the group's (``...@g.us``) in a group."""
+    sent_at: float = 0.0
+    """When the sender sent it, by the upstream's clock (0: not reported)."""
+
+    def to_json(self) -> str:
+        """The stored form (SQLite and Redis): only the fields that are set; "" if none."""
+        data = {k: v for k, v in asdict(self).items() if v}
+        return json.dumps(data, separators=(",", ":")) if data else ""
+
+    @classmethod
+    def from_json(cls, raw: bytes | str | None) -> InboundOrigin:
+        if not raw:
+            return NO_ORIGIN
+        data = json.loads(raw)
+        return cls(**{k: data[k] for k in ("sender_lid", "push_name", "chat", "sent_at")
+                      if k in data})
+
+
+NO_ORIGIN = InboundOrigin()
+
+
+@dataclass(frozen=True)
 class InboundRecord:
     """A message the upstream delivered to a session, as stored (before the upstream ack)."""
 
@@ -143,6 +204,7 @@ class InboundRecord:
     sender: str
     body: str
     received_at: float
+    origin: InboundOrigin = NO_ORIGIN
 
 
 @dataclass(frozen=True)
@@ -317,7 +379,7 @@ class Store(Protocol):
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
     ) -> InboundRecord | None:
         """Durably append; None if this upstream id is already stored (the upstream
         re-sends until acked, so the same message arrives again after a lost ack)."""

@@ -17,10 +17,12 @@ from typing import Any
 
 from broker.errors import NotOwner, OutboxFull
 from broker.store.base import (
+    NO_ORIGIN,
     Accepted,
     DeliveryResult,
     EventPage,
     InboundDelivery,
+    InboundOrigin,
     InboundRecord,
     LiveState,
     NewMessage,
@@ -49,8 +51,9 @@ class _Outbox:
     def __init__(self) -> None:
         self.messages: OrderedDict[str, OutboxMessage] = OrderedDict()
         self.by_key: dict[str, str] = {}
-        self.results: dict[str, float] = {}
-        """Acked message id -> acked at."""
+        self.results: dict[str, float | DeliveryResult] = {}
+        """Settled message id -> acked at (a float: no object per ack), or the
+        result of a refused one."""
         self.waiters: AckWaiters[str] = AckWaiters()
         self.sequence = itertools.count(1)
         self.read_upto = 0
@@ -106,8 +109,10 @@ def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
 
 
 def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
-    acked_at = box.results.get(message_id)
-    return None if acked_at is None else DeliveryResult(message_id, acked_at)
+    done = box.results.get(message_id)
+    if done is None or isinstance(done, DeliveryResult):
+        return done
+    return DeliveryResult(message_id, done)
 
 
 class MemoryStore(OneAtATime):
@@ -231,7 +236,8 @@ class MemoryStore(OneAtATime):
     ) -> OutboxBatchResult:
         self._check(session_id, fence)
         box = self._outbox(session_id)
-        acked = [self._ack(box, mid, at) for mid in batch.acks]
+        acked = [self._settle(box, DeliveryResult(mid, at)) for mid in batch.acks]
+        acked += [self._settle(box, refusal.result(at)) for refusal in batch.refusals]
         accepted = [self._enqueue(box, session_id, m, max_depth, at) for m in batch.messages]
         fresh = sum(1 for o in accepted if isinstance(o, Accepted) and not o.duplicate)
         if fresh:
@@ -307,14 +313,14 @@ class MemoryStore(OneAtATime):
         return out
 
     @staticmethod
-    def _ack(box: _Outbox, message_id: str, at: float) -> DeliveryResult:
+    def _settle(box: _Outbox, result: DeliveryResult) -> DeliveryResult:
+        message_id = result.message_id
         existing = _result(box, message_id)
         if existing is not None:
             return existing
-        result = DeliveryResult(message_id, at)
         box.messages.pop(message_id, None)
         if message_id in box.known:
-            box.results[message_id] = at
+            box.results[message_id] = result.acked_at if result.ok else result
         box.waiters.resolve(message_id, result)
         return result
 
@@ -393,7 +399,7 @@ class MemoryStore(OneAtATime):
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
     ) -> InboundRecord | None:
         self._check(session_id, fence)
         log = self._inbound_log(session_id)
@@ -401,7 +407,7 @@ class MemoryStore(OneAtATime):
             return None
         record = InboundRecord(
             session_id=session_id, inbound_id=f"{next(self._inbound_ids)}-0",
-            upstream_id=upstream_id, sender=sender, body=body, received_at=at,
+            upstream_id=upstream_id, sender=sender, body=body, received_at=at, origin=origin,
         )
         log.records.append(record)
         log.by_id[record.inbound_id] = record

@@ -34,6 +34,15 @@ class Acked:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """The upstream will not take the message as it is (WhatsApp e.g. 463, 475)."""
+
+    message_id: str
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class Delivered:
     message_id: str
 
@@ -49,6 +58,10 @@ class Inbound:
     sender: str
     body: str
     ts: float
+    """When the sender sent it, by the upstream's clock (0: not reported)."""
+    sender_lid: str = ""
+    push_name: str = ""
+    chat: str = ""
 
 
 @dataclass(frozen=True)
@@ -60,4 +73,6 @@ class Disconnected:
     retry_after_ms: int | None = None
 
 
-UpstreamEvent = Ready | QrCode | Paired | Acked | Delivered | Pong | Inbound | Disconnected
+UpstreamEvent = (
+    Ready | QrCode | Paired | Acked | Refused | Delivered | Pong | Inbound | Disconnected
+)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from broker_client import BrokerClient
+from broker_client import BrokerClient, Message, MessageRefused
 from broker_client.v1 import broker_pb2 as pb
 from tests.cluster.procs import BrokerProcess
 from tests.cluster.test_scale_out import all_open, lease_owners
@@ -201,3 +201,99 @@ async def _gone(pid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+async def test_refusals_fail_sends_typed_inbound_has_origin_health_shows_the_bridge(
+    redis_server: RedisServer, start_instance: StartInstance
+) -> None:
+    inst = start_instance("r0", redis_server.url)
+    sids = [f"r{i}" for i in range(4)]
+    refused_sids, fine_sids = sids[::2], sids[1::2]
+    async with BrokerClient(inst.proc.address) as client:
+        for sid in sids:
+            await pair(inst, client, sid)
+        report = await client.health_report()
+        assert (report.engine.name, report.engine.up, report.engine.starts) == ("baileys", True, 1)
+        assert "bridge up" in report.engine.detail
+
+        # WhatsApp answers the next send of half the sessions with an error ack (463).
+        for sid in refused_sids:
+            assert (await inst.fake.do("fail_send", session=sid, code=463))["ok"]
+        outcomes = await asyncio.gather(
+            *(client.send(sid, "15550009", f"first {sid}", idempotency_key=f"k-{sid}")
+              for sid in sids), return_exceptions=True)
+        by_sid = dict(zip(sids, outcomes, strict=True))
+        for sid in refused_sids:
+            error = by_sid[sid]
+            assert isinstance(error, MessageRefused), (sid, error)
+            assert error.reason == "MESSAGE_REFUSED" and error.metadata["code"] == "463"
+            assert error.metadata["session_id"] == sid and error.metadata["message_id"]
+        for sid in fine_sids:
+            result = by_sid[sid]
+            assert not isinstance(result, BaseException) and result.acked, (sid, result)
+
+        # Final: a retry under the key answers the same refusal and sends nothing again.
+        with pytest.raises(MessageRefused) as again:
+            await client.send(refused_sids[0], "15550009", f"first {refused_sids[0]}",
+                              idempotency_key=f"k-{refused_sids[0]}")
+        assert again.value.metadata["message_id"] == by_sid[refused_sids[0]].metadata[
+            "message_id"]  # type: ignore[union-attr]
+        # The session is not stuck: its next message goes out; a batch carries the
+        # refusal per item.
+        assert (await inst.fake.do("fail_send", session=refused_sids[1], code=475))["ok"]
+        batch = await client.send_many([Message(sid, "15550009", f"second {sid}")
+                                        for sid in refused_sids])
+        assert not isinstance(batch[0], BaseException) and batch[0].acked
+        assert isinstance(batch[1], MessageRefused) and batch[1].metadata["code"] == "475"
+        sent = [(s["session"], s["text"]) for s in (await inst.fake.record())["sent"]]
+        for sid in sids:  # each message reached sendMessage once
+            assert sent.count((sid, f"first {sid}")) == 1, sid
+        health = {h.session.session_id: h for h in await client.health(sids)}
+        for sid, refusals in zip(refused_sids, (1, 2), strict=True):
+            assert health[sid].counters.messages_refused == refusals, sid
+            assert "MESSAGES_REFUSED" in [r.code for r in health[sid].recommendations]
+        for sid in fine_sids:
+            assert health[sid].counters.messages_refused == 0, sid
+
+        # Inbound from a group, with the sender's LID, push name and the chat.
+        got: list[pb.InboundMessage] = []
+
+        async def worker() -> None:
+            async for message in client.receive(fine_sids, group="w"):
+                got.append(message)
+                await client.ack_inbound(message.session_id, [message.inbound_id], group="w")
+
+        task = asyncio.create_task(worker())
+        try:
+            for n, sid in enumerate(fine_sids):
+                assert (await inst.fake.do(
+                    "inbound", session=sid, id=f"G{n}", text=f"hi {sid}",
+                    **{"from": "15550003@s.whatsapp.net", "lid": f"9990{n}@lid",
+                       "push_name": f"Ana {n}", "chat": "120363000000@g.us"}))["ok"]
+
+            async def received() -> bool:
+                return len({m.upstream_id for m in got}) == len(fine_sids)
+            await eventually_async(received, 20, "the group messages at the worker")
+        finally:
+            task.cancel()
+        for n, sid in enumerate(fine_sids):
+            message = next(m for m in got if m.upstream_id == f"G{n}")
+            assert (message.session_id, message.body) == (sid, f"hi {sid}")
+            assert (message.sender, message.sender_lid, message.push_name, message.chat) == (
+                "15550003@s.whatsapp.net", f"9990{n}@lid", f"Ana {n}", "120363000000@g.us")
+            assert message.sent_at.seconds > 0
+
+        # The bridge SIGKILLed: Health's engine shows the restart, sessions open again.
+        assert inst.proc.proc is not None
+        pid = inst.proc.proc.pid
+        children = await asyncio.to_thread(Path(f"/proc/{pid}/task/{pid}/children").read_text)
+        [bridge] = [int(p) for p in children.split()]
+        os.kill(bridge, signal.SIGKILL)
+
+        async def restarted() -> bool:
+            engine = (await client.health_report()).engine
+            return engine.up and engine.starts == 2
+        await eventually_async(restarted, 30, "Health to show the restarted bridge")
+        engine = (await client.health_report()).engine
+        assert "restarted after it exited with -9" in engine.detail
+        await eventually_async(lambda: all_open(client, sids), 40, "every session OPEN again")

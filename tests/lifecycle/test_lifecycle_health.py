@@ -102,6 +102,18 @@ def test_unstable_connection_after_more_than_ten_disconnects_in_an_hour() -> Non
     assert later == []
 
 
+def test_refused_messages_are_counted_and_advised_on() -> None:
+    stats = SessionStats()
+    stats.on_transition(State.CONNECTING, State.OPEN, "connected", 0, NOW - 10.0)
+    assert advise(State.OPEN, stats) == []
+    stats.on_refused(463, "WhatsApp refused the message")
+    stats.on_refused(475, "WhatsApp refused the message")
+    [rec] = advise(State.OPEN, stats)
+    assert rec.code == "MESSAGES_REFUSED" and rec.severity == Severity.WARNING
+    assert "2 message(s)" in rec.message and "code 475" in rec.message
+    assert stats.counters(NOW).messages_refused == 2
+
+
 def test_ten_disconnects_are_still_fine() -> None:
     stats = SessionStats()
     for i in range(10):

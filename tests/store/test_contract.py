@@ -16,6 +16,7 @@ from broker.store.base import (
     Accepted,
     NewMessage,
     OutboxBatch,
+    Refusal,
     SessionRecord,
     StatusEvent,
     Store,
@@ -233,6 +234,38 @@ async def test_mark_acked_records_result_and_removes(store: Store) -> None:
     assert dup.duplicate and dup.message == accepted.message and dup.result == result
     assert await store.find_by_key("s1", "k1") == dup
     assert await store.outbox_depth("s1") == 0
+
+
+async def test_a_refusal_settles_its_message_with_the_reason(backend: Backend) -> None:
+    store = await backend.open()
+    other = await backend.open()
+    mids = [(await store.enqueue("s1", "+1", f"m{i}", f"k{i}", max_depth=10, at=1.0))
+            .message.message_id for i in range(3)]
+    waiter = asyncio.create_task(other.wait_result("s1", mids[1], WAIT_S))
+    await _let_waiter_start()
+    batch = OutboxBatch(acks=[mids[0]], refusals=[Refusal(mids[1], 463, "no privacy token")])
+    done = await store.apply_outbox("s1", batch, max_depth=10, at=2.0)
+    assert [(r.message_id, r.ok) for r in done.acked] == [(mids[0], True), (mids[1], False)]
+    refused = done.acked[1]
+    assert (refused.acked_at, refused.refused_code, refused.refused) == (
+        2.0, 463, "no privacy token")
+    # settled: out of the outbox, never read again, told to every waiter and view
+    assert [m.message_id for m in await store.pending("s1", 10)] == [mids[2]]
+    assert await store.outbox_depth("s1") == 1
+    assert await asyncio.wait_for(waiter, WAIT_S) == refused
+    assert await other.result("s1", mids[1]) == refused
+    # the first answer stays: a late ack does not turn a refusal into a success
+    late = await store.apply_outbox("s1", OutboxBatch(acks=[mids[1]]), max_depth=10, at=3.0)
+    assert late.acked == [refused]
+    # a retry under the key answers the refusal; so does the key lookup
+    dup = await store.enqueue("s1", "+1", "m1", "k1", max_depth=10, at=4.0)
+    assert dup.duplicate and dup.result == refused
+    assert (await other.find_by_key("s1", "k1")) == dup
+    # an empty reason still reads as a refusal
+    empty = Refusal(mids[2], 0, "")
+    [blank] = (await store.apply_outbox("s1", OutboxBatch(refusals=[empty]), max_depth=10,
+                                        at=5.0)).acked
+    assert not blank.ok and await store.result("s1", mids[2]) == blank
 
 
 async def test_wait_result_wakes_a_waiter_in_this_and_another_view(backend: Backend) -> None:

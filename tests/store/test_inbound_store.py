@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.store.base import InboundDelivery, SessionRecord, Store
+from broker.store.base import NO_ORIGIN, InboundDelivery, InboundOrigin, SessionRecord, Store
 from tests.store.conftest import Backend
 
 REDELIVER_S = 0.2
@@ -67,6 +67,20 @@ async def test_add_is_deduplicated_by_upstream_id(store: Store) -> None:
     assert second is not None and second.inbound_id != first.inbound_id
     got = await store.read_inbound("s1", "g", "c1", 10, QUIET_S)
     assert [(d.record, d.delivery_count) for d in got] == [(first, 1), (second, 1)]
+
+
+async def test_the_origin_is_kept_on_first_delivery_and_redelivery(store: Store) -> None:
+    origin = InboundOrigin(sender_lid="12345@lid", push_name="Ana \u00e9 \U0001f600",
+                           chat="120363@g.us", sent_at=1700000000.0)
+    added = await store.add_inbound("s1", "up-o", "49170@s.whatsapp.net", "hi", 1000.0,
+                                    origin=origin)
+    assert added is not None and added.origin == origin
+    plain = await store.add_inbound("s1", "up-p", "+49", "plain", 1001.0)
+    assert plain is not None and plain.origin == NO_ORIGIN
+    first = await store.read_inbound("s1", "g", "c1", 10, QUIET_S)
+    assert [d.record for d in first] == [added, plain]
+    again = await _read_until(store, "g", "c2", 2)  # unacked: claimed once idle
+    assert [(d.record, d.delivery_count) for d in again] == [(added, 2), (plain, 2)]
 
 
 async def test_a_new_group_starts_at_the_beginning(store: Store) -> None:

@@ -15,7 +15,18 @@ import pytest
 
 from broker.errors import NotOwner, StoreInUse, StoreSchemaError
 from broker.lifecycle.states import State
-from broker.store.base import LiveState, NewMessage, OutboxBatch, SessionRecord, StatusEvent, Store
+from broker.store.base import (
+    NO_ORIGIN,
+    DeliveryResult,
+    InboundOrigin,
+    LiveState,
+    NewMessage,
+    OutboxBatch,
+    Refusal,
+    SessionRecord,
+    StatusEvent,
+    Store,
+)
 from broker.store.crypto import CredentialCipher, CredentialDecryptError
 from broker.store.memory import MemoryStore
 from broker.store.sqlite import MIGRATIONS, SCHEMA_VERSION, SqliteStore
@@ -236,6 +247,42 @@ async def test_an_older_schema_is_upgraded_in_place(tmp_path: Path) -> None:
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert conn.execute("SELECT x FROM upgraded").fetchall() == [(42,)]
+
+
+async def test_a_database_of_the_previous_release_gains_refusals_and_origins(
+    tmp_path: Path
+) -> None:
+    """Schema 2 (before refusals and inbound origins): its rows read as before and
+    the new columns work on them."""
+    path = tmp_path / "broker.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("".join(MIGRATIONS[:2]))
+        conn.execute("INSERT INTO sessions VALUES ('s1', 't1', 1, 1.0)")
+        conn.execute("INSERT INTO outbox VALUES ('s1', 2, 2)")
+        conn.executemany(
+            "INSERT INTO messages (session_id, sequence, message_id, recipient, body, "
+            "idempotency_key, accepted_at) VALUES ('s1', ?, ?, '+1', ?, ?, 1.0)",
+            [(1, "m-1", "one", "k1"), (2, "m-2", "two", "k2")])
+        conn.execute("INSERT INTO inbound (session_id, upstream_id, sender, body, received_at) "
+                     "VALUES ('s1', 'u1', '+2', 'old hello', 1.0)")
+        conn.execute("PRAGMA user_version = 2")
+    store = open_sqlite(path)
+    await store.open()
+    try:
+        assert [m.body for m in await store.pending("s1", 10)] == ["one", "two"]
+        batch = OutboxBatch(acks=["m-1"], refusals=[Refusal("m-2", 463, "no token")])
+        await store.apply_outbox("s1", batch, max_depth=10, at=2.0)
+        assert (await store.result("s1", "m-1")) == DeliveryResult("m-1", 2.0)
+        assert (await store.result("s1", "m-2")) == DeliveryResult("m-2", 2.0, 463, "no token")
+        origin = InboundOrigin("7@lid", "Ana", "g@g.us", 3.0)
+        await store.add_inbound("s1", "u2", "+2", "new hello", 4.0, origin=origin)
+        got = await store.read_inbound("s1", "g", "c", 10, 0)
+        assert [(d.record.body, d.record.origin) for d in got] == [
+            ("old hello", NO_ORIGIN), ("new hello", origin)]
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
 
 
 async def test_a_failed_upgrade_leaves_the_old_version(tmp_path: Path) -> None:

@@ -26,6 +26,8 @@ __all__ = ["BaileysEngine", "BridgeExited", "BridgeLink", "BridgeNotInstalled", 
            "BridgeState", "BridgeSupervisor", "check_installed", "create", "parse_wa_version"]
 
 
+from broker.engines.status import EngineStatus
+
 if TYPE_CHECKING:
     from broker.engines import EngineOptions
     from broker.simulator import Simulator
@@ -67,13 +69,22 @@ class BaileysEngine:
             return sup.state.reason if sup is not None else "WhatsApp bridge not started"
         return sup.socket_path, sup.secret
 
-    def status(self) -> BridgeState | None:
-        """The bridge's state for Health and metrics (None before start)."""
+    def bridge_state(self) -> BridgeState | None:
+        """The bridge's state for metrics (None before start)."""
         return self.supervisor.state if self.supervisor is not None else None
+
+    def status(self) -> EngineStatus:
+        state = self.bridge_state()
+        if state is None:
+            return EngineStatus(self.name, False, "WhatsApp bridge not started", starts=0)
+        detail = f"WhatsApp bridge up (pid {state.pid})" if state.up else state.reason
+        if state.up and state.last_exit:
+            detail += f"; restarted after it {state.last_exit}"
+        return EngineStatus(self.name, state.up, detail, starts=state.starts, since=state.since)
 
     def collectors(self) -> list[Collector]:
         """The bridge's metrics (`broker_bridge_up`, `broker_bridge_starts_total`)."""
-        return [BridgeCollector(self.status)]
+        return [BridgeCollector(self.bridge_state)]
 
 
 def create(options: EngineOptions) -> BaileysEngine:

@@ -98,11 +98,13 @@ class BridgeLink:
                 return ev.Pong(int(f["id"]))
             case "inbound":
                 return ev.Inbound(str(f["id"]), str(f.get("sender", "")), str(f.get("body", "")),
-                                  float(f.get("ts", 0)))
+                                  float(f.get("ts") or 0), str(f.get("lid") or "")[:200],
+                                  str(f.get("push_name") or "")[:200],
+                                  str(f.get("chat") or "")[:200])
             case "failed":
-                log.warning("session %s: WhatsApp refused message %s (%s %s)",
-                            self._kv.session_id, f.get("id"), f.get("code"), f.get("reason"))
-                return None
+                code = f.get("code")
+                return ev.Refused(str(f["id"]), code if isinstance(code, int) else 0,
+                                  str(f.get("reason") or "WhatsApp refused the message")[:500])
             case "close":
                 if self._local_close is not None:
                     return ev.Disconnected(*self._local_close)

@@ -18,7 +18,7 @@ from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 
 from broker.store.base import DeliveryResult
-from broker.store.redis.codecs import text
+from broker.store.redis.codecs import delivery_result, text
 from broker.store.redis.connect import PubSubFactory
 
 log = logging.getLogger(__name__)
@@ -145,8 +145,8 @@ class AckListener:
             if ch.unconfirmed == 0:
                 ch.ready.set()
         elif kind == "message":
-            mid, _, at = text(message["data"]).partition(" ")
-            result = DeliveryResult(mid, float(at))
+            mid, _, value = text(message["data"]).partition(" ")
+            result = delivery_result(mid, value)
             for waiter in ch.waiters.get(mid, ()):
                 waiter.result = result
                 waiter.poke.set()

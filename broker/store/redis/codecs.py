@@ -14,6 +14,7 @@ from typing import Any
 from broker.lifecycle.states import State
 from broker.store.base import (
     DeliveryResult,
+    InboundOrigin,
     InboundRecord,
     LiveState,
     OutboxMessage,
@@ -95,8 +96,13 @@ def idem_record(session_id: str, key: str, raw: bytes | str) -> OutboxMessage:
 
 
 def delivery_result(message_id: str, raw: bytes | str) -> DeliveryResult:
-    """A stored (or published) ack time."""
-    return DeliveryResult(message_id, float(text(raw)))
+    """A stored (or published) result, as APPLY_OUTBOX writes it: the ack time, then
+    code and reason if refused ("1700000000.5" or "1700000000.5 463 <reason>")."""
+    at, _, refused = text(raw).partition(" ")
+    if not refused:
+        return DeliveryResult(message_id, float(at))
+    code, _, why = refused.partition(" ")
+    return DeliveryResult(message_id, float(at), int(code), why or "refused")
 
 
 # events and live state
@@ -124,4 +130,5 @@ def inbound_record(session_id: str, entry_id: bytes | str, raw: Mapping[Any, Any
     return InboundRecord(
         session_id=session_id, inbound_id=text(entry_id), upstream_id=f["uid"],
         sender=f["from"], body=f["body"], received_at=float(f["at"]),
+        origin=InboundOrigin.from_json(f.get("o")),
     )

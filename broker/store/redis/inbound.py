@@ -11,7 +11,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.store.base import InboundDelivery, InboundRecord
+from broker.store.base import NO_ORIGIN, InboundDelivery, InboundOrigin, InboundRecord
 from broker.store.redis import scripts
 from broker.store.redis.codecs import autoclaim_reply, inbound_record, stream_rows, text
 from broker.store.redis.core import RedisCore, block_ms, guard
@@ -34,7 +34,7 @@ class InboundPart(RedisCore):
     @guard
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
     ) -> InboundRecord | None:
         """One Lua script: the fence and de-dup checks, the append and the trim are atomic."""
         k = self.keys
@@ -42,13 +42,13 @@ class InboundPart(RedisCore):
             keys=[k.inbound(session_id), k.inbound_seen(session_id), k.inbound_aged(session_id),
                   k.fence(session_id)],
             args=[upstream_id, sender, body, repr(at), self._inbound_retention_ms,
-                  fence_arg(fence)],
+                  fence_arg(fence), origin.to_json()],
         )
         if entry is None:
             return None
         return InboundRecord(
             session_id=session_id, inbound_id=text(entry), upstream_id=upstream_id,
-            sender=sender, body=body, received_at=at,
+            sender=sender, body=body, received_at=at, origin=origin,
         )
 
     @guard

@@ -70,13 +70,15 @@ class OutboxPart(RedisCore):
     ) -> OutboxBatchResult:
         """One Lua script (APPLY_OUTBOX): key checks, depth checks, sequences, XADDs,
         acks and the claiming read are atomic, and a batch costs one round trip."""
-        if not batch.acks and not batch.messages:
+        if not batch.acks and not batch.messages and not batch.refusals:
             return OutboxBatchResult([], [])
         k = self.keys
+        settled = [*batch.acks, *(r.message_id for r in batch.refusals)]
+        refusals = [f"{r.message_id}\n{r.code} {r.reason or 'refused'}" for r in batch.refusals]
         args: list[str | int] = [
             repr(at), max_depth, k.idem(session_id), k.result(session_id),
             self._idem_ttl_ms, k.acked(session_id), OUTBOX_GROUP, self.consumer,
-            1 if batch.claim else 0, len(batch.acks), fence_arg(fence), *batch.acks,
+            1 if batch.claim else 0, len(settled), fence_arg(fence), *batch.acks, *refusals,
         ]
         for m in batch.messages:
             args += [new_message_id(), m.to, m.body, m.idempotency_key]
@@ -85,8 +87,7 @@ class OutboxPart(RedisCore):
             [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)],
             args)
         acked_raw, accepted_raw, claimed_raw, unread = reply
-        acked = [delivery_result(mid, raw)
-                 for mid, raw in zip(batch.acks, acked_raw, strict=True)]
+        acked = [delivery_result(mid, raw) for mid, raw in zip(settled, acked_raw, strict=True)]
         accepted: list[Accepted | OutboxFull] = []
         for new, item in zip(batch.messages, accepted_raw, strict=True):
             kind = text(item[0])

@@ -110,7 +110,13 @@ end
 local acked = {}
 local n_acks = tonumber(ARGV[10])
 for n = 12, 11 + n_acks do
-  local mid = ARGV[n]
+  -- an ack is the message id; a refusal is "<id>", a newline, "<code> <reason>"
+  local mid, value = ARGV[n], at
+  local cut = string.find(mid, '\\n', 1, true)
+  if cut then
+    value = at .. ' ' .. string.sub(mid, cut + 1)
+    mid = string.sub(mid, 1, cut - 1)
+  end
   local result_key = ARGV[4] .. mid
   local done = redis.call('GET', result_key)
   if done then
@@ -129,10 +135,10 @@ for n = 12, 11 + n_acks do
       redis.call('XACK', KEYS[1], ARGV[7], entry)
       redis.call('XDEL', KEYS[1], entry)
       redis.call('HDEL', KEYS[2], mid)
-      redis.call('SET', result_key, at, 'PX', ttl)
-      redis.call('PUBLISH', ARGV[6], mid .. ' ' .. at)
+      redis.call('SET', result_key, value, 'PX', ttl)
+      redis.call('PUBLISH', ARGV[6], mid .. ' ' .. value)
     end
-    acked[#acked + 1] = at
+    acked[#acked + 1] = value
   end
 end
 local accepted, fresh, last_added = {}, 0, nil
@@ -291,14 +297,15 @@ return next_token(KEYS[1])
 """
 
 # KEYS: inbound stream, seen hash, aged sorted set, fence.
-# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything), token
+# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything), token,
+#       origin (InboundOrigin JSON, "" if none)
 # Returns the new entry id, or false when the upstream id is already stored.
 # Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
 ADD_INBOUND = FENCED + """
 if fenced(KEYS[4], ARGV[6]) then return refuse(ARGV[6]) end
 if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return false end
 local entry = redis.call('XADD', KEYS[1], '*', 'uid', ARGV[1], 'from', ARGV[2], 'body', ARGV[3],
-  'at', ARGV[4])
+  'at', ARGV[4], 'o', ARGV[7])
 redis.call('HSET', KEYS[2], ARGV[1], entry)
 local retention = tonumber(ARGV[5])
 if retention > 0 then

@@ -8,7 +8,9 @@ import logging
 import time
 
 from broker.store.base import (
+    NO_ORIGIN,
     InboundDelivery,
+    InboundOrigin,
     InboundRecord,
 )
 from broker.store.sqlite.db import Txn
@@ -37,7 +39,7 @@ class InboundPart(SqlitePart):
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
     ) -> InboundRecord | None:
         retention = self._inbound_retention_s
 
@@ -45,9 +47,9 @@ class InboundPart(SqlitePart):
             c = txn.conn
             self._check(c, session_id, fence)
             cursor = c.execute(
-                "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) DO NOTHING",
-                (session_id, upstream_id, sender, body, at))
+                "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at, "
+                "origin) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) "
+                "DO NOTHING", (session_id, upstream_id, sender, body, at, origin.to_json()))
             if cursor.rowcount == 0:
                 return None
             row_id = int(cursor.lastrowid or 0)
@@ -64,7 +66,7 @@ class InboundPart(SqlitePart):
             txn.notify(lambda: self._wake_inbound(session_id))
             return InboundRecord(session_id=session_id, inbound_id=f"{row_id}-0",
                                  upstream_id=upstream_id, sender=sender, body=body,
-                                 received_at=at)
+                                 received_at=at, origin=origin)
 
         record: InboundRecord | None = await self._write(job)
         return record
@@ -101,21 +103,23 @@ class InboundPart(SqlitePart):
         if claim:
             idle = c.execute(
                 "SELECT p.inbound_id, p.deliveries, i.upstream_id, i.sender, i.body, "
-                "i.received_at FROM inbound_pending p JOIN inbound i ON i.id = p.inbound_id "
+                "i.received_at, i.origin FROM inbound_pending p "
+                "JOIN inbound i ON i.id = p.inbound_id "
                 "WHERE p.session_id = ? AND p.grp = ? AND p.delivered_at <= ? "
                 "ORDER BY p.inbound_id LIMIT ?",
                 (sid, group, now - self._redeliver_after_s, count)).fetchall()
-            for row_id, deliveries, uid, sender, body, received in idle:
+            for row_id, deliveries, uid, sender, body, received, origin in idle:
                 c.execute("UPDATE inbound_pending SET consumer = ?, delivered_at = ?, "
                           "deliveries = ? WHERE session_id = ? AND grp = ? AND inbound_id = ?",
                           (consumer, now, deliveries + 1, sid, group, row_id))
-                record = InboundRecord(sid, f"{row_id}-0", uid, sender, body, received)
+                record = InboundRecord(sid, f"{row_id}-0", uid, sender, body, received,
+                                       InboundOrigin.from_json(origin))
                 out.append(InboundDelivery(record, deliveries + 1))
         if len(out) < count:
             last_id = int(c.execute("SELECT last_id FROM inbound_groups WHERE session_id = ? "
                                     "AND grp = ?", (sid, group)).fetchone()[0])
             rows = c.execute(
-                "SELECT id, upstream_id, sender, body, received_at FROM inbound WHERE "
+                "SELECT id, upstream_id, sender, body, received_at, origin FROM inbound WHERE "
                 "session_id = ? AND id > ? ORDER BY id LIMIT ?",
                 (sid, last_id, count - len(out))).fetchall()
             if rows:
@@ -123,8 +127,9 @@ class InboundPart(SqlitePart):
                               [(sid, group, r[0], consumer, now) for r in rows])
                 c.execute("UPDATE inbound_groups SET last_id = ? WHERE session_id = ? AND "
                           "grp = ?", (rows[-1][0], sid, group))
-                out += [InboundDelivery(InboundRecord(sid, f"{r[0]}-0", r[1], r[2], r[3], r[4]),
-                                        1) for r in rows]
+                out += [InboundDelivery(InboundRecord(sid, f"{r[0]}-0", r[1], r[2], r[3], r[4],
+                                                      InboundOrigin.from_json(r[5])), 1)
+                        for r in rows]
         return out
 
     async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:

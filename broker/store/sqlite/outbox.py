@@ -22,9 +22,11 @@ from broker.store.base import (
 from broker.store.sqlite.db import Txn
 from broker.store.sqlite.part import (
     _MESSAGE_COLUMNS,
+    _RESULT_COLUMNS,
     _SWEEP_EVERY_ACKS,
     SqlitePart,
     _message,
+    _result,
 )
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class OutboxPart(SqlitePart):
     ) -> OutboxBatchResult:
         """One transaction (shared with whatever else is being written meanwhile):
         fence check, acks, key and depth checks, new messages, the claiming read."""
-        if not batch.acks and not batch.messages and fence is None:
+        if not (batch.acks or batch.refusals or batch.messages) and fence is None:
             return OutboxBatchResult([], [])
         # A batch with new messages is synced before any Send hears back; one of
         # only acks need not be (lost with a power loss, they mean resends that the
@@ -60,29 +62,32 @@ class OutboxPart(SqlitePart):
         last_seq, depth = (int(row[0]), int(row[1])) if row else (0, 0)
         acked: list[DeliveryResult] = []
         newly_acked: list[DeliveryResult] = []
-        for mid in batch.acks:
-            found = c.execute("SELECT acked_at FROM messages WHERE session_id = ? AND "
-                              "message_id = ?", (sid, mid)).fetchone()
-            if found is not None and found[0] is not None:
-                acked.append(DeliveryResult(mid, float(found[0])))
+        settle = [DeliveryResult(mid, at) for mid in batch.acks]
+        settle += [refusal.result(at) for refusal in batch.refusals]
+        for outcome in settle:
+            mid = outcome.message_id
+            found = c.execute(f"SELECT {_RESULT_COLUMNS} FROM messages WHERE session_id = ? "
+                              "AND message_id = ?", (sid, mid)).fetchone()
+            earlier = None if found is None else _result(mid, found)
+            if earlier is not None:
+                acked.append(earlier)
                 continue
             if found is not None:
-                c.execute("UPDATE messages SET acked_at = ? WHERE session_id = ? AND "
-                          "message_id = ?", (at, sid, mid))
+                c.execute("UPDATE messages SET acked_at = ?, refused_code = ?, refused = ? "
+                          "WHERE session_id = ? AND message_id = ?",
+                          (at, outcome.refused_code, outcome.refused, sid, mid))
                 depth -= 1
-            acked.append(DeliveryResult(mid, at))
-            newly_acked.append(acked[-1])
+            acked.append(outcome)
+            newly_acked.append(outcome)
         accepted: list[Accepted | OutboxFull] = []
         fresh: list[OutboxMessage] = []
         for new in batch.messages:
-            known = c.execute(f"SELECT {_MESSAGE_COLUMNS}, acked_at FROM messages "
+            known = c.execute(f"SELECT {_MESSAGE_COLUMNS}, {_RESULT_COLUMNS} FROM messages "
                               "WHERE session_id = ? AND idempotency_key = ?",
                               (sid, new.idempotency_key)).fetchone()
             if known is not None:
                 message = _message(sid, known)
-                done = None if known[6] is None else DeliveryResult(message.message_id,
-                                                                    float(known[6]))
-                accepted.append(Accepted(message, True, done))
+                accepted.append(Accepted(message, True, _result(message.message_id, known[6:])))
                 continue
             if depth >= max_depth:
                 accepted.append(outbox_full(sid, depth))
@@ -99,7 +104,7 @@ class OutboxPart(SqlitePart):
                        new.idempotency_key, at))
             fresh.append(message)
             accepted.append(Accepted(message, False))
-        if row is None and not (batch.acks or batch.messages):
+        if row is None and not (batch.acks or batch.refusals or batch.messages):
             return OutboxBatchResult(acked, accepted)
         c.execute("INSERT INTO outbox VALUES (?, ?, ?) ON CONFLICT (session_id) DO UPDATE "
                   "SET last_seq = excluded.last_seq, depth = excluded.depth",
@@ -155,14 +160,13 @@ class OutboxPart(SqlitePart):
         await self._ready()
 
         def read(conn: sqlite3.Connection) -> Accepted | None:
-            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, acked_at FROM messages "
+            row = conn.execute(f"SELECT {_MESSAGE_COLUMNS}, {_RESULT_COLUMNS} FROM messages "
                                "WHERE session_id = ? AND idempotency_key = ?",
                                (session_id, idempotency_key)).fetchone()
             if row is None:
                 return None
             message = _message(session_id, row)
-            done = None if row[6] is None else DeliveryResult(message.message_id, float(row[6]))
-            return Accepted(message, True, done)
+            return Accepted(message, True, _result(message.message_id, row[6:]))
 
         return await self.db.read(read)
 
@@ -198,10 +202,9 @@ class OutboxPart(SqlitePart):
         await self._ready()
 
         def read(conn: sqlite3.Connection) -> DeliveryResult | None:
-            row = conn.execute("SELECT acked_at FROM messages WHERE session_id = ? AND "
-                               "message_id = ?", (session_id, message_id)).fetchone()
-            return None if row is None or row[0] is None else DeliveryResult(message_id,
-                                                                              float(row[0]))
+            row = conn.execute(f"SELECT {_RESULT_COLUMNS} FROM messages WHERE session_id = ? "
+                               "AND message_id = ?", (session_id, message_id)).fetchone()
+            return None if row is None else _result(message_id, row)
 
         return await self.db.read(read)
 

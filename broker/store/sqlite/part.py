@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from broker.errors import NotOwner
 from broker.store.base import (
+    DeliveryResult,
     OutboxMessage,
     SessionRecord,
     StatusEvent,
@@ -37,6 +38,18 @@ def _message(session_id: str, row: Sequence[Any]) -> OutboxMessage:
     mid, to, body, key, seq, at = row[:6]
     return OutboxMessage(session_id=session_id, message_id=mid, to=to, body=body,
                          idempotency_key=key, sequence=int(seq), accepted_at=float(at))
+
+
+_RESULT_COLUMNS = "acked_at, refused_code, refused"
+"""A message's result; select after `_MESSAGE_COLUMNS` (read by `_result`)."""
+
+
+def _result(message_id: str, row: Sequence[Any]) -> DeliveryResult | None:
+    """The result in `row[0:3]` (`_RESULT_COLUMNS`); None while unsettled."""
+    acked_at, code, why = row[:3]
+    if acked_at is None:
+        return None
+    return DeliveryResult(message_id, float(acked_at), int(code or 0), str(why or ""))
 
 
 def _row_id(store_id: str) -> int | None:

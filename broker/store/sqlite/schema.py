@@ -49,7 +49,18 @@ CREATE TABLE kv (
 """
 """The per-session key-value area (a database of schema 1 gains an empty table)."""
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV)
+SCHEMA_V3_REFUSED = """
+ALTER TABLE messages ADD COLUMN refused_code INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE messages ADD COLUMN refused TEXT NOT NULL DEFAULT '';
+"""
+"""Why the upstream refused a settled message ('' for an acked one)."""
+
+SCHEMA_V4_ORIGIN = """
+ALTER TABLE inbound ADD COLUMN origin TEXT NOT NULL DEFAULT '';
+"""
+"""An inbound message's sender LID, push name, chat and send time (InboundOrigin JSON)."""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV, SCHEMA_V3_REFUSED, SCHEMA_V4_ORIGIN)
 """Schema steps in order; PRAGMA user_version counts those applied. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

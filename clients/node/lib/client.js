@@ -221,8 +221,13 @@ class BrokerClient {
   }
 
   async health(sessionIds = [], tenant = '') {
-    const response = await this._unaryRetrying('Health', { sessionIds, tenant });
-    return response.sessions;
+    return (await this.healthReport(sessionIds, tenant)).sessions;
+  }
+
+  /** The whole Health answer: `sessions`, plus the answering instance's `engine`
+   * (`name`, `up`, `detail`, `starts`, `since`) and the store's `durability`. */
+  healthReport(sessionIds = [], tenant = '') {
+    return this._unaryRetrying('Health', { sessionIds, tenant });
   }
 
   createSession(sessionId, { tenant = '', start = true } = {}) {

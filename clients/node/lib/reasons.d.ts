@@ -62,6 +62,8 @@ export declare const ErrorReason: {
   readonly PAIRING_CODE_REFUSED: 'PAIRING_CODE_REFUSED';
   /** FAILED_PRECONDITION: the session's stored credentials do not decrypt with any configured key (a wrong or rotated-away key); metadata.state is FAILED and Health names the key id to configure again. */
   readonly CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE';
+  /** FAILED_PRECONDITION: the upstream refused the message and will not take it as it is (WhatsApp e.g. 463 or 475); metadata.code is the upstream's code, metadata.message_id the message. Final: the broker does not resend it, and a retry with the same idempotency key answers the same refusal. */
+  readonly MESSAGE_REFUSED: 'MESSAGE_REFUSED';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

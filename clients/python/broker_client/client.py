@@ -324,9 +324,17 @@ class BrokerClient:
     async def health(
         self, session_ids: Sequence[str] = (), tenant: str = ""
     ) -> list[broker_pb2.SessionHealth]:
+        return list((await self.health_report(session_ids, tenant)).sessions)
+
+    async def health_report(
+        self, session_ids: Sequence[str] = (), tenant: str = ""
+    ) -> broker_pb2.HealthResponse:
+        """The whole Health answer: the sessions, plus the answering instance's engine
+        (up or not) and the store's durability."""
         request = broker_pb2.HealthRequest(session_ids=list(session_ids), tenant=tenant)
-        response = await self._call_retrying(self._stub.Health, request)
-        return list(response.sessions)
+        response: broker_pb2.HealthResponse = await self._call_retrying(self._stub.Health,
+                                                                         request)
+        return response
 
     # -- inbound -----------------------------------------------------------------
 

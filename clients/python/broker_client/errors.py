@@ -26,6 +26,7 @@ __all__ = [
     "FailedPrecondition",
     "InvalidArgument",
     "LoggedOut",
+    "MessageRefused",
     "NeedsPairing",
     "NotDeliveredYet",
     "PermissionDenied",
@@ -114,6 +115,12 @@ class NeedsPairing(FailedPrecondition):
     """The session waits for a QR code to be scanned."""
 
 
+class MessageRefused(FailedPrecondition):
+    """The upstream refused the message for good (WhatsApp e.g. 463, 475); the broker
+    does not resend it. ``metadata["code"]`` is the upstream's code and
+    ``metadata["message_id"]`` the message; a retry with the same key says the same."""
+
+
 class Unavailable(BrokerError):
     """Transient: the broker, its store or the upstream is unreachable right now."""
 
@@ -172,6 +179,7 @@ _BY_REASON: dict[str, type[BrokerError]] = {
     reason_name(ErrorReason.LOGGED_OUT): LoggedOut,
     reason_name(ErrorReason.NEEDS_PAIRING): NeedsPairing,
     reason_name(ErrorReason.NOT_DELIVERED_YET): NotDeliveredYet,
+    reason_name(ErrorReason.MESSAGE_REFUSED): MessageRefused,
 }
 
 

@@ -142,6 +142,11 @@ class SyncBrokerClient:
     ) -> list[broker_pb2.SessionHealth]:
         return self._run(self._client.health(session_ids, tenant))
 
+    def health_report(
+        self, session_ids: Sequence[str] = (), tenant: str = ""
+    ) -> broker_pb2.HealthResponse:
+        return self._run(self._client.health_report(session_ids, tenant))
+
     def receive(
         self,
         session_ids: Sequence[str],

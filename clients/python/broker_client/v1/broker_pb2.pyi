@@ -571,25 +571,77 @@ class HealthResponse(_message.Message):
 
     SESSIONS_FIELD_NUMBER: _builtins.int
     DURABILITY_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     durability: _builtins.str
     """The store's durability in force and what a crash can lose, e.g. "durability
     replica: a message is accepted once a replica confirmed it; ...".
     """
     @_builtins.property
     def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionHealth]: ...
+    @_builtins.property
+    def engine(self) -> Global___EngineHealth:
+        """What this instance's sessions run on, and whether it is up right now."""
+
     def __init__(
         self,
         *,
         sessions: _abc.Iterable[Global___SessionHealth] | None = ...,
         durability: _builtins.str = ...,
+        engine: Global___EngineHealth | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["durability", b"durability", "sessions", b"sessions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["durability", b"durability", "engine", b"engine", "sessions", b"sessions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HealthResponse: _TypeAlias = HealthResponse  # noqa: Y015
+
+@_typing.final
+class EngineHealth(_message.Message):
+    """The engine of the instance that answered Health."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    UP_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    STARTS_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"sim", "ws" or "baileys"."""
+    up: _builtins.bool
+    """False while the engine's own process is down (the Baileys bridge exited
+    and is being restarted): its sessions are RECONNECTING meanwhile.
+    """
+    detail: _builtins.str
+    """In plain words, e.g. "WhatsApp bridge up (pid 4242)" or "WhatsApp bridge
+    down (exited with 137); restarting".
+    """
+    starts: _builtins.int
+    """How many times the engine's process was started (1 after a clean start;
+    more means it was restarted).
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Since when `up` holds."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        up: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+        starts: _builtins.int = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "name", b"name", "since", b"since", "starts", b"starts", "up", b"up"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngineHealth: _TypeAlias = EngineHealth  # noqa: Y015
 
 @_typing.final
 class Transition(_message.Message):
@@ -647,6 +699,7 @@ class Counters(_message.Message):
     RECONNECT_GAP_MS_MAX_FIELD_NUMBER: _builtins.int
     ATTEMPTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_HELD_BACK_LAST_HOUR_FIELD_NUMBER: _builtins.int
+    MESSAGES_REFUSED_FIELD_NUMBER: _builtins.int
     disconnects_last_hour: _builtins.int
     """Disconnects in the last hour."""
     connects_total: _builtins.int
@@ -685,6 +738,8 @@ class Counters(_message.Message):
     """Attempts the attempt budget (--attempt-burst / --attempt-rate) held back,
     that is spaced out, in the last hour; above 0 Health also says FLAPPING.
     """
+    messages_refused: _builtins.int
+    """Messages the upstream refused for good (their Sends fail with MESSAGE_REFUSED)."""
     def __init__(
         self,
         *,
@@ -708,10 +763,11 @@ class Counters(_message.Message):
         reconnect_gap_ms_max: _builtins.float = ...,
         attempts_per_minute: _builtins.float = ...,
         attempts_held_back_last_hour: _builtins.int = ...,
+        messages_refused: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_held_back_last_hour", b"attempts_held_back_last_hour", "attempts_per_minute", b"attempts_per_minute", "availability_last_hour", b"availability_last_hour", "availability_window_s", b"availability_window_s", "connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "outbox_depth", b"outbox_depth", "reconnect_gap_ms_max", b"reconnect_gap_ms_max", "reconnect_gap_ms_p50", b"reconnect_gap_ms_p50", "reconnect_gap_ms_p99", b"reconnect_gap_ms_p99", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_held_back_last_hour", b"attempts_held_back_last_hour", "attempts_per_minute", b"attempts_per_minute", "availability_last_hour", b"availability_last_hour", "availability_window_s", b"availability_window_s", "connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "messages_refused", b"messages_refused", "outbox_depth", b"outbox_depth", "reconnect_gap_ms_max", b"reconnect_gap_ms_max", "reconnect_gap_ms_p50", b"reconnect_gap_ms_p50", "reconnect_gap_ms_p99", b"reconnect_gap_ms_p99", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1038,6 +1094,10 @@ class InboundMessage(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     RECEIVED_AT_FIELD_NUMBER: _builtins.int
     DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    SENDER_LID_FIELD_NUMBER: _builtins.int
+    PUSH_NAME_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    SENT_AT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     inbound_id: _builtins.str
     """The broker's id of the message (ordered within the session); pass it to
@@ -1054,9 +1114,23 @@ class InboundMessage(_message.Message):
     """How many times the message was handed to this group: 1 on the first
     delivery, more when it is redelivered because no ack came in time.
     """
+    sender_lid: _builtins.str
+    """The sender's LID (`...@lid`, WhatsApp's privacy id) where the upstream
+    reports one; `sender` then holds the phone-number JID when it is known.
+    """
+    push_name: _builtins.str
+    """The name the sender set for themselves ("push name"), if the upstream gave one."""
+    chat: _builtins.str
+    """The chat the message belongs to: the sender's JID in a 1:1 chat, the
+    group's JID (`...@g.us`) in a group. Empty when the upstream has no chats.
+    """
     @_builtins.property
     def received_at(self) -> _timestamp_pb2.Timestamp:
         """When the broker received and stored it."""
+
+    @_builtins.property
+    def sent_at(self) -> _timestamp_pb2.Timestamp:
+        """When the sender sent it, by the upstream's clock (unset if not reported)."""
 
     def __init__(
         self,
@@ -1068,10 +1142,14 @@ class InboundMessage(_message.Message):
         body: _builtins.str = ...,
         received_at: _timestamp_pb2.Timestamp | None = ...,
         delivery_count: _builtins.int = ...,
+        sender_lid: _builtins.str = ...,
+        push_name: _builtins.str = ...,
+        chat: _builtins.str = ...,
+        sent_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "delivery_count", b"delivery_count", "inbound_id", b"inbound_id", "received_at", b"received_at", "sender", b"sender", "session_id", b"session_id", "upstream_id", b"upstream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chat", b"chat", "delivery_count", b"delivery_count", "inbound_id", b"inbound_id", "push_name", b"push_name", "received_at", b"received_at", "sender", b"sender", "sender_lid", b"sender_lid", "sent_at", b"sent_at", "session_id", b"session_id", "upstream_id", b"upstream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1232,6 +1310,12 @@ class ErrorReason(_message.Message):
         any configured key (a wrong or rotated-away key); metadata.state is FAILED
         and Health names the key id to configure again.
         """
+        MESSAGE_REFUSED: ErrorReason._Reason.ValueType  # 31
+        """FAILED_PRECONDITION: the upstream refused the message and will not take
+        it as it is (WhatsApp e.g. 463 or 475); metadata.code is the upstream's
+        code, metadata.message_id the message. Final: the broker does not resend
+        it, and a retry with the same idempotency key answers the same refusal.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1316,6 +1400,12 @@ class ErrorReason(_message.Message):
     """FAILED_PRECONDITION: the session's stored credentials do not decrypt with
     any configured key (a wrong or rotated-away key); metadata.state is FAILED
     and Health names the key id to configure again.
+    """
+    MESSAGE_REFUSED: ErrorReason.Reason.ValueType  # 31
+    """FAILED_PRECONDITION: the upstream refused the message and will not take
+    it as it is (WhatsApp e.g. 463 or 475); metadata.code is the upstream's
+    code, metadata.message_id the message. Final: the broker does not resend
+    it, and a retry with the same idempotency key answers the same refusal.
     """
 
     def __init__(

@@ -129,6 +129,8 @@ class BrokerServicer:
         never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
         message is accepted and queued but the upstream has not acked it before
         the deadline: retry with the same key to learn its fate.
+        FAILED_PRECONDITION (reason MESSAGE_REFUSED) means the upstream refused
+        the message for good (metadata.code): it is settled and not resent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

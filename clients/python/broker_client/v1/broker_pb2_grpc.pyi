@@ -59,6 +59,8 @@ class BrokerStub:
     never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
+    FAILED_PRECONDITION (reason MESSAGE_REFUSED) means the upstream refused
+    the message for good (metadata.code): it is settled and not resent.
     """
     SendStream: _grpc.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]
     """Many Sends on one call, for high throughput: each request carries one or
@@ -148,6 +150,8 @@ class BrokerAsyncStub(BrokerStub):
     never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
     message is accepted and queued but the upstream has not acked it before
     the deadline: retry with the same key to learn its fate.
+    FAILED_PRECONDITION (reason MESSAGE_REFUSED) means the upstream refused
+    the message for good (metadata.code): it is settled and not resent.
     """
     SendStream: _aio.StreamStreamMultiCallable[_broker_pb2.SendBatchRequest, _broker_pb2.SendBatchResponse]  # type: ignore[assignment]
     """Many Sends on one call, for high throughput: each request carries one or
@@ -240,6 +244,8 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         never sends twice. UNAVAILABLE (reason NOT_DELIVERED_YET) means the
         message is accepted and queued but the upstream has not acked it before
         the deadline: retry with the same key to learn its fate.
+        FAILED_PRECONDITION (reason MESSAGE_REFUSED) means the upstream refused
+        the message for good (metadata.code): it is settled and not resent.
         """
 
     @_abc_1.abstractmethod
