@@ -236,8 +236,9 @@ async def test_refusals_fail_sends_typed_inbound_has_origin_health_shows_the_bri
         with pytest.raises(MessageRefused) as again:
             await client.send(refused_sids[0], "15550009", f"first {refused_sids[0]}",
                               idempotency_key=f"k-{refused_sids[0]}")
-        assert again.value.metadata["message_id"] == by_sid[refused_sids[0]].metadata[
-            "message_id"]  # type: ignore[union-attr]
+        first = by_sid[refused_sids[0]]
+        assert isinstance(first, MessageRefused)
+        assert again.value.metadata["message_id"] == first.metadata["message_id"]
         # The session is not stuck: its next message goes out; a batch carries the
         # refusal per item.
         assert (await inst.fake.do("fail_send", session=refused_sids[1], code=475))["ok"]
