@@ -16,8 +16,8 @@ import grpc
 from broker_client.v1.broker_pb2 import ErrorReason
 
 __all__ = [
-    "BrokerError", "ErrorReason", "InvalidArgument", "MessageRefused", "NotDeliveredYet",
-    "NotOwner",
+    "BrokerError", "ErrorReason", "InvalidArgument", "MessageNotFound", "MessageRefused",
+    "NotDeliveredYet", "NotOwner",
     "OutboxFull", "PairingRefused", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
     "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
     "Unauthenticated", "reason_name",
@@ -87,6 +87,13 @@ class PairingRefused(BrokerError):
 
     code = grpc.StatusCode.FAILED_PRECONDITION
     default_reason = ErrorReason.PAIRING_CODE_REFUSED
+
+
+class MessageNotFound(BrokerError):
+    """GetMessage of a message id the broker does not know (or no longer keeps)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = ErrorReason.MESSAGE_NOT_FOUND
 
 
 class MessageRefused(BrokerError):

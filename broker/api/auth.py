@@ -7,7 +7,8 @@ callers. Rules:
 - ``grpc.health.v1.Health`` stays open (load-balancer and Kubernetes probes).
 - Server reflection needs any valid token.
 - ``broker.v1.Broker``: the role must grant the method's permission
-  (worker: Send/SendStream/SendBatch/Receive/AckInbound; viewer: StreamStatus/Health/GetSession/
+  (worker: Send/SendStream/SendBatch/Receive/AckInbound/ReceiveUpdates/AckUpdates/
+  GetMessage; viewer: StreamStatus/Health/GetSession/
   ListSessions/GetQr; admin: all), then every session or tenant the request
   names must be in the token's tenants. A session unknown to a tenant-scoped
   token is refused like another tenant's session, so tokens cannot probe for
@@ -70,6 +71,9 @@ RULES: dict[str, tuple[Permission, str]] = {
     "SendBatch": (Permission.SEND, _ITEMS),
     "AckInbound": (Permission.SEND, _SESSION),
     "Receive": (Permission.SEND, _SESSIONS),
+    "ReceiveUpdates": (Permission.SEND, _SESSIONS),
+    "AckUpdates": (Permission.SEND, _SESSION),
+    "GetMessage": (Permission.SEND, _SESSION),
     "StreamStatus": (Permission.VIEW, _LISTING),
     "Health": (Permission.VIEW, _LISTING),
     "ListSessions": (Permission.VIEW, _LISTING),

@@ -16,6 +16,7 @@ from broker.lifecycle.health import Recommendation, SessionStats, Severity
 from broker.lifecycle.states import State
 from broker.runtime.manager import HealthView, QrView, SendOutcome, SessionView
 from broker.runtime.sendflow import SendItem
+from broker.runtime.updates import MessageInfo, UpdateDelivery
 from broker.runtime.watch import Origin, Watched
 from broker.store.base import InboundDelivery, StatusEvent
 from broker_client.v1 import broker_pb2 as pb
@@ -128,6 +129,24 @@ def send_timeout(time_remaining: float | None) -> float | None:
     return max(time_remaining - min(0.05, time_remaining / 10), 0.0)
 
 
+def message_update(delivery: UpdateDelivery) -> pb.MessageUpdate:
+    u = delivery.update
+    return pb.MessageUpdate(session_id=u.session_id, update_id=u.update_id,
+                            message_id=u.message_id, status=pb.MessageStatus.ValueType(u.status),
+                            at=timestamp(u.at), code=u.code, reason=u.reason,
+                            delivery_count=delivery.delivery_count)
+
+
+def message_info(info: MessageInfo) -> pb.MessageInfo:
+    sent = info.sent
+    return pb.MessageInfo(
+        session_id=info.session_id, message_id=info.message_id,
+        status=pb.MessageStatus.ValueType(info.status), status_at=timestamp(info.status_at),
+        code=info.code, reason=info.reason, to=sent.to if sent else "",
+        sequence=sent.sequence if sent else 0,
+        accepted_at=timestamp(sent.accepted_at if sent else None))
+
+
 def engine_health(status: EngineStatus) -> pb.EngineHealth:
     return pb.EngineHealth(name=status.name, up=status.up, detail=status.detail,
                            starts=status.starts, since=timestamp(status.since))
@@ -169,7 +188,8 @@ def counters(
         reconnect_gap_ms_p50=c.reconnect_gap_ms_p50, reconnect_gap_ms_p99=c.reconnect_gap_ms_p99,
         reconnect_gap_ms_max=c.reconnect_gap_ms_max, attempts_per_minute=c.attempts_per_minute,
         attempts_held_back_last_hour=c.attempts_held_back_last_hour,
-        messages_refused=c.messages_refused,
+        messages_refused=c.messages_refused, messages_delivered=c.messages_delivered,
+        delivered_rate_last_hour=c.delivered_rate_last_hour,
     )
 
 

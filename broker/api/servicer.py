@@ -153,6 +153,30 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             async for delivery in deliveries:
                 yield convert.inbound_message(delivery)
 
+    @streaming
+    async def ReceiveUpdates(
+        self, request: pb.ReceiveRequest, context: Context
+    ) -> AsyncGenerator[pb.MessageUpdate, None]:
+        deliveries = self.manager.updates.receive(
+            request.session_ids, request.group, request.consumer, request.max_unacked,
+        )
+        async with aclosing(deliveries):
+            async for delivery in deliveries:
+                yield convert.message_update(delivery)
+
+    @unary
+    async def AckUpdates(
+        self, request: pb.AckUpdatesRequest, context: Context
+    ) -> pb.AckInboundResponse:
+        acked = await self.manager.updates.ack(request.session_id, request.group,
+                                               request.update_ids)
+        return pb.AckInboundResponse(acked=acked)
+
+    @unary
+    async def GetMessage(self, request: pb.GetMessageRequest, context: Context) -> pb.MessageInfo:
+        return convert.message_info(await self.manager.updates.info(request.session_id,
+                                                                     request.message_id))
+
     @unary
     async def AckInbound(
         self, request: pb.AckInboundRequest, context: Context

@@ -98,6 +98,10 @@ class Counters:
     attempts_held_back_last_hour: int = 0
     #: Messages the upstream refused for good (not resent).
     messages_refused: int = 0
+    #: Messages a delivered receipt came back for.
+    messages_delivered: int = 0
+    #: Delivered receipts per message the upstream took, over the last hour.
+    delivered_rate_last_hour: float = 1.0
 
 
 @dataclass
@@ -113,8 +117,12 @@ class SessionStats:
     messages_accepted: int = 0
     messages_acked: int = 0
     messages_refused: int = 0
+    messages_delivered: int = 0
     #: The latest refusal's (code, reason).
     last_refusal: tuple[int, str] | None = None
+    #: Per minute of the last hour: [minute number, acked, delivered], oldest first.
+    #: None until the first ack: ten thousand idle sessions carry no list.
+    minutes: deque[list[int]] | None = None
     #: Timestamps of disconnects within the last hour (older ones are pruned).
     disconnect_times: deque[float] = field(default_factory=deque)
     #: Recent reconnect durations in ms (from leaving OPEN to OPEN again).
@@ -187,8 +195,33 @@ class SessionStats:
     def on_accepted(self, n: int = 1) -> None:
         self.messages_accepted += n
 
-    def on_acked(self, n: int = 1) -> None:
+    def on_acked(self, n: int = 1, now: float | None = None) -> None:
         self.messages_acked += n
+        if now is not None:
+            self._minute(now)[1] += n
+
+    def on_delivered(self, n: int = 1, now: float | None = None) -> None:
+        self.messages_delivered += n
+        if now is not None:
+            self._minute(now)[2] += n
+
+    def _minute(self, now: float) -> list[int]:
+        minute = int(now // 60)
+        if self.minutes is None:
+            self.minutes = deque(maxlen=60)
+        if not self.minutes or self.minutes[-1][0] != minute:
+            self.minutes.append([minute, 0, 0])
+        return self.minutes[-1]
+
+    def delivered_rate(self, now: float) -> float:
+        """Delivered receipts per message the upstream took (acked), over the last
+        hour: what "> 95% delivered" measures; 1.0 before the first ack."""
+        first = int(now // 60) - 59
+        acked = delivered = 0
+        for minute, a, d in self.minutes or ():
+            if minute >= first:
+                acked, delivered = acked + a, delivered + d
+        return min(1.0, delivered / acked) if acked else 1.0
 
     def on_refused(self, code: int, reason: str) -> None:
         self.messages_refused += 1
@@ -289,6 +322,8 @@ class SessionStats:
             attempts_per_minute=self.attempts_per_minute(now),
             attempts_held_back_last_hour=self.held_within(now, HOUR_S),
             messages_refused=self.messages_refused,
+            messages_delivered=self.messages_delivered,
+            delivered_rate_last_hour=self.delivered_rate(now),
         )
 
     def _prune(self, now: float) -> None:

@@ -33,6 +33,7 @@ from broker.runtime.link import Connection, LinkEvent, LinkRefused, LinkUp
 from broker.runtime.mailbox import Mailbox
 from broker.runtime.recorder import StatusRecorder
 from broker.runtime.timers import TimerDue, Timers
+from broker.runtime.updates import RECEIPTS
 from broker.store.base import (
     Accepted,
     DeliveryResult,
@@ -301,6 +302,10 @@ class SessionActor:
                 await self._feed(inputs.PongReceived())
             case upstream_events.Acked(message_id=mid):  # the link reader takes most acks
                 self.delivery.ack(mid)
+            case upstream_events.Receipt(message_id=mid, status=status):
+                receipt = RECEIPTS.get(status)
+                if receipt is not None:
+                    self.delivery.receipt(mid, receipt)
             case upstream_events.Refused(message_id=mid, code=code, reason=why):
                 log.warning("session %s: the upstream refused message %s (%s %s)",
                             self.session_id, mid, code, why)

@@ -14,6 +14,11 @@ the store; this module only carries that out:
   kick, an ack or the next resend deadline.
 - ack waiters: a Send that waits for its ack gets one plain future, settled
   by the ack's stored result, by `release_waiters`, or by its timer.
+- the updates writer: every ack, refusal and receipt is also a status update
+  of its message (`broker.runtime.updates`), written in arrival order, apart
+  from the outbox writes so no Send waits for it. Written before or after its
+  ack, it is stored once either way (updates are de-duplicated per message and
+  status); one that meets an unreachable store is retried, in order.
 
 Acks reach `ack()` straight from the link reader, not through the actor's
 inbox: an ack changes no lifecycle state, and a hop per ack through the inbox
@@ -28,15 +33,21 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
 from broker.config import Settings
 from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle.health import SessionStats
+from broker.runtime import updates
 from broker.runtime.batching import Batcher
 from broker.runtime.mailbox import Wake, settle
+from broker.runtime.updates import MessageStatus
 from broker.runtime.window import DeliveryWindow
 from broker.store.base import (
+    UPDATES,
     Accepted,
     DeliveryResult,
+    NewEntry,
     NewMessage,
     OutboxBatch,
     Refusal,
@@ -47,7 +58,9 @@ from broker.upstream.provider import Link
 log = logging.getLogger(__name__)
 
 STORE_RETRY_S = 1.0
-"""How soon the delivery loop asks an unreachable store again."""
+"""How soon the delivery loop (and the updates writer) asks an unreachable store again."""
+UPDATE_ATTEMPTS = 30
+"""How often the updates writer tries one batch before it gives up on it (logged)."""
 
 _Write = str | Refusal | NewMessage
 """An outbox write item: an ack (the message id), a refusal or a new message."""
@@ -57,8 +70,8 @@ class Delivery:
     """One session's outbox writer, delivery loop and ack waiters; its actor owns it."""
 
     __slots__ = ("_ack_waiters", "_batcher", "_clock", "_fence", "_idle_poll", "_link",
-                 "_not_owner", "_settings", "_spawn", "_stats", "_store", "_task", "_wake",
-                 "_window", "session_id")
+                 "_not_owner", "_settings", "_spawn", "_stats", "_store", "_task",
+                 "_updates", "_wake", "_window", "session_id")
 
     def __init__(
         self,
@@ -93,6 +106,7 @@ class Delivery:
         self._link: Link | None = None
         # Made on first use: ten thousand idle sessions should not carry them.
         self._batcher: Batcher[_Write, Accepted | None] | None = None
+        self._updates: Batcher[NewEntry, None] | None = None
         self._window: DeliveryWindow | None = None
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
 
@@ -225,16 +239,56 @@ class Delivery:
     def ack(self, message_id: str) -> None:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
         self._writes.post(message_id)
+        self._update(updates.entry(message_id, MessageStatus.SERVER_ACK))
 
     def refuse(self, refusal: Refusal) -> None:
         """Record that the upstream refused a message: settled, never sent again, and
         its waiting Sends answered with the refusal."""
         self._writes.post(refusal)
+        self._update(updates.entry(refusal.message_id, MessageStatus.REFUSED, refusal.code,
+                                   refusal.reason))
+
+    def receipt(self, message_id: str, status: MessageStatus) -> None:
+        """Record a receipt (delivered, read, played) as the message's status update."""
+        self._update(updates.entry(message_id, status))
+
+    def _update(self, entry: NewEntry) -> None:
+        if self._updates is None:
+            self._updates = Batcher(self._write_updates, linger_s=self._settings.write_linger_s,
+                                    loaded=self._pipelined)
+        self._updates.post(entry)
+
+    async def _write_updates(self, entries: list[NewEntry]) -> list[None]:
+        """Write status updates in order; an unreachable store is asked again (later
+        updates wait behind these), a fenced write drops them (the owner's now)."""
+        retrying = AsyncRetrying(stop=stop_after_attempt(UPDATE_ATTEMPTS),
+                                 wait=wait_fixed(STORE_RETRY_S),
+                                 retry=retry_if_exception_type(StoreUnavailable), reraise=True)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    added = await self._store.add_entries(
+                        self.session_id, entries, self._clock(), topic=UPDATES,
+                        fence=self._fence)
+        except NotOwner as exc:
+            self._not_owner(exc)
+            return [None] * len(entries)
+        except Exception as exc:
+            log.warning("session %s: %d status updates not stored: %s", self.session_id,
+                        len(entries), exc)
+            return [None] * len(entries)
+        delivered = sum(1 for e, r in zip(entries, added, strict=True)
+                        if r is not None and e.body == MessageStatus.DELIVERED.name)
+        if delivered:
+            self._stats.on_delivered(delivered, self._clock())
+        return [None] * len(entries)
 
     async def drain(self) -> None:
-        """Return once everything handed to the writer so far is written."""
+        """Return once everything handed to the writers so far is written."""
         if self._batcher is not None:
             await self._batcher.drain()
+        if self._updates is not None:
+            await self._updates.drain()
 
     async def _write_outbox(self, items: list[_Write]) -> list[Accepted | BaseException | None]:
         """Write a batch of acks and new messages, then act on the answers.
@@ -266,7 +320,7 @@ class Delivery:
                             self.session_id, len(acks) + len(refusals), exc)
             return [exc if isinstance(i, NewMessage) else None for i in items]
         if done.acked:
-            self._stats.on_acked(len(acks))
+            self._stats.on_acked(len(acks), self._clock())
             for result in done.acked[len(acks):]:
                 if not result.ok:
                     self._stats.on_refused(result.refused_code, result.refused)
@@ -322,8 +376,8 @@ class Delivery:
         # Messages already handed to the writer are written whatever happens to
         # this actor: their Sends are waiting for the answer. (An ack left
         # unrecorded is harmless: the next owner resends, the upstream re-acks.)
-        if self._batcher is not None:
-            drain = asyncio.ensure_future(self._batcher.drain())
+        if self._batcher is not None or self._updates is not None:
+            drain = asyncio.ensure_future(self.drain())
             done, _ = await asyncio.wait([drain], timeout=drain_timeout_s)
             if not done:
                 drain.cancel()

@@ -18,7 +18,7 @@ from typing import Any
 from broker import validation
 from broker.config import Settings
 from broker.errors import InvalidArgument, SessionNotFound
-from broker.store.base import InboundDelivery, Store
+from broker.store.base import INBOUND, InboundDelivery, Store
 
 MAX_SESSIONS = 100
 MAX_ACK_IDS = 1000
@@ -69,9 +69,13 @@ class _Stream:
 
 
 class InboundService:
-    def __init__(self, store: Store, settings: Settings) -> None:
+    """Receive and AckInbound over one topic of the store (INBOUND; UPDATES for
+    `broker.runtime.updates`)."""
+
+    def __init__(self, store: Store, settings: Settings, *, topic: str = INBOUND) -> None:
         self.store = store
         self.settings = settings
+        self.topic = topic
         self._streams: set[_Stream] = set()
 
     async def receive(
@@ -111,8 +115,8 @@ class InboundService:
                     if take <= 0:
                         break
                     stream.reserved += take
-                    task = asyncio.create_task(
-                        self.store.read_inbound(sid, group, consumer, take, block_s))
+                    task = asyncio.create_task(self.store.read_inbound(
+                        sid, group, consumer, take, block_s, topic=self.topic))
                     readers[task] = (sid, take)
                     idle.remove(sid)
                 credit = asyncio.create_task(stream.changed.wait())
@@ -139,21 +143,26 @@ class InboundService:
             if readers:
                 await asyncio.wait(readers)
 
-    async def ack(self, session_id: str, group: str, inbound_ids: Sequence[str]) -> int:
-        """Settle deliveries; frees the credit of this process's streams at once."""
+    async def ack(
+        self, session_id: str, group: str, inbound_ids: Sequence[str], *,
+        field: str = "inbound_ids",
+    ) -> int:
+        """Settle deliveries; frees the credit of this process's streams at once.
+        `field`: the request field the ids came in (for errors)."""
         validation.session_id(session_id)
         group = validation.session_id(group, "group") if group else DEFAULT_GROUP
         if not inbound_ids:
-            raise InvalidArgument("inbound_ids", "is required")
+            raise InvalidArgument(field, "is required")
         if len(inbound_ids) > MAX_ACK_IDS:
-            raise InvalidArgument("inbound_ids", f"must hold at most {MAX_ACK_IDS} ids")
+            raise InvalidArgument(field, f"must hold at most {MAX_ACK_IDS} ids")
         for iid in inbound_ids:
             if not _INBOUND_ID.fullmatch(iid):
                 # Echo a bounded prefix: a 100 KB id would overflow the status metadata.
-                raise InvalidArgument("inbound_ids", f"{iid[:40]!r} is not an inbound_id")
+                raise InvalidArgument(field, f"{iid[:40]!r} is not an id this broker gave")
         if await self.store.get_session(session_id) is None:
             raise SessionNotFound(session_id)
-        acked = await self.store.ack_inbound(session_id, group, list(inbound_ids))
+        acked = await self.store.ack_inbound(session_id, group, list(inbound_ids),
+                                             topic=self.topic)
         for stream in tuple(self._streams):
             if stream.group == group:
                 stream.settle(session_id, inbound_ids)

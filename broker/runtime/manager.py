@@ -40,6 +40,7 @@ from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
 from broker.runtime.sendflow import Guard, SendFlow, SendItem, send_all
+from broker.runtime.updates import UpdatesService
 from broker.runtime.watch import Watched
 from broker.store.base import (
     Accepted,
@@ -139,6 +140,7 @@ class SessionManager:
         self.clock = clock
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
+        self.updates = UpdatesService(store, self.settings)
         # In process unless the backend shares buckets between instances.
         self.limiter: RateLimiter = limiter or rate_limiter(self.settings)
         self._lock = asyncio.Lock()

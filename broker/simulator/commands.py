@@ -97,6 +97,17 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
         login, sender, body = p.text("login"), p.text("from"), p.text("body", allow_empty=True)
         return {"id": await sim.inbound(login, sender, body)}
 
+    async def refuse(p: Params) -> Any:
+        sim.refuse_next(p.text("login"), p.integer("code", 463),
+                        p.text("reason", allow_empty=True) or "refused")
+        return {"ok": True}
+
+    async def receipt(p: Params) -> Any:
+        status = p.text("status")
+        if status not in ("delivered", "read", "played"):
+            raise ControlError("status must be delivered, read or played")
+        return {"sent": await sim.receipt(p.text("login"), p.text("id"), status)}
+
     async def record(p: Params) -> Any:
         return sim.record(p.text("login")).to_json()
 
@@ -108,6 +119,7 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
         "state": state, "scan": scan, "enter-code": enter_code, "logout": logout,
         "ban": ban, "unban": unban, "drop": drop, "unavailable": unavailable,
         "faults": faults, "inbound": inbound, "record": record, "reset": reset,
+        "refuse": refuse, "receipt": receipt,
     }
 
 

@@ -87,6 +87,14 @@ class SimulatorControl:
     def record(self, login: str) -> Any:
         return self.command("record", login=login)
 
+    def refuse(self, login: str, code: int = 463, reason: str = "refused") -> Any:
+        """Refuse the login's next new message with `code`."""
+        return self.command("refuse", login=login, code=str(code), reason=reason)
+
+    def receipt(self, login: str, message_id: str, status: str) -> Any:
+        """Send a "delivered", "read" or "played" receipt for an accepted message."""
+        return self.command("receipt", login=login, id=message_id, status=status)
+
     def reset(self) -> Any:
         return self.command("reset")
 

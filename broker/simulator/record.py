@@ -54,6 +54,10 @@ class LoginRecord:
     pairing_codes: list[str] = field(default_factory=list)
     """The phone number of every pairing code handed out, in order."""
     inbound_acked: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    """Ids of the messages the simulator refused (the `refuse` command)."""
+    receipts: list[tuple[str, str]] = field(default_factory=list)
+    """(message id, status) of every receipt sent on command (`receipt`)."""
 
     def overlaps_by(self, client_prefix: str) -> list[Overlap]:
         """Overlaps in which both connections came from clients named so (e.g. "broker/")."""

@@ -57,6 +57,7 @@ from broker.upstream.protocol import (
     Qr,
     Ready,
     Receipt,
+    Refused,
     Send,
     decode,
     encode,
@@ -129,6 +130,8 @@ class Simulator:
         """Pairing code handed out -> the pairing connection it links when entered."""
         self._unavailable = Unavailable()
         self._faults = Faults()
+        self._refusals: dict[str, tuple[int, str]] = {}
+        """Login -> the (code, reason) its next new message is refused with."""
         if self.config.state_path is not None:
             self._tokens, self._banned = load_logins(self.config.state_path)
 
@@ -309,6 +312,20 @@ class Simulator:
         self._faults = Faults(drop_min_s, drop_max_s, latency_ms, lose_acks)
         self._restart_drops()
 
+    def refuse_next(self, login: str, code: int, reason: str) -> None:
+        """Refuse the login's next new message with `code` (as WhatsApp's 463 would)."""
+        self._refusals[login] = (code, reason)
+
+    async def receipt(self, login: str, message_id: str, status: str) -> bool:
+        """Send a receipt ("delivered", "read", "played") for an accepted message on
+        the login's open connection; False if the message is unknown or none is open."""
+        conn = self._open.get(login)
+        if conn is None or message_id not in self._accepted.get(login, set()):
+            return False
+        self.record(login).receipts.append((message_id, status))
+        conn.outbox.put(encode(Receipt(id=message_id, status=status)), self._answer_delay())
+        return True
+
     async def inbound(self, login: str, sender: str, body: str) -> str:
         """Queue an inbound message; it is (re)delivered on each ready until acked."""
         message = Message(
@@ -339,6 +356,7 @@ class Simulator:
         self._pairing_codes.clear()
         self._unavailable = Unavailable()
         self._faults = Faults()
+        self._refusals.clear()
         self._cancel_drops()
         self._save_logins()
 
@@ -535,6 +553,12 @@ class Simulator:
         record = self.record(login)
         seen = self._accepted.setdefault(login, set())
         duplicate = send.id in seen
+        refusal = None if duplicate else self._refusals.pop(login, None)
+        if refusal is not None:
+            record.refused.append(send.id)
+            conn.outbox.put(encode(Refused(id=send.id, code=refusal[0], reason=refusal[1])),
+                            self._answer_delay())
+            return
         if duplicate:
             record.duplicates += 1
         else:

@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from broker.errors import OutboxFull
 from broker.lifecycle.states import State
@@ -207,6 +207,24 @@ class InboundRecord:
     origin: InboundOrigin = NO_ORIGIN
 
 
+INBOUND = "inbound"
+"""The topic of messages the upstream delivered (Receive)."""
+UPDATES = "updates"
+"""The topic of per-message status updates (ReceiveUpdates; `broker.runtime.updates`
+says how an update is written as an entry)."""
+TOPICS = (INBOUND, UPDATES)
+
+
+class NewEntry(NamedTuple):
+    """What `add_entries` appends: a topic entry before the store numbered it."""
+
+    upstream_id: str
+    """The de-dup key: an entry under a key already stored is dropped."""
+    sender: str
+    body: str
+    origin: InboundOrigin = NO_ORIGIN
+
+
 @dataclass(frozen=True)
 class InboundDelivery:
     """One hand-out of an inbound message to a consumer of a group."""
@@ -370,23 +388,39 @@ class Store(Protocol):
     async def events_after(self, event_id: str, limit: int) -> EventPage: ...
     async def close(self) -> None: ...
 
-    # ---- inbound ---------------------------------------------------------------
-    # Messages the upstream delivered, kept per session as an append-only stream
-    # read by consumer groups (Redis Streams semantics; the memory store mimics
-    # them). At-least-once: a delivery stays pending for its consumer until acked
-    # and is claimed by another reader of the group once idle for the store's
-    # `redeliver_after_s`.
+    # ---- inbound and updates ---------------------------------------------------
+    # Per session and topic (INBOUND: messages the upstream delivered; UPDATES:
+    # status updates of sent messages), an append-only stream read by consumer
+    # groups (Redis Streams semantics; the memory store mimics them), trimmed by
+    # the inbound retention. At-least-once: a delivery stays pending for its
+    # consumer until acked and is claimed by another reader of the group once
+    # idle for the store's `redeliver_after_s`.
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
     ) -> InboundRecord | None:
         """Durably append; None if this upstream id is already stored (the upstream
         re-sends until acked, so the same message arrives again after a lost ack)."""
         ...
 
+    async def add_entries(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
+        fence: int | None = None,
+    ) -> list[InboundRecord | None]:
+        """`add_inbound` for many entries in one write (per entry its record, or None
+        for a duplicate); with a stale `fence` nothing is written (NotOwner)."""
+        ...
+
+    async def find_inbound(
+        self, session_id: str, upstream_ids: Sequence[str], *, topic: str = INBOUND
+    ) -> dict[str, InboundRecord]:
+        """The stored entries of those upstream ids that are still kept."""
+        ...
+
     async def read_inbound(
-        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
+        topic: str = INBOUND,
     ) -> list[InboundDelivery]:
         """Up to `count` deliveries for `consumer`: idle pending messages of the group
         claimed first (delivery_count grows), then new ones; waits up to `block_s` for
@@ -394,7 +428,9 @@ class Store(Protocol):
         start of the stream, so nothing stored before its first reader is lost."""
         ...
 
-    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+    async def ack_inbound(
+        self, session_id: str, group: str, inbound_ids: list[str], *, topic: str = INBOUND
+    ) -> int:
         """Settle deliveries of the group; returns how many were pending."""
         ...
 

@@ -17,7 +17,9 @@ from typing import Any
 
 from broker.errors import NotOwner, OutboxFull
 from broker.store.base import (
+    INBOUND,
     NO_ORIGIN,
+    TOPICS,
     Accepted,
     DeliveryResult,
     EventPage,
@@ -25,6 +27,7 @@ from broker.store.base import (
     InboundOrigin,
     InboundRecord,
     LiveState,
+    NewEntry,
     NewMessage,
     OneAtATime,
     OutboxBatch,
@@ -86,7 +89,8 @@ class _InboundLog:
     records: deque[InboundRecord] = field(default_factory=deque)
     """In arrival order; the retention trims from the left."""
     by_id: dict[str, InboundRecord] = field(default_factory=dict)
-    by_upstream: set[str] = field(default_factory=set)
+    by_upstream: dict[str, str] = field(default_factory=dict)
+    """upstream id -> inbound id (the de-dup set, and `find_inbound`)."""
     groups: dict[str, _Group] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) on every append: wakes every blocked reader once."""
@@ -99,7 +103,7 @@ def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
     while log.records and log.records[0].received_at < cutoff:
         record = log.records.popleft()
         del log.by_id[record.inbound_id]
-        log.by_upstream.discard(record.upstream_id)
+        log.by_upstream.pop(record.upstream_id, None)
         trimmed += 1
     if trimmed:
         for group in log.groups.values():
@@ -131,7 +135,8 @@ class MemoryStore(OneAtATime):
         self._dropped_events = False
         self._results_kept = results_kept
         self._live = LiveStates()
-        self._inbound: dict[str, _InboundLog] = {}
+        self._inbound: dict[tuple[str, str], _InboundLog] = {}
+        """(topic, session id) -> its log."""
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
         self._inbound_retention_s = inbound_retention_s or None
@@ -169,7 +174,8 @@ class MemoryStore(OneAtATime):
         self._kv.pop(session_id, None)
         self._outboxes.pop(session_id, None)
         self._last.pop(session_id, None)
-        self._inbound.pop(session_id, None)
+        for topic in TOPICS:
+            self._inbound.pop((topic, session_id), None)
 
     # fencing
     async def new_fence(self, session_id: str) -> int:
@@ -391,18 +397,41 @@ class MemoryStore(OneAtATime):
         return None
 
     # inbound
-    def _inbound_log(self, session_id: str) -> _InboundLog:
-        log = self._inbound.get(session_id)
+    def _inbound_log(self, session_id: str, topic: str) -> _InboundLog:
+        log = self._inbound.get((topic, session_id))
         if log is None:
-            log = self._inbound[session_id] = _InboundLog()
+            log = self._inbound[(topic, session_id)] = _InboundLog()
         return log
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
     ) -> InboundRecord | None:
         self._check(session_id, fence)
-        log = self._inbound_log(session_id)
+        return self._add_entry(session_id, NewEntry(upstream_id, sender, body, origin), at,
+                               topic)
+
+    async def add_entries(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
+        fence: int | None = None,
+    ) -> list[InboundRecord | None]:
+        self._check(session_id, fence)
+        return [self._add_entry(session_id, entry, at, topic) for entry in entries]
+
+    async def find_inbound(
+        self, session_id: str, upstream_ids: Sequence[str], *, topic: str = INBOUND
+    ) -> dict[str, InboundRecord]:
+        log = self._inbound.get((topic, session_id))
+        if log is None:
+            return {}
+        found = ((uid, log.by_upstream.get(uid)) for uid in upstream_ids)
+        return {uid: log.by_id[iid] for uid, iid in found if iid in log.by_id}
+
+    def _add_entry(
+        self, session_id: str, entry: NewEntry, at: float, topic: str
+    ) -> InboundRecord | None:
+        upstream_id, sender, body, origin = entry
+        log = self._inbound_log(session_id, topic)
         if upstream_id in log.by_upstream:
             return None
         record = InboundRecord(
@@ -411,7 +440,7 @@ class MemoryStore(OneAtATime):
         )
         log.records.append(record)
         log.by_id[record.inbound_id] = record
-        log.by_upstream.add(upstream_id)
+        log.by_upstream[upstream_id] = record.inbound_id
         if self._inbound_retention_s:
             _trim_inbound(log, at - self._inbound_retention_s)
         log.changed.set()
@@ -419,19 +448,20 @@ class MemoryStore(OneAtATime):
         return record
 
     async def read_inbound(
-        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
+        topic: str = INBOUND,
     ) -> list[InboundDelivery]:
         """XAUTOCLAIM then XREADGROUP, in-process; nothing is taken until the wait is over,
         so a reader cancelled while blocked leaves every message for the others."""
         if count <= 0:
             return []
-        log = self._inbound_log(session_id)
+        log = self._inbound_log(session_id, topic)
         state = log.groups.setdefault(group, _Group())
         out = self._claim_inbound(log, state, consumer, count)
         if not out and state.next_index >= len(log.records) and block_s > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(log.changed.wait(), block_s)
-            if self._inbound.get(session_id) is not log:
+            if self._inbound.get((topic, session_id)) is not log:
                 return []  # the session was deleted meanwhile
         now = time.monotonic()
         while len(out) < count and state.next_index < len(log.records):
@@ -455,8 +485,10 @@ class MemoryStore(OneAtATime):
                 out.append(InboundDelivery(log.by_id[inbound_id], pending.count))
         return out
 
-    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
-        log = self._inbound.get(session_id)
+    async def ack_inbound(
+        self, session_id: str, group: str, inbound_ids: list[str], *, topic: str = INBOUND
+    ) -> int:
+        log = self._inbound.get((topic, session_id))
         state = log.groups.get(group) if log is not None else None
         if state is None:
             return 0

@@ -43,8 +43,11 @@ class Refused:
 
 
 @dataclass(frozen=True)
-class Delivered:
+class Receipt:
+    """The recipient's side reported the message "delivered", "read" or "played"."""
+
     message_id: str
+    status: str = "delivered"
 
 
 @dataclass(frozen=True)
@@ -74,5 +77,5 @@ class Disconnected:
 
 
 UpstreamEvent = (
-    Ready | QrCode | Paired | Acked | Refused | Delivered | Pong | Inbound | Disconnected
+    Ready | QrCode | Paired | Acked | Refused | Receipt | Pong | Inbound | Disconnected
 )

@@ -86,6 +86,16 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class Refused:
+    """The upstream will not take the message (sent instead of its ack)."""
+
+    id: str
+    code: int
+    reason: str = ""
+    type: str = field(default="refused", init=False)
+
+
+@dataclass(frozen=True)
 class Receipt:
     id: str
     status: str = "delivered"
@@ -152,7 +162,7 @@ class PairingCode:
 PAIRING_CODE_LENGTH = 8
 
 Frame = (
-    Hello | Ready | Qr | Paired | Error | Send | Ack | Receipt | Ping | Pong | Message
+    Hello | Ready | Qr | Paired | Error | Send | Ack | Refused | Receipt | Ping | Pong | Message
     | InboundAck | Logout | PairingCodeRequest | PairingCode
 )
 
@@ -268,6 +278,9 @@ def decode(raw: str | bytes) -> Frame:
             if not isinstance(dup, bool):
                 raise ProtocolError("field 'duplicate' must be a boolean")
             return Ack(id=_str(obj, "id", max_len=256), duplicate=dup)
+        case "refused":
+            return Refused(id=_str(obj, "id", max_len=256), code=_req_int(obj, "code"),
+                           reason=_str(obj, "reason", max_len=1000) if "reason" in obj else "")
         case "receipt":
             return Receipt(id=_str(obj, "id", max_len=256), status=_str(obj, "status"))
         case "ping":

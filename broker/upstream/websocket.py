@@ -17,13 +17,14 @@ from broker.store.kv import SessionKV
 from broker.upstream import protocol as p
 from broker.upstream.events import (
     Acked,
-    Delivered,
     Disconnected,
     Inbound,
     Paired,
     Pong,
     QrCode,
     Ready,
+    Receipt,
+    Refused,
     UpstreamEvent,
 )
 from broker.upstream.provider import ConnectError, PairingUnavailable
@@ -72,8 +73,10 @@ class WebsocketLink:
                 return Paired(creds)
             case p.Ack(id=mid, duplicate=dup):
                 return Acked(mid, dup)
-            case p.Receipt(id=mid):
-                return Delivered(mid)
+            case p.Refused(id=mid, code=code, reason=why):
+                return Refused(mid, code, why)
+            case p.Receipt(id=mid, status=status):
+                return Receipt(mid, status)
             case p.Pong(id=pid):
                 return Pong(pid)
             case p.Message(id=mid, sender=sender, body=body, ts=ts):

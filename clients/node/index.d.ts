@@ -102,6 +102,20 @@ export interface Session {
   updatedAt: Timestamp | null;
 }
 
+export interface MessageInfo {
+  sessionId: string;
+  messageId: string;
+  /** 'MESSAGE_QUEUED', 'MESSAGE_SERVER_ACK', 'MESSAGE_DELIVERED', 'MESSAGE_READ',
+   * 'MESSAGE_PLAYED' or 'MESSAGE_REFUSED'. */
+  status: string;
+  statusAt?: Timestamp;
+  code: number;
+  reason: string;
+  to: string;
+  sequence: string;
+  acceptedAt?: Timestamp;
+}
+
 export interface QrCode {
   sessionId: string;
   qr: string;
@@ -157,8 +171,16 @@ export class BrokerClient {
   ): Promise<(SendResult | BrokerError)[]>;
   watchStatus(options?: WatchOptions): StatusWatch;
   health(sessionIds?: string[], tenant?: string): Promise<SessionHealth[]>;
+  /** The whole Health answer: sessions, the answering instance's engine, durability. */
+  healthReport(sessionIds?: string[], tenant?: string): Promise<{
+    sessions: SessionHealth[];
+    durability: string;
+    engine?: { name: string; up: boolean; detail: string; starts: number; since?: Timestamp };
+  }>;
   createSession(sessionId: string, options?: { tenant?: string; start?: boolean }): Promise<Session>;
   getSession(sessionId: string): Promise<Session>;
+  /** How far a sent message got. */
+  getMessage(sessionId: string, messageId: string): Promise<MessageInfo>;
   listSessions(tenant?: string): Promise<Session[]>;
   getQr(sessionId: string): Promise<QrCode>;
   /** The 8-character code to type into the phone while the session is pairing. */

@@ -263,6 +263,24 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
             context, lambda: broker_pb2.AckInboundResponse(acked=len(request.inbound_ids))
         )
 
+    async def ReceiveUpdates(
+        self, request: broker_pb2.ReceiveRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.MessageUpdate]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        yield broker_pb2.MessageUpdate()  # pragma: no cover - makes this a generator
+
+    async def AckUpdates(
+        self, request: broker_pb2.AckUpdatesRequest, context: Context
+    ) -> broker_pb2.AckInboundResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
+
+    async def GetMessage(
+        self, request: broker_pb2.GetMessageRequest, context: Context
+    ) -> broker_pb2.MessageInfo:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        raise AssertionError("abort raises")
+
 
 @dataclass(frozen=True)
 class PlainStatus(grpc.Status):

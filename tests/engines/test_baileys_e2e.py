@@ -17,6 +17,7 @@ from broker.config import Settings
 from broker.engines.baileys import BaileysEngine
 from broker.lifecycle.states import State
 from broker.runtime.manager import SessionManager
+from broker.runtime.updates import MessageStatus
 from tests.engines.baileys_support import FAKE_ENV, FakeWhatsApp, free_port, needs_bridge
 from tests.helpers import FAST_POLICY, eventually, eventually_async
 from tests.redis_server import RedisServer
@@ -176,3 +177,32 @@ async def test_flapping_socket_each_message_reaches_send_message_once_in_order(r
         outcome = await rig.manager.send("flap", "15550009", f"m{n}", idempotency_key=f"k{n}",
                                          timeout=60.0)
         assert outcome.result is not None
+
+
+async def test_receipts_become_ordered_status_updates_per_message(rig: Rig) -> None:
+    sids = [f"rc{i}" for i in range(3)]
+    for sid in sids:
+        await rig.pair(sid)
+    outcomes = [await rig.manager.send(sid, "+15550009", f"hi {sid}", timeout=10.0)
+                for sid in sids]
+    mids = {sid: o.message.message_id for sid, o in zip(sids, outcomes, strict=True)}
+    for sid, mid in mids.items():  # the phone reads it (WhatsApp's status 4)
+        assert (await rig.fake.do("receipt", session=sid, id=mid, status=4))["ok"]
+    seen: dict[str, list[MessageStatus]] = {}
+
+    async def worker() -> None:
+        async for d in rig.manager.updates.receive(sids, group="w"):
+            seen.setdefault(d.update.message_id, []).append(d.update.status)
+            await rig.manager.updates.ack(d.update.session_id, "w", [d.update.update_id])
+
+    task = asyncio.create_task(worker())
+    want = [MessageStatus.SERVER_ACK, MessageStatus.DELIVERED, MessageStatus.READ]
+    try:
+        await eventually(lambda: all(seen.get(m) == want for m in mids.values()), 20,
+                         f"ack, delivered, read for every message (saw {seen})")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    for sid, mid in mids.items():
+        info = await rig.manager.updates.info(sid, mid)
+        assert info.status is MessageStatus.READ

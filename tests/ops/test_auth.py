@@ -415,3 +415,12 @@ async def test_people_commands_carry_the_token(app: BrokerApp, tokens: Tokens) -
     answered = await asyncio.to_thread(cli, "sessions", "list", "--token", tokens["admin"])
     assert answered.returncode == 0, answered.stderr
     assert A in answered.stdout
+
+
+def test_every_broker_method_has_a_rule() -> None:
+    """A method without one falls back to admin-only; a new RPC must say who may call it."""
+    from broker.api.auth import RULES
+    from broker_client.v1 import broker_pb2
+
+    methods = set(broker_pb2.DESCRIPTOR.services_by_name["Broker"].methods_by_name)
+    assert methods == set(RULES), (methods - set(RULES), set(RULES) - methods)

@@ -14,7 +14,15 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from broker.store.base import NO_ORIGIN, InboundDelivery, InboundOrigin, SessionRecord, Store
+from broker.store.base import (
+    NO_ORIGIN,
+    UPDATES,
+    InboundDelivery,
+    InboundOrigin,
+    NewEntry,
+    SessionRecord,
+    Store,
+)
 from tests.store.conftest import Backend
 
 REDELIVER_S = 0.2
@@ -81,6 +89,32 @@ async def test_the_origin_is_kept_on_first_delivery_and_redelivery(store: Store)
     assert [d.record for d in first] == [added, plain]
     again = await _read_until(store, "g", "c2", 2)  # unacked: claimed once idle
     assert [(d.record, d.delivery_count) for d in again] == [(added, 2), (plain, 2)]
+
+
+async def test_topics_are_separate_logs_with_their_own_groups(store: Store) -> None:
+    await store.add_inbound("s1", "same-id", "+49", "a message", 1000.0)
+    entries = [NewEntry("same-id", "m-1", "SERVER_ACK"), NewEntry("m-1:READ", "m-1", "READ"),
+               NewEntry("same-id", "m-1", "dup in the batch")]
+    added = await store.add_entries("s1", entries, 1001.0, topic=UPDATES)
+    assert [r is not None for r in added] == [True, True, False]
+    assert [r.body for r in added if r] == ["SERVER_ACK", "READ"]
+    again = await store.add_entries("s1", entries[:1], 1002.0, topic=UPDATES)
+    assert again == [None]  # de-duplicated across writes too
+    inbound = await store.read_inbound("s1", "g", "c", 10, QUIET_S)
+    updates = await store.read_inbound("s1", "g", "c", 10, QUIET_S, topic=UPDATES)
+    assert _bodies(inbound) == ["a message"]
+    assert _bodies(updates) == ["SERVER_ACK", "READ"]
+    assert all(d.record.session_id == "s1" for d in updates)
+    # acks settle per topic: the updates' acks leave the inbound message pending
+    assert await store.ack_inbound("s1", "g", [d.record.inbound_id for d in updates],
+                                   topic=UPDATES) == 2
+    assert await store.ack_inbound("s1", "g", [inbound[0].record.inbound_id]) == 1
+    found = await store.find_inbound("s1", ["same-id", "m-1:READ", "m-1:PLAYED"], topic=UPDATES)
+    assert {k: v.body for k, v in found.items()} == {"same-id": "SERVER_ACK", "m-1:READ": "READ"}
+    assert (await store.find_inbound("s1", ["same-id"]))["same-id"].body == "a message"
+    await store.delete_session("s1")
+    assert await store.find_inbound("s1", ["same-id", "m-1:READ"], topic=UPDATES) == {}
+    assert await store.read_inbound("s1", "g2", "c", 10, QUIET_S, topic=UPDATES) == []
 
 
 async def test_a_new_group_starts_at_the_beginning(store: Store) -> None:

@@ -92,8 +92,8 @@ class BridgeLink:
                 return ev.Ready(str(f.get("me") or ""))
             case "ack":
                 return ev.Acked(str(f["id"]), False)
-            case "delivered":
-                return ev.Delivered(str(f["id"]))
+            case "delivered" | "read" | "played":
+                return ev.Receipt(str(f["id"]), str(f["t"]))
             case "pong":
                 return ev.Pong(int(f["id"]))
             case "inbound":

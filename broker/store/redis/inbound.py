@@ -7,11 +7,19 @@ by another reader of the group once idle for the redelivery delay.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.store.base import NO_ORIGIN, InboundDelivery, InboundOrigin, InboundRecord
+from broker.store.base import (
+    INBOUND,
+    NO_ORIGIN,
+    InboundDelivery,
+    InboundOrigin,
+    InboundRecord,
+    NewEntry,
+)
 from broker.store.redis import scripts
 from broker.store.redis.codecs import autoclaim_reply, inbound_record, stream_rows, text
 from broker.store.redis.core import RedisCore, block_ms, guard
@@ -34,30 +42,68 @@ class InboundPart(RedisCore):
     @guard
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
     ) -> InboundRecord | None:
         """One Lua script: the fence and de-dup checks, the append and the trim are atomic."""
+        [record] = await self._add(session_id, [NewEntry(upstream_id, sender, body, origin)],
+                                   at, topic, fence)
+        return record
+
+    @guard
+    async def add_entries(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
+        fence: int | None = None,
+    ) -> list[InboundRecord | None]:
+        """One script call: the fence and de-dup checks, the appends and the trim are
+        atomic."""
+        return await self._add(session_id, entries, at, topic, fence)
+
+    async def _add(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, topic: str,
+        fence: int | None,
+    ) -> list[InboundRecord | None]:
+        if not entries:
+            return []
         k = self.keys
-        entry = await self._add_inbound(
-            keys=[k.inbound(session_id), k.inbound_seen(session_id), k.inbound_aged(session_id),
-                  k.fence(session_id)],
-            args=[upstream_id, sender, body, repr(at), self._inbound_retention_ms,
-                  fence_arg(fence), origin.to_json()],
-        )
-        if entry is None:
-            return None
-        return InboundRecord(
-            session_id=session_id, inbound_id=text(entry), upstream_id=upstream_id,
-            sender=sender, body=body, received_at=at, origin=origin,
-        )
+        args: list[Any] = [repr(at), self._inbound_retention_ms, fence_arg(fence)]
+        for e in entries:
+            args += [e.upstream_id, e.sender, e.body, e.origin.to_json()]
+        added: list[Any] = await self._add_inbound(
+            keys=[k.inbound(session_id, topic), k.inbound_seen(session_id, topic),
+                  k.inbound_aged(session_id, topic), k.fence(session_id)],
+            args=args)
+        return [InboundRecord(session_id=session_id, inbound_id=text(entry_id),
+                              upstream_id=e.upstream_id, sender=e.sender, body=e.body,
+                              received_at=at, origin=e.origin) if entry_id else None
+                for e, entry_id in zip(entries, added, strict=True)]
+
+    @guard
+    async def find_inbound(
+        self, session_id: str, upstream_ids: Sequence[str], *, topic: str = INBOUND
+    ) -> dict[str, InboundRecord]:
+        wanted = list(dict.fromkeys(upstream_ids))
+        if not wanted:
+            return {}
+        key = self.keys.inbound(session_id, topic)
+        entries = await self._client.hmget(self.keys.inbound_seen(session_id, topic), wanted)
+        found: dict[str, InboundRecord] = {}
+        for uid, entry in zip(wanted, entries, strict=True):
+            if entry is None:
+                continue
+            rows: Any = await self._client.xrange(key, text(entry), text(entry), count=1)
+            for entry_id, raw in rows or ():
+                if raw:
+                    found[uid] = inbound_record(session_id, entry_id, raw)
+        return found
 
     @guard
     async def read_inbound(
-        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
+        topic: str = INBOUND,
     ) -> list[InboundDelivery]:
         if count <= 0:
             return []
-        key = self.keys.inbound(session_id)
+        key = self.keys.inbound(session_id, topic)
         return await self._groups.run(key, group, lambda: self._read_group(
             session_id, key, group, consumer, count, block_s))
 
@@ -102,8 +148,10 @@ class InboundPart(RedisCore):
         return [InboundDelivery(r, c) for r, c in zip(claimed, counts, strict=True)]
 
     @guard
-    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+    async def ack_inbound(
+        self, session_id: str, group: str, inbound_ids: list[str], *, topic: str = INBOUND
+    ) -> int:
         if not inbound_ids:
             return 0
-        return int(await self._client.xack(self.keys.inbound(session_id), group,
+        return int(await self._client.xack(self.keys.inbound(session_id, topic), group,
                                            *dict.fromkeys(inbound_ids)))

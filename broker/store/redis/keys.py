@@ -32,6 +32,8 @@ together and the layout holds on Redis Cluster.
 - ``P:T:inbound:seen``  hash: upstream message id -> inbound stream entry id (de-dup)
 - ``P:T:inbound:aged``  sorted set: upstream message id by arrival (ms), to trim
                         the de-dup hash with the stream past the inbound retention
+- ``P:T:updates``, ``P:T:updates:seen``, ``P:T:updates:aged``  the same for the
+                        status updates of sent messages (topic UPDATES)
 - ``P:T:rate``          hash: the session's send token bucket (broker.runtime.ratelimit)
 - ``P:sessions``        set of all session ids; ``P:tenant:<tenant>`` one per tenant;
                         ``P:sessions:version`` counter raised after every change of the
@@ -125,14 +127,15 @@ class RedisKeys:
         """The pub/sub channel an ack is announced on."""
         return self._part(session_id, "acked")
 
-    def inbound(self, session_id: str) -> str:
-        return self._part(session_id, "inbound")
+    def inbound(self, session_id: str, topic: str = "inbound") -> str:
+        """A topic's stream ("inbound", "updates")."""
+        return self._part(session_id, topic)
 
-    def inbound_seen(self, session_id: str) -> str:
-        return self._part(session_id, "inbound:seen")
+    def inbound_seen(self, session_id: str, topic: str = "inbound") -> str:
+        return self._part(session_id, f"{topic}:seen")
 
-    def inbound_aged(self, session_id: str) -> str:
-        return self._part(session_id, "inbound:aged")
+    def inbound_aged(self, session_id: str, topic: str = "inbound") -> str:
+        return self._part(session_id, f"{topic}:aged")
 
     def rate(self, session_id: str) -> str:
         """The send token bucket; under the tag, so deleting the session removes it."""

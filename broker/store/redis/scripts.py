@@ -296,22 +296,33 @@ NEW_FENCE = NEXT_TOKEN + """
 return next_token(KEYS[1])
 """
 
-# KEYS: inbound stream, seen hash, aged sorted set, fence.
-# ARGV: upstream id, sender, body, at, retention (ms; 0: keep everything), token,
-#       origin (InboundOrigin JSON, "" if none)
-# Returns the new entry id, or false when the upstream id is already stored.
+# KEYS: a topic's stream (inbound, updates), seen hash, aged sorted set, fence.
+# ARGV: at, retention (ms; 0: keep everything), token, then per entry: upstream id,
+#       sender, body, origin (InboundOrigin JSON, "" if none)
+# Returns per entry its new stream id, or "" when the upstream id is already stored.
 # Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
 ADD_INBOUND = FENCED + """
-if fenced(KEYS[4], ARGV[6]) then return refuse(ARGV[6]) end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 1 then return false end
-local entry = redis.call('XADD', KEYS[1], '*', 'uid', ARGV[1], 'from', ARGV[2], 'body', ARGV[3],
-  'at', ARGV[4], 'o', ARGV[7])
-redis.call('HSET', KEYS[2], ARGV[1], entry)
-local retention = tonumber(ARGV[5])
-if retention > 0 then
-  local now = tonumber(string.match(entry, '^(%d+)'))
+if fenced(KEYS[4], ARGV[3]) then return refuse(ARGV[3]) end
+local added, newest = {}, nil
+for n = 4, #ARGV, 4 do
+  local uid = ARGV[n]
+  if redis.call('HEXISTS', KEYS[2], uid) == 1 then
+    added[#added + 1] = ''
+  else
+    local entry = redis.call('XADD', KEYS[1], '*', 'uid', uid, 'from', ARGV[n + 1],
+      'body', ARGV[n + 2], 'at', ARGV[1], 'o', ARGV[n + 3])
+    redis.call('HSET', KEYS[2], uid, entry)
+    added[#added + 1] = entry
+    newest = entry
+  end
+end
+local retention = tonumber(ARGV[2])
+if retention > 0 and newest then
+  local now = tonumber(string.match(newest, '^(%d+)'))
   local cutoff = now - retention
-  redis.call('ZADD', KEYS[3], now, ARGV[1])
+  for n = 4, #ARGV, 4 do
+    if added[(n - 4) / 4 + 1] ~= '' then redis.call('ZADD', KEYS[3], now, ARGV[n]) end
+  end
   redis.call('XTRIM', KEYS[1], 'MINID', cutoff)
   local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. cutoff, 'LIMIT', 0, 256)
   if #old > 0 then
@@ -319,5 +330,5 @@ if retention > 0 then
     redis.call('ZREM', KEYS[3], unpack(old))
   end
 end
-return entry
+return added
 """

@@ -5,13 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 
 from broker.store.base import (
+    INBOUND,
     NO_ORIGIN,
     InboundDelivery,
     InboundOrigin,
     InboundRecord,
+    NewEntry,
 )
 from broker.store.sqlite.db import Txn
 from broker.store.sqlite.part import (
@@ -20,6 +25,13 @@ from broker.store.sqlite.part import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def topic_key(session_id: str, topic: str) -> str:
+    """What the inbound tables' `session_id` column holds for a topic's entries: the
+    session id for INBOUND, "<session>/<topic>" for the others (a session id never
+    holds a "/"), so every topic shares the tables, the groups and the queries."""
+    return session_id if topic == INBOUND else f"{session_id}/{topic}"
 
 
 class InboundPart(SqlitePart):
@@ -39,45 +51,87 @@ class InboundPart(SqlitePart):
 
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
-        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN,
+        fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
     ) -> InboundRecord | None:
-        retention = self._inbound_retention_s
-
-        def job(txn: Txn) -> InboundRecord | None:
-            c = txn.conn
-            self._check(c, session_id, fence)
-            cursor = c.execute(
-                "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at, "
-                "origin) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) "
-                "DO NOTHING", (session_id, upstream_id, sender, body, at, origin.to_json()))
-            if cursor.rowcount == 0:
-                return None
-            row_id = int(cursor.lastrowid or 0)
-            if retention:
-                # As the memory store (and Redis's XTRIM MINID): what is past the
-                # retention goes, acked or not, and its de-dup entry with it.
-                old = [(session_id, r[0]) for r in c.execute(
-                    "SELECT id FROM inbound WHERE session_id = ? AND received_at < ?",
-                    (session_id, at - retention))]
-                if old:
-                    c.executemany("DELETE FROM inbound WHERE session_id = ? AND id = ?", old)
-                    c.executemany("DELETE FROM inbound_pending WHERE session_id = ? AND "
-                                  "inbound_id = ?", old)
-            txn.notify(lambda: self._wake_inbound(session_id))
-            return InboundRecord(session_id=session_id, inbound_id=f"{row_id}-0",
-                                 upstream_id=upstream_id, sender=sender, body=body,
-                                 received_at=at, origin=origin)
-
-        record: InboundRecord | None = await self._write(job)
+        [record] = await self.add_entries(session_id, [NewEntry(upstream_id, sender, body,
+                                                                 origin)], at, topic=topic,
+                                          fence=fence)
         return record
 
+    async def add_entries(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
+        fence: int | None = None,
+    ) -> list[InboundRecord | None]:
+        key = topic_key(session_id, topic)
+
+        def job(txn: Txn) -> list[InboundRecord | None]:
+            self._check(txn.conn, session_id, fence)
+            added = [self._add_entry(txn, key, entry, at) for entry in entries]
+            if any(added):
+                txn.notify(lambda: self._wake_inbound(key))
+            return [None if record is None else
+                    InboundRecord(session_id, record.inbound_id, record.upstream_id,
+                                  record.sender, record.body, at, record.origin)
+                    for record in added]
+
+        records: list[InboundRecord | None] = await self._write(job)
+        return records
+
+    async def find_inbound(
+        self, session_id: str, upstream_ids: Sequence[str], *, topic: str = INBOUND
+    ) -> dict[str, InboundRecord]:
+        await self._ready()
+        key = topic_key(session_id, topic)
+        wanted = list(dict.fromkeys(upstream_ids))
+
+        def read(conn: sqlite3.Connection) -> dict[str, InboundRecord]:
+            marks = ", ".join("?" * len(wanted))
+            rows = conn.execute(
+                "SELECT id, upstream_id, sender, body, received_at, origin FROM inbound "
+                f"WHERE session_id = ? AND upstream_id IN ({marks})", (key, *wanted))
+            return {r[1]: InboundRecord(session_id, f"{r[0]}-0", r[1], r[2], r[3], r[4],
+                                        InboundOrigin.from_json(r[5])) for r in rows}
+
+        return await self.db.read(read) if wanted else {}
+
+    def _add_entry(self, txn: Txn, key: str, entry: NewEntry, at: float) -> InboundRecord | None:
+        """Append one entry under `key` (`topic_key`) and trim past the retention."""
+        upstream_id, sender, body, origin = entry
+        c = txn.conn
+        cursor = c.execute(
+            "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at, "
+            "origin) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) "
+            "DO NOTHING", (key, upstream_id, sender, body, at, origin.to_json()))
+        if cursor.rowcount == 0:
+            return None
+        row_id = int(cursor.lastrowid or 0)
+        retention = self._inbound_retention_s
+        if retention:
+            # As the memory store (and Redis's XTRIM MINID): what is past the
+            # retention goes, acked or not, and its de-dup entry with it.
+            old = [(key, r[0]) for r in c.execute(
+                "SELECT id FROM inbound WHERE session_id = ? AND received_at < ?",
+                (key, at - retention))]
+            if old:
+                c.executemany("DELETE FROM inbound WHERE session_id = ? AND id = ?", old)
+                c.executemany("DELETE FROM inbound_pending WHERE session_id = ? AND "
+                              "inbound_id = ?", old)
+        return InboundRecord(session_id=key, inbound_id=f"{row_id}-0",
+                             upstream_id=upstream_id, sender=sender, body=body,
+                             received_at=at, origin=origin)
+
     async def read_inbound(
-        self, session_id: str, group: str, consumer: str, count: int, block_s: float
+        self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
+        topic: str = INBOUND,
     ) -> list[InboundDelivery]:
         """Idle pending messages of the group claimed first, then new ones; blocks on
         an in-process wake-up, so a reader cancelled while blocked takes nothing."""
         if count <= 0:
             return []
+        if topic != INBOUND:
+            out = await self.read_inbound(topic_key(session_id, topic), group, consumer,
+                                          count, block_s)
+            return [replace(d, record=replace(d.record, session_id=session_id)) for d in out]
         await self._ready()
         woken = self._inbound_event(session_id)  # before the read: no add slips between
         out = await self.db.write(lambda txn: self._take_inbound(
@@ -132,7 +186,10 @@ class InboundPart(SqlitePart):
                         for r in rows]
         return out
 
-    async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
+    async def ack_inbound(
+        self, session_id: str, group: str, inbound_ids: list[str], *, topic: str = INBOUND
+    ) -> int:
+        session_id = topic_key(session_id, topic)
         rows = {row for row in map(_row_id, inbound_ids) if row is not None}
         if not rows:
             return 0

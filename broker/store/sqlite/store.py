@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from broker.store.base import (
+    TOPICS,
     OneAtATime,
     SessionRecord,
     StatusEvent,
@@ -44,7 +45,7 @@ from broker.store.crypto import CredentialCipher
 from broker.store.local import AckWaiters, LiveStates
 from broker.store.sqlite.db import Database, Txn
 from broker.store.sqlite.events import EventsPart
-from broker.store.sqlite.inbound import InboundPart
+from broker.store.sqlite.inbound import InboundPart, topic_key
 from broker.store.sqlite.kv import KVPart
 from broker.store.sqlite.outbox import OutboxPart
 from broker.store.sqlite.schema import MIGRATIONS
@@ -154,8 +155,12 @@ class SqliteStore(SessionsPart, KVPart, OutboxPart, EventsPart, InboundPart, One
                 token = self._next_fence(c, session_id)  # a former owner's late writes fail
                 txn.notify(lambda: self._fences.__setitem__(session_id, token))
             for table in ("sessions", "credentials", "kv", "outbox", "messages",
-                          "last_events", "inbound", "inbound_groups", "inbound_pending"):
+                          "last_events"):
                 c.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+            for table in ("inbound", "inbound_groups", "inbound_pending"):
+                for topic in TOPICS:
+                    c.execute(f"DELETE FROM {table} WHERE session_id = ?",
+                              (topic_key(session_id, topic),))
             txn.after(lambda: self._advance(session_id, None))
             txn.notify(lambda: self._forget(session_id))
 

@@ -238,6 +238,12 @@ class BrokerClient {
     return this._unaryRetrying('GetSession', { sessionId });
   }
 
+  /** How far a sent message got: `status` (e.g. 'MESSAGE_DELIVERED'), `statusAt`,
+   * and for a refusal `code` and `reason`. */
+  getMessage(sessionId, messageId) {
+    return this._unaryRetrying('GetMessage', { sessionId, messageId });
+  }
+
   async listSessions(tenant = '') {
     return (await this._unaryRetrying('ListSessions', { tenant })).sessions;
   }

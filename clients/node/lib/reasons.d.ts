@@ -64,6 +64,8 @@ export declare const ErrorReason: {
   readonly CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE';
   /** FAILED_PRECONDITION: the upstream refused the message and will not take it as it is (WhatsApp e.g. 463 or 475); metadata.code is the upstream's code, metadata.message_id the message. Final: the broker does not resend it, and a retry with the same idempotency key answers the same refusal. */
   readonly MESSAGE_REFUSED: 'MESSAGE_REFUSED';
+  /** NOT_FOUND: GetMessage for a message id the broker does not know (or no longer keeps); metadata.message_id. */
+  readonly MESSAGE_NOT_FOUND: 'MESSAGE_NOT_FOUND';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

@@ -12,6 +12,7 @@ from .client import (
     Message,
     SendResult,
     StatusWatch,
+    UpdateReceiver,
 )
 from .errors import (
     DOMAIN,
@@ -33,9 +34,12 @@ from .errors import (
     error_from_rpc,
     reason_name,
 )
-from .sync import SyncBrokerClient, SyncInboundReceiver, SyncStatusWatch
+from .sync import SyncBrokerClient, SyncInboundReceiver, SyncStatusWatch, SyncUpdateReceiver
 from .v1.broker_pb2 import (
     InboundMessage,
+    MessageInfo,
+    MessageStatus,
+    MessageUpdate,
     QrCode,
     Session,
     SessionHealth,
@@ -57,7 +61,10 @@ __all__ = [
     "InvalidArgument",
     "LoggedOut",
     "Message",
+    "MessageInfo",
     "MessageRefused",
+    "MessageStatus",
+    "MessageUpdate",
     "NeedsPairing",
     "NotDeliveredYet",
     "PermissionDenied",
@@ -73,8 +80,10 @@ __all__ = [
     "SyncBrokerClient",
     "SyncInboundReceiver",
     "SyncStatusWatch",
+    "SyncUpdateReceiver",
     "Unauthenticated",
     "Unavailable",
+    "UpdateReceiver",
     "error_from_rpc",
     "reason_name",
 ]

@@ -44,9 +44,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 _STREAM_ENDED = reason_name(ErrorReason.STREAM_ENDED)
 
 _Resp = TypeVar("_Resp")
-_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage)
+_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage, broker_pb2.MessageUpdate)
 _StatusCall = grpc.aio.UnaryStreamCall[broker_pb2.StreamStatusRequest, broker_pb2.StatusEvent]
 _ReceiveCall = grpc.aio.UnaryStreamCall[broker_pb2.ReceiveRequest, broker_pb2.InboundMessage]
+_UpdatesCall = grpc.aio.UnaryStreamCall[broker_pb2.ReceiveRequest, broker_pb2.MessageUpdate]
 
 
 def tls_credentials(
@@ -368,6 +369,35 @@ class BrokerClient:
         response = await self._call_retrying(self._stub.AckInbound, request)
         return response.acked
 
+    def receive_updates(
+        self,
+        session_ids: Sequence[str],
+        *,
+        group: str = "default",
+        consumer: str = "",
+        max_unacked: int = 100,
+    ) -> UpdateReceiver:
+        """Status updates of sent messages (server ack, delivered, read, played,
+        refused) for this worker of ``group``, in order per message; acknowledge each
+        with :meth:`ack_updates`. At least once, like :meth:`receive`."""
+        return UpdateReceiver(self, list(session_ids), group, consumer, max_unacked)
+
+    async def ack_updates(
+        self, session_id: str, update_ids: Sequence[str], group: str = "default"
+    ) -> int:
+        """Acknowledge status updates for ``group``; idempotent, so retried."""
+        request = broker_pb2.AckUpdatesRequest(
+            session_id=session_id, group=group, update_ids=list(update_ids)
+        )
+        response = await self._call_retrying(self._stub.AckUpdates, request)
+        return response.acked
+
+    async def get_message(self, session_id: str, message_id: str) -> broker_pb2.MessageInfo:
+        """How far a sent message got (``status``, ``status_at``); raises
+        :class:`SessionNotFound` (reason ``MESSAGE_NOT_FOUND``) once it is no longer kept."""
+        request = broker_pb2.GetMessageRequest(session_id=session_id, message_id=message_id)
+        return await self._call_retrying(self._stub.GetMessage, request)
+
     # -- session admin -----------------------------------------------------------
     # Reads and the idempotent CreateSession retry UNAVAILABLE; mutations that
     # are not safe to repeat blindly (stop/logout/restart/delete) do not.
@@ -523,6 +553,26 @@ class StatusWatch(_ReconnectingStream[broker_pb2.StatusEvent]):
     def _delivered(self, item: broker_pb2.StatusEvent) -> None:
         if item.event_id:
             self.last_event_id = item.event_id
+
+
+class UpdateReceiver(_ReconnectingStream[broker_pb2.MessageUpdate]):
+    """Reconnecting status-update stream (see :meth:`BrokerClient.receive_updates`)."""
+
+    _what = "updates"
+    _message_type = broker_pb2.MessageUpdate
+
+    def __init__(
+        self, client: BrokerClient, session_ids: list[str], group: str, consumer: str,
+        max_unacked: int,
+    ) -> None:
+        super().__init__(client)
+        self._request = broker_pb2.ReceiveRequest(
+            session_ids=session_ids, group=group, consumer=consumer, max_unacked=max_unacked
+        )
+
+    def _start(self) -> _UpdatesCall:
+        return self._client._stub.ReceiveUpdates(self._request,
+                                                 metadata=self._client._metadata)
 
 
 class InboundReceiver(_ReconnectingStream[broker_pb2.InboundMessage]):

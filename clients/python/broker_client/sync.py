@@ -26,10 +26,10 @@ from .client import (
 from .errors import BrokerError
 from .v1 import broker_pb2
 
-__all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch"]
+__all__ = ["SyncBrokerClient", "SyncInboundReceiver", "SyncStatusWatch", "SyncUpdateReceiver"]
 
 _T = TypeVar("_T")
-_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage)
+_Msg = TypeVar("_Msg", broker_pb2.StatusEvent, broker_pb2.InboundMessage, broker_pb2.MessageUpdate)
 
 
 class SyncBrokerClient:
@@ -165,6 +165,27 @@ class SyncBrokerClient:
     ) -> int:
         return self._run(self._client.ack_inbound(session_id, inbound_ids, group))
 
+    def receive_updates(
+        self,
+        session_ids: Sequence[str],
+        *,
+        group: str = "default",
+        consumer: str = "",
+        max_unacked: int = 100,
+    ) -> SyncUpdateReceiver:
+        receiver = self._client.receive_updates(
+            session_ids, group=group, consumer=consumer, max_unacked=max_unacked
+        )
+        return SyncUpdateReceiver(self, receiver)
+
+    def ack_updates(
+        self, session_id: str, update_ids: Sequence[str], group: str = "default"
+    ) -> int:
+        return self._run(self._client.ack_updates(session_id, update_ids, group))
+
+    def get_message(self, session_id: str, message_id: str) -> broker_pb2.MessageInfo:
+        return self._run(self._client.get_message(session_id, message_id))
+
     def create_session(
         self, session_id: str, tenant: str = "", *, start: bool = True
     ) -> broker_pb2.Session:
@@ -251,3 +272,7 @@ class SyncStatusWatch(_SyncStream[broker_pb2.StatusEvent]):
 
 class SyncInboundReceiver(_SyncStream[broker_pb2.InboundMessage]):
     """Blocking view of an :class:`InboundReceiver`."""
+
+
+class SyncUpdateReceiver(_SyncStream[broker_pb2.MessageUpdate]):
+    """Blocking view of an :class:`UpdateReceiver`."""

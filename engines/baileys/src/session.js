@@ -13,6 +13,12 @@ import { closeReason } from './reasons.js'
 const QR_FIRST_MS = 60_000 // Baileys' own QR lifetimes (first, then each next)
 const QR_NEXT_MS = 20_000
 const REPLY_TIMEOUT_MS = 30_000
+/** Receipt frames by the message status that implies them (proto WebMessageInfo.Status). */
+const RECEIPTS = [
+  [WAMessageStatus.DELIVERY_ACK, 'delivered'],
+  [WAMessageStatus.READ, 'read'],
+  [WAMessageStatus.PLAYED, 'played']
+]
 
 /** Text of a message, or null for anything that is not plain text. */
 function textOf (message) {
@@ -173,9 +179,13 @@ export class BridgeSession {
         this.failed(key.id, code, 'WhatsApp refused the message')
       } else if (status >= WAMessageStatus.SERVER_ACK) {
         this.acked(key.id) // a later status implies the server had it
-        if (status >= WAMessageStatus.DELIVERY_ACK && !this.delivered.has(key.id)) {
-          this.delivered.add(key.id)
-          this.write({ t: 'delivered', id: key.id })
+        // Each receipt once per message, in order (a READ implies DELIVERED).
+        for (const [level, name] of RECEIPTS) {
+          const seen = `${name}:${key.id}`
+          if (status >= level && !this.delivered.has(seen)) {
+            this.delivered.add(seen)
+            this.write({ t: name, id: key.id })
+          }
         }
       }
     }

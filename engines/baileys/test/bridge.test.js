@@ -105,6 +105,20 @@ test('send: sendMessage gets the broker id as messageId, the server ack comes ba
   await bridge.close()
 })
 
+test('read and played receipts come back once each, in order, after delivered', async () => {
+  const bridge = await startBridge()
+  const link = await opened(bridge, 'rct')
+  link.write({ t: 'send', id: 'm-r', to: '+15550009', body: 'voice' })
+  await link.waitFor(f => f.t === 'delivered' && f.id === 'm-r')
+  assert.ok((await bridge.net.control({ action: 'receipt', session: 'rct', id: 'm-r', status: 5 })).ok)
+  assert.ok((await bridge.net.control({ action: 'receipt', session: 'rct', id: 'm-r', status: 4 })).ok)
+  await link.waitFor(f => f.t === 'played' && f.id === 'm-r')
+  const receipts = link.frames.filter(f => ['delivered', 'read', 'played'].includes(f.t) && f.id === 'm-r')
+  assert.deepEqual(receipts.map(f => f.t), ['delivered', 'read', 'played'])
+  link.conn.end()
+  await bridge.close()
+})
+
 test('an error WhatsApp returns in the ack (463) fails the send with its code', async () => {
   const bridge = await startBridge()
   const link = await opened(bridge, 'err')

@@ -209,6 +209,13 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         if (!live) return { ok: false, error: 'no live socket' }
         live.end(new Boom(body.message || 'closed', { statusCode: body.code }))
         return { ok: true }
+      case 'receipt': { // the recipient's phone: status 4 READ, 5 PLAYED (Baileys' numbers)
+        if (!live || !live.open) return { ok: false, error: 'not open' }
+        const jid = (net.sent.find(s => s.session === body.session && s.id === body.id) || {}).jid
+        if (!jid) return { ok: false, error: 'no such message' }
+        live.emit('messages.update', [{ key: { remoteJid: jid, fromMe: true, id: body.id }, update: { status: body.status } }])
+        return { ok: true }
+      }
       case 'fail_connect':
         net.failConnect.set(body.session, { code: body.code, message: body.message, times: body.times ?? -1 })
         return { ok: true }

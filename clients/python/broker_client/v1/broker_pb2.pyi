@@ -125,6 +125,44 @@ WARNING: Severity.ValueType  # 2
 CRITICAL: Severity.ValueType  # 3
 Global___Severity: _TypeAlias = Severity  # noqa: Y015
 
+class _MessageStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MessageStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MessageStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MESSAGE_STATUS_UNSPECIFIED: _MessageStatus.ValueType  # 0
+    MESSAGE_QUEUED: _MessageStatus.ValueType  # 1
+    """durably accepted, not acked by the upstream yet"""
+    MESSAGE_SERVER_ACK: _MessageStatus.ValueType  # 2
+    """the upstream's server has it"""
+    MESSAGE_DELIVERED: _MessageStatus.ValueType  # 3
+    """it reached the recipient's device"""
+    MESSAGE_READ: _MessageStatus.ValueType  # 4
+    """the recipient read it"""
+    MESSAGE_PLAYED: _MessageStatus.ValueType  # 5
+    """the recipient played it (a voice note, a video)"""
+    MESSAGE_REFUSED: _MessageStatus.ValueType  # 6
+    """the upstream refused it for good (code, reason)"""
+
+class MessageStatus(_MessageStatus, metaclass=_MessageStatusEnumTypeWrapper):
+    """How far a sent message got, in order."""
+
+MESSAGE_STATUS_UNSPECIFIED: MessageStatus.ValueType  # 0
+MESSAGE_QUEUED: MessageStatus.ValueType  # 1
+"""durably accepted, not acked by the upstream yet"""
+MESSAGE_SERVER_ACK: MessageStatus.ValueType  # 2
+"""the upstream's server has it"""
+MESSAGE_DELIVERED: MessageStatus.ValueType  # 3
+"""it reached the recipient's device"""
+MESSAGE_READ: MessageStatus.ValueType  # 4
+"""the recipient read it"""
+MESSAGE_PLAYED: MessageStatus.ValueType  # 5
+"""the recipient played it (a voice note, a video)"""
+MESSAGE_REFUSED: MessageStatus.ValueType  # 6
+"""the upstream refused it for good (code, reason)"""
+Global___MessageStatus: _TypeAlias = MessageStatus  # noqa: Y015
+
 @_typing.final
 class SessionRef(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -700,6 +738,8 @@ class Counters(_message.Message):
     ATTEMPTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     ATTEMPTS_HELD_BACK_LAST_HOUR_FIELD_NUMBER: _builtins.int
     MESSAGES_REFUSED_FIELD_NUMBER: _builtins.int
+    MESSAGES_DELIVERED_FIELD_NUMBER: _builtins.int
+    DELIVERED_RATE_LAST_HOUR_FIELD_NUMBER: _builtins.int
     disconnects_last_hour: _builtins.int
     """Disconnects in the last hour."""
     connects_total: _builtins.int
@@ -740,6 +780,13 @@ class Counters(_message.Message):
     """
     messages_refused: _builtins.int
     """Messages the upstream refused for good (their Sends fail with MESSAGE_REFUSED)."""
+    messages_delivered: _builtins.int
+    """Messages a delivered receipt came back for."""
+    delivered_rate_last_hour: _builtins.float
+    """Delivered receipts per message the upstream acked, over the last hour (1
+    before the first ack): the "> 95% delivered" figure. `delivery_rate` is
+    what the upstream took (acked per accepted), not what reached a phone.
+    """
     def __init__(
         self,
         *,
@@ -764,10 +811,12 @@ class Counters(_message.Message):
         attempts_per_minute: _builtins.float = ...,
         attempts_held_back_last_hour: _builtins.int = ...,
         messages_refused: _builtins.int = ...,
+        messages_delivered: _builtins.int = ...,
+        delivered_rate_last_hour: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_held_back_last_hour", b"attempts_held_back_last_hour", "attempts_per_minute", b"attempts_per_minute", "availability_last_hour", b"availability_last_hour", "availability_window_s", b"availability_window_s", "connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "messages_refused", b"messages_refused", "outbox_depth", b"outbox_depth", "reconnect_gap_ms_max", b"reconnect_gap_ms_max", "reconnect_gap_ms_p50", b"reconnect_gap_ms_p50", "reconnect_gap_ms_p99", b"reconnect_gap_ms_p99", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts_held_back_last_hour", b"attempts_held_back_last_hour", "attempts_per_minute", b"attempts_per_minute", "availability_last_hour", b"availability_last_hour", "availability_window_s", b"availability_window_s", "connects_total", b"connects_total", "consecutive_failures", b"consecutive_failures", "delivered_rate_last_hour", b"delivered_rate_last_hour", "delivery_rate", b"delivery_rate", "disconnects_last_hour", b"disconnects_last_hour", "disconnects_total", b"disconnects_total", "keepalive_ok", b"keepalive_ok", "keepalive_sent", b"keepalive_sent", "keepalive_success_rate", b"keepalive_success_rate", "messages_accepted", b"messages_accepted", "messages_acked", b"messages_acked", "messages_delivered", b"messages_delivered", "messages_refused", b"messages_refused", "outbox_depth", b"outbox_depth", "reconnect_gap_ms_max", b"reconnect_gap_ms_max", "reconnect_gap_ms_p50", b"reconnect_gap_ms_p50", "reconnect_gap_ms_p99", b"reconnect_gap_ms_p99", "reconnect_ms_last", b"reconnect_ms_last", "reconnect_ms_mean", b"reconnect_ms_mean"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1156,6 +1205,157 @@ class InboundMessage(_message.Message):
 Global___InboundMessage: _TypeAlias = InboundMessage  # noqa: Y015
 
 @_typing.final
+class MessageUpdate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    UPDATE_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DELIVERY_COUNT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    update_id: _builtins.str
+    """The broker's id of this update (ordered within the session); pass it to
+    AckUpdates.
+    """
+    message_id: _builtins.str
+    """The message's id, as Send answered it."""
+    status: Global___MessageStatus.ValueType
+    code: _builtins.int
+    """For MESSAGE_REFUSED: the upstream's code (WhatsApp e.g. 463) and reason."""
+    reason: _builtins.str
+    delivery_count: _builtins.int
+    """1 on the first delivery to the group, more on a redelivery."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """When the broker stored the update."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        update_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        status: Global___MessageStatus.ValueType = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        delivery_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "code", b"code", "delivery_count", b"delivery_count", "message_id", b"message_id", "reason", b"reason", "session_id", b"session_id", "status", b"status", "update_id", b"update_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageUpdate: _TypeAlias = MessageUpdate  # noqa: Y015
+
+@_typing.final
+class AckUpdatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    UPDATE_IDS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    group: _builtins.str
+    """The consumer group that received the updates. Empty: "default"."""
+    @_builtins.property
+    def update_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`update_id`s of the updates to acknowledge (1-1000)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        group: _builtins.str = ...,
+        update_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "session_id", b"session_id", "update_ids", b"update_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckUpdatesRequest: _TypeAlias = AckUpdatesRequest  # noqa: Y015
+
+@_typing.final
+class GetMessageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    message_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMessageRequest: _TypeAlias = GetMessageRequest  # noqa: Y015
+
+@_typing.final
+class MessageInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_AT_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_AT_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    message_id: _builtins.str
+    status: Global___MessageStatus.ValueType
+    code: _builtins.int
+    """For MESSAGE_REFUSED: the upstream's code and reason."""
+    reason: _builtins.str
+    to: _builtins.str
+    """What was sent, while the broker keeps it (--sent-retention): recipient,
+    position in the session's outbox order, when it was accepted.
+    """
+    sequence: _builtins.int
+    @_builtins.property
+    def status_at(self) -> _timestamp_pb2.Timestamp:
+        """When the message reached `status` (for MESSAGE_QUEUED: when it was accepted)."""
+
+    @_builtins.property
+    def accepted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+        status: Global___MessageStatus.ValueType = ...,
+        status_at: _timestamp_pb2.Timestamp | None = ...,
+        code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        to: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        accepted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "status_at", b"status_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_at", b"accepted_at", "code", b"code", "message_id", b"message_id", "reason", b"reason", "sequence", b"sequence", "session_id", b"session_id", "status", b"status", "status_at", b"status_at", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessageInfo: _TypeAlias = MessageInfo  # noqa: Y015
+
+@_typing.final
 class AckInboundRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1316,6 +1516,10 @@ class ErrorReason(_message.Message):
         code, metadata.message_id the message. Final: the broker does not resend
         it, and a retry with the same idempotency key answers the same refusal.
         """
+        MESSAGE_NOT_FOUND: ErrorReason._Reason.ValueType  # 32
+        """NOT_FOUND: GetMessage for a message id the broker does not know (or no
+        longer keeps); metadata.message_id.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1406,6 +1610,10 @@ class ErrorReason(_message.Message):
     it as it is (WhatsApp e.g. 463 or 475); metadata.code is the upstream's
     code, metadata.message_id the message. Final: the broker does not resend
     it, and a retry with the same idempotency key answers the same refusal.
+    """
+    MESSAGE_NOT_FOUND: ErrorReason.Reason.ValueType  # 32
+    """NOT_FOUND: GetMessage for a message id the broker does not know (or no
+    longer keeps); metadata.message_id.
     """
 
     def __init__(

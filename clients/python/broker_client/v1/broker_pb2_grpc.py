@@ -116,6 +116,21 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.AckInboundRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
                 _registered_method=True)
+        self.ReceiveUpdates = channel.unary_stream(
+                '/broker.v1.Broker/ReceiveUpdates',
+                request_serializer=broker_dot_v1_dot_broker__pb2.ReceiveRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.MessageUpdate.FromString,
+                _registered_method=True)
+        self.AckUpdates = channel.unary_unary(
+                '/broker.v1.Broker/AckUpdates',
+                request_serializer=broker_dot_v1_dot_broker__pb2.AckUpdatesRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
+                _registered_method=True)
+        self.GetMessage = channel.unary_unary(
+                '/broker.v1.Broker/GetMessage',
+                request_serializer=broker_dot_v1_dot_broker__pb2.GetMessageRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.MessageInfo.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -276,6 +291,35 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReceiveUpdates(self, request, context):
+        """Status updates of the messages sent through the given sessions, at least
+        once and in the order they happened per message: the upstream's server
+        ack, then delivered, read and played receipts, or a refusal. Each status
+        of a message is stored once, durably, before it is handed out, with the
+        consumer groups, redelivery and retention of Receive (a group sees the
+        session's kept history; the inbound retention trims it). Acknowledge with
+        AckUpdates.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AckUpdates(self, request, context):
+        """Acknowledge status updates for a consumer group (as AckInbound).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMessage(self, request, context):
+        """The furthest status of one sent message and when it got there. NOT_FOUND
+        (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
+        (past the sent-message and inbound retentions).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -358,6 +402,21 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.AckInbound,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.AckInboundRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.SerializeToString,
+            ),
+            'ReceiveUpdates': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReceiveUpdates,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.ReceiveRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.MessageUpdate.SerializeToString,
+            ),
+            'AckUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.AckUpdates,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.AckUpdatesRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.AckInboundResponse.SerializeToString,
+            ),
+            'GetMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMessage,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.GetMessageRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.MessageInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -793,6 +852,87 @@ class Broker:
             '/broker.v1.Broker/AckInbound',
             broker_dot_v1_dot_broker__pb2.AckInboundRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReceiveUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/ReceiveUpdates',
+            broker_dot_v1_dot_broker__pb2.ReceiveRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.MessageUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AckUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/AckUpdates',
+            broker_dot_v1_dot_broker__pb2.AckUpdatesRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.AckInboundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/GetMessage',
+            broker_dot_v1_dot_broker__pb2.GetMessageRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.MessageInfo.FromString,
             options,
             channel_credentials,
             insecure,

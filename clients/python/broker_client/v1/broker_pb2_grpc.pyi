@@ -137,6 +137,22 @@ class BrokerStub:
     """Acknowledge inbound messages for a consumer group: they are never
     delivered to that group again. Idempotent; unknown ids are ignored.
     """
+    ReceiveUpdates: _grpc.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.MessageUpdate]
+    """Status updates of the messages sent through the given sessions, at least
+    once and in the order they happened per message: the upstream's server
+    ack, then delivered, read and played receipts, or a refusal. Each status
+    of a message is stored once, durably, before it is handed out, with the
+    consumer groups, redelivery and retention of Receive (a group sees the
+    session's kept history; the inbound retention trims it). Acknowledge with
+    AckUpdates.
+    """
+    AckUpdates: _grpc.UnaryUnaryMultiCallable[_broker_pb2.AckUpdatesRequest, _broker_pb2.AckInboundResponse]
+    """Acknowledge status updates for a consumer group (as AckInbound)."""
+    GetMessage: _grpc.UnaryUnaryMultiCallable[_broker_pb2.GetMessageRequest, _broker_pb2.MessageInfo]
+    """The furthest status of one sent message and when it got there. NOT_FOUND
+    (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
+    (past the sent-message and inbound retentions).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -227,6 +243,22 @@ class BrokerAsyncStub(BrokerStub):
     AckInbound: _aio.UnaryUnaryMultiCallable[_broker_pb2.AckInboundRequest, _broker_pb2.AckInboundResponse]  # type: ignore[assignment]
     """Acknowledge inbound messages for a consumer group: they are never
     delivered to that group again. Idempotent; unknown ids are ignored.
+    """
+    ReceiveUpdates: _aio.UnaryStreamMultiCallable[_broker_pb2.ReceiveRequest, _broker_pb2.MessageUpdate]  # type: ignore[assignment]
+    """Status updates of the messages sent through the given sessions, at least
+    once and in the order they happened per message: the upstream's server
+    ack, then delivered, read and played receipts, or a refusal. Each status
+    of a message is stored once, durably, before it is handed out, with the
+    consumer groups, redelivery and retention of Receive (a group sees the
+    session's kept history; the inbound retention trims it). Acknowledge with
+    AckUpdates.
+    """
+    AckUpdates: _aio.UnaryUnaryMultiCallable[_broker_pb2.AckUpdatesRequest, _broker_pb2.AckInboundResponse]  # type: ignore[assignment]
+    """Acknowledge status updates for a consumer group (as AckInbound)."""
+    GetMessage: _aio.UnaryUnaryMultiCallable[_broker_pb2.GetMessageRequest, _broker_pb2.MessageInfo]  # type: ignore[assignment]
+    """The furthest status of one sent message and when it got there. NOT_FOUND
+    (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
+    (past the sent-message and inbound retentions).
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -411,6 +443,40 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.AckInboundResponse, _abc.Awaitable[_broker_pb2.AckInboundResponse]]:
         """Acknowledge inbound messages for a consumer group: they are never
         delivered to that group again. Idempotent; unknown ids are ignored.
+        """
+
+    @_abc_1.abstractmethod
+    def ReceiveUpdates(
+        self,
+        request: _broker_pb2.ReceiveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.MessageUpdate], _abc.AsyncIterator[_broker_pb2.MessageUpdate]]:
+        """Status updates of the messages sent through the given sessions, at least
+        once and in the order they happened per message: the upstream's server
+        ack, then delivered, read and played receipts, or a refusal. Each status
+        of a message is stored once, durably, before it is handed out, with the
+        consumer groups, redelivery and retention of Receive (a group sees the
+        session's kept history; the inbound retention trims it). Acknowledge with
+        AckUpdates.
+        """
+
+    @_abc_1.abstractmethod
+    def AckUpdates(
+        self,
+        request: _broker_pb2.AckUpdatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.AckInboundResponse, _abc.Awaitable[_broker_pb2.AckInboundResponse]]:
+        """Acknowledge status updates for a consumer group (as AckInbound)."""
+
+    @_abc_1.abstractmethod
+    def GetMessage(
+        self,
+        request: _broker_pb2.GetMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.MessageInfo, _abc.Awaitable[_broker_pb2.MessageInfo]]:
+        """The furthest status of one sent message and when it got there. NOT_FOUND
+        (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
+        (past the sent-message and inbound retentions).
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
