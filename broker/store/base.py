@@ -86,6 +86,10 @@ class NewMessage:
     to: str
     body: str
     idempotency_key: str
+    retryable: bool = True
+    """False: the broker made the key up (the client gave none), so no retry can
+    name it and a store need not keep a de-duplication record for it (Redis keeps
+    none; memory and SQLite hold the key as a column of the message anyway)."""
 
 
 @dataclass(frozen=True)
@@ -243,9 +247,10 @@ class Store(Protocol):
     # outbox
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, retryable: bool = True,
     ) -> Accepted:
-        """Durably queue a message, or return the one already queued under the key.
+        """Durably queue a message, or return the one already queued under the key
+        (`retryable`: see NewMessage).
 
         Raises OutboxFull when the outbox holds max_depth messages.
         """
@@ -348,9 +353,9 @@ class OneAtATime:
 
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, retryable: bool = True,
     ) -> Accepted:
-        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key)])
+        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key, retryable)])
         [outcome] = (await self.apply_outbox(session_id, batch, max_depth=max_depth,
                                              at=at)).accepted
         if isinstance(outcome, OutboxFull):
