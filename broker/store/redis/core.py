@@ -4,14 +4,11 @@ consumer groups, and the one mapping of Redis trouble to broker errors."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
-from redis.asyncio.client import Pipeline
-from redis.commands.core import AsyncScript
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 from broker.errors import BrokerError, NotOwner, StoreUnavailable
 from broker.store.redis.groups import ConsumerGroups
@@ -25,43 +22,6 @@ BLOCK_CHUNK_S = 2.0
 """Longest single blocking call: well under the socket timeout, so a wait never
 looks like a dead connection."""
 _UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
-MIGRATION_RETRY_S = 10.0
-"""How long a script refused by a slot migration is retried before StoreUnavailable."""
-
-
-def _refused_by_migration(exc: BaseException) -> bool:
-    """TRYAGAIN (a multi-key call while its slot moves, some keys already gone), or the
-    cluster client's redirections running out: refused before it ran, so safe to retry."""
-    return isinstance(exc, rexc.TryAgainError) or type(exc) is rexc.ClusterError
-
-
-class Script:
-    """A Lua script of the store; every key it touches is in its KEYS.
-
-    On Redis Cluster a slot migration refuses a script whose keys are split
-    between the two nodes (TRYAGAIN) until the slot has moved; the cluster
-    client retries that briefly, and this retries on for up to MIGRATION_RETRY_S.
-    A refused script did not run (scripts are atomic), so a retry cannot apply
-    anything twice.
-    """
-
-    def __init__(self, client: aioredis.Redis, text: str) -> None:
-        self._script: AsyncScript = client.register_script(text)
-
-    async def __call__(
-        self, keys: Sequence[Any] = (), args: Sequence[Any] = (),
-        client: aioredis.Redis | Pipeline | None = None,
-    ) -> Any:
-        if client is not None:  # a pipeline: its caller handles the replies
-            return await self._script(keys=keys, args=args, client=client)
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_refused_by_migration),
-            stop=stop_after_delay(MIGRATION_RETRY_S),
-            wait=wait_exponential(multiplier=0.02, max=0.5), reraise=True,
-        ):
-            with attempt:
-                return await self._script(keys=keys, args=args)
-        raise AssertionError("unreachable: tenacity reraises")
 
 
 def block_ms(seconds: float) -> int:

@@ -22,9 +22,9 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.commands.core import AsyncScript
 
 from broker.errors import StoreUnavailable
-from broker.store.redis.core import Script
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ REPLICA_WAIT_S = 2.0
 class Durability(Protocol):
     mode: str
 
-    async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         """Run an outbox script; return its reply once the write is as durable as promised."""
         ...
 
@@ -44,7 +44,7 @@ class Durability(Protocol):
 class Local:
     mode = "local"
 
-    async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         return await script(keys=keys, args=args)
 
 
@@ -71,7 +71,7 @@ class Replica:
                  f"{info.get('redis_version')})")
         return self.waitaof
 
-    async def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+    async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         waitaof = self.waitaof if self.waitaof is not None else await self._detect()
         async with self._client.pipeline(transaction=False) as pipe:
             await script(keys=keys, args=args, client=pipe)

@@ -26,7 +26,7 @@ from redis import exceptions as rexc
 from broker.store.base import EventPage, StatusEvent, event_order
 from broker.store.redis import scripts
 from broker.store.redis.codecs import event_row, event_to_json, stream_rows, text
-from broker.store.redis.core import Script, block_ms
+from broker.store.redis.core import block_ms
 from broker.store.redis.keys import RedisKeys, shard_of
 from broker.store.redis.scripts import fence_arg
 
@@ -103,7 +103,7 @@ class SingleLog:
         self._client = client
         self._keys = keys
         self._size = size
-        self._append = Script(client, scripts.APPEND_EVENT)
+        self._append = client.register_script(scripts.APPEND_EVENT)
 
     async def append(self, event: StatusEvent, fence: int | None, ttl_ms: int) -> str:
         sid = event.session_id
@@ -173,8 +173,8 @@ class ShardedLog:
         self._keys = keys
         self._shards = shards
         self._size = max(1, -(-size // shards))  # per shard, so the total stays near `size`
-        self._last = Script(client, scripts.LAST_EVENT)
-        self._last_id = Script(client, scripts.LAST_EVENT_ID)
+        self._last = client.register_script(scripts.LAST_EVENT)
+        self._last_id = client.register_script(scripts.LAST_EVENT_ID)
 
     def shard_key(self, session_id: str) -> str:
         return self._keys.event_shard(shard_of(session_id, self._shards))

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from broker.store.base import EventPage, LiveState, StatusEvent
 from broker.store.redis import scripts
 from broker.store.redis.codecs import event_from_json, live_fields, live_state, text
-from broker.store.redis.core import RedisCore, Script, guard
+from broker.store.redis.core import RedisCore, guard
 from broker.store.redis.eventlog import EventLog, EventReader, ShardedLog, SingleLog
 from broker.store.redis.scripts import fence_arg
 
@@ -29,7 +29,7 @@ class EventsPart(RedisCore):
         self._state_ttl_ms = int(state_ttl_s * 1000) if state_ttl_s else 0
         self._log: EventLog = (ShardedLog(client, self.keys, event_log_size, shards)
                                if shards > 1 else SingleLog(client, self.keys, event_log_size))
-        self._report_live = Script(client, scripts.REPORT_LIVE)
+        self._report_live = client.register_script(scripts.REPORT_LIVE)
 
     # live state
     @guard

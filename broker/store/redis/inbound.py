@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from broker.store.base import InboundDelivery, InboundRecord
 from broker.store.redis import scripts
 from broker.store.redis.codecs import autoclaim_reply, inbound_record, stream_rows, text
-from broker.store.redis.core import RedisCore, Script, block_ms, guard
+from broker.store.redis.core import RedisCore, block_ms, guard
 from broker.store.redis.scripts import fence_arg
 
 _MAX_CLAIM_ROUNDS = 10
@@ -29,7 +29,7 @@ class InboundPart(RedisCore):
         self._redeliver_after_ms = max(1, int(redeliver_after_s * 1000))
         #: the inbound script's retention argument (0: keep everything)
         self._inbound_retention_ms = max(1, int(retention_s * 1000)) if retention_s else 0
-        self._add_inbound = Script(client, scripts.ADD_INBOUND)
+        self._add_inbound = client.register_script(scripts.ADD_INBOUND)
 
     @guard
     async def add_inbound(

@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from broker.store.crypto import CredentialCipher
 from broker.store.redis import scripts
 from broker.store.redis.codecs import as_bytes
-from broker.store.redis.core import RedisCore, Script, guard
+from broker.store.redis.core import RedisCore, guard
 from broker.store.redis.scripts import fence_arg
 
 
@@ -19,8 +19,8 @@ class KVPart(RedisCore):
     _cipher: CredentialCipher
 
     def _init_kv(self, client: aioredis.Redis) -> None:
-        self._kv_set = Script(client, scripts.KV_SET)
-        self._kv_clear = Script(client, scripts.KV_CLEAR)
+        self._kv_set = client.register_script(scripts.KV_SET)
+        self._kv_clear = client.register_script(scripts.KV_CLEAR)
 
     @guard
     async def kv_get(self, session_id: str, keys: Sequence[str]) -> dict[str, bytes]:

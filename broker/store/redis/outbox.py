@@ -35,7 +35,7 @@ from broker.store.redis.codecs import (
     text,
 )
 from broker.store.redis.connect import PubSubFactory
-from broker.store.redis.core import RedisCore, Script, block_ms, guard
+from broker.store.redis.core import RedisCore, block_ms, guard
 from broker.store.redis.durability import Durability
 from broker.store.redis.scripts import fence_arg
 
@@ -57,12 +57,12 @@ class OutboxPart(RedisCore):
         self._idem_ttl_ms = max(1, int(idempotency_ttl_s * 1000))
         self._outbox_seen: dict[str, str] = {}
         """Per session, the newest entry id `wait_outbox` saw at its last wake-up."""
-        self._apply_outbox = Script(client, scripts.APPLY_OUTBOX)
-        self._ack_keys = Script(client, scripts.ACK_KEYS)
+        self._apply_outbox = client.register_script(scripts.APPLY_OUTBOX)
+        self._ack_keys = client.register_script(scripts.ACK_KEYS)
         self._keys_of: dict[str, dict[str, str]] = {}
         """Per session, message id -> idempotency key of messages read for delivery."""
-        self._pending = Script(client, scripts.PENDING)
-        self._claim_outbox = Script(client, scripts.CLAIM_OUTBOX)
+        self._pending = client.register_script(scripts.PENDING)
+        self._claim_outbox = client.register_script(scripts.CLAIM_OUTBOX)
         self._acks = AckListener(pubsub, self.keys.ack_listener, recheck_s)
 
     def _forget_session(self, session_id: str) -> None:

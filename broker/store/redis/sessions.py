@@ -17,7 +17,7 @@ from broker.store.redis.codecs import (
     session_record,
     text,
 )
-from broker.store.redis.core import RedisCore, Script, guard
+from broker.store.redis.core import RedisCore, guard
 from broker.store.redis.keys import shard_of
 from broker.store.redis.scripts import fence_arg
 
@@ -29,10 +29,10 @@ class SessionsPart(RedisCore):
         """`shards` > 1: the index of all sessions is that many sets, one slot each
         (Redis Cluster), else the one set ``P:sessions``."""
         self._index_shards = shards
-        self._create = Script(client, scripts.CREATE_SESSION)
-        self._set_enabled = Script(client, scripts.SET_ENABLED)
-        self._new_fence = Script(client, scripts.NEW_FENCE)
-        self._set_credentials = Script(client, scripts.SET_CREDENTIALS)
+        self._create = client.register_script(scripts.CREATE_SESSION)
+        self._set_enabled = client.register_script(scripts.SET_ENABLED)
+        self._new_fence = client.register_script(scripts.NEW_FENCE)
+        self._set_credentials = client.register_script(scripts.SET_CREDENTIALS)
 
     def _index(self, session_id: str) -> str:
         if self._index_shards > 1:
