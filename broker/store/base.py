@@ -341,6 +341,12 @@ class Store(Protocol):
         """Settle deliveries of the group; returns how many were pending."""
         ...
 
+    async def release_inbound_consumer(self, session_id: str, group: str, consumer: str) -> None:
+        """A reader is done (its Receive call ended): forget `consumer` unless it still
+        holds deliveries, which stay claimable by the group. Stores that keep no record
+        of consumers have nothing to do."""
+        ...
+
 
 class OneAtATime:
     """The single-message `enqueue`, written once over `apply_outbox`."""

@@ -449,6 +449,9 @@ class MemoryStore(OneAtATime):
                 out.append(InboundDelivery(log.by_id[inbound_id], pending.count))
         return out
 
+    async def release_inbound_consumer(self, session_id: str, group: str, consumer: str) -> None:
+        """Consumers exist here only as names on pending deliveries: nothing to forget."""
+
     async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
         log = self._inbound.get(session_id)
         state = log.groups.get(group) if log is not None else None

@@ -220,11 +220,45 @@ end
 return out
 """
 
+#: prune(key, group, keep, release, min_idle): deletes the group's consumers that
+#: hold nothing pending and are `release` or idle for `min_idle` ms (never `keep`);
+#: a consumer holding entries is kept, or they could never be claimed again.
+PRUNE = """
+local function prune(key, group, keep, release, min_idle)
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', key, group)
+  if not ok then return 0 end  -- no stream or no group: nothing to prune
+  local deleted = 0
+  for _, c in ipairs(consumers) do
+    local name, pending, idle = nil, 0, 0
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then name = c[i + 1]
+      elseif c[i] == 'pending' then pending = tonumber(c[i + 1])
+      elseif c[i] == 'idle' then idle = tonumber(c[i + 1]) end
+    end
+    if name and name ~= keep and pending == 0 and (name == release or idle >= min_idle) then
+      redis.call('XGROUP', 'DELCONSUMER', key, group, name)
+      deleted = deleted + 1
+    end
+  end
+  return deleted
+end
+"""
+
 # KEYS: outbox stream, fence.  ARGV: group, consumer, token
-# Takes over former owners' unacked entries; returns how many this consumer holds.
-CLAIM_OUTBOX = FENCED + TAKE_OVER + """
+# Takes over former owners' unacked entries, then deletes their consumers (each
+# restart of an instance may read under a new name); returns how many this one holds.
+CLAIM_OUTBOX = FENCED + TAKE_OVER + PRUNE + """
 if fenced(KEYS[2], ARGV[3]) then return refuse(ARGV[3]) end
-return take_over(KEYS[1], ARGV[1], ARGV[2])
+local held = take_over(KEYS[1], ARGV[1], ARGV[2])
+prune(KEYS[1], ARGV[1], ARGV[2], '', 0)
+return held
+"""
+
+# KEYS: inbound stream.  ARGV: group, consumer ('' none), min_idle_ms
+# Deletes `consumer` (a Receive call's, once it ended) and consumers idle for
+# min_idle_ms, each only if it holds nothing pending; returns how many went.
+RELEASE_CONSUMERS = PRUNE + """
+return prune(KEYS[1], ARGV[1], '', ARGV[2], tonumber(ARGV[3]))
 """
 
 # KEYS: outbox stream, fence.  ARGV: group, consumer, limit, after_sequence, token

@@ -127,6 +127,9 @@ class InboundPart(SqlitePart):
                                         1) for r in rows]
         return out
 
+    async def release_inbound_consumer(self, session_id: str, group: str, consumer: str) -> None:
+        """Consumers exist here only as names on pending deliveries: nothing to forget."""
+
     async def ack_inbound(self, session_id: str, group: str, inbound_ids: list[str]) -> int:
         rows = {row for row in map(_row_id, inbound_ids) if row is not None}
         if not rows:
