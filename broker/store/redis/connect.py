@@ -112,7 +112,27 @@ class MigratingCluster(RedisCluster):
     one pooled connection and the redirected command on another, so under load an
     ASK can bounce between the nodes (MOVED back) until its attempts run out.
     Each such refusal is retried here, with backoff, for up to MIGRATION_RETRY_S.
+
+    Built with ``reinitialize_steps=0``: a MOVED reply only moves its slot in the
+    client's map. The default (a full reinitialisation every 5th MOVED) closes
+    every pooled connection, including those other tasks are using at that
+    moment, which then fail ("Connection closed", or an AttributeError on a
+    connection torn down under them): a slot migration moves many slots at once.
     """
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        """XREAD / XREADGROUP keys read here: redis-py asks the server (COMMAND GETKEYS,
+        a round trip per call, twice) for commands with movable keys, which would
+        double an idle instance's Redis commands (its tail blocks on 16 shards)."""
+        if command.upper() in ("XREAD", "XREADGROUP"):
+            words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+            upper = [w.upper() for w in words]
+            if "STREAMS" in upper:
+                rest = words[upper.index("STREAMS") + 1:]
+                slots = {self.keyslot(key) for key in rest[:len(rest) // 2]}
+                if len(slots) == 1:
+                    return slots.pop()
+        return await super()._determine_slot(command, *args)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async for attempt in AsyncRetrying(
@@ -128,6 +148,7 @@ class MigratingCluster(RedisCluster):
 def cluster(url: str, timeouts: Timeouts = Timeouts()) -> RedisCluster:
     return MigratingCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        reinitialize_steps=0,
         socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
         retry=timeouts.retry(),
     )
