@@ -249,7 +249,8 @@ async def scale(cfg: Any, workdir: Path) -> dict[str, Any]:
     for n in cfg.scale_sizes:
         try:
             sizes[str(n)] = await one_size(n, brokers=cfg.scale_brokers, engine=cfg.scale_engine,
-                                           window_s=cfg.scale_window_s, ttl_s=cfg.failover_ttl_s,
+                                           window_s=cfg.scale_window_s,
+                                           ttl_s=cfg.scale_ttl_s or cfg.failover_ttl_s,
                                            workdir=workdir, redis=cfg.scale_redis)
         except Exception as exc:  # report the largest size that fit, and why the next did not
             sizes[str(n)] = {"error": f"{type(exc).__name__}: {exc}"}
