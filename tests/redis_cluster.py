@@ -129,6 +129,67 @@ class RedisClusterServers:
              "--cluster-slots", str(slots), "--cluster-yes", "--cluster-pipeline", "10"],
             check=True, capture_output=True, timeout=timeout_s)
 
+    def migrate_slot(self, slot: int, to_port: int, *, keys_per_step: int = 5,
+                     pause_s: float = 0.05, timeout_s: float = 60.0) -> int:
+        """Move one slot the way ``redis-cli --cluster reshard`` does (SETSLOT IMPORTING
+        and MIGRATING, MIGRATE a few keys at a time, SETSLOT NODE everywhere), paced
+        by `pause_s` between steps so clients meet the half-moved slot. Returns how
+        many keys moved."""
+        from_port = self.slot_owner(slot)
+        if from_port == to_port:
+            return 0
+        self.begin_migration(slot, to_port)
+        return self.finish_migration(slot, from_port, to_port, keys_per_step=keys_per_step,
+                                     pause_s=pause_s, timeout_s=timeout_s)
+
+    def begin_migration(self, slot: int, to_port: int) -> int:
+        """Mark `slot` importing on `to_port` and migrating on its owner (no key moved
+        yet); returns the owner's port."""
+        from_port = self.slot_owner(slot)
+        ids = self.node_ids()
+        with redis.Redis(host="127.0.0.1", port=from_port, socket_timeout=10) as src, \
+                redis.Redis(host="127.0.0.1", port=to_port, socket_timeout=10) as dst:
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[from_port])
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[to_port])
+        return from_port
+
+    def finish_migration(self, slot: int, from_port: int, to_port: int, *,
+                         keys_per_step: int = 5, pause_s: float = 0.05,
+                         timeout_s: float = 60.0) -> int:
+        """MIGRATE the slot's keys a few at a time, then SETSLOT NODE everywhere."""
+        ids = self.node_ids()
+        moved = 0
+        with redis.Redis(host="127.0.0.1", port=from_port, socket_timeout=10) as src, \
+                redis.Redis(host="127.0.0.1", port=to_port, socket_timeout=10) as dst:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, keys_per_step)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause_s)
+            else:
+                raise RuntimeError(f"slot {slot} did not empty within {timeout_s} s")
+            # The target first, then the source: the order redis-cli uses.
+            dst.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+            src.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+        for node in self.nodes:
+            if node.port not in (from_port, to_port):
+                with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=10) as c:
+                    c.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[to_port])
+        return moved
+
+    def error_count(self, prefix: str) -> int:
+        """Error replies starting with `prefix` (TRYAGAIN, ASK, ...) sent by all nodes."""
+        total = 0
+        for node in self.nodes:
+            with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) as c:
+                stats = c.info("errorstats")
+            count = stats.get(f"errorstat_{prefix}", {})
+            total += int(count.get("count", 0)) if isinstance(count, dict) else 0
+        return total
+
     def close(self) -> None:
         for node in self.nodes:
             node.close()

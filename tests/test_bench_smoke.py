@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,17 @@ async def test_upstream_connection_is_not_compressed() -> None:
             assert link._ws.protocol.extensions == []
         finally:
             await link.close(DisconnectCode.CONNECTION_CLOSED, "done")
+
+
+@pytest.mark.timeout(120)
+async def test_scale_scenario_runs_on_a_redis_cluster(tmp_path: Path) -> None:
+    """The scale scenario's cluster path (per-primary counts, failover) on a few sessions."""
+    if find_redis_server() is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server and redis-cli are needed for the cluster scale scenario")
+    from scripts.bench.scale import one_size
+
+    result = await one_size(12, brokers=2, engine="null", window_s=0.5, ttl_s=1.5,
+                            workdir=tmp_path, redis="cluster")
+    assert result["redis"] == "cluster" and len(result["per_primary"]) == 3
+    assert sum(result["owners"].values()) == 12
+    assert result["failover"]["sessions_moved"] > 0

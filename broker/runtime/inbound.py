@@ -8,6 +8,7 @@ how to wait on many sessions at once. It knows nothing about gRPC.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -19,6 +20,8 @@ from broker import validation
 from broker.config import Settings
 from broker.errors import InvalidArgument, SessionNotFound
 from broker.store.base import INBOUND, InboundDelivery, Store
+
+log = logging.getLogger(__name__)
 
 MAX_SESSIONS = 100
 MAX_ACK_IDS = 1000
@@ -142,6 +145,19 @@ class InboundService:
             # for this consumer and come back after the redelivery delay.
             if readers:
                 await asyncio.wait(readers)
+            await self._release(ids, group, consumer)
+
+    async def _release(self, session_ids: Sequence[str], group: str, consumer: str) -> None:
+        """The call's consumer is forgotten where it holds nothing (best effort: one
+        left behind is pruned once idle, by a later read of the group)."""
+        outcomes = await asyncio.gather(
+            *(self.store.release_inbound_consumer(sid, group, consumer, topic=self.topic)
+              for sid in session_ids),
+            return_exceptions=True)
+        for sid, outcome in zip(session_ids, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.warning("session %s: consumer %s of group %s not released: %s",
+                            sid, consumer, group, outcome)
 
     async def ack(
         self, session_id: str, group: str, inbound_ids: Sequence[str], *,

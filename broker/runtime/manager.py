@@ -346,7 +346,9 @@ class SessionManager:
         validation.session_id(session_id)
         validation.recipient(to)
         validation.body(body, self.settings.max_body_bytes)
-        key = validation.idempotency_key(idempotency_key) or f"auto-{uuid.uuid4().hex}"
+        # No key given: one is made up for this call alone, which no retry can name.
+        retryable = bool(validation.idempotency_key(idempotency_key))
+        key = idempotency_key if retryable else f"auto-{uuid.uuid4().hex}"
         if timeout is None:
             timeout = self.settings.default_send_timeout_s
         elif wait and timeout < MIN_SEND_TIMEOUT_S:
@@ -363,7 +365,7 @@ class SessionManager:
         actor = self.actors.get(session_id)
         record = None if actor is not None else await self._record(session_id)
 
-        accepted = await self._accept(session_id, record, actor, to, body, key,
+        accepted = await self._accept(session_id, record, actor, to, body, key, retryable,
                                       placed or _nothing)
         message = accepted.message
         if accepted.result is not None or not wait:
@@ -398,7 +400,7 @@ class SessionManager:
 
     async def _accept(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None,
-        to: str, body: str, key: str, placed: Callable[[], None],
+        to: str, body: str, key: str, retryable: bool, placed: Callable[[], None],
     ) -> Accepted:
         """Queue the message, or find the one an earlier call queued under the key.
 
@@ -410,12 +412,12 @@ class SessionManager:
         try:
             await self._check_ready(session_id, record, actor)
         except SessionNotReady:
-            known = await self.store.find_by_key(session_id, key)
+            known = await self.store.find_by_key(session_id, key) if retryable else None
             if known is None:
                 raise
             return known
         if self.limiter.limits:
-            known = await self.store.find_by_key(session_id, key)
+            known = await self.store.find_by_key(session_id, key) if retryable else None
             if known is not None:
                 return known
             # Before enqueue: a message over the limit is never queued, so never sent.
@@ -425,11 +427,12 @@ class SessionManager:
             # suspends: its place is fixed once placed() lets the next one go.
             placed()
             try:
-                return await actor.enqueue(NewMessage(to, body, key))
+                return await actor.enqueue(NewMessage(to, body, key, retryable))
             except NotOwner:
                 pass  # the session has a newer owner: queue it as any instance would
         accepted = await self.store.enqueue(
-            session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock()
+            session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock(),
+            retryable=retryable,
         )
         placed()
         if accepted.result is None:

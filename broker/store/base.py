@@ -110,6 +110,10 @@ class NewMessage:
     to: str
     body: str
     idempotency_key: str
+    retryable: bool = True
+    """False: the broker made the key up (the client gave none), so no retry can
+    name it and a store need not keep a de-duplication record for it (Redis keeps
+    none; memory and SQLite hold the key as a column of the message anyway)."""
 
 
 @dataclass(frozen=True)
@@ -323,9 +327,10 @@ class Store(Protocol):
     # outbox
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, retryable: bool = True,
     ) -> Accepted:
-        """Durably queue a message, or return the one already queued under the key.
+        """Durably queue a message, or return the one already queued under the key
+        (`retryable`: see NewMessage).
 
         Raises OutboxFull when the outbox holds max_depth messages.
         """
@@ -434,6 +439,14 @@ class Store(Protocol):
         """Settle deliveries of the group; returns how many were pending."""
         ...
 
+    async def release_inbound_consumer(
+        self, session_id: str, group: str, consumer: str, *, topic: str = INBOUND
+    ) -> None:
+        """A reader is done (its Receive call ended): forget `consumer` unless it still
+        holds deliveries, which stay claimable by the group. Stores that keep no record
+        of consumers have nothing to do."""
+        ...
+
 
 class OneAtATime:
     """The single-message `enqueue`, written once over `apply_outbox`."""
@@ -446,9 +459,9 @@ class OneAtATime:
 
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, retryable: bool = True,
     ) -> Accepted:
-        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key)])
+        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key, retryable)])
         [outcome] = (await self.apply_outbox(session_id, batch, max_depth=max_depth,
                                              at=at)).accepted
         if isinstance(outcome, OutboxFull):

@@ -485,6 +485,11 @@ class MemoryStore(OneAtATime):
                 out.append(InboundDelivery(log.by_id[inbound_id], pending.count))
         return out
 
+    async def release_inbound_consumer(
+        self, session_id: str, group: str, consumer: str, *, topic: str = INBOUND
+    ) -> None:
+        """Consumers exist here only as names on pending deliveries: nothing to forget."""
+
     async def ack_inbound(
         self, session_id: str, group: str, inbound_ids: list[str], *, topic: str = INBOUND
     ) -> int:

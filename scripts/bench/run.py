@@ -71,6 +71,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="scale: broker processes (default 4)")
     parser.add_argument("--scale-engine", choices=("null", "sim"), default="",
                         help="scale: null sessions (no sockets) or paired simulator sessions")
+    parser.add_argument("--scale-ttl", type=float, default=0, metavar="S",
+                        help="scale: the brokers' lease TTL (default: the failover TTL, 10 s)")
+    parser.add_argument("--scale-redis", choices=("single", "cluster"), default="",
+                        help="scale: one redis-server or a 3-primary Redis Cluster")
     args = parser.parse_args(argv)
     names = [n for item in args.only for n in item.split(",") if n]
     unknown = [n for n in names if n not in SCENARIOS]
@@ -92,6 +96,10 @@ async def run_all(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         cfg = replace(cfg, scale_brokers=args.scale_brokers)
     if args.scale_engine:
         cfg = replace(cfg, scale_engine=args.scale_engine)
+    if args.scale_redis:
+        cfg = replace(cfg, scale_redis=args.scale_redis)
+    if args.scale_ttl:
+        cfg = replace(cfg, scale_ttl_s=args.scale_ttl)
     results: dict[str, Any] = {}
     for name, scenario in SCENARIOS.items():
         if args.only and name not in args.only:

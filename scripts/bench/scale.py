@@ -1,9 +1,10 @@
-"""The control-plane scale scenario: many idle sessions on several brokers, one Redis.
+"""The control-plane scale scenario: many idle sessions on several brokers, on one
+Redis or a 3-primary Redis Cluster (`redis="cluster"`).
 
-Per size: a fresh Redis and `brokers` broker processes; every session created,
+Per size: a fresh Redis (or cluster) and `brokers` broker processes; every session created,
 then timed until each is OPEN (placed and connected); then an idle window
-measured with Redis's own `INFO commandstats` and `INFO cpu` deltas and each
-broker's /proc CPU and RSS; then one broker SIGKILLed and timed until every
+measured with Redis's own `INFO commandstats` and `INFO cpu` deltas (per primary
+on the cluster) and each broker's /proc CPU and RSS; then one broker SIGKILLed and timed until every
 session it owned is owned by a survivor again. With `engine="null"` the
 sessions need no sockets (`null://`, bench-only); with `engine="sim"` they are
 paired against a simulator hosted in this process.
@@ -36,30 +37,57 @@ KEYS = RedisKeys()
 CHUNK = 5000
 
 
-def _redis(appendonly: bool = True) -> Any:
-    from tests.redis_server import RedisServer
+class _Target:
+    """Where the brokers keep their state: one redis-server or a 3-primary cluster."""
 
-    return RedisServer(appendonly=appendonly).start()
+    def __init__(self, kind: str) -> None:
+        import redis.asyncio as aioredis
+
+        from broker.store.redis import connect
+
+        self.kind = kind
+        if kind == "cluster":
+            from tests.redis_cluster import RedisClusterServers
+
+            self.cluster: Any = RedisClusterServers(appendfsync="everysec").start()
+            self.url = self.cluster.url
+            self.ports = [node.port for node in self.cluster.nodes]
+            self.client: Any = connect.cluster(self.url)
+        else:
+            from tests.redis_server import RedisServer
+
+            self.server: Any = RedisServer(appendonly=True).start()
+            self.url = self.server.url
+            self.ports = [self.server.port]
+            self.client = aioredis.Redis(host="127.0.0.1", port=self.server.port)
+        self.nodes = [aioredis.Redis(host="127.0.0.1", port=p) for p in self.ports]
+
+    async def close(self) -> None:
+        for node in self.nodes:
+            await node.aclose()
+        await self.client.aclose()
+        (self.cluster if self.kind == "cluster" else self.server).close()
 
 
-async def _info(client: Any) -> tuple[dict[str, int], float]:
-    stats = await client.info("commandstats")
-    cpu = await client.info("cpu")
+async def _info(node: Any) -> tuple[dict[str, int], float]:
+    stats = await node.info("commandstats")
+    cpu = await node.info("cpu")
     calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
     return calls, float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"])
 
 
 async def _chunked(client: Any, ids: Sequence[str], op: str) -> list[Any]:
+    """One GET / HGET per session, pipelined in chunks (also across cluster slots)."""
     out: list[Any] = []
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start:start + CHUNK]
-        if op == "lease":
-            out += await client.mget([KEYS.lease(s) for s in chunk])
-        else:
-            async with client.pipeline(transaction=False) as pipe:
-                for sid in chunk:
+        async with client.pipeline(transaction=False) as pipe:
+            for sid in chunk:
+                if op == "lease":
+                    pipe.get(KEYS.lease(sid))
+                else:
                     pipe.hget(KEYS.last(sid), "event")
-                out += await pipe.execute()
+            out += await pipe.execute()
     return out
 
 
@@ -104,12 +132,10 @@ async def _until(what: str, check: Any, timeout: float, every: float) -> float:
 
 
 async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s: float,
-                   workdir: Path) -> dict[str, Any]:
-    import redis.asyncio as aioredis
-
+                   workdir: Path, redis: str = "single") -> dict[str, Any]:
     common.raise_nofile()
-    redis = _redis()
-    client = aioredis.Redis(host="127.0.0.1", port=redis.port)
+    target = await asyncio.to_thread(_Target, redis)
+    client = target.client
     sim: Any = None
     procs: dict[str, tuple[Proc, str]] = {}
     ids = [f"sc-{i:06d}" for i in range(n)]
@@ -128,13 +154,14 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
         for b in range(brokers):
             name = f"sc{n}-b{b}"
             procs[name] = await asyncio.to_thread(common.broker, name, workdir, upstream,
-                                                  store=redis.url, extra=extra, env=env,
+                                                  store=target.url, extra=extra, env=env,
                                                   timeout=60)
         addresses = [a for _, a in procs.values()]
         started = time.monotonic()
         place_timeout = max(120.0, n / 50)
         await _create(addresses, ids, timeout=60)
         created_s = time.monotonic() - started
+        print(f"  scale {n}: created in {created_s:.1f}s", flush=True)
 
         async def all_open() -> bool:
             if sim is None:
@@ -153,30 +180,43 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
         spread = collections.Counter(owners.values())
 
         await asyncio.sleep(ttl_s)  # past the first renewals and claim rounds
-        calls0, rcpu0 = await _info(client)
+        before = [await _info(node) for node in target.nodes]
         bcpu0 = {k: p.cpu_seconds() for k, (p, _) in procs.items()}
         t0 = time.monotonic()
         await asyncio.sleep(window_s)
-        calls1, rcpu1 = await _info(client)
+        after = [await _info(node) for node in target.nodes]
         elapsed = time.monotonic() - t0
         bcpu1 = {k: p.cpu_seconds() for k, (p, _) in procs.items()}
-        delta = {c: calls1.get(c, 0) - calls0.get(c, 0) for c in calls1}
-        delta = {c: d for c, d in delta.items() if d > 0 and c not in ("info",)}
+        per_node: dict[str, Any] = {}
+        delta: collections.Counter[str] = collections.Counter()
+        rcpu = 0.0
+        for port, (calls0, cpu0), (calls1, cpu1) in zip(target.ports, before, after,
+                                                         strict=True):
+            node_delta = {c: calls1.get(c, 0) - calls0.get(c, 0) for c in calls1}
+            node_delta = {c: d for c, d in node_delta.items() if d > 0 and c != "info"}
+            delta.update(node_delta)
+            rcpu += cpu1 - cpu0
+            per_node[str(port)] = {
+                "commands_per_s": round(sum(node_delta.values()) / elapsed, 1),
+                "cpu_share_of_core": round((cpu1 - cpu0) / elapsed, 4)}
         total = sum(delta.values())
         top = dict(sorted(delta.items(), key=lambda kv: -kv[1])[:8])
         result: dict[str, Any] = {
-            "sessions": n, "brokers": brokers, "engine": engine, "lease_ttl_s": ttl_s,
+            "sessions": n, "brokers": brokers, "engine": engine, "redis": redis,
+            "lease_ttl_s": ttl_s,
             "create_s": round(created_s, 1), "place_all_open_s": round(place_s, 1),
             "owners": dict(spread),
             "idle_window_s": round(elapsed, 1),
             "redis_commands_per_s": round(total / elapsed, 1),
             "redis_commands_per_session_per_s": round(total / elapsed / n, 4),
             "redis_commands_by_name_per_s": {c: round(d / elapsed, 1) for c, d in top.items()},
-            "redis_cpu_share_of_core": round((rcpu1 - rcpu0) / elapsed, 4),
+            "redis_cpu_share_of_core": round(rcpu / elapsed, 4),
             "broker_cpu_share_of_core": {k: round((bcpu1[k] - bcpu0[k]) / elapsed, 4)
                                          for k in procs},
             "broker_rss_mb": {k: round(p.rss_bytes() / 2**20, 1) for k, (p, _) in procs.items()},
         }
+        if redis == "cluster":
+            result["per_primary"] = per_node
         print(f"  scale {n}: placed in {place_s:.1f}s; idle Redis "
               f"{result['redis_commands_per_s']} cmd/s = "
               f"{result['redis_commands_per_session_per_s']} per session per s", flush=True)
@@ -201,8 +241,7 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
             proc.stop()
         if sim is not None:
             await sim.stop()
-        await client.aclose()
-        redis.close()
+        await target.close()
 
 
 async def scale(cfg: Any, workdir: Path) -> dict[str, Any]:
@@ -210,8 +249,9 @@ async def scale(cfg: Any, workdir: Path) -> dict[str, Any]:
     for n in cfg.scale_sizes:
         try:
             sizes[str(n)] = await one_size(n, brokers=cfg.scale_brokers, engine=cfg.scale_engine,
-                                           window_s=cfg.scale_window_s, ttl_s=cfg.failover_ttl_s,
-                                           workdir=workdir)
+                                           window_s=cfg.scale_window_s,
+                                           ttl_s=cfg.scale_ttl_s or cfg.failover_ttl_s,
+                                           workdir=workdir, redis=cfg.scale_redis)
         except Exception as exc:  # report the largest size that fit, and why the next did not
             sizes[str(n)] = {"error": f"{type(exc).__name__}: {exc}"}
             break

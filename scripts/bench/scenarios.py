@@ -60,6 +60,10 @@ class Config:
     scale_sizes: tuple[int, ...] = (1000, 10_000, 100_000)
     scale_brokers: int = 4
     scale_engine: str = "null"
+    scale_redis: str = "single"
+    scale_ttl_s: float = 0.0
+    """The scale brokers' lease TTL; 0: the failover TTL."""
+    """"single" (one redis-server) or "cluster" (3 primaries)."""
     scale_window_s: float = 30.0
     extra_profiles: dict[str, Any] = field(default_factory=dict)
 

@@ -13,6 +13,7 @@ from broker.store.crypto import generate_key
 from broker.store.redis import connect
 from tests.cluster.procs import BrokerProcess, ProcessFactory
 from tests.redis_cluster import (  # noqa: F401  (fixtures)
+    redis_cluster,
     shared_redis_cluster,
     shared_redis_cluster_servers,
 )

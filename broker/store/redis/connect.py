@@ -3,7 +3,8 @@
 - ``redis://host:port/db`` (also ``rediss://``, ``unix://``): one server.
 - ``redis+cluster://host:port[,host:port...]``: a Redis Cluster, reached through
   any of the listed nodes; `redis.asyncio.cluster.RedisCluster` follows MOVED
-  and ASK redirections and retries TRYAGAIN during a slot migration.
+  and ASK redirections and retries TRYAGAIN during a slot migration, and
+  `MigratingCluster` retries on when those run out while a slot moves.
 - ``redis+sentinel://host:port[,host:port...]/service_name[/db]``: the primary
   that the listed Sentinels name for `service_name`; after a failover the
   client's next connection goes to the new primary (a connection to a demoted
@@ -18,14 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential
 
 CLUSTER_SCHEME = "redis+cluster://"
 SENTINEL_SCHEME = "redis+sentinel://"
@@ -88,9 +92,63 @@ def sentinel(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
     return primary
 
 
+MIGRATION_RETRY_S = 5.0
+"""How long a command refused while its slot moves is retried before it fails."""
+
+
+def refused_by_migration(exc: BaseException) -> bool:
+    """The cluster client's redirections ran out ("TTL exhausted": MOVED, ASK and
+    TRYAGAIN replies only), or TRYAGAIN itself: the command never ran, so it is
+    safe to send again, scripts included (a script runs whole or not at all)."""
+    return isinstance(exc, rexc.TryAgainError) or type(exc) is rexc.ClusterError
+
+
+class MigratingCluster(RedisCluster):
+    """A RedisCluster that rides through slot migrations.
+
+    While a slot moves, a script whose declared keys are split between the two
+    nodes is refused with TRYAGAIN until the last key moved, for longer than the
+    client's own 16 quick attempts; and redis-py's asyncio client sends ASKING on
+    one pooled connection and the redirected command on another, so under load an
+    ASK can bounce between the nodes (MOVED back) until its attempts run out.
+    Each such refusal is retried here, with backoff, for up to MIGRATION_RETRY_S.
+
+    Built with ``reinitialize_steps=0``: a MOVED reply only moves its slot in the
+    client's map. The default (a full reinitialisation every 5th MOVED) closes
+    every pooled connection, including those other tasks are using at that
+    moment, which then fail ("Connection closed", or an AttributeError on a
+    connection torn down under them): a slot migration moves many slots at once.
+    """
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        """XREAD / XREADGROUP keys read here: redis-py asks the server (COMMAND GETKEYS,
+        a round trip per call, twice) for commands with movable keys, which would
+        double an idle instance's Redis commands (its tail blocks on 16 shards)."""
+        if command.upper() in ("XREAD", "XREADGROUP"):
+            words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
+            upper = [w.upper() for w in words]
+            if "STREAMS" in upper:
+                rest = words[upper.index("STREAMS") + 1:]
+                slots = {self.keyslot(key) for key in rest[:len(rest) // 2]}
+                if len(slots) == 1:
+                    return slots.pop()
+        return await super()._determine_slot(command, *args)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(refused_by_migration),
+            stop=stop_after_delay(MIGRATION_RETRY_S),
+            wait=wait_exponential(multiplier=0.02, max=0.5), reraise=True,
+        ):
+            with attempt:
+                return await super().execute_command(*args, **kwargs)
+        raise AssertionError("unreachable: the retry reraises")
+
+
 def cluster(url: str, timeouts: Timeouts = Timeouts()) -> RedisCluster:
-    return RedisCluster(
+    return MigratingCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
+        reinitialize_steps=0,
         socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
         retry=timeouts.retry(),
     )

@@ -38,6 +38,7 @@ class InboundPart(RedisCore):
         #: the inbound script's retention argument (0: keep everything)
         self._inbound_retention_ms = max(1, int(retention_s * 1000)) if retention_s else 0
         self._add_inbound = client.register_script(scripts.ADD_INBOUND)
+        self._release_consumers = client.register_script(scripts.RELEASE_CONSUMERS)
 
     @guard
     async def add_inbound(
@@ -140,6 +141,8 @@ class InboundPart(RedisCore):
                 break
         if not claimed:
             return []
+        # Entries moved away from idle consumers: those left empty can go.
+        await self._release_consumers(keys=[key], args=[group, "", self._redeliver_after_ms])
         async with self._client.pipeline(transaction=False) as pipe:
             for record in claimed:
                 pipe.xpending_range(key, group, record.inbound_id, record.inbound_id, 1)
@@ -155,3 +158,12 @@ class InboundPart(RedisCore):
             return 0
         return int(await self._client.xack(self.keys.inbound(session_id, topic), group,
                                            *dict.fromkeys(inbound_ids)))
+
+    @guard
+    async def release_inbound_consumer(
+        self, session_id: str, group: str, consumer: str, *, topic: str = INBOUND
+    ) -> None:
+        """Delete the consumer (its Receive call ended) unless it holds deliveries, and
+        any other consumer of the group idle past the redelivery delay with none."""
+        await self._release_consumers(keys=[self.keys.inbound(session_id, topic)],
+                                      args=[group, consumer, self._redeliver_after_ms])

@@ -14,10 +14,14 @@ together and the layout holds on Redis Cluster.
 - ``P:T:ids``           hash: message id -> outbox stream entry id (unacked only)
 - ``P:T:seq``           counter: the outbox sequence
 - ``P:T:idem:<key>``    string: the message accepted under an idempotency key;
-                        no TTL while unacked, the idempotency TTL once acked
+                        no TTL while unacked, the idempotency TTL once acked; none for
+                        a Send without a key (nobody can retry with a key they lack)
 - ``P:T:result:<mid>``  string: ack time of a delivered message (idempotency TTL)
 - ``P:T:result:<mid>:key`` string: its idempotency key (idempotency TTL), so the
                         message stays readable by id after its ack (`sent_message`)
+- ``P:T:result:<mid>:sent`` string: a message sent without an idempotency key, as
+                        its record (idempotency TTL, from its ack): the same purpose,
+                        as such a message has no ``idem`` record
 - ``P:T:last``          hash: the session's last status event (``id``, ``event``; with the
                         sharded log also ``seq``, and ``id`` '' until the entry is named)
 - ``P:T:fence``         string: the current fencing token (see `broker.store.redis.scripts`);
@@ -108,6 +112,14 @@ class RedisKeys:
     def result(self, session_id: str, message_id: str = "") -> str:
         """With no message id: the prefix the outbox script appends ids to."""
         return self._part(session_id, f"result:{message_id}")
+
+    def result_key(self, session_id: str, message_id: str) -> str:
+        """The idempotency key of an acked message (to find its record)."""
+        return self._part(session_id, f"result:{message_id}:key")
+
+    def sent(self, session_id: str, message_id: str) -> str:
+        """An acked message sent without an idempotency key, as its record."""
+        return self._part(session_id, f"result:{message_id}:sent")
 
     def last(self, session_id: str) -> str:
         return self._part(session_id, "last")

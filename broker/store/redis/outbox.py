@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis import exceptions as rexc
 
 from broker.errors import OutboxFull
 from broker.store.base import (
@@ -38,6 +39,8 @@ from broker.store.redis.core import RedisCore, block_ms, guard
 from broker.store.redis.durability import Durability
 from broker.store.redis.scripts import fence_arg
 
+_KEYS_KEPT = 10_000
+"""Per session, at most this many idempotency keys of unacked messages are remembered."""
 OUTBOX_GROUP = "owners"
 """The consumer group the session's owner reads its outbox through."""
 
@@ -55,6 +58,9 @@ class OutboxPart(RedisCore):
         self._outbox_seen: dict[str, str] = {}
         """Per session, the newest entry id `wait_outbox` saw at its last wake-up."""
         self._apply_outbox = client.register_script(scripts.APPLY_OUTBOX)
+        self._ack_keys = client.register_script(scripts.ACK_KEYS)
+        self._keys_of: dict[str, dict[str, str]] = {}
+        """Per session, message id -> idempotency key of messages read for delivery."""
         self._pending = client.register_script(scripts.PENDING)
         self._claim_outbox = client.register_script(scripts.CLAIM_OUTBOX)
         self._acks = AckListener(pubsub, self.keys.ack_listener, recheck_s)
@@ -62,6 +68,7 @@ class OutboxPart(RedisCore):
     def _forget_session(self, session_id: str) -> None:
         super()._forget_session(session_id)
         self._outbox_seen.pop(session_id, None)
+        self._keys_of.pop(session_id, None)
 
     @guard
     async def apply_outbox(
@@ -69,23 +76,33 @@ class OutboxPart(RedisCore):
         fence: int | None = None,
     ) -> OutboxBatchResult:
         """One Lua script (APPLY_OUTBOX): key checks, depth checks, sequences, XADDs,
-        acks and the claiming read are atomic, and a batch costs one round trip."""
+        acks and the claiming read are atomic, and a batch costs one round trip.
+
+        Every key the script touches is declared, so an ack names its message's
+        idempotency key: known from the read that handed the message out, else
+        looked up first (ACK_KEYS)."""
         if not batch.acks and not batch.messages and not batch.refusals:
             return OutboxBatchResult([], [])
-        k = self.keys
         settled = [*batch.acks, *(r.message_id for r in batch.refusals)]
-        refusals = [f"{r.message_id}\n{r.code} {r.reason or 'refused'}" for r in batch.refusals]
-        args: list[str | int] = [
-            repr(at), max_depth, k.idem(session_id), k.result(session_id),
-            self._idem_ttl_ms, k.acked(session_id), OUTBOX_GROUP, self.consumer,
-            1 if batch.claim else 0, len(settled), fence_arg(fence), *batch.acks, *refusals,
-        ]
-        for m in batch.messages:
-            args += [new_message_id(), m.to, m.body, m.idempotency_key]
-        reply: Any = await self._durability.run(
-            self._apply_outbox,
-            [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)],
-            args)
+        known = self._keys_of.setdefault(session_id, {})
+        missing = [mid for mid in settled if mid not in known]
+        if missing:
+            found = await self._ack_keys(
+                keys=[self.keys.outbox(session_id), self.keys.ids(session_id)], args=missing)
+            known.update(zip(missing, (text(key) for key in found), strict=True))
+        try:
+            reply = await self._run_apply(session_id, batch, known, max_depth, at, fence)
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("ACKKEYS"):
+                raise
+            for mid in settled:  # a key this process remembered wrongly: look again
+                known.pop(mid, None)
+            found = await self._ack_keys(
+                keys=[self.keys.outbox(session_id), self.keys.ids(session_id)], args=settled)
+            known.update(zip(settled, (text(key) for key in found), strict=True))
+            reply = await self._run_apply(session_id, batch, known, max_depth, at, fence)
+        for mid in settled:
+            known.pop(mid, None)
         acked_raw, accepted_raw, claimed_raw, unread = reply
         acked = [delivery_result(mid, raw) for mid, raw in zip(settled, acked_raw, strict=True)]
         accepted: list[Accepted | OutboxFull] = []
@@ -95,14 +112,51 @@ class OutboxPart(RedisCore):
                 accepted.append(outbox_full(session_id, text(item[1])))
                 continue
             message = idem_record(session_id, new.idempotency_key, item[1])
-            if kind == "dup":
-                done = item[2] if len(item) > 2 else None
-                result = delivery_result(message.message_id, done) if done else None
-                accepted.append(Accepted(message, True, result))
+            if kind == "dup":  # a retry: its result, if acked meanwhile, is read apart
+                accepted.append(Accepted(message, True,
+                                         await self._result(session_id, message.message_id)))
             else:
                 accepted.append(Accepted(message, False))
         claimed = [outbox_entry(session_id, row) for row in claimed_raw]
+        self._remember_keys(session_id, claimed)
         return OutboxBatchResult(acked, accepted, claimed, bool(unread))
+
+    async def _run_apply(
+        self, session_id: str, batch: OutboxBatch, known: dict[str, str], max_depth: int,
+        at: float, fence: int | None,
+    ) -> Any:
+        k = self.keys
+        keys = [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)]
+        args: list[str | int] = [
+            repr(at), max_depth, "", "", self._idem_ttl_ms, k.acked(session_id), OUTBOX_GROUP,
+            self.consumer, 1 if batch.claim else 0,
+            len(batch.acks) + len(batch.refusals), fence_arg(fence),
+        ]
+        # A refusal goes as an ack whose id carries "\n<code> <reason>" (the script
+        # stores that as the result).
+        wire = [(mid, mid) for mid in batch.acks]
+        wire += [(r.message_id, f"{r.message_id}\n{r.code} {r.reason or 'refused'}")
+                 for r in batch.refusals]
+        for mid, sent_as in wire:
+            key = known.get(mid, "")
+            keys += [k.result(session_id, mid), k.result_key(session_id, mid),
+                     k.idem(session_id, key) if key else k.sent(session_id, mid)]
+            args += [sent_as, key]
+        for m in batch.messages:
+            key = m.idempotency_key if m.retryable else ""
+            if key:
+                keys.append(k.idem(session_id, key))
+            args += [new_message_id(), m.to, m.body, key]
+        return await self._durability.run(self._apply_outbox, keys, args)
+
+    def _remember_keys(self, session_id: str, messages: list[OutboxMessage]) -> None:
+        """The idempotency keys of messages handed out for delivery, for their acks;
+        bounded (a forgotten one is looked up)."""
+        known = self._keys_of.setdefault(session_id, {})
+        for m in messages:
+            known[m.message_id] = m.idempotency_key
+        while len(known) > _KEYS_KEPT:
+            del known[next(iter(known))]
 
     @guard
     async def find_by_key(self, session_id: str, idempotency_key: str) -> Accepted | None:
@@ -138,7 +192,9 @@ class OutboxPart(RedisCore):
         rows = await self._groups.run(key, OUTBOX_GROUP, lambda: self._durability.run(
             self._pending, [key, self.keys.fence(session_id)],
             [OUTBOX_GROUP, self.consumer, limit, after_sequence, fence_arg(fence)]))
-        return [outbox_entry(session_id, row) for row in rows]
+        messages = [outbox_entry(session_id, row) for row in rows]
+        self._remember_keys(session_id, messages)
+        return messages
 
     async def _result(self, session_id: str, message_id: str) -> DeliveryResult | None:
         raw = await self._client.get(self.keys.result(session_id, message_id))
@@ -158,9 +214,10 @@ class OutboxPart(RedisCore):
             if rows and rows[0][1]:
                 flat = [item for pair in rows[0][1].items() for item in pair]
                 return outbox_entry(session_id, flat)
-        key = await self._client.get(self.keys.result(session_id, message_id) + ":key")
-        if key is None:
-            return None
+        key = await self._client.get(self.keys.result_key(session_id, message_id))
+        if key is None:  # sent without a key: its record is kept by message id
+            raw = await self._client.get(self.keys.sent(session_id, message_id))
+            return None if raw is None else idem_record(session_id, "", raw)
         raw = await self._client.get(self.keys.idem(session_id, text(key)))
         return None if raw is None else idem_record(session_id, text(key), raw)
 

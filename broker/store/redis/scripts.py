@@ -92,68 +92,94 @@ local function take_over(key, group, consumer)
 end
 """
 
-# KEYS: outbox stream, ids hash, seq counter, fence
-# ARGV: at, max_depth, idem key prefix, result key prefix, ttl_ms, ack channel, group,
-#       consumer, claim (0/1), number of acks, fencing token ('' unfenced), the acked
-#       message ids, then per new message: message_id, to, body, idempotency_key
+# KEYS: outbox stream, ids hash, seq counter, fence; then per ack its result, its result's
+#       key record, and its idempotency record (keyed message) or sent record (unkeyed);
+#       then per new message with a key its idempotency record.
+# ARGV: at, max_depth, (unused), (unused), ttl_ms, ack channel, group, consumer,
+#       claim (0/1), number of acks, fencing token ('' unfenced), per ack: message id and
+#       idempotency key ('' none), then per new message: message_id, to, body,
+#       idempotency_key ('' none: the client gave none, so no record is kept for it)
 # Returns {acked, accepted, claimed, unread}: per ack its result time; per new message
-# {'new', record}, {'dup', record, result or false} or {'full', depth}; with claim, the
-# field lists of the entries read for the caller, and 1 if unread entries remain.
-# Idem and result keys are built from prefixes that carry the session's hash tag (the
-# idem key is named in the outbox entry), so they share the declared keys' slot.
+# {'new', record}, {'dup', record} or {'full', depth}; with claim, the field lists of the
+# entries read for the caller, and 1 if unread entries remain. An ack whose declared key
+# is not its entry's is refused before any write ('ACKKEYS'): the caller looks it up.
+# Every key touched is declared (Redis Cluster checks them, and a slot migration answers
+# TRYAGAIN before the script runs rather than half-way through it).
 APPLY_OUTBOX = FENCED + STREAMS + """
 if fenced(KEYS[4], ARGV[11]) then return refuse(ARGV[11]) end
 local at, ttl = ARGV[1], ARGV[5]
-if ARGV[9] == '1' then  -- the read below must not fail after the writes: no rollback
-  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[7], '0', 'MKSTREAM')
-end
-local acked = {}
 local n_acks = tonumber(ARGV[10])
-for n = 12, 11 + n_acks do
-  -- an ack is the message id; a refusal is "<id>", a newline, "<code> <reason>"
+local first_new = 12 + 2 * n_acks
+local ack_keys, k = {}, 5  -- per ack: result, result key record, idem or sent record
+for n = 12, first_new - 1, 2 do
+  -- an ack names the message id; a refusal "<id>", a newline, "<code> <reason>"
   local mid, value = ARGV[n], at
   local cut = string.find(mid, '\\n', 1, true)
   if cut then
     value = at .. ' ' .. string.sub(mid, cut + 1)
     mid = string.sub(mid, 1, cut - 1)
   end
-  local result_key = ARGV[4] .. mid
-  local done = redis.call('GET', result_key)
-  if done then
-    acked[#acked + 1] = done
-  else
-    local entry = redis.call('HGET', KEYS[2], mid)
+  ack_keys[#ack_keys + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], mid, ARGV[n + 1], value}
+  k = k + 3
+end
+local entries = {}
+for i, a in ipairs(ack_keys) do  -- checked before any write: a script has no rollback
+  if not redis.call('GET', a[1]) then
+    local entry = redis.call('HGET', KEYS[2], a[4])
     if entry then
       local rows = redis.call('XRANGE', KEYS[1], entry, entry)
       if rows[1] then
-        local key = field(rows[1][2], 'key')
-        if key then
-          redis.call('PEXPIRE', ARGV[3] .. key, ttl)
-          redis.call('SET', result_key .. ':key', key, 'PX', ttl)  -- for sent_message
+        if (field(rows[1][2], 'key') or '') ~= a[5] then
+          return redis.error_reply('ACKKEYS message ' .. a[4] .. ' has another key')
         end
+        entries[i] = {entry, rows[1][2]}
+      else
+        entries[i] = {entry, false}
       end
-      redis.call('XACK', KEYS[1], ARGV[7], entry)
-      redis.call('XDEL', KEYS[1], entry)
-      redis.call('HDEL', KEYS[2], mid)
-      redis.call('SET', result_key, value, 'PX', ttl)
-      redis.call('PUBLISH', ARGV[6], mid .. ' ' .. value)
     end
-    acked[#acked + 1] = value
+  end
+end
+if ARGV[9] == '1' then  -- the read below must not fail after the writes: no rollback
+  redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[7], '0', 'MKSTREAM')
+end
+local acked = {}
+for i, a in ipairs(ack_keys) do
+  local done = redis.call('GET', a[1])
+  if done then
+    acked[#acked + 1] = done
+  else
+    local e = entries[i]
+    if e then
+      local f = e[2]
+      if f and a[5] ~= '' then
+        redis.call('PEXPIRE', a[3], ttl)
+        redis.call('SET', a[2], a[5], 'PX', ttl)  -- for sent_message
+      elseif f then  -- unkeyed: the message itself, for sent_message
+        redis.call('SET', a[3], cjson.encode({a[4], field(f, 'to'), field(f, 'body'),
+          field(f, 'seq'), field(f, 'at')}), 'PX', ttl)
+      end
+      redis.call('XACK', KEYS[1], ARGV[7], e[1])
+      redis.call('XDEL', KEYS[1], e[1])
+      redis.call('HDEL', KEYS[2], a[4])
+      redis.call('SET', a[1], a[6], 'PX', ttl)
+      redis.call('PUBLISH', ARGV[6], a[4] .. ' ' .. a[6])
+    end
+    acked[#acked + 1] = a[6]
   end
 end
 local accepted, fresh, last_added = {}, 0, nil
 local depth = redis.call('XLEN', KEYS[1])
 local max_depth = tonumber(ARGV[2])
-for n = 12 + n_acks, #ARGV, 4 do
+for n = first_new, #ARGV, 4 do
   local mid, to, body, key = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
-  local idem = ARGV[3] .. key
-  local known = redis.call('GET', idem)
+  local idem = nil
+  if key ~= '' then idem = KEYS[k]; k = k + 1 end
+  local known = idem and redis.call('GET', idem)
   if known then
     -- rewritten as is: a propagated write, so a WAIT after this script also covers
     -- the record (accepted earlier, maybe on another connection)
     redis.call('SET', idem, known, 'KEEPTTL')
-    local known_mid = cjson.decode(known)[1]
-    accepted[#accepted + 1] = {'dup', known, redis.call('GET', ARGV[4] .. known_mid)}
+    accepted[#accepted + 1] = {'dup', known}
   elseif depth >= max_depth then
     accepted[#accepted + 1] = {'full', tostring(depth)}
   else
@@ -162,7 +188,7 @@ for n = 12 + n_acks, #ARGV, 4 do
       'key', key, 'seq', seq, 'at', at)
     redis.call('HSET', KEYS[2], mid, last_added)
     local record = cjson.encode({mid, to, body, seq, at})
-    redis.call('SET', idem, record)
+    if idem then redis.call('SET', idem, record) end
     depth, fresh = depth + 1, fresh + 1
     accepted[#accepted + 1] = {'new', record}
   end
@@ -179,11 +205,67 @@ end
 return {acked, accepted, claimed, unread}
 """
 
+# KEYS: outbox stream, ids hash.  ARGV: message ids
+# Per message id, the idempotency key its outbox entry carries ('' none or unknown):
+# what APPLY_OUTBOX must be told (declared) for an ack the caller has no key for.
+ACK_KEYS = """
+local out = {}
+for i, mid in ipairs(ARGV) do
+  local key = ''
+  local entry = redis.call('HGET', KEYS[2], mid)
+  if entry then
+    local rows = redis.call('XRANGE', KEYS[1], entry, entry)
+    if rows[1] then
+      local f = rows[1][2]
+      for j = 1, #f, 2 do
+        if f[j] == 'key' then key = f[j + 1] end
+      end
+    end
+  end
+  out[i] = key
+end
+return out
+"""
+
+#: prune(key, group, keep, release, min_idle): deletes the group's consumers that
+#: hold nothing pending and are `release` or idle for `min_idle` ms (never `keep`);
+#: a consumer holding entries is kept, or they could never be claimed again.
+PRUNE = """
+local function prune(key, group, keep, release, min_idle)
+  local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', key, group)
+  if not ok then return 0 end  -- no stream or no group: nothing to prune
+  local deleted = 0
+  for _, c in ipairs(consumers) do
+    local name, pending, idle = nil, 0, 0
+    for i = 1, #c, 2 do
+      if c[i] == 'name' then name = c[i + 1]
+      elseif c[i] == 'pending' then pending = tonumber(c[i + 1])
+      elseif c[i] == 'idle' then idle = tonumber(c[i + 1]) end
+    end
+    if name and name ~= keep and pending == 0 and (name == release or idle >= min_idle) then
+      redis.call('XGROUP', 'DELCONSUMER', key, group, name)
+      deleted = deleted + 1
+    end
+  end
+  return deleted
+end
+"""
+
 # KEYS: outbox stream, fence.  ARGV: group, consumer, token
-# Takes over former owners' unacked entries; returns how many this consumer holds.
-CLAIM_OUTBOX = FENCED + TAKE_OVER + """
+# Takes over former owners' unacked entries, then deletes their consumers (each
+# restart of an instance may read under a new name); returns how many this one holds.
+CLAIM_OUTBOX = FENCED + TAKE_OVER + PRUNE + """
 if fenced(KEYS[2], ARGV[3]) then return refuse(ARGV[3]) end
-return take_over(KEYS[1], ARGV[1], ARGV[2])
+local held = take_over(KEYS[1], ARGV[1], ARGV[2])
+prune(KEYS[1], ARGV[1], ARGV[2], '', 0)
+return held
+"""
+
+# KEYS: inbound stream.  ARGV: group, consumer ('' none), min_idle_ms
+# Deletes `consumer` (a Receive call's, once it ended) and consumers idle for
+# min_idle_ms, each only if it holds nothing pending; returns how many went.
+RELEASE_CONSUMERS = PRUNE + """
+return prune(KEYS[1], ARGV[1], '', ARGV[2], tonumber(ARGV[3]))
 """
 
 # KEYS: outbox stream, fence.  ARGV: group, consumer, limit, after_sequence, token
