@@ -29,6 +29,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from broker.config import Settings
+from broker.content import Content
+from broker.content import decode as decode_content
 from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle.health import SessionStats
 from broker.runtime.batching import Batcher
@@ -43,6 +45,16 @@ STORE_RETRY_S = 1.0
 """How soon the delivery loop asks an unreachable store again."""
 
 _Write = str | NewMessage
+
+
+def _content(payload: bytes) -> Content | None:
+    """A queued message's content; a payload this release cannot read (a store
+    written by a newer one) goes out as its body alone, logged, not as a crash."""
+    try:
+        return decode_content(payload)
+    except ValueError as exc:
+        log.error("a queued message's content is unreadable, sending its body only: %s", exc)
+        return None
 """An outbox write item: an ack (the message id) or a new message."""
 
 
@@ -167,7 +179,11 @@ class Delivery:
                 return
             now = loop.time()
             for message in window.due(now):
-                await link.send(message.message_id, message.to, message.body)
+                if message.content is None:
+                    await link.send(message.message_id, message.to, message.body)
+                else:
+                    await link.send(message.message_id, message.to, message.body,
+                                    content=_content(message.content))
             wait = window.resend_in(now)
             if wait is None:
                 wait = self._idle_poll

@@ -64,6 +64,10 @@ class OutboxMessage:
     idempotency_key: str
     sequence: int
     accepted_at: float
+    content: bytes | None = None
+    """The stored `broker.content` payload (media, location, ...); None: `body` is a
+    plain text message. Read back with the message for delivery and `sent_message`;
+    an idempotency replay (`find_by_key`, a duplicate Send) may leave it out."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class NewMessage:
     to: str
     body: str
     idempotency_key: str
+    content: bytes | None = None
+    """The encoded `broker.content.Content`, kept with the message, durable like its
+    body; None for plain text."""
 
 
 @dataclass(frozen=True)
@@ -243,9 +250,10 @@ class Store(Protocol):
     # outbox
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, content: bytes | None = None,
     ) -> Accepted:
-        """Durably queue a message, or return the one already queued under the key.
+        """Durably queue a message, or return the one already queued under the key
+        (whatever its body or content: the key names the message).
 
         Raises OutboxFull when the outbox holds max_depth messages.
         """
@@ -348,9 +356,9 @@ class OneAtATime:
 
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float,
+        at: float, content: bytes | None = None,
     ) -> Accepted:
-        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key)])
+        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key, content)])
         [outcome] = (await self.apply_outbox(session_id, batch, max_depth=max_depth,
                                              at=at)).accepted
         if isinstance(outcome, OutboxFull):

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from broker.content import Content, Presence, to_wire
 from broker.lifecycle.reasons import DisconnectCode, parse_code
 from broker.store.kv import SessionKV
 from broker.upstream import events as ev
@@ -168,8 +169,16 @@ class BridgeLink:
         if not self._writer.is_closing():
             self._writer.write(encode(frame))
 
-    async def send(self, message_id: str, to: str, body: str) -> None:
-        self._write({"t": "send", "id": message_id, "to": to, "body": body})
+    async def send(
+        self, message_id: str, to: str, body: str, *, content: Content | None = None
+    ) -> None:
+        frame: Frame = {"t": "send", "id": message_id, "to": to, "body": body}
+        if content is not None:
+            frame["content"] = to_wire(content)  # the protocol-v1 form: media as base64
+        self._write(frame)
+
+    async def send_presence(self, chat: str, presence: Presence) -> None:
+        self._write({"t": "presence", "to": chat, "presence": str(presence)})
 
     async def ping(self, ping_id: int) -> None:
         self._write({"t": "ping", "id": ping_id})

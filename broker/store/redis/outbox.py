@@ -9,6 +9,7 @@ is a fenced script (broker.store.redis.scripts).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -27,6 +28,7 @@ from broker.store.base import (
 from broker.store.redis import scripts
 from broker.store.redis.acks import AckListener
 from broker.store.redis.codecs import (
+    as_bytes,
     delivery_result,
     idem_record,
     outbox_entry,
@@ -73,13 +75,13 @@ class OutboxPart(RedisCore):
         if not batch.acks and not batch.messages:
             return OutboxBatchResult([], [])
         k = self.keys
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             repr(at), max_depth, k.idem(session_id), k.result(session_id),
             self._idem_ttl_ms, k.acked(session_id), OUTBOX_GROUP, self.consumer,
             1 if batch.claim else 0, len(batch.acks), fence_arg(fence), *batch.acks,
         ]
         for m in batch.messages:
-            args += [new_message_id(), m.to, m.body, m.idempotency_key]
+            args += [new_message_id(), m.to, m.body, m.idempotency_key, m.content or b""]
         reply: Any = await self._durability.run(
             self._apply_outbox,
             [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)],
@@ -160,8 +162,13 @@ class OutboxPart(RedisCore):
         key = await self._client.get(self.keys.result(session_id, message_id) + ":key")
         if key is None:
             return None
-        raw = await self._client.get(self.keys.idem(session_id, text(key)))
-        return None if raw is None else idem_record(session_id, text(key), raw)
+        raw, content = await self._client.mget(
+            [self.keys.idem(session_id, text(key)),
+             self.keys.result(session_id, message_id) + ":content"])
+        if raw is None:
+            return None
+        message = idem_record(session_id, text(key), raw)
+        return message if content is None else replace(message, content=as_bytes(content))
 
     @guard
     async def wait_result(

@@ -95,7 +95,9 @@ end
 # KEYS: outbox stream, ids hash, seq counter, fence
 # ARGV: at, max_depth, idem key prefix, result key prefix, ttl_ms, ack channel, group,
 #       consumer, claim (0/1), number of acks, fencing token ('' unfenced), the acked
-#       message ids, then per new message: message_id, to, body, idempotency_key
+#       message ids, then per new message: message_id, to, body, idempotency_key,
+#       content ('' for plain text; else kept in the entry, and after the ack under
+#       the result key + ':content' for the retention, for sent_message)
 # Returns {acked, accepted, claimed, unread}: per ack its result time; per new message
 # {'new', record}, {'dup', record, result or false} or {'full', depth}; with claim, the
 # field lists of the entries read for the caller, and 1 if unread entries remain.
@@ -125,6 +127,8 @@ for n = 12, 11 + n_acks do
           redis.call('PEXPIRE', ARGV[3] .. key, ttl)
           redis.call('SET', result_key .. ':key', key, 'PX', ttl)  -- for sent_message
         end
+        local content = field(rows[1][2], 'content')
+        if content then redis.call('SET', result_key .. ':content', content, 'PX', ttl) end
       end
       redis.call('XACK', KEYS[1], ARGV[7], entry)
       redis.call('XDEL', KEYS[1], entry)
@@ -138,8 +142,9 @@ end
 local accepted, fresh, last_added = {}, 0, nil
 local depth = redis.call('XLEN', KEYS[1])
 local max_depth = tonumber(ARGV[2])
-for n = 12 + n_acks, #ARGV, 4 do
-  local mid, to, body, key = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
+for n = 12 + n_acks, #ARGV, 5 do
+  local mid, to, body, key, content = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3],
+    ARGV[n + 4]
   local idem = ARGV[3] .. key
   local known = redis.call('GET', idem)
   if known then
@@ -152,8 +157,13 @@ for n = 12 + n_acks, #ARGV, 4 do
     accepted[#accepted + 1] = {'full', tostring(depth)}
   else
     local seq = tostring(redis.call('INCR', KEYS[3]))
-    last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
-      'key', key, 'seq', seq, 'at', at)
+    if content == '' then
+      last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
+        'key', key, 'seq', seq, 'at', at)
+    else
+      last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
+        'key', key, 'seq', seq, 'at', at, 'content', content)
+    end
     redis.call('HSET', KEYS[2], mid, last_added)
     local record = cjson.encode({mid, to, body, seq, at})
     redis.call('SET', idem, record)

@@ -80,8 +80,8 @@ class OutboxPart(SqlitePart):
                               (sid, new.idempotency_key)).fetchone()
             if known is not None:
                 message = _message(sid, known)
-                done = None if known[6] is None else DeliveryResult(message.message_id,
-                                                                    float(known[6]))
+                done = None if known[7] is None else DeliveryResult(message.message_id,
+                                                                    float(known[7]))
                 accepted.append(Accepted(message, True, done))
                 continue
             if depth >= max_depth:
@@ -92,11 +92,12 @@ class OutboxPart(SqlitePart):
             message = OutboxMessage(
                 session_id=sid, message_id=new_message_id(), to=new.to, body=new.body,
                 idempotency_key=new.idempotency_key, sequence=last_seq, accepted_at=at,
+                content=new.content,
             )
             c.execute("INSERT INTO messages (session_id, sequence, message_id, recipient, body, "
-                      "idempotency_key, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      "idempotency_key, accepted_at, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (sid, last_seq, message.message_id, new.to, new.body,
-                       new.idempotency_key, at))
+                       new.idempotency_key, at, new.content))
             fresh.append(message)
             accepted.append(Accepted(message, False))
         if row is None and not (batch.acks or batch.messages):
@@ -161,7 +162,7 @@ class OutboxPart(SqlitePart):
             if row is None:
                 return None
             message = _message(session_id, row)
-            done = None if row[6] is None else DeliveryResult(message.message_id, float(row[6]))
+            done = None if row[7] is None else DeliveryResult(message.message_id, float(row[7]))
             return Accepted(message, True, done)
 
         return await self.db.read(read)

@@ -49,7 +49,12 @@ CREATE TABLE kv (
 """
 """The per-session key-value area (a database of schema 1 gains an empty table)."""
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV)
+SCHEMA_V3_CONTENT = """
+ALTER TABLE messages ADD COLUMN content BLOB;
+"""
+"""A message's content beyond text (broker.content's stored payload; NULL: plain text)."""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV, SCHEMA_V3_CONTENT)
 """Schema steps in order; PRAGMA user_version counts those applied. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

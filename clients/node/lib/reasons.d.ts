@@ -62,6 +62,8 @@ export declare const ErrorReason: {
   readonly PAIRING_CODE_REFUSED: 'PAIRING_CODE_REFUSED';
   /** FAILED_PRECONDITION: the session's stored credentials do not decrypt with any configured key (a wrong or rotated-away key); metadata.state is FAILED and Health names the key id to configure again. */
   readonly CREDENTIALS_UNREADABLE: 'CREDENTIALS_UNREADABLE';
+  /** UNAVAILABLE: SendPresence on a session that is not open on the answering instance (metadata.state names its state); presence is never queued. */
+  readonly SESSION_NOT_OPEN: 'SESSION_NOT_OPEN';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

@@ -17,6 +17,7 @@ The reasons are the names of ErrorReason.Reason, at the end of this file:
                                                               SESSION_CONFLICT, SESSION_FAILED, NOT_PAIRING)
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
                        or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
+                       or presence on a session not open    (SESSION_NOT_OPEN)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -135,6 +136,13 @@ class BrokerStub:
     """Acknowledge inbound messages for a consumer group: they are never
     delivered to that group again. Idempotent; unknown ids are ignored.
     """
+    SendPresence: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SendPresenceRequest, _broker_pb2.SendPresenceResponse]
+    """Tell the chat what the session is doing ("typing…" while a worker prepares
+    a reply). Best effort and not durable: it reaches the upstream only while
+    the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+    queued), and at most --presence-rate per second per session
+    (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -223,6 +231,13 @@ class BrokerAsyncStub(BrokerStub):
     AckInbound: _aio.UnaryUnaryMultiCallable[_broker_pb2.AckInboundRequest, _broker_pb2.AckInboundResponse]  # type: ignore[assignment]
     """Acknowledge inbound messages for a consumer group: they are never
     delivered to that group again. Idempotent; unknown ids are ignored.
+    """
+    SendPresence: _aio.UnaryUnaryMultiCallable[_broker_pb2.SendPresenceRequest, _broker_pb2.SendPresenceResponse]  # type: ignore[assignment]
+    """Tell the chat what the session is doing ("typing…" while a worker prepares
+    a reply). Best effort and not durable: it reaches the upstream only while
+    the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+    queued), and at most --presence-rate per second per session
+    (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -405,6 +420,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_broker_pb2.AckInboundResponse, _abc.Awaitable[_broker_pb2.AckInboundResponse]]:
         """Acknowledge inbound messages for a consumer group: they are never
         delivered to that group again. Idempotent; unknown ids are ignored.
+        """
+
+    @_abc_1.abstractmethod
+    def SendPresence(
+        self,
+        request: _broker_pb2.SendPresenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SendPresenceResponse, _abc.Awaitable[_broker_pb2.SendPresenceResponse]]:
+        """Tell the chat what the session is doing ("typing…" while a worker prepares
+        a reply). Best effort and not durable: it reaches the upstream only while
+        the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+        queued), and at most --presence-rate per second per session
+        (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
