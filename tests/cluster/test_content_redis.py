@@ -63,7 +63,7 @@ async def test_a_queued_image_survives_a_broker_restart_byte_for_byte(
             stored = await raw.get(key)
             if stored is None:
                 return False
-            medium = contents.decode(stored).media
+            medium = contents.decode(bytes(stored)).media
             return medium is not None and medium.data == images[sid] and \
                 0 < await raw.pttl(key) <= 2000
 

@@ -31,7 +31,7 @@ def _media(data: bytes) -> dict[str, Any]:
 
 def _expected(kind: str, data: bytes = b"") -> dict[str, Any]:
     """What the simulator records for each message of `_every_kind`."""
-    return {
+    expected: dict[str, dict[str, Any]] = {
         "image": {"media": {"kind": "image", "mime_type": "image/png", "caption": "a cap",
                             "file_name": "", **_media(data)},
                   "reply_to": "m-quoted", "mentions": ["+4915000000001"]},
@@ -51,7 +51,8 @@ def _expected(kind: str, data: bytes = b"") -> dict[str, Any]:
         "reaction": {"reaction": {"message_id": "m-0123", "emoji": "\U0001f44d",
                                   "from_me": True}},
         "quote": {"reply_to": "ABCD1234", "mentions": ["+4915000000002"]},
-    }[kind]
+    }
+    return expected[kind]
 
 
 async def _every_kind(client: BrokerClient, sid: str, blobs: dict[str, bytes],
