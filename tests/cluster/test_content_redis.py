@@ -61,9 +61,9 @@ async def test_a_queued_image_survives_a_broker_restart_byte_for_byte(
 
         async def kept_for_the_retention() -> bool:
             stored = await raw.get(key)
-            if stored is None:
+            if not isinstance(stored, bytes):
                 return False
-            medium = contents.decode(bytes(stored)).media
+            medium = contents.decode(stored).media
             return medium is not None and medium.data == images[sid] and \
                 0 < await raw.pttl(key) <= 2000
 
