@@ -87,9 +87,15 @@ def _message_ref(value: str, field: str) -> str:
     return value
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Control characters and line breaks: never in a name, an address or an emoji (the
+invisible joiners of emoji sequences and of scripts are fine)."""
+
+
 def _short_text(value: str, field: str, limit: int) -> str:
-    if len(value) > limit or not value.isprintable():
-        raise InvalidArgument(field, f"must be at most {limit} printable characters")
+    if len(value) > limit or _CONTROL.search(value):
+        raise InvalidArgument(field, f"must be at most {limit} characters, without control "
+                                     "characters or line breaks")
     return value
 
 
@@ -133,7 +139,7 @@ def content(
             if not r.message_id:
                 raise InvalidArgument("content.reaction.message_id", "is required")
             _message_ref(r.message_id, "content.reaction.message_id")
-            if len(r.emoji.encode("utf-8")) > MAX_EMOJI_BYTES or not r.emoji.isprintable():
+            if len(r.emoji.encode("utf-8")) > MAX_EMOJI_BYTES or _CONTROL.search(r.emoji):
                 raise InvalidArgument("content.reaction.emoji",
                                       f"must be one emoji (at most {MAX_EMOJI_BYTES} bytes)")
 
