@@ -234,3 +234,21 @@ async def test_presence_reaches_the_upstream_rate_limited_and_never_queued(
         assert closed.value.reason == "SESSION_NOT_OPEN"
         assert closed.value.metadata["state"] == "STOPPED"
     assert len(sim.record("typing").presence) == 5
+
+
+async def test_concurrent_media_on_one_stream_stay_within_the_message_limit(
+    sim: Simulator, make_broker: BrokerFactory
+) -> None:
+    """Eight 900 KB images at once on the client's coalesced stream, past this broker's
+    5 MiB message limit together: all delivered, in order, byte for byte (how the
+    client splits its requests: tests/client/test_client_content.py)."""
+    broker = await make_broker(max_media_bytes=1024 * 1024)
+    await paired_session(broker, sim, "many")
+    images = [os.urandom(900 * 1024) for _ in range(8)]
+    async with BrokerClient(broker.address, timeout=30) as client:
+        assert client.coalesce
+        results = await asyncio.gather(*(client.send_image("many", TO, image,
+                                                           idempotency_key=f"i{n}")
+                                         for n, image in enumerate(images)))
+    assert [r.message_id for r in results] == sim.record("many").accepted_ids()
+    assert [sim.media("many", r.message_id) for r in results] == images
