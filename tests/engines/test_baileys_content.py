@@ -139,3 +139,17 @@ async def test_presence_reaches_send_presence_update(rig: Rig) -> None:  # noqa:
         await asyncio.sleep(0.05)
     assert seen == expected
     assert rig.state("bp1") == State.OPEN
+
+
+async def test_a_retry_request_is_answered_for_text_only(rig: Rig) -> None:  # noqa: F811
+    """Baileys' getMessage gets the text back; for a medium nothing (an empty text
+    would go out instead of the image)."""
+    await rig.pair("br1")
+    text = await rig.manager.send("br1", TO, "hello again", timeout=20.0)
+    quote = await rig.manager.send("br1", TO, "quoting", content=Content(reply_to="X"),
+                                   timeout=20.0)
+    image = await rig.manager.send("br1", TO, "", timeout=20.0, content=Content(
+        Media(MediaKind.IMAGE, b"\x89PNG", "image/png")))
+    answers = [(await rig.fake.do("get_message", session="br1", id=o.message.message_id,
+                                  jid=JID))["message"] for o in (text, quote, image)]
+    assert answers == [{"conversation": "hello again"}, {"conversation": "quoting"}, None]

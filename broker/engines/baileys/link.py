@@ -20,7 +20,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from broker.content import Content, Presence, to_wire
+from broker.content import decode as decode_content
 from broker.lifecycle.reasons import DisconnectCode, parse_code
+from broker.store.base import OutboxMessage
 from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, PairingUnavailable
@@ -36,6 +38,17 @@ Frame = dict[str, Any]
 
 def encode(frame: Frame) -> bytes:
     return json.dumps(frame, separators=(",", ":")).encode() + b"\n"
+
+
+def _is_text(message: OutboxMessage) -> bool:
+    """Whether a sent message is text (a retry can be answered with its body); a medium
+    would need the uploaded media message, which the broker does not keep."""
+    if message.content is None:
+        return True
+    try:
+        return decode_content(message.content).kind is None
+    except ValueError:
+        return False
 
 
 class BridgeLink:
@@ -161,7 +174,7 @@ class BridgeLink:
                 return {}
             case _:  # get_message
                 sent = await self._kv.sent_message(str(f.get("id", "")))
-                return {"body": sent.body if sent is not None else None}
+                return {"body": sent.body if sent is not None and _is_text(sent) else None}
 
     # -- commands --
 

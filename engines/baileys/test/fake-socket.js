@@ -260,6 +260,12 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         to.inbound({ id: body.id, from: jidFrom.replace(/:\d+@/, '@'), text: Buffer.from(plain).toString() })
         return { ok: true, type }
       }
+      case 'get_message': {
+        // What Baileys' retry handling would ask of the app for a message it sent.
+        if (!live) return { ok: false, error: 'no live socket' }
+        const message = await live.config.getMessage({ id: body.id, remoteJid: body.jid || '' })
+        return { ok: true, message: message ?? null }
+      }
       case 'drop_media':
         net.dropMedia.set(body.session, body.times ?? 1)
         return { ok: true }
