@@ -244,7 +244,9 @@ class SendRequest(_message.Message):
     to: _builtins.str
     """Recipient address on the upstream network (1-256 characters)."""
     body: _builtins.str
-    """Message body, 1 byte to the broker's max body size (default 64 KiB)."""
+    """Message body, 1 byte to the broker's max body size (default 64 KiB): the
+    text of a text message. Empty when `content` sets a kind.
+    """
     idempotency_key: _builtins.str
     """Makes retries safe: the first call with a key sends, later calls with
     the same key (for the same session) return that call's message and
