@@ -252,3 +252,18 @@ async def test_concurrent_media_on_one_stream_stay_within_the_message_limit(
                                          for n, image in enumerate(images)))
     assert [r.message_id for r in results] == sim.record("many").accepted_ids()
     assert [sim.media("many", r.message_id) for r in results] == images
+
+
+async def test_the_same_key_with_other_content_returns_the_first_message(
+    sim: Simulator, broker: BrokerApp
+) -> None:
+    await paired_session(broker, sim, "same-key")
+    async with BrokerClient(broker.address, timeout=10) as client:
+        first = await client.send_image("same-key", TO, b"\x89PNG", "image/png",
+                                        idempotency_key="order-7")
+        again = await client.send_location("same-key", TO, 1.0, 2.0, idempotency_key="order-7")
+        text = await client.send("same-key", TO, "other body", idempotency_key="order-7")
+    assert again.duplicate and text.duplicate
+    assert again.message_id == text.message_id == first.message_id
+    [only] = sim.record("same-key").accepted
+    assert only.content is not None and only.content["media"]["kind"] == "image"
