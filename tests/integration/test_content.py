@@ -169,6 +169,9 @@ async def test_a_medium_over_the_limit_is_refused_before_anything_is_queued(
             await client.send_image("limit", TO, b"x" * 1001, idempotency_key="too-big")
         assert refused.value.metadata["field"] == "content.media.data"
         assert "1001 bytes" in refused.value.message and "limit is 1000" in refused.value.message
+        # Past the gRPC message limit (the medium limit + 4 MiB) gRPC refuses it unread.
+        with pytest.raises(ResourceExhausted):
+            await client.send_image("limit", TO, b"x" * (5 * 1024 * 1024), idempotency_key="huge")
         fits = await client.send_image("limit", TO, b"x" * 1000, idempotency_key="fits")
         # The refused key was never used: the same key now queues the smaller one.
         retried = await client.send_image("limit", TO, b"y" * 10, idempotency_key="too-big")
