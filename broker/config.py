@@ -53,6 +53,13 @@ class Settings:
     """Its fields are flags of their own (broker.lifecycle.policy)."""
     connect_timeout_s: float = setting(10.0, "Upstream connect and handshake timeout, seconds.")
     max_body_bytes: int = setting(64 * 1024, "Largest message body accepted.")
+    max_media_bytes: int = setting(
+        16 * 1024 * 1024, "Largest medium (image, video, audio, document, sticker) a Send may "
+                          "carry; the gRPC message size limit is raised to fit it.",
+        minimum=1, maximum=64 * 1024 * 1024)
+    presence_rate: float = setting(
+        2.0, "SendPresence calls per second per session (bursts of 5); 0: no limit.",
+        minimum=0)
     max_outbox: int = setting(10_000, "Undelivered messages per session before OUTBOX_FULL.")
     send_window: int = setting(
         64, "Messages in flight to the upstream per session before waiting for acks.")

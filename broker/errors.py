@@ -17,8 +17,8 @@ from broker_client.v1.broker_pb2 import ErrorReason
 
 __all__ = [
     "BrokerError", "ErrorReason", "InvalidArgument", "MessageNotFound", "MessageRefused",
-    "NotDeliveredYet", "NotOwner",
-    "OutboxFull", "PairingRefused", "PermissionDenied", "RateLimited", "Reason", "SessionExists",
+    "NotDeliveredYet", "NotOwner", "OutboxFull", "PairingRefused", "PermissionDenied",
+    "PresenceNotSent", "RateLimited", "Reason", "SessionExists",
     "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
     "Unauthenticated", "reason_name",
 ]
@@ -108,6 +108,13 @@ class NotDeliveredYet(BrokerError):
 
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = ErrorReason.NOT_DELIVERED_YET
+
+
+class PresenceNotSent(BrokerError):
+    """A presence update the session could not send now (not open here); never queued."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = ErrorReason.SESSION_NOT_OPEN
 
 
 class StoreUnavailable(BrokerError):

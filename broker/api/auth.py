@@ -7,12 +7,11 @@ callers. Rules:
 - ``grpc.health.v1.Health`` stays open (load-balancer and Kubernetes probes).
 - Server reflection needs any valid token.
 - ``broker.v1.Broker``: the role must grant the method's permission
-  (worker: Send/SendStream/SendBatch/Receive/AckInbound/ReceiveUpdates/AckUpdates/
-  GetMessage; viewer: StreamStatus/Health/GetSession/
-  ListSessions/GetQr; admin: all), then every session or tenant the request
-  names must be in the token's tenants. A session unknown to a tenant-scoped
-  token is refused like another tenant's session, so tokens cannot probe for
-  other tenants' session ids.
+  (worker: Send/SendStream/SendBatch/SendPresence/Receive/AckInbound/ReceiveUpdates/
+  AckUpdates/GetMessage; viewer: StreamStatus/Health/GetSession/ListSessions/GetQr;
+  admin: all), then every session or tenant the request names must be in the
+  token's tenants. A session unknown to a tenant-scoped token is refused like
+  another tenant's session, so tokens cannot probe for other tenants' session ids.
 - StreamStatus, Health and ListSessions without session ids or a tenant are
   *filtered* to the token's tenants (not refused), so one dashboard query works
   for any token.
@@ -70,6 +69,7 @@ RULES: dict[str, tuple[Permission, str]] = {
     "SendStream": (Permission.SEND, _ITEMS),
     "SendBatch": (Permission.SEND, _ITEMS),
     "AckInbound": (Permission.SEND, _SESSION),
+    "SendPresence": (Permission.SEND, _SESSION),
     "Receive": (Permission.SEND, _SESSIONS),
     "ReceiveUpdates": (Permission.SEND, _SESSIONS),
     "AckUpdates": (Permission.SEND, _SESSION),

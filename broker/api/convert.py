@@ -1,7 +1,8 @@
 """Domain objects to broker.v1 messages (one direction: the API only reports).
 
-Requests need no converting: their fields are plain strings and numbers the
-runtime takes as they are (and validates, through broker.validation).
+Requests need little converting: their fields are plain strings and numbers the
+runtime takes as they are (and validates, through broker.validation); a Send's
+content becomes the domain's `broker.content.Content`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import collections
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from broker import content as contents
+from broker.content import Content, Presence
 from broker.engines.status import EngineStatus
 from broker.errors import BrokerError, ErrorReason
 from broker.lifecycle.health import Recommendation, SessionStats, Severity
@@ -62,7 +65,18 @@ def send_item(item: pb.SendItem, time_remaining: float | None) -> SendItem:
     timeout = item.timeout_ms / 1000 if item.timeout_ms else send_timeout(time_remaining)
     return SendItem(ref=item.ref, session_id=request.session_id, to=request.to,
                     body=request.body, idempotency_key=request.idempotency_key,
-                    wait=not request.no_wait, timeout=timeout)
+                    wait=not request.no_wait, timeout=timeout, content=send_content(request))
+
+
+def send_content(request: pb.SendRequest) -> Content | None:
+    """The request's content, None when it has none (plain text in `body`)."""
+    return contents.from_proto(request.content) if request.HasField("content") else None
+
+
+def presence(value: int) -> Presence | None:
+    """None for PRESENCE_UNSPECIFIED or an unknown number (refused by the manager)."""
+    found: Presence | None = contents.PRESENCE_FROM_PB.get(value)  # type: ignore[call-overload]
+    return found
 
 
 def send_result(ref: int, outcome: object) -> pb.SendResult:

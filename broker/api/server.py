@@ -16,6 +16,14 @@ from broker.runtime.manager import SessionManager
 from broker_client.v1 import broker_pb2, broker_pb2_grpc
 
 SERVICE_NAME = broker_pb2.DESCRIPTOR.services_by_name["Broker"].full_name
+MESSAGE_OVERHEAD_BYTES = 4 * 1024 * 1024
+"""Room beside the largest medium in one gRPC message: body, caption, fields, framing."""
+
+
+def message_limit(max_media_bytes: int) -> int:
+    """The gRPC message size limit that fits a Send with the largest medium accepted
+    (gRPC's default of 4 MiB would refuse it before the broker could say why)."""
+    return max_media_bytes + MESSAGE_OVERHEAD_BYTES
 
 
 class ApiServer:
@@ -32,6 +40,7 @@ class ApiServer:
         """`interceptors`: e.g. broker.api.auth; `credentials`: TLS (None: plaintext);
         `durability`: what a crash of the store can lose, and `engine`: whether the
         engine is up, both for Health."""
+        limit = message_limit(manager.settings.max_media_bytes)
         self.server = grpc.aio.server(
             # Innermost: undecodable requests become INVALID_ARGUMENT, not UNKNOWN.
             interceptors=[*interceptors, MalformedRequests()],
@@ -39,6 +48,8 @@ class ApiServer:
                 ("grpc.keepalive_time_ms", 30_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
             ]
         )
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager, durability, engine),

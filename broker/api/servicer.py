@@ -37,6 +37,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def Send(self, request: pb.SendRequest, context: Context) -> pb.SendResponse:
         outcome = await self.manager.send(
             request.session_id, request.to, request.body,
+            content=convert.send_content(request),
             idempotency_key=request.idempotency_key, wait=not request.no_wait,
             timeout=convert.send_timeout(context.time_remaining()),
         )
@@ -185,3 +186,11 @@ class BrokerServicer(pb_grpc.BrokerServicer):
             request.session_id, request.group, request.inbound_ids
         )
         return pb.AckInboundResponse(acked=acked)
+
+    @unary
+    async def SendPresence(
+        self, request: pb.SendPresenceRequest, context: Context
+    ) -> pb.SendPresenceResponse:
+        await self.manager.send_presence(
+            request.session_id, request.chat, convert.presence(request.presence))
+        return pb.SendPresenceResponse()

@@ -36,6 +36,8 @@ from typing import Any
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from broker.config import Settings
+from broker.content import Content
+from broker.content import decode as decode_content
 from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle.health import SessionStats
 from broker.runtime import updates
@@ -64,6 +66,16 @@ UPDATE_ATTEMPTS = 30
 
 _Write = str | Refusal | NewMessage
 """An outbox write item: an ack (the message id), a refusal or a new message."""
+
+
+def _content(payload: bytes) -> Content | None:
+    """A queued message's content; a payload this release cannot read (a store
+    written by a newer one) goes out as its body alone, logged, not as a crash."""
+    try:
+        return decode_content(payload)
+    except ValueError as exc:
+        log.error("a queued message's content is unreadable, sending its body only: %s", exc)
+        return None
 
 
 class Delivery:
@@ -188,7 +200,11 @@ class Delivery:
                 return
             now = loop.time()
             for message in window.due(now):
-                await link.send(message.message_id, message.to, message.body)
+                if message.content is None:
+                    await link.send(message.message_id, message.to, message.body)
+                else:
+                    await link.send(message.message_id, message.to, message.body,
+                                    content=_content(message.content))
             wait = window.resend_in(now)
             if wait is None:
                 wait = self._idle_poll

@@ -17,6 +17,8 @@ from typing import cast
 
 from broker import validation
 from broker.config import Settings
+from broker.content import Content, Presence, split_text
+from broker.content import encode as encode_content
 from broker.errors import (
     BrokerError,
     ErrorReason,
@@ -25,6 +27,8 @@ from broker.errors import (
     NotDeliveredYet,
     NotOwner,
     PairingRefused,
+    PresenceNotSent,
+    RateLimited,
     Reason,
     SessionExists,
     SessionNotFound,
@@ -38,7 +42,14 @@ from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
-from broker.runtime.ratelimit import RateLimiter, admit, rate_limiter
+from broker.runtime.ratelimit import (
+    LocalLimiter,
+    RateLimiter,
+    TokenBucket,
+    Unlimited,
+    admit,
+    rate_limiter,
+)
 from broker.runtime.sendflow import Guard, SendFlow, SendItem, send_all
 from broker.runtime.updates import UpdatesService
 from broker.runtime.watch import Watched
@@ -59,6 +70,7 @@ MIN_SEND_TIMEOUT_S = 0.01
 def _nothing() -> None:
     """`placed` of a lone Send: nobody waits for its place."""
 LIST_CONCURRENCY = 64
+PRESENCE_BURST = 5
 
 _NOT_READY: dict[State, tuple[Reason, str]] = {
     State.LOGGED_OUT: (
@@ -143,6 +155,10 @@ class SessionManager:
         self.updates = UpdatesService(store, self.settings)
         # In process unless the backend shares buckets between instances.
         self.limiter: RateLimiter = limiter or rate_limiter(self.settings)
+        # Presence is sent by the owning actor of this process only: local buckets.
+        presence = TokenBucket.from_settings(self.settings.presence_rate, PRESENCE_BURST)
+        self.presence_limiter: RateLimiter = (
+            LocalLimiter(presence) if presence is not None else Unlimited())
         self._lock = asyncio.Lock()
         self.placement: Placement = placement(self)
 
@@ -335,17 +351,23 @@ class SessionManager:
         to: str,
         body: str,
         *,
+        content: Content | None = None,
         idempotency_key: str = "",
         wait: bool = True,
         timeout: float | None = None,
         placed: Callable[[], None] | None = None,
     ) -> SendOutcome:
         """Queue a message and, with `wait`, wait up to `timeout` for its ack.
+        `content`: media, a location, a reaction, a quote or mentions (None: `body`
+        is a plain text message); stored with the message, durable like its body.
         `placed()` is called once the message's outbox position is fixed: what lets
         a many-Sends call keep each session's order (SendFlow)."""
         validation.session_id(session_id)
         validation.recipient(to)
-        validation.body(body, self.settings.max_body_bytes)
+        validation.content(body, content, max_body_bytes=self.settings.max_body_bytes,
+                           max_media_bytes=self.settings.max_media_bytes)
+        body, content = split_text(body, content)
+        payload = None if content is None else encode_content(content)
         # No key given: one is made up for this call alone, which no retry can name.
         retryable = bool(validation.idempotency_key(idempotency_key))
         key = idempotency_key if retryable else f"auto-{uuid.uuid4().hex}"
@@ -366,6 +388,7 @@ class SessionManager:
         record = None if actor is not None else await self._record(session_id)
 
         accepted = await self._accept(session_id, record, actor, to, body, key, retryable,
+                                      payload,
                                       placed or _nothing)
         message = accepted.message
         if accepted.result is not None or not wait:
@@ -394,20 +417,22 @@ class SessionManager:
         return cast(list[SendOutcome | BrokerError], outcomes)
 
     async def _send_item(self, item: SendItem, placed: Callable[[], None]) -> SendOutcome:
-        return await self.send(item.session_id, item.to, item.body,
+        return await self.send(item.session_id, item.to, item.body, content=item.content,
                                idempotency_key=item.idempotency_key, wait=item.wait,
                                timeout=item.timeout, placed=placed)
 
     async def _accept(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None,
-        to: str, body: str, key: str, retryable: bool, placed: Callable[[], None],
+        to: str, body: str, key: str, retryable: bool, content: bytes | None,
+        placed: Callable[[], None],
     ) -> Accepted:
         """Queue the message, or find the one an earlier call queued under the key.
 
         The happy path is one store call (enqueue de-duplicates by key). The key
         is looked up first only where a refusal must not hide an earlier success:
         a session that cannot take messages now, and a rate limit that must not
-        charge a retry of an accepted message.
+        charge a retry of an accepted message. A key already used returns its
+        message whatever this call's body or content: the key names the message.
         """
         try:
             await self._check_ready(session_id, record, actor)
@@ -427,12 +452,12 @@ class SessionManager:
             # suspends: its place is fixed once placed() lets the next one go.
             placed()
             try:
-                return await actor.enqueue(NewMessage(to, body, key, retryable))
+                return await actor.enqueue(NewMessage(to, body, key, retryable, content))
             except NotOwner:
                 pass  # the session has a newer owner: queue it as any instance would
         accepted = await self.store.enqueue(
             session_id, to, body, key, max_depth=self.settings.max_outbox, at=self.clock(),
-            retryable=retryable,
+            retryable=retryable, content=content,
         )
         placed()
         if accepted.result is None:
@@ -440,6 +465,38 @@ class SessionManager:
             # acceptance may never have left (owners do not poll their outboxes).
             await self.placement.forward(Op.KICK, session_id)
         return accepted
+
+    async def send_presence(
+        self, session_id: str, chat: str, presence: Presence | None
+    ) -> None:
+        """Tell `chat` what the session is doing ("typing…"): best effort, never
+        queued, sent only on the open link of the session's actor in this process,
+        at most `presence_rate` a second per session."""
+        validation.session_id(session_id)
+        validation.recipient(chat, "chat")
+        if presence is None:
+            raise InvalidArgument("presence", "must be AVAILABLE, COMPOSING, RECORDING or PAUSED")
+        actor = self.actors.get(session_id)
+        if actor is None:
+            await self._record(session_id)  # NOT_FOUND first
+        link = actor.link if actor is not None and actor.state == State.OPEN else None
+        if actor is None or link is None:
+            state = actor.state if actor is not None else State.STOPPED
+            where = f"is {state.value}"
+            if actor is None and (live := await self.store.get_live(session_id)) is not None:
+                state = live.state
+                where = f"is owned by instance {live.owner!r} ({state.value})"
+            raise PresenceNotSent(
+                f"session {session_id!r} {where}: presence is sent only while the session is "
+                "open on the answering instance (it is never queued); try again later",
+                session_id=session_id, state=state.value, retry_after_s=1.0)
+        wait = await self.presence_limiter.acquire(session_id)
+        if wait > 0:
+            raise RateLimited(
+                f"session {session_id!r} is over its presence rate "
+                f"({self.settings.presence_rate:g}/s); retry in {wait * 1000:.0f} ms",
+                session_id=session_id, retry_after_s=wait + 1e-3)
+        await link.send_presence(chat, presence)
 
     async def _check_ready(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None

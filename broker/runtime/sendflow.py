@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
+from broker.content import Content
 from broker.errors import BrokerError, ErrorReason
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class SendItem:
     idempotency_key: str = ""
     wait: bool = True
     timeout: float | None = None
+    content: Content | None = None
 
 
 class SendOne(Protocol):

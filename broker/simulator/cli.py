@@ -145,14 +145,17 @@ def unavailable(code: str, count: int, retry_after_ms: int | None, url: str) -> 
 @click.option("--drop-max-s", default=None, type=float)
 @click.option("--latency-ms", default=None, type=float)
 @click.option("--lose-acks", default=None, type=float, help="Fraction of acks lost (0..1).")
+@click.option("--drop-media", default=None, type=click.IntRange(0),
+              help="Drop the connection on the next N sends carrying a medium (mid-upload).")
 @_url_option
 def faults(
     drop_min_s: float | None, drop_max_s: float | None, latency_ms: float | None,
-    lose_acks: float | None, url: str,
+    lose_acks: float | None, drop_media: int | None, url: str,
 ) -> None:
     """Set scheduled faults; options left out switch that fault off."""
     _run(url, lambda c: c.faults(drop_min_s=drop_min_s, drop_max_s=drop_max_s,
-                                 latency_ms=latency_ms, lose_acks=lose_acks))
+                                 latency_ms=latency_ms, lose_acks=lose_acks,
+                                 drop_media=drop_media))
 
 
 @sim.command()

@@ -4,6 +4,7 @@ Simulator's public methods. The client side is broker.simulator.control."""
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
@@ -90,6 +91,7 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
             drop_max_s=p.optional_number("drop_max_s"),
             latency_ms=p.optional_number("latency_ms") or 0.0,
             lose_acks=p.optional_number("lose_acks") or 0.0,
+            drop_media=p.integer("drop_media", 0),
         )
         return {"ok": True, "faults": asdict(sim.faults)}
 
@@ -111,6 +113,12 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
     async def record(p: Params) -> Any:
         return sim.record(p.text("login")).to_json()
 
+    async def media(p: Params) -> Any:
+        data = sim.media(p.text("login"), p.text("id"))
+        if data is None:
+            raise ControlError("no medium was accepted with that login and message id")
+        return {"bytes": len(data), "data": base64.b64encode(data).decode()}
+
     async def reset(p: Params) -> Any:
         sim.reset()
         return {"ok": True}
@@ -118,8 +126,8 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
     return {
         "state": state, "scan": scan, "enter-code": enter_code, "logout": logout,
         "ban": ban, "unban": unban, "drop": drop, "unavailable": unavailable,
-        "faults": faults, "inbound": inbound, "record": record, "reset": reset,
-        "refuse": refuse, "receipt": receipt,
+        "faults": faults, "inbound": inbound, "record": record, "media": media,
+        "reset": reset, "refuse": refuse, "receipt": receipt,
     }
 
 

@@ -6,6 +6,7 @@ plain GETs; stdlib urllib keeps it dependency-free.
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.parse
@@ -75,10 +76,11 @@ class SimulatorControl:
         drop_max_s: float | None = None,
         latency_ms: float | None = None,
         lose_acks: float | None = None,
+        drop_media: int | None = None,
     ) -> Any:
         return self.command(
             "faults", drop_min_s=drop_min_s, drop_max_s=drop_max_s, latency_ms=latency_ms,
-            lose_acks=lose_acks,
+            lose_acks=lose_acks, drop_media=drop_media,
         )
 
     def inbound(self, login: str, sender: str, body: str) -> Any:
@@ -94,6 +96,10 @@ class SimulatorControl:
     def receipt(self, login: str, message_id: str, status: str) -> Any:
         """Send a "delivered", "read" or "played" receipt for an accepted message."""
         return self.command("receipt", login=login, id=message_id, status=status)
+
+    def media(self, login: str, message_id: str) -> bytes:
+        """The medium the simulator accepted with a message."""
+        return base64.b64decode(self.command("media", login=login, id=message_id)["data"])
 
     def reset(self) -> Any:
         return self.command("reset")

@@ -18,6 +18,18 @@ class AcceptedMessage:
     to: str
     body: str
     connection_id: str
+    content: dict[str, Any] | None = None
+    """The send frame's content as it arrived (docs/protocol.md "Content"), a medium's
+    base64 `data` replaced by its `bytes` and `sha256` (the bytes: /control/media)."""
+
+
+@dataclass(frozen=True)
+class PresenceSeen:
+    """One presence frame of an open connection."""
+
+    to: str
+    presence: str
+    connection_id: str
 
 
 @dataclass
@@ -58,6 +70,9 @@ class LoginRecord:
     """Ids of the messages the simulator refused (the `refuse` command)."""
     receipts: list[tuple[str, str]] = field(default_factory=list)
     """(message id, status) of every receipt sent on command (`receipt`)."""
+    presence: list[PresenceSeen] = field(default_factory=list)
+    media_drops: int = 0
+    """Connections dropped while a medium arrived (the `drop_media` fault)."""
 
     def overlaps_by(self, client_prefix: str) -> list[Overlap]:
         """Overlaps in which both connections came from clients named so (e.g. "broker/")."""

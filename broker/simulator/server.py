@@ -12,19 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import itertools
 import logging
 import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from broker.content import to_wire
 from broker.lifecycle.reasons import DisconnectCode
 from broker.simulator import commands
 from broker.simulator.commands import ControlError
@@ -36,11 +38,11 @@ from broker.simulator.connection import (
     truncate,
 )
 from broker.simulator.logins import load_logins, save_logins
-from broker.simulator.record import AcceptedMessage, LoginRecord, Overlap
+from broker.simulator.record import AcceptedMessage, LoginRecord, Overlap, PresenceSeen
 from broker.upstream.protocol import (
     CLOSE_CODE_BASE,
     CONNECT_PATH,
-    MAX_FRAME_BYTES,
+    MAX_SEND_FRAME_BYTES,
     Ack,
     Error,
     Frame,
@@ -53,6 +55,7 @@ from broker.upstream.protocol import (
     PairingCodeRequest,
     Ping,
     Pong,
+    PresenceUpdate,
     ProtocolError,
     Qr,
     Ready,
@@ -95,6 +98,9 @@ class Faults:
     drop_max_s: float | None = None
     latency_ms: float = 0.0
     lose_acks: float = 0.0
+    drop_media: int = 0
+    """Drop the connection (no close frame, nothing accepted) on each of the next this
+    many send frames that carry a medium: a connection lost mid-upload."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,8 @@ class Simulator:
         self._banned: set[str] = set()
         self._records: dict[str, LoginRecord] = {}
         self._accepted: dict[str, set[str]] = {}
+        self._media: dict[tuple[str, str], bytes] = {}
+        """(login, message id) -> the medium accepted with it."""
         self._inbox: dict[str, dict[str, Message]] = {}
         self._open: dict[str, Conn] = {}
         self._pairing: dict[str, Conn] = {}
@@ -152,7 +160,7 @@ class Simulator:
             process_request=functools.partial(commands.respond, self),
             ping_interval=None,  # keep-alive is the client's job (application pings)
             close_timeout=_CLOSE_TIMEOUT_S,
-            max_size=MAX_FRAME_BYTES,
+            max_size=MAX_SEND_FRAME_BYTES,  # send frames may carry a medium
         )
         self._restart_drops()
 
@@ -295,6 +303,7 @@ class Simulator:
         drop_max_s: float | None = None,
         latency_ms: float = 0.0,
         lose_acks: float = 0.0,
+        drop_media: int = 0,
     ) -> None:
         """Replace the fault set; one drop bound alone means a fixed interval."""
         if drop_min_s is None:
@@ -309,7 +318,9 @@ class Simulator:
             raise ControlError("latency_ms must not be negative")
         if not 0.0 <= lose_acks <= 1.0:
             raise ControlError("lose_acks must be between 0 and 1")
-        self._faults = Faults(drop_min_s, drop_max_s, latency_ms, lose_acks)
+        if drop_media < 0:
+            raise ControlError("drop_media must not be negative")
+        self._faults = Faults(drop_min_s, drop_max_s, latency_ms, lose_acks, drop_media)
         self._restart_drops()
 
     def refuse_next(self, login: str, code: int, reason: str) -> None:
@@ -341,6 +352,10 @@ class Simulator:
         """The live record of login (created empty on first use)."""
         return self._records.setdefault(login, LoginRecord())
 
+    def media(self, login: str, message_id: str) -> bytes | None:
+        """The medium accepted with a message (None: no such message, or no medium)."""
+        return self._media.get((login, message_id))
+
     def live_connections(self, login: str) -> int:
         return sum(1 for c in self._conns if c.login == login and c.state is ConnState.OPEN)
 
@@ -352,6 +367,7 @@ class Simulator:
         self._banned.clear()
         self._records.clear()
         self._accepted.clear()
+        self._media.clear()
         self._inbox.clear()
         self._pairing_codes.clear()
         self._unavailable = Unavailable()
@@ -450,7 +466,7 @@ class Simulator:
             await self._close(conn, DisconnectCode.TIMED_OUT, "no frame within the idle timeout")
             return None
         try:
-            return decode(raw)
+            return decode(raw, max_bytes=MAX_SEND_FRAME_BYTES)
         except ProtocolError as exc:
             if has_corrupt_credentials(raw):
                 await self._close(conn, DisconnectCode.BAD_SESSION, "corrupt credentials")
@@ -534,7 +550,16 @@ class Simulator:
                 self.record(login).pings += 1
                 conn.outbox.put(encode(Pong(id=ping_id)), self._answer_delay())
             case Send() if is_open:
+                if frame.content is not None and frame.content.media is not None and \
+                        self._faults.drop_media > 0:
+                    self._faults = replace(self._faults, drop_media=self._faults.drop_media - 1)
+                    self.record(login).media_drops += 1
+                    self.record(login).drops += 1
+                    self._abort(conn)
+                    return
                 self._accept(conn, login, frame)
+            case PresenceUpdate(to=to, presence=presence) if is_open:
+                self.record(login).presence.append(PresenceSeen(to, str(presence), conn.id))
             case InboundAck(id=inbound_id) if is_open:
                 if self._inbox.get(login, {}).pop(inbound_id, None) is not None:
                     self.record(login).inbound_acked.append(inbound_id)
@@ -563,7 +588,16 @@ class Simulator:
             record.duplicates += 1
         else:
             seen.add(send.id)
-            record.accepted.append(AcceptedMessage(send.id, send.to, send.body, conn.id))
+            content = None
+            if send.content is not None:
+                content = to_wire(send.content)
+                if send.content.media is not None:
+                    data = send.content.media.data
+                    self._media[(login, send.id)] = data
+                    content["media"] = {**content["media"], "data": None, "bytes": len(data),
+                                        "sha256": hashlib.sha256(data).hexdigest()}
+            record.accepted.append(
+                AcceptedMessage(send.id, send.to, send.body, conn.id, content))
         if self._faults.lose_acks and self._rng.random() < self._faults.lose_acks:
             return  # accepted, but the client never hears about it
         delay = self._answer_delay()

@@ -64,6 +64,10 @@ class OutboxMessage:
     idempotency_key: str
     sequence: int
     accepted_at: float
+    content: bytes | None = None
+    """The stored `broker.content` payload (media, location, ...); None: `body` is a
+    plain text message. Read back with the message for delivery and `sent_message`;
+    an idempotency replay (`find_by_key`, a duplicate Send) may leave it out."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,9 @@ class NewMessage:
     """False: the broker made the key up (the client gave none), so no retry can
     name it and a store need not keep a de-duplication record for it (Redis keeps
     none; memory and SQLite hold the key as a column of the message anyway)."""
+    content: bytes | None = None
+    """The encoded `broker.content.Content`, kept with the message, durable like its
+    body; None for plain text."""
 
 
 @dataclass(frozen=True)
@@ -327,10 +334,11 @@ class Store(Protocol):
     # outbox
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float, retryable: bool = True,
+        at: float, retryable: bool = True, content: bytes | None = None,
     ) -> Accepted:
         """Durably queue a message, or return the one already queued under the key
-        (`retryable`: see NewMessage).
+        (whatever its body or content: the key names the message; `retryable`: see
+        NewMessage).
 
         Raises OutboxFull when the outbox holds max_depth messages.
         """
@@ -459,9 +467,10 @@ class OneAtATime:
 
     async def enqueue(
         self, session_id: str, to: str, body: str, idempotency_key: str, *, max_depth: int,
-        at: float, retryable: bool = True,
+        at: float, retryable: bool = True, content: bytes | None = None,
     ) -> Accepted:
-        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key, retryable)])
+        batch = OutboxBatch(messages=[NewMessage(to, body, idempotency_key, retryable,
+                                                 content)])
         [outcome] = (await self.apply_outbox(session_id, batch, max_depth=max_depth,
                                              at=at)).accepted
         if isinstance(outcome, OutboxFull):

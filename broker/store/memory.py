@@ -41,8 +41,9 @@ from broker.store.base import (
 )
 from broker.store.local import AckWaiters, LiveStates
 
-_Kept = tuple[str, str, str, int, float]
-"""A message remembered for its idempotency key: (to, body, key, sequence, accepted_at).
+_Kept = tuple[str, str, str, int, float, bytes | None]
+"""A message remembered for its idempotency key: (to, body, key, sequence, accepted_at,
+content).
 
 Up to `results_kept` of these live per session. As tuples of strings and numbers
 (and results as plain floats) the cyclic GC stops tracking them; as dataclass
@@ -270,11 +271,11 @@ class MemoryStore(OneAtATime):
         message = OutboxMessage(
             session_id=session_id, message_id=new_message_id(), to=new.to,
             body=new.body, idempotency_key=new.idempotency_key, sequence=next(box.sequence),
-            accepted_at=at,
+            accepted_at=at, content=new.content,
         )
         box.messages[message.message_id] = message
         box.known[message.message_id] = (new.to, new.body, new.idempotency_key,
-                                          message.sequence, at)
+                                          message.sequence, at, new.content)
         box.by_key[new.idempotency_key] = message.message_id
         self._trim(box)
         return Accepted(message, False)
@@ -288,9 +289,10 @@ class MemoryStore(OneAtATime):
     @staticmethod
     def _known(box: _Outbox, session_id: str, message_id: str) -> Accepted:
         """The answer to a Send whose key is already known: its message and any result."""
-        to, body, key, sequence, accepted_at = box.known[message_id]
+        to, body, key, sequence, accepted_at, content = box.known[message_id]
         message = OutboxMessage(session_id=session_id, message_id=message_id, to=to, body=body,
-                                idempotency_key=key, sequence=sequence, accepted_at=accepted_at)
+                                idempotency_key=key, sequence=sequence, accepted_at=accepted_at,
+                                content=content)
         return Accepted(message, True, _result(box, message_id))
 
     def _trim(self, box: _Outbox) -> None:

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from broker.content import Content, Presence
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.kv import SessionKV
 from broker.upstream.events import Acked, Disconnected, Paired, Pong, Ready, UpstreamEvent
@@ -49,9 +50,14 @@ class NullLink:
             self._ended = True
             self._events.put_nowait(Disconnected(code, reason))
 
-    async def send(self, message_id: str, to: str, body: str) -> None:
+    async def send(
+        self, message_id: str, to: str, body: str, *, content: Content | None = None
+    ) -> None:
         if not self._ended:
             self._events.put_nowait(Acked(message_id, False))
+
+    async def send_presence(self, chat: str, presence: Presence) -> None:
+        """Nobody to tell: the null engine has no chats."""
 
     async def ping(self, ping_id: int) -> None:
         if not self._ended:

@@ -10,11 +10,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from broker import content as contents
+from broker.content import Content, Presence
 from broker.lifecycle.reasons import DisconnectCode, parse_code
 
 CONNECT_PATH = "/v1/connect"
 CLOSE_CODE_BASE = 4000
 MAX_FRAME_BYTES = 1 << 20
+MAX_WIRE_MEDIA_BYTES = 64 << 20
+"""The largest medium a send frame may carry (the cap of --max-media-bytes)."""
+MAX_SEND_FRAME_BYTES = MAX_WIRE_MEDIA_BYTES * 4 // 3 + MAX_FRAME_BYTES
+"""Frames to the upstream (send frames with a base64 medium) may be this large; frames
+from the upstream stay within MAX_FRAME_BYTES."""
 
 
 class ProtocolError(ValueError):
@@ -75,7 +82,26 @@ class Send:
     id: str
     to: str
     body: str
+    content: Content | None = None
+    """Media, a location, a reaction, a quote, mentions (docs/protocol.md "Content");
+    None (left out of the frame): `body` is plain text."""
     type: str = field(default="send", init=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "id": self.id, "to": self.to,
+                               "body": self.body}
+        if self.content is not None:
+            out["content"] = contents.to_wire(self.content)
+        return out
+
+
+@dataclass(frozen=True)
+class PresenceUpdate:
+    """Client to upstream, best effort: what the session is doing in chat `to`."""
+
+    to: str
+    presence: Presence
+    type: str = field(default="presence", init=False)
 
 
 @dataclass(frozen=True)
@@ -163,12 +189,12 @@ PAIRING_CODE_LENGTH = 8
 
 Frame = (
     Hello | Ready | Qr | Paired | Error | Send | Ack | Refused | Receipt | Ping | Pong | Message
-    | InboundAck | Logout | PairingCodeRequest | PairingCode
+    | InboundAck | Logout | PairingCodeRequest | PairingCode | PresenceUpdate
 )
 
 
 def encode(frame: Frame) -> str:
-    if isinstance(frame, Message):
+    if isinstance(frame, Message | Send):
         return json.dumps(frame.to_wire())
     return json.dumps(asdict(frame))
 
@@ -232,16 +258,17 @@ def _credentials(obj: dict[str, Any]) -> dict[str, Any] | None:
     return value
 
 
-def decode(raw: str | bytes) -> Frame:
-    """Parse one frame; raise ProtocolError on anything off-spec."""
+def decode(raw: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
+    """Parse one frame; raise ProtocolError on anything off-spec. `max_bytes`: the
+    upstream side reads send frames carrying media up to MAX_SEND_FRAME_BYTES."""
     if isinstance(raw, bytes):
-        if len(raw) > MAX_FRAME_BYTES:
+        if len(raw) > max_bytes:
             raise ProtocolError("frame too large")
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ProtocolError("frame is not UTF-8") from exc
-    if len(raw) > MAX_FRAME_BYTES:
+    if len(raw) > max_bytes:
         raise ProtocolError("frame too large")
     try:
         obj = json.loads(raw)
@@ -271,8 +298,21 @@ def decode(raw: str | bytes) -> Frame:
                          retry_after_ms=_int(obj, "retry_after_ms", optional=True,
                                              bounds=(0, MAX_INT32)))
         case "send":
+            content = None
+            if obj.get("content") is not None:
+                try:
+                    content = contents.from_wire(obj["content"], MAX_WIRE_MEDIA_BYTES)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)[:200]) from None
             return Send(id=_str(obj, "id", max_len=256), to=_str(obj, "to", max_len=256),
-                        body=_str(obj, "body", max_len=MAX_FRAME_BYTES))
+                        body=_str(obj, "body", max_len=MAX_FRAME_BYTES), content=content)
+        case "presence":
+            try:
+                presence = Presence(_str(obj, "presence", max_len=32))
+            except ValueError:
+                raise ProtocolError("field 'presence' must be available, composing, "
+                                    "recording or paused") from None
+            return PresenceUpdate(to=_str(obj, "to", max_len=256), presence=presence)
         case "ack":
             dup = obj.get("duplicate", False)
             if not isinstance(dup, bool):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
+from broker.content import Content, Presence
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.kv import SessionKV
 from broker.upstream.events import UpstreamEvent
@@ -33,7 +34,17 @@ class Link(Protocol):
         """Events until the connection ends; the last one is always `Disconnected`."""
         ...
 
-    async def send(self, message_id: str, to: str, body: str) -> None: ...
+    async def send(
+        self, message_id: str, to: str, body: str, *, content: Content | None = None
+    ) -> None:
+        """Hand the message to the upstream (its ack comes back as an event).
+        `content` (media, location, ...; None: `body` is plain text) is passed only
+        for messages that have one."""
+        ...
+
+    async def send_presence(self, chat: str, presence: Presence) -> None:
+        """Tell `chat` what the session is doing; best effort, nothing comes back."""
+        ...
 
     async def ping(self, ping_id: int) -> None: ...
 

@@ -12,6 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from websockets.frames import Close
 
+from broker.content import Content, Presence
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.kv import SessionKV
 from broker.upstream import protocol as p
@@ -106,8 +107,13 @@ class WebsocketLink:
         with contextlib.suppress(ConnectionClosed):  # the reader reports the disconnect
             await self._ws.send(p.encode(frame))
 
-    async def send(self, message_id: str, to: str, body: str) -> None:
-        await self._send(p.Send(id=message_id, to=to, body=body))
+    async def send(
+        self, message_id: str, to: str, body: str, *, content: Content | None = None
+    ) -> None:
+        await self._send(p.Send(id=message_id, to=to, body=body, content=content))
+
+    async def send_presence(self, chat: str, presence: Presence) -> None:
+        await self._send(p.PresenceUpdate(to=chat, presence=presence))
 
     async def ping(self, ping_id: int) -> None:
         await self._send(p.Ping(id=ping_id))

@@ -44,7 +44,31 @@ export interface SendOptions {
   wait?: boolean;
   /** Total budget across retries, ms (default: the client's timeoutMs). */
   timeoutMs?: number;
+  /** Media, a location, a reaction, a quote or mentions (broker.v1.Content); the typed helpers fill it. */
+  content?: Content;
 }
+
+export type MediaKind = 'IMAGE' | 'VIDEO' | 'AUDIO' | 'VOICE_NOTE' | 'DOCUMENT' | 'STICKER';
+
+/** broker.v1.Content: one kind (text, media, location, reaction) plus a quote and mentions. */
+export interface Content {
+  text?: string;
+  media?: { kind: MediaKind; data: Uint8Array; mimeType: string; caption?: string; fileName?: string };
+  location?: { latitude: number; longitude: number; name?: string; address?: string };
+  reaction?: { messageId: string; emoji: string; fromMe?: boolean };
+  /** Quote this message id. */
+  replyTo?: string;
+  /** Addresses mentioned (E.164 numbers or JIDs). */
+  mentions?: string[];
+}
+
+/** send()'s options plus a quote and mentions. */
+export interface ContentOptions extends Omit<SendOptions, 'content'> {
+  replyTo?: string;
+  mentions?: string[];
+}
+
+export type Presence = 'available' | 'composing' | 'recording' | 'paused';
 
 export interface SendResult {
   messageId: string;
@@ -164,6 +188,18 @@ export class BrokerClient {
   constructor(target?: string, options?: BrokerClientOptions);
   readonly target: string;
   send(sessionId: string, to: string, body: string, options?: SendOptions): Promise<SendResult>;
+  sendText(sessionId: string, to: string, text: string, options?: ContentOptions): Promise<SendResult>;
+  sendImage(sessionId: string, to: string, data: Uint8Array | string, mimeType?: string, options?: ContentOptions & { caption?: string }): Promise<SendResult>;
+  sendVideo(sessionId: string, to: string, data: Uint8Array | string, mimeType?: string, options?: ContentOptions & { caption?: string }): Promise<SendResult>;
+  /** `voice: true` sends a voice note. */
+  sendAudio(sessionId: string, to: string, data: Uint8Array | string, mimeType?: string, options?: ContentOptions & { voice?: boolean }): Promise<SendResult>;
+  sendDocument(sessionId: string, to: string, data: Uint8Array | string, mimeType: string, fileName: string, options?: ContentOptions & { caption?: string }): Promise<SendResult>;
+  sendSticker(sessionId: string, to: string, data: Uint8Array | string, mimeType?: string, options?: ContentOptions): Promise<SendResult>;
+  sendLocation(sessionId: string, to: string, latitude: number, longitude: number, options?: ContentOptions & { name?: string; address?: string }): Promise<SendResult>;
+  /** React to `messageId` ('' removes the reaction). */
+  sendReaction(sessionId: string, to: string, messageId: string, emoji: string, options?: ContentOptions & { fromMe?: boolean }): Promise<SendResult>;
+  /** Best effort "typing…" and co.; UNAVAILABLE when the session is not open. */
+  sendPresence(sessionId: string, chat: string, presence: Presence): Promise<void>;
   /** Each message's result, or the BrokerError send() would have thrown (returned), in order. */
   sendMany(
     messages: { sessionId: string; to: string; body: string; idempotencyKey?: string }[],

@@ -101,6 +101,7 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
         default_factory=list)
     receive_requests: list[broker_pb2.ReceiveRequest] = field(default_factory=list)
     ack_requests: list[broker_pb2.AckInboundRequest] = field(default_factory=list)
+    presence_requests: list[broker_pb2.SendPresenceRequest] = field(default_factory=list)
 
     def _record(self, context: Context) -> None:
         self.metadata.append({k: str(v) for k, v in context.invocation_metadata() or ()})
@@ -280,6 +281,13 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.MessageInfo:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
         raise AssertionError("abort raises")
+
+    async def SendPresence(
+        self, request: broker_pb2.SendPresenceRequest, context: Context
+    ) -> broker_pb2.SendPresenceResponse:
+        self._record(context)
+        self.presence_requests.append(request)
+        return await self._unary(context, broker_pb2.SendPresenceResponse)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ a healthy paired session still sends and is OPEN.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import uuid
 from collections.abc import Iterator
@@ -45,6 +46,8 @@ GOOD = "healthy.sentinel-7f3a9c"
 for an admin call (Stop, Logout, Delete would be legitimate answers, not bugs)."""
 VICTIMS = ("v0", "v1", "v2", "v3", "ghost-not-created")
 MAX_BODY = 64 * 1024
+MAX_MEDIA = 4096
+"""The module's broker takes media up to this size, so over-limit media stay small."""
 
 FUZZ = settings(
     max_examples=60, deadline=None, derandomize=True, database=None,
@@ -72,6 +75,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "GetQr": _BASE | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
     "Receive": _BASE | {Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED},
     "AckInbound": _BASE | {Code.NOT_FOUND},
+    "SendPresence": _BASE | {Code.NOT_FOUND, Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED},
 }
 _METHODS = pb.DESCRIPTOR.services_by_name["Broker"].methods_by_name
 STREAMING = frozenset(name for name, m in _METHODS.items() if m.server_streaming)
@@ -233,7 +237,7 @@ def env() -> Iterator[Env]:
         holder["sim"] = sim
         app = BrokerApp(Settings(listen="127.0.0.1:0", upstream_url=sim.url,
                                  lifecycle=FAST_POLICY, ack_timeout_s=1.0,
-                                 connect_timeout_s=2.0))
+                                 connect_timeout_s=2.0, max_media_bytes=MAX_MEDIA))
         await app.start()
         holder["app"] = app
         await paired_session(app, sim, GOOD)
@@ -454,6 +458,149 @@ def test_ack_inbound(broker_env: Env, req: dict[str, Any], timeout: float | None
     expect_invalid(out, bad, "AckInbound")
     if out.code == Code.OK:
         assert 0 <= pb.AckInboundResponse.FromString(out.responses[0]).acked <= len(inbound_ids)
+
+
+# -- content (issue 15) --------------------------------------------------------
+
+_ASCII_REF = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
+                     max_size=64)
+_PLAIN = st.text(st.characters(categories=("L", "N"), include_characters=" ._-"), max_size=40)
+_MEDIA_KINDS = {1: "image", 2: "video", 3: "audio", 4: "voice_note", 5: "document",
+                6: "sticker"}
+# (good, hostile) per content field: a hostile value breaks a documented rule of
+# proto/broker/v1/broker.proto (Content and its kinds), written out here on purpose.
+CONTENT_FIELDS: dict[str, tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]] = {
+    "text": (GOOD_TEXT, st.sampled_from(["", "x" * (MAX_BODY + 1)])),
+    "media_kind": (st.integers(1, 6), st.sampled_from([0, 7, 99, -1, 2**31 - 1])),
+    "data": (st.binary(min_size=1, max_size=MAX_MEDIA),
+             st.one_of(st.just(b""), st.binary(min_size=MAX_MEDIA + 1, max_size=MAX_MEDIA + 64))),
+    "mime_type": (st.sampled_from(["image/jpeg", "application/pdf", "audio/ogg; codecs=opus",
+                                   "video/mp4", "image/webp", "application/vnd.ms-excel",
+                                   "text/plain; charset=utf-8"]),
+                  st.sampled_from(["", "jpeg", "image/", "/png", "image/jpeg\n", "a b/c",
+                                   "image/png;", "image/png; =x", "x" * 200 + "/y", "é/x",
+                                   "image/\x00"])),
+    "caption": (st.text(_CHARS, max_size=40), st.just("x" * (MAX_BODY + 1))),
+    "file_name": (_PLAIN, st.sampled_from(["a\nb", "\x00", "x" * 256, "a\u2028b", "\x1b[0m"])),
+    "latitude": (st.floats(-90, 90),
+                 st.sampled_from([float("nan"), float("inf"), -float("inf"), 90.5, -1e9])),
+    "longitude": (st.floats(-180, 180), st.sampled_from([float("nan"), 180.01, -181.0, 1e300])),
+    "place": (_PLAIN, st.sampled_from(["a\nb", "x" * 1025, "\x7f"])),
+    "message_id": (_ASCII_REF, st.sampled_from(["", "a b", "é", "x" * 257, "a\n", "\x00"])),
+    "emoji": (st.sampled_from(["", "\U0001f44d", "\u2764\ufe0f", "\U0001f468\u200d\U0001f469",
+                               "x"]),
+              st.sampled_from(["x" * 65, "a\nb", "\x00", "\U0001f44d" * 17])),
+    "reply_to": (st.one_of(st.just(""), _ASCII_REF),
+                 st.sampled_from(["a b", "x" * 257, "\n", "é", "m-1\t"])),
+    "mentions": (st.lists(st.sampled_from(["+15550100", "123@s.whatsapp.net", "x"]), max_size=3),
+                 st.sampled_from([[""], [" "], ["x" * 257], ["+15550100"] * 257])),
+}
+_RELEVANT = {
+    "none": (), "text": ("text",), "location": ("latitude", "longitude", "place"),
+    "reaction": ("message_id", "emoji"),
+    "media": ("media_kind", "data", "mime_type", "caption", "file_name"),
+}
+
+
+@st.composite
+def send_contents(draw: st.DrawFn) -> tuple[str, dict[str, Any], frozenset[str]]:
+    """A content kind, its fields (at most two of the relevant ones hostile) and the
+    names of the hostile ones; "body" is hostile when it is given with a kind, or
+    missing without one."""
+    kind = draw(st.sampled_from(sorted(_RELEVANT)))
+    relevant = [*_RELEVANT[kind], "reply_to", "mentions", "body"]
+    count = draw(st.sampled_from([0, 1, 1, 1, 1, 2]))
+    broken = frozenset(draw(st.sets(st.sampled_from(relevant), min_size=count,
+                                    max_size=count)))
+    values = {name: draw(bad if name in broken else good)
+              for name, (good, bad) in CONTENT_FIELDS.items()}
+    with_kind = kind != "none"
+    values["body"] = draw(GOOD_TEXT) if with_kind == ("body" in broken) else ""
+    values["from_me"] = draw(st.booleans())
+    return kind, values, broken
+
+
+def _content_request(kind: str, v: dict[str, Any]) -> pb.Content:
+    content = pb.Content(reply_to=v["reply_to"], mentions=v["mentions"])
+    if kind == "text":
+        content.text = v["text"]
+    elif kind == "media":
+        content.media.CopyFrom(pb.Media(kind=v["media_kind"], data=v["data"],
+                                        mime_type=v["mime_type"], caption=v["caption"],
+                                        file_name=v["file_name"]))
+    elif kind == "location":
+        content.location.CopyFrom(pb.Location(latitude=v["latitude"], longitude=v["longitude"],
+                                              name=v["place"], address=v["place"]))
+    elif kind == "reaction":
+        content.reaction.CopyFrom(pb.Reaction(message_id=v["message_id"], emoji=v["emoji"],
+                                              from_me=v["from_me"]))
+    return content
+
+
+def _upstream_sees(kind: str, v: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+    """The body and content (docs/protocol.md "Content") the upstream must record."""
+    body = v["text"] if kind == "text" else v["body"]
+    wire: dict[str, Any] = {}
+    if kind == "media":
+        wire["media"] = {"kind": _MEDIA_KINDS[v["media_kind"]], "data": None,
+                         "mime_type": v["mime_type"], "caption": v["caption"],
+                         "file_name": v["file_name"], "bytes": len(v["data"]),
+                         "sha256": hashlib.sha256(v["data"]).hexdigest()}
+    elif kind == "location":
+        wire["location"] = {"latitude": v["latitude"], "longitude": v["longitude"],
+                            "name": v["place"], "address": v["place"]}
+    elif kind == "reaction":
+        wire["reaction"] = {"message_id": v["message_id"], "emoji": v["emoji"],
+                            "from_me": v["from_me"]}
+    if v["reply_to"]:
+        wire["reply_to"] = v["reply_to"]
+    if v["mentions"]:
+        wire["mentions"] = v["mentions"]
+    return body, wire or None
+
+
+@settings(FUZZ, max_examples=400)
+@given(drawn=send_contents(), sid=st.one_of(st.just(GOOD), st.just(GOOD), GOOD_IDS))
+def test_send_content(broker_env: Env, drawn: tuple[str, dict[str, Any], frozenset[str]],
+                      sid: str) -> None:
+    """Random and malformed content of every kind: INVALID_ARGUMENT exactly when a rule
+    is broken, and what the upstream records of an accepted one is what was sent."""
+    kind, values, broken = drawn
+    request = pb.SendRequest(session_id=sid, to="+15550100", body=values["body"],
+                             idempotency_key=f"content-{uuid.uuid4().hex}",
+                             content=_content_request(kind, values))
+    out = broker_env.call("Send", request, 10.0)
+    check_outcome(out, ALLOWED["Send"], "Send")
+    expect_invalid(out, bool(broken), f"Send with {kind} content, broken {sorted(broken)}")
+    if out.code != Code.OK:
+        return
+    response = pb.SendResponse.FromString(out.responses[0])
+    assert sid == GOOD and response.status == pb.ACKED
+    [seen] = [m for m in broker_env.sim.record(GOOD).accepted if m.id == response.message_id]
+    body, content = _upstream_sees(kind, values)
+    assert (seen.body, seen.content) == (body, content)
+    if kind == "media":
+        assert broker_env.sim.media(GOOD, response.message_id) == values["data"]
+
+
+@FUZZ
+@given(req=fields(
+    sid=(st.one_of(st.just(GOOD), GOOD_IDS), session_ids()),
+    chat=(st.one_of(st.just("+15550100"), st.just("120363000000@g.us"), GOOD_TEXT),
+          st.one_of(st.text(_CHARS, min_size=257, max_size=300),
+                    st.sampled_from(["", " ", "\t\n", "\u2028"]), HUGE)),
+    presence=(st.integers(1, 4), st.sampled_from([0, 5, -1, 2**31 - 1])),
+), timeout=TIMEOUTS)
+def test_send_presence(broker_env: Env, req: dict[str, Any], timeout: float | None) -> None:
+    sid, chat, presence = req["sid"], req["chat"], req["presence"]
+    request = pb.SendPresenceRequest(session_id=sid, chat=chat, presence=presence)
+    out = broker_env.call("SendPresence", request, timeout)
+    check_outcome(out, ALLOWED["SendPresence"], "SendPresence")
+    bad = (not valid_id(sid) or not chat.strip() or len(chat) > 256
+           or not 1 <= presence <= 4)
+    expect_invalid(out, bad, "SendPresence")
+    if out.code == Code.UNAVAILABLE:
+        assert sid != GOOD, f"an open session's presence refused: {out.describe()}"
 
 
 # -- bytes that are not (valid) protobuf --------------------------------------

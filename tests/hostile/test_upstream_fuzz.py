@@ -13,6 +13,7 @@ logs no errors; and a healthy session on the same broker keeps sending.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import json
@@ -55,9 +56,10 @@ MAX_INT32 = 2**31 - 1
 # -- unit level: decode -------------------------------------------------------
 
 TYPES = ["hello", "ready", "qr", "paired", "error", "send", "ack", "receipt", "ping", "pong",
-         "message", "inbound_ack", "logout"]
+         "message", "inbound_ack", "logout", "presence"]
 FIELDS = ["login", "credentials", "connection_id", "code", "index", "expires_in_ms", "reason",
-          "retry_after_ms", "id", "to", "body", "duplicate", "status", "from", "ts"]
+          "retry_after_ms", "id", "to", "body", "duplicate", "status", "from", "ts", "content",
+          "presence"]
 ABSURD_INTS = st.sampled_from([-1, -(2**31), 2**31, 2**53 + 1, 2**63, -(2**63) - 1, 10**30,
                                10**400, 0, 1, MAX_INT32])
 SCALARS = st.one_of(
@@ -96,6 +98,50 @@ FRAME_TEXTS = st.one_of(
 
 UNIT = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow])
+
+# Send frames whose content is near a valid one (docs/protocol.md "Content"): each
+# part valid, or any JSON instead.
+_B64 = st.one_of(st.builds(lambda b: base64.b64encode(b).decode(), st.binary(max_size=40)),
+                 st.sampled_from(["", "A", "AB=", "!!!!", "QUJD\n", "QUJD===", "\u00e9"]))
+_MEDIA = st.fixed_dictionaries({}, optional={
+    "kind": st.one_of(st.sampled_from(["image", "video", "audio", "voice_note", "document",
+                                       "sticker", "IMAGE", ""]), JSON),
+    "data": st.one_of(_B64, JSON), "mime_type": st.one_of(st.text(max_size=20), JSON),
+    "caption": st.one_of(st.text(max_size=20), JSON),
+    "file_name": st.one_of(st.text(max_size=20), JSON)})
+_LOCATION = st.fixed_dictionaries({}, optional={
+    "latitude": st.one_of(st.floats(allow_nan=True, allow_infinity=True), ABSURD_INTS, JSON),
+    "longitude": st.one_of(st.floats(allow_nan=True, allow_infinity=True), ABSURD_INTS, JSON),
+    "name": st.one_of(st.text(max_size=10), JSON), "address": JSON})
+_REACTION = st.fixed_dictionaries({}, optional={
+    "message_id": st.one_of(st.text(max_size=10), JSON),
+    "emoji": st.one_of(st.text(max_size=4), JSON),
+    "from_me": st.one_of(st.booleans(), JSON)})
+CONTENTS = st.one_of(JSON, st.fixed_dictionaries({}, optional={
+    "text": st.one_of(st.text(max_size=20), JSON), "media": st.one_of(_MEDIA, JSON),
+    "location": st.one_of(_LOCATION, JSON), "reaction": st.one_of(_REACTION, JSON),
+    "reply_to": st.one_of(st.text(max_size=20), JSON),
+    "mentions": st.one_of(st.lists(st.text(max_size=10), max_size=4), JSON)}))
+SEND_FRAMES = st.builds(
+    lambda content, presence: json.dumps({"type": "send", "id": "m-1", "to": "+1", "body": "",
+                                          "content": content}) if presence is None else
+    json.dumps({"type": "presence", "to": "+1", "presence": presence}),
+    CONTENTS, st.one_of(st.none(), st.none(), JSON,
+                        st.sampled_from(["composing", "paused", "available", "recording"])))
+
+
+@UNIT
+@given(raw=SEND_FRAMES)
+def test_send_and_presence_frames_raise_only_protocol_error(raw: str) -> None:
+    """What the simulator reads of a client: content and presence of every shape."""
+    try:
+        frame = p.decode(raw, max_bytes=p.MAX_SEND_FRAME_BYTES)
+    except p.ProtocolError:
+        return
+    assert p.encode(p.decode(p.encode(frame))) == p.encode(frame)
+    if isinstance(frame, p.Send) and frame.content is not None:
+        media = frame.content.media
+        assert media is None or 0 < len(media.data) <= p.MAX_WIRE_MEDIA_BYTES
 
 
 def _check_decoded(frame: p.Frame) -> None:

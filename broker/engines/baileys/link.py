@@ -19,7 +19,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from broker.content import Content, Presence, to_wire
+from broker.content import decode as decode_content
 from broker.lifecycle.reasons import DisconnectCode, parse_code
+from broker.store.base import OutboxMessage
 from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream.provider import ConnectError, PairingUnavailable
@@ -35,6 +38,17 @@ Frame = dict[str, Any]
 
 def encode(frame: Frame) -> bytes:
     return json.dumps(frame, separators=(",", ":")).encode() + b"\n"
+
+
+def _is_text(message: OutboxMessage) -> bool:
+    """Whether a sent message is text (a retry can be answered with its body); a medium
+    would need the uploaded media message, which the broker does not keep."""
+    if message.content is None:
+        return True
+    try:
+        return decode_content(message.content).kind is None
+    except ValueError:
+        return False
 
 
 class BridgeLink:
@@ -162,7 +176,7 @@ class BridgeLink:
                 return {}
             case _:  # get_message
                 sent = await self._kv.sent_message(str(f.get("id", "")))
-                return {"body": sent.body if sent is not None else None}
+                return {"body": sent.body if sent is not None and _is_text(sent) else None}
 
     # -- commands --
 
@@ -170,8 +184,16 @@ class BridgeLink:
         if not self._writer.is_closing():
             self._writer.write(encode(frame))
 
-    async def send(self, message_id: str, to: str, body: str) -> None:
-        self._write({"t": "send", "id": message_id, "to": to, "body": body})
+    async def send(
+        self, message_id: str, to: str, body: str, *, content: Content | None = None
+    ) -> None:
+        frame: Frame = {"t": "send", "id": message_id, "to": to, "body": body}
+        if content is not None:
+            frame["content"] = to_wire(content)  # the protocol-v1 form: media as base64
+        self._write(frame)
+
+    async def send_presence(self, chat: str, presence: Presence) -> None:
+        self._write({"t": "presence", "to": chat, "presence": str(presence)})
 
     async def ping(self, ping_id: int) -> None:
         self._write({"t": "ping", "id": ping_id})

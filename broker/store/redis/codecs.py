@@ -79,10 +79,13 @@ def session_from_flat(session_id: str, flat: Sequence[Any]) -> SessionRecord:
 # outbox
 def outbox_entry(session_id: str, row: Sequence[bytes | str]) -> OutboxMessage:
     """An outbox stream entry, given as the flat field list the scripts return."""
-    f = {text(k): text(v) for k, v in zip(row[::2], row[1::2], strict=True)}
+    raw = {text(k): v for k, v in zip(row[::2], row[1::2], strict=True)}
+    content = raw.pop("content", None)  # bytes as they are: not text
+    f = {k: text(v) for k, v in raw.items()}
     return OutboxMessage(
         session_id=session_id, message_id=f["mid"], to=f["to"], body=f["body"],
         idempotency_key=f["key"], sequence=int(f["seq"]), accepted_at=float(f["at"]),
+        content=None if content is None else as_bytes(content),
     )
 
 

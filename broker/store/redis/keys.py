@@ -117,6 +117,10 @@ class RedisKeys:
         """The idempotency key of an acked message (to find its record)."""
         return self._part(session_id, f"result:{message_id}:key")
 
+    def result_content(self, session_id: str, message_id: str) -> str:
+        """An acked message's content beyond text, for the sent-message retention."""
+        return self._part(session_id, f"result:{message_id}:content")
+
     def sent(self, session_id: str, message_id: str) -> str:
         """An acked message sent without an idempotency key, as its record."""
         return self._part(session_id, f"result:{message_id}:sent")

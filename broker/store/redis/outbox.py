@@ -9,6 +9,7 @@ is a fenced script (broker.store.redis.scripts).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -28,6 +29,7 @@ from broker.store.base import (
 from broker.store.redis import scripts
 from broker.store.redis.acks import AckListener
 from broker.store.redis.codecs import (
+    as_bytes,
     delivery_result,
     idem_record,
     outbox_entry,
@@ -127,7 +129,7 @@ class OutboxPart(RedisCore):
     ) -> Any:
         k = self.keys
         keys = [k.outbox(session_id), k.ids(session_id), k.seq(session_id), k.fence(session_id)]
-        args: list[str | int] = [
+        args: list[str | int | bytes] = [
             repr(at), max_depth, "", "", self._idem_ttl_ms, k.acked(session_id), OUTBOX_GROUP,
             self.consumer, 1 if batch.claim else 0,
             len(batch.acks) + len(batch.refusals), fence_arg(fence),
@@ -140,13 +142,14 @@ class OutboxPart(RedisCore):
         for mid, sent_as in wire:
             key = known.get(mid, "")
             keys += [k.result(session_id, mid), k.result_key(session_id, mid),
-                     k.idem(session_id, key) if key else k.sent(session_id, mid)]
+                     k.idem(session_id, key) if key else k.sent(session_id, mid),
+                     k.result_content(session_id, mid)]
             args += [sent_as, key]
         for m in batch.messages:
             key = m.idempotency_key if m.retryable else ""
             if key:
                 keys.append(k.idem(session_id, key))
-            args += [new_message_id(), m.to, m.body, key]
+            args += [new_message_id(), m.to, m.body, key, m.content or b""]
         return await self._durability.run(self._apply_outbox, keys, args)
 
     def _remember_keys(self, session_id: str, messages: list[OutboxMessage]) -> None:
@@ -215,11 +218,16 @@ class OutboxPart(RedisCore):
                 flat = [item for pair in rows[0][1].items() for item in pair]
                 return outbox_entry(session_id, flat)
         key = await self._client.get(self.keys.result_key(session_id, message_id))
+        content = await self._client.get(self.keys.result_content(session_id, message_id))
         if key is None:  # sent without a key: its record is kept by message id
             raw = await self._client.get(self.keys.sent(session_id, message_id))
-            return None if raw is None else idem_record(session_id, "", raw)
-        raw = await self._client.get(self.keys.idem(session_id, text(key)))
-        return None if raw is None else idem_record(session_id, text(key), raw)
+            message = None if raw is None else idem_record(session_id, "", raw)
+        else:
+            raw = await self._client.get(self.keys.idem(session_id, text(key)))
+            message = None if raw is None else idem_record(session_id, text(key), raw)
+        if message is None or content is None:
+            return message
+        return replace(message, content=as_bytes(content))
 
     @guard
     async def wait_result(

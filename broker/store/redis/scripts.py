@@ -93,12 +93,14 @@ end
 """
 
 # KEYS: outbox stream, ids hash, seq counter, fence; then per ack its result, its result's
-#       key record, and its idempotency record (keyed message) or sent record (unkeyed);
-#       then per new message with a key its idempotency record.
+#       key record, its idempotency record (keyed message) or sent record (unkeyed), and
+#       its content record; then per new message with a key its idempotency record.
 # ARGV: at, max_depth, (unused), (unused), ttl_ms, ack channel, group, consumer,
 #       claim (0/1), number of acks, fencing token ('' unfenced), per ack: message id and
 #       idempotency key ('' none), then per new message: message_id, to, body,
-#       idempotency_key ('' none: the client gave none, so no record is kept for it)
+#       idempotency_key ('' none: the client gave none, so no record is kept for it),
+#       content ('' for plain text; else kept in the entry, and after the ack in the
+#       content record for the retention, for sent_message)
 # Returns {acked, accepted, claimed, unread}: per ack its result time; per new message
 # {'new', record}, {'dup', record} or {'full', depth}; with claim, the field lists of the
 # entries read for the caller, and 1 if unread entries remain. An ack whose declared key
@@ -110,7 +112,7 @@ if fenced(KEYS[4], ARGV[11]) then return refuse(ARGV[11]) end
 local at, ttl = ARGV[1], ARGV[5]
 local n_acks = tonumber(ARGV[10])
 local first_new = 12 + 2 * n_acks
-local ack_keys, k = {}, 5  -- per ack: result, result key record, idem or sent record
+local ack_keys, k = {}, 5  -- per ack: result, key record, idem or sent record, content
 for n = 12, first_new - 1, 2 do
   -- an ack names the message id; a refusal "<id>", a newline, "<code> <reason>"
   local mid, value = ARGV[n], at
@@ -119,8 +121,9 @@ for n = 12, first_new - 1, 2 do
     value = at .. ' ' .. string.sub(mid, cut + 1)
     mid = string.sub(mid, 1, cut - 1)
   end
-  ack_keys[#ack_keys + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], mid, ARGV[n + 1], value}
-  k = k + 3
+  ack_keys[#ack_keys + 1] = {KEYS[k], KEYS[k + 1], KEYS[k + 2], mid, ARGV[n + 1], value,
+    KEYS[k + 3]}
+  k = k + 4
 end
 local entries = {}
 for i, a in ipairs(ack_keys) do  -- checked before any write: a script has no rollback
@@ -158,6 +161,8 @@ for i, a in ipairs(ack_keys) do
         redis.call('SET', a[3], cjson.encode({a[4], field(f, 'to'), field(f, 'body'),
           field(f, 'seq'), field(f, 'at')}), 'PX', ttl)
       end
+      local content = f and field(f, 'content')
+      if content then redis.call('SET', a[7], content, 'PX', ttl) end
       redis.call('XACK', KEYS[1], ARGV[7], e[1])
       redis.call('XDEL', KEYS[1], e[1])
       redis.call('HDEL', KEYS[2], a[4])
@@ -170,8 +175,9 @@ end
 local accepted, fresh, last_added = {}, 0, nil
 local depth = redis.call('XLEN', KEYS[1])
 local max_depth = tonumber(ARGV[2])
-for n = first_new, #ARGV, 4 do
-  local mid, to, body, key = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3]
+for n = first_new, #ARGV, 5 do
+  local mid, to, body, key, content = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3],
+    ARGV[n + 4]
   local idem = nil
   if key ~= '' then idem = KEYS[k]; k = k + 1 end
   local known = idem and redis.call('GET', idem)
@@ -184,8 +190,13 @@ for n = first_new, #ARGV, 4 do
     accepted[#accepted + 1] = {'full', tostring(depth)}
   else
     local seq = tostring(redis.call('INCR', KEYS[3]))
-    last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
-      'key', key, 'seq', seq, 'at', at)
+    if content == '' then
+      last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
+        'key', key, 'seq', seq, 'at', at)
+    else
+      last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
+        'key', key, 'seq', seq, 'at', at, 'content', content)
+    end
     redis.call('HSET', KEYS[2], mid, last_added)
     local record = cjson.encode({mid, to, body, seq, at})
     if idem then redis.call('SET', idem, record) end

@@ -87,7 +87,7 @@ class OutboxPart(SqlitePart):
                               (sid, new.idempotency_key)).fetchone()
             if known is not None:
                 message = _message(sid, known)
-                accepted.append(Accepted(message, True, _result(message.message_id, known[6:])))
+                accepted.append(Accepted(message, True, _result(message.message_id, known[7:])))
                 continue
             if depth >= max_depth:
                 accepted.append(outbox_full(sid, depth))
@@ -97,11 +97,12 @@ class OutboxPart(SqlitePart):
             message = OutboxMessage(
                 session_id=sid, message_id=new_message_id(), to=new.to, body=new.body,
                 idempotency_key=new.idempotency_key, sequence=last_seq, accepted_at=at,
+                content=new.content,
             )
             c.execute("INSERT INTO messages (session_id, sequence, message_id, recipient, body, "
-                      "idempotency_key, accepted_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      "idempotency_key, accepted_at, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                       (sid, last_seq, message.message_id, new.to, new.body,
-                       new.idempotency_key, at))
+                       new.idempotency_key, at, new.content))
             fresh.append(message)
             accepted.append(Accepted(message, False))
         if row is None and not (batch.acks or batch.refusals or batch.messages):
@@ -166,7 +167,7 @@ class OutboxPart(SqlitePart):
             if row is None:
                 return None
             message = _message(session_id, row)
-            return Accepted(message, True, _result(message.message_id, row[6:]))
+            return Accepted(message, True, _result(message.message_id, row[7:]))
 
         return await self.db.read(read)
 

@@ -29,15 +29,17 @@ T = TypeVar("T")
 _SWEEP_EVERY_ACKS = 1000
 """Forget acked messages past the idempotency TTL once per this many acks."""
 _MAX_CURSOR = 2**62
-_MESSAGE_COLUMNS = "message_id, recipient, body, idempotency_key, sequence, accepted_at"
+_MESSAGE_COLUMNS = ("message_id, recipient, body, idempotency_key, sequence, accepted_at, "
+                    "content")
 
 
 
 
 def _message(session_id: str, row: Sequence[Any]) -> OutboxMessage:
-    mid, to, body, key, seq, at = row[:6]
+    mid, to, body, key, seq, at, content = row[:7]
     return OutboxMessage(session_id=session_id, message_id=mid, to=to, body=body,
-                         idempotency_key=key, sequence=int(seq), accepted_at=float(at))
+                         idempotency_key=key, sequence=int(seq), accepted_at=float(at),
+                         content=None if content is None else bytes(content))
 
 
 _RESULT_COLUMNS = "acked_at, refused_code, refused"

@@ -60,7 +60,13 @@ ALTER TABLE inbound ADD COLUMN origin TEXT NOT NULL DEFAULT '';
 """
 """An inbound message's sender LID, push name, chat and send time (InboundOrigin JSON)."""
 
-MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV, SCHEMA_V3_REFUSED, SCHEMA_V4_ORIGIN)
+SCHEMA_V5_CONTENT = """
+ALTER TABLE messages ADD COLUMN content BLOB;
+"""
+"""A message's content beyond text (broker.content's stored payload; NULL: plain text)."""
+
+MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV, SCHEMA_V3_REFUSED, SCHEMA_V4_ORIGIN,
+                               SCHEMA_V5_CONTENT)
 """Schema steps in order; PRAGMA user_version counts those applied. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

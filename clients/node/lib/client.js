@@ -23,6 +23,19 @@ const { SendStream, StreamUnsupported } = require('./coalesce');
 const { BrokerError, ErrorReason, toBrokerError } = require('./errors');
 
 const DEFAULT_TARGET = '127.0.0.1:50051';
+/** The gRPC message size limit: the largest medium a broker accepts (64 MiB) and room. */
+const MAX_MESSAGE_BYTES = 68 * 1024 * 1024;
+const PRESENCES = { available: 'AVAILABLE', composing: 'COMPOSING', recording: 'RECORDING', paused: 'PAUSED' };
+
+/** A medium's content: `data` a Buffer or Uint8Array (base64 strings are decoded). */
+function mediaContent(kind, data, mimeType, extra = {}) {
+  const bytes = typeof data === 'string' ? Buffer.from(data, 'base64') : Buffer.from(data);
+  return {
+    media: { kind, data: bytes, mimeType, caption: extra.caption || '', fileName: extra.fileName || '' },
+    replyTo: extra.replyTo || '',
+    mentions: extra.mentions || [],
+  };
+}
 const BACKOFF_BASE_MS = 100;
 const BACKOFF_MAX_MS = 5000;
 
@@ -116,7 +129,11 @@ class BrokerClient {
     this.reconnectAttempts = reconnectAttempts;
     this._token = token;
     const pkg = loadBrokerPackage(protoPath);
-    this._stub = new pkg.Broker(target, credentials, channelOptions);
+    this._stub = new pkg.Broker(target, credentials, {
+      'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+      'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+      ...channelOptions,
+    });
     /** Carry concurrent send() calls on one SendStream call (false: unary Send each). */
     this.coalesce = coalesce;
     this._sendStream = new SendStream(this._stub, () => this._metadata());
@@ -185,9 +202,11 @@ class BrokerClient {
    * it is queued but not acked yet: call again with the same key later.
    */
   async send(sessionId, to, body, options = {}) {
-    const { idempotencyKey = crypto.randomUUID(), wait = true, timeoutMs = this.timeoutMs } =
-      options;
-    const request = { sessionId, to, body, idempotencyKey, noWait: !wait };
+    const {
+      idempotencyKey = crypto.randomUUID(), wait = true, timeoutMs = this.timeoutMs, content = null,
+    } = options;
+    const request = { sessionId, to, body: body || '', idempotencyKey, noWait: !wait };
+    if (content) request.content = content;
     const response = await this._retrying((left) => this._sendOnce(request, left), timeoutMs);
     return {
       messageId: response.messageId,
@@ -198,6 +217,62 @@ class BrokerClient {
       acceptedAt: toDate(response.acceptedAt),
       ackedAt: toDate(response.ackedAt),
     };
+  }
+
+  // Typed content helpers: send() with one kind of content. `options` takes
+  // send()'s options plus the kind's own (caption, replyTo, mentions, ...).
+
+  /** Text that quotes `options.replyTo` (a message id) and/or mentions addresses. */
+  sendText(sessionId, to, text, options = {}) {
+    const content = { text, replyTo: options.replyTo || '', mentions: options.mentions || [] };
+    return this.send(sessionId, to, '', { ...options, content });
+  }
+
+  sendImage(sessionId, to, data, mimeType = 'image/jpeg', options = {}) {
+    return this.send(sessionId, to, '', { ...options, content: mediaContent('IMAGE', data, mimeType, options) });
+  }
+
+  sendVideo(sessionId, to, data, mimeType = 'video/mp4', options = {}) {
+    return this.send(sessionId, to, '', { ...options, content: mediaContent('VIDEO', data, mimeType, options) });
+  }
+
+  /** Audio; `options.voice` sends it as a voice note. */
+  sendAudio(sessionId, to, data, mimeType = 'audio/ogg; codecs=opus', options = {}) {
+    const kind = options.voice ? 'VOICE_NOTE' : 'AUDIO';
+    return this.send(sessionId, to, '', { ...options, content: mediaContent(kind, data, mimeType, { replyTo: options.replyTo }) });
+  }
+
+  sendDocument(sessionId, to, data, mimeType, fileName, options = {}) {
+    return this.send(sessionId, to, '', { ...options, content: mediaContent('DOCUMENT', data, mimeType, { ...options, fileName }) });
+  }
+
+  sendSticker(sessionId, to, data, mimeType = 'image/webp', options = {}) {
+    return this.send(sessionId, to, '', { ...options, content: mediaContent('STICKER', data, mimeType, { replyTo: options.replyTo }) });
+  }
+
+  sendLocation(sessionId, to, latitude, longitude, options = {}) {
+    const content = {
+      location: { latitude, longitude, name: options.name || '', address: options.address || '' },
+      replyTo: options.replyTo || '',
+    };
+    return this.send(sessionId, to, '', { ...options, content });
+  }
+
+  /** React to `messageId` in the chat `to` ('' removes the reaction). */
+  sendReaction(sessionId, to, messageId, emoji, options = {}) {
+    const content = { reaction: { messageId, emoji, fromMe: Boolean(options.fromMe) } };
+    return this.send(sessionId, to, '', { ...options, content });
+  }
+
+  /**
+   * Show `chat` that the session is 'composing' (typing…), 'recording', 'paused'
+   * or 'available'. Best effort: never queued, not retried; UNAVAILABLE when
+   * the session is not open.
+   */
+  async sendPresence(sessionId, chat, presence) {
+    const value = PRESENCES[String(presence).toLowerCase()];
+    if (!value) throw new TypeError(`presence must be one of ${Object.keys(PRESENCES).join(', ')}`);
+    await this._unary('SendPresence', { sessionId, chat, presence: value });
   }
 
   /**

@@ -16,6 +16,16 @@ const grpc = require('@grpc/grpc-js');
 
 const { BrokerError, toBrokerError } = require('./errors');
 
+/** Items written together up to this size (a medium alone may be larger). */
+const BATCH_BYTES = 1024 * 1024;
+
+/** About how large an item is on the wire: its texts and its medium. */
+function itemBytes(item) {
+  const r = item.request;
+  const media = r.content && r.content.media;
+  return 256 + (r.body ? r.body.length : 0) + (media && media.data ? media.data.length : 0);
+}
+
 /** Extra time to wait past an item's own deadline for the broker's answer. */
 const ANSWER_MARGIN_MS = 1000;
 
@@ -67,7 +77,21 @@ class SendStream {
     this._flushScheduled = false;
     const items = this._queued;
     this._queued = [];
-    if (items.length && this._call) this._call.stream.write({ items });
+    if (!items.length || !this._call) return;
+    // Requests stay within the gRPC message size limit, whatever media they carry.
+    let batch = [];
+    let size = 0;
+    for (const item of items) {
+      const bytes = itemBytes(item);
+      if (batch.length && size + bytes > BATCH_BYTES) {
+        this._call.stream.write({ items: batch });
+        batch = [];
+        size = 0;
+      }
+      batch.push(item);
+      size += bytes;
+    }
+    this._call.stream.write({ items: batch });
   }
 
   _open() {

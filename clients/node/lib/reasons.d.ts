@@ -66,6 +66,8 @@ export declare const ErrorReason: {
   readonly MESSAGE_REFUSED: 'MESSAGE_REFUSED';
   /** NOT_FOUND: GetMessage for a message id the broker does not know (or no longer keeps); metadata.message_id. */
   readonly MESSAGE_NOT_FOUND: 'MESSAGE_NOT_FOUND';
+  /** UNAVAILABLE: SendPresence on a session that is not open on the answering instance (metadata.state names its state); presence is never queued. */
+  readonly SESSION_NOT_OPEN: 'SESSION_NOT_OPEN';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 import grpc.aio
 from google.protobuf import timestamp_pb2
 
+from . import content as contents
 from .coalesce import SendStream, StreamUnsupported
+from .content import SendOptions
 from .errors import (
     BrokerError,
     DeadlineExceeded,
@@ -195,10 +197,12 @@ class BrokerClient:
             if self._channel is None:
                 if not self._owns_channel:
                     raise BrokerError("client is closed", code=grpc.StatusCode.CANCELLED)
+                options = [("grpc.max_receive_message_length", contents.MAX_MESSAGE_BYTES),
+                           ("grpc.max_send_message_length", contents.MAX_MESSAGE_BYTES)]
                 self._channel = (
-                    grpc.aio.secure_channel(self.target, self._credentials)
+                    grpc.aio.secure_channel(self.target, self._credentials, options)
                     if self._credentials is not None
-                    else grpc.aio.insecure_channel(self.target)
+                    else grpc.aio.insecure_channel(self.target, options)
                 )
             self._stub_cache = broker_pb2_grpc.BrokerStub(self._channel)
         return self._stub_cache
@@ -255,17 +259,21 @@ class BrokerClient:
         self,
         session_id: str,
         to: str,
-        body: str,
+        body: str = "",
         *,
+        content: broker_pb2.Content | None = None,
         idempotency_key: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> SendResult:
         """Send a message; retries UNAVAILABLE with one idempotency key so it never sends twice.
 
-        ``timeout`` is the total budget across retries (default: the client's).
-        Raises :class:`NotDeliveredYet` if the message is queued but unacked
-        when the budget runs out: call again with the same key to learn its fate.
+        ``content`` (see :mod:`broker_client.content`, or the ``send_image`` ...
+        helpers): media, a location, a reaction, a quote or mentions; without
+        it ``body`` is a text message. ``timeout`` is the total budget across
+        retries (default: the client's). Raises :class:`NotDeliveredYet` if the
+        message is queued but unacked when the budget runs out: call again with
+        the same key to learn its fate.
         """
         request = broker_pb2.SendRequest(
             session_id=session_id,
@@ -273,10 +281,79 @@ class BrokerClient:
             body=body,
             idempotency_key=idempotency_key or str(uuid.uuid4()),
             no_wait=not wait,
+            content=content,
         )
         method = self._send_on_stream if self.coalesce else self._stub.Send
         response = await self._call_retrying(method, request, timeout)
         return SendResult.from_response(response)
+
+    # typed content helpers: each is send() with one kind of content
+
+    async def send_text(self, session_id: str, to: str, body: str, *, reply_to: str = "",
+                        mentions: Sequence[str] = (),
+                        **options: Unpack[SendOptions]) -> SendResult:
+        """Text that quotes ``reply_to`` (a message id) and/or mentions addresses."""
+        content = contents.text(body, reply_to=reply_to, mentions=mentions)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_image(self, session_id: str, to: str, data: bytes,
+                         mime_type: str = "image/jpeg", *, caption: str = "",
+                         reply_to: str = "", mentions: Sequence[str] = (),
+                         **options: Unpack[SendOptions]) -> SendResult:
+        content = contents.image(data, mime_type, caption=caption, reply_to=reply_to,
+                                 mentions=mentions)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_video(self, session_id: str, to: str, data: bytes,
+                         mime_type: str = "video/mp4", *, caption: str = "",
+                         reply_to: str = "", mentions: Sequence[str] = (),
+                         **options: Unpack[SendOptions]) -> SendResult:
+        content = contents.video(data, mime_type, caption=caption, reply_to=reply_to,
+                                 mentions=mentions)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_audio(self, session_id: str, to: str, data: bytes,
+                         mime_type: str = "audio/ogg; codecs=opus", *, voice: bool = False,
+                         reply_to: str = "", **options: Unpack[SendOptions]) -> SendResult:
+        """Audio; ``voice=True`` sends it as a voice note."""
+        content = contents.audio(data, mime_type, voice=voice, reply_to=reply_to)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_document(self, session_id: str, to: str, data: bytes, mime_type: str,
+                            file_name: str, *, caption: str = "", reply_to: str = "",
+                            mentions: Sequence[str] = (),
+                            **options: Unpack[SendOptions]) -> SendResult:
+        content = contents.document(data, mime_type, file_name, caption=caption,
+                                    reply_to=reply_to, mentions=mentions)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_sticker(self, session_id: str, to: str, data: bytes,
+                           mime_type: str = "image/webp", *, reply_to: str = "",
+                           **options: Unpack[SendOptions]) -> SendResult:
+        content = contents.sticker(data, mime_type, reply_to=reply_to)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_location(self, session_id: str, to: str, latitude: float, longitude: float,
+                            *, name: str = "", address: str = "", reply_to: str = "",
+                            **options: Unpack[SendOptions]) -> SendResult:
+        content = contents.location(latitude, longitude, name=name, address=address,
+                                    reply_to=reply_to)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_reaction(self, session_id: str, to: str, message_id: str, emoji: str, *,
+                            from_me: bool = False,
+                            **options: Unpack[SendOptions]) -> SendResult:
+        """React to ``message_id`` in the chat ``to`` ("" removes the reaction)."""
+        content = contents.reaction(message_id, emoji, from_me=from_me)
+        return await self.send(session_id, to, content=content, **options)
+
+    async def send_presence(self, session_id: str, chat: str, presence: str | int) -> None:
+        """Show ``chat`` that the session is "composing" (typing…), "recording",
+        "paused" or "available". Best effort: not queued, never retried (a stale
+        "typing…" is worse than none); UNAVAILABLE when the session is not open."""
+        request = broker_pb2.SendPresenceRequest(
+            session_id=session_id, chat=chat, presence=contents.presence(presence))
+        await self._call(self._stub.SendPresence, request)
 
     async def send_many(
         self, messages: Sequence[Message], *, wait: bool = True, timeout: float | None = None

@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 
@@ -23,6 +23,7 @@ from .client import (
     StatusWatch,
     _ReconnectingStream,
 )
+from .content import SendOptions
 from .errors import BrokerError
 from .v1 import broker_pb2
 
@@ -113,17 +114,74 @@ class SyncBrokerClient:
         self,
         session_id: str,
         to: str,
-        body: str,
+        body: str = "",
         *,
+        content: broker_pb2.Content | None = None,
         idempotency_key: str | None = None,
         wait: bool = True,
         timeout: float | None = None,
     ) -> SendResult:
         return self._run(
             self._client.send(
-                session_id, to, body, idempotency_key=idempotency_key, wait=wait, timeout=timeout
+                session_id, to, body, content=content, idempotency_key=idempotency_key,
+                wait=wait, timeout=timeout,
             )
         )
+
+    # the typed content helpers of BrokerClient, blocking
+
+    def send_text(self, session_id: str, to: str, body: str, *, reply_to: str = "",
+                  mentions: Sequence[str] = (), **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_text(session_id, to, body, reply_to=reply_to,
+                                                mentions=mentions, **options))
+
+    def send_image(self, session_id: str, to: str, data: bytes, mime_type: str = "image/jpeg",
+                   *, caption: str = "", reply_to: str = "", mentions: Sequence[str] = (),
+                   **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_image(
+            session_id, to, data, mime_type, caption=caption, reply_to=reply_to,
+            mentions=mentions, **options))
+
+    def send_video(self, session_id: str, to: str, data: bytes, mime_type: str = "video/mp4",
+                   *, caption: str = "", reply_to: str = "", mentions: Sequence[str] = (),
+                   **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_video(
+            session_id, to, data, mime_type, caption=caption, reply_to=reply_to,
+            mentions=mentions, **options))
+
+    def send_audio(self, session_id: str, to: str, data: bytes,
+                   mime_type: str = "audio/ogg; codecs=opus", *, voice: bool = False,
+                   reply_to: str = "", **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_audio(session_id, to, data, mime_type, voice=voice,
+                                                 reply_to=reply_to, **options))
+
+    def send_document(self, session_id: str, to: str, data: bytes, mime_type: str,
+                      file_name: str, *, caption: str = "", reply_to: str = "",
+                      mentions: Sequence[str] = (),
+                      **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_document(
+            session_id, to, data, mime_type, file_name, caption=caption, reply_to=reply_to,
+            mentions=mentions, **options))
+
+    def send_sticker(self, session_id: str, to: str, data: bytes, mime_type: str = "image/webp",
+                     *, reply_to: str = "", **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_sticker(session_id, to, data, mime_type,
+                                                   reply_to=reply_to, **options))
+
+    def send_location(self, session_id: str, to: str, latitude: float, longitude: float, *,
+                      name: str = "", address: str = "", reply_to: str = "",
+                      **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_location(
+            session_id, to, latitude, longitude, name=name, address=address, reply_to=reply_to,
+            **options))
+
+    def send_reaction(self, session_id: str, to: str, message_id: str, emoji: str, *,
+                      from_me: bool = False, **options: Unpack[SendOptions]) -> SendResult:
+        return self._run(self._client.send_reaction(session_id, to, message_id, emoji,
+                                                    from_me=from_me, **options))
+
+    def send_presence(self, session_id: str, chat: str, presence: str | int) -> None:
+        self._run(self._client.send_presence(session_id, chat, presence))
 
     def send_many(
         self, messages: Sequence[Message], *, wait: bool = True, timeout: float | None = None

@@ -35,6 +35,52 @@ export function toJid (to) {
   return `${to.replace(/^\+/, '')}@s.whatsapp.net`
 }
 
+const MEDIA_KEYS = { image: 'image', video: 'video', audio: 'audio', voice_note: 'audio', document: 'document', sticker: 'sticker' }
+const BROKER_ID = /^m-[0-9a-f]{32}$/
+const PRESENCE = new Set(['available', 'composing', 'recording', 'paused'])
+
+/**
+ * Baileys' AnyMessageContent and send options for a `send` frame: plain
+ * `{text}` without `content`, else the content's kind (docs/protocol.md
+ * "Content", media as base64), its mentions and the quoted message. A quoted
+ * or reacted-to message is named by id only; it counts as ours when it has a
+ * broker message id (`m-` and 32 hex digits: the id we sent it under).
+ */
+export function toMessage ({ id, to, body, content }) {
+  const jid = toJid(to)
+  const options = { messageId: id }
+  if (!content || typeof content !== 'object') return { jid, message: { text: body }, options }
+  let message
+  if (content.media) {
+    const m = content.media
+    const key = MEDIA_KEYS[m.kind]
+    if (!key) throw new Error(`unknown media kind ${String(m.kind).slice(0, 20)}`)
+    message = { [key]: Buffer.from(String(m.data), 'base64'), mimetype: m.mime_type }
+    if (m.kind === 'audio' || m.kind === 'voice_note') message.ptt = m.kind === 'voice_note'
+    if (m.caption && key !== 'audio' && key !== 'sticker') message.caption = m.caption
+    if (key === 'document') message.fileName = m.file_name || 'file'
+  } else if (content.location) {
+    const l = content.location
+    message = { location: { degreesLatitude: l.latitude, degreesLongitude: l.longitude } }
+    if (l.name) message.location.name = l.name
+    if (l.address) message.location.address = l.address
+  } else if (content.reaction) {
+    const r = content.reaction
+    const fromMe = Boolean(r.from_me) || BROKER_ID.test(r.message_id)
+    message = { react: { text: r.emoji || '', key: { remoteJid: jid, id: r.message_id, fromMe } } }
+  } else {
+    message = { text: typeof content.text === 'string' ? content.text : body }
+  }
+  if (Array.isArray(content.mentions) && content.mentions.length) {
+    message.mentions = content.mentions.map(toJid)
+  }
+  if (content.reply_to) {
+    const quoted = String(content.reply_to)
+    options.quoted = { key: { remoteJid: jid, id: quoted, fromMe: BROKER_ID.test(quoted) }, message: { conversation: '' } }
+  }
+  return { jid, message, options }
+}
+
 export class BridgeSession {
   /**
    * @param {object} o
@@ -225,6 +271,12 @@ export class BridgeSession {
       case 'send':
         this.sendChain = this.sendChain.then(() => this.sendOne(frame))
         return
+      case 'presence':
+        // Best effort, not ordered with sends: only an open socket tells anyone.
+        if (this.state === 'open' && PRESENCE.has(frame.presence) && typeof frame.to === 'string') {
+          this.run('presence', () => this.sock.sendPresenceUpdate(frame.presence, toJid(frame.to)))
+        }
+        return
       case 'ping':
         // Only an open WhatsApp socket answers: the broker's keep-alive
         // measures the WhatsApp link, not this bridge.
@@ -244,14 +296,16 @@ export class BridgeSession {
     }
   }
 
-  async sendOne ({ id, to, body }) {
+  async sendOne (frame) {
     // A message handed to this socket once waits for its ack there; one sent
     // while the socket is not open waits for the broker's resend on the next.
+    const { id } = frame
     if (this.closed || this.state !== 'open' || this.handed.has(id)) return
     this.handed.add(id)
     this.unacked.add(id)
     try {
-      await this.sock.sendMessage(toJid(to), { text: body }, { messageId: id })
+      const { jid, message, options } = toMessage(frame)
+      await this.sock.sendMessage(jid, message, options)
     } catch (err) {
       if (this.closed || this.state !== 'open') return // the close says why; resent later
       const code = err && err.output && err.output.statusCode

@@ -21,11 +21,25 @@ const quiet = makeLogger('fatal')
 
 const fingerprint = creds => createHash('sha256').update(Buffer.from(creds.noiseKey.public)).digest('hex').slice(0, 16)
 
+/** A JSON-able copy of what sendMessage got: every Buffer as {bytes, sha256, base64}. */
+export function describe (value) {
+  if (Buffer.isBuffer(value)) {
+    return { bytes: value.length, sha256: createHash('sha256').update(value).digest('hex'), base64: value.toString('base64') }
+  }
+  if (Array.isArray(value)) return value.map(describe)
+  if (value && typeof value === 'object') {
+    return Object.fromEntries(Object.entries(value).filter(([, v]) => v !== undefined).map(([k, v]) => [k, describe(v)]))
+  }
+  return value
+}
+
 export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
   const net = {
     sockets: new Map(), // session -> current FakeSocket
     connects: new Map(), // session -> count
-    sent: [], // {session, id, jid, text, socket}
+    sent: [], // {session, id, jid, text, socket, content, quoted}
+    presence: [], // {session, type, jid, socket}
+    dropMedia: new Map(), // session -> media sends to drop the socket in (mid-upload)
     pairingCodes: new Map(), // session -> {code, phone}
     failConnect: new Map(), // session -> {code, message, times}
     failSend: new Map(), // session -> code of the next send's error ack
@@ -117,7 +131,16 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
       // writes the stanza; the socket may drop meanwhile, and then nothing went out.
       await this.authState.keys.set({ session: { [`${jid.split('@')[0]}.0`]: randomBytes(64) } })
       if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
-      net.sent.push({ session: this.session, id, jid, text: content.text, socket: this.n })
+      const media = ['image', 'video', 'audio', 'document', 'sticker'].some(k => Buffer.isBuffer(content[k]))
+      const drops = net.dropMedia.get(this.session) || 0
+      if (media && drops > 0) {
+        // The connection breaks while the medium uploads: nothing reached WhatsApp.
+        net.dropMedia.set(this.session, drops - 1)
+        this.end(new Boom('Connection Lost', { statusCode: 408 }))
+        throw new Boom('Connection Closed', { statusCode: 428 })
+      }
+      const quoted = options.quoted ? describe(options.quoted) : undefined
+      net.sent.push({ session: this.session, id, jid, text: content.text, socket: this.n, content: describe(content), quoted })
       const error = net.failSend.get(this.session)
       net.failSend.delete(this.session)
       const attrs = { class: 'message', id, from: jid, t: String(Math.floor(Date.now() / 1000)) }
@@ -151,6 +174,11 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         signedPreKey: { keyId: creds.signedPreKey.keyId, publicKey: generateSignalPubKey(creds.signedPreKey.keyPair.public), signature: creds.signedPreKey.signature },
         preKey: preKey ? { keyId: 1, publicKey: generateSignalPubKey(preKey.public) } : undefined
       }
+    }
+
+    async sendPresenceUpdate (type, jid) {
+      if (this.closed || !this.open) throw new Boom('Connection Closed', { statusCode: 428 })
+      net.presence.push({ session: this.session, type, jid, socket: this.n })
     }
 
     async requestPairingCode (phone) {
@@ -239,6 +267,15 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         to.inbound({ id: body.id, from: jidFrom.replace(/:\d+@/, '@'), text: Buffer.from(plain).toString() })
         return { ok: true, type }
       }
+      case 'get_message': {
+        // What Baileys' retry handling would ask of the app for a message it sent.
+        if (!live) return { ok: false, error: 'no live socket' }
+        const message = await live.config.getMessage({ id: body.id, remoteJid: body.jid || '' })
+        return { ok: true, message: message ?? null }
+      }
+      case 'drop_media':
+        net.dropMedia.set(body.session, body.times ?? 1)
+        return { ok: true }
       case 'fail_send':
         net.failSend.set(body.session, body.code)
         return { ok: true }
@@ -268,6 +305,7 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         return {
           ok: true,
           sent: net.sent,
+          presence: net.presence,
           connects: Object.fromEntries(net.connects),
           fingerprints: Object.fromEntries(net.fingerprints),
           open: [...net.sockets.values()].filter(s => s.open && !s.closed).map(s => s.session),

@@ -17,6 +17,7 @@ The reasons are the names of ErrorReason.Reason, at the end of this file:
                                                               SESSION_CONFLICT, SESSION_FAILED, NOT_PAIRING)
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
                        or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
+                       or presence on a session not open    (SESSION_NOT_OPEN)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -84,6 +85,38 @@ CONFLICT: SessionState.ValueType  # 7
 FAILED: SessionState.ValueType  # 8
 """gave up; needs a person (see Health)"""
 Global___SessionState: _TypeAlias = SessionState  # noqa: Y015
+
+class _Presence:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Presence.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESENCE_UNSPECIFIED: _Presence.ValueType  # 0
+    """refused (INVALID_ARGUMENT)"""
+    AVAILABLE: _Presence.ValueType  # 1
+    """online"""
+    COMPOSING: _Presence.ValueType  # 2
+    """typing…"""
+    RECORDING: _Presence.ValueType  # 3
+    """recording a voice note…"""
+    PAUSED: _Presence.ValueType  # 4
+    """stopped typing"""
+
+class Presence(_Presence, metaclass=_PresenceEnumTypeWrapper):
+    """What a session is doing in a chat."""
+
+PRESENCE_UNSPECIFIED: Presence.ValueType  # 0
+"""refused (INVALID_ARGUMENT)"""
+AVAILABLE: Presence.ValueType  # 1
+"""online"""
+COMPOSING: Presence.ValueType  # 2
+"""typing…"""
+RECORDING: Presence.ValueType  # 3
+"""recording a voice note…"""
+PAUSED: Presence.ValueType  # 4
+"""stopped typing"""
+Global___Presence: _TypeAlias = Presence  # noqa: Y015
 
 class _DeliveryStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -244,11 +277,14 @@ class SendRequest(_message.Message):
     BODY_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     NO_WAIT_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     to: _builtins.str
     """Recipient address on the upstream network (1-256 characters)."""
     body: _builtins.str
-    """Message body, 1 byte to the broker's max body size (default 64 KiB)."""
+    """Message body, 1 byte to the broker's max body size (default 64 KiB): the
+    text of a text message. Empty when `content` sets a kind.
+    """
     idempotency_key: _builtins.str
     """Makes retries safe: the first call with a key sends, later calls with
     the same key (for the same session) return that call's message and
@@ -259,6 +295,16 @@ class SendRequest(_message.Message):
     """Wait for the upstream ack (default). Set `no_wait` to return as soon as
     the message is durably queued.
     """
+    @_builtins.property
+    def content(self) -> Global___Content:
+        """What to send beyond plain text: media, a location, a reaction, a quote,
+        mentions. Without it `body` is a text message, as always. With a content
+        kind set (text, media, location, reaction) `body` must be empty; with
+        only `reply_to` / `mentions` set, `body` is the text that quotes or
+        mentions. A retry with the same idempotency key returns the first call's
+        message even when its content differs (the key names the message).
+        """
+
     def __init__(
         self,
         *,
@@ -267,14 +313,234 @@ class SendRequest(_message.Message):
         body: _builtins.str = ...,
         idempotency_key: _builtins.str = ...,
         no_wait: _builtins.bool = ...,
+        content: Global___Content | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "idempotency_key", b"idempotency_key", "no_wait", b"no_wait", "session_id", b"session_id", "to", b"to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "content", b"content", "idempotency_key", b"idempotency_key", "no_wait", b"no_wait", "session_id", b"session_id", "to", b"to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendRequest: _TypeAlias = SendRequest  # noqa: Y015
+
+@_typing.final
+class Content(_message.Message):
+    """A message's content (docs/protocol.md "Content")."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    MEDIA_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    REACTION_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    MENTIONS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Text, 1 byte to the broker's max body size (as `body`)."""
+    reply_to: _builtins.str
+    """Quote (reply to) this earlier message of the chat: its message id (a
+    broker `message_id`, or an InboundMessage's `upstream_id`); empty: none.
+    """
+    @_builtins.property
+    def media(self) -> Global___Media: ...
+    @_builtins.property
+    def location(self) -> Global___Location: ...
+    @_builtins.property
+    def reaction(self) -> Global___Reaction: ...
+    @_builtins.property
+    def mentions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses mentioned in the text or caption (each like SendRequest.to), at
+        most 256.
+        """
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        media: Global___Media | None = ...,
+        location: Global___Location | None = ...,
+        reaction: Global___Reaction | None = ...,
+        reply_to: _builtins.str = ...,
+        mentions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "location", b"location", "media", b"media", "reaction", b"reaction", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "location", b"location", "media", b"media", "mentions", b"mentions", "reaction", b"reaction", "reply_to", b"reply_to", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["text", "media", "location", "reaction"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Content: _TypeAlias = Content  # noqa: Y015
+
+@_typing.final
+class Media(_message.Message):
+    """A medium, durable like text: stored with the message until its ack and the
+    sent-message retention. `data` is 1 byte to the broker's --max-media-bytes
+    (default 16 MiB); larger is INVALID_ARGUMENT naming the limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Media._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: Media._Kind.ValueType  # 0
+        """refused (INVALID_ARGUMENT)"""
+        IMAGE: Media._Kind.ValueType  # 1
+        VIDEO: Media._Kind.ValueType  # 2
+        AUDIO: Media._Kind.ValueType  # 3
+        VOICE_NOTE: Media._Kind.ValueType  # 4
+        """audio shown as a recorded voice note (push-to-talk)"""
+        DOCUMENT: Media._Kind.ValueType  # 5
+        STICKER: Media._Kind.ValueType  # 6
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: Media.Kind.ValueType  # 0
+    """refused (INVALID_ARGUMENT)"""
+    IMAGE: Media.Kind.ValueType  # 1
+    VIDEO: Media.Kind.ValueType  # 2
+    AUDIO: Media.Kind.ValueType  # 3
+    VOICE_NOTE: Media.Kind.ValueType  # 4
+    """audio shown as a recorded voice note (push-to-talk)"""
+    DOCUMENT: Media.Kind.ValueType  # 5
+    STICKER: Media.Kind.ValueType  # 6
+
+    KIND_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    CAPTION_FIELD_NUMBER: _builtins.int
+    FILE_NAME_FIELD_NUMBER: _builtins.int
+    kind: Global___Media.Kind.ValueType
+    data: _builtins.bytes
+    mime_type: _builtins.str
+    """The medium's MIME type, "type/subtype" (e.g. "image/jpeg"), required."""
+    caption: _builtins.str
+    """Shown under images, videos and documents (up to the max body size)."""
+    file_name: _builtins.str
+    """The document's file name (documents; up to 255 characters)."""
+    def __init__(
+        self,
+        *,
+        kind: Global___Media.Kind.ValueType = ...,
+        data: _builtins.bytes = ...,
+        mime_type: _builtins.str = ...,
+        caption: _builtins.str = ...,
+        file_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "data", b"data", "file_name", b"file_name", "kind", b"kind", "mime_type", b"mime_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Media: _TypeAlias = Media  # noqa: Y015
+
+@_typing.final
+class Location(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATITUDE_FIELD_NUMBER: _builtins.int
+    LONGITUDE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    latitude: _builtins.float
+    """Degrees, -90..90 and -180..180."""
+    longitude: _builtins.float
+    name: _builtins.str
+    """Optional place name and address (up to 1024 characters each)."""
+    address: _builtins.str
+    def __init__(
+        self,
+        *,
+        latitude: _builtins.float = ...,
+        longitude: _builtins.float = ...,
+        name: _builtins.str = ...,
+        address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "latitude", b"latitude", "longitude", b"longitude", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Location: _TypeAlias = Location  # noqa: Y015
+
+@_typing.final
+class Reaction(_message.Message):
+    """A reaction to an earlier message of the chat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    EMOJI_FIELD_NUMBER: _builtins.int
+    FROM_ME_FIELD_NUMBER: _builtins.int
+    message_id: _builtins.str
+    """The message reacted to: a broker `message_id`, or an InboundMessage's
+    `upstream_id` (required).
+    """
+    emoji: _builtins.str
+    """One emoji; empty removes the session's earlier reaction."""
+    from_me: _builtins.bool
+    """True when the message reacted to is one this session sent."""
+    def __init__(
+        self,
+        *,
+        message_id: _builtins.str = ...,
+        emoji: _builtins.str = ...,
+        from_me: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["emoji", b"emoji", "from_me", b"from_me", "message_id", b"message_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reaction: _TypeAlias = Reaction  # noqa: Y015
+
+@_typing.final
+class SendPresenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    PRESENCE_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    chat: _builtins.str
+    """The chat: an E.164 number or an upstream address, like SendRequest.to."""
+    presence: Global___Presence.ValueType
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        chat: _builtins.str = ...,
+        presence: Global___Presence.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "presence", b"presence", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendPresenceRequest: _TypeAlias = SendPresenceRequest  # noqa: Y015
+
+@_typing.final
+class SendPresenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendPresenceResponse: _TypeAlias = SendPresenceResponse  # noqa: Y015
 
 @_typing.final
 class SendResponse(_message.Message):
@@ -1520,6 +1786,10 @@ class ErrorReason(_message.Message):
         """NOT_FOUND: GetMessage for a message id the broker does not know (or no
         longer keeps); metadata.message_id.
         """
+        SESSION_NOT_OPEN: ErrorReason._Reason.ValueType  # 33
+        """UNAVAILABLE: SendPresence on a session that is not open on the answering
+        instance (metadata.state names its state); presence is never queued.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1614,6 +1884,10 @@ class ErrorReason(_message.Message):
     MESSAGE_NOT_FOUND: ErrorReason.Reason.ValueType  # 32
     """NOT_FOUND: GetMessage for a message id the broker does not know (or no
     longer keeps); metadata.message_id.
+    """
+    SESSION_NOT_OPEN: ErrorReason.Reason.ValueType  # 33
+    """UNAVAILABLE: SendPresence on a session that is not open on the answering
+    instance (metadata.state names its state); presence is never queued.
     """
 
     def __init__(

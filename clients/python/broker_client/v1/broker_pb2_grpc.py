@@ -131,6 +131,11 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.GetMessageRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.MessageInfo.FromString,
                 _registered_method=True)
+        self.SendPresence = channel.unary_unary(
+                '/broker.v1.Broker/SendPresence',
+                request_serializer=broker_dot_v1_dot_broker__pb2.SendPresenceRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.SendPresenceResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -320,6 +325,17 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendPresence(self, request, context):
+        """Tell the chat what the session is doing ("typing…" while a worker prepares
+        a reply). Best effort and not durable: it reaches the upstream only while
+        the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+        queued), and at most --presence-rate per second per session
+        (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -417,6 +433,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.GetMessage,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.GetMessageRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.MessageInfo.SerializeToString,
+            ),
+            'SendPresence': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendPresence,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.SendPresenceRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.SendPresenceResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -933,6 +954,33 @@ class Broker:
             '/broker.v1.Broker/GetMessage',
             broker_dot_v1_dot_broker__pb2.GetMessageRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.MessageInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendPresence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/broker.v1.Broker/SendPresence',
+            broker_dot_v1_dot_broker__pb2.SendPresenceRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.SendPresenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

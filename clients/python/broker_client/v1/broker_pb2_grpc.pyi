@@ -17,6 +17,7 @@ The reasons are the names of ErrorReason.Reason, at the end of this file:
                                                               SESSION_CONFLICT, SESSION_FAILED, NOT_PAIRING)
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
                        or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
+                       or presence on a session not open    (SESSION_NOT_OPEN)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -153,6 +154,13 @@ class BrokerStub:
     (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
     (past the sent-message and inbound retentions).
     """
+    SendPresence: _grpc.UnaryUnaryMultiCallable[_broker_pb2.SendPresenceRequest, _broker_pb2.SendPresenceResponse]
+    """Tell the chat what the session is doing ("typing…" while a worker prepares
+    a reply). Best effort and not durable: it reaches the upstream only while
+    the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+    queued), and at most --presence-rate per second per session
+    (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -259,6 +267,13 @@ class BrokerAsyncStub(BrokerStub):
     """The furthest status of one sent message and when it got there. NOT_FOUND
     (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
     (past the sent-message and inbound retentions).
+    """
+    SendPresence: _aio.UnaryUnaryMultiCallable[_broker_pb2.SendPresenceRequest, _broker_pb2.SendPresenceResponse]  # type: ignore[assignment]
+    """Tell the chat what the session is doing ("typing…" while a worker prepares
+    a reply). Best effort and not durable: it reaches the upstream only while
+    the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+    queued), and at most --presence-rate per second per session
+    (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -477,6 +492,19 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         """The furthest status of one sent message and when it got there. NOT_FOUND
         (reason MESSAGE_NOT_FOUND) once the broker no longer knows the message
         (past the sent-message and inbound retentions).
+        """
+
+    @_abc_1.abstractmethod
+    def SendPresence(
+        self,
+        request: _broker_pb2.SendPresenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.SendPresenceResponse, _abc.Awaitable[_broker_pb2.SendPresenceResponse]]:
+        """Tell the chat what the session is doing ("typing…" while a worker prepares
+        a reply). Best effort and not durable: it reaches the upstream only while
+        the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
+        queued), and at most --presence-rate per second per session
+        (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
