@@ -56,9 +56,11 @@ async def test_a_schema_2_database_gains_the_content_column(tmp_path: Path) -> N
     await old.enqueue("s1", "+1", "from before", "k1", max_depth=10, at=1.0)
     await old.close()
     with sqlite3.connect(path) as conn:  # back to what schema 2 wrote
-        conn.execute("ALTER TABLE messages DROP COLUMN content")
+        for table, column in (("messages", "content"), ("inbound", "origin"),
+                              ("messages", "refused"), ("messages", "refused_code")):
+            conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 2")
-        assert MIGRATIONS[2].strip() == "ALTER TABLE messages ADD COLUMN content BLOB;"
+        assert MIGRATIONS[4].strip() == "ALTER TABLE messages ADD COLUMN content BLOB;"
     store = open_sqlite(path)
     try:
         await store.enqueue("s1", "+1", "", "k2", max_depth=10, at=2.0, content=IMAGE)
