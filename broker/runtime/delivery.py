@@ -14,11 +14,11 @@ the store; this module only carries that out:
   kick, an ack or the next resend deadline.
 - ack waiters: a Send that waits for its ack gets one plain future, settled
   by the ack's stored result, by `release_waiters`, or by its timer.
-- the updates writer: every ack, refusal and receipt is also a status update
-  of its message (`broker.runtime.updates`), written in arrival order, apart
-  from the outbox writes so no Send waits for it. Written before or after its
-  ack, it is stored once either way (updates are de-duplicated per message and
-  status); one that meets an unreachable store is retried, in order.
+- status updates: every ack, refusal and receipt is also a status update of
+  its message (`broker.runtime.updates`), appended in arrival order right
+  after its batch's outbox write. A resent message's repeated ack is stored
+  once (updates are de-duplicated per message and status); updates the store
+  could not take are held and go first with the next batch.
 
 Acks reach `ack()` straight from the link reader, not through the actor's
 inbox: an ack changes no lifecycle state, and a hop per ack through the inbox
@@ -32,8 +32,6 @@ import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
-
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from broker.config import Settings
 from broker.content import Content
@@ -61,11 +59,12 @@ log = logging.getLogger(__name__)
 
 STORE_RETRY_S = 1.0
 """How soon the delivery loop (and the updates writer) asks an unreachable store again."""
-UPDATE_ATTEMPTS = 30
-"""How often the updates writer tries one batch before it gives up on it (logged)."""
+MAX_HELD_UPDATES = 10_000
+"""Status updates held per session while the store is away; older ones are dropped."""
 
-_Write = str | Refusal | NewMessage
-"""An outbox write item: an ack (the message id), a refusal or a new message."""
+_Write = str | Refusal | NewEntry | NewMessage
+"""An outbox write item: an ack (the message id), a refusal, a receipt (its status
+update) or a new message."""
 
 
 def _content(payload: bytes) -> Content | None:
@@ -81,9 +80,24 @@ def _content(payload: bytes) -> Content | None:
 class Delivery:
     """One session's outbox writer, delivery loop and ack waiters; its actor owns it."""
 
-    __slots__ = ("_ack_waiters", "_batcher", "_clock", "_fence", "_idle_poll", "_link",
-                 "_not_owner", "_settings", "_spawn", "_stats", "_store", "_task",
-                 "_updates", "_wake", "_window", "session_id")
+    __slots__ = (
+        "_ack_waiters",
+        "_batcher",
+        "_clock",
+        "_fence",
+        "_held",
+        "_idle_poll",
+        "_link",
+        "_not_owner",
+        "_settings",
+        "_spawn",
+        "_stats",
+        "_store",
+        "_task",
+        "_wake",
+        "_window",
+        "session_id",
+    )
 
     def __init__(
         self,
@@ -118,7 +132,8 @@ class Delivery:
         self._link: Link | None = None
         # Made on first use: ten thousand idle sessions should not carry them.
         self._batcher: Batcher[_Write, Accepted | None] | None = None
-        self._updates: Batcher[NewEntry, None] | None = None
+        self._held: list[NewEntry] = []
+        """Status updates the store could not take yet (they go with the next batch)."""
         self._window: DeliveryWindow | None = None
         self._ack_waiters: dict[str, list[asyncio.Future[DeliveryResult | None]]] = {}
 
@@ -255,56 +270,46 @@ class Delivery:
     def ack(self, message_id: str) -> None:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
         self._writes.post(message_id)
-        self._update(updates.entry(message_id, MessageStatus.SERVER_ACK))
 
     def refuse(self, refusal: Refusal) -> None:
         """Record that the upstream refused a message: settled, never sent again, and
         its waiting Sends answered with the refusal."""
         self._writes.post(refusal)
-        self._update(updates.entry(refusal.message_id, MessageStatus.REFUSED, refusal.code,
-                                   refusal.reason))
 
     def receipt(self, message_id: str, status: MessageStatus) -> None:
         """Record a receipt (delivered, read, played) as the message's status update."""
-        self._update(updates.entry(message_id, status))
+        self._writes.post(updates.entry(message_id, status))
 
-    def _update(self, entry: NewEntry) -> None:
-        if self._updates is None:
-            self._updates = Batcher(self._write_updates, linger_s=self._settings.write_linger_s,
-                                    loaded=self._pipelined)
-        self._updates.post(entry)
-
-    async def _write_updates(self, entries: list[NewEntry]) -> list[None]:
-        """Write status updates in order; an unreachable store is asked again (later
-        updates wait behind these), a fenced write drops them (the owner's now)."""
-        retrying = AsyncRetrying(stop=stop_after_attempt(UPDATE_ATTEMPTS),
-                                 wait=wait_fixed(STORE_RETRY_S),
-                                 retry=retry_if_exception_type(StoreUnavailable), reraise=True)
+    async def _write_updates(self, entries: list[NewEntry]) -> None:
+        """Store a batch's status updates after its outbox write, in arrival order.
+        Ones the store could not take are held and go first with the next batch
+        (ACKs recorded meanwhile do not resend their messages, so nothing else
+        would bring their updates back); a fenced write drops them."""
+        held, self._held = self._held, []
+        entries = held + entries
         try:
-            async for attempt in retrying:
-                with attempt:
-                    added = await self._store.add_entries(
-                        self.session_id, entries, self._clock(), topic=UPDATES,
-                        fence=self._fence)
+            added = await self._store.add_entries(self.session_id, entries, self._clock(),
+                                                  topic=UPDATES, fence=self._fence)
         except NotOwner as exc:
             self._not_owner(exc)
-            return [None] * len(entries)
+            return
         except Exception as exc:
-            log.warning("session %s: %d status updates not stored: %s", self.session_id,
-                        len(entries), exc)
-            return [None] * len(entries)
+            if not isinstance(exc, StoreUnavailable):
+                log.exception("session %s: status updates not stored", self.session_id)
+            self._held = entries[-MAX_HELD_UPDATES:]
+            if len(entries) > MAX_HELD_UPDATES:
+                log.warning("session %s: %d status updates dropped, the store is away",
+                            self.session_id, len(entries) - MAX_HELD_UPDATES)
+            return
         delivered = sum(1 for e, r in zip(entries, added, strict=True)
                         if r is not None and e.body == MessageStatus.DELIVERED.name)
         if delivered:
             self._stats.on_delivered(delivered, self._clock())
-        return [None] * len(entries)
 
     async def drain(self) -> None:
-        """Return once everything handed to the writers so far is written."""
+        """Return once everything handed to the writer so far is written."""
         if self._batcher is not None:
             await self._batcher.drain()
-        if self._updates is not None:
-            await self._updates.drain()
 
     async def _write_outbox(self, items: list[_Write]) -> list[Accepted | BaseException | None]:
         """Write a batch of acks and new messages, then act on the answers.
@@ -317,7 +322,15 @@ class Delivery:
         """
         acks = [i for i in items if isinstance(i, str)]
         refusals = [i for i in items if isinstance(i, Refusal)]
+        # Every ack, refusal and receipt is also its message's status update, in order.
+        news = [updates.entry(i, MessageStatus.SERVER_ACK) if isinstance(i, str) else
+                updates.entry(i.message_id, MessageStatus.REFUSED, i.code, i.reason)
+                if isinstance(i, Refusal) else i
+                for i in items if not isinstance(i, NewMessage)]
         messages = [i for i in items if isinstance(i, NewMessage)]
+        if not (acks or refusals or messages):  # receipts alone: no outbox write
+            await self._write_updates(news)
+            return [None] * len(items)
         window = self._window
         claim = bool(messages) and window is not None and window.may_claim()
         epoch = window.epoch if window is not None else 0
@@ -334,6 +347,8 @@ class Delivery:
             if acks or refusals:
                 log.warning("session %s: %d acks not recorded, will resend: %s",
                             self.session_id, len(acks) + len(refusals), exc)
+            # The acks' updates come back with their resends; the receipts' would not.
+            self._held += [i for i in items if isinstance(i, NewEntry)]
             return [exc if isinstance(i, NewMessage) else None for i in items]
         if done.acked:
             self._stats.on_acked(len(acks), self._clock())
@@ -358,6 +373,8 @@ class Delivery:
             else:
                 self.kick()  # the loop reads them from the store
         accepted = iter(done.accepted)
+        if news or self._held:
+            await self._write_updates(news)
         return [next(accepted) if isinstance(i, NewMessage) else None for i in items]
 
     # -- ack waiters ----------------------------------------------------------
@@ -392,7 +409,7 @@ class Delivery:
         # Messages already handed to the writer are written whatever happens to
         # this actor: their Sends are waiting for the answer. (An ack left
         # unrecorded is harmless: the next owner resends, the upstream re-acks.)
-        if self._batcher is not None or self._updates is not None:
+        if self._batcher is not None:
             drain = asyncio.ensure_future(self.drain())
             done, _ = await asyncio.wait([drain], timeout=drain_timeout_s)
             if not done:

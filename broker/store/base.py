@@ -189,8 +189,11 @@ class InboundOrigin:
 
     def to_json(self) -> str:
         """The stored form (SQLite and Redis): only the fields that are set; "" if none."""
-        data = {k: v for k, v in asdict(self).items() if v}
-        return json.dumps(data, separators=(",", ":")) if data else ""
+        if not (self.sender_lid or self.push_name or self.chat or self.sent_at):
+            return ""  # most entries (every status update): no dict, no JSON
+        data = {"sender_lid": self.sender_lid, "push_name": self.push_name,
+                "chat": self.chat, "sent_at": self.sent_at}
+        return json.dumps({k: v for k, v in data.items() if v}, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: bytes | str | None) -> InboundOrigin:
