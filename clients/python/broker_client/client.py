@@ -632,11 +632,8 @@ class StatusWatch(_ReconnectingStream[broker_pb2.StatusEvent]):
             self.last_event_id = item.event_id
 
 
-class UpdateReceiver(_ReconnectingStream[broker_pb2.MessageUpdate]):
-    """Reconnecting status-update stream (see :meth:`BrokerClient.receive_updates`)."""
-
-    _what = "updates"
-    _message_type = broker_pb2.MessageUpdate
+class _GroupStream(_ReconnectingStream[_Msg]):
+    """A consumer group's stream (Receive, ReceiveUpdates): one request, no cursor."""
 
     def __init__(
         self, client: BrokerClient, session_ids: list[str], group: str, consumer: str,
@@ -647,12 +644,19 @@ class UpdateReceiver(_ReconnectingStream[broker_pb2.MessageUpdate]):
             session_ids=session_ids, group=group, consumer=consumer, max_unacked=max_unacked
         )
 
+
+class UpdateReceiver(_GroupStream[broker_pb2.MessageUpdate]):
+    """Reconnecting status-update stream (see :meth:`BrokerClient.receive_updates`)."""
+
+    _what = "updates"
+    _message_type = broker_pb2.MessageUpdate
+
     def _start(self) -> _UpdatesCall:
         return self._client._stub.ReceiveUpdates(self._request,
                                                  metadata=self._client._metadata)
 
 
-class InboundReceiver(_ReconnectingStream[broker_pb2.InboundMessage]):
+class InboundReceiver(_GroupStream[broker_pb2.InboundMessage]):
     """Reconnecting inbound stream (see :meth:`BrokerClient.receive`).
 
     Nothing is resumed by cursor: what this worker had not acknowledged is
@@ -662,15 +666,6 @@ class InboundReceiver(_ReconnectingStream[broker_pb2.InboundMessage]):
 
     _what = "inbound"
     _message_type = broker_pb2.InboundMessage
-
-    def __init__(
-        self, client: BrokerClient, session_ids: list[str], group: str, consumer: str,
-        max_unacked: int,
-    ) -> None:
-        super().__init__(client)
-        self._request = broker_pb2.ReceiveRequest(
-            session_ids=session_ids, group=group, consumer=consumer, max_unacked=max_unacked
-        )
 
     def _start(self) -> _ReceiveCall:
         return self._client._stub.Receive(self._request, metadata=self._client._metadata)
