@@ -302,7 +302,7 @@ class Delivery:
                             self.session_id, len(entries) - MAX_HELD_UPDATES)
             return
         delivered = sum(1 for e, r in zip(entries, added, strict=True)
-                        if r is not None and e.body == MessageStatus.DELIVERED.name)
+                        if r is not None and updates.is_status(e, MessageStatus.DELIVERED))
         if delivered:
             self._stats.on_delivered(delivered, self._clock())
 

@@ -92,6 +92,11 @@ def entry(message_id: str, status: MessageStatus, code: int = 0, reason: str = "
     return NewEntry(f"{message_id}:{status.name}", message_id, body)
 
 
+def is_status(new: NewEntry, status: MessageStatus) -> bool:
+    """Whether `new` (from `entry`) is an update to `status`."""
+    return new.body.partition(" ")[0] == status.name
+
+
 def from_record(record: InboundRecord) -> MessageUpdate:
     name, _, rest = record.body.partition(" ")
     code, _, reason = rest.partition(" ")

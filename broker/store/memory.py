@@ -87,9 +87,8 @@ class _Group:
 
 _Row = tuple[str, str, str, str, str, float, str]
 """A stored inbound or update entry: an InboundRecord's fields with the origin as its
-JSON. A tuple of strings and a float is not tracked by the cyclic GC; one record
-object per sent message's status update made full collections long enough to
-triple Send's p99 here."""
+JSON. A tuple of strings and a float is not tracked by the cyclic GC, and every
+sent message adds status updates (see `_Kept` for what tracked objects cost)."""
 
 
 def _row(record: InboundRecord) -> _Row:
