@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -71,10 +71,15 @@ class Media:
     mime_type: str
     caption: str = ""
     file_name: str = ""
+    size: int = 0
+    """Inbound, as kept: the medium's size (its bytes are kept apart, `data` is empty)."""
+    download_error: str = ""
+    """Inbound: why the bytes could not be kept ("" when they are)."""
 
     def __repr__(self) -> str:  # never a medium's bytes in a log line
-        return (f"Media(kind={self.kind}, {len(self.data)} bytes, mime_type={self.mime_type!r}, "
-                f"caption={len(self.caption)} chars, file_name={self.file_name!r})")
+        return (f"Media(kind={self.kind}, {len(self.data) or self.size} bytes, "
+                f"mime_type={self.mime_type!r}, caption={len(self.caption)} chars, "
+                f"file_name={self.file_name!r}, download_error={self.download_error!r})")
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,8 @@ def from_proto(message: pb.Content) -> Content:
             kind = Text(message.text)
         case "media":
             m = message.media
-            kind = Media(_KIND_FROM_PB.get(m.kind), m.data, m.mime_type, m.caption, m.file_name)
+            kind = Media(_KIND_FROM_PB.get(m.kind), m.data, m.mime_type, m.caption, m.file_name,
+                         m.size, m.download_error)
         case "location":
             loc = message.location
             kind = Location(loc.latitude, loc.longitude, loc.name, loc.address)
@@ -147,7 +153,8 @@ def to_proto(content: Content) -> pb.Content:
         case Media() as m:
             message.media.CopyFrom(pb.Media(
                 kind=_KIND_TO_PB[m.kind] if m.kind else pb.Media.KIND_UNSPECIFIED,
-                data=m.data, mime_type=m.mime_type, caption=m.caption, file_name=m.file_name))
+                data=m.data, mime_type=m.mime_type, caption=m.caption, file_name=m.file_name,
+                size=m.size, download_error=m.download_error))
         case Location() as loc:
             message.location.CopyFrom(pb.Location(latitude=loc.latitude, longitude=loc.longitude,
                                                   name=loc.name, address=loc.address))
@@ -155,6 +162,29 @@ def to_proto(content: Content) -> pb.Content:
             message.reaction.CopyFrom(pb.Reaction(message_id=r.message_id, emoji=r.emoji,
                                                   from_me=r.from_me))
     return message
+
+
+def keep_inbound(content: Content | None, max_media_bytes: int) -> tuple[bytes | None,
+                                                                         bytes | None]:
+    """An inbound message's content as the store keeps it: (the payload, with a
+    medium's bytes taken out and its size set; the medium's bytes, or None). A medium
+    over `max_media_bytes` keeps only its metadata and says why, so the message itself
+    is never lost to its attachment."""
+    if content is None:
+        return None, None
+    media = content.media
+    if media is None:
+        return encode(content), None
+    size = len(media.data) or media.size
+    data: bytes | None = media.data or None
+    error = media.download_error
+    if data is not None and len(data) > max_media_bytes:
+        data, error = None, (f"the medium is {len(media.data)} bytes, over the broker's "
+                             f"--max-media-bytes ({max_media_bytes})")
+    elif data is None and not error:
+        error = "the upstream gave no bytes for the medium"
+    kept = replace(media, data=b"", size=size, download_error=error)
+    return encode(replace(content, kind=kept)), data
 
 
 def encode(content: Content) -> bytes:
@@ -182,6 +212,10 @@ def to_wire(content: Content) -> dict[str, Any]:
             out["media"] = {"kind": str(m.kind), "data": base64.b64encode(m.data).decode(),
                             "mime_type": m.mime_type, "caption": m.caption,
                             "file_name": m.file_name}
+            if m.size:
+                out["media"]["size"] = m.size
+            if m.download_error:
+                out["media"]["error"] = m.download_error
         case Location() as loc:
             out["location"] = {"latitude": loc.latitude, "longitude": loc.longitude,
                                "name": loc.name, "address": loc.address}
@@ -224,9 +258,12 @@ def _object(obj: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def from_wire(obj: Any, max_media_bytes: int) -> Content:
+def from_wire(obj: Any, max_media_bytes: int, *, inbound: bool = False) -> Content:
     """A send frame's `content`, strictly; ValueError on anything off-spec (the
-    simulator closes the connection as a bad frame)."""
+    simulator closes the connection as a bad frame). `inbound`: a message frame's
+    (docs/protocol.md "Content", inbound): a medium may come without bytes, with its
+    `size` and the `error` that kept them away, and its bytes are not capped here
+    (the frame's size bounds them; `keep_inbound` applies the broker's limit)."""
     if not isinstance(obj, dict):
         raise ValueError("field 'content' must be an object")
     kinds = [k for k in ("text", "media", "location", "reaction") if k in obj]
@@ -246,10 +283,18 @@ def from_wire(obj: Any, max_media_bytes: int) -> Content:
             data = base64.b64decode(raw, validate=True)
         except (binascii.Error, ValueError):
             raise ValueError("content media 'data' is not base64") from None
-        if not data or len(data) > max_media_bytes:
+        size, error = 0, ""
+        if inbound:
+            error = _text(m, "error", 1024)
+            size = int(_number(m, "size", float(1 << 40))) if "size" in m else len(data)
+            if size < 0:
+                raise ValueError("content media 'size' must not be negative")
+            if not data and not error:
+                raise ValueError("content media has neither 'data' nor an 'error'")
+        elif not data or len(data) > max_media_bytes:
             raise ValueError(f"content media is {len(data)} bytes; 1 to {max_media_bytes} allowed")
         kind = Media(media_kind, data, _text(m, "mime_type", 255), _text(m, "caption"),
-                     _text(m, "file_name", 255))
+                     _text(m, "file_name", 255), size, error)
     elif kinds == ["location"]:
         loc = _object(obj, "location")
         kind = Location(_number(loc, "latitude", 90), _number(loc, "longitude", 180),

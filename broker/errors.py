@@ -16,7 +16,8 @@ import grpc
 from broker_client.v1.broker_pb2 import ErrorReason
 
 __all__ = [
-    "BrokerError", "ErrorReason", "InvalidArgument", "MessageNotFound", "MessageRefused",
+    "BrokerError", "ErrorReason", "InvalidArgument", "MediaNotFound", "MediaUnavailable",
+    "MessageNotFound", "MessageRefused",
     "NotDeliveredYet", "NotOwner", "OutboxFull", "PairingRefused", "PermissionDenied",
     "PresenceNotSent", "RateLimited", "Reason", "SessionExists",
     "SessionNotFound", "SessionNotReady", "StoreUnavailable", "SubscriberTooSlow",
@@ -94,6 +95,20 @@ class MessageNotFound(BrokerError):
 
     code = grpc.StatusCode.NOT_FOUND
     default_reason = ErrorReason.MESSAGE_NOT_FOUND
+
+
+class MediaNotFound(BrokerError):
+    """DownloadMedia of a message the broker does not keep, or one without a medium."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = ErrorReason.MEDIA_NOT_FOUND
+
+
+class MediaUnavailable(BrokerError):
+    """DownloadMedia of a medium the broker could not keep (metadata.why says why)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = ErrorReason.MEDIA_UNAVAILABLE
 
 
 class MessageRefused(BrokerError):

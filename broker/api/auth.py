@@ -8,7 +8,8 @@ callers. Rules:
 - Server reflection needs any valid token.
 - ``broker.v1.Broker``: the role must grant the method's permission
   (worker: Send/SendStream/SendBatch/SendPresence/Receive/AckInbound/ReceiveUpdates/
-  AckUpdates/GetMessage; viewer: StreamStatus/Health/GetSession/ListSessions/GetQr;
+  AckUpdates/GetMessage/DownloadMedia; viewer: StreamStatus/Health/GetSession/ListSessions/
+  GetQr;
   admin: all), then every session or tenant the request names must be in the
   token's tenants. A session unknown to a tenant-scoped token is refused like
   another tenant's session, so tokens cannot probe for other tenants' session ids.
@@ -74,6 +75,7 @@ RULES: dict[str, tuple[Permission, str]] = {
     "ReceiveUpdates": (Permission.SEND, _SESSIONS),
     "AckUpdates": (Permission.SEND, _SESSION),
     "GetMessage": (Permission.SEND, _SESSION),
+    "DownloadMedia": (Permission.SEND, _SESSION),
     "StreamStatus": (Permission.VIEW, _LISTING),
     "Health": (Permission.VIEW, _LISTING),
     "ListSessions": (Permission.VIEW, _LISTING),

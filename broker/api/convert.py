@@ -8,11 +8,12 @@ content becomes the domain's `broker.content.Content`.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker import content as contents
-from broker.content import Content, Presence
+from broker.content import Content, Media, Presence
 from broker.engines.status import EngineStatus
 from broker.errors import BrokerError, ErrorReason
 from broker.lifecycle.health import Recommendation, SessionStats, Severity
@@ -175,7 +176,17 @@ def inbound_message(delivery: InboundDelivery) -> pb.InboundMessage:
         received_at=timestamp(record.received_at), delivery_count=delivery.delivery_count,
         sender_lid=origin.sender_lid, push_name=origin.push_name, chat=origin.chat,
         sent_at=timestamp(origin.sent_at),
+        # The stored payload is the serialized pb.Content (broker.content.encode).
+        content=pb.Content.FromString(record.content) if record.content else None,
     )
+
+
+def media_chunks(media: Media, data: bytes, chunk_bytes: int) -> Iterator[pb.MediaChunk]:
+    """A kept medium as DownloadMedia's chunks, in order (one empty chunk for no bytes)."""
+    size = len(data)
+    for offset in range(0, max(size, 1), chunk_bytes):
+        yield pb.MediaChunk(data=data[offset:offset + chunk_bytes], offset=offset, size=size,
+                            mime_type=media.mime_type)
 
 
 _SEVERITY = {Severity.INFO: pb.INFO, Severity.WARNING: pb.WARNING, Severity.CRITICAL: pb.CRITICAL}

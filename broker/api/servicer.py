@@ -18,6 +18,7 @@ from broker.api.auth import item_guard
 from broker.api.status import streaming, unary
 from broker.engines.status import EngineStatus
 from broker.runtime.manager import SessionManager
+from broker.runtime.media import CHUNK_BYTES
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
 
@@ -177,6 +178,14 @@ class BrokerServicer(pb_grpc.BrokerServicer):
     async def GetMessage(self, request: pb.GetMessageRequest, context: Context) -> pb.MessageInfo:
         return convert.message_info(await self.manager.updates.info(request.session_id,
                                                                      request.message_id))
+
+    @streaming
+    async def DownloadMedia(
+        self, request: pb.DownloadMediaRequest, context: Context
+    ) -> AsyncGenerator[pb.MediaChunk, None]:
+        kept = await self.manager.media.download(request.session_id, request.message_id)
+        for chunk in convert.media_chunks(kept.media, kept.data, CHUNK_BYTES):
+            yield chunk
 
     @unary
     async def AckInbound(

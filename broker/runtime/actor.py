@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from broker import content as contents
 from broker.config import Settings
 from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle import actions, inputs
@@ -109,6 +110,7 @@ class SessionActor:
         self.tenant = record.tenant
         self._store = store
         self._clock = clock
+        self._settings = settings
         self.machine = SessionMachine(settings.lifecycle,
                                       handshake_timeout_s=settings.connect_timeout_s)
         self.stats = SessionStats()
@@ -315,9 +317,12 @@ class SessionActor:
                 # the message and re-sends it; a re-sent one is stored only once.
                 origin = InboundOrigin(event.sender_lid, event.push_name, event.chat,
                                        max(0.0, event.ts))
+                content, media = contents.keep_inbound(event.content,
+                                                       self._settings.max_media_bytes)
                 try:
                     await self._store.add_inbound(self.session_id, mid, sender, body,
-                                                  self._clock(), fence=self.fence, origin=origin)
+                                                  self._clock(), fence=self.fence, origin=origin,
+                                                  content=content, media=media)
                 except StoreUnavailable as exc:
                     log.warning("session %s: inbound %s not stored, not acked: %s",
                                 self.session_id, mid, exc)

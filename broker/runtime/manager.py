@@ -41,6 +41,7 @@ from broker.runtime import watch as watching
 from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus, Subscription, session_filter
 from broker.runtime.inbound import InboundService
+from broker.runtime.media import MediaService
 from broker.runtime.placement import LocalPlacement, Op, Placement, PlacementFactory
 from broker.runtime.ratelimit import (
     LocalLimiter,
@@ -153,6 +154,7 @@ class SessionManager:
         self.actors: dict[str, SessionActor] = {}
         self.inbound = InboundService(store, self.settings)
         self.updates = UpdatesService(store, self.settings)
+        self.media = MediaService(store)
         # In process unless the backend shares buckets between instances.
         self.limiter: RateLimiter = limiter or rate_limiter(self.settings)
         # Presence is sent by the owning actor of this process only: local buckets.

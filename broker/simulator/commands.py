@@ -5,6 +5,7 @@ Simulator's public methods. The client side is broker.simulator.control."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
@@ -14,7 +15,19 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
-from broker.upstream.protocol import CONNECT_PATH
+from broker.content import Content, from_wire
+from broker.upstream.protocol import CONNECT_PATH, MAX_WIRE_MEDIA_BYTES
+
+
+def generated_media(seed: int, size: int) -> bytes:
+    """`size` pseudo-random bytes from `seed` (SHA-256 in counter mode): what the
+    `inbound` command's `media_bytes` sends, so a test can tell the bytes it expects."""
+    out = bytearray()
+    block = 0
+    while len(out) < size:
+        out += hashlib.sha256(f"{seed}:{block}".encode()).digest()
+        block += 1
+    return bytes(out[:size])
 
 if TYPE_CHECKING:
     from broker.simulator.server import Simulator
@@ -97,7 +110,7 @@ def _commands(sim: Simulator) -> dict[str, Callable[[Params], Coroutine[Any, Any
 
     async def inbound(p: Params) -> Any:
         login, sender, body = p.text("login"), p.text("from"), p.text("body", allow_empty=True)
-        return {"id": await sim.inbound(login, sender, body)}
+        return {"id": await sim.inbound(login, sender, body, p.content())}
 
     async def refuse(p: Params) -> Any:
         sim.refuse_next(p.text("login"), p.integer("code", 463),
@@ -159,6 +172,30 @@ class Params:
     def integer(self, name: str, default: int) -> int:
         value = self.optional_integer(name)
         return default if value is None else value
+
+    def content(self) -> Content | None:
+        """`content`: docs/protocol.md "Content" as JSON (a medium's `data` base64); or
+        its medium's bytes made up: `media_bytes` pseudo-random bytes from `media_seed`
+        (`generated_media`), for media too large for a URL."""
+        raw = self._raw("content")
+        if raw is None:
+            return None
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            raise ControlError("parameter 'content' must be JSON") from None
+        size = self.optional_integer("media_bytes")
+        if size is not None:
+            if not (isinstance(obj, dict) and isinstance(obj.get("media"), dict)):
+                raise ControlError("'media_bytes' needs a 'media' content")
+            if not 1 <= size <= MAX_WIRE_MEDIA_BYTES:
+                raise ControlError(f"'media_bytes' must be 1-{MAX_WIRE_MEDIA_BYTES}")
+            data = generated_media(self.integer("media_seed", 0), size)
+            obj["media"]["data"] = base64.b64encode(data).decode()
+        try:
+            return from_wire(obj, MAX_WIRE_MEDIA_BYTES)
+        except ValueError as exc:
+            raise ControlError(f"bad 'content': {exc}") from None
 
     def optional_number(self, name: str) -> float | None:
         value = self._raw(name)

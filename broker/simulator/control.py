@@ -83,8 +83,16 @@ class SimulatorControl:
             lose_acks=lose_acks, drop_media=drop_media,
         )
 
-    def inbound(self, login: str, sender: str, body: str) -> Any:
-        return self.command("inbound", login=login, body=body, **{"from": sender})
+    def inbound(
+        self, login: str, sender: str, body: str, *, content: dict[str, Any] | None = None,
+        media_bytes: int | None = None, media_seed: int = 0,
+    ) -> Any:
+        """Queue an inbound message; `content` as docs/protocol.md "Content" (a medium's
+        `data` base64), or with `media_bytes` made-up bytes (`generated_media`)."""
+        return self.command(
+            "inbound", login=login, body=body, **{"from": sender},
+            content=None if content is None else json.dumps(content),
+            media_bytes=media_bytes, media_seed=media_seed if media_bytes else None)
 
     def record(self, login: str) -> Any:
         return self.command("record", login=login)

@@ -26,7 +26,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from broker.content import to_wire
+from broker.content import Content, to_wire
 from broker.lifecycle.reasons import DisconnectCode
 from broker.simulator import commands
 from broker.simulator.commands import ControlError
@@ -337,11 +337,18 @@ class Simulator:
         conn.outbox.put(encode(Receipt(id=message_id, status=status)), self._answer_delay())
         return True
 
-    async def inbound(self, login: str, sender: str, body: str) -> str:
-        """Queue an inbound message; it is (re)delivered on each ready until acked."""
+    async def inbound(
+        self, login: str, sender: str, body: str, content: Content | None = None
+    ) -> str:
+        """Queue an inbound message; it is (re)delivered on each ready until acked. A
+        medium in `content` goes inline with the message, and `media(login, id)`
+        answers its bytes, as for one accepted with a send."""
         message = Message(
-            id=f"i-{next(self._inbound_ids)}", sender=sender, body=body, ts=time.time()
+            id=f"i-{next(self._inbound_ids)}", sender=sender, body=body, ts=time.time(),
+            content=content,
         )
+        if content is not None and content.media is not None:
+            self._media[(login, message.id)] = content.media.data
         self._inbox.setdefault(login, {})[message.id] = message
         conn = self._open.get(login)
         if conn is not None:
@@ -353,7 +360,8 @@ class Simulator:
         return self._records.setdefault(login, LoginRecord())
 
     def media(self, login: str, message_id: str) -> bytes | None:
-        """The medium accepted with a message (None: no such message, or no medium)."""
+        """The medium accepted with a message, or sent with an inbound one (None: no
+        such message, or no medium)."""
         return self._media.get((login, message_id))
 
     def live_connections(self, login: str) -> int:

@@ -219,6 +219,9 @@ class InboundRecord:
     body: str
     received_at: float
     origin: InboundOrigin = NO_ORIGIN
+    content: bytes | None = None
+    """Beyond text: broker.content's stored payload (a medium's metadata only; its
+    bytes are kept apart, `Store.inbound_media`); None: `body` is the text."""
 
 
 INBOUND = "inbound"
@@ -237,6 +240,10 @@ class NewEntry(NamedTuple):
     sender: str
     body: str
     origin: InboundOrigin = NO_ORIGIN
+    content: bytes | None = None
+    media: bytes | None = None
+    """A medium's bytes, kept with the entry (same retention) and read back with
+    `inbound_media`; never handed out with the entry itself."""
 
 
 @dataclass(frozen=True)
@@ -415,9 +422,17 @@ class Store(Protocol):
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
         fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
+        content: bytes | None = None, media: bytes | None = None,
     ) -> InboundRecord | None:
         """Durably append; None if this upstream id is already stored (the upstream
-        re-sends until acked, so the same message arrives again after a lost ack)."""
+        re-sends until acked, so the same message arrives again after a lost ack).
+        `media`, a medium's bytes, is written in the same step, so an entry is never
+        kept without the bytes it came with."""
+        ...
+
+    async def inbound_media(self, session_id: str, upstream_id: str) -> bytes | None:
+        """The medium's bytes kept with an INBOUND entry (None: not kept: no such
+        entry, one without a medium, or past the retention)."""
         ...
 
     async def add_entries(

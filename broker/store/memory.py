@@ -85,7 +85,7 @@ class _Group:
     """inbound id -> delivery, in first-delivery (stream) order."""
 
 
-_Row = tuple[str, str, str, str, str, float, str]
+_Row = tuple[str, str, str, str, str, float, str, bytes | None]
 """A stored inbound or update entry: an InboundRecord's fields with the origin as its
 JSON. A tuple of strings and a float is not tracked by the cyclic GC, and every
 sent message adds status updates (see `_Kept` for what tracked objects cost)."""
@@ -93,12 +93,13 @@ sent message adds status updates (see `_Kept` for what tracked objects cost)."""
 
 def _row(record: InboundRecord) -> _Row:
     return (record.session_id, record.inbound_id, record.upstream_id, record.sender,
-            record.body, record.received_at, record.origin.to_json())
+            record.body, record.received_at, record.origin.to_json(), record.content)
 
 
 def _record(row: _Row) -> InboundRecord:
-    sid, iid, uid, sender, body, at, origin = row
-    return InboundRecord(sid, iid, uid, sender, body, at, InboundOrigin.from_json(origin))
+    sid, iid, uid, sender, body, at, origin, content = row
+    return InboundRecord(sid, iid, uid, sender, body, at, InboundOrigin.from_json(origin),
+                         content)
 
 
 @dataclass
@@ -108,6 +109,8 @@ class _InboundLog:
     by_id: dict[str, _Row] = field(default_factory=dict)
     by_upstream: dict[str, str] = field(default_factory=dict)
     """upstream id -> inbound id (the de-dup set, and `find_inbound`)."""
+    media: dict[str, bytes] = field(default_factory=dict)
+    """upstream id -> the bytes of the medium that came with it."""
     groups: dict[str, _Group] = field(default_factory=dict)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) on every append: wakes every blocked reader once."""
@@ -121,6 +124,7 @@ def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
         record = _record(log.records.popleft())
         del log.by_id[record.inbound_id]
         log.by_upstream.pop(record.upstream_id, None)
+        log.media.pop(record.upstream_id, None)
         trimmed += 1
     if trimmed:
         for group in log.groups.values():
@@ -424,10 +428,15 @@ class MemoryStore(OneAtATime):
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
         fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
+        content: bytes | None = None, media: bytes | None = None,
     ) -> InboundRecord | None:
         self._check(session_id, fence)
-        return self._add_entry(session_id, NewEntry(upstream_id, sender, body, origin), at,
-                               topic)
+        return self._add_entry(
+            session_id, NewEntry(upstream_id, sender, body, origin, content, media), at, topic)
+
+    async def inbound_media(self, session_id: str, upstream_id: str) -> bytes | None:
+        log = self._inbound.get((INBOUND, session_id))
+        return None if log is None else log.media.get(upstream_id)
 
     async def add_entries(
         self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
@@ -448,14 +457,17 @@ class MemoryStore(OneAtATime):
     def _add_entry(
         self, session_id: str, entry: NewEntry, at: float, topic: str
     ) -> InboundRecord | None:
-        upstream_id, sender, body, origin = entry
+        upstream_id, sender, body, origin, content, media = entry
         log = self._inbound_log(session_id, topic)
         if upstream_id in log.by_upstream:
             return None
         record = InboundRecord(
             session_id=session_id, inbound_id=f"{next(self._inbound_ids)}-0",
             upstream_id=upstream_id, sender=sender, body=body, received_at=at, origin=origin,
+            content=content,
         )
+        if media is not None:
+            log.media[upstream_id] = media
         row = _row(record)
         log.records.append(row)
         log.by_id[record.inbound_id] = row

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from broker.content import Content
 from broker.lifecycle.reasons import DisconnectCode
 
 
@@ -65,6 +66,9 @@ class Inbound:
     sender_lid: str = ""
     push_name: str = ""
     chat: str = ""
+    content: Content | None = None
+    """Beyond text: a medium (with its bytes, or the error that kept them away), a
+    location, a reaction, the quoted message, mentions."""
 
 
 @dataclass(frozen=True)

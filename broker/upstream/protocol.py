@@ -20,8 +20,8 @@ MAX_FRAME_BYTES = 1 << 20
 MAX_WIRE_MEDIA_BYTES = 64 << 20
 """The largest medium a send frame may carry (the cap of --max-media-bytes)."""
 MAX_SEND_FRAME_BYTES = MAX_WIRE_MEDIA_BYTES * 4 // 3 + MAX_FRAME_BYTES
-"""Frames to the upstream (send frames with a base64 medium) may be this large; frames
-from the upstream stay within MAX_FRAME_BYTES."""
+"""Frames that carry a base64 medium (send frames to the upstream, message frames from
+it) may be this large; every other frame stays within MAX_FRAME_BYTES."""
 
 
 class ProtocolError(ValueError):
@@ -146,11 +146,17 @@ class Message:
     sender: str
     body: str
     ts: float
+    content: Content | None = None
+    """Beyond text (docs/protocol.md "Content"): a medium with its bytes, a location,
+    a reaction, the quoted message (`reply_to`), mentions."""
     type: str = field(default="message", init=False)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"type": self.type, "id": self.id, "from": self.sender, "body": self.body,
-                "ts": self.ts}
+        out = {"type": self.type, "id": self.id, "from": self.sender, "body": self.body,
+               "ts": self.ts}
+        if self.content is not None:
+            out["content"] = contents.to_wire(self.content)
+        return out
 
 
 @dataclass(frozen=True)
@@ -332,8 +338,16 @@ def decode(raw: str | bytes, *, max_bytes: int = MAX_FRAME_BYTES) -> Frame:
             if not isinstance(ts, int | float) or isinstance(ts, bool) or \
                     not -1e15 < ts < 1e15:  # also NaN, inf and ints float() cannot hold
                 raise ProtocolError("field 'ts' must be a finite number")
+            content = None
+            if obj.get("content") is not None:
+                try:
+                    content = contents.from_wire(obj["content"], MAX_WIRE_MEDIA_BYTES,
+                                                 inbound=True)
+                except ValueError as exc:
+                    raise ProtocolError(str(exc)[:200]) from None
             return Message(id=_str(obj, "id", max_len=256), sender=_str(obj, "from", max_len=256),
-                           body=_str(obj, "body", max_len=MAX_FRAME_BYTES), ts=float(ts))
+                           body=_str(obj, "body", max_len=MAX_FRAME_BYTES), ts=float(ts),
+                           content=content)
         case "inbound_ack":
             return InboundAck(id=_str(obj, "id", max_len=256))
         case "logout":

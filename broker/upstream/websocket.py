@@ -51,7 +51,9 @@ class WebsocketLink:
                 yield self._disconnected(exc.rcvd)
                 return
             try:
-                frame = p.decode(raw)
+                # Message frames may carry a medium; the link reads what the
+                # upstream sends, as the upstream reads send frames.
+                frame = p.decode(raw, max_bytes=p.MAX_SEND_FRAME_BYTES)
             except p.ProtocolError as exc:
                 # A hostile or broken upstream must not crash the actor: drop the
                 # link and let the lifecycle reconnect with backoff.
@@ -80,8 +82,8 @@ class WebsocketLink:
                 return Receipt(mid, status)
             case p.Pong(id=pid):
                 return Pong(pid)
-            case p.Message(id=mid, sender=sender, body=body, ts=ts):
-                return Inbound(mid, sender, body, ts)
+            case p.Message(id=mid, sender=sender, body=body, ts=ts, content=content):
+                return Inbound(mid, sender, body, ts, content=content)
             case p.Error(retry_after_ms=retry):
                 self._retry_after_ms = retry
                 return None
@@ -175,7 +177,7 @@ class WebsocketProvider:
                 # upstream counts as activity; protocol pings would hide a dead peer.
                 ping_interval=None,
                 close_timeout=2,
-                max_size=p.MAX_FRAME_BYTES,
+                max_size=p.MAX_SEND_FRAME_BYTES,
                 # No permessage-deflate: frames are small JSON, and each
                 # connection's zlib state cost ~50 KB of RSS per session and
                 # CPU on every frame (docs/benchmarks.md).

@@ -87,6 +87,8 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     #: Used once the script is used up; None succeeds.
     send_default: grpc.Status | None = None
     send_hang: bool = False
+    #: What DownloadMedia streams.
+    media_chunks: list[broker_pb2.MediaChunk] = field(default_factory=list)
     stream_script: list[StreamStep] = field(default_factory=list)
     stream_default: StreamStep = field(default_factory=lambda: StreamStep([], HANG))
     unary_error: grpc.Status | None = None
@@ -281,6 +283,13 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     ) -> broker_pb2.MessageInfo:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
         raise AssertionError("abort raises")
+
+    async def DownloadMedia(
+        self, request: broker_pb2.DownloadMediaRequest, context: Context
+    ) -> AsyncIterator[broker_pb2.MediaChunk]:
+        self._record(context)
+        for chunk in self.media_chunks:
+            yield chunk
 
     async def SendPresence(
         self, request: broker_pb2.SendPresenceRequest, context: Context

@@ -56,7 +56,8 @@ async def test_a_schema_2_database_gains_the_content_column(tmp_path: Path) -> N
     await old.enqueue("s1", "+1", "from before", "k1", max_depth=10, at=1.0)
     await old.close()
     with sqlite3.connect(path) as conn:  # back to what schema 2 wrote
-        for table, column in (("messages", "content"), ("inbound", "origin"),
+        for table, column in (("inbound", "media"), ("inbound", "content"),
+                              ("messages", "content"), ("inbound", "origin"),
                               ("messages", "refused"), ("messages", "refused_code")):
             conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 2")
@@ -70,3 +71,28 @@ async def test_a_schema_2_database_gains_the_content_column(tmp_path: Path) -> N
         await store.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_a_schema_5_database_gains_inbound_content_and_media(tmp_path: Path) -> None:
+    """Inbound messages stored before inbound content existed stay readable as text, and
+    new ones keep their content and medium."""
+    path = tmp_path / "broker.db"
+    old = open_sqlite(path)
+    await old.create_session(SessionRecord("s1", "t1"))
+    assert await old.add_inbound("s1", "up-1", "+49", "from before", 1.0) is not None
+    await old.close()
+    with sqlite3.connect(path) as conn:  # back to what schema 5 wrote
+        for column in ("media", "content"):
+            conn.execute(f"ALTER TABLE inbound DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 5")
+    store = open_sqlite(path)
+    try:
+        assert await store.add_inbound("s1", "up-2", "+49", "", 2.0, content=IMAGE,
+                                       media=b"\x89PNG") is not None
+        taken = await store.read_inbound("s1", "g", "c", 10, 0)
+        assert [(d.record.body, d.record.content) for d in taken] == [
+            ("from before", None), ("", IMAGE)]
+        assert await store.inbound_media("s1", "up-2") == b"\x89PNG"
+        assert await store.inbound_media("s1", "up-1") is None
+    finally:
+        await store.close()

@@ -251,3 +251,40 @@ async def test_the_broker_opens_its_store_with_the_configured_retention(
         assert _bodies(await _read_until(opened, "g", "c", 1)) == ["b"]
     finally:
         await opened.close()
+
+
+async def test_content_and_media_are_kept_with_the_entry(store: Store) -> None:
+    await store.create_session(SessionRecord("s2", "t1"))
+    big = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    added = await store.add_inbound("s1", "up-img", "+49", "", 1000.0, content=b"\x12\x00c1",
+                                    media=big)
+    assert added is not None and added.content == b"\x12\x00c1"
+    [other] = await store.add_entries("s2", [NewEntry("up-img", "+49", "", NO_ORIGIN, b"c2",
+                                                      b"\x00theirs")], 1000.0, topic="inbound")
+    assert other is not None
+    await _add(store, "plain")
+    # A re-sent entry is dropped with its bytes: the first ones stay.
+    assert await store.add_inbound("s1", "up-img", "+49", "", 1001.0, content=b"x",
+                                   media=b"other") is None
+    taken = await _read_until(store, "g1", "c1", 2)
+    assert [(d.record.upstream_id, d.record.content) for d in taken] == [
+        ("up-img", b"\x12\x00c1"), ("up-plain", None)]
+    found = await store.find_inbound("s1", ["up-img", "up-plain"])
+    assert found["up-img"].content == b"\x12\x00c1" and found["up-plain"].content is None
+    assert await store.inbound_media("s1", "up-img") == big
+    assert await store.inbound_media("s2", "up-img") == b"\x00theirs"
+    assert await store.inbound_media("s1", "up-plain") is None
+    assert await store.inbound_media("s1", "up-never") is None
+    await store.delete_session("s2")
+    assert await store.inbound_media("s2", "up-img") is None
+    assert await store.inbound_media("s1", "up-img") == big
+
+
+async def test_media_past_the_retention_go_with_their_entries(kept: Store) -> None:
+    assert await kept.add_inbound("s1", "up-old", "+49", "", time.time(), content=b"c",
+                                  media=b"old bytes") is not None
+    await asyncio.sleep(RETENTION_S * 1.5)  # the retention passes (a wait, not a bound)
+    assert await kept.add_inbound("s1", "up-new", "+49", "", time.time(), content=b"c",
+                                  media=b"new bytes") is not None
+    assert await kept.inbound_media("s1", "up-old") is None
+    assert await kept.inbound_media("s1", "up-new") == b"new bytes"

@@ -129,9 +129,11 @@ def live_state(raw: Mapping[Any, Any]) -> LiveState:
 
 # inbound
 def inbound_record(session_id: str, entry_id: bytes | str, raw: Mapping[Any, Any]) -> InboundRecord:
-    f = fields(raw)
+    content = raw.get(b"c", raw.get("c"))  # binary: not decoded as text
+    f = {text(k): text(v) for k, v in raw.items() if k not in (b"c", "c")}
     return InboundRecord(
         session_id=session_id, inbound_id=text(entry_id), upstream_id=f["uid"],
         sender=f["from"], body=f["body"], received_at=float(f["at"]),
         origin=InboundOrigin.from_json(f.get("o")),
+        content=as_bytes(content) if content else None,
     )

@@ -21,7 +21,13 @@ from broker.store.base import (
     NewEntry,
 )
 from broker.store.redis import scripts
-from broker.store.redis.codecs import autoclaim_reply, inbound_record, stream_rows, text
+from broker.store.redis.codecs import (
+    as_bytes,
+    autoclaim_reply,
+    inbound_record,
+    stream_rows,
+    text,
+)
 from broker.store.redis.core import RedisCore, block_ms, guard
 from broker.store.redis.scripts import fence_arg
 
@@ -44,11 +50,19 @@ class InboundPart(RedisCore):
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
         fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
+        content: bytes | None = None, media: bytes | None = None,
     ) -> InboundRecord | None:
-        """One Lua script: the fence and de-dup checks, the append and the trim are atomic."""
-        [record] = await self._add(session_id, [NewEntry(upstream_id, sender, body, origin)],
-                                   at, topic, fence)
+        """One Lua script: the fence and de-dup checks, the append (with the medium's
+        bytes) and the trim are atomic."""
+        [record] = await self._add(
+            session_id, [NewEntry(upstream_id, sender, body, origin, content, media)], at,
+            topic, fence)
         return record
+
+    @guard
+    async def inbound_media(self, session_id: str, upstream_id: str) -> bytes | None:
+        data: Any = await self._client.hget(self.keys.inbound_media(session_id), upstream_id)
+        return None if data is None else as_bytes(data)
 
     @guard
     async def add_entries(
@@ -68,14 +82,17 @@ class InboundPart(RedisCore):
         k = self.keys
         args: list[Any] = [repr(at), self._inbound_retention_ms, fence_arg(fence)]
         for e in entries:
-            args += [e.upstream_id, e.sender, e.body, e.origin.to_json()]
+            args += [e.upstream_id, e.sender, e.body, e.origin.to_json(), e.content or b"",
+                     e.media or b""]
         added: list[Any] = await self._add_inbound(
             keys=[k.inbound(session_id, topic), k.inbound_seen(session_id, topic),
-                  k.inbound_aged(session_id, topic), k.fence(session_id)],
+                  k.inbound_aged(session_id, topic), k.fence(session_id),
+                  k.inbound_media(session_id, topic)],
             args=args)
         return [InboundRecord(session_id=session_id, inbound_id=text(entry_id),
                               upstream_id=e.upstream_id, sender=e.sender, body=e.body,
-                              received_at=at, origin=e.origin) if entry_id else None
+                              received_at=at, origin=e.origin, content=e.content or None)
+                if entry_id else None
                 for e, entry_id in zip(entries, added, strict=True)]
 
     @guard

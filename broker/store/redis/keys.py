@@ -153,6 +153,10 @@ class RedisKeys:
     def inbound_aged(self, session_id: str, topic: str = "inbound") -> str:
         return self._part(session_id, f"{topic}:aged")
 
+    def inbound_media(self, session_id: str, topic: str = "inbound") -> str:
+        """Upstream id -> the bytes of the medium that came with that entry."""
+        return self._part(session_id, f"{topic}:media")
+
     def rate(self, session_id: str) -> str:
         """The send token bucket; under the tag, so deleting the session removes it."""
         return self._part(session_id, "rate")

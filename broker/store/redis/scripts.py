@@ -389,21 +389,30 @@ NEW_FENCE = NEXT_TOKEN + """
 return next_token(KEYS[1])
 """
 
-# KEYS: a topic's stream (inbound, updates), seen hash, aged sorted set, fence.
+# KEYS: a topic's stream (inbound, updates), seen hash, aged sorted set, fence, media
+#       hash (upstream id -> a medium's bytes, trimmed with the seen hash).
 # ARGV: at, retention (ms; 0: keep everything), token, then per entry: upstream id,
-#       sender, body, origin (InboundOrigin JSON, "" if none)
+#       sender, body, origin (InboundOrigin JSON, "" if none), content (the stored
+#       payload, "" if none), media (the bytes, "" if none)
 # Returns per entry its new stream id, or "" when the upstream id is already stored.
 # Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
 ADD_INBOUND = FENCED + """
 if fenced(KEYS[4], ARGV[3]) then return refuse(ARGV[3]) end
 local added, newest = {}, nil
-for n = 4, #ARGV, 4 do
+for n = 4, #ARGV, 6 do
   local uid = ARGV[n]
   if redis.call('HEXISTS', KEYS[2], uid) == 1 then
     added[#added + 1] = ''
   else
-    local entry = redis.call('XADD', KEYS[1], '*', 'uid', uid, 'from', ARGV[n + 1],
-      'body', ARGV[n + 2], 'at', ARGV[1], 'o', ARGV[n + 3])
+    local entry
+    if ARGV[n + 4] ~= '' then
+      entry = redis.call('XADD', KEYS[1], '*', 'uid', uid, 'from', ARGV[n + 1],
+        'body', ARGV[n + 2], 'at', ARGV[1], 'o', ARGV[n + 3], 'c', ARGV[n + 4])
+    else
+      entry = redis.call('XADD', KEYS[1], '*', 'uid', uid, 'from', ARGV[n + 1],
+        'body', ARGV[n + 2], 'at', ARGV[1], 'o', ARGV[n + 3])
+    end
+    if ARGV[n + 5] ~= '' then redis.call('HSET', KEYS[5], uid, ARGV[n + 5]) end
     redis.call('HSET', KEYS[2], uid, entry)
     added[#added + 1] = entry
     newest = entry
@@ -413,13 +422,14 @@ local retention = tonumber(ARGV[2])
 if retention > 0 and newest then
   local now = tonumber(string.match(newest, '^(%d+)'))
   local cutoff = now - retention
-  for n = 4, #ARGV, 4 do
-    if added[(n - 4) / 4 + 1] ~= '' then redis.call('ZADD', KEYS[3], now, ARGV[n]) end
+  for n = 4, #ARGV, 6 do
+    if added[(n - 4) / 6 + 1] ~= '' then redis.call('ZADD', KEYS[3], now, ARGV[n]) end
   end
   redis.call('XTRIM', KEYS[1], 'MINID', cutoff)
   local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. cutoff, 'LIMIT', 0, 256)
   if #old > 0 then
     redis.call('HDEL', KEYS[2], unpack(old))
+    redis.call('HDEL', KEYS[5], unpack(old))
     redis.call('ZREM', KEYS[3], unpack(old))
   end
 end

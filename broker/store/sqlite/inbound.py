@@ -9,6 +9,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from broker.store.base import (
     INBOUND,
@@ -34,6 +35,18 @@ def topic_key(session_id: str, topic: str) -> str:
     return session_id if topic == INBOUND else f"{session_id}/{topic}"
 
 
+_COLUMNS = "id, upstream_id, sender, body, received_at, origin, content"
+"""What a read of entries selects (never `media`: DownloadMedia reads it alone)."""
+
+
+def _record(session_id: str, row: Sequence[Any]) -> InboundRecord:
+    """An entry from a row of `_COLUMNS`."""
+    row_id, uid, sender, body, received, origin, content = row
+    return InboundRecord(session_id, f"{row_id}-0", uid, sender, body, received,
+                         InboundOrigin.from_json(origin),
+                         None if content is None else bytes(content))
+
+
 class InboundPart(SqlitePart):
     # -- inbound -----------------------------------------------------------------
 
@@ -52,11 +65,23 @@ class InboundPart(SqlitePart):
     async def add_inbound(
         self, session_id: str, upstream_id: str, sender: str, body: str, at: float, *,
         fence: int | None = None, origin: InboundOrigin = NO_ORIGIN, topic: str = INBOUND,
+        content: bytes | None = None, media: bytes | None = None,
     ) -> InboundRecord | None:
-        [record] = await self.add_entries(session_id, [NewEntry(upstream_id, sender, body,
-                                                                 origin)], at, topic=topic,
-                                          fence=fence)
+        [record] = await self.add_entries(
+            session_id, [NewEntry(upstream_id, sender, body, origin, content, media)], at,
+            topic=topic, fence=fence)
         return record
+
+    async def inbound_media(self, session_id: str, upstream_id: str) -> bytes | None:
+        await self._ready()
+
+        def read(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT media FROM inbound WHERE session_id = ? AND "
+                               "upstream_id = ?", (session_id, upstream_id)).fetchone()
+            return None if row is None or row[0] is None else bytes(row[0])
+
+        media: bytes | None = await self.db.read(read)
+        return media
 
     async def add_entries(
         self, session_id: str, entries: Sequence[NewEntry], at: float, *, topic: str,
@@ -69,9 +94,7 @@ class InboundPart(SqlitePart):
             added = [self._add_entry(txn, key, entry, at) for entry in entries]
             if any(added):
                 txn.notify(lambda: self._wake_inbound(key))
-            return [None if record is None else
-                    InboundRecord(session_id, record.inbound_id, record.upstream_id,
-                                  record.sender, record.body, at, record.origin)
+            return [None if record is None else replace(record, session_id=session_id)
                     for record in added]
 
         records: list[InboundRecord | None] = await self._write(job)
@@ -87,21 +110,21 @@ class InboundPart(SqlitePart):
         def read(conn: sqlite3.Connection) -> dict[str, InboundRecord]:
             marks = ", ".join("?" * len(wanted))
             rows = conn.execute(
-                "SELECT id, upstream_id, sender, body, received_at, origin FROM inbound "
+                f"SELECT {_COLUMNS} FROM inbound "
                 f"WHERE session_id = ? AND upstream_id IN ({marks})", (key, *wanted))
-            return {r[1]: InboundRecord(session_id, f"{r[0]}-0", r[1], r[2], r[3], r[4],
-                                        InboundOrigin.from_json(r[5])) for r in rows}
+            return {r[1]: _record(session_id, r) for r in rows}
 
         return await self.db.read(read) if wanted else {}
 
     def _add_entry(self, txn: Txn, key: str, entry: NewEntry, at: float) -> InboundRecord | None:
         """Append one entry under `key` (`topic_key`) and trim past the retention."""
-        upstream_id, sender, body, origin = entry
+        upstream_id, sender, body, origin, content, media = entry
         c = txn.conn
         cursor = c.execute(
             "INSERT INTO inbound (session_id, upstream_id, sender, body, received_at, "
-            "origin) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (session_id, upstream_id) "
-            "DO NOTHING", (key, upstream_id, sender, body, at, origin.to_json()))
+            "origin, content, media) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (session_id, upstream_id) DO NOTHING",
+            (key, upstream_id, sender, body, at, origin.to_json(), content, media))
         if cursor.rowcount == 0:
             return None
         row_id = int(cursor.lastrowid or 0)
@@ -118,7 +141,7 @@ class InboundPart(SqlitePart):
                               "inbound_id = ?", old)
         return InboundRecord(session_id=key, inbound_id=f"{row_id}-0",
                              upstream_id=upstream_id, sender=sender, body=body,
-                             received_at=at, origin=origin)
+                             received_at=at, origin=origin, content=content)
 
     async def read_inbound(
         self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
@@ -157,23 +180,22 @@ class InboundPart(SqlitePart):
         if claim:
             idle = c.execute(
                 "SELECT p.inbound_id, p.deliveries, i.upstream_id, i.sender, i.body, "
-                "i.received_at, i.origin FROM inbound_pending p "
+                "i.received_at, i.origin, i.content FROM inbound_pending p "
                 "JOIN inbound i ON i.id = p.inbound_id "
                 "WHERE p.session_id = ? AND p.grp = ? AND p.delivered_at <= ? "
                 "ORDER BY p.inbound_id LIMIT ?",
                 (sid, group, now - self._redeliver_after_s, count)).fetchall()
-            for row_id, deliveries, uid, sender, body, received, origin in idle:
+            for row_id, deliveries, *rest in idle:
                 c.execute("UPDATE inbound_pending SET consumer = ?, delivered_at = ?, "
                           "deliveries = ? WHERE session_id = ? AND grp = ? AND inbound_id = ?",
                           (consumer, now, deliveries + 1, sid, group, row_id))
-                record = InboundRecord(sid, f"{row_id}-0", uid, sender, body, received,
-                                       InboundOrigin.from_json(origin))
+                record = _record(sid, (row_id, *rest))
                 out.append(InboundDelivery(record, deliveries + 1))
         if len(out) < count:
             last_id = int(c.execute("SELECT last_id FROM inbound_groups WHERE session_id = ? "
                                     "AND grp = ?", (sid, group)).fetchone()[0])
             rows = c.execute(
-                "SELECT id, upstream_id, sender, body, received_at, origin FROM inbound WHERE "
+                f"SELECT {_COLUMNS} FROM inbound WHERE "
                 "session_id = ? AND id > ? ORDER BY id LIMIT ?",
                 (sid, last_id, count - len(out))).fetchall()
             if rows:
@@ -181,9 +203,7 @@ class InboundPart(SqlitePart):
                               [(sid, group, r[0], consumer, now) for r in rows])
                 c.execute("UPDATE inbound_groups SET last_id = ? WHERE session_id = ? AND "
                           "grp = ?", (rows[-1][0], sid, group))
-                out += [InboundDelivery(InboundRecord(sid, f"{r[0]}-0", r[1], r[2], r[3], r[4],
-                                                      InboundOrigin.from_json(r[5])), 1)
-                        for r in rows]
+                out += [InboundDelivery(_record(sid, r), 1) for r in rows]
         return out
 
     async def release_inbound_consumer(

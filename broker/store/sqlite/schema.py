@@ -65,8 +65,15 @@ ALTER TABLE messages ADD COLUMN content BLOB;
 """
 """A message's content beyond text (broker.content's stored payload; NULL: plain text)."""
 
+SCHEMA_V6_INBOUND_CONTENT = """
+ALTER TABLE inbound ADD COLUMN content BLOB;
+ALTER TABLE inbound ADD COLUMN media BLOB;
+"""
+"""An inbound message's content beyond text (broker.content's stored payload) and its
+medium's bytes (read only by DownloadMedia; they go with the row)."""
+
 MIGRATIONS: tuple[str, ...] = (SCHEMA_V1, SCHEMA_V2_KV, SCHEMA_V3_REFUSED, SCHEMA_V4_ORIGIN,
-                               SCHEMA_V5_CONTENT)
+                               SCHEMA_V5_CONTENT, SCHEMA_V6_INBOUND_CONTENT)
 """Schema steps in order; PRAGMA user_version counts those applied. Append, never edit."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -68,6 +68,10 @@ export declare const ErrorReason: {
   readonly MESSAGE_NOT_FOUND: 'MESSAGE_NOT_FOUND';
   /** UNAVAILABLE: SendPresence on a session that is not open on the answering instance (metadata.state names its state); presence is never queued. */
   readonly SESSION_NOT_OPEN: 'SESSION_NOT_OPEN';
+  /** NOT_FOUND: DownloadMedia for a message the broker does not keep (past the inbound retention, or never received) or one without a medium; metadata.message_id. */
+  readonly MEDIA_NOT_FOUND: 'MEDIA_NOT_FOUND';
+  /** FAILED_PRECONDITION: DownloadMedia for a medium the broker could not keep (metadata.why: larger than --max-media-bytes, or the upstream's download failed); the message itself was delivered with its metadata. */
+  readonly MEDIA_UNAVAILABLE: 'MEDIA_UNAVAILABLE';
 };
 /** One of the reasons (a broker newer than this client may send others). */
 export type ErrorReasonName = (typeof ErrorReason)[keyof typeof ErrorReason];

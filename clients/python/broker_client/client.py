@@ -475,6 +475,20 @@ class BrokerClient:
         request = broker_pb2.GetMessageRequest(session_id=session_id, message_id=message_id)
         return await self._call_retrying(self._stub.GetMessage, request)
 
+    async def download_media(self, session_id: str, message_id: str) -> bytes:
+        """The bytes of an inbound message's medium (``message_id``: its
+        ``upstream_id``; its ``content.media`` has the MIME type and size). Raises
+        :class:`SessionNotFound` (reason ``MEDIA_NOT_FOUND``) when it is not kept and
+        :class:`FailedPrecondition` (``MEDIA_UNAVAILABLE``) when it could not be."""
+        request = broker_pb2.DownloadMediaRequest(session_id=session_id, message_id=message_id)
+
+        async def read(request: object, *, timeout: float, metadata: Any) -> bytes:
+            parts = [chunk.data async for chunk in self._stub.DownloadMedia(
+                request, timeout=timeout, metadata=metadata)]
+            return b"".join(parts)
+
+        return await self._call_retrying(read, request)
+
     # -- session admin -----------------------------------------------------------
     # Reads and the idempotent CreateSession retry UNAVAILABLE; mutations that
     # are not safe to repeat blindly (stop/logout/restart/delete) do not.

@@ -244,6 +244,9 @@ class SyncBrokerClient:
     def get_message(self, session_id: str, message_id: str) -> broker_pb2.MessageInfo:
         return self._run(self._client.get_message(session_id, message_id))
 
+    def download_media(self, session_id: str, message_id: str) -> bytes:
+        return self._run(self._client.download_media(session_id, message_id))
+
     def create_session(
         self, session_id: str, tenant: str = "", *, start: bool = True
     ) -> broker_pb2.Session:

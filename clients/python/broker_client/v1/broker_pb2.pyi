@@ -18,6 +18,7 @@ The reasons are the names of ErrorReason.Reason, at the end of this file:
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
                        or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
                        or presence on a session not open    (SESSION_NOT_OPEN)
+  NOT_FOUND / FAILED_PRECONDITION  inbound medium not kept  (MEDIA_NOT_FOUND, MEDIA_UNAVAILABLE)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -414,6 +415,8 @@ class Media(_message.Message):
     MIME_TYPE_FIELD_NUMBER: _builtins.int
     CAPTION_FIELD_NUMBER: _builtins.int
     FILE_NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    DOWNLOAD_ERROR_FIELD_NUMBER: _builtins.int
     kind: Global___Media.Kind.ValueType
     data: _builtins.bytes
     mime_type: _builtins.str
@@ -422,6 +425,15 @@ class Media(_message.Message):
     """Shown under images, videos and documents (up to the max body size)."""
     file_name: _builtins.str
     """The document's file name (documents; up to 255 characters)."""
+    size: _builtins.int
+    """Inbound only (ignored on Send): the medium's size in bytes. An inbound
+    medium's `data` is empty; DownloadMedia streams its bytes.
+    """
+    download_error: _builtins.str
+    """Inbound only: why the broker could not keep this medium's bytes (larger
+    than its --max-media-bytes, or the upstream's download failed); empty
+    when DownloadMedia can give them.
+    """
     def __init__(
         self,
         *,
@@ -430,10 +442,12 @@ class Media(_message.Message):
         mime_type: _builtins.str = ...,
         caption: _builtins.str = ...,
         file_name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        download_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "data", b"data", "file_name", b"file_name", "kind", b"kind", "mime_type", b"mime_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caption", b"caption", "data", b"data", "download_error", b"download_error", "file_name", b"file_name", "kind", b"kind", "mime_type", b"mime_type", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1413,6 +1427,7 @@ class InboundMessage(_message.Message):
     PUSH_NAME_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
+    CONTENT_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     inbound_id: _builtins.str
     """The broker's id of the message (ordered within the session); pass it to
@@ -1447,6 +1462,17 @@ class InboundMessage(_message.Message):
     def sent_at(self) -> _timestamp_pb2.Timestamp:
         """When the sender sent it, by the upstream's clock (unset if not reported)."""
 
+    @_builtins.property
+    def content(self) -> Global___Content:
+        """What the message carries beyond text, as a Send's content (unset: `body`
+        is its text): a medium (its metadata; the bytes come from DownloadMedia),
+        a location, or a reaction (`reaction.message_id` names the message
+        reacted to: a broker message id when it is one this session sent, else
+        an upstream id; `reaction.emoji` empty: the reaction was removed). A
+        reply's `reply_to` is the quoted message's id (the same way), and
+        `mentions` the addresses mentioned. `body` holds the text or caption.
+        """
+
     def __init__(
         self,
         *,
@@ -1461,14 +1487,68 @@ class InboundMessage(_message.Message):
         push_name: _builtins.str = ...,
         chat: _builtins.str = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
+        content: Global___Content | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "received_at", b"received_at", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chat", b"chat", "delivery_count", b"delivery_count", "inbound_id", b"inbound_id", "push_name", b"push_name", "received_at", b"received_at", "sender", b"sender", "sender_lid", b"sender_lid", "sent_at", b"sent_at", "session_id", b"session_id", "upstream_id", b"upstream_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "chat", b"chat", "content", b"content", "delivery_count", b"delivery_count", "inbound_id", b"inbound_id", "push_name", b"push_name", "received_at", b"received_at", "sender", b"sender", "sender_lid", b"sender_lid", "sent_at", b"sent_at", "session_id", b"session_id", "upstream_id", b"upstream_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InboundMessage: _TypeAlias = InboundMessage  # noqa: Y015
+
+@_typing.final
+class DownloadMediaRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    MESSAGE_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    message_id: _builtins.str
+    """The inbound message's `upstream_id`."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        message_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message_id", b"message_id", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadMediaRequest: _TypeAlias = DownloadMediaRequest  # noqa: Y015
+
+@_typing.final
+class MediaChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    MIME_TYPE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the medium, from `offset`."""
+    offset: _builtins.int
+    size: _builtins.int
+    """The whole medium's size and MIME type (in every chunk)."""
+    mime_type: _builtins.str
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+        mime_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "mime_type", b"mime_type", "offset", b"offset", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MediaChunk: _TypeAlias = MediaChunk  # noqa: Y015
 
 @_typing.final
 class MessageUpdate(_message.Message):
@@ -1790,6 +1870,16 @@ class ErrorReason(_message.Message):
         """UNAVAILABLE: SendPresence on a session that is not open on the answering
         instance (metadata.state names its state); presence is never queued.
         """
+        MEDIA_NOT_FOUND: ErrorReason._Reason.ValueType  # 34
+        """NOT_FOUND: DownloadMedia for a message the broker does not keep (past the
+        inbound retention, or never received) or one without a medium;
+        metadata.message_id.
+        """
+        MEDIA_UNAVAILABLE: ErrorReason._Reason.ValueType  # 35
+        """FAILED_PRECONDITION: DownloadMedia for a medium the broker could not keep
+        (metadata.why: larger than --max-media-bytes, or the upstream's download
+        failed); the message itself was delivered with its metadata.
+        """
 
     class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper): ...
     REASON_UNSPECIFIED: ErrorReason.Reason.ValueType  # 0
@@ -1888,6 +1978,16 @@ class ErrorReason(_message.Message):
     SESSION_NOT_OPEN: ErrorReason.Reason.ValueType  # 33
     """UNAVAILABLE: SendPresence on a session that is not open on the answering
     instance (metadata.state names its state); presence is never queued.
+    """
+    MEDIA_NOT_FOUND: ErrorReason.Reason.ValueType  # 34
+    """NOT_FOUND: DownloadMedia for a message the broker does not keep (past the
+    inbound retention, or never received) or one without a medium;
+    metadata.message_id.
+    """
+    MEDIA_UNAVAILABLE: ErrorReason.Reason.ValueType  # 35
+    """FAILED_PRECONDITION: DownloadMedia for a medium the broker could not keep
+    (metadata.why: larger than --max-media-bytes, or the upstream's download
+    failed); the message itself was delivered with its metadata.
     """
 
     def __init__(

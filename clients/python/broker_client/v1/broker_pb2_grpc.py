@@ -136,6 +136,11 @@ class BrokerStub:
                 request_serializer=broker_dot_v1_dot_broker__pb2.SendPresenceRequest.SerializeToString,
                 response_deserializer=broker_dot_v1_dot_broker__pb2.SendPresenceResponse.FromString,
                 _registered_method=True)
+        self.DownloadMedia = channel.unary_stream(
+                '/broker.v1.Broker/DownloadMedia',
+                request_serializer=broker_dot_v1_dot_broker__pb2.DownloadMediaRequest.SerializeToString,
+                response_deserializer=broker_dot_v1_dot_broker__pb2.MediaChunk.FromString,
+                _registered_method=True)
 
 
 class BrokerServicer:
@@ -336,6 +341,19 @@ class BrokerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadMedia(self, request, context):
+        """The bytes of an inbound message's medium (an InboundMessage whose
+        `content.media` is set), in order, in chunks of up to 1 MiB. The broker
+        keeps them with the message (they are fetched from the upstream when the
+        message arrives), so any instance answers, for as long as the inbound
+        retention keeps the message. NOT_FOUND (MEDIA_NOT_FOUND) for a message
+        that is not kept or has no medium; FAILED_PRECONDITION (MEDIA_UNAVAILABLE)
+        when the medium could not be kept (`content.media.download_error` says why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -438,6 +456,11 @@ def add_BrokerServicer_to_server(servicer, server):
                     servicer.SendPresence,
                     request_deserializer=broker_dot_v1_dot_broker__pb2.SendPresenceRequest.FromString,
                     response_serializer=broker_dot_v1_dot_broker__pb2.SendPresenceResponse.SerializeToString,
+            ),
+            'DownloadMedia': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadMedia,
+                    request_deserializer=broker_dot_v1_dot_broker__pb2.DownloadMediaRequest.FromString,
+                    response_serializer=broker_dot_v1_dot_broker__pb2.MediaChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -981,6 +1004,33 @@ class Broker:
             '/broker.v1.Broker/SendPresence',
             broker_dot_v1_dot_broker__pb2.SendPresenceRequest.SerializeToString,
             broker_dot_v1_dot_broker__pb2.SendPresenceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadMedia(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/broker.v1.Broker/DownloadMedia',
+            broker_dot_v1_dot_broker__pb2.DownloadMediaRequest.SerializeToString,
+            broker_dot_v1_dot_broker__pb2.MediaChunk.FromString,
             options,
             channel_credentials,
             insecure,

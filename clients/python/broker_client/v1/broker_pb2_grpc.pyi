@@ -18,6 +18,7 @@ The reasons are the names of ErrorReason.Reason, at the end of this file:
   UNAVAILABLE          not delivered before the deadline     (NOT_DELIVERED_YET; the message stays queued,
                        or the store is unreachable          STORE_UNAVAILABLE, NOT_OWNER; retry with the same key)
                        or presence on a session not open    (SESSION_NOT_OPEN)
+  NOT_FOUND / FAILED_PRECONDITION  inbound medium not kept  (MEDIA_NOT_FOUND, MEDIA_UNAVAILABLE)
   RESOURCE_EXHAUSTED   outbox full / rate limited            (OUTBOX_FULL, RATE_LIMITED, SUBSCRIBER_TOO_SLOW)
   ALREADY_EXISTS       session id taken by another tenant    (SESSION_EXISTS)
   UNAUTHENTICATED / PERMISSION_DENIED  authentication and authorisation
@@ -161,6 +162,15 @@ class BrokerStub:
     queued), and at most --presence-rate per second per session
     (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
     """
+    DownloadMedia: _grpc.UnaryStreamMultiCallable[_broker_pb2.DownloadMediaRequest, _broker_pb2.MediaChunk]
+    """The bytes of an inbound message's medium (an InboundMessage whose
+    `content.media` is set), in order, in chunks of up to 1 MiB. The broker
+    keeps them with the message (they are fetched from the upstream when the
+    message arrives), so any instance answers, for as long as the inbound
+    retention keeps the message. NOT_FOUND (MEDIA_NOT_FOUND) for a message
+    that is not kept or has no medium; FAILED_PRECONDITION (MEDIA_UNAVAILABLE)
+    when the medium could not be kept (`content.media.download_error` says why).
+    """
 
 @_typing.type_check_only
 class BrokerAsyncStub(BrokerStub):
@@ -274,6 +284,15 @@ class BrokerAsyncStub(BrokerStub):
     the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
     queued), and at most --presence-rate per second per session
     (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
+    """
+    DownloadMedia: _aio.UnaryStreamMultiCallable[_broker_pb2.DownloadMediaRequest, _broker_pb2.MediaChunk]  # type: ignore[assignment]
+    """The bytes of an inbound message's medium (an InboundMessage whose
+    `content.media` is set), in order, in chunks of up to 1 MiB. The broker
+    keeps them with the message (they are fetched from the upstream when the
+    message arrives), so any instance answers, for as long as the inbound
+    retention keeps the message. NOT_FOUND (MEDIA_NOT_FOUND) for a message
+    that is not kept or has no medium; FAILED_PRECONDITION (MEDIA_UNAVAILABLE)
+    when the medium could not be kept (`content.media.download_error` says why).
     """
 
 class BrokerServicer(metaclass=_abc_1.ABCMeta):
@@ -505,6 +524,21 @@ class BrokerServicer(metaclass=_abc_1.ABCMeta):
         the session is OPEN on this instance (UNAVAILABLE otherwise: it is never
         queued), and at most --presence-rate per second per session
         (RESOURCE_EXHAUSTED, RATE_LIMITED, with RetryInfo, beyond).
+        """
+
+    @_abc_1.abstractmethod
+    def DownloadMedia(
+        self,
+        request: _broker_pb2.DownloadMediaRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.MediaChunk], _abc.AsyncIterator[_broker_pb2.MediaChunk]]:
+        """The bytes of an inbound message's medium (an InboundMessage whose
+        `content.media` is set), in order, in chunks of up to 1 MiB. The broker
+        keeps them with the message (they are fetched from the upstream when the
+        message arrives), so any instance answers, for as long as the inbound
+        retention keeps the message. NOT_FOUND (MEDIA_NOT_FOUND) for a message
+        that is not kept or has no medium; FAILED_PRECONDITION (MEDIA_UNAVAILABLE)
+        when the medium could not be kept (`content.media.download_error` says why).
         """
 
 def add_BrokerServicer_to_server(servicer: BrokerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
