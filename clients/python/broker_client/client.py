@@ -482,7 +482,8 @@ class BrokerClient:
         :class:`FailedPrecondition` (``MEDIA_UNAVAILABLE``) when it could not be."""
         request = broker_pb2.DownloadMediaRequest(session_id=session_id, message_id=message_id)
 
-        async def read(request: object, *, timeout: float, metadata: Any) -> bytes:
+        async def read(request: broker_pb2.DownloadMediaRequest, *, timeout: float,
+                       metadata: Any) -> bytes:
             parts = [chunk.data async for chunk in self._stub.DownloadMedia(
                 request, timeout=timeout, metadata=metadata)]
             return b"".join(parts)
