@@ -217,6 +217,8 @@ export class BrokerClient {
   getSession(sessionId: string): Promise<Session>;
   /** How far a sent message got. */
   getMessage(sessionId: string, messageId: string): Promise<MessageInfo>;
+  /** The bytes of an inbound message's medium (`messageId`: its `upstreamId`). */
+  downloadMedia(sessionId: string, messageId: string): Promise<Buffer>;
   listSessions(tenant?: string): Promise<Session[]>;
   getQr(sessionId: string): Promise<QrCode>;
   /** The 8-character code to type into the phone while the session is pairing. */

@@ -76,6 +76,7 @@ ALLOWED: dict[str, frozenset[Code]] = {
     "Receive": _BASE | {Code.NOT_FOUND, Code.RESOURCE_EXHAUSTED},
     "AckInbound": _BASE | {Code.NOT_FOUND},
     "SendPresence": _BASE | {Code.NOT_FOUND, Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED},
+    "DownloadMedia": _BASE | {Code.NOT_FOUND, Code.FAILED_PRECONDITION},
 }
 _METHODS = pb.DESCRIPTOR.services_by_name["Broker"].methods_by_name
 STREAMING = frozenset(name for name, m in _METHODS.items() if m.server_streaming)
@@ -601,6 +602,22 @@ def test_send_presence(broker_env: Env, req: dict[str, Any], timeout: float | No
     expect_invalid(out, bad, "SendPresence")
     if out.code == Code.UNAVAILABLE:
         assert sid != GOOD, f"an open session's presence refused: {out.describe()}"
+
+
+@FUZZ
+@given(req=fields(
+    sid=(st.one_of(st.just(GOOD), GOOD_IDS), session_ids()),
+    mid=(st.one_of(st.just("i-1"), st.text(_CHARS, min_size=1, max_size=40)),
+         st.one_of(st.just(""), st.text(_CHARS, min_size=257, max_size=300),
+                   st.sampled_from(["a\nb", "\x00", "\u2028"]), HUGE)),
+), timeout=STREAM_TIMEOUTS)
+def test_download_media(broker_env: Env, req: dict[str, Any], timeout: float) -> None:
+    sid, mid = req["sid"], req["mid"]
+    out = broker_env.call("DownloadMedia", pb.DownloadMediaRequest(session_id=sid,
+                                                                   message_id=mid), timeout)
+    check_outcome(out, ALLOWED["DownloadMedia"], "DownloadMedia")
+    bad = not valid_id(sid) or not mid or len(mid) > 256 or not mid.isprintable()
+    expect_invalid(out, bad, "DownloadMedia")
 
 
 # -- bytes that are not (valid) protobuf --------------------------------------

@@ -35,6 +35,8 @@ from websockets.exceptions import ConnectionClosed
 
 from broker.app import BrokerApp
 from broker.config import Settings
+from broker.content import decode as decode_content
+from broker.content import keep_inbound
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.lifecycle.states import State
 from broker.simulator import Simulator, SimulatorConfig
@@ -142,6 +144,38 @@ def test_send_and_presence_frames_raise_only_protocol_error(raw: str) -> None:
     if isinstance(frame, p.Send) and frame.content is not None:
         media = frame.content.media
         assert media is None or 0 < len(media.data) <= p.MAX_WIRE_MEDIA_BYTES
+
+
+_INBOUND_MEDIA = st.one_of(_MEDIA, st.fixed_dictionaries({}, optional={
+    "kind": st.sampled_from(["image", "document", ""]), "data": st.one_of(_B64, JSON),
+    "mime_type": st.text(max_size=10), "size": st.one_of(ABSURD_INTS, JSON, st.floats()),
+    "error": st.one_of(st.text(max_size=20), JSON)}))
+MESSAGE_FRAMES = st.builds(
+    lambda content: json.dumps({"type": "message", "id": "i-1", "from": "+1", "body": "",
+                                "ts": 1.0, "content": content}),
+    st.one_of(CONTENTS, st.fixed_dictionaries({"media": _INBOUND_MEDIA}, optional={
+        "reply_to": st.one_of(st.text(max_size=20), JSON)})))
+
+
+@UNIT
+@given(raw=MESSAGE_FRAMES)
+def test_inbound_content_raises_only_protocol_error_and_keeps_safely(raw: str) -> None:
+    """What the broker reads of an upstream: inbound content of every shape; what
+    decodes is kept (`keep_inbound`) without error and round-trips."""
+    try:
+        frame = p.decode(raw, max_bytes=p.MAX_SEND_FRAME_BYTES)
+    except p.ProtocolError:
+        return
+    assert isinstance(frame, p.Message)
+    assert p.encode(p.decode(p.encode(frame), max_bytes=p.MAX_SEND_FRAME_BYTES)) == \
+        p.encode(frame)
+    payload, media = keep_inbound(frame.content, max_media_bytes=16)
+    if frame.content is not None and frame.content.media is not None:
+        assert payload is not None
+        kept = decode_content(payload).media
+        assert kept is not None and kept.data == b"" and kept.size >= 0
+        assert (media is None) == bool(kept.download_error)
+        assert media is None or len(media) <= 16
 
 
 def _check_decoded(frame: p.Frame) -> None:

@@ -48,14 +48,16 @@ class BaileysEngine:
     simulator: Simulator | None = None
 
     def __init__(self, *, wa_version: str | None = None, ws_url: str | None = None,
-                 connect_timeout_s: float = 10.0) -> None:
+                 connect_timeout_s: float = 10.0, max_media_bytes: int = 16 << 20) -> None:
         self._version = parse_wa_version(wa_version)
+        self._max_media_bytes = max_media_bytes
         self._ws_url = ws_url or None
         self._connect_timeout_s = connect_timeout_s
         self.supervisor: BridgeSupervisor | None = None
 
     async def start(self) -> BridgeProvider:
-        self.supervisor = BridgeSupervisor(wa_version=self._version, ws_url=self._ws_url)
+        self.supervisor = BridgeSupervisor(wa_version=self._version, ws_url=self._ws_url,
+                                           max_media_bytes=self._max_media_bytes)
         await self.supervisor.start()
         return BridgeProvider(self._where, connect_timeout_s=self._connect_timeout_s)
 
@@ -90,4 +92,5 @@ class BaileysEngine:
 def create(options: EngineOptions) -> BaileysEngine:
     s = options.settings
     return BaileysEngine(wa_version=s.wa_version, ws_url=s.baileys_ws_url,
-                         connect_timeout_s=s.connect_timeout_s)
+                         connect_timeout_s=s.connect_timeout_s,
+                         max_media_bytes=s.max_media_bytes)

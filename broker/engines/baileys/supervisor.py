@@ -82,11 +82,15 @@ class BridgeSupervisor:
         self, *, wa_version: tuple[int, int, int] | None = None, ws_url: str | None = None,
         engine_dir: Path = ENGINE_DIR, log_level: str = "warn",
         backoff_initial_s: float = 0.2, backoff_max_s: float = 30.0,
+        max_media_bytes: int = 16 << 20,
     ) -> None:
+        """`max_media_bytes`: the largest inbound medium the bridge downloads (larger
+        ones arrive as metadata with the reason)."""
         self._node = check_installed(engine_dir)
         self._engine_dir = engine_dir
         self._start_settings = {"wa_version": list(wa_version) if wa_version else None,
-                                "ws_url": ws_url, "log_level": log_level}
+                                "ws_url": ws_url, "log_level": log_level,
+                                "max_media_bytes": max_media_bytes}
         self._wait = wait_exponential_jitter(multiplier=backoff_initial_s, max=backoff_max_s)
         self._dir = Path(tempfile.mkdtemp(prefix="broker-bridge-"))  # mode 0700
         self.socket_path = str(self._dir / "bridge.sock")

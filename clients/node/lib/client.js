@@ -319,6 +319,21 @@ class BrokerClient {
     return this._unaryRetrying('GetMessage', { sessionId, messageId });
   }
 
+  /** The bytes of an inbound message's medium, as a Buffer (`messageId`: its
+   * `upstreamId`; its `content.media` has the MIME type and size). Fails with
+   * reason MEDIA_NOT_FOUND when it is not kept, MEDIA_UNAVAILABLE when it could
+   * not be (`content.media.downloadError` says why). */
+  downloadMedia(sessionId, messageId) {
+    return this._retrying((remaining) => new Promise((resolve, reject) => {
+      const deadline = new Date(Date.now() + Math.max(1, remaining));
+      const call = this._stub.DownloadMedia({ sessionId, messageId }, this._metadata(), { deadline });
+      const parts = [];
+      call.on('data', (chunk) => parts.push(chunk.data));
+      call.on('error', (err) => reject(toBrokerError(err)));
+      call.on('end', () => resolve(Buffer.concat(parts)));
+    }), this.timeoutMs);
+  }
+
   async listSessions(tenant = '') {
     return (await this._unaryRetrying('ListSessions', { tenant })).sessions;
   }

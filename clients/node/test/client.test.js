@@ -48,6 +48,21 @@ before(async () => {
       if (next) return callback(next);
       callback(null, { sessionId: call.request.sessionId, code: 'ABCD1234' });
     },
+    DownloadMedia(call) {
+      calls.media = (calls.media || 0) + 1;
+      if (calls.media === 1) {
+        call.emit('error', richError(grpc.status.UNAVAILABLE, 'STORE_UNAVAILABLE', 'store down'));
+        return;
+      }
+      if (call.request.messageId === 'gone') {
+        call.emit('error', richError(grpc.status.NOT_FOUND, 'MEDIA_NOT_FOUND', 'not kept'));
+        return;
+      }
+      for (const part of ['abc', 'def', 'g']) {
+        call.write({ data: Buffer.from(part), offset: 0, size: 7, mimeType: 'image/png' });
+      }
+      call.end();
+    },
     StreamStatus(call) {
       calls.status.push(call.request);
       const step = script.status.shift() || { events: [] };
@@ -152,6 +167,19 @@ test('watchStatus resumes after the last event id when the stream drops', async 
     assert.deepEqual(calls.status.map((r) => r.resumeAfter), ['', '2']);
     assert.equal(watch.reconnects, 1);
     assert.equal(watch.lastEventId, '3');
+  } finally {
+    client.close();
+  }
+});
+
+test('downloadMedia joins the chunks, retries UNAVAILABLE, types the rest', async () => {
+  const client = new BrokerClient(target, { timeoutMs: 5000 });
+  try {
+    const data = await client.downloadMedia('s1', 'up-1');
+    assert.equal(data.toString(), 'abcdefg');
+    assert.equal(calls.media, 2); // the first attempt failed UNAVAILABLE
+    await assert.rejects(client.downloadMedia('s1', 'gone'),
+      (err) => err instanceof BrokerError && err.reason === 'MEDIA_NOT_FOUND');
   } finally {
     client.close();
   }

@@ -43,6 +43,7 @@ async function main () {
   const options = {}
   if (Array.isArray(start.wa_version)) options.version = start.wa_version
   if (start.ws_url) options.waWebSocketUrl = start.ws_url
+  if (Number.isInteger(start.max_media_bytes) && start.max_media_bytes > 0) options.maxMediaBytes = start.max_media_bytes
   const makeSocket = await socketFactory()
   const server = createBridgeServer({ secret: start.secret, makeSocket, options, logger })
   server.listen(start.socket_path, () => {

@@ -6,7 +6,7 @@
 // Auth state is read from and written through to the broker (auth-state.js);
 // nothing is kept here once the link ends.
 
-import { WAMessageStatus, isJidGroup, jidNormalizedUser } from 'baileys'
+import { WAMessageStatus, downloadMediaMessage, extractMessageContent, getContentType, isJidGroup, jidNormalizedUser } from 'baileys'
 import { kvAuthState } from './auth-state.js'
 import { closeReason } from './reasons.js'
 
@@ -20,13 +20,46 @@ const RECEIPTS = [
   [WAMessageStatus.PLAYED, 'played']
 ]
 
-/** Text of a message, or null for anything that is not plain text. */
-function textOf (message) {
-  if (!message) return null
-  if (typeof message.conversation === 'string') return message.conversation
-  const ext = message.extendedTextMessage
-  if (ext && typeof ext.text === 'string') return ext.text
-  return null
+/** Baileys' media message types by the broker's media kind names. */
+const INBOUND_MEDIA = { imageMessage: 'image', videoMessage: 'video', audioMessage: 'audio', documentMessage: 'document', stickerMessage: 'sticker' }
+export const DEFAULT_MAX_MEDIA_BYTES = 16 * 1024 * 1024
+
+/**
+ * What the broker carries of an inbound Baileys message: its text (`body`) and,
+ * beyond text, its content (docs/protocol.md "Content": a medium's metadata, a
+ * location, a reaction, the quoted message's id, mentions), or null for a kind
+ * the broker does not carry (polls, protocol messages, ...). Wrappers (ephemeral,
+ * view once, document with caption) are unwrapped with Baileys' own helper.
+ */
+export function fromMessage (message) {
+  const inner = extractMessageContent(message)
+  if (!inner) return null
+  const type = getContentType(inner)
+  if (type === 'conversation') return typeof inner.conversation === 'string' ? { body: inner.conversation, content: null } : null
+  const part = inner[type]
+  if (!part || typeof part !== 'object') return null
+  const content = {}
+  let body = ''
+  if (type === 'extendedTextMessage') {
+    if (typeof part.text !== 'string') return null
+    body = part.text
+  } else if (INBOUND_MEDIA[type]) {
+    const kind = type === 'audioMessage' && part.ptt ? 'voice_note' : INBOUND_MEDIA[type]
+    content.media = { kind, mime_type: String(part.mimetype || ''), caption: String(part.caption || ''), file_name: String(part.fileName || ''), size: Number(part.fileLength || 0) }
+  } else if (type === 'locationMessage' || type === 'liveLocationMessage') {
+    content.location = { latitude: Number(part.degreesLatitude || 0), longitude: Number(part.degreesLongitude || 0), name: String(part.name || ''), address: String(part.address || '') }
+  } else if (type === 'reactionMessage') {
+    const key = part.key || {}
+    if (!key.id) return null
+    // Baileys has already turned the key to our side: fromMe = a message we sent.
+    content.reaction = { message_id: String(key.id), emoji: String(part.text || ''), from_me: Boolean(key.fromMe) }
+  } else {
+    return null
+  }
+  const context = part.contextInfo
+  if (context && context.stanzaId) content.reply_to = String(context.stanzaId)
+  if (context && Array.isArray(context.mentionedJid) && context.mentionedJid.length) content.mentions = context.mentionedJid.map(String)
+  return { body, content: Object.keys(content).length ? content : null }
 }
 
 /** The Send `to` as a JID: E.164 numbers become user JIDs, JIDs pass as they are. */
@@ -88,7 +121,7 @@ export class BridgeSession {
    * @param {(frame: object) => boolean} o.write  sends one frame to the broker
    * @param {() => void} o.done  the link is over (close the connection)
    * @param {(config: object) => object} o.makeSocket  makeWASocket, or a fake
-   * @param {object} o.options  {version, waWebSocketUrl}
+   * @param {object} o.options  {version, waWebSocketUrl, maxMediaBytes}
    * @param {object} o.logger
    */
   constructor ({ sessionId, write, done, makeSocket, options, logger }) {
@@ -108,6 +141,8 @@ export class BridgeSession {
     this.unacked = new Set() // of those, not yet acked by the server
     this.delivered = new Set()
     this.qrIndex = 0
+    this.inboundChain = Promise.resolve() // inbound frames in arrival order, media downloaded first
+    this.maxMediaBytes = this.options.maxMediaBytes || DEFAULT_MAX_MEDIA_BYTES
   }
 
   // -- requests to the broker (kv, sent-message record) --
@@ -193,25 +228,66 @@ export class BridgeSession {
     if (this.closed || type !== 'notify') return
     for (const msg of messages || []) {
       const key = msg.key || {}
-      if (key.fromMe) continue
-      const body = textOf(msg.message)
-      if (body === null || !key.id || !key.remoteJid) continue
-      const chat = key.remoteJid
-      const raw = isJidGroup(chat) ? (key.participant || '') : chat
-      const alt = isJidGroup(chat) ? key.participantAlt : key.remoteJidAlt
-      const isLid = raw.endsWith('@lid')
-      const sender = isLid && alt ? alt : raw
-      const lid = isLid ? raw : (alt && alt.endsWith('@lid') ? alt : '')
-      this.write({
-        t: 'inbound',
-        id: key.id,
-        sender: sender ? jidNormalizedUser(sender) : '',
-        lid,
-        push_name: msg.pushName || '',
-        chat,
-        ts: Number(msg.messageTimestamp || 0),
-        body
-      })
+      if (key.fromMe || !key.id || !key.remoteJid) continue
+      const carried = fromMessage(msg.message)
+      if (carried === null) continue
+      this.inboundChain = this.inboundChain.then(() => this.inbound(msg, carried))
+    }
+  }
+
+  /** One inbound frame; a medium's bytes go with it, downloaded with Baileys' helper. */
+  async inbound (msg, { body, content }) {
+    const key = msg.key
+    if (content && content.media) {
+      const media = content.media
+      if (media.size > this.maxMediaBytes) {
+        media.error = `the medium is ${media.size} bytes, over the broker's --max-media-bytes (${this.maxMediaBytes})`
+      } else {
+        try {
+          const data = await this.download(msg)
+          if (data.length > this.maxMediaBytes) {
+            media.error = `the medium is ${data.length} bytes, over the broker's --max-media-bytes (${this.maxMediaBytes})`
+          } else {
+            media.data = data.toString('base64')
+            media.size = data.length
+          }
+        } catch (err) {
+          media.error = `the download from WhatsApp failed: ${String((err && err.message) || err).slice(0, 300)}`
+        }
+      }
+    }
+    if (this.closed) return
+    const chat = key.remoteJid
+    const raw = isJidGroup(chat) ? (key.participant || '') : chat
+    const alt = isJidGroup(chat) ? key.participantAlt : key.remoteJidAlt
+    const isLid = raw.endsWith('@lid')
+    const sender = isLid && alt ? alt : raw
+    const lid = isLid ? raw : (alt && alt.endsWith('@lid') ? alt : '')
+    this.write({
+      t: 'inbound',
+      id: key.id,
+      sender: sender ? jidNormalizedUser(sender) : '',
+      lid,
+      push_name: msg.pushName || '',
+      chat,
+      ts: Number(msg.messageTimestamp || 0),
+      body,
+      ...(content ? { content } : {})
+    })
+  }
+
+  /** A medium's bytes, with Baileys' helper; one re-upload request when WhatsApp's
+   * media servers no longer have it (404/410: an old message). */
+  async download (msg) {
+    const ctx = { logger: this.logger, reuploadRequest: m => this.sock.updateMediaMessage(m) }
+    try {
+      return await downloadMediaMessage(msg, 'buffer', {}, ctx)
+    } catch (err) {
+      // The helper re-uploads only for an error with a `status`; its own fetch
+      // throws a Boom, whose code is in output.statusCode, so ask here.
+      const code = err && err.output && err.output.statusCode
+      if (code !== 404 && code !== 410) throw err
+      return downloadMediaMessage(await this.sock.updateMediaMessage(msg), 'buffer', {}, ctx)
     }
   }
 

@@ -14,7 +14,8 @@ import { EventEmitter } from 'node:events'
 import { createHash, randomBytes } from 'node:crypto'
 import { createServer } from 'node:http'
 import { Boom } from '@hapi/boom'
-import { Curve, DEFAULT_CONNECTION_CONFIG, addTransactionCapability, generateSignalPubKey } from 'baileys'
+import { readFile, unlink } from 'node:fs/promises'
+import { Curve, DEFAULT_CONNECTION_CONFIG, addTransactionCapability, cleanMessage, encryptedStream, generateSignalPubKey, jidNormalizedUser } from 'baileys'
 import { makeLogger } from '../src/log.js'
 
 const quiet = makeLogger('fatal')
@@ -45,6 +46,8 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
     failSend: new Map(), // session -> code of the next send's error ack
     fingerprints: new Map(), // session -> noise key fingerprint per connect
     flaps: new Map(), // session -> timer
+    cdn: new Map(), // media path -> encrypted bytes, as WhatsApp's media servers hold them
+    downloads: [], // media paths fetched from the cdn
     qrIntervalMs,
     socketSeq: 0
   }
@@ -190,15 +193,31 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
       return code
     }
 
-    inbound ({ id, from, lid, text, push_name: pushName, chat }) {
+    async inbound ({ id, from, lid, text, push_name: pushName, chat, content }) {
       const group = chat && chat.endsWith('@g.us')
       const key = group
         ? { remoteJid: chat, fromMe: false, id, participant: lid || from, participantAlt: lid ? from : undefined }
         : { remoteJid: lid || from, fromMe: false, id, remoteJidAlt: lid ? from : undefined }
-      this.emit('messages.upsert', {
-        type: 'notify',
-        messages: [{ key, message: { conversation: text }, pushName: pushName || '', messageTimestamp: Math.floor(Date.now() / 1000) }]
-      })
+      const me = jidNormalizedUser(this.authState.creds.me.id)
+      const message = content ? await net.waMessage(content, text, key.remoteJid, me) : { conversation: text }
+      const msg = { key, message, pushName: pushName || '', messageTimestamp: Math.floor(Date.now() / 1000) }
+      // What the real socket does to every message before it emits it (a reaction's
+      // key turned to this login's side, among others).
+      cleanMessage(msg, this.authState.creds.me.id, this.user && this.user.lid)
+      this.emit('messages.upsert', { type: 'notify', messages: [msg] })
+    }
+
+    /** Baileys' media re-upload request (a medium gone from the servers): hosted again. */
+    async updateMediaMessage (msg) {
+      const inner = Object.values(msg.message)[0]
+      const bytes = net.expired.get(inner.directPath)
+      if (!bytes) throw new Boom('media not found for re-upload', { statusCode: 404 })
+      net.expired.delete(inner.directPath)
+      const directPath = `${inner.directPath}-again`
+      net.cdn.set(directPath, bytes)
+      inner.directPath = directPath
+      inner.url = `https://mmg.whatsapp.net${directPath}`
+      return msg
     }
 
     async logout () {
@@ -217,6 +236,64 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
   }
 
   net.makeSocket = (config, meta) => new FakeSocket(config, meta)
+  net.expired = new Map() // media path -> encrypted bytes the servers dropped (410), for re-upload
+
+  const MEDIA = { image: 'imageMessage', video: 'videoMessage', audio: 'audioMessage', voice_note: 'audioMessage', document: 'documentMessage', sticker: 'stickerMessage' }
+  let mediaSeq = 0
+
+  /**
+   * A WAMessage `message` as a sender's phone makes it, from the broker's content
+   * (docs/protocol.md "Content"): a medium encrypted with Baileys' own
+   * encryptedStream and put on the fake media servers; `size` (optional) claims
+   * another length, `expired` makes the servers answer 410 until re-uploaded,
+   * `missing` 404 for good.
+   */
+  net.waMessage = async (content, text, chat, me) => {
+    const context = {}
+    if (content.reply_to) Object.assign(context, { stanzaId: content.reply_to, participant: chat, quotedMessage: { conversation: '' } })
+    if (content.mentions) context.mentionedJid = content.mentions
+    const withContext = part => (Object.keys(context).length ? { ...part, contextInfo: context } : part)
+    if (content.media) {
+      const m = content.media
+      const type = m.kind === 'voice_note' ? 'audio' : m.kind
+      const enc = await encryptedStream(Buffer.from(m.data, 'base64'), type)
+      const bytes = await readFile(enc.encFilePath)
+      await unlink(enc.encFilePath)
+      const directPath = `/v/t62.7118-24/fake-${++mediaSeq}.enc`
+      if (m.expired) net.expired.set(directPath, bytes)
+      else if (!m.missing) net.cdn.set(directPath, bytes)
+      const part = {
+        url: `https://mmg.whatsapp.net${directPath}`, directPath, mediaKey: enc.mediaKey,
+        fileEncSha256: enc.fileEncSha256, fileSha256: enc.fileSha256, fileLength: m.size ?? enc.fileLength, mimetype: m.mime_type
+      }
+      if (m.caption) part.caption = m.caption
+      if (type === 'document') part.fileName = m.file_name || 'file'
+      if (type === 'audio') part.ptt = m.kind === 'voice_note'
+      return { [MEDIA[m.kind]]: withContext(part) }
+    }
+    if (content.location) {
+      const l = content.location
+      return { locationMessage: withContext({ degreesLatitude: l.latitude, degreesLongitude: l.longitude, name: l.name, address: l.address }) }
+    }
+    if (content.reaction) {
+      // As the reacting phone writes the key: from its own side, in its chat with
+      // this login (`their_own`: the message reacted to is the reactor's own).
+      const r = content.reaction
+      return { reactionMessage: { key: { remoteJid: me, fromMe: Boolean(r.their_own), id: r.message_id }, text: r.emoji || '', senderTimestampMs: Date.now() } }
+    }
+    return Object.keys(context).length ? { extendedTextMessage: withContext({ text }) } : { conversation: text }
+  }
+
+  // WhatsApp's media servers, as Baileys' downloads reach them (global fetch):
+  // answered from `cdn`, so nothing leaves the machine.
+  globalThis.fetch = async (url, init) => {
+    const where = new URL(String(url))
+    if (where.host !== 'mmg.whatsapp.net') throw new Error(`the fake network has no ${where.host}`)
+    net.downloads.push(where.pathname)
+    const bytes = net.cdn.get(where.pathname)
+    if (bytes) return new Response(bytes, { status: 200 })
+    return new Response('gone', { status: net.expired.has(where.pathname) ? 410 : 404 })
+  }
 
   /** One control action; returns a JSON-able answer. */
   net.control = async (body) => {
@@ -281,7 +358,7 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
         return { ok: true }
       case 'inbound':
         if (!live || !live.open) return { ok: false, error: 'not open' }
-        live.inbound(body)
+        await live.inbound(body)
         return { ok: true }
       case 'flap': {
         clearTimeout(net.flaps.get(body.session))
@@ -306,6 +383,7 @@ export function makeFakeNetwork ({ qrIntervalMs = 60_000 } = {}) {
           ok: true,
           sent: net.sent,
           presence: net.presence,
+          downloads: net.downloads,
           connects: Object.fromEntries(net.connects),
           fingerprints: Object.fromEntries(net.fingerprints),
           open: [...net.sockets.values()].filter(s => s.open && !s.closed).map(s => s.session),

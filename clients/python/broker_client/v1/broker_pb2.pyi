@@ -1470,7 +1470,8 @@ class InboundMessage(_message.Message):
         reacted to: a broker message id when it is one this session sent, else
         an upstream id; `reaction.emoji` empty: the reaction was removed). A
         reply's `reply_to` is the quoted message's id (the same way), and
-        `mentions` the addresses mentioned. `body` holds the text or caption.
+        `mentions` the addresses mentioned. `body` holds the text (a medium's
+        caption is in `content.media.caption`).
         """
 
     def __init__(
