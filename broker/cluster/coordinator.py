@@ -325,10 +325,11 @@ class Coordinator:
         self.schedule.releases(None if released is None else text(released))
         if self.schedule.reload_due(version, now):
             heard = set(self._announced)
+            started = time.monotonic()
             records = await self.manager.store.list_sessions()
             self._records = {r.session_id: r for r in records if r.enabled}
             self._announced -= heard  # those heard during the read are read one by one
-            self.schedule.loaded(version, now, time.monotonic() - now)
+            self.schedule.loaded(version, now, time.monotonic() - started)
         pending = [sid for sid in self._announced if sid not in self._records]
         self._announced = set(pending)
         for session_id in [s for s in self.owned if s not in self._records]:
@@ -346,8 +347,8 @@ class Coordinator:
         if len(self.owned) >= share or not self.liveness.fresh(time.monotonic()):
             return
         if self.schedule.scan_due(now):
-            settled = await self._claim(list(self._records.values()), share)
-            self.schedule.scanned(now, settled, time.monotonic() - now)
+            settled, read_s = await self._claim(list(self._records.values()), share)
+            self.schedule.scanned(now, settled, read_s)
         mine = [sid for sid in pending
                 if rules.first_choice(sid, self._live) == self.instance_id]
         if mine and len(self.owned) < share:
@@ -367,13 +368,16 @@ class Coordinator:
                     found.append(record)
         return found
 
-    async def _claim(self, records: list[SessionRecord], share: int) -> bool:
-        """Take free and orphaned leases among `records`, up to the fair share;
-        whether every one of them is held by a live instance."""
+    async def _claim(self, records: list[SessionRecord], share: int) -> tuple[bool, float]:
+        """Take free and orphaned leases among `records`, up to the fair share.
+        Whether every one of them is held by a live instance, and how long reading
+        their leases took (what paces the next full survey; not the takeover)."""
+        began = time.monotonic()
         by_id = {r.session_id: r for r in records if r.session_id not in self.owned}
         values = await self.leases.values(list(by_id))
         holders = {h for v in values.values() if (h := rules.holder_of(v)) is not None}
         claimed = await self.membership.claimed(holders - {self.instance_id})
+        read_s = time.monotonic() - began
         found = rules.survey(values, me=self.instance_id, claimed=claimed, live=self._live)
         order = rules.claim_order(self.instance_id, found)
         while order and len(self.owned) < share and self.liveness.fresh(time.monotonic()):
@@ -397,7 +401,7 @@ class Coordinator:
                 started.append((by_id[session_id], lease.token))
             # Their actors start side by side too (each reads its state first).
             await asyncio.gather(*(self.manager.run(r, fence=t) for r, t in started))
-        return found.settled
+        return found.settled, read_s
 
     def _lose(self, session_ids: Iterable[str]) -> None:
         """The leases are (or may soon be) someone else's: stop all their I/O now.
