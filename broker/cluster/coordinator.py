@@ -105,6 +105,8 @@ class Coordinator:
         self._records: dict[str, SessionRecord] = {}
         #: enabled sessions announced since the last full read of the records
         self._announced: set[str] = set()
+        #: those of them this instance is the first choice for, as of their announcement
+        self._mine: set[str] = set()
         self._live: list[str] = [instance_id]
         self._heartbeats: dict[str, float] = {}
         self._reported_at = -float("inf")
@@ -288,6 +290,8 @@ class Coordinator:
         if name == "rebalance":
             if session_id:
                 self._announced.add(session_id)
+                if rules.first_choice(session_id, self._live) == self.instance_id:
+                    self._mine.add(session_id)
             self.wake()
             return
         try:
@@ -329,9 +333,11 @@ class Coordinator:
             records = await self.manager.store.list_sessions()
             self._records = {r.session_id: r for r in records if r.enabled}
             self._announced -= heard  # those heard during the read are read one by one
+            self._mine -= heard
             self.schedule.loaded(version, now, time.monotonic() - started)
         pending = [sid for sid in self._announced if sid not in self._records]
         self._announced = set(pending)
+        self._mine &= self._announced
         for session_id in [s for s in self.owned if s not in self._records]:
             await self._release(session_id)
         if now - self._reported_at >= self.interval_s:  # O(owned): not every woken round
@@ -349,10 +355,8 @@ class Coordinator:
         if self.schedule.scan_due(now):
             settled, read_s = await self._claim(list(self._records.values()), share)
             self.schedule.scanned(now, settled, read_s)
-        mine = [sid for sid in pending
-                if rules.first_choice(sid, self._live) == self.instance_id]
-        if mine and len(self.owned) < share:
-            await self._claim(await self._read_announced(mine), share)
+        if self._mine and len(self.owned) < share:
+            await self._claim(await self._read_announced(sorted(self._mine)), share)
 
     async def _read_announced(self, session_ids: list[str]) -> list[SessionRecord]:
         """The records of sessions announced since the last full read (enabled ones
@@ -363,6 +367,7 @@ class Coordinator:
             got = await asyncio.gather(*(self.manager.store.get_session(s) for s in chunk))
             for session_id, record in zip(chunk, got, strict=True):
                 self._announced.discard(session_id)
+                self._mine.discard(session_id)
                 if record is not None and record.enabled:
                     self._records[session_id] = record
                     found.append(record)

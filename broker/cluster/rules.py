@@ -44,7 +44,7 @@ FULL_READ_EVERY = 10.0
 its last duration: while thousands of sessions are being created the version moves
 every round, and back-to-back full reads would cost O(sessions) per creation.
 Sessions announced meanwhile are read one by one (`first_choice`)."""
-MIN_ROUND_GAP_S = 0.05
+MIN_ROUND_GAP_S = 0.25
 """The least time between claim rounds: a burst of announcements is one round."""
 LOOP_STALL_AFTER = 3 / 4
 """The heartbeat thread stops renewing once the event loop showed no progress for
