@@ -22,7 +22,7 @@ from broker.runtime.placement import LocalPlacement, Placement, PlacementFactory
 from broker.runtime.ratelimit import RateLimiter, rate_limiter
 from broker.store.base import Store
 from broker.store.memory import MemoryStore
-from broker.store.redis import RedisStore
+from broker.store.redis import RedisStore, connect
 from broker.store.redis.durability import inspect
 from broker.store.sqlite import SqliteStore
 
@@ -97,9 +97,17 @@ def _shared(store: RedisStore, settings: Settings) -> Backend:
     """Several instances share this Redis: ownership goes by lease, status events
     come through the shared log, and Sends draw on one bucket per session."""
 
+    url = settings.store_url
+    # The heartbeat thread needs a client of its own: made from the URL the store was
+    # opened from (a store handed in by a caller keeps it on the event loop).
+    own_client = ((lambda: connect.open_client(url))
+                  if url.startswith(("redis://", "rediss://", "unix://", connect.CLUSTER_SCHEME,
+                                     connect.SENTINEL_SCHEME)) else None)
+
     def placement(manager: SessionManager) -> Placement:
         return Coordinator(manager, store.client, instance_id=settings.instance_id,
-                           lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix)
+                           lease_ttl_s=settings.lease_ttl_s, key_prefix=settings.key_prefix,
+                           heartbeat_client=own_client)
 
     async def durability() -> str:
         report = await inspect(store.client, store.durability.mode)

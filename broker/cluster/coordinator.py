@@ -9,15 +9,20 @@ before releasing the lease, so the next owner never meets a live connection.
 The idle cost is per instance, not per session (`broker.cluster.rules`): one
 heartbeat keeps every lease this instance holds; a round rereads the session
 records only when their version moved and every lease only after a change,
-until all are held; live state is written when it changes; requests for an
+until all are held, each full read at most once per `rules.FULL_READ_EVERY`
+times its own duration (a created session is announced by id, and its first
+choice reads just that one meanwhile); live state is written when it changes
+(looked at once per period); requests for an
 owned session arrive in this instance's inbox (`broker.cluster.inbox`), so no
 outbox is polled.
 
 Timing, with T the lease TTL (`docs` and the README state the same):
 
-- the heartbeat runs in its own task every T/5, timed from *before* each
-  request, so neither a slow reply nor a long takeover makes the leases look
-  fresher than Redis knows them to be;
+- the heartbeat runs on its own thread (`broker.cluster.heartbeat`) every T/5,
+  timed from *before* each request, so neither a slow reply nor a long takeover
+  makes the leases look fresher than Redis knows them to be, and a busy event
+  loop does not starve it; it renews only while the fence loop (on the event
+  loop) keeps ticking, so a wedged process loses its claim;
 - leases whose heartbeat was not confirmed for T/2 are fenced: the fence loop
   (every T/20, never waiting on Redis) aborts the upstream sockets of *every*
   session at once, then drains what it can in the background; the sockets are
@@ -35,13 +40,14 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from broker.cluster import rules
+from broker.cluster.heartbeat import Heartbeat
 from broker.cluster.inbox import Inbox
 from broker.cluster.lease import Lease, LeaseClient
 from broker.cluster.live import LiveReporter
@@ -75,7 +81,10 @@ class Coordinator:
         instance_id: str,
         lease_ttl_s: float,
         key_prefix: str = "broker",
+        heartbeat_client: Callable[[], Any] | None = None,
     ) -> None:
+        """`heartbeat_client`: makes a Redis client like `client` for the heartbeat
+        thread (None: the heartbeat runs on this event loop)."""
         self.manager = manager
         self.client = client
         self.instance_id = instance_id
@@ -87,12 +96,20 @@ class Coordinator:
         self.ttl_s = lease_ttl_s
         self.interval_s = lease_ttl_s * rules.RENEW_EVERY
         self.liveness = rules.Liveness(lease_ttl_s)
+        self.progress = rules.Progress(lease_ttl_s)
+        self._heartbeat_client = heartbeat_client
+        self.heartbeat: Heartbeat | None = None
         self.schedule = rules.RoundSchedule()
         self.live = LiveReporter(manager.store, instance_id, fenced=self.fenced)
         self.owned: dict[str, Lease] = {}
-        self._records: list[SessionRecord] = []
+        self._records: dict[str, SessionRecord] = {}
+        #: enabled sessions announced since the last full read of the records
+        self._announced: set[str] = set()
+        #: those of them this instance is the first choice for, as of their announcement
+        self._mine: set[str] = set()
         self._live: list[str] = [instance_id]
         self._heartbeats: dict[str, float] = {}
+        self._reported_at = -float("inf")
         self._joined = False
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -108,13 +125,20 @@ class Coordinator:
         self._joined = await self.membership.heartbeat()
         if self._joined:
             self.liveness.renewed(sent)
+        self.progress.tick(time.monotonic())
+        loop = asyncio.get_running_loop()
+        self.heartbeat = Heartbeat(
+            self.membership, self._heartbeat_client, period_s=self.interval_s,
+            liveness=self.liveness, progress=self.progress, joined=self._joined,
+            on_lost=lambda: loop.call_soon_threadsafe(self._claim_lost),
+            on_joined=lambda: loop.call_soon_threadsafe(self.wake))
+        self.heartbeat.start()
         await self.inbox.open()
         self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         await self._pubsub.subscribe(self.keys.control)
         self._fence_task = asyncio.create_task(self._fence_loop(), name="coordinator-fence")
         self._tasks = [
             asyncio.create_task(self._claim_loop(), name="coordinator-claim"),
-            asyncio.create_task(self._renew_loop(), name="coordinator-heartbeat"),
             asyncio.create_task(self._listen(), name="coordinator-listen"),
             asyncio.create_task(self.inbox.run(self._on_command), name="coordinator-inbox"),
         ]
@@ -127,14 +151,13 @@ class Coordinator:
         fenced, so a session whose release hangs (Redis stalled) is still
         fenced in time; every upstream connection is closed in parallel.
         """
-        claim, renew, *others = self._tasks
-        for task in (claim, *others):
+        for task in self._tasks:
             task.cancel()
-        await asyncio.wait([claim, *others])
+        await asyncio.wait(self._tasks)
         async with self._lock:
             await asyncio.gather(*(self._release(sid, announce=False) for sid in list(self.owned)))
-        renew.cancel()
-        await asyncio.wait([renew])
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
         if self._shutdowns:
             await asyncio.wait(tuple(self._shutdowns))
         if self._fence_task is not None:
@@ -180,7 +203,8 @@ class Coordinator:
         """Nothing to do: every instance's EventTail relays the shared event log."""
 
     async def activate(self, record: SessionRecord) -> None:
-        await self._announce("rebalance")
+        """Name the session: its first choice claims it without a full read."""
+        await self._announce("rebalance", record.session_id)
 
     async def forward(self, op: Op, session_id: str) -> bool:
         """Put the request in the owner's inbox; with no owner, the next one reads
@@ -207,6 +231,7 @@ class Coordinator:
     # loops
     async def _claim_loop(self) -> None:
         while True:
+            self._wake.clear()  # before: a wake during the round runs one more
             try:
                 async with self._lock:
                     await self._round()
@@ -214,47 +239,27 @@ class Coordinator:
                 log.warning("coordination round failed (Redis unreachable?): %s", exc)
             except Exception:
                 log.exception("coordination round failed")
-            self._wake.clear()
+            # Wakes come with every created session: coalesce them a little.
+            await asyncio.sleep(rules.MIN_ROUND_GAP_S)
             wait = rules.next_round_in(self.interval_s, self._heartbeats, me=self.instance_id,
                                        ttl_s=self.ttl_s, now=time.time())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
-    async def _renew_loop(self) -> None:
-        """One heartbeat per period keeps every lease; on its own task."""
-        while True:
-            started = time.monotonic()
-            try:
-                await self._heartbeat(started)
-            except _REDIS_ERRORS as exc:
-                log.warning("heartbeat failed (Redis unreachable?): %s", exc)
-            except Exception:
-                log.exception("heartbeat failed")
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
-
-    async def _heartbeat(self, started: float) -> None:
-        if not self._joined:
-            self._joined = await self.membership.rejoin()
-            if self._joined:
-                log.warning("instance %s joined again under a new incarnation",
-                            self.instance_id)
-                self.liveness.renewed(started)
-                self.wake()
-            return
-        if await self.membership.heartbeat():
-            self.liveness.renewed(started)
-            return
-        log.error("instance %s: its claim expired or another process holds it: giving up "
-                  "every session", self.instance_id)
-        self._joined = False
-        self.liveness.lost()
+    def _claim_lost(self) -> None:
+        """The heartbeat found the claim gone: every lease may be someone else's."""
         self._lose(list(self.owned))
+        if self.heartbeat is not None:
+            self.heartbeat.loss_handled()  # only now may it join again
 
     async def _fence_loop(self) -> None:
-        """Independent of Redis round trips, which may hang while Redis is away."""
+        """Independent of Redis round trips, which may hang while Redis is away; its
+        ticks are the progress the heartbeat thread renews on."""
         while True:
             await asyncio.sleep(self.ttl_s * rules.FENCE_CHECK_EVERY)
-            if self.liveness.must_fence(time.monotonic()) and self.owned:
+            now = time.monotonic()
+            self.progress.tick(now)
+            if self.liveness.must_fence(now) and self.owned:
                 stale = sorted(self.owned)
                 log.warning("heartbeat not confirmed for %.1fs; fencing myself: %d "
                             "sessions (%s)", self.liveness.fence_after_s, len(stale),
@@ -283,6 +288,10 @@ class Coordinator:
 
     async def _on_command(self, name: str, session_id: str) -> None:
         if name == "rebalance":
+            if session_id:
+                self._announced.add(session_id)
+                if rules.first_choice(session_id, self._live) == self.instance_id:
+                    self._mine.add(session_id)
             self.wake()
             return
         try:
@@ -319,29 +328,61 @@ class Coordinator:
         version = None if raw is None else text(raw)
         self.schedule.releases(None if released is None else text(released))
         if self.schedule.reload_due(version, now):
-            self._records = [r for r in await self.manager.store.list_sessions() if r.enabled]
-            self.schedule.loaded(version, now)
-        records = self._records
-        enabled = {r.session_id for r in records}
-        for session_id in [s for s in self.owned if s not in enabled]:
+            heard = set(self._announced)
+            started = time.monotonic()
+            records = await self.manager.store.list_sessions()
+            self._records = {r.session_id: r for r in records if r.enabled}
+            self._announced -= heard  # those heard during the read are read one by one
+            self._mine -= heard
+            self.schedule.loaded(version, now, time.monotonic() - started)
+        pending = [sid for sid in self._announced if sid not in self._records]
+        self._announced = set(pending)
+        self._mine &= self._announced
+        for session_id in [s for s in self.owned if s not in self._records]:
             await self._release(session_id)
-        await self.live.report(self.owned, self.manager.actors)
-        share = rules.fair_share(len(records), len(self._live))
+        if now - self._reported_at >= self.interval_s:  # O(owned): not every woken round
+            self._reported_at = now
+            await self.live.report(self.owned, self.manager.actors)
+        share = rules.fair_share(len(self._records) + len(pending), len(self._live))
         if len(self.owned) > share:
             victim = rules.shed_victim(self.instance_id, self.owned)
             log.info("owning %d sessions, fair share %d: handing %s over",
                      len(self.owned), share, victim)
             await self._release(victim)
             return
-        if (len(self.owned) < share and self.schedule.scan_due(now)
-                and self.liveness.fresh(time.monotonic())):
-            await self._claim(records, share, now)
+        if len(self.owned) >= share or not self.liveness.fresh(time.monotonic()):
+            return
+        if self.schedule.scan_due(now):
+            settled, read_s = await self._claim(list(self._records.values()), share)
+            self.schedule.scanned(now, settled, read_s)
+        if self._mine and len(self.owned) < share:
+            await self._claim(await self._read_announced(sorted(self._mine)), share)
 
-    async def _claim(self, records: list[SessionRecord], share: int, now: float) -> None:
+    async def _read_announced(self, session_ids: list[str]) -> list[SessionRecord]:
+        """The records of sessions announced since the last full read (enabled ones
+        join the known records)."""
+        found: list[SessionRecord] = []
+        for start in range(0, len(session_ids), rules.CLAIM_BATCH * 8):
+            chunk = session_ids[start:start + rules.CLAIM_BATCH * 8]
+            got = await asyncio.gather(*(self.manager.store.get_session(s) for s in chunk))
+            for session_id, record in zip(chunk, got, strict=True):
+                self._announced.discard(session_id)
+                self._mine.discard(session_id)
+                if record is not None and record.enabled:
+                    self._records[session_id] = record
+                    found.append(record)
+        return found
+
+    async def _claim(self, records: list[SessionRecord], share: int) -> tuple[bool, float]:
+        """Take free and orphaned leases among `records`, up to the fair share.
+        Whether every one of them is held by a live instance, and how long reading
+        their leases took (what paces the next full survey; not the takeover)."""
+        began = time.monotonic()
         by_id = {r.session_id: r for r in records if r.session_id not in self.owned}
         values = await self.leases.values(list(by_id))
         holders = {h for v in values.values() if (h := rules.holder_of(v)) is not None}
         claimed = await self.membership.claimed(holders - {self.instance_id})
+        read_s = time.monotonic() - began
         found = rules.survey(values, me=self.instance_id, claimed=claimed, live=self._live)
         order = rules.claim_order(self.instance_id, found)
         while order and len(self.owned) < share and self.liveness.fresh(time.monotonic()):
@@ -351,6 +392,7 @@ class Coordinator:
             order = order[len(batch):]
             taken = await asyncio.gather(*(
                 self.leases.acquire(sid, found.orphaned.get(sid, "")) for sid in batch))
+            started: list[tuple[SessionRecord, int]] = []
             for session_id, lease in zip(batch, taken, strict=True):
                 if lease is None:
                     continue
@@ -361,8 +403,10 @@ class Coordinator:
                              "(token %d)", session_id, rules.holder_of(was), lease.token)
                 else:
                     log.info("session %s: acquired lease (token %d)", session_id, lease.token)
-                await self.manager.run(by_id[session_id], fence=lease.token)
-        self.schedule.scanned(now, found.settled)
+                started.append((by_id[session_id], lease.token))
+            # Their actors start side by side too (each reads its state first).
+            await asyncio.gather(*(self.manager.run(r, fence=t) for r, t in started))
+        return found.settled, read_s
 
     def _lose(self, session_ids: Iterable[str]) -> None:
         """The leases are (or may soon be) someone else's: stop all their I/O now.

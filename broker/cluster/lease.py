@@ -22,6 +22,9 @@ from broker.cluster.rules import holder_of
 from broker.store.redis.keys import RedisKeys
 from broker.store.redis.scripts import NEXT_TOKEN
 
+VALUES_CHUNK = 2000
+"""Lease reads per pipeline."""
+
 # KEYS: lease, fence; ARGV: instance id, the value found ('' = none)
 # The lease is granted only if it is still exactly what the caller judged.
 _TAKE = NEXT_TOKEN + """
@@ -87,8 +90,12 @@ class LeaseClient:
             return {}
         # One GET per key in a pipeline, not MGET: on Redis Cluster each lease lives
         # in its session's own slot. Rounds read them only after a change.
-        async with self._client.pipeline(transaction=False) as pipe:
-            for session_id in session_ids:
-                pipe.get(self._keys.lease(session_id))
-            found = await pipe.execute()
+        # In chunks, so a survey of 100,000 leases never packs (or parses) them all
+        # in one event-loop turn.
+        found: list[bytes | str | None] = []
+        for start in range(0, len(session_ids), VALUES_CHUNK):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for session_id in session_ids[start:start + VALUES_CHUNK]:
+                    pipe.get(self._keys.lease(session_id))
+                found += await pipe.execute()
         return dict(zip(session_ids, found, strict=True))

@@ -18,6 +18,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -54,19 +55,30 @@ return 0
 """
 
 
+@dataclass
+class _Incarnation:
+    token: str
+
+
 class Membership:
     def __init__(self, client: aioredis.Redis, *, keys: RedisKeys, instance_id: str,
-                 ttl_s: float) -> None:
+                 ttl_s: float, incarnation: _Incarnation | None = None) -> None:
         self._client = client
         self._key = keys.instances
         self._claim_key = keys.instance_claim(instance_id)
-        self._incarnation = secrets.token_hex(8)
+        self._me = incarnation or _Incarnation(secrets.token_hex(8))
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
         self._keys = keys
         self._release = client.register_script(_RELEASE)
         self.instance_id = instance_id
         self.ttl_s = ttl_s
+
+    def on(self, client: aioredis.Redis) -> Membership:
+        """The same membership over another client (the heartbeat thread's), sharing
+        the incarnation: a rejoin there is what `leave` here releases."""
+        return Membership(client, keys=self._keys, instance_id=self.instance_id,
+                          ttl_s=self.ttl_s, incarnation=self._me)
 
     async def join(self) -> None:
         """Claim this instance id; wait out a dead predecessor's claim (up to 1.5 TTL),
@@ -83,20 +95,20 @@ class Membership:
 
     async def _claimed(self) -> bool:
         return bool(await self._claim(keys=[self._claim_key],
-                                      args=[self._incarnation, int(self.ttl_s * 1000)]))
+                                      args=[self._me.token, int(self.ttl_s * 1000)]))
 
     async def heartbeat(self) -> bool:
         """Extend the claim and the heartbeat; False once the claim expired or another
         process took the id: every lease this process held may be someone else's."""
         if not await self._renew(keys=[self._claim_key],
-                                 args=[self._incarnation, int(self.ttl_s * 1000)]):
+                                 args=[self._me.token, int(self.ttl_s * 1000)]):
             return False
         await self._client.zadd(self._key, {self.instance_id: time.time()})
         return True
 
     async def rejoin(self) -> bool:
         """After a lost claim: claim the id again under a new incarnation, if free."""
-        self._incarnation = secrets.token_hex(8)
+        self._me.token = secrets.token_hex(8)
         if not await self._claimed():
             return False
         await self._client.zadd(self._key, {self.instance_id: time.time()})
@@ -125,4 +137,4 @@ class Membership:
 
     async def leave(self) -> None:
         await self._client.zrem(self._key, self.instance_id)
-        await self._release(keys=[self._claim_key], args=[self._incarnation])
+        await self._release(keys=[self._claim_key], args=[self._me.token])

@@ -10,12 +10,17 @@ it holds. So an idle instance renews one key per tick whatever it owns, and a
 lease is taken over, by a compare-and-set in the session's own hash slot, only
 once its owner's claim is gone, that is at least one TTL after the owner last
 renewed, by which time the owner has fenced itself (`FENCE_AFTER`).
+
+The heartbeat runs on its own thread (`broker.cluster.heartbeat`), so a busy
+event loop does not starve it; it renews only while the event loop shows
+progress (`Progress`), so a wedged or paused process still loses its claim.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -34,6 +39,19 @@ RELOAD_EVERY_S = 300.0
 this often (a writer may have crashed between its change and the version bump)."""
 CLAIM_BATCH = 32
 """Leases a round asks for side by side."""
+FULL_READ_EVERY = 10.0
+"""A read of every record (or every lease) starts at most once per this many times
+its last duration: while thousands of sessions are being created the version moves
+every round, and back-to-back full reads would cost O(sessions) per creation.
+Sessions announced meanwhile are read one by one (`first_choice`)."""
+MIN_ROUND_GAP_S = 0.25
+"""The least time between claim rounds: a burst of announcements is one round."""
+LOOP_STALL_AFTER = 3 / 4
+"""The heartbeat thread stops renewing once the event loop showed no progress for
+this fraction of the TTL: a wedged process loses its claim within 1.75 TTL.
+Safety does not rest on it (leases stay fresh only as long as renewals are
+confirmed, and a stalled loop does no I/O); it only bounds how long a process
+that stopped working keeps its sessions from the others."""
 LIVE_TTL_S = 3600.0
 """How long a live report stands; owners refresh it at half that while unchanged."""
 LIVE_ACTIVITY_EVERY_S = 300.0
@@ -68,34 +86,68 @@ def holder_of(value: bytes | str | None) -> str | None:
     return text.rsplit(":", 1)[0]
 
 
+def first_choice(session_id: str, live: Collection[str]) -> str | None:
+    """The live instance that tries a newly announced session first, without a full
+    read (the others find it at their next one, if it is still free)."""
+    return max(live, key=lambda i: rank(i, session_id), default=None)
+
+
 class Liveness:
     """This instance's heartbeat, which keeps every lease it holds.
 
     `renewed` takes the time a confirmed heartbeat was *sent*, so neither a slow
     reply nor a long round makes the leases look fresher than Redis knows them.
+    Fed from the heartbeat thread and read on the event loop: a lock keeps each
+    step whole.
     """
 
     def __init__(self, ttl_s: float) -> None:
         self.fence_after_s = ttl_s * FENCE_AFTER
         self._sent_at: float | None = None
+        self._lock = threading.Lock()
 
     def renewed(self, sent_at: float) -> None:
-        self._sent_at = sent_at if self._sent_at is None else max(self._sent_at, sent_at)
+        with self._lock:
+            self._sent_at = sent_at if self._sent_at is None else max(self._sent_at, sent_at)
 
     def lost(self) -> None:
         """The claim is gone or another's: nothing held so far is ours any more."""
-        self._sent_at = None
+        with self._lock:
+            self._sent_at = None
 
     def fresh(self, now: float) -> bool:
         """Whether leases may be used (connect, claim) now."""
-        return self._sent_at is not None and now - self._sent_at < self.fence_after_s
+        sent_at = self._sent_at
+        return sent_at is not None and now - sent_at < self.fence_after_s
 
     def must_fence(self, now: float) -> bool:
         """True once, when the heartbeat went stale: give every lease up now."""
-        if self._sent_at is None or self.fresh(now):
-            return False
-        self._sent_at = None
-        return True
+        with self._lock:
+            if self._sent_at is None or self.fresh(now):
+                return False
+            self._sent_at = None
+            return True
+
+
+class Progress:
+    """Whether the event loop still makes progress, as the heartbeat thread sees it.
+
+    The loop ticks it every few hundred milliseconds; the heartbeat renews the
+    claim only while the last tick is recent, so a loop that is merely busy keeps
+    its sessions and one that stopped (wedged, or paused with its threads) loses
+    them like a dead process.
+    """
+
+    def __init__(self, ttl_s: float) -> None:
+        self.stall_after_s = ttl_s * LOOP_STALL_AFTER
+        self._at: float | None = None
+
+    def tick(self, now: float) -> None:
+        self._at = now
+
+    def may_renew(self, now: float) -> bool:
+        at = self._at
+        return at is not None and now - at < self.stall_after_s
 
 
 @dataclass(frozen=True)
@@ -149,13 +201,19 @@ class RoundSchedule:
     Idle, a round reads neither: records when the session set's version moved
     (or every RELOAD_EVERY_S), leases after any change (members, the lease
     version, a lease lost here) until a survey finds everything settled (or
-    every RESCAN_EVERY_S).
+    every RESCAN_EVERY_S). Either full read waits FULL_READ_EVERY times its
+    last duration after the previous one started, so their share of the time
+    stays bounded however often things change.
     """
 
     def __init__(self, rescan_every_s: float = RESCAN_EVERY_S,
-                 reload_every_s: float = RELOAD_EVERY_S) -> None:
+                 reload_every_s: float = RELOAD_EVERY_S,
+                 full_read_every: float = FULL_READ_EVERY) -> None:
         self._rescan_every_s = rescan_every_s
         self._reload_every_s = reload_every_s
+        self._pace = full_read_every
+        self._load_took_s = 0.0
+        self._scan_took_s = 0.0
         self._version: str | None = None
         self._loaded_at: float | None = None
         self._scanned_at: float | None = None
@@ -182,20 +240,28 @@ class RoundSchedule:
             self._dirty = True
 
     def reload_due(self, version: str | None, now: float) -> bool:
-        return (self._loaded_at is None or version != self._version
-                or now - self._loaded_at >= self._reload_every_s)
+        if self._loaded_at is None:
+            return True
+        since = now - self._loaded_at
+        return ((version != self._version or since >= self._reload_every_s)
+                and since >= self._pace * self._load_took_s)
 
-    def loaded(self, version: str | None, now: float) -> None:
+    def loaded(self, version: str | None, now: float, took_s: float = 0.0) -> None:
+        """A full read of the records started at `now` and took `took_s`."""
         if version != self._version:
             self._dirty = True
-        self._version, self._loaded_at = version, now
+        self._version, self._loaded_at, self._load_took_s = version, now, took_s
 
     def scan_due(self, now: float) -> bool:
-        return (self._dirty or self._scanned_at is None
-                or now - self._scanned_at >= self._rescan_every_s)
+        if self._scanned_at is None:
+            return True
+        since = now - self._scanned_at
+        return ((self._dirty or since >= self._rescan_every_s)
+                and since >= self._pace * self._scan_took_s)
 
-    def scanned(self, now: float, settled: bool) -> None:
-        self._scanned_at = now
+    def scanned(self, now: float, settled: bool, took_s: float = 0.0) -> None:
+        """A survey of every lease started at `now` and took `took_s`."""
+        self._scanned_at, self._scan_took_s = now, took_s
         self._dirty = not settled
 
 

@@ -34,8 +34,10 @@ def credential_env(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 def broker_processes(tmp_path: Path, credential_env: dict[str, str]) -> Iterator[ProcessFactory]:
     procs: list[BrokerProcess] = []
 
-    def factory(name: str, store_url: str, upstream_url: str, *extra: str) -> BrokerProcess:
-        proc = BrokerProcess(name, store_url, upstream_url, tmp_path, credential_env, extra)
+    def factory(name: str, store_url: str, upstream_url: str, *extra: str,
+                module: str = "broker.cli", env: dict[str, str] | None = None) -> BrokerProcess:
+        proc = BrokerProcess(name, store_url, upstream_url, tmp_path,
+                             credential_env | (env or {}), extra, module)
         proc.start()
         procs.append(proc)
         return proc

@@ -25,11 +25,13 @@ FAST_FLAGS = (
 
 class BrokerProcess:
     def __init__(self, name: str, store_url: str, upstream_url: str, workdir: Path,
-                 env: dict[str, str], extra: tuple[str, ...]) -> None:
+                 env: dict[str, str], extra: tuple[str, ...], module: str = "broker.cli") -> None:
+        """`module`: what `python -m` runs (`tests.faults.hog`: a broker that can be
+        kept busy)."""
         self.name = name
         self.log_path = workdir / f"{name}.log"
         self.args = [
-            sys.executable, "-m", "broker.cli", "serve", "--listen", "127.0.0.1:0",
+            sys.executable, "-m", module, "serve", "--listen", "127.0.0.1:0",
             "--store", store_url, "--upstream-url", upstream_url, "--instance-id", name,
             *FAST_FLAGS, *extra,
         ]

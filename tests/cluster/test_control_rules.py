@@ -143,3 +143,42 @@ def test_a_release_elsewhere_makes_the_next_round_look_even_if_unannounced() -> 
     assert not plan.scan_due(1.0)
     plan.releases("5")
     assert plan.scan_due(1.0)
+
+
+def test_full_reads_are_paced_by_their_own_cost_while_things_keep_changing() -> None:
+    plan = RoundSchedule(rescan_every_s=300, reload_every_s=300, full_read_every=5)
+    plan.loaded("1", 0.0, took_s=2.0)
+    plan.scanned(0.0, settled=False, took_s=1.0)
+    # Every round sees a new version (sessions being created): not before 5 x 2 s.
+    assert not plan.reload_due("2", 9.9) and plan.reload_due("2", 10.0)
+    assert not plan.scan_due(4.9) and plan.scan_due(5.0)
+    plan.loaded("2", 10.0, took_s=0.0)  # cheap reads are not held back
+    assert plan.reload_due("3", 10.0)
+
+
+def test_an_unchanged_version_is_not_reread_however_cheap_the_read() -> None:
+    plan = RoundSchedule(rescan_every_s=300, reload_every_s=300, full_read_every=5)
+    plan.loaded("1", 0.0, took_s=0.0)
+    plan.scanned(0.0, settled=True, took_s=0.0)
+    assert not plan.reload_due("1", 100.0) and not plan.scan_due(100.0)
+
+
+def test_an_announced_session_is_tried_first_by_exactly_one_live_instance() -> None:
+    live = ["b0", "b1", "b2", "b3"]
+    firsts = [rules.first_choice(f"s{i}", live) for i in range(400)]
+    assert set(firsts) == set(live)  # spread over all of them
+    assert all(max(live, key=lambda i: rules.rank(i, f"s{n}")) == f
+               for n, f in enumerate(firsts))
+    assert rules.first_choice("s0", []) is None
+    # The order of the members does not matter: every instance agrees.
+    assert rules.first_choice("s7", list(reversed(live))) == firsts[7]
+
+
+def test_the_heartbeat_renews_only_while_the_event_loop_makes_progress() -> None:
+    progress = rules.Progress(TTL)
+    assert not progress.may_renew(0.0)  # never ticked
+    progress.tick(100.0)
+    assert progress.may_renew(100.0 + TTL * rules.LOOP_STALL_AFTER - 0.01)
+    assert not progress.may_renew(100.0 + TTL * rules.LOOP_STALL_AFTER)
+    # A wedged loop's last renewal lapses within a TTL after that: well bounded.
+    assert rules.LOOP_STALL_AFTER < 1

@@ -12,6 +12,7 @@ import json
 import signal
 import time
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import pytest
@@ -280,5 +281,101 @@ async def test_delete_then_recreate_starts_clean(
             bodies = [m.body for m in sim.record(sid).accepted]
             assert f"old-{sid}" not in bodies and bodies[-1] == f"new-{sid}"
         assert fleet.broker_overlaps(sessions) == []
+    finally:
+        await fleet.close()
+
+
+BUSY_S = 0.6 * TTL
+"""Longer than the fence threshold (TTL/2): a heartbeat on the event loop could not
+be confirmed through one such turn."""
+WEDGE_S = 4 * TTL
+"""Longer than a wedged owner keeps its claim (LOOP_STALL_AFTER + 1 TTL)."""
+HOGGED = "b0"
+
+
+def _hogged(factory: ProcessFactory) -> ProcessFactory:
+    """b0 runs as `tests.faults.hog`: SIGUSR1 keeps its event loop busy, SIGUSR2 wedges it."""
+    def make(name: str, *args: str) -> BrokerProcess:
+        if name != HOGGED:
+            return factory(name, *args)
+        return factory(name, *args, module="tests.faults.hog",
+                       env={"HOG_BUSY_S": str(BUSY_S), "HOG_WEDGE_S": str(WEDGE_S)})
+    return make
+
+
+def _said(proc: BrokerProcess, text: str) -> int:
+    return proc.log_path.read_text(errors="replace").count(text)
+
+
+async def _leases(fleet: Fleet, sessions: list[str]) -> dict[str, str | None]:
+    """Every lease value: owner and fencing token."""
+    raw = {sid: await fleet.redis.get(f"broker:{{s:{sid}}}:lease") for sid in sessions}
+    return {sid: v.decode() if isinstance(v, bytes) else v for sid, v in raw.items()}
+
+
+async def test_a_busy_but_alive_owner_keeps_its_sessions(
+    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+) -> None:
+    """Its event loop is held for longer than the fence threshold, again and again,
+    serving requests in between: the heartbeat thread keeps its claim, so it
+    neither fences itself nor loses a lease (same owner, same fencing token)."""
+    sessions = [f"k{i:02d}" for i in range(40)]
+    fleet = await _fleet(sim, redis_server, _hogged(broker_processes), sessions, instances=2)
+    try:
+        await _balanced(fleet, sessions, 2)
+        busy = fleet.instances[HOGGED].proc
+        before = await _leases(fleet, sessions)
+        held = [sid for sid, v in before.items() if v is not None and v.startswith("b0:")]
+        assert len(held) >= 15, held
+        from broker_client import BrokerClient
+
+        async with BrokerClient(busy.address, timeout=30) as client:
+            for n in range(1, 6):
+                busy.signal(signal.SIGUSR1)
+                await eventually_async(partial(_ended, busy, "hog: busy ends", n), 60,
+                                       f"busy turn {n} over")
+                assert len(await client.list_sessions()) == len(sessions)  # it serves again
+        assert _said(busy, "hog: busy ends") == 5
+        assert _said(busy, "fencing myself") == 0, busy.log()
+        assert _said(busy, "claim expired") == 0, busy.log()
+        assert await _leases(fleet, sessions) == before
+        assert fleet.broker_overlaps(sessions) == []
+        await fleet.wait_all_open(sessions)
+    finally:
+        await fleet.close()
+
+
+async def _ended(proc: BrokerProcess, text: str, n: int) -> bool:
+    return _said(proc, text) >= n
+
+
+async def test_a_wedged_owner_loses_its_sessions_though_its_heartbeat_thread_runs(
+    sim: Simulator, redis_server: RedisServer, broker_processes: ProcessFactory
+) -> None:
+    """Its event loop stops for 4 TTLs while its other threads go on: the heartbeat
+    stops renewing, the other instance takes every session over while it is still
+    wedged, and once it runs again it fences itself, is refused, and rejoins."""
+    sessions = [f"w{i:02d}" for i in range(40)]
+    fleet = await _fleet(sim, redis_server, _hogged(broker_processes), sessions, instances=2)
+    try:
+        await _balanced(fleet, sessions, 2)
+        wedged = fleet.instances[HOGGED].proc
+        held = await _owned_by(fleet, sessions, HOGGED)
+        assert len(held) >= 15, held
+        wedged.signal(signal.SIGUSR2)
+        await eventually_async(partial(_ended, wedged, "hog: wedge begins", 1), 30,
+                               "the wedge begins")
+        await _moved_off(fleet, sessions, HOGGED, "the wedged owner's sessions moved")
+        assert _said(wedged, "hog: wedge ends") == 0  # moved while b0's threads still ran
+        assert _said(wedged, "not renewing the claim") >= 1
+        await eventually_async(partial(_ended, wedged, "hog: wedge ends", 1), 60,
+                               "the wedge ends")
+        await _balanced(fleet, sessions, 2)  # it gave up, was refused, and joined again
+        assert _said(wedged, "fencing myself") + _said(wedged, "claim expired") >= 1
+        # A wedged owner cannot close its connections; its successors replace them
+        # (as with a paused one). Any other overlap is a bug.
+        assert [o for o in fleet.broker_overlaps(sessions) if o.older != "broker/b0"] == []
+        assert _history_problems(await _history(fleet, sessions)) == []
+        await fleet.wait_all_open(sessions)
     finally:
         await fleet.close()

@@ -135,6 +135,11 @@ class MigratingCluster(RedisCluster):
         return await super()._determine_slot(command, *args)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:  # the common case without the retrier's per-call cost
+            return await super().execute_command(*args, **kwargs)
+        except Exception as exc:
+            if not refused_by_migration(exc):
+                raise
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(refused_by_migration),
             stop=stop_after_delay(MIGRATION_RETRY_S),
@@ -152,6 +157,15 @@ def cluster(url: str, timeouts: Timeouts = Timeouts()) -> RedisCluster:
         socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
         retry=timeouts.retry(),
     )
+
+
+def open_client(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
+    """A client for any Redis URL scheme above (the heartbeat thread's own)."""
+    if url.startswith(CLUSTER_SCHEME):
+        return cluster(url, timeouts)  # type: ignore[return-value]  # routed by slot
+    if url.startswith(SENTINEL_SCHEME):
+        return sentinel(url, timeouts)
+    return single(url, timeouts)
 
 
 PubSubFactory = Callable[[], Awaitable[PubSub]]
