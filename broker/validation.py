@@ -12,6 +12,8 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _E164 = re.compile(r"^\+[1-9][0-9]{7,14}$")
 MAX_RECIPIENT = 256
 MAX_KEY = 128
+MAX_MESSAGE_ID = 256
+"""A message id a caller names (GetMessage, DownloadMedia): at most this many characters."""
 DEFAULT_TENANT = "default"
 
 

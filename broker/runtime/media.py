@@ -17,7 +17,6 @@ from broker.content import Media
 from broker.errors import InvalidArgument, MediaNotFound, MediaUnavailable, SessionNotFound
 from broker.store.base import Store
 
-MAX_MESSAGE_ID = 256
 CHUNK_BYTES = 1 << 20
 """DownloadMedia's chunk size: well under every gRPC message limit."""
 
@@ -36,8 +35,9 @@ class MediaService:
     async def download(self, session_id: str, message_id: str) -> KeptMedia:
         """The medium of the inbound message with upstream id `message_id`."""
         validation.session_id(session_id)
-        if not message_id or len(message_id) > MAX_MESSAGE_ID or not message_id.isprintable():
-            raise InvalidArgument("message_id", f"must be 1-{MAX_MESSAGE_ID} printable "
+        limit = validation.MAX_MESSAGE_ID
+        if not message_id or len(message_id) > limit or not message_id.isprintable():
+            raise InvalidArgument("message_id", f"must be 1-{limit} printable "
                                   "characters: an InboundMessage's upstream_id")
         record = (await self.store.find_inbound(session_id, [message_id])).get(message_id)
         if record is None:

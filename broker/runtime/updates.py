@@ -30,8 +30,6 @@ from broker.store.base import (
     Store,
 )
 
-MAX_MESSAGE_ID = 256
-
 
 class MessageStatus(enum.IntEnum):
     """How far a message got, in order (the proto's MessageStatus numbers)."""
@@ -143,8 +141,9 @@ class UpdatesService:
         """The message's furthest status: its stored updates, else its stored result
         (acked or refused), else QUEUED while it is in the outbox."""
         validation.session_id(session_id)
-        if not message_id or len(message_id) > MAX_MESSAGE_ID:
-            raise InvalidArgument("message_id", f"must be 1-{MAX_MESSAGE_ID} characters")
+        limit = validation.MAX_MESSAGE_ID
+        if not message_id or len(message_id) > limit:
+            raise InvalidArgument("message_id", f"must be 1-{limit} characters")
         sent = await self.store.sent_message(session_id, message_id)
         update = await self.latest(session_id, message_id)
         if update is not None:

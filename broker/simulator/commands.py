@@ -18,6 +18,9 @@ from websockets.http11 import Request, Response
 from broker.content import Content, from_wire
 from broker.upstream.protocol import CONNECT_PATH, MAX_WIRE_MEDIA_BYTES
 
+if TYPE_CHECKING:
+    from broker.simulator.server import Simulator
+
 
 def generated_media(seed: int, size: int) -> bytes:
     """`size` pseudo-random bytes from `seed` (SHA-256 in counter mode): what the
@@ -28,9 +31,6 @@ def generated_media(seed: int, size: int) -> bytes:
         out += hashlib.sha256(f"{seed}:{block}".encode()).digest()
         block += 1
     return bytes(out[:size])
-
-if TYPE_CHECKING:
-    from broker.simulator.server import Simulator
 
 
 class ControlError(ValueError):
