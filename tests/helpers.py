@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
 
 from broker.app import BrokerApp
 from broker.lifecycle.policy import LifecyclePolicy
@@ -67,3 +71,31 @@ async def eventually_async(predicate: Callable[[], Awaitable[bool]], timeout: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+STORES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
+          pytest.param("redis-cluster", marks=pytest.mark.redis)]
+"""Parameters of a fixture that runs a broker on each store (`broker_on_store`)."""
+
+
+async def broker_on_store(request: pytest.FixtureRequest,
+                          make_broker: Callable[..., Awaitable[BrokerApp]],
+                          tmp_path: Path, *, store_options: dict[str, Any] | None = None,
+                          **settings: Any) -> BrokerApp:
+    """A started broker on the store `request.param` names (one of STORES): memory,
+    a SQLite file in `tmp_path`, the shared Redis or the shared Redis Cluster (the
+    test module imports their fixtures). `store_options` go to the store, `settings`
+    to the broker."""
+    from broker.store.redis import RedisStore
+    from tests.store.conftest import open_sqlite
+
+    options = store_options or {}
+    if request.param == "memory":
+        return await make_broker(**settings)
+    if request.param == "sqlite":
+        return await make_broker(store=open_sqlite(tmp_path / "broker.db", **options),
+                                 **settings)
+    server = request.getfixturevalue(
+        "shared_redis" if request.param == "redis" else "shared_redis_cluster")
+    return await make_broker(store=RedisStore.from_url(server.url, ephemeral_key=True,
+                                                       **options), **settings)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +17,11 @@ from broker.app import BrokerApp
 from broker.content import Content, Location, Media, MediaKind, Reaction
 from broker.simulator import Simulator
 from broker.simulator.commands import generated_media
-from broker.store.redis import RedisStore
-from broker.store.sqlite import SqliteStore
 from broker_client import BrokerClient, InboundMessage
 from broker_client.errors import FailedPrecondition, InvalidArgument, SessionNotFound
 from broker_client.v1 import broker_pb2 as pb
 from tests.conftest import BrokerFactory
-from tests.helpers import eventually, paired_session
+from tests.helpers import STORES, broker_on_store, eventually, paired_session
 from tests.redis_cluster import (  # noqa: F401  (fixtures)
     RedisClusterServers,
     shared_redis_cluster,
@@ -33,7 +32,6 @@ from tests.redis_server import (  # noqa: F401  (fixtures)
     shared_redis,
     shared_redis_server,
 )
-from tests.store.conftest import open_sqlite
 
 SIDS = [f"im{i}" for i in range(6)]
 MAX_MEDIA = 3 * 1024 * 1024
@@ -43,21 +41,10 @@ PEER = "+4915112345678"
 WAIT_S = 20.0
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
-async def app(
-    request: pytest.FixtureRequest, sim: Simulator, make_broker: BrokerFactory, tmp_path: object
-) -> AsyncIterator[BrokerApp]:
-    if request.param == "memory":
-        yield await make_broker(max_media_bytes=MAX_MEDIA)
-        return
-    if request.param == "sqlite":
-        store: SqliteStore | RedisStore = open_sqlite(tmp_path / "broker.db")  # type: ignore[operator]
-    else:
-        server: RedisServer | RedisClusterServers = request.getfixturevalue(
-            "shared_redis" if request.param == "redis" else "shared_redis_cluster")
-        store = RedisStore.from_url(server.url, ephemeral_key=True)
-    yield await make_broker(store=store, max_media_bytes=MAX_MEDIA)
+@pytest.fixture(params=STORES)
+async def app(request: pytest.FixtureRequest, make_broker: BrokerFactory,
+              tmp_path: Path) -> BrokerApp:
+    return await broker_on_store(request, make_broker, tmp_path, max_media_bytes=MAX_MEDIA)
 
 
 @pytest.fixture

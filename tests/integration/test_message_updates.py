@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from broker.app import BrokerApp
 from broker.simulator import Simulator
-from broker.store.redis import RedisStore
-from broker.store.sqlite import SqliteStore
 from broker_client import BrokerClient, MessageRefused, MessageUpdate
 from broker_client.errors import InvalidArgument, SessionNotFound
 from broker_client.v1 import broker_pb2 as pb
 from tests.conftest import BrokerFactory
-from tests.helpers import eventually, paired_session
+from tests.helpers import STORES, broker_on_store, eventually, paired_session
 from tests.redis_cluster import (  # noqa: F401  (fixtures)
     RedisClusterServers,
     shared_redis_cluster,
@@ -28,7 +27,6 @@ from tests.redis_server import (  # noqa: F401  (fixtures)
     shared_redis,
     shared_redis_server,
 )
-from tests.store.conftest import open_sqlite
 
 SIDS = [f"u{i}" for i in range(6)]
 REDELIVER_S = 0.3
@@ -37,23 +35,12 @@ WAIT_S = 15.0
 IN_ORDER = [pb.MESSAGE_SERVER_ACK, pb.MESSAGE_DELIVERED, pb.MESSAGE_READ]
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
-                        pytest.param("redis-cluster", marks=pytest.mark.redis)])
-async def app(
-    request: pytest.FixtureRequest, sim: Simulator, make_broker: BrokerFactory, tmp_path: object
-) -> AsyncIterator[BrokerApp]:
-    if request.param == "memory":
-        yield await make_broker(inbound_redeliver_after_s=REDELIVER_S)
-        return
-    if request.param == "sqlite":
-        store: SqliteStore | RedisStore = open_sqlite(
-            tmp_path / "broker.db", inbound_redeliver_after_s=REDELIVER_S)  # type: ignore[operator]
-    else:
-        server: RedisServer | RedisClusterServers = request.getfixturevalue(
-            "shared_redis" if request.param == "redis" else "shared_redis_cluster")
-        store = RedisStore.from_url(server.url, ephemeral_key=True,
-                                    inbound_redeliver_after_s=REDELIVER_S)
-    yield await make_broker(store=store, inbound_redeliver_after_s=REDELIVER_S)
+@pytest.fixture(params=STORES)
+async def app(request: pytest.FixtureRequest, make_broker: BrokerFactory,
+              tmp_path: Path) -> BrokerApp:
+    return await broker_on_store(
+        request, make_broker, tmp_path, inbound_redeliver_after_s=REDELIVER_S,
+        store_options={"inbound_redeliver_after_s": REDELIVER_S})
 
 
 @pytest.fixture
