@@ -144,6 +144,11 @@ class SessionActor:
         return self.machine.state
 
     @property
+    def latest_event(self) -> StatusEvent | None:
+        """This actor's latest status change, stored or not (None before its first)."""
+        return self._events.latest
+
+    @property
     def qr_index(self) -> int:
         return self.machine.qr_index
 

@@ -205,8 +205,13 @@ class SessionManager:
         return record
 
     async def view(self, record: SessionRecord) -> SessionView:
-        last = await self.store.last_event(record.session_id)
         actor = self.actors.get(record.session_id)
+        # The running actor's own latest change, else the stored one: the stored
+        # event may lag the live state by a write, and a view must not pair the
+        # live state with the previous state's reason.
+        last = actor.latest_event if actor is not None else None
+        if last is None:
+            last = await self.store.last_event(record.session_id)
         state = actor.state if actor else (last.state if last else State.STOPPED)
         if actor is not None:
             has_credentials = actor.has_credentials

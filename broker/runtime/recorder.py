@@ -25,7 +25,7 @@ class StatusRecorder:
     """Turns the machine's `Emit`s into stored, published `StatusEvent`s."""
 
     __slots__ = ("_fence", "_publish", "_retry", "_retry_handle", "_store",
-                 "sequence", "session_id", "tenant", "unstored")
+                 "latest", "sequence", "session_id", "tenant", "unstored")
 
     def __init__(
         self, session_id: str, tenant: str, *, store: Store, fence: int | None,
@@ -46,6 +46,9 @@ class StatusRecorder:
         self.sequence = 0
         #: emitted, not stored yet (the store was unavailable), oldest first
         self.unstored: list[StatusEvent] = []
+        #: the latest event (stored or not): what the session's state is now, while
+        #: the stored one may still lag behind it by a write
+        self.latest: StatusEvent | None = None
 
     def record(self, emit: Emit, at: float) -> StatusEvent:
         """Number an emitted change (which happened at `at`) and queue it for storing."""
@@ -56,6 +59,7 @@ class StatusRecorder:
             retry_in_s=emit.retry_in_s, qr=emit.qr, attempt=emit.attempt, at=at,
         )
         self.unstored.append(event)
+        self.latest = event
         return event
 
     async def store(self) -> None:
