@@ -288,3 +288,21 @@ async def test_media_past_the_retention_go_with_their_entries(kept: Store) -> No
                                   media=b"new bytes") is not None
     assert await kept.inbound_media("s1", "up-old") is None
     assert await kept.inbound_media("s1", "up-new") == b"new bytes"
+
+
+async def test_many_blocked_readers_at_once_each_get_their_message(store: Store) -> None:
+    """More blocking reads side by side than redis-py's cluster client allows per
+    node by default (100; past it, MaxConnectionsError): each reader waits, then
+    gets the message added for its session. Made red once on the cluster with
+    the client's default cap."""
+    readers = 360  # > 100 per node on 3 primaries, whatever the slots
+    sessions = [f"many{i}" for i in range(readers)]
+    for sid in sessions:
+        await store.create_session(SessionRecord(sid, "t1"))
+    reads = [asyncio.create_task(store.read_inbound(sid, "g", "c", 1, WAIT_S))
+             for sid in sessions]
+    await asyncio.sleep(QUIET_S)  # most of them blocked by now (not required)
+    for n, sid in enumerate(sessions):
+        await store.add_inbound(sid, f"up-{n}", "+49", f"m{n}", 1000.0)
+    got = await asyncio.wait_for(asyncio.gather(*reads), WAIT_S * 2)
+    assert [[d.record.body for d in out] for out in got] == [[f"m{n}"] for n in range(readers)]

@@ -37,6 +37,15 @@ CLUSTER_SHARDS = 16
 """Slots the shared structures (event log, session index) are spread over on a cluster."""
 
 
+MAX_CONNECTIONS = 2**31
+"""Connections per server (per node on a cluster): as many as the callers need.
+
+redis-py (8.x) allows 100 by default, on one server and per cluster node, and
+then raises MaxConnectionsError instead of waiting: 100 blocking reads side by
+side (Receive streams, Send waits) or a burst of session starts would fail
+requests. The server's own `maxclients` is the bound that matters."""
+
+
 @dataclass(frozen=True)
 class Timeouts:
     connect_s: float = 2.0
@@ -50,7 +59,7 @@ class Timeouts:
 def single(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url, socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
-        retry=timeouts.retry())
+        retry=timeouts.retry(), max_connections=MAX_CONNECTIONS)
 
 
 def cluster_nodes(url: str) -> list[tuple[str, int]]:
@@ -88,7 +97,8 @@ def sentinel(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
         nodes, socket_timeout=timeouts.connect_s, socket_connect_timeout=timeouts.connect_s)
     primary: aioredis.Redis = sentinels.master_for(
         service, db=db, socket_timeout=timeouts.socket_s,
-        socket_connect_timeout=timeouts.connect_s, retry=timeouts.retry())
+        socket_connect_timeout=timeouts.connect_s, retry=timeouts.retry(),
+        max_connections=MAX_CONNECTIONS)
     return primary
 
 
@@ -153,7 +163,7 @@ class MigratingCluster(RedisCluster):
 def cluster(url: str, timeouts: Timeouts = Timeouts()) -> RedisCluster:
     return MigratingCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in cluster_nodes(url)],
-        reinitialize_steps=0,
+        reinitialize_steps=0, max_connections=MAX_CONNECTIONS,
         socket_connect_timeout=timeouts.connect_s, socket_timeout=timeouts.socket_s,
         retry=timeouts.retry(),
     )
