@@ -8,10 +8,11 @@ It owns the actors of the sessions this process runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -161,7 +162,7 @@ class SessionManager:
         presence = TokenBucket.from_settings(self.settings.presence_rate, PRESENCE_BURST)
         self.presence_limiter: RateLimiter = (
             LocalLimiter(presence) if presence is not None else Unlimited())
-        self._lock = asyncio.Lock()
+        self._creating = _KeyedLock()
         self.placement: Placement = placement(self)
 
     async def start(self) -> None:
@@ -229,7 +230,7 @@ class SessionManager:
     async def create(self, session_id: str, tenant: str = "", *, start: bool = True) -> SessionView:
         validation.session_id(session_id)
         tenant = validation.tenant(tenant)
-        async with self._lock:
+        async with self._creating.hold(session_id):  # one id at a time; ids side by side
             record, created = await self.store.create_session(
                 SessionRecord(session_id, tenant, enabled=start, created_at=self.clock())
             )
@@ -613,6 +614,27 @@ class SessionManager:
                                   actor.machine.attempt if actor else 0, owner, activity,
                                   self.settings.engine or ""))
         return out
+
+
+class _KeyedLock:
+    """A lock per key, kept only while someone holds or waits for it: creates of
+    one session id run one at a time (its actor must start once, under one fence),
+    creates of different ids side by side."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._locks[key]
 
 
 def _answered(outcome: SendOutcome) -> SendOutcome:
