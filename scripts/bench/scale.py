@@ -104,19 +104,34 @@ async def _open_count(client: Any, ids: Sequence[str]) -> int:
     return sum(1 for raw in rows if raw is not None and event_from_json(raw).state == State.OPEN)
 
 
+PROGRESS_EVERY = 10_000
+
+
 async def _create(addresses: Sequence[str], ids: Sequence[str], timeout: float) -> None:
-    """CreateSession each id, spread over the brokers, 64 in flight."""
+    """CreateSession each id, spread over the brokers, 64 in flight; prints progress,
+    and a failure says how far creation got."""
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    started = time.monotonic()
+    done = 0
     try:
         stubs = [pb_grpc.BrokerStub(c) for c in channels]
         gate = asyncio.Semaphore(64)
 
         async def create(n: int, sid: str) -> None:
+            nonlocal done
             async with gate:
                 await stubs[n % len(stubs)].CreateSession(
                     pb.CreateSessionRequest(session_id=sid), timeout=timeout)
+            done += 1
+            if done % PROGRESS_EVERY == 0:
+                print(f"    created {done:,} of {len(ids):,} after "
+                      f"{time.monotonic() - started:.0f}s", flush=True)
 
         await asyncio.gather(*(create(n, s) for n, s in enumerate(ids)))
+    except grpc.aio.AioRpcError as exc:
+        raise RuntimeError(f"CreateSession failed after {done:,} of {len(ids):,} were created "
+                           f"in {time.monotonic() - started:.0f}s: {exc.code().name} "
+                           f"{exc.details()}") from exc
     finally:
         for channel in channels:
             await channel.close(None)
@@ -164,6 +179,7 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
         print(f"  scale {n}: created in {created_s:.1f}s", flush=True)
 
         waiting = list(ids)
+        reported = [time.monotonic()]
 
         async def all_open() -> bool:
             nonlocal waiting
@@ -174,6 +190,10 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
                 waiting = [sid for sid, raw in zip(waiting, rows, strict=True)
                            if raw is None or event_from_json(raw).state != State.OPEN]
                 if waiting:
+                    if time.monotonic() - reported[0] >= 30:
+                        reported[0] = time.monotonic()
+                        print(f"    {n - len(waiting):,} of {n:,} OPEN after "
+                              f"{reported[0] - started:.0f}s", flush=True)
                     return False
                 if await _open_count(client, ids) == n:
                     return True

@@ -286,3 +286,27 @@ async def test_new_owner_reclaims_what_a_dead_consumer_read(shared_redis: RedisS
     finally:
         await old.close()
         await new.close()
+
+
+async def test_listing_reads_records_in_chunks_and_misses_none(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records are read a chunk per pipeline (the event loop turns between them);
+    every record comes back once, whatever the chunk boundaries."""
+    from broker.store.redis import sessions
+
+    monkeypatch.setattr(sessions, "LIST_CHUNK", 3)
+    tenant = "chunked"
+    ids = [f"chunk-{i:02d}" for i in range(10)]
+    for sid in ids:
+        await store.create_session(SessionRecord(sid, tenant))
+    pipelines: list[int] = []
+    original = store.client.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        pipelines.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store.client, "pipeline", counted)
+    assert [r.session_id for r in await store.list_sessions(tenant)] == ids
+    assert len(pipelines) == 1 + 4  # the index, then 10 records in chunks of 3

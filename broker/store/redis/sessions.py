@@ -21,6 +21,11 @@ from broker.store.redis.core import RedisCore, guard
 from broker.store.redis.keys import shard_of
 from broker.store.redis.scripts import fence_arg
 
+LIST_CHUNK = 2000
+"""Session records read per pipeline when listing them all: the event loop gets a
+turn between chunks, so 100,000 records never pack and parse in one go (seconds
+on which nothing else of the process, its heartbeat's progress included, runs)."""
+
 
 class SessionsPart(RedisCore):
     _cipher: CredentialCipher
@@ -77,15 +82,19 @@ class SessionsPart(RedisCore):
         ids = sorted({text(m) for shard in members for m in shard})
         if not ids:
             return []
-        async with self._client.pipeline(transaction=False) as pipe:
-            for sid in ids:
-                pipe.hgetall(self.keys.session(sid))
-            rows = await pipe.execute()
-        return [
-            record for sid, raw in zip(ids, rows, strict=True) if raw
-            for record in [session_record(sid, raw)]
-            if tenant is None or record.tenant == tenant
-        ]
+        records: list[SessionRecord] = []
+        for start in range(0, len(ids), LIST_CHUNK):
+            chunk = ids[start:start + LIST_CHUNK]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for sid in chunk:
+                    pipe.hgetall(self.keys.session(sid))
+                rows = await pipe.execute()
+            records += [
+                record for sid, raw in zip(chunk, rows, strict=True) if raw
+                for record in [session_record(sid, raw)]
+                if tenant is None or record.tenant == tenant
+            ]
+        return records
 
     @guard
     async def set_enabled(self, session_id: str, enabled: bool) -> None:
