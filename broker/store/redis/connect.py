@@ -113,6 +113,14 @@ def refused_by_migration(exc: BaseException) -> bool:
     return isinstance(exc, rexc.TryAgainError) or type(exc) is rexc.ClusterError
 
 
+FIRST_KEY_COMMANDS = frozenset({
+    "GET", "SET", "INCR", "PEXPIRE", "HGET", "HGETALL", "HSET", "HMGET", "HDEL",
+    "SMEMBERS", "SADD", "SREM", "XADD", "XRANGE", "XREVRANGE", "XLEN", "XACK",
+    "XAUTOCLAIM", "XPENDING", "XCLAIM",
+})
+"""Commands with exactly one key, their first argument (the store's common ones)."""
+
+
 class MigratingCluster(RedisCluster):
     """A RedisCluster that rides through slot migrations.
 
@@ -131,10 +139,18 @@ class MigratingCluster(RedisCluster):
     """
 
     async def _determine_slot(self, command: str, *args: Any) -> int:
-        """XREAD / XREADGROUP keys read here: redis-py asks the server (COMMAND GETKEYS,
-        a round trip per call, twice) for commands with movable keys, which would
-        double an idle instance's Redis commands (its tail blocks on 16 shards)."""
-        if command.upper() in ("XREAD", "XREADGROUP"):
+        """The slot of the commands the store sends most, worked out here.
+
+        For single-key commands whose key is the first argument, the key gives the
+        slot at once: redis-py looks each command's keys up in its command table
+        first, a sixth of a broker's CPU while it reads 100,000 session records.
+        XREAD / XREADGROUP: redis-py asks the server (COMMAND GETKEYS, a round trip
+        per call, twice) for commands with movable keys, which would double an
+        idle instance's Redis commands (its tail blocks on 16 shards)."""
+        name = command.upper()
+        if name in FIRST_KEY_COMMANDS and args:
+            return self.keyslot(args[0])
+        if name in ("XREAD", "XREADGROUP"):
             words = [a.decode() if isinstance(a, bytes) else str(a) for a in args]
             upper = [w.upper() for w in words]
             if "STREAMS" in upper:
