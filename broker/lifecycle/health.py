@@ -114,6 +114,8 @@ class SessionStats:
     disconnects_total: int = 0
     keepalive_sent: int = 0
     keepalive_ok: int = 0
+    #: The latest ping still waits for its pong (not missed yet: its timeout runs).
+    keepalive_waiting: bool = False
     messages_accepted: int = 0
     messages_acked: int = 0
     messages_refused: int = 0
@@ -188,9 +190,11 @@ class SessionStats:
 
     def on_keepalive_sent(self) -> None:
         self.keepalive_sent += 1
+        self.keepalive_waiting = True
 
     def on_keepalive_ok(self) -> None:
         self.keepalive_ok += 1
+        self.keepalive_waiting = False
 
     def on_accepted(self, n: int = 1) -> None:
         self.messages_accepted += n
@@ -241,11 +245,18 @@ class SessionStats:
         return self.reconnect_ms[-1] if self.reconnect_ms else 0.0
 
     @property
+    def keepalive_settled(self) -> int:
+        """Pings answered or missed: all sent but one still waiting for its pong."""
+        return self.keepalive_sent - self.keepalive_waiting
+
+    @property
     def keepalive_success_rate(self) -> float:
-        """Pongs per ping; 1.0 before the first ping, so a new session looks healthy."""
-        if not self.keepalive_sent:
+        """Pongs per settled ping; 1.0 before the first, so a new session looks
+        healthy. A ping in flight is not counted missed: on a busy process its pong
+        may wait a while to be read, and counting it made sessions look lossy."""
+        if not self.keepalive_settled:
             return 1.0
-        return min(1.0, self.keepalive_ok / self.keepalive_sent)
+        return min(1.0, self.keepalive_ok / self.keepalive_settled)
 
     @property
     def delivery_rate(self) -> float:
@@ -407,7 +418,7 @@ def recommend(
             )
         )
     if (
-        stats.keepalive_sent >= keepalive_min_pings
+        stats.keepalive_settled >= keepalive_min_pings
         and stats.keepalive_success_rate < keepalive_min_success
     ):
         recs.append(

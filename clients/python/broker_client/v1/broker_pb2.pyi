@@ -1030,7 +1030,9 @@ class Counters(_message.Message):
     keepalive_sent: _builtins.int
     keepalive_ok: _builtins.int
     keepalive_success_rate: _builtins.float
-    """keepalive_ok / keepalive_sent (1 when none sent yet)."""
+    """keepalive_ok over the pings answered or missed: the latest ping, while it
+    still waits for its pong, counts neither way (1 when none settled yet).
+    """
     messages_accepted: _builtins.int
     messages_acked: _builtins.int
     delivery_rate: _builtins.float
