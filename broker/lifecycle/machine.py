@@ -76,6 +76,12 @@ _SLOW_BACKOFF = frozenset({DisconnectCode.UNAVAILABLE, DisconnectCode.RATE_LIMIT
 #: Jitter source of machines not given one: one for all, as a Random holds
 #: 2.5 KB of state and a broker runs thousands of machines.
 _SHARED_RNG = random.Random()
+FIRST_KEEPALIVE_SPREAD = 0.5
+"""The first ping of a connection goes after a random 50-100 % of the interval:
+sessions that opened together (a failover takes thousands over within seconds)
+would otherwise ping in the same instant every interval, for as long as they
+stay open, and a burst of thousands of pings can hold a broker's event loop
+long enough to miss its own heartbeat."""
 
 
 class SessionMachine:
@@ -242,8 +248,10 @@ class SessionMachine:
         # attempt budget's business, not the failure count's.
         self._attempt = 0
         actions = self._cancel_all()
-        if self.policy.keepalive_interval_s is not None:
-            actions.append(self._start_timer(Timer.KEEPALIVE, self.policy.keepalive_interval_s))
+        interval = self.policy.keepalive_interval_s
+        if interval is not None:
+            first = self._rng.uniform(interval * (1 - FIRST_KEEPALIVE_SPREAD), interval)
+            actions.append(self._start_timer(Timer.KEEPALIVE, first))
         actions.append(self._enter(State.OPEN, "connected", 0))
         return actions
 

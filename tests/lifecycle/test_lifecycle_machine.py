@@ -125,6 +125,24 @@ def test_start_then_connected_opens_with_the_keepalive_timer() -> None:
     assert (m.state, m.reason, m.code, m.attempt) == (State.OPEN, "connected", 0, 0)
 
 
+def test_sessions_that_open_together_do_not_ping_together() -> None:
+    """The first ping of a connection waits a random 50-100 % of the interval (then
+    the full interval from each pong), so sessions opened in one burst spread out."""
+    rng = random.Random(11)
+    firsts = []
+    for _ in range(200):
+        m = SessionMachine(POLICY, rng=rng)
+        m.handle(Start())
+        [timer] = [a for a in m.handle(Connected()) if isinstance(a, StartTimer)]
+        assert timer.timer is Timer.KEEPALIVE
+        firsts.append(timer.delay_s)
+    assert all(7.5 <= d <= 15.0 for d in firsts)
+    assert max(firsts) - min(firsts) > 6.0  # spread over the range, not one instant
+    m = drive_to(State.OPEN)
+    m.handle(TimerFired(Timer.KEEPALIVE))
+    assert StartTimer(Timer.KEEPALIVE, 15.0) in m.handle(PongReceived())
+
+
 def test_connected_without_keepalive_arms_no_timer() -> None:
     m = make(LifecyclePolicy(keepalive_interval_s=None))
     assert feed(m, Start(), Connected()) == [
