@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +30,8 @@ from broker.cluster import rules
 from broker.cluster.membership import Membership
 
 log = logging.getLogger(__name__)
+STALL_STACK_FRAMES = 30
+"""Innermost frames of the event loop's thread logged when it stalls."""
 
 
 class Heartbeat:
@@ -63,6 +67,8 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="heartbeat", daemon=True)
         self._task: asyncio.Task[None] | None = None
+        #: the event loop's thread (this one): what it runs is logged when it stalls
+        self._loop_thread = threading.get_ident()
 
     @property
     def threaded(self) -> bool:
@@ -113,10 +119,21 @@ class Heartbeat:
             else:
                 await asyncio.sleep(wait)
 
+    def _loop_stack(self) -> str:
+        """What the stalled event loop's thread runs now (from this thread only),
+        so the log names the code that held it."""
+        if not self.threaded:
+            return ""
+        frame = sys._current_frames().get(self._loop_thread)
+        if frame is None:
+            return ""
+        return "; the event loop's thread is at:\n" + "".join(
+            traceback.format_stack(frame, limit=STALL_STACK_FRAMES))
+
     async def _beat(self, membership: Membership, started: float) -> None:
         if not self._progress.may_renew(started):
-            log.warning("event loop made no progress for %.1fs: not renewing the claim",
-                        self._progress.stall_after_s)
+            log.warning("event loop made no progress for %.1fs: not renewing the claim%s",
+                        self._progress.stall_after_s, self._loop_stack())
             return
         if not self._joined:
             if not self._handled.is_set():

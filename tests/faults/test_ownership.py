@@ -368,6 +368,9 @@ async def test_a_wedged_owner_loses_its_sessions_though_its_heartbeat_thread_run
         await _moved_off(fleet, sessions, HOGGED, "the wedged owner's sessions moved")
         assert _said(wedged, "hog: wedge ends") == 0  # moved while b0's threads still ran
         assert _said(wedged, "not renewing the claim") >= 1
+        # ...and the log names the code that held the loop (the hog's spin).
+        assert _said(wedged, "the event loop's thread is at") >= 1
+        assert _said(wedged, "in _spin") >= 1
         await eventually_async(partial(_ended, wedged, "hog: wedge ends", 1), 60,
                                "the wedge ends")
         await _balanced(fleet, sessions, 2)  # it gave up, was refused, and joined again
