@@ -22,6 +22,8 @@ from broker.runtime.actor import SessionActor
 from broker.store.base import LiveState, Store
 
 _ERRORS = (rexc.RedisError, OSError, StoreUnavailable, asyncio.TimeoutError)
+REPORTS_AT_ONCE = 64
+"""Live reports written side by side."""
 
 
 class LiveReporter:
@@ -37,22 +39,35 @@ class LiveReporter:
 
     async def report(self, owned: Mapping[str, Lease],
                      actors: Mapping[str, SessionActor]) -> None:
-        """Write the live state of every owned session whose report is due."""
+        """Write the live state of every owned session whose report is due,
+        REPORTS_AT_ONCE side by side: after a takeover of thousands, one at a time
+        held the claim round for as many round trips."""
         now = time.time()
+        due = []
         for session_id, lease in list(owned.items()):
             actor = actors.get(session_id)
             if actor is None:
                 continue
             state, activity = actor.state.value, actor.last_activity
-            if not self.rules.due(session_id, state, activity, now):
-                continue
-            try:
-                await self._store.report_live(session_id, self._live(actor, now),
-                                              self.rules.ttl_s, fence=lease.token)
-            except NotOwner:
-                self._fenced(session_id)
-                continue
-            self.rules.reported(session_id, state, activity, now)
+            if self.rules.due(session_id, state, activity, now):
+                due.append((session_id, lease, actor, state, activity))
+        for start in range(0, len(due), REPORTS_AT_ONCE):
+            results = await asyncio.gather(*(self._report_one(*item, now)
+                                             for item in due[start:start + REPORTS_AT_ONCE]),
+                                           return_exceptions=True)
+            for result in results:  # the round hears a failure, as it did one at a time
+                if isinstance(result, BaseException):
+                    raise result
+
+    async def _report_one(self, session_id: str, lease: Lease, actor: SessionActor,
+                          state: str, activity: float, now: float) -> None:
+        try:
+            await self._store.report_live(session_id, self._live(actor, now),
+                                          self.rules.ttl_s, fence=lease.token)
+        except NotOwner:
+            self._fenced(session_id)
+            return
+        self.rules.reported(session_id, state, activity, now)
 
     async def leaving(self, actor: SessionActor, lease: Lease, ttl_s: float) -> None:
         """A last report before the lease is released, expiring within `ttl_s`."""
