@@ -105,9 +105,13 @@ async def _open_count(client: Any, ids: Sequence[str]) -> int:
 
 
 PROGRESS_EVERY = 10_000
+CREATE_ATTEMPTS = 3
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+"""CreateSession is idempotent: these are tried again (on the next broker), counted."""
 
 
-async def _create(addresses: Sequence[str], ids: Sequence[str], timeout: float) -> None:
+async def _create(addresses: Sequence[str], ids: Sequence[str], timeout: float,
+                  retried: collections.Counter[str]) -> None:
     """CreateSession each id, spread over the brokers, 64 in flight; prints progress,
     and a failure says how far creation got."""
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
@@ -120,8 +124,15 @@ async def _create(addresses: Sequence[str], ids: Sequence[str], timeout: float) 
         async def create(n: int, sid: str) -> None:
             nonlocal done
             async with gate:
-                await stubs[n % len(stubs)].CreateSession(
-                    pb.CreateSessionRequest(session_id=sid), timeout=timeout)
+                for attempt in range(CREATE_ATTEMPTS):  # as a client would: same id again
+                    try:
+                        await stubs[(n + attempt) % len(stubs)].CreateSession(
+                            pb.CreateSessionRequest(session_id=sid), timeout=timeout)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        if (exc.code() not in RETRIED or attempt == CREATE_ATTEMPTS - 1):
+                            raise
+                        retried[exc.code().name] += 1
             done += 1
             if done % PROGRESS_EVERY == 0:
                 print(f"    created {done:,} of {len(ids):,} after "
@@ -174,7 +185,8 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
         addresses = [a for _, a in procs.values()]
         started = time.monotonic()
         place_timeout = max(120.0, n / 50)
-        await _create(addresses, ids, timeout=60)
+        retried: collections.Counter[str] = collections.Counter()
+        await _create(addresses, ids, timeout=60, retried=retried)
         created_s = time.monotonic() - started
         print(f"  scale {n}: created in {created_s:.1f}s", flush=True)
 
@@ -238,6 +250,7 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
             "sessions": n, "brokers": brokers, "engine": engine, "redis": redis,
             "lease_ttl_s": ttl_s,
             "create_s": round(created_s, 1), "place_all_open_s": round(place_s, 1),
+            "create_retried": dict(retried),
             "owners": dict(spread),
             "idle_window_s": round(elapsed, 1),
             "redis_commands_per_s": round(total / elapsed, 1),
