@@ -80,8 +80,8 @@ FIRST_KEEPALIVE_SPREAD = 0.5
 """The first ping of a connection goes after a random 50-100 % of the interval:
 sessions that opened together (a failover takes thousands over within seconds)
 would otherwise ping in the same instant every interval, for as long as they
-stay open, and a burst of thousands of pings can hold a broker's event loop
-long enough to miss its own heartbeat."""
+stay open; a burst of thousands of pings might hold a broker's event loop
+long enough to miss its own heartbeat (suspected at 100k, not shown)."""
 
 
 class SessionMachine:
