@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -30,6 +34,67 @@ def _no_real_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ.pop("BROKER_DATA_DIR", None)
     else:
         os.environ["BROKER_DATA_DIR"] = saved
+
+
+TASKS_DUMP_AT = 0.8
+"""Of a test's timeout: when its asyncio tasks are printed if it still runs."""
+
+
+def _running_loop_of_main_thread() -> asyncio.AbstractEventLoop | None:
+    """The loop the main thread is running, found on its stack (from another thread)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or 0)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, asyncio.AbstractEventLoop):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+def _awaits(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits, outermost first: its coroutine's chain of awaits (a task's
+    own get_stack() gives only the outermost frame of a suspended coroutine)."""
+    lines: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(lines) < 40:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return lines
+
+
+def _dump_tasks() -> None:
+    tasks = asyncio.all_tasks()
+    out = [f"\n+++ {len(tasks)} asyncio tasks of a test near its timeout +++"]
+    for task in tasks:
+        out.append(repr(task)[:300])
+        out.extend(_awaits(task))
+    if sys.__stderr__ is not None:
+        sys.__stderr__.write("\n".join(out) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _tasks_before_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """pytest-timeout prints only threads, and a hung asyncio test shows an idle loop
+    there; this prints every task's stack (where each awaits) shortly before."""
+    marker = request.node.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else float(
+        request.config.getini("timeout") or 0)
+    if timeout <= 0:
+        yield
+        return
+
+    def fire() -> None:
+        loop = _running_loop_of_main_thread()
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(_dump_tasks)
+
+    timer = threading.Timer(timeout * TASKS_DUMP_AT, fire)
+    timer.daemon = True
+    timer.start()
+    yield
+    timer.cancel()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,6 +41,19 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def within(step: Awaitable[Any], timeout: float, what: str) -> Any:
+    """Await a teardown step, bounded: on timeout fail with every task's stack, which
+    names the await that hangs (pytest-timeout shows only the idle event loop)."""
+    try:
+        return await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=12, file=stacks)
+        raise AssertionError(f"{what} did not end in {timeout}s; tasks:\n"
+                             f"{stacks.getvalue()}") from None
 
 
 def state_of(app: BrokerApp, session_id: str) -> State | None:

@@ -164,10 +164,12 @@ class Coordinator:
             self._fence_task.cancel()
             await asyncio.wait([self._fence_task])
         with contextlib.suppress(*_REDIS_ERRORS):
-            await asyncio.wait_for(self._leave(), self.ttl_s / 2)
+            async with asyncio.timeout(self.ttl_s / 2):
+                await self._leave()
         if self._pubsub is not None:
             with contextlib.suppress(*_REDIS_ERRORS):
-                await asyncio.wait_for(self._pubsub.aclose(), self.ttl_s / 2)
+                async with asyncio.timeout(self.ttl_s / 2):
+                    await self._pubsub.aclose()
 
     async def _leave(self) -> None:
         await self.membership.leave()
@@ -244,7 +246,8 @@ class Coordinator:
             wait = rules.next_round_in(self.interval_s, self._heartbeats, me=self.instance_id,
                                        ttl_s=self.ttl_s, now=time.time())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
 
     def _claim_lost(self) -> None:
         """The heartbeat found the claim gone: every lease may be someone else's."""
@@ -447,7 +450,8 @@ class Coordinator:
         if actor is not None:
             await self.live.leaving(actor, lease, self.ttl_s)
         with contextlib.suppress(*_REDIS_ERRORS):
-            await asyncio.wait_for(self.leases.release(lease), self.ttl_s / 4)
+            async with asyncio.timeout(self.ttl_s / 4):
+                await self.leases.release(lease)
             await self.client.incr(self.keys.leases_version)  # others look, even unannounced
             if announce:
                 await self._announce("rebalance")

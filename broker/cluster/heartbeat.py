@@ -110,7 +110,8 @@ class Heartbeat:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                await asyncio.wait_for(self._beat(membership, started), self._period_s * 2)
+                async with asyncio.timeout(self._period_s * 2):
+                    await self._beat(membership, started)
             except Exception as exc:  # Redis away: fencing decides
                 log.warning("heartbeat failed (Redis unreachable?): %s", exc)
             wait = max(0.0, self._period_s - (time.monotonic() - started))

@@ -73,9 +73,9 @@ class LiveReporter:
         """A last report before the lease is released, expiring within `ttl_s`."""
         self.rules.forget(lease.session_id)
         with contextlib.suppress(*_ERRORS, NotOwner):
-            await asyncio.wait_for(self._store.report_live(
-                lease.session_id, self._live(actor, time.time()), ttl_s, fence=lease.token),
-                ttl_s / 4)
+            async with asyncio.timeout(ttl_s / 4):
+                await self._store.report_live(lease.session_id, self._live(actor, time.time()),
+                                              ttl_s, fence=lease.token)
 
     def forget(self, session_id: str) -> None:
         self.rules.forget(session_id)

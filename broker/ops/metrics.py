@@ -128,7 +128,8 @@ class BrokerMetrics:
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                async with asyncio.timeout(2.0):
+                    await self._server.wait_closed()
         await self._follower.stop()
 
     # -- status events -------------------------------------------------------
@@ -181,7 +182,8 @@ class BrokerMetrics:
     async def _handle_http(self, reader: asyncio.StreamReader,
                            writer: asyncio.StreamWriter) -> None:
         try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
+            async with asyncio.timeout(10.0):
+                request = await reader.readuntil(b"\r\n\r\n")
             method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
             if path.split("?", 1)[0] in ("/metrics", "/") and method in ("GET", "HEAD"):
                 body = await self.scrape()

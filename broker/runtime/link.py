@@ -119,7 +119,8 @@ class Connection:
             return
         if wait:
             try:
-                await asyncio.wait_for(link.close(code, reason), timeout_s)
+                async with asyncio.timeout(timeout_s):
+                    await link.close(code, reason)
             except Exception:
                 with contextlib.suppress(Exception):
                     link.abort()

@@ -293,7 +293,8 @@ class SessionManager:
             if actor.state == State.OPEN:
                 # The upstream answers a logout by closing with 401; give it a moment.
                 try:
-                    await asyncio.wait_for(actor.blocked.wait(), 5.0)
+                    async with asyncio.timeout(5.0):
+                        await actor.blocked.wait()
                 except TimeoutError:
                     log.warning("session %s: upstream did not confirm logout", session_id)
         else:

@@ -29,7 +29,8 @@ class AckWaiters(Generic[K]):
         try:
             if recorded is not None and (done := await recorded()) is not None:
                 return done
-            return await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):
+                return await fut
         except TimeoutError:
             return None
         finally:

@@ -378,7 +378,8 @@ class MemoryStore(OneAtATime):
     async def wait_outbox(self, session_id: str, timeout: float) -> None:
         box = self._outbox(session_id)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(box.changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await box.changed.wait()
         box.changed.clear()
 
     # live state
@@ -491,7 +492,8 @@ class MemoryStore(OneAtATime):
         out = self._claim_inbound(log, state, consumer, count)
         if not out and state.next_index >= len(log.records) and block_s > 0:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(log.changed.wait(), block_s)
+                async with asyncio.timeout(block_s):
+                    await log.changed.wait()
             if self._inbound.get((topic, session_id)) is not log:
                 return []  # the session was deleted meanwhile
         now = time.monotonic()

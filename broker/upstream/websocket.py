@@ -130,7 +130,8 @@ class WebsocketLink:
         self._code_requests[rid] = waiter
         try:
             await self._send(p.PairingCodeRequest(id=rid, phone=phone_number))
-            answer = await asyncio.wait_for(waiter, PAIRING_CODE_TIMEOUT_S)
+            async with asyncio.timeout(PAIRING_CODE_TIMEOUT_S):
+                answer = await waiter
         except TimeoutError:
             raise PairingUnavailable("the upstream did not answer the pairing code "
                                      "request in time") from None

@@ -19,7 +19,7 @@ from broker.lifecycle.states import State
 from broker.runtime.manager import SessionManager
 from broker.runtime.updates import MessageStatus
 from tests.engines.baileys_support import FAKE_ENV, FakeWhatsApp, free_port, needs_bridge
-from tests.helpers import FAST_POLICY, eventually, eventually_async
+from tests.helpers import FAST_POLICY, eventually, eventually_async, within
 from tests.redis_server import RedisServer
 
 pytestmark = needs_bridge
@@ -77,8 +77,8 @@ async def rig(shared_redis_server: RedisServer, credential_env: dict[str, str],
     try:
         yield Rig(manager, engine, FakeWhatsApp(port), client)
     finally:
-        await manager.close()
-        await engine.stop()
+        await within(manager.close(), 60.0, "the manager's close")
+        await within(engine.stop(), 30.0, "the engine's stop")
         await backend.store.close()
         await client.aclose()
 

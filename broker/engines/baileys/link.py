@@ -226,7 +226,8 @@ class BridgeLink:
         self._codes[rid] = waiter
         self._write({"t": "pair_code", "rid": rid, "phone": phone_number})
         try:
-            answer = await asyncio.wait_for(waiter, PAIRING_CODE_TIMEOUT_S)
+            async with asyncio.timeout(PAIRING_CODE_TIMEOUT_S):
+                answer = await waiter
         except TimeoutError:
             raise PairingUnavailable("WhatsApp did not answer the pairing code request "
                                      "in time") from None
@@ -265,11 +266,12 @@ class BridgeProvider:
             raise ConnectError(DisconnectCode.CONNECTION_CLOSED, where)
         path, secret = where
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(path, limit=MAX_LINE), self.connect_timeout_s)
+            async with asyncio.timeout(self.connect_timeout_s):
+                reader, writer = await asyncio.open_unix_connection(path, limit=MAX_LINE)
             writer.write(encode({"t": "hello", "version": PROTOCOL_VERSION, "secret": secret,
                                  "session": login}))
-            welcome = await asyncio.wait_for(reader.readline(), self.connect_timeout_s)
+            async with asyncio.timeout(self.connect_timeout_s):
+                welcome = await reader.readline()
         except (OSError, TimeoutError) as exc:
             raise ConnectError(DisconnectCode.CONNECTION_CLOSED,
                                f"cannot reach the WhatsApp bridge: {exc}") from exc

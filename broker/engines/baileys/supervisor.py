@@ -137,7 +137,8 @@ class BridgeSupervisor:
         self._log_task = asyncio.create_task(self._forward_logs(proc.stderr),
                                              name="baileys-bridge-log")
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                line = await proc.stdout.readline()
         except TimeoutError:
             line = b""
         if not line.startswith(b'{"t":"ready"'):
@@ -175,7 +176,8 @@ class BridgeSupervisor:
         assert proc.stdin is not None
         proc.stdin.close()  # the bridge exits when its stdin closes
         try:
-            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT_S)
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await proc.wait()
         except TimeoutError:
             proc.kill()
             await proc.wait()

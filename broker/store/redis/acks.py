@@ -78,7 +78,8 @@ class AckListener:
                 remaining = deadline - loop.time()
                 if not ch.ready.is_set() and remaining > 0:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(ch.ready.wait(), min(remaining, self._recheck_s))
+                        async with asyncio.timeout(min(remaining, self._recheck_s)):
+                            await ch.ready.wait()
                 if waiter.result is not None:
                     return waiter.result
                 found = await check()
@@ -88,7 +89,8 @@ class AckListener:
                 if remaining <= 0:
                     return None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter.poke.wait(), min(remaining, self._recheck_s))
+                    async with asyncio.timeout(min(remaining, self._recheck_s)):
+                        await waiter.poke.wait()
                 if waiter.result is not None:
                     return waiter.result
         finally:

@@ -162,7 +162,8 @@ class InboundPart(SqlitePart):
         if out or block_s <= 0:
             return out
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(woken.wait(), block_s)
+            async with asyncio.timeout(block_s):
+                await woken.wait()
         if not woken.is_set():
             return []
         taken: list[InboundDelivery] = await self.db.write(lambda txn: self._take_inbound(

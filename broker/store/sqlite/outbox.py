@@ -238,7 +238,8 @@ class OutboxPart(SqlitePart):
         await self._ready()
         event = self._outbox_event(session_id)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await event.wait()
         event.clear()
 
     # -- live state (of this process: not worth a disk write, and it must not

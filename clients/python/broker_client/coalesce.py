@@ -158,7 +158,8 @@ class SendStream:
         stream.outgoing.put_nowait(broker_pb2.SendItem(ref=ref, request=request,
                                                        timeout_ms=max(1, int(timeout * 1000))))
         try:
-            result = await asyncio.wait_for(answer, timeout + _ANSWER_MARGIN_S)
+            async with asyncio.timeout(timeout + _ANSWER_MARGIN_S):
+                result = await answer
         except TimeoutError:
             raise DeadlineExceeded(f"no answer on the send stream within {timeout:.1f}s") from None
         except StreamUnsupported as err:
