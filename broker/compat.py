@@ -41,7 +41,7 @@ async def wait_for(fut: Awaitable[T], timeout: float | None) -> T:
 
 
 def install() -> bool:
-    """Put `wait_for` in place of 3.11's (once); whether this Python needed it."""
+    """Put `wait_for` in place of 3.11's (again is harmless); whether this Python needed it."""
     if sys.version_info >= (3, 12):
         return False
     asyncio.wait_for = wait_for  # type: ignore[assignment]
