@@ -8,7 +8,6 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
-from typing import Any
 
 import pytest
 
@@ -17,7 +16,7 @@ from broker.config import Settings
 from broker.lifecycle.policy import LifecyclePolicy
 from broker.simulator import Simulator, SimulatorConfig
 from broker.store.base import Store
-from tests.helpers import FAST_POLICY
+from tests.helpers import FAST_POLICY, describe_tasks
 
 BrokerFactory = Callable[..., Awaitable[BrokerApp]]
 
@@ -51,27 +50,10 @@ def _running_loop_of_main_thread() -> asyncio.AbstractEventLoop | None:
     return None
 
 
-def _awaits(task: asyncio.Task[Any]) -> list[str]:
-    """Where a task waits, outermost first: its coroutine's chain of awaits (a task's
-    own get_stack() gives only the outermost frame of a suspended coroutine)."""
-    lines: list[str] = []
-    awaited: Any = task.get_coro()
-    while awaited is not None and len(lines) < 40:
-        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
-        if frame is not None:
-            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
-    return lines
-
-
 def _dump_tasks() -> None:
-    tasks = asyncio.all_tasks()
-    out = [f"\n+++ {len(tasks)} asyncio tasks of a test near its timeout +++"]
-    for task in tasks:
-        out.append(repr(task)[:300])
-        out.extend(_awaits(task))
     if sys.__stderr__ is not None:
-        sys.__stderr__.write("\n".join(out) + "\n")
+        sys.__stderr__.write(f"\n+++ asyncio tasks of a test near its timeout +++\n"
+                             f"{describe_tasks()}\n")
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -43,17 +42,36 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 10.0,
         await asyncio.sleep(0.01)
 
 
+def _awaits(task: asyncio.Task[Any]) -> list[str]:
+    """Where a task waits, outermost first: its coroutine's chain of awaits (a task's
+    own get_stack() gives only the outermost frame of a suspended coroutine)."""
+    lines: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None and len(lines) < 40:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "ag_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "ag_await", None)
+    return lines
+
+
+def describe_tasks() -> str:
+    """Every asyncio task of the running loop and where it awaits (for hung tests)."""
+    out: list[str] = []
+    for task in asyncio.all_tasks():
+        out.append(repr(task)[:300])
+        out.extend(_awaits(task))
+    return "\n".join(out)
+
+
 async def within(step: Awaitable[Any], timeout: float, what: str) -> Any:
-    """Await a teardown step, bounded: on timeout fail with every task's stack, which
-    names the await that hangs (pytest-timeout shows only the idle event loop)."""
+    """Await a teardown step, bounded: on timeout fail with every task and where it
+    awaits, which names the await that hangs (pytest-timeout shows only the idle loop)."""
     try:
         return await asyncio.wait_for(step, timeout)
     except TimeoutError:
-        stacks = io.StringIO()
-        for task in asyncio.all_tasks():
-            task.print_stack(limit=12, file=stacks)
         raise AssertionError(f"{what} did not end in {timeout}s; tasks:\n"
-                             f"{stacks.getvalue()}") from None
+                             f"{describe_tasks()}") from None
 
 
 def state_of(app: BrokerApp, session_id: str) -> State | None:
