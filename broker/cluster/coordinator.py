@@ -8,10 +8,13 @@ before releasing the lease, so the next owner never meets a live connection.
 
 The idle cost is per instance, not per session (`broker.cluster.rules`): one
 heartbeat keeps every lease this instance holds; a round rereads the session
-records only when their version moved and every lease only after a change,
-until all are held, each full read at most once per `rules.FULL_READ_EVERY`
-times its own duration (a created session is announced by id, and its first
-choice reads just that one meanwhile); live state is written when it changes
+records only when their version moved unannounced and every lease only after
+a change, until all are held, each full read at most once per
+`rules.FULL_READ_EVERY` times its own duration. A created (or handed-over)
+session is announced by id: every instance reads just that record, its first
+choice claims it at once, and the others look at its lease after a grace
+(`rules.Candidates`), so a session whose first choice is full waits a round,
+not a full read; live state is written when it changes
 (looked at once per period); requests for an
 owned session arrive in this instance's inbox (`broker.cluster.inbox`), so no
 outbox is polled.
@@ -99,14 +102,13 @@ class Coordinator:
         self.progress = rules.Progress(lease_ttl_s)
         self._heartbeat_client = heartbeat_client
         self.heartbeat: Heartbeat | None = None
-        self.schedule = rules.RoundSchedule()
+        self.schedule = rules.RoundSchedule(quiet_s=self.interval_s)
+        self.candidates = rules.Candidates(instance_id, grace_s=self.interval_s)
         self.live = LiveReporter(manager.store, instance_id, fenced=self.fenced)
         self.owned: dict[str, Lease] = {}
         self._records: dict[str, SessionRecord] = {}
-        #: enabled sessions announced since the last full read of the records
+        #: sessions announced by id whose record this instance has not read since
         self._announced: set[str] = set()
-        #: those of them this instance is the first choice for, as of their announcement
-        self._mine: set[str] = set()
         self._live: list[str] = [instance_id]
         self._heartbeats: dict[str, float] = {}
         self._reported_at = -float("inf")
@@ -226,8 +228,11 @@ class Coordinator:
         except _REDIS_ERRORS as exc:
             raise StoreUnavailable(f"cannot reach Redis to coordinate: {exc}") from exc
 
-    def wake(self) -> None:
-        self.schedule.changed()
+    def wake(self, *, changed: bool = True) -> None:
+        """Run a round soon; `changed`: something may have moved that only a
+        survey of every lease finds (members, a release, a lost lease)."""
+        if changed:
+            self.schedule.changed()
         self._wake.set()
 
     # loops
@@ -291,11 +296,11 @@ class Coordinator:
 
     async def _on_command(self, name: str, session_id: str) -> None:
         if name == "rebalance":
-            if session_id:
+            if session_id:  # read and looked at by id: no survey of every lease
                 self._announced.add(session_id)
-                if rules.first_choice(session_id, self._live) == self.instance_id:
-                    self._mine.add(session_id)
-            self.wake()
+                self.candidates.announced(session_id, self._live, time.monotonic())
+                self.schedule.heard(time.monotonic())
+            self.wake(changed=not session_id)
             return
         try:
             op = Op(name)
@@ -335,18 +340,17 @@ class Coordinator:
             started = time.monotonic()
             records = await self.manager.store.list_sessions()
             self._records = {r.session_id: r for r in records if r.enabled}
-            self._announced -= heard  # those heard during the read are read one by one
-            self._mine -= heard
+            self._announced -= heard  # those heard during the read are read by id
+            self.candidates.keep_only(self._records.keys() | self._announced)
             self.schedule.loaded(version, now, time.monotonic() - started)
-        pending = [sid for sid in self._announced if sid not in self._records]
-        self._announced = set(pending)
-        self._mine &= self._announced
+        if self._announced:
+            await self._read_announced(sorted(self._announced))
         for session_id in [s for s in self.owned if s not in self._records]:
             await self._release(session_id)
         if now - self._reported_at >= self.interval_s:  # O(owned): not every woken round
             self._reported_at = now
             await self.live.report(self.owned, self.manager.actors)
-        share = rules.fair_share(len(self._records) + len(pending), len(self._live))
+        share = rules.fair_share(len(self._records), len(self._live))
         if len(self.owned) > share:
             victim = rules.shed_victim(self.instance_id, self.owned)
             log.info("owning %d sessions, fair share %d: handing %s over",
@@ -358,29 +362,30 @@ class Coordinator:
         if self.schedule.scan_due(now):
             settled, read_s = await self._claim(list(self._records.values()), share)
             self.schedule.scanned(now, settled, read_s)
-        if self._mine and len(self.owned) < share:
-            await self._claim(await self._read_announced(sorted(self._mine)), share)
+        due = self.candidates.due(time.monotonic(), share - len(self.owned))
+        if due and self.liveness.fresh(time.monotonic()):
+            await self._claim([self._records[s] for s in due if s in self._records], share)
 
-    async def _read_announced(self, session_ids: list[str]) -> list[SessionRecord]:
-        """The records of sessions announced since the last full read (enabled ones
-        join the known records)."""
-        found: list[SessionRecord] = []
+    async def _read_announced(self, session_ids: list[str]) -> None:
+        """Read the records of sessions announced by id: enabled ones join the
+        known records (and stay candidates), the others leave them."""
         for start in range(0, len(session_ids), rules.CLAIM_BATCH * 8):
             chunk = session_ids[start:start + rules.CLAIM_BATCH * 8]
             got = await asyncio.gather(*(self.manager.store.get_session(s) for s in chunk))
             for session_id, record in zip(chunk, got, strict=True):
                 self._announced.discard(session_id)
-                self._mine.discard(session_id)
                 if record is not None and record.enabled:
                     self._records[session_id] = record
-                    found.append(record)
-        return found
+                else:
+                    self._records.pop(session_id, None)
+                    self.candidates.settled([session_id])
 
     async def _claim(self, records: list[SessionRecord], share: int) -> tuple[bool, float]:
         """Take free and orphaned leases among `records`, up to the fair share.
         Whether every one of them is held by a live instance, and how long reading
         their leases took (what paces the next full survey; not the takeover)."""
         began = time.monotonic()
+        self.candidates.settled(r.session_id for r in records if r.session_id in self.owned)
         by_id = {r.session_id: r for r in records if r.session_id not in self.owned}
         values = await self.leases.values(list(by_id))
         holders = {h for v in values.values() if (h := rules.holder_of(v)) is not None}
@@ -388,6 +393,11 @@ class Coordinator:
         read_s = time.monotonic() - began
         found = rules.survey(values, me=self.instance_id, claimed=claimed, live=self._live)
         order = rules.claim_order(self.instance_id, found)
+        # What is held by a live instance is settled; the rest stays a candidate
+        # until taken (here, below) or found held.
+        self.candidates.settled(s for s in values if s not in found.orphaned
+                                and s not in found.free)
+        self.candidates.found_free(order, time.monotonic())
         while order and len(self.owned) < share and self.liveness.fresh(time.monotonic()):
             # A few at a time, side by side: a failover of thousands of sessions
             # waits on round trips in parallel, never beyond the fair share.
@@ -400,6 +410,7 @@ class Coordinator:
                 if lease is None:
                     continue
                 self.owned[session_id] = lease
+                self.candidates.settled([session_id])
                 was = found.orphaned.get(session_id)
                 if was:
                     log.info("session %s: took the lease over from %s, whose claim is gone "
@@ -453,5 +464,5 @@ class Coordinator:
             async with asyncio.timeout(self.ttl_s / 4):
                 await self.leases.release(lease)
             await self.client.incr(self.keys.leases_version)  # others look, even unannounced
-            if announce:
-                await self._announce("rebalance")
+            if announce:  # by id: the others look at just its lease
+                await self._announce("rebalance", session_id)

@@ -41,9 +41,12 @@ CLAIM_BATCH = 32
 """Leases a round asks for side by side."""
 FULL_READ_EVERY = 10.0
 """A read of every record (or every lease) starts at most once per this many times
-its last duration: while thousands of sessions are being created the version moves
-every round, and back-to-back full reads would cost O(sessions) per creation.
-Sessions announced meanwhile are read one by one (`first_choice`)."""
+its last duration, so its share of the time stays bounded however often things
+change (a failover of thousands, a stream of releases)."""
+CANDIDATES_AT_ONCE = 4
+"""A round reads the leases of at most this many times its room of known-free
+candidates (at least CLAIM_BATCH), best-ranked first: those found owned are
+dropped, so a long list drains over rounds without a round costing O(list)."""
 MIN_ROUND_GAP_S = 0.25
 """The least time between claim rounds: a burst of announcements is one round."""
 LOOP_STALL_AFTER = 3 / 4
@@ -199,19 +202,23 @@ class RoundSchedule:
     """When a claim round must reread the session records and every lease.
 
     Idle, a round reads neither: records when the session set's version moved
-    (or every RELOAD_EVERY_S), leases after any change (members, the lease
-    version, a lease lost here) until a survey finds everything settled (or
-    every RESCAN_EVERY_S). Either full read waits FULL_READ_EVERY times its
-    last duration after the previous one started, so their share of the time
-    stays bounded however often things change.
+    while no announcement was heard for `quiet_s` (an announced session is read
+    by id, so a stream of creations costs no full read; a version that moved
+    unannounced, a disable or a delete, is read once things are quiet) or every
+    RELOAD_EVERY_S; leases after a change of members, of the lease version or a
+    lease lost here, until a survey finds everything settled (or every
+    RESCAN_EVERY_S). Either full read waits FULL_READ_EVERY times its last
+    duration after the previous one started.
     """
 
     def __init__(self, rescan_every_s: float = RESCAN_EVERY_S,
                  reload_every_s: float = RELOAD_EVERY_S,
-                 full_read_every: float = FULL_READ_EVERY) -> None:
+                 full_read_every: float = FULL_READ_EVERY, quiet_s: float = 0.0) -> None:
         self._rescan_every_s = rescan_every_s
         self._reload_every_s = reload_every_s
         self._pace = full_read_every
+        self._quiet_s = quiet_s
+        self._heard_at = -math.inf
         self._load_took_s = 0.0
         self._scan_took_s = 0.0
         self._version: str | None = None
@@ -239,12 +246,16 @@ class RoundSchedule:
             self._released = version
             self._dirty = True
 
+    def heard(self, now: float) -> None:
+        """A session was announced by id (it is read on its own)."""
+        self._heard_at = now
+
     def reload_due(self, version: str | None, now: float) -> bool:
         if self._loaded_at is None:
             return True
         since = now - self._loaded_at
-        return ((version != self._version or since >= self._reload_every_s)
-                and since >= self._pace * self._load_took_s)
+        moved = version != self._version and now - self._heard_at >= self._quiet_s
+        return (moved or since >= self._reload_every_s) and since >= self._pace * self._load_took_s
 
     def loaded(self, version: str | None, now: float, took_s: float = 0.0) -> None:
         """A full read of the records started at `now` and took `took_s`."""
@@ -263,6 +274,55 @@ class RoundSchedule:
         """A survey of every lease started at `now` and took `took_s`."""
         self._scanned_at, self._scan_took_s = now, took_s
         self._dirty = not settled
+
+
+class Candidates:
+    """Sessions that may have no live owner and that this instance has not taken:
+    announced ones, and those a survey found free while this instance was at its
+    fair share. While it has room, a round reads just their leases, best-ranked
+    first, so a session whose first choice is full is taken by another instance
+    within a round or two rather than at its next read of every lease.
+
+    An announced session is left to its first choice for `grace_s` (the others
+    would only race it for the lease); one a survey found free is due at once.
+    """
+
+    def __init__(self, instance_id: str, grace_s: float) -> None:
+        self.instance_id = instance_id
+        self.grace_s = grace_s
+        self._due_at: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._due_at)
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._due_at
+
+    def announced(self, session_id: str, live: Collection[str], now: float) -> None:
+        first = first_choice(session_id, live) in (self.instance_id, None)
+        self._due_at.setdefault(session_id, now if first else now + self.grace_s)
+
+    def found_free(self, session_ids: Iterable[str], now: float) -> None:
+        for session_id in session_ids:
+            self._due_at[session_id] = min(self._due_at.get(session_id, now), now)
+
+    def settled(self, session_ids: Iterable[str]) -> None:
+        """Owned (here or by a live instance), gone or disabled: not a candidate."""
+        for session_id in session_ids:
+            self._due_at.pop(session_id, None)
+
+    def keep_only(self, known: Collection[str]) -> None:
+        """After a full read of the records: forget sessions no longer enabled."""
+        for session_id in [s for s in self._due_at if s not in known]:
+            del self._due_at[session_id]
+
+    def due(self, now: float, room: int) -> list[str]:
+        """The candidates to look at this round, best-ranked first."""
+        if room <= 0:
+            return []
+        ready = [s for s, at in self._due_at.items() if at <= now]
+        ready.sort(key=lambda s: rank(self.instance_id, s))
+        return ready[:max(CLAIM_BATCH, room * CANDIDATES_AT_ONCE)]
 
 
 @dataclass

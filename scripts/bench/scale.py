@@ -104,6 +104,18 @@ async def _open_count(client: Any, ids: Sequence[str]) -> int:
     return sum(1 for raw in rows if raw is not None and event_from_json(raw).state == State.OPEN)
 
 
+async def _why(client: Any, last: dict[str, bytes | None]) -> str:
+    """What holds the sessions not OPEN yet, when few are left: their lease holders
+    and last states (a tail that does not drain says where it is stuck)."""
+    if not last or len(last) > 5_000:
+        return ""
+    holders = await _owners(client, list(last))
+    seen = collections.Counter(
+        (holders[sid] or "no lease", "no state" if raw is None else event_from_json(raw).state.name)
+        for sid, raw in last.items())
+    return "; not OPEN: " + ", ".join(f"{h} {st} {c}" for (h, st), c in seen.most_common(8))
+
+
 PROGRESS_EVERY = 10_000
 CREATE_ATTEMPTS = 3
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -199,13 +211,15 @@ async def one_size(n: int, *, brokers: int, engine: str, window_s: float, ttl_s:
                 # Only what was not OPEN yet (100,000 reads a poll would compete with
                 # the brokers for the CPU), then all of them once more, together.
                 rows = await _chunked(client, waiting, "last")
-                waiting = [sid for sid, raw in zip(waiting, rows, strict=True)
-                           if raw is None or event_from_json(raw).state != State.OPEN]
+                last = {sid: raw for sid, raw in zip(waiting, rows, strict=True)
+                        if raw is None or event_from_json(raw).state != State.OPEN}
+                waiting = list(last)
                 if waiting:
                     if time.monotonic() - reported[0] >= 30:
                         reported[0] = time.monotonic()
                         print(f"    {n - len(waiting):,} of {n:,} OPEN after "
-                              f"{reported[0] - started:.0f}s", flush=True)
+                              f"{reported[0] - started:.0f}s{await _why(client, last)}",
+                              flush=True)
                     return False
                 if await _open_count(client, ids) == n:
                     return True

@@ -182,3 +182,48 @@ def test_the_heartbeat_renews_only_while_the_event_loop_makes_progress() -> None
     assert not progress.may_renew(100.0 + TTL * rules.LOOP_STALL_AFTER)
     # A wedged loop's last renewal lapses within a TTL after that: well bounded.
     assert rules.LOOP_STALL_AFTER < 1
+
+
+def test_a_stream_of_announcements_holds_a_version_reload_back_until_quiet() -> None:
+    plan = RoundSchedule(rescan_every_s=300, reload_every_s=300, quiet_s=2.0)
+    plan.loaded("1", 0.0)
+    plan.heard(5.0)  # sessions being created, each announced and read by id
+    assert not plan.reload_due("9", 6.0)
+    assert plan.reload_due("9", 7.0)  # quiet again: the moves are checked once
+    plan.heard(299.0)
+    assert plan.reload_due("9", 300.0)  # never quiet: the safety net still reads
+
+
+def test_an_announced_session_is_its_first_choices_at_once_and_the_others_after_a_grace(
+) -> None:
+    live = ["b0", "b1", "b2", "b3"]
+    sid = "s1"
+    first = rules.first_choice(sid, live)
+    other = next(i for i in live if i != first)
+    mine, theirs = rules.Candidates(str(first), 6.0), rules.Candidates(other, 6.0)
+    mine.announced(sid, live, 0.0)
+    theirs.announced(sid, live, 0.0)
+    assert mine.due(0.0, room=1) == [sid]
+    assert theirs.due(5.9, room=1) == [] and theirs.due(6.0, room=1) == [sid]
+    assert theirs.due(6.0, room=0) == []  # no room: nothing is read
+    theirs.settled([sid])
+    assert theirs.due(60.0, room=1) == [] and len(theirs) == 0
+
+
+def test_free_candidates_are_read_best_ranked_first_and_a_few_times_the_room() -> None:
+    picks = rules.Candidates("b0", 6.0)
+    ids = [f"s{i}" for i in range(500)]
+    picks.found_free(ids, 0.0)
+    due = picks.due(0.0, room=50)
+    assert len(due) == 50 * rules.CANDIDATES_AT_ONCE
+    assert due == sorted(ids, key=lambda s: rules.rank("b0", s))[:len(due)]
+    assert len(picks.due(0.0, room=1)) == rules.CLAIM_BATCH
+    picks.keep_only(ids[:10])
+    assert sorted(picks.due(0.0, room=100)) == sorted(ids[:10])
+    # Found free by a survey: due at once, even if announced with a grace before.
+    later = rules.Candidates("b0", 6.0)
+    sid = next(s for s in ids if rules.first_choice(s, ["b0", "b1"]) == "b1")
+    later.announced(sid, ["b0", "b1"], 0.0)
+    assert later.due(1.0, room=1) == []
+    later.found_free([sid], 1.0)
+    assert later.due(1.0, room=1) == [sid]
