@@ -295,9 +295,6 @@ class Candidates:
     def __len__(self) -> int:
         return len(self._due_at)
 
-    def __contains__(self, session_id: object) -> bool:
-        return session_id in self._due_at
-
     def announced(self, session_id: str, live: Collection[str], now: float) -> None:
         first = first_choice(session_id, live) in (self.instance_id, None)
         self._due_at.setdefault(session_id, now if first else now + self.grace_s)
