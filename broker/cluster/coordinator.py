@@ -297,9 +297,10 @@ class Coordinator:
     async def _on_command(self, name: str, session_id: str) -> None:
         if name == "rebalance":
             if session_id:  # read and looked at by id: no survey of every lease
+                now = time.monotonic()
                 self._announced.add(session_id)
-                self.candidates.announced(session_id, self._live, time.monotonic())
-                self.schedule.heard(time.monotonic())
+                self.candidates.announced(session_id, self._live, now)
+                self.schedule.heard(now)
             self.wake(changed=not session_id)
             return
         try:

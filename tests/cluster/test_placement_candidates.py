@@ -7,9 +7,9 @@ other instances' paced full reads and took an hour to place. Here every read of
 all records and every survey of all leases after the first is held back (as
 long, paced reads at that scale would be), and every session prefers
 instance "a": "a" takes its share, "b" must take the rest from the
-announcements. Made red once by letting only the first
-choice consider an announced session (`Candidates.announced` skipping the
-others): "b" then takes none and the sessions stay unowned.
+announcements. Made red once by letting only the first choice consider an
+announced session (`Candidates.announced` skipping the others): "b" then takes
+none and the sessions stay unowned.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ async def test_sessions_whose_first_choice_is_full_are_taken_by_another_instance
         ids = [s for s in (f"pc-{i}" for i in range(SESSIONS * 20))
                if rules.first_choice(s, ["a", "b"]) == "a"][:SESSIONS]
         assert len(ids) == SESSIONS
-        for sid in ids:  # created through either instance: the announcement is shared
-            await managers["b" if len(sid) % 2 else "a"].create(sid)
+        for n, sid in enumerate(ids):  # through either instance: announcements are shared
+            await managers["ab"[n % 2]].create(sid)
 
         def placed() -> bool:
             return len(a.owned) + len(b.owned) == SESSIONS
