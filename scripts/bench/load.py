@@ -88,6 +88,9 @@ async def run_send(args: argparse.Namespace) -> None:
                 if response.status != pb.ACKED:
                     window.error("NOT_ACKED")
                     continue
+                if response.duplicate:  # a key used before: a cache hit, not a send
+                    window.error("DUPLICATE")
+                    continue
                 window.record(started, time.perf_counter())
 
         await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
@@ -99,7 +102,7 @@ async def run_send(args: argparse.Namespace) -> None:
 def _item(args: argparse.Namespace, ref: int, w: int, n: int) -> pb.SendItem:
     return pb.SendItem(ref=ref, request=pb.SendRequest(
         session_id=_session(args, w), to="+15550100", body=f"{args.prefix} {w} {n}",
-        idempotency_key=f"{args.prefix}-{w}-{n}"))
+        idempotency_key=f"{args.prefix}-{w}-{n}"), timeout_ms=int(args.timeout * 1000))
 
 
 def _session(args: argparse.Namespace, w: int) -> str:
@@ -148,12 +151,16 @@ async def run_stream(args: argparse.Namespace) -> None:
                 started = time.perf_counter()
                 outgoing.put_nowait(_item(args, ref, w, n))
                 try:
-                    result = await asyncio.wait_for(fut, args.timeout)
+                    async with asyncio.timeout(args.timeout):  # no task per wait
+                        result = await fut
                 except TimeoutError:
                     window.error("TIMEOUT")
                     continue
                 if result.HasField("error"):
                     window.error(pb.ErrorReason.Reason.Name(result.error.reason))
+                    continue
+                if result.response.duplicate:
+                    window.error("DUPLICATE")
                     continue
                 window.record(started, time.perf_counter())
 
@@ -193,6 +200,8 @@ async def run_batch(args: argparse.Namespace) -> None:
                 for result in response.results:
                     if result.HasField("error"):
                         window.error(pb.ErrorReason.Reason.Name(result.error.reason))
+                    elif result.response.duplicate:
+                        window.error("DUPLICATE")
                     else:
                         window.record(started, finished)
 
@@ -226,6 +235,9 @@ async def run_client(args: argparse.Namespace) -> None:
                     continue
                 if not result.acked:
                     window.error("NOT_ACKED")
+                    continue
+                if result.duplicate:
+                    window.error("DUPLICATE")
                     continue
                 window.record(started, time.perf_counter())
 

@@ -176,7 +176,10 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
                     if target == "upstream_ws":
                         args += ["--session", f"s-ws-{rep}-{c}"]
                     args += ["--concurrency", str(c), "--warmup", str(cfg.warmup_s),
-                             "--duration", str(cfg.duration_s), "--prefix", f"r{rep}c{c}"]
+                             "--duration", str(cfg.duration_s),
+                             # keys of their own: several targets send as s-mem, and a
+                             # key sent before is answered from the store, not sent
+                             "--prefix", f"r{rep}c{c}{target}"]
                     timeout = cfg.warmup_s + cfg.duration_s + 60
                     out = await _load(f"load-{target}-{rep}-{c}", workdir, args, timeout)
                     runs[target].setdefault(c, []).append(out)
