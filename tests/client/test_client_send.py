@@ -143,6 +143,20 @@ async def test_retry_info_is_parsed_and_honoured(
     assert result.acked and len(broker.send_requests) == 2
 
 
+@pytest.mark.parametrize("attempts", [1, 2, 4])
+async def test_retryable_errors_take_exactly_the_attempts_allowed(
+    target: str, broker: ScriptedBroker, attempts: int
+) -> None:
+    # The first attempt runs outside tenacity and its failure is replayed to it:
+    # the bound must still count that attempt, no more and no fewer.
+    broker.send_default = not_delivered(retry_after=0.01)
+    async with BrokerClient(target, retry_attempts=attempts) as client:
+        with pytest.raises(NotDeliveredYet):
+            await asyncio.wait_for(client.send("s1", "alice", "hi", timeout=BOUND / 2), BOUND)
+    assert len(broker.send_requests) == attempts
+    assert len({r.idempotency_key for r in broker.send_requests}) == 1
+
+
 async def test_retry_info_longer_than_budget_stops_at_once(
     target: str, broker: ScriptedBroker
 ) -> None:
