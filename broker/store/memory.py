@@ -120,11 +120,12 @@ def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
     """Forget messages received before `cutoff`, acked or not, as the Redis store's
     XTRIM MINID does: groups move past them and their de-dup entries go."""
     trimmed = 0
-    while log.records and log.records[0][5] < cutoff:
-        record = _record(log.records.popleft())
-        del log.by_id[record.inbound_id]
-        log.by_upstream.pop(record.upstream_id, None)
-        log.media.pop(record.upstream_id, None)
+    records = log.records
+    while records and records[0][5] < cutoff:
+        _, inbound_id, upstream_id, *_ = records.popleft()  # no record rebuilt per row
+        del log.by_id[inbound_id]
+        log.by_upstream.pop(upstream_id, None)
+        log.media.pop(upstream_id, None)
         trimmed += 1
     if trimmed:
         for group in log.groups.values():
@@ -444,7 +445,7 @@ class MemoryStore(OneAtATime):
         fence: int | None = None,
     ) -> list[InboundRecord | None]:
         self._check(session_id, fence)
-        return [self._add_entry(session_id, entry, at, topic) for entry in entries]
+        return self._add_entries(session_id, entries, at, topic)
 
     async def find_inbound(
         self, session_id: str, upstream_ids: Sequence[str], *, topic: str = INBOUND
@@ -458,26 +459,37 @@ class MemoryStore(OneAtATime):
     def _add_entry(
         self, session_id: str, entry: NewEntry, at: float, topic: str
     ) -> InboundRecord | None:
-        upstream_id, sender, body, origin, content, media = entry
+        return self._add_entries(session_id, (entry,), at, topic)[0]
+
+    def _add_entries(
+        self, session_id: str, entries: Sequence[NewEntry], at: float, topic: str
+    ) -> list[InboundRecord | None]:
+        """Append what is new (None for an upstream id already kept), then trim and
+        wake the readers once for the whole batch: every acked message adds one."""
         log = self._inbound_log(session_id, topic)
-        if upstream_id in log.by_upstream:
-            return None
-        record = InboundRecord(
-            session_id=session_id, inbound_id=f"{next(self._inbound_ids)}-0",
-            upstream_id=upstream_id, sender=sender, body=body, received_at=at, origin=origin,
-            content=content,
-        )
-        if media is not None:
-            log.media[upstream_id] = media
-        row = _row(record)
-        log.records.append(row)
-        log.by_id[record.inbound_id] = row
-        log.by_upstream[upstream_id] = record.inbound_id
-        if self._inbound_retention_s:
-            _trim_inbound(log, at - self._inbound_retention_s)
-        log.changed.set()
-        log.changed = asyncio.Event()
-        return record
+        out: list[InboundRecord | None] = []
+        for upstream_id, sender, body, origin, content, media in entries:
+            if upstream_id in log.by_upstream:
+                out.append(None)
+                continue
+            record = InboundRecord(
+                session_id=session_id, inbound_id=f"{next(self._inbound_ids)}-0",
+                upstream_id=upstream_id, sender=sender, body=body, received_at=at,
+                origin=origin, content=content,
+            )
+            if media is not None:
+                log.media[upstream_id] = media
+            row = _row(record)
+            log.records.append(row)
+            log.by_id[record.inbound_id] = row
+            log.by_upstream[upstream_id] = record.inbound_id
+            out.append(record)
+        if len(out) > out.count(None):
+            if self._inbound_retention_s:
+                _trim_inbound(log, at - self._inbound_retention_s)
+            log.changed.set()
+            log.changed = asyncio.Event()
+        return out
 
     async def read_inbound(
         self, session_id: str, group: str, consumer: str, count: int, block_s: float, *,
