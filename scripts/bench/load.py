@@ -286,10 +286,23 @@ async def run_http(args: argparse.Namespace) -> None:
 # -- ws (the upstream floor) ------------------------------------------------------
 
 async def run_ws(args: argparse.Namespace) -> None:
-    async with await upstream_login(args.upstream_url, args.control_url, args.session) as ws:
+    """Send-and-ack straight to the simulator; `--sessions N`: N logins (N websockets),
+    the workers spread over them as over the broker's sessions."""
+    logins = [args.session] if args.sessions <= 1 else [_session(args, i)
+                                                       for i in range(args.sessions)]
+    async with contextlib.AsyncExitStack() as stack:
+        gate = asyncio.Semaphore(32)  # pairing is HTTP to the simulator: not 1,000 at once
+
+        async def login_one(login: str) -> Any:
+            async with gate:
+                return await upstream_login(args.upstream_url, args.control_url, login)
+
+        sockets = await asyncio.gather(*(login_one(login) for login in logins))
+        for ws in sockets:
+            await stack.enter_async_context(ws)
         waiters: dict[str, asyncio.Future[None]] = {}
 
-        async def read() -> None:
+        async def read(ws: Any) -> None:
             async for raw in ws:
                 frame = json.loads(raw)
                 if frame.get("type") == "ack":
@@ -297,11 +310,12 @@ async def run_ws(args: argparse.Namespace) -> None:
                     if fut is not None and not fut.done():
                         fut.set_result(None)
 
-        reader = asyncio.create_task(read())
+        readers = [asyncio.create_task(read(ws)) for ws in sockets]
         window = Window(args.warmup, args.duration)
         budget = [args.max_requests]
 
         async def worker(w: int) -> None:
+            ws = sockets[w % len(sockets)]
             n = 0
             while budget[0] > 0 and time.perf_counter() < window.end:
                 budget[0] -= 1
@@ -313,16 +327,17 @@ async def run_ws(args: argparse.Namespace) -> None:
                 await ws.send(json.dumps({"type": "send", "id": mid, "to": "+15550100",
                                           "body": f"{args.prefix} {w} {n}"}))
                 try:
-                    await asyncio.wait_for(fut, args.timeout)
+                    async with asyncio.timeout(args.timeout):
+                        await fut
                 except TimeoutError:
                     window.error("TIMEOUT")
                     continue
                 window.record(started, time.perf_counter())
 
         await asyncio.gather(*(worker(w) for w in range(args.concurrency)))
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
     _result(**window.report(args.duration, concurrency=args.concurrency))
 
 

@@ -47,16 +47,22 @@ async def sessions(cfg: Config, workdir: Path) -> dict[str, Any]:
                 for name, role, session, spread in (
                         ("one_session", "send", "one", 1), ("many_sessions", "send", "many", n),
                         ("one_session_stream", "stream", "one", 1),
-                        ("many_sessions_stream", "stream", "many", n)):
-                    res = await _load(f"load-many-{n}-{name}-{rep}", workdir,
-                                      _point(cfg, role, addr, session, c, f"m{n}r{rep}{name}",
-                                             spread), cfg.warmup_s + cfg.duration_s + 120)
+                        ("many_sessions_stream", "stream", "many", n),
+                        # the same spread straight to the simulator, no broker: what N
+                        # websockets allow against one on this machine
+                        ("one_session_floor", "ws", f"floor{n}r{rep}", 1),
+                        ("many_sessions_floor", "ws", f"floor{n}r{rep}", n)):
+                    args = _point(cfg, role, addr, session, c, f"m{n}r{rep}{name}", spread)
+                    if role == "ws":
+                        args += ["--upstream-url", upstream, "--control-url", ctl]
+                    res = await _load(f"load-many-{n}-{name}-{rep}", workdir, args,
+                                      cfg.warmup_s + cfg.duration_s + 120)
                     runs.setdefault(name, []).append(res)
                     print(f"  sessions={n:<5d} c={c:<5d} {name:22s} "
                           f"{res['throughput_rps']:8.1f} rps  p99 {res['p99_ms']:8.2f} ms  "
                           f"errors {res['errors']}", flush=True)
             best = {k: max(v, key=lambda r: r["throughput_rps"]) for k, v in runs.items()}
-            for kind in ("", "_stream"):
+            for kind in ("", "_stream", "_floor"):
                 one, many = best[f"one_session{kind}"], best[f"many_sessions{kind}"]
                 best[f"aggregate_vs_one{kind}"] = round(
                     many["throughput_rps"] / max(one["throughput_rps"], 1e-9), 3)
