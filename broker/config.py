@@ -71,6 +71,10 @@ class Settings:
         minimum=0, maximum=1)
     """Fewer, larger writes mean less event-loop, syscall and Redis work per message;
     why 1 ms is the default: docs/benchmarks.md."""
+    gc_threshold: int = setting(
+        20_000, "Allocations between the process's young garbage collections (Python's "
+                "default: 700); 0: Python's defaults.", minimum=0)
+    """Why: broker.gcpolicy."""
     default_send_timeout_s: float = setting(
         30.0, "Ack wait for Send calls without a deadline, seconds.", name="--send-timeout")
     max_send_timeout_s: float = setting(

@@ -46,10 +46,13 @@ def serve(**opts: Any) -> None:
 
 
 async def _serve(settings: Settings) -> None:
+    from broker import gcpolicy
     from broker.app import BrokerApp
 
+    gcpolicy.apply(settings.gc_threshold)
     app = BrokerApp(settings)
     await app.start()
+    gcpolicy.settle(settings.gc_threshold)
     click.echo(f"broker listening on {app.address}", err=True)
     if app.simulator is not None:
         click.echo(f"embedded simulator: {app.simulator.url} "
