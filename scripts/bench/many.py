@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from broker.config import Settings
 from scripts.bench import common, scenarios
 from scripts.bench.common import Proc
 from scripts.bench.scenarios import Config, _broker, _load, _profiled
@@ -86,50 +87,80 @@ async def sessions(cfg: Config, workdir: Path) -> dict[str, Any]:
             p.stop()
 
 
+async def _light_and_flood(cfg: Config, workdir: Path, tag: str, light: list[str],
+                           flood_args: list[str], *, fresh_logins: bool = False
+                           ) -> dict[str, Any]:
+    """The light load alone, then while the flood runs, `cfg.reps` times interleaved:
+    the best p99 of each, the best flood and their ratio. `fresh_logins`: each run
+    logs in under a name of its own (the floors, which pair their own websockets)."""
+    light_s = cfg.warmup_s + cfg.duration_s
+    alone: list[dict[str, Any]] = []
+    flooded: list[dict[str, Any]] = []
+    floods: list[dict[str, Any]] = []
+
+    def prefixed(args: list[str], prefix: str) -> list[str]:
+        out = list(args)
+        out[out.index("--prefix") + 1] = prefix
+        if fresh_logins:
+            out[out.index("--session") + 1] += f"-{prefix}"
+        return out
+
+    for rep in range(cfg.reps):
+        alone.append(await _load(f"load-{tag}light-alone-{rep}", workdir,
+                                 prefixed(light, f"{tag}la{rep}"), light_s + 60))
+        args = prefixed(flood_args, f"{tag}f{rep}")
+        args[args.index("--warmup") + 1] = str(cfg.warmup_s / 2)
+        args[args.index("--duration") + 1] = str(cfg.duration_s + cfg.warmup_s)
+        flood = common.role(f"load-{tag}flood-{rep}", "load", args, workdir)
+        try:
+            await asyncio.sleep(cfg.warmup_s / 2)  # the flood is on before the light starts
+            flooded.append(await _load(f"load-{tag}light-flooded-{rep}", workdir,
+                                       prefixed(light, f"{tag}lf{rep}"), light_s + 60))
+            floods.append(await asyncio.to_thread(flood.result, light_s + 60))
+        finally:
+            flood.kill()
+        print(f"  fairness {tag or 'broker'} rep {rep}: light alone p99 "
+              f"{alone[-1]['p99_ms']:.2f} ms, under flood p99 {flooded[-1]['p99_ms']:.2f} ms "
+              f"(flood {floods[-1]['throughput_rps']:.0f} rps)", flush=True)
+    best_alone = min(alone, key=lambda r: r["p99_ms"])
+    best_flooded = min(flooded, key=lambda r: r["p99_ms"])
+    return {"light_alone": best_alone, "light_under_flood": best_flooded,
+            "flood": max(floods, key=lambda r: r["throughput_rps"]),
+            "p99_ratio": round(best_flooded["p99_ms"] / max(best_alone["p99_ms"], 1e-9), 3)}
+
+
 async def fairness(cfg: Config, workdir: Path) -> dict[str, Any]:
     """A light session (one unary Send at a time) alone, then while a neighbour session
-    floods the same broker on SendStream; the p99s, interleaved, best of the reps."""
+    floods the same broker on SendStream; the p99s, interleaved, best of the reps.
+
+    The same pair straight to the simulator (`floor`: one websocket sending one
+    message at a time, another flooding with the broker's send window in flight, no
+    broker) shows what this machine and the one simulator both logins share allow a
+    light login while a neighbour floods.
+    """
     sim, upstream, ctl = await asyncio.to_thread(common.simulator, "fair-sim", workdir)
     procs: list[Proc] = [sim]
-    light_s = cfg.warmup_s + cfg.duration_s
     try:
         brk, addr = await _broker("broker-fair", workdir, upstream)
         procs.append(brk)
         await common.pair_sessions(addr, ctl, ["light", "flood"])
-        alone: list[dict[str, Any]] = []
-        flooded: list[dict[str, Any]] = []
-        floods: list[dict[str, Any]] = []
-        for rep in range(cfg.reps):
-            alone.append(await _load(f"load-light-alone-{rep}", workdir,
-                                     _point(cfg, "send", addr, "light", 1, f"la{rep}"),
-                                     light_s + 60))
-            flood_args = _point(cfg, "stream", addr, "flood", cfg.fairness_flood, f"f{rep}")
-            flood_args[flood_args.index("--warmup") + 1] = str(cfg.warmup_s / 2)
-            flood_args[flood_args.index("--duration") + 1] = str(cfg.duration_s + cfg.warmup_s)
-            flood = common.role(f"load-flood-{rep}", "load", flood_args, workdir)
-            try:
-                await asyncio.sleep(cfg.warmup_s / 2)  # the flood is on before the light starts
-                flooded.append(await _load(f"load-light-flooded-{rep}", workdir,
-                                           _point(cfg, "send", addr, "light", 1, f"lf{rep}"),
-                                           light_s + 60))
-                floods.append(await asyncio.to_thread(flood.result, light_s + 60))
-            finally:
-                flood.kill()
-            print(f"  fairness rep {rep}: light alone p99 {alone[-1]['p99_ms']:.2f} ms, "
-                  f"under flood p99 {flooded[-1]['p99_ms']:.2f} ms (flood "
-                  f"{floods[-1]['throughput_rps']:.0f} rps)", flush=True)
-        profile: dict[str, Any] | None = None
+        out = await _light_and_flood(
+            cfg, workdir, "", _point(cfg, "send", addr, "light", 1, "l"),
+            _point(cfg, "stream", addr, "flood", cfg.fairness_flood, "f"))
+        ws = ["--upstream-url", upstream, "--control-url", ctl]
+        # The broker lets at most its send window of the flood reach the upstream at
+        # once; the floor's flood puts as many in flight there, not more.
+        upstream_flood = min(cfg.fairness_flood, Settings().send_window)
+        out["floor"] = await _light_and_flood(
+            cfg, workdir, "ws", _point(cfg, "ws", addr, "floor-light", 1, "l") + ws,
+            _point(cfg, "ws", addr, "floor-flood", upstream_flood, "f") + ws,
+            fresh_logins=True)
+        out["floor"]["flood_in_flight"] = upstream_flood
         if cfg.profile:  # the broker while the neighbour floods
-            profile = await _profiled(cfg, workdir, brk, _point(
+            out["profile"] = await _profiled(cfg, workdir, brk, _point(
                 cfg, "stream", addr, "flood", cfg.fairness_flood, "pf", warmup=0.5,
                 duration=cfg.profile_s + 1), "profile-fairness")
-        best_alone = min(alone, key=lambda r: r["p99_ms"])
-        best_flooded = min(flooded, key=lambda r: r["p99_ms"])
-        return {"light_alone": best_alone, "light_under_flood": best_flooded,
-                "flood": max(floods, key=lambda r: r["throughput_rps"]),
-                "flood_in_flight": cfg.fairness_flood,
-                **({"profile": profile} if profile is not None else {}),
-                "p99_ratio": round(best_flooded["p99_ms"] / max(best_alone["p99_ms"], 1e-9), 3)}
+        return {**out, "flood_in_flight": cfg.fairness_flood}
     finally:
         for p in procs:
             p.stop()

@@ -123,8 +123,12 @@ def _issue13_targets(results: dict[str, Any], add: Any) -> None:
         add(f"{n} sessions, {point.get('in_flight', '?')} in flight: aggregate vs one session",
             value, ">= 0.9x", value is not None and value >= 0.9, shown)
     value = _num(_get(results, "fairness", "p99_ratio"))
+    floor = _num(_get(results, "fairness", "floor", "p99_ratio"))
+    shown = f"{value:.2f}x" if value is not None else ""
+    if value is not None and floor is not None:
+        shown += f" (websocket floor: {floor:.2f}x)"
     add("Fairness: light session p99 under a neighbour's flood vs alone", value, "<= 2x",
-        value is not None and value <= 2.0, f"{value:.2f}x" if value is not None else "")
+        value is not None and value <= 2.0, shown)
 
 
 def _scale_table(scale: dict[str, Any]) -> list[str]:
@@ -400,11 +404,21 @@ def render(doc: dict[str, Any], label: str) -> str:
         flood_rps = _f(_get(fair, "flood", "throughput_rps"))
         flooded = (f"while a neighbour floods on SendStream ({fair.get('flood_in_flight')} "
                    f"in flight, {flood_rps} req/s)")
-        for key, what in (("light_alone", "alone"), ("light_under_flood", flooded)):
-            point = fair[key]
+        rows: list[tuple[dict[str, Any], str]] = [
+            (fair["light_alone"], "broker: alone"),
+            (fair["light_under_flood"], f"broker: {flooded}")]
+        floor = fair.get("floor")
+        if isinstance(floor, dict) and "light_alone" in floor:
+            floor_rps = _f(_get(floor, "flood", "throughput_rps"))
+            rows += [(floor["light_alone"], "websocket floor (no broker): alone"),
+                     (floor["light_under_flood"], "websocket floor: while a neighbour login "
+                      f"floods ({floor.get('flood_in_flight')} in flight, {floor_rps} msg/s)")]
+        for point, what in rows:
             lines.append(f"| {what} | {_f(point.get('throughput_rps'))} | "
                          f"{_f(point.get('p50_ms'), 2)} | {_f(point.get('p99_ms'), 2)} |")
-        lines += ["", f"p99 under the flood / alone: {fair.get('p99_ratio')}x", ""]
+        lines += ["", f"p99 under the flood / alone: {fair.get('p99_ratio')}x"
+                  + (f" (websocket floor: {floor.get('p99_ratio')}x)"
+                     if isinstance(floor, dict) and "p99_ratio" in floor else ""), ""]
         if isinstance(fair.get("profile"), dict):
             lines += _profile_lines("py-spy profile of the broker during the flood",
                                     fair["profile"])
