@@ -75,6 +75,14 @@ class Settings:
         20_000, "Allocations between the process's young garbage collections (Python's "
                 "default: 700); 0: Python's defaults.", minimum=0)
     """Why: broker.gcpolicy."""
+    max_pending_calls: int = setting(
+        10_000, "Calls gRPC holds for the broker while its loop is busy; past it gRPC "
+                "itself refuses new calls at random (CANCELLED), past 3x every one "
+                "(gRPC's default: 1000).", minimum=1)
+    """gRPC core cancels a new call at random once more than this many wait for the
+    application to take them: a busy loop with 1,024 Sends in flight lost dozens a
+    run to a bare CANCELLED that no client retries. Waiting calls cost little; the
+    broker's own limits (send window, outbox depth, rate limits) refuse with reasons."""
     default_send_timeout_s: float = setting(
         30.0, "Ack wait for Send calls without a deadline, seconds.", name="--send-timeout")
     max_send_timeout_s: float = setting(

@@ -50,6 +50,10 @@ class ApiServer:
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Calls core queues for the handlers while the loop is busy (config.py).
+                ("grpc.server.max_pending_requests", manager.settings.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit",
+                 3 * manager.settings.max_pending_calls),
             ]
         )
         broker_pb2_grpc.add_BrokerServicer_to_server(BrokerServicer(manager, durability, engine),
