@@ -372,8 +372,12 @@ def render(doc: dict[str, Any], label: str) -> str:
              "- processes: broker, simulator, floors and load clients each in their own "
              "process, over loopback", ""]
     if run.get("commands") and len(run["commands"]) > 1:
-        lines += ["Scenarios re-run into this run: " +
-                  "; ".join(f"`{c}`" for c in run["commands"][1:]), ""]
+        dates = list(run.get("dates") or [])
+        dates += [""] * (len(run["commands"]) - len(dates))
+        lines += ["Scenarios re-run into this run (a re-run's rates compare only within its "
+                  "own scenario: the machine's speed changes between runs): " +
+                  "; ".join(f"`{c}`" + (f" ({d})" if d else "")
+                            for c, d in zip(run["commands"][1:], dates[1:], strict=True)), ""]
     lines += ["## Targets", "", "| target | measured | goal | |", "| --- | --- | --- | --- |"]
     for t in targets(res):
         lines.append(f"| {t['target']} | {t['measured']} | {t['goal']} | {_met(t['met'])} |")

@@ -137,12 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     run = doc["runs"].get(args.label) if args.only else None
     if run is None or run.get("mode") != mode:
         run = {"commands": []}
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    first = not run["commands"]
     run.update({
-        "mode": mode, "command": command if not run["commands"] else run["command"],
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": mode, "command": command if first else run["command"],
+        "date": now if first else run.get("date", now),  # the first run's; re-runs: "dates"
         "cores": os.cpu_count(), "cpu": _cpu_model(), "python": platform.python_version(),
     })
     run["commands"].append(command)
+    run.setdefault("dates", [])
+    run["dates"] += [""] * (len(run["commands"]) - 1 - len(run["dates"])) + [now]
     run.setdefault("results", {}).update(results)
     run["targets"] = report.targets(run["results"])
     doc["runs"][args.label] = run
