@@ -80,7 +80,8 @@ def guard(
             raise
         except (rexc.ConnectionError, rexc.TimeoutError, OSError) as exc:
             raise self._unavailable(exc) from exc
-        except (rexc.ReadOnlyError, rexc.OutOfMemoryError) as exc:
+        except (rexc.ReadOnlyError, rexc.OutOfMemoryError, rexc.NoScriptError) as exc:
+            # NOSCRIPT: a script did not run (a primary that lost or never had it).
             raise self._unavailable(exc) from exc
         except (rexc.ClusterError, rexc.ClusterDownError, rexc.TryAgainError,
                 rexc.MasterDownError, rexc.RedisClusterException) as exc:

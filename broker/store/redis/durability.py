@@ -72,6 +72,17 @@ class Replica:
         return self.waitaof
 
     async def run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return await self._run(script, keys, args)
+        except rexc.NoScriptError:
+            # redis-py loads a pipeline's scripts once, before its retry loop: after a
+            # failover, the retry on a new connection reached a primary without the
+            # script, so it did not run. A new pipeline loads it where it runs now.
+            log.info("durability replica: the Redis primary lacked the outbox script "
+                     "(a failover?); loading it there and running the write again")
+            return await self._run(script, keys, args)
+
+    async def _run(self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         waitaof = self.waitaof if self.waitaof is not None else await self._detect()
         async with self._client.pipeline(transaction=False) as pipe:
             await script(keys=keys, args=args, client=pipe)

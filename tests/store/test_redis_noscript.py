@@ -1,0 +1,78 @@
+"""A Redis primary without the outbox script (after a failover) under --durability replica.
+
+redis-py loads a pipeline's scripts once, before its retry loop: when the
+connection drops mid-write and the retry reconnects to a newly promoted
+primary, EVALSHA meets a server that never loaded the script and answers
+NOSCRIPT. A real redis-server stands in for the new primary; the script cache
+is flushed right after the pipeline loaded it, which is what that primary
+looks like to the retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from redis.asyncio.client import Pipeline
+
+from broker.errors import StoreUnavailable
+from broker.store.base import SessionRecord
+from broker.store.redis import RedisStore
+from broker.store.redis.durability import Replica
+from tests.redis_server import RedisServer
+from tests.store.conftest import RECHECK_S, TEST_KEY
+
+
+def _replica_store(server: RedisServer) -> RedisStore:
+    store = RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
+                                durability="replica")
+    assert isinstance(store.durability, Replica)
+    store.durability.replicas = 0  # a standalone server: no replica to wait for
+    return store
+
+
+@pytest.fixture
+def scripts_lost_after_loading(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Flush the server's scripts right after a pipeline loaded them, for the first
+    `times[0]` pipelines that load any; yields [times, loads so far]."""
+    state = [1, 0]
+    load: Any = Pipeline.load_scripts  # redis-py leaves it untyped
+
+    async def load_then_lose(self: Any) -> None:
+        await load(self)
+        state[1] += 1
+        if state[1] <= state[0]:
+            await self.immediate_execute_command("SCRIPT", "FLUSH")
+
+    monkeypatch.setattr(Pipeline, "load_scripts", load_then_lose)
+    yield state
+
+
+async def test_a_write_whose_script_vanished_runs_once_where_the_pipeline_now_runs(
+    redis_server: RedisServer, scripts_lost_after_loading: list[int]
+) -> None:
+    store = _replica_store(redis_server)
+    try:
+        await store.create_session(SessionRecord("s1", "t1"))
+        accepted = await store.enqueue("s1", "+1", "hello", "k1", max_depth=10, at=1.0)
+        assert scripts_lost_after_loading[1] == 2  # lost once, loaded again, ran
+        pending = await store.pending("s1", 10)
+        assert [m.message_id for m in pending] == [accepted.message.message_id]  # once
+    finally:
+        await store.close()
+
+
+async def test_a_script_missing_on_every_try_is_store_unavailable_not_internal(
+    redis_server: RedisServer, scripts_lost_after_loading: list[int]
+) -> None:
+    scripts_lost_after_loading[0] = 1_000
+    store = _replica_store(redis_server)
+    try:
+        await store.create_session(SessionRecord("s1", "t1"))
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue("s1", "+1", "hello", "k1", max_depth=10, at=1.0)
+        scripts_lost_after_loading[0] = 0
+        assert await store.pending("s1", 10) == []  # nothing half written
+    finally:
+        await store.close()
