@@ -1,4 +1,7 @@
-"""A Redis primary without the outbox script (after a failover) under --durability replica.
+"""What a Redis failover answers a broker mid-command becomes STORE_UNAVAILABLE or a
+retry, never INTERNAL.
+
+A primary without the outbox script (after a failover) under --durability replica:
 
 redis-py loads a pipeline's scripts once, before its retry loop: when the
 connection drops mid-write and the retry reconnects to a newly promoted
@@ -10,16 +13,19 @@ looks like to the retry.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from broker.errors import StoreUnavailable
 from broker.store.base import SessionRecord
 from broker.store.redis import RedisStore
 from broker.store.redis.durability import Replica
+from tests.helpers import eventually_async
 from tests.redis_server import RedisServer
 from tests.store.conftest import RECHECK_S, TEST_KEY
 
@@ -75,4 +81,57 @@ async def test_a_script_missing_on_every_try_is_store_unavailable_not_internal(
         scripts_lost_after_loading[0] = 0
         assert await store.pending("s1", 10) == []  # nothing half written
     finally:
+        await store.close()
+
+
+async def test_a_blocking_read_unblocked_by_the_server_is_store_unavailable(
+    redis_server: RedisServer,
+) -> None:
+    """A primary demoted to replica answers its blocked clients UNBLOCKED; so does
+    CLIENT UNBLOCK ... ERROR, which a real server sends here."""
+    store = RedisStore.from_url(redis_server.url, credential_key=TEST_KEY,
+                                recheck_s=RECHECK_S)
+    admin = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await store.create_session(SessionRecord("s1", "t1"))
+        read = asyncio.create_task(store.read_inbound("s1", "g", "c", 10, block_s=30.0))
+
+        async def blocked_reader() -> int | None:
+            for client in await admin.client_list():
+                if client.get("cmd") == "xreadgroup" and "b" in client.get("flags", ""):
+                    return int(client["id"])
+            return None
+
+        async def blocked() -> bool:
+            return await blocked_reader() is not None
+
+        await eventually_async(blocked, 10.0, "the read to block")
+        reader_id = await blocked_reader()
+        assert reader_id is not None
+        await admin.client_unblock(reader_id, error=True)
+        with pytest.raises(StoreUnavailable):
+            await read
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_too_few_replicas_for_min_replicas_to_write_is_store_unavailable(
+    redis_server: RedisServer,
+) -> None:
+    """A primary set to refuse writes without replicas answers NOREPLICAS (a replica
+    lost in a failover); a real server answers it here."""
+    store = RedisStore.from_url(redis_server.url, credential_key=TEST_KEY,
+                                recheck_s=RECHECK_S)
+    admin = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        await store.create_session(SessionRecord("s1", "t1"))
+        await admin.config_set("min-replicas-to-write", 1)
+        with pytest.raises(StoreUnavailable):
+            await store.enqueue("s1", "+1", "hello", "k1", max_depth=10, at=1.0)
+        await admin.config_set("min-replicas-to-write", 0)
+        assert await store.pending("s1", 10) == []  # refused, not half written
+    finally:
+        await admin.config_set("min-replicas-to-write", 0)
+        await admin.aclose()
         await store.close()

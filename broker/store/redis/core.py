@@ -21,7 +21,10 @@ R = TypeVar("R")
 BLOCK_CHUNK_S = 2.0
 """Longest single blocking call: well under the socket timeout, so a wait never
 looks like a dead connection."""
-_UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING")
+_UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "UNBLOCKED",
+                        "NOREPLICAS")
+"""Replies that mean "not now" (a failover, a restart, a primary demoted under a
+blocked read, too few replicas for min-replicas-to-write): retry shortly."""
 
 
 def block_ms(seconds: float) -> int:
