@@ -35,7 +35,7 @@ async def test_sends_arriving_while_the_loop_is_busy_all_get_the_brokers_answer(
     sim: Simulator, tmp_path: Path
 ) -> None:
     proc = BrokerProcess("busy", "memory://", sim.url, tmp_path,
-                         {"HOG_BUSY_S": str(BUSY_S), "HOG_WEDGE_S": "1"}, (),
+                         {"HOG_BUSY_S": str(BUSY_S)}, (),
                          module="tests.faults.hog")
     await asyncio.to_thread(proc.start)
     try:
@@ -50,6 +50,7 @@ async def test_sends_arriving_while_the_loop_is_busy_all_get_the_brokers_answer(
             stub = pb_grpc.BrokerStub(channel)
             await stub.Health(pb.HealthRequest(), timeout=WAIT_S)  # connected before
             proc.signal(signal.SIGUSR1)
+
             async def busy() -> bool:
                 return "hog: busy begins" in proc.log()
 

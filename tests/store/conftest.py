@@ -94,10 +94,11 @@ def open_sqlite(path: Path, **options: Any) -> SqliteStore:
 
 def open_redis(
     server: RedisServer | RedisClusterServers, *, event_log_size: int = 10_000,
-    consumer: str | None = None,
+    consumer: str | None = None, durability: str = "local",
 ) -> RedisStore:
     return RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
-                               event_log_size=event_log_size, consumer=consumer)
+                               event_log_size=event_log_size, consumer=consumer,
+                               durability=durability)
 
 
 @pytest.fixture(params=["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),

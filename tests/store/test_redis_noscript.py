@@ -14,7 +14,7 @@ looks like to the retry.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -27,15 +27,34 @@ from broker.store.redis import RedisStore
 from broker.store.redis.durability import Replica
 from tests.helpers import eventually_async
 from tests.redis_server import RedisServer
-from tests.store.conftest import RECHECK_S, TEST_KEY
+from tests.store.conftest import open_redis
 
 
 def _replica_store(server: RedisServer) -> RedisStore:
-    store = RedisStore.from_url(server.url, credential_key=TEST_KEY, recheck_s=RECHECK_S,
-                                durability="replica")
+    store = open_redis(server, durability="replica")
     assert isinstance(store.durability, Replica)
     store.durability.replicas = 0  # a standalone server: no replica to wait for
     return store
+
+
+@pytest.fixture
+async def local_store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    store = open_redis(redis_server)
+    await store.create_session(SessionRecord("s1", "t1"))
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """A plain client of the same server, for what an operator or a failover does."""
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture
@@ -85,53 +104,38 @@ async def test_a_script_missing_on_every_try_is_store_unavailable_not_internal(
 
 
 async def test_a_blocking_read_unblocked_by_the_server_is_store_unavailable(
-    redis_server: RedisServer,
+    local_store: RedisStore, admin: aioredis.Redis,
 ) -> None:
     """A primary demoted to replica answers its blocked clients UNBLOCKED; so does
     CLIENT UNBLOCK ... ERROR, which a real server sends here."""
-    store = RedisStore.from_url(redis_server.url, credential_key=TEST_KEY,
-                                recheck_s=RECHECK_S)
-    admin = aioredis.from_url(redis_server.url, decode_responses=True)
-    try:
-        await store.create_session(SessionRecord("s1", "t1"))
-        read = asyncio.create_task(store.read_inbound("s1", "g", "c", 10, block_s=30.0))
+    read = asyncio.create_task(local_store.read_inbound("s1", "g", "c", 10, block_s=30.0))
 
-        async def blocked_reader() -> int | None:
-            for client in await admin.client_list():
-                if client.get("cmd") == "xreadgroup" and "b" in client.get("flags", ""):
-                    return int(client["id"])
-            return None
+    async def blocked_reader() -> int | None:
+        for client in await admin.client_list():
+            if client.get("cmd") == "xreadgroup" and "b" in client.get("flags", ""):
+                return int(client["id"])
+        return None
 
-        async def blocked() -> bool:
-            return await blocked_reader() is not None
+    async def blocked() -> bool:
+        return await blocked_reader() is not None
 
-        await eventually_async(blocked, 10.0, "the read to block")
-        reader_id = await blocked_reader()
-        assert reader_id is not None
-        await admin.client_unblock(reader_id, error=True)
-        with pytest.raises(StoreUnavailable):
-            await read
-    finally:
-        await admin.aclose()
-        await store.close()
+    await eventually_async(blocked, 10.0, "the read to block")
+    reader_id = await blocked_reader()
+    assert reader_id is not None
+    await admin.client_unblock(reader_id, error=True)
+    with pytest.raises(StoreUnavailable):
+        await read
 
 
 async def test_too_few_replicas_for_min_replicas_to_write_is_store_unavailable(
-    redis_server: RedisServer,
+    local_store: RedisStore, admin: aioredis.Redis,
 ) -> None:
     """A primary set to refuse writes without replicas answers NOREPLICAS (a replica
     lost in a failover); a real server answers it here."""
-    store = RedisStore.from_url(redis_server.url, credential_key=TEST_KEY,
-                                recheck_s=RECHECK_S)
-    admin = aioredis.from_url(redis_server.url, decode_responses=True)
+    await admin.config_set("min-replicas-to-write", 1)
     try:
-        await store.create_session(SessionRecord("s1", "t1"))
-        await admin.config_set("min-replicas-to-write", 1)
         with pytest.raises(StoreUnavailable):
-            await store.enqueue("s1", "+1", "hello", "k1", max_depth=10, at=1.0)
-        await admin.config_set("min-replicas-to-write", 0)
-        assert await store.pending("s1", 10) == []  # refused, not half written
+            await local_store.enqueue("s1", "+1", "hello", "k1", max_depth=10, at=1.0)
     finally:
         await admin.config_set("min-replicas-to-write", 0)
-        await admin.aclose()
-        await store.close()
+    assert await local_store.pending("s1", 10) == []  # refused, not half written
