@@ -6,11 +6,11 @@ built by hand, the store and the upstream are fakes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from broker.config import Settings
-from broker.content import Content, Presence
+from broker.content import Presence
 from broker.errors import StoreUnavailable
 from broker.lifecycle.actions import Emit, Timer
 from broker.lifecycle.inputs import Start
@@ -25,6 +25,7 @@ from broker.runtime.timers import TimerDue, Timers
 from broker.store.base import SessionRecord, StatusEvent
 from broker.store.memory import MemoryStore
 from broker.upstream.events import Ready, UpstreamEvent
+from broker.upstream.provider import Outgoing
 from tests.helpers import eventually
 
 
@@ -126,8 +127,7 @@ class _Link:
         yield Ready("c-1")
         await self.closed.wait()
 
-    async def send(self, message_id: str, to: str, body: str, *,
-                   content: Content | None = None) -> None: ...
+    async def send(self, messages: Sequence[Outgoing]) -> None: ...
     async def send_presence(self, chat: str, presence: Presence) -> None: ...
     async def ping(self, ping_id: int) -> None: ...
     async def logout(self) -> None: ...

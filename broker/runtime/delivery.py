@@ -20,9 +20,9 @@ the store; this module only carries that out:
   once (updates are de-duplicated per message and status); updates the store
   could not take are held and go first with the next batch.
 
-Acks reach `ack()` straight from the link reader, not through the actor's
-inbox: an ack changes no lifecycle state, and a hop per ack through the inbox
-cost throughput. They enter the window (`acked`) once the store has recorded
+Acks reach `ack()` (and receipts `receipt()`) straight from the link reader,
+not through the actor's inbox: they change no lifecycle state, and a hop per
+frame through the inbox cost throughput. They enter the window (`acked`) once the store has recorded
 them, so an ack the store lost is resent and acked again, never forgotten.
 """
 
@@ -53,7 +53,7 @@ from broker.store.base import (
     Refusal,
     Store,
 )
-from broker.upstream.provider import Link
+from broker.upstream.provider import Link, Outgoing
 
 log = logging.getLogger(__name__)
 
@@ -214,12 +214,11 @@ class Delivery:
             if window.epoch != epoch:
                 return
             now = loop.time()
-            for message in window.due(now):
-                if message.content is None:
-                    await link.send(message.message_id, message.to, message.body)
-                else:
-                    await link.send(message.message_id, message.to, message.body,
-                                    content=_content(message.content))
+            due = [Outgoing(m.message_id, m.to, m.body,
+                            None if m.content is None else _content(m.content))
+                   for m in window.due(now)]
+            if due:
+                await link.send(due)  # all at once: one write for the burst
             wait = window.resend_in(now)
             if wait is None:
                 wait = self._idle_poll

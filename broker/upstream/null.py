@@ -10,14 +10,14 @@ than real websockets allow. It exists for the control-plane scale benchmark
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from broker.content import Content, Presence
+from broker.content import Presence
 from broker.lifecycle.reasons import DisconnectCode
 from broker.store.kv import SessionKV
 from broker.upstream.events import Acked, Disconnected, Paired, Pong, Ready, UpstreamEvent
-from broker.upstream.provider import PairingUnavailable
+from broker.upstream.provider import Outgoing, PairingUnavailable
 
 SCHEME = "null://"
 
@@ -50,11 +50,10 @@ class NullLink:
             self._ended = True
             self._events.put_nowait(Disconnected(code, reason))
 
-    async def send(
-        self, message_id: str, to: str, body: str, *, content: Content | None = None
-    ) -> None:
+    async def send(self, messages: Sequence[Outgoing]) -> None:
         if not self._ended:
-            self._events.put_nowait(Acked(message_id, False))
+            for message in messages:
+                self._events.put_nowait(Acked(message.message_id, False))
 
     async def send_presence(self, chat: str, presence: Presence) -> None:
         """Nobody to tell: the null engine has no chats."""

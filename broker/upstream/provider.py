@@ -7,8 +7,8 @@ without touching the lifecycle or delivery code.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from broker.content import Content, Presence
 from broker.lifecycle.reasons import DisconnectCode
@@ -29,17 +29,25 @@ class ConnectError(Exception):
         self.reason = reason
 
 
+class Outgoing(NamedTuple):
+    """A message to hand to the upstream; `content` (media, location, ...) is None
+    for plain text in `body`."""
+
+    message_id: str
+    to: str
+    body: str
+    content: Content | None = None
+
+
 class Link(Protocol):
     def events(self) -> AsyncIterator[UpstreamEvent]:
         """Events until the connection ends; the last one is always `Disconnected`."""
         ...
 
-    async def send(
-        self, message_id: str, to: str, body: str, *, content: Content | None = None
-    ) -> None:
-        """Hand the message to the upstream (its ack comes back as an event).
-        `content` (media, location, ...; None: `body` is plain text) is passed only
-        for messages that have one."""
+    async def send(self, messages: Sequence[Outgoing]) -> None:
+        """Hand these messages to the upstream, in order (each ack comes back as an
+        event), in as few writes as the connection allows: the delivery loop hands
+        over every message that is due at once, tens of them under load."""
         ...
 
     async def send_presence(self, chat: str, presence: Presence) -> None:

@@ -16,18 +16,18 @@ import contextlib
 import itertools
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from broker import content as contents
-from broker.content import Content, Presence, to_wire
+from broker.content import Presence, to_wire
 from broker.content import decode as decode_content
 from broker.lifecycle.reasons import DisconnectCode, parse_code
 from broker.store.base import OutboxMessage
 from broker.store.kv import SessionKV
 from broker.upstream import events as ev
 from broker.upstream.protocol import MAX_WIRE_MEDIA_BYTES
-from broker.upstream.provider import ConnectError, PairingUnavailable
+from broker.upstream.provider import ConnectError, Outgoing, PairingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +200,18 @@ class BridgeLink:
         if not self._writer.is_closing():
             self._writer.write(encode(frame))
 
-    async def send(
-        self, message_id: str, to: str, body: str, *, content: Content | None = None
-    ) -> None:
-        frame: Frame = {"t": "send", "id": message_id, "to": to, "body": body}
-        if content is not None:
-            frame["content"] = to_wire(content)  # the protocol-v1 form: media as base64
-        self._write(frame)
+    async def send(self, messages: Sequence[Outgoing]) -> None:
+        if self._writer.is_closing():
+            return
+        lines = []
+        for message in messages:
+            frame: Frame = {"t": "send", "id": message.message_id, "to": message.to,
+                            "body": message.body}
+            if message.content is not None:
+                # the protocol-v1 form: media as base64
+                frame["content"] = to_wire(message.content)
+            lines.append(encode(frame))
+        self._writer.write(b"".join(lines))  # one write for the whole burst
 
     async def send_presence(self, chat: str, presence: Presence) -> None:
         self._write({"t": "presence", "to": chat, "presence": str(presence)})
