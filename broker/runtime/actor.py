@@ -124,7 +124,7 @@ class SessionActor:
         self._conn = Connection(
             self.session_id, store=store, provider=provider, kv=self.kv,
             post=self._inbox.put_nowait,
-            lease_fresh=self._lease_fresh, on_ack=self._on_ack, spawn=self._spawn,
+            lease_fresh=self._lease_fresh, on_delivery=self._on_delivery, spawn=self._spawn,
         )
         self._ping_id = 0
         self._events = StatusRecorder(
@@ -307,7 +307,7 @@ class SessionActor:
             case upstream_events.Pong():
                 self.stats.on_keepalive_ok()
                 await self._feed(inputs.PongReceived())
-            case upstream_events.Acked(message_id=mid):  # the link reader takes most acks
+            case upstream_events.Acked(message_id=mid):  # the link reader takes these
                 self.delivery.ack(mid)
             case upstream_events.Receipt(message_id=mid, status=status):
                 receipt = RECEIPTS.get(status)
@@ -427,11 +427,19 @@ class SessionActor:
     def _lease_fresh(self) -> bool:
         return self._may_connect is None or self._may_connect(self.session_id)
 
-    def _on_ack(self, generation: int, message_id: str) -> None:
-        """An upstream ack, straight from the link reader (not through the inbox)."""
-        if generation == self._conn.generation:
-            self.last_activity = self._clock()
-            self.delivery.ack(message_id)
+    def _on_delivery(self, generation: int, event: upstream_events.Acked | upstream_events.Receipt
+                     ) -> None:
+        """An upstream ack or receipt, straight from the link reader (not through the
+        inbox): what `_on_link_event` would do with it."""
+        if generation != self._conn.generation or self.fenced:
+            return
+        self.last_activity = self._clock()
+        if isinstance(event, upstream_events.Acked):
+            self.delivery.ack(event.message_id)
+        else:
+            receipt = RECEIPTS.get(event.status)
+            if receipt is not None:
+                self.delivery.receipt(event.message_id, receipt)
 
     async def _drop_link(
         self, code: DisconnectCode, reason: str, *, wait: bool = False, timeout_s: float = 3.0

@@ -4,9 +4,10 @@
 credentials first), runs one reader task per link that turns what the
 upstream sends into items for the session actor's inbox, and closes or aborts
 it. Every item carries the connection's generation, so the actor ignores what
-a connection it already left behind still produces. Acks are the exception to
-the inbox: `on_ack` records them at once (they change no lifecycle state, and
-a hop through the inbox per ack cost throughput). Time rules (the handshake's
+a connection it already left behind still produces. Acks and receipts are the
+exception to the inbox: `on_delivery` records them at once (they change no
+lifecycle state, every message brings one of each, and a hop through the inbox
+per frame cost throughput). Time rules (the handshake's
 deadlines) are the lifecycle machine's, not this module's.
 """
 
@@ -23,7 +24,7 @@ from broker.lifecycle.reasons import DisconnectCode
 from broker.store.base import Store
 from broker.store.crypto import CredentialDecryptError
 from broker.store.kv import SessionKV
-from broker.upstream.events import Acked, Disconnected, UpstreamEvent
+from broker.upstream.events import Acked, Disconnected, Receipt, UpstreamEvent
 from broker.upstream.provider import ConnectError, Link, Provider
 
 log = logging.getLogger(__name__)
@@ -57,14 +58,14 @@ class LinkEvent:
 class Connection:
     """The session's current link (if any) and the task that opens and reads it."""
 
-    __slots__ = ("_io_task", "_kv", "_lease_fresh", "_on_ack", "_post", "_provider", "_spawn",
+    __slots__ = ("_io_task", "_kv", "_lease_fresh", "_on_delivery", "_post", "_provider", "_spawn",
                  "_store", "generation", "link", "session_id")
 
     def __init__(
         self, session_id: str, *, store: Store, provider: Provider, kv: SessionKV,
         post: Callable[[LinkUp | LinkEvent | LinkRefused], None],
         lease_fresh: Callable[[], bool],
-        on_ack: Callable[[int, str], None],
+        on_delivery: Callable[[int, Acked | Receipt], None],
         spawn: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
     ) -> None:
         """`lease_fresh`: asked again once the credentials are read, right before
@@ -76,7 +77,7 @@ class Connection:
         self._kv = kv
         self._post = post
         self._lease_fresh = lease_fresh
-        self._on_ack = on_ack
+        self._on_delivery = on_delivery
         self._spawn = spawn
         #: grows whenever a connection is opened or left behind
         self.generation = 0
@@ -86,8 +87,8 @@ class Connection:
 
     def open(self) -> None:
         """Open a new link in the background and read it: `LinkUp`, then every event
-        but acks (given to `on_ack(generation, message_id)`) until the link ends;
-        a link that fails ends as a close."""
+        but acks and receipts (given to `on_delivery(generation, event)`) until
+        the link ends; a link that fails ends as a close."""
         self.generation += 1
         self._io_task = self._spawn(self._connect(self.generation))
 
@@ -170,7 +171,7 @@ class Connection:
         # Read in this same task and frame: a nested coroutine would cost an idle
         # session a frame for as long as its connection lives.
         post(LinkUp(generation))
-        on_ack = self._on_ack
+        on_delivery = self._on_delivery
         events = link.events()
         try:
             while True:
@@ -178,8 +179,8 @@ class Connection:
                     event = await anext(events)
                 except StopAsyncIteration:
                     return
-                if isinstance(event, Acked):
-                    on_ack(generation, event.message_id)
+                if isinstance(event, Acked | Receipt):
+                    on_delivery(generation, event)
                     continue
                 post(LinkEvent(generation, event))
                 if isinstance(event, Disconnected):
