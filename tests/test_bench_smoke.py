@@ -55,6 +55,10 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     for target in SEND_PATHS:
         point = next(iter(results["send"][target].values()))
         assert point["n"] > 0 and not point["errors"], (target, point)
+        # each path's CPU per request, of every process it runs on
+        cpu = point["cpu_us_per_request"]
+        assert {"sim", "load"} <= set(cpu), (target, cpu)
+        assert ("server" in cpu) == (target != "upstream_ws"), (target, cpu)
     for n in ("3", "6"):  # the smoke preset: 3 and 6 sessions
         point = results["sessions"][n]
         for path in ("one_session", "many_sessions", "one_session_stream",
@@ -79,6 +83,7 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     assert "## Targets" in markdown and "architecture floor" in markdown
     assert "HTTP relay, aiohttp" in markdown and "Express + ws" in markdown
     assert "## Many sessions" in markdown and "## Fairness" in markdown
+    assert "CPU per request, by process" in markdown
     assert any(t["target"].startswith("SendStream memory") and t["met"] is not None
                for t in run["targets"])
 

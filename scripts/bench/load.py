@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -38,6 +40,38 @@ def _result(**data: Any) -> None:
     print("RESULT " + json.dumps(data), flush=True)
 
 
+#: Processes whose CPU the window measures (`--cpu-of NAME=PID`; "load" is this one).
+_CPU_OF: dict[str, int] = {}
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class _CpuSampler(threading.Thread):
+    """CPU seconds of each process over exactly the measured window: a thread, so a
+    busy event loop cannot delay the readings."""
+
+    def __init__(self, pids: dict[str, int], begin: float, end: float) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.begin, self.end = pids, begin, end
+        self.used: dict[str, float] = {}
+
+    def run(self) -> None:
+        time.sleep(max(0.0, self.begin - time.perf_counter()))
+        before = {name: _cpu_seconds(pid) for name, pid in self.pids.items()}
+        time.sleep(max(0.0, self.end - time.perf_counter()))
+        for name, pid in self.pids.items():
+            start, stop = before[name], _cpu_seconds(pid)
+            if start is not None and stop is not None:
+                self.used[name] = stop - start
+
+
 class Window:
     """Counts what completes inside [start + warmup, start + warmup + duration]."""
 
@@ -47,6 +81,10 @@ class Window:
         self.end = self.begin + duration
         self.latencies: list[float] = []
         self.errors: dict[str, int] = {}
+        self._cpu: _CpuSampler | None = None
+        if _CPU_OF:
+            self._cpu = _CpuSampler(_CPU_OF | {"load": os.getpid()}, self.begin, self.end)
+            self._cpu.start()
 
     def record(self, started: float, finished: float) -> None:
         if started >= self.begin and finished <= self.end:
@@ -57,8 +95,16 @@ class Window:
 
     def report(self, duration: float, **extra: Any) -> dict[str, Any]:
         done = len(self.latencies)
-        return {"throughput_rps": round(done / duration, 1), **summary_ms(self.latencies),
-                "errors": self.errors, **extra}
+        out = {"throughput_rps": round(done / duration, 1), **summary_ms(self.latencies),
+               "errors": self.errors, **extra}
+        if self._cpu is not None:
+            self._cpu.join(timeout=max(0.0, self.end - time.perf_counter()) + 5)
+            if done and self._cpu.used:
+                # per request completed in the window (the processes may also have
+                # worked on requests that straddle its edges: an approximation)
+                out["cpu_us_per_request"] = {name: round(used / done * 1e6, 1)
+                                             for name, used in self._cpu.used.items()}
+        return out
 
 
 # -- send ----------------------------------------------------------------------
@@ -627,6 +673,8 @@ def main(argv: list[str] | None = None) -> None:
                        help="client: unary Send per call (BrokerClient(coalesce=False))")
         p.add_argument("--wait-go", action="store_true",
                        help="print READY, then start on a line on stdin (reliable)")
+        p.add_argument("--cpu-of", action="append", default=[], metavar="NAME=PID",
+                       help="also report NAME's CPU per request over the window")
     fan = sub.add_parser("fanout")
     fan.add_argument("--target", required=True)
     fan.add_argument("--session", required=True)
@@ -634,6 +682,9 @@ def main(argv: list[str] | None = None) -> None:
     fan.add_argument("--channels", type=int, default=10)
     fan.add_argument("--max-seconds", type=float, default=120.0)
     args = parser.parse_args(argv)
+    for spec in getattr(args, "cpu_of", []):
+        name, _, pid = spec.partition("=")
+        _CPU_OF[name] = int(pid)
     runner = {"send": run_send, "stream": run_stream, "batch": run_batch,
               "client": run_client, "http": run_http, "ws": run_ws, "fanout": run_fanout,
               "reliable": run_reliable, "ideal": run_ideal}[args.role]

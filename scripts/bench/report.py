@@ -232,6 +232,29 @@ def _send_table(send: dict[str, Any], labels: dict[str, str] | None = None) -> l
     return lines
 
 
+def _cpu_table(send: dict[str, Any], labels: dict[str, str] | None = None) -> list[str]:
+    """CPU per request of each process on a path, at its highest concurrency: on this
+    machine every process shares two cores, so the sum bounds a path's throughput."""
+    rows = []
+    for target, label in (labels or SEND_LABELS).items():
+        points = {int(c): p for c, p in (send.get(target) or {}).items() if isinstance(p, dict)}
+        if not points:
+            continue
+        c = max(points)
+        cpu = points[c].get("cpu_us_per_request") or {}
+        if not cpu:
+            continue
+        total = sum(cpu.values())
+        rows.append(f"| {label} | {c} | {_f(cpu.get('server'))} | {_f(cpu.get('sim'))} | "
+                    f"{_f(cpu.get('load'))} | {_f(cpu.get('redis'))} | {_f(total)} | "
+                    f"{_f(2e6 / total if total else None, 0)} |")
+    if not rows:
+        return []
+    return ["| path | concurrency | server | simulator | load | redis-server | all | "
+            "two cores / all (req/s) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", *rows]
+
+
 def _sessions_table(data: dict[str, Any]) -> list[str]:
     lines = ["| sessions | in flight | path | one session (req/s, p99 ms) | "
              "spread over the sessions (req/s, p99 ms) | aggregate / one |",
@@ -387,6 +410,14 @@ def render(doc: dict[str, Any], label: str) -> str:
         if "error" in res["send"]:
             lines += [f"error: `{res['send']['error']}`", ""]
         lines += [*_send_table(res["send"]), ""]
+        cpu = _cpu_table(res["send"])
+        if cpu:
+            lines += ["**CPU per request, by process (microseconds)**, over each path's "
+                      "measured window at its highest concurrency (best repetition). Every "
+                      "process of a path runs on the same two cores, so \"two cores / all\" "
+                      "is the throughput the path could reach if the CPU were its only "
+                      "limit; the broker's share is its column \"server\".", "",
+                      *cpu, ""]
         commits = res["send"].get("sqlite_group_commit") or {}
         if commits.get("transactions"):
             lines += [f"SQLite group commit over the whole Send run: {commits['messages']} "

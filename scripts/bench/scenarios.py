@@ -168,6 +168,20 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
             "client_unary": ["client", "--target", mem_addr, "--session", "s-mem",
                              "--no-coalesce"],
         }
+        # Whose CPU each target's requests cost (besides the load's own): the machine's
+        # two cores are shared, so a path's throughput is bounded by the sum.
+        servers: dict[str, Proc] = {
+            "grpc_echo": echo, "relay": relay, "aiohttp": aio, "express": express,
+            "memory": mem, "sqlite": lite, "redis": red, "memory_stream": mem,
+            "memory_batch": mem, "redis_stream": red, "client": mem, "client_unary": mem}
+        cpu_of: dict[str, list[str]] = {}
+        for target in targets:
+            spec = [f"sim={sim.pid}"]
+            if target in servers:
+                spec.append(f"server={servers[target].pid}")
+            if target.startswith("redis") and redis.pid is not None:
+                spec.append(f"redis={redis.pid}")
+            cpu_of[target] = [arg for s in spec for arg in ("--cpu-of", s)]
         runs: dict[str, dict[int, list[dict[str, Any]]]] = {t: {} for t in targets}
         for rep in range(cfg.reps):
             for c in cfg.concurrencies:
@@ -179,13 +193,14 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
                              "--duration", str(cfg.duration_s),
                              # keys of their own: several targets send as s-mem, and a
                              # key sent before is answered from the store, not sent
-                             "--prefix", f"r{rep}c{c}{target}"]
+                             "--prefix", f"r{rep}c{c}{target}", *cpu_of[target]]
                     timeout = cfg.warmup_s + cfg.duration_s + 60
                     out = await _load(f"load-{target}-{rep}-{c}", workdir, args, timeout)
                     runs[target].setdefault(c, []).append(out)
                     print(f"  send {target:12s} c={c:<3d} rep {rep}: "
                           f"{out['throughput_rps']:8.1f} rps  p50 {out['p50_ms']:7.2f} ms  "
-                          f"p99 {out['p99_ms']:7.2f} ms  errors {out['errors']}", flush=True)
+                          f"p99 {out['p99_ms']:7.2f} ms  errors {out['errors']}  "
+                          f"cpu us/req {out.get('cpu_us_per_request', {})}", flush=True)
         result: dict[str, Any] = {}
         for target, per_c in runs.items():
             result[target] = {str(c): max(outs, key=lambda o: o["throughput_rps"])
