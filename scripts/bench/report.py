@@ -322,7 +322,12 @@ def _profile_lines(name: str, prof: dict[str, Any]) -> list[str]:
     load = prof.get("load_while_profiled")
     during = (f"; load while profiled: {_f(load.get('throughput_rps'))} req/s, "
               f"p99 {_f(load.get('p99_ms'), 2)} ms" if load else "")
-    lines = [f"**{name}** ({prof.get('samples')} samples{during})", "",
+    threads = prof.get("thread_cpu_share") or {}
+    cpu = (f"; CPU over those seconds: event loop {_f(threads.get('event loop'), 2)}, "
+           f"gRPC's and other threads {_f(threads.get('other threads'), 2)} of a core"
+           if threads else "")
+    lines = [f"**{name}** ({prof.get('samples')} samples of the event loop's thread{during}"
+             f"{cpu})", "",
              "| self % | function (leaf) | | inclusive % | function (this repo) |",
              "| ---: | --- | --- | ---: | --- |"]
     left, right = prof.get("top_self_pct") or [], prof.get("top_broker_inclusive_pct") or []
