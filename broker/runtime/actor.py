@@ -307,12 +307,8 @@ class SessionActor:
             case upstream_events.Pong():
                 self.stats.on_keepalive_ok()
                 await self._feed(inputs.PongReceived())
-            case upstream_events.Acked(message_id=mid):  # the link reader takes these
-                self.delivery.ack(mid)
-            case upstream_events.Receipt(message_id=mid, status=status):
-                receipt = RECEIPTS.get(status)
-                if receipt is not None:
-                    self.delivery.receipt(mid, receipt)
+            case upstream_events.Acked() | upstream_events.Receipt():
+                self._record(event)  # the link reader takes these (`_on_delivery`)
             case upstream_events.Refused(message_id=mid, code=code, reason=why):
                 log.warning("session %s: the upstream refused message %s (%s %s)",
                             self.session_id, mid, code, why)
@@ -434,6 +430,10 @@ class SessionActor:
         if generation != self._conn.generation or self.fenced:
             return
         self.last_activity = self._clock()
+        self._record(event)
+
+    def _record(self, event: upstream_events.Acked | upstream_events.Receipt) -> None:
+        """An ack or a receipt, to delivery (which stores it as a status update too)."""
         if isinstance(event, upstream_events.Acked):
             self.delivery.ack(event.message_id)
         else:

@@ -39,9 +39,9 @@ class BurstConnection(ClientConnection):
 
     `send()` writes one message per call: it checks the state, frames the
     message, writes it to the socket and waits for the buffer to drain. The
-    delivery loop often has tens of messages due together; each of them paying
-    that (and a socket write) cost the broker a fifth of its CPU per message
-    under load (docs/benchmarks.md). `send_texts` frames them all inside one
+    delivery loop often has tens of messages due together (about 30 under
+    SendStream c=64), each of them paying that and a socket write
+    (scripts/bench/NOTES.md, stop 17). `send_texts` frames them all inside one
     `send_context` (websockets' own context for writing from user code: state
     check on entry, write and flow control on exit), and `send_data` hands
     what the protocol produced to the transport in one write.
