@@ -28,6 +28,12 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def stat_cpu_seconds(stat: Path) -> float:
+    """utime + stime of a /proc/<pid>/stat (or /proc/<pid>/task/<tid>/stat) file."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def raise_nofile() -> None:
     """Lift the soft open-file limit to the hard limit (10k sockets need it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -152,8 +158,7 @@ class Proc:
 
     # /proc readings
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+        return stat_cpu_seconds(Path(f"/proc/{self.pid}/stat"))
 
     def rss_bytes(self) -> int:
         pages = Path(f"/proc/{self.pid}/statm").read_text().split()[1]

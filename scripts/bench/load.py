@@ -24,13 +24,20 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from broker_client.v1 import broker_pb2 as pb
 from broker_client.v1 import broker_pb2_grpc as pb_grpc
-from scripts.bench.common import pair_upstream, raise_nofile, summary_ms, upstream_login
+from scripts.bench.common import (
+    pair_upstream,
+    raise_nofile,
+    stat_cpu_seconds,
+    summary_ms,
+    upstream_login,
+)
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -46,11 +53,9 @@ _CPU_OF: dict[str, int] = {}
 
 def _cpu_seconds(pid: int) -> float | None:
     try:
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
+        return stat_cpu_seconds(Path(f"/proc/{pid}/stat"))
     except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return None  # the process ended
 
 
 class _CpuSampler(threading.Thread):

@@ -16,7 +16,6 @@ each thread really used comes from /proc over the same seconds
 from __future__ import annotations
 
 import collections
-import os
 import re
 import shutil
 import subprocess
@@ -25,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from scripts.bench.common import stat_cpu_seconds
+
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
 
@@ -104,8 +104,7 @@ def _thread_cpu(pid: int) -> dict[int, float]:
     used: dict[int, float] = {}
     for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            used[int(stat.parent.name)] = stat_cpu_seconds(stat)
         except OSError:
             continue  # the thread ended
-        used[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
     return used
