@@ -80,7 +80,8 @@ ALLOWED: dict[str, frozenset[Code]] = {
 }
 _METHODS = pb.DESCRIPTOR.services_by_name["Broker"].methods_by_name
 STREAMING = frozenset(name for name, m in _METHODS.items() if m.server_streaming)
-REQUEST_TYPE: dict[str, type[Message]] = {
+# Any: types-protobuf 7.35.1.20261122 types Message() without field keywords.
+REQUEST_TYPE: dict[str, Any] = {
     name: getattr(pb, m.input_type.name) for name, m in _METHODS.items()
 }
 RESPONSE_TYPE: dict[str, type[Message]] = {

@@ -37,7 +37,8 @@ def _call_health_by_reflection(address: str) -> tuple[Any, set[str]]:
         services = set(database.get_services())
         pool = descriptor_pool.DescriptorPool(database)
         method = pool.FindServiceByName("broker.v1.Broker").methods_by_name["Health"]
-        request_cls = message_factory.GetMessageClass(method.input_type)
+        # Any: newer types-protobuf types Message() without field keywords.
+        request_cls: Any = message_factory.GetMessageClass(method.input_type)
         response_cls = message_factory.GetMessageClass(method.output_type)
         call = channel.unary_unary(
             "/broker.v1.Broker/Health",
