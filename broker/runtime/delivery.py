@@ -15,10 +15,12 @@ the store; this module only carries that out:
 - ack waiters: a Send that waits for its ack gets one plain future, settled
   by the ack's stored result, by `release_waiters`, or by its timer.
 - status updates: every ack, refusal and receipt is also a status update of
-  its message (`broker.runtime.updates`), appended in arrival order right
-  after its batch's outbox write. A resent message's repeated ack is stored
-  once (updates are de-duplicated per message and status); updates the store
-  could not take are held and go first with the next batch.
+  its message (`broker.runtime.updates`), appended in arrival order after its
+  batch's outbox write, by a writer of their own: the next outbox write does
+  not wait for them (with Redis, that second round trip per batch held up the
+  next Sends). A resent message's repeated ack is stored once (updates are
+  de-duplicated per message and status); updates the store could not take are
+  held and go first with the next batch.
 
 Acks reach `ack()` (and receipts `receipt()`) straight from the link reader,
 not through the actor's inbox: they change no lifecycle state, and a hop per
@@ -94,6 +96,7 @@ class Delivery:
         "_stats",
         "_store",
         "_task",
+        "_update_writer",
         "_wake",
         "_window",
         "session_id",
@@ -132,6 +135,7 @@ class Delivery:
         self._link: Link | None = None
         # Made on first use: ten thousand idle sessions should not carry them.
         self._batcher: Batcher[_Write, Accepted | None] | None = None
+        self._update_writer: Batcher[list[NewEntry], None] | None = None
         self._held: list[NewEntry] = []
         """Status updates the store could not take yet (they go with the next batch)."""
         self._window: DeliveryWindow | None = None
@@ -255,6 +259,17 @@ class Delivery:
                                     loaded=self._pipelined)
         return self._batcher
 
+    def _post_updates(self, entries: list[NewEntry]) -> None:
+        """Hand a batch's status updates to their writer, in arrival order (an empty
+        batch still retries the held ones)."""
+        if self._update_writer is None:
+            self._update_writer = Batcher(self._write_update_batches)
+        self._update_writer.post(entries)
+
+    async def _write_update_batches(self, batches: list[list[NewEntry]]) -> list[None]:
+        await self._write_updates([entry for batch in batches for entry in batch])
+        return [None] * len(batches)
+
     def _pipelined(self) -> bool:
         window = self._window
         return window is not None and window.pipelined(asyncio.get_running_loop().time())
@@ -306,9 +321,11 @@ class Delivery:
             self._stats.on_delivered(delivered, self._clock())
 
     async def drain(self) -> None:
-        """Return once everything handed to the writer so far is written."""
+        """Return once everything handed to the writers so far is written."""
         if self._batcher is not None:
             await self._batcher.drain()
+        if self._update_writer is not None:
+            await self._update_writer.drain()
 
     async def _write_outbox(self, items: list[_Write]) -> list[Accepted | BaseException | None]:
         """Write a batch of acks and new messages, then act on the answers.
@@ -328,7 +345,7 @@ class Delivery:
                 for i in items if not isinstance(i, NewMessage)]
         messages = [i for i in items if isinstance(i, NewMessage)]
         if not (acks or refusals or messages):  # receipts alone: no outbox write
-            await self._write_updates(news)
+            self._post_updates(news)
             return [None] * len(items)
         window = self._window
         claim = bool(messages) and window is not None and window.may_claim()
@@ -347,7 +364,7 @@ class Delivery:
                 log.warning("session %s: %d acks not recorded, will resend: %s",
                             self.session_id, len(acks) + len(refusals), exc)
             # The acks' updates come back with their resends; the receipts' would not.
-            self._held += [i for i in items if isinstance(i, NewEntry)]
+            self._post_updates([i for i in items if isinstance(i, NewEntry)])
             return [exc if isinstance(i, NewMessage) else None for i in items]
         if done.acked:
             self._stats.on_acked(len(acks), self._clock())
@@ -373,7 +390,7 @@ class Delivery:
                 self.kick()  # the loop reads them from the store
         accepted = iter(done.accepted)
         if news or self._held:
-            await self._write_updates(news)
+            self._post_updates(news)
         return [next(accepted) if isinstance(i, NewMessage) else None for i in items]
 
     # -- ack waiters ----------------------------------------------------------

@@ -1,0 +1,61 @@
+"""The outbox writer does not wait for the status updates of its last batch: they
+have a writer of their own, which keeps their order. With Redis the updates are a
+second round trip per batch; behind it, the session's next Sends waited."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from broker.config import Settings
+from broker.errors import NotOwner
+from broker.lifecycle.health import SessionStats
+from broker.runtime.delivery import Delivery
+from broker.runtime.updates import MessageStatus
+from broker.store.base import InboundRecord, NewEntry, NewMessage
+from broker.store.memory import MemoryStore
+
+WAIT_S = 5.0
+
+
+class _SlowUpdates(MemoryStore):
+    """Status updates wait at a gate (a slow second round trip); everything else is fast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.written: list[str] = []
+
+    async def add_entries(self, session_id: str, entries: Sequence[NewEntry], at: float, *,
+                          topic: str, fence: int | None = None) -> list[InboundRecord | None]:
+        await self.gate.wait()
+        self.written += [e.upstream_id for e in entries]
+        return await super().add_entries(session_id, entries, at, topic=topic, fence=fence)
+
+
+def _delivery(store: MemoryStore) -> Delivery:
+    def not_owner(exc: NotOwner) -> None:
+        raise AssertionError(exc)
+
+    return Delivery("s-1", store=store, settings=Settings(), stats=SessionStats(),
+                    clock=lambda: 1.0, fence=None, not_owner=not_owner,
+                    spawn=asyncio.create_task, outbox_poll_s=None)
+
+
+async def test_sends_are_accepted_while_the_last_batchs_updates_are_still_being_written() -> None:
+    store = _SlowUpdates()
+    delivery = _delivery(store)
+    first = await delivery.enqueue(NewMessage("+4915112345678", "one", "k-1"))
+    mid = first.message.message_id
+    delivery.ack(mid)  # its SERVER_ACK update now waits at the gate
+    await asyncio.sleep(0)
+    second = await asyncio.wait_for(
+        delivery.enqueue(NewMessage("+4915112345678", "two", "k-2")), WAIT_S)
+    assert second.message.message_id != mid and store.written == []
+    delivery.receipt(mid, MessageStatus.DELIVERED)
+    delivery.receipt(mid, MessageStatus.READ)
+    store.gate.set()
+    await asyncio.wait_for(delivery.drain(), WAIT_S)
+    assert store.written == [f"{mid}:SERVER_ACK", f"{mid}:DELIVERED", f"{mid}:READ"]
+    result = await store.result("s-1", mid)
+    assert result is not None and result.ok
