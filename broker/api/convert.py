@@ -8,7 +8,7 @@ content becomes the domain's `broker.content.Content`.
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -50,14 +50,23 @@ def session(view: SessionView) -> pb.Session:
 
 
 def send_response(outcome: SendOutcome) -> pb.SendResponse:
-    result = outcome.result
-    return pb.SendResponse(
-        message_id=outcome.message.message_id,
-        status=pb.ACKED if result is not None else pb.QUEUED,
-        duplicate=outcome.duplicate, sequence=outcome.message.sequence,
-        accepted_at=timestamp(outcome.message.accepted_at),
-        acked_at=timestamp(result.acked_at if result else None),
-    )
+    response = pb.SendResponse()
+    _fill_send_response(response, outcome)
+    return response
+
+
+def _fill_send_response(response: pb.SendResponse, outcome: SendOutcome) -> None:
+    """Set in place: a submessage passed to a constructor is copied, and a SendStream
+    answers tens of thousands of these a second."""
+    message, result = outcome.message, outcome.result
+    response.message_id = message.message_id
+    response.status = pb.ACKED if result is not None else pb.QUEUED
+    response.duplicate = outcome.duplicate
+    response.sequence = message.sequence
+    if message.accepted_at:
+        response.accepted_at.FromNanoseconds(int(message.accepted_at * 1e9))
+    if result is not None and result.acked_at:
+        response.acked_at.FromNanoseconds(int(result.acked_at * 1e9))
 
 
 def send_item(item: pb.SendItem, time_remaining: float | None) -> SendItem:
@@ -80,16 +89,25 @@ def presence(value: int) -> Presence | None:
     return found
 
 
-def send_result(ref: int, outcome: object) -> pb.SendResult:
-    """One item's answer: Send's response, or the error Send would have ended with."""
+def send_results(finished: Sequence[tuple[int, object]]) -> pb.SendBatchResponse:
+    """A many-Sends answer, its results built in place (see `_fill_send_response`)."""
+    batch = pb.SendBatchResponse()
+    add = batch.results.add
+    for ref, outcome in finished:
+        _fill_send_result(add(), ref, outcome)
+    return batch
+
+
+def _fill_send_result(result: pb.SendResult, ref: int, outcome: object) -> None:
+    result.ref = ref
     if isinstance(outcome, BrokerError):
-        error = pb.SendError(
+        result.error.CopyFrom(pb.SendError(
             code=outcome.code.value[0], reason=ErrorReason.Reason.Value(outcome.reason),
             message=outcome.message, metadata=outcome.metadata,
-            retry_after_ms=int((outcome.retry_after_s or 0) * 1000))
-        return pb.SendResult(ref=ref, error=error)
+            retry_after_ms=int((outcome.retry_after_s or 0) * 1000)))
+        return
     assert isinstance(outcome, SendOutcome)
-    return pb.SendResult(ref=ref, response=send_response(outcome))
+    _fill_send_response(result.response, outcome)
 
 
 def status_event(

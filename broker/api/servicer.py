@@ -62,8 +62,7 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         reader = asyncio.create_task(read())
         try:
             async for finished in flow.results():
-                yield pb.SendBatchResponse(
-                    results=[convert.send_result(ref, outcome) for ref, outcome in finished])
+                yield convert.send_results(finished)
             await reader  # a reading error ends the call with its status
         finally:
             reader.cancel()
@@ -76,9 +75,8 @@ class BrokerServicer(pb_grpc.BrokerServicer):
         remaining = context.time_remaining()
         outcomes = await self.manager.send_many(
             [convert.send_item(item, remaining) for item in request.items], item_guard.get())
-        return pb.SendBatchResponse(results=[
-            convert.send_result(item.ref, outcome)
-            for item, outcome in zip(request.items, outcomes, strict=True)])
+        return convert.send_results(
+            [(item.ref, outcome) for item, outcome in zip(request.items, outcomes, strict=True)])
 
     @streaming
     async def StreamStatus(
