@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 from broker.config import Settings
-from broker.errors import NotOwner
+from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle.health import SessionStats
 from broker.runtime.delivery import Delivery
 from broker.runtime.updates import MessageStatus
-from broker.store.base import InboundRecord, NewEntry, NewMessage
+from broker.store.base import InboundRecord, NewEntry, NewMessage, OutboxBatchResult
 from broker.store.memory import MemoryStore
 
 WAIT_S = 5.0
@@ -57,5 +58,45 @@ async def test_sends_are_accepted_while_the_last_batchs_updates_are_still_being_
     store.gate.set()
     await asyncio.wait_for(delivery.drain(), WAIT_S)
     assert store.written == [f"{mid}:SERVER_ACK", f"{mid}:DELIVERED", f"{mid}:READ"]
+    result = await store.result("s-1", mid)
+    assert result is not None and result.ok
+
+
+class _FlakyStore(MemoryStore):
+    """Refuses every write while `down` (Redis away), then takes them again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.written: list[str] = []
+
+    async def apply_outbox(self, *args: Any, **kwargs: Any) -> OutboxBatchResult:
+        if self.down:
+            raise StoreUnavailable("the store is away")
+        return await super().apply_outbox(*args, **kwargs)
+
+    async def add_entries(self, session_id: str, entries: Sequence[NewEntry], at: float, *,
+                          topic: str, fence: int | None = None) -> list[InboundRecord | None]:
+        if self.down:
+            raise StoreUnavailable("the store is away")
+        self.written += [e.upstream_id for e in entries]
+        return await super().add_entries(session_id, entries, at, topic=topic, fence=fence)
+
+
+async def test_updates_the_store_could_not_take_are_held_and_written_first_once_it_is_back(
+) -> None:
+    store = _FlakyStore()
+    delivery = _delivery(store)
+    first = await delivery.enqueue(NewMessage("+4915112345678", "one", "k-1"))
+    mid = first.message.message_id
+    store.down = True
+    delivery.ack(mid)  # not recorded: the message will be resent and acked again
+    delivery.receipt(mid, MessageStatus.DELIVERED)  # nothing would bring this one back
+    await asyncio.wait_for(delivery.drain(), WAIT_S)
+    assert store.written == [] and await store.result("s-1", mid) is None
+    store.down = False
+    delivery.ack(mid)  # the resend's ack
+    await asyncio.wait_for(delivery.drain(), WAIT_S)
+    assert store.written == [f"{mid}:DELIVERED", f"{mid}:SERVER_ACK"]
     result = await store.result("s-1", mid)
     assert result is not None and result.ok

@@ -301,6 +301,8 @@ class Delivery:
         would bring their updates back); a fenced write drops them."""
         held, self._held = self._held, []
         entries = held + entries
+        if not entries:  # the held ones went with an earlier batch meanwhile
+            return
         try:
             added = await self._store.add_entries(self.session_id, entries, self._clock(),
                                                   topic=UPDATES, fence=self._fence)
