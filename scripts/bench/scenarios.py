@@ -203,7 +203,10 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
                           f"cpu us/req {out.get('cpu_us_per_request', {})}", flush=True)
         result: dict[str, Any] = {}
         for target, per_c in runs.items():
-            result[target] = {str(c): max(outs, key=lambda o: o["throughput_rps"])
+            # the best repetition, with every repetition's rate in run order: the
+            # peer ratios pair the paths' rates rep by rep (report.targets)
+            result[target] = {str(c): {**max(outs, key=lambda o: o["throughput_rps"]),
+                                       "reps_rps": [o["throughput_rps"] for o in outs]}
                               for c, outs in per_c.items()}
         if cfg.profile:
             top = max(cfg.concurrencies)
