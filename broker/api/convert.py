@@ -30,8 +30,14 @@ def timestamp(at: float | None) -> Timestamp | None:
     if not at:
         return None
     ts = Timestamp()
-    ts.FromNanoseconds(int(at * 1e9))
+    _set_time(ts, at)
     return ts
+
+
+def _set_time(field: Timestamp, at: float | None) -> None:
+    """Set a Timestamp field in place to `at` (epoch seconds); 0 or None leaves it unset."""
+    if at:
+        field.FromNanoseconds(int(at * 1e9))
 
 
 def state(value: State | None) -> pb.SessionState.ValueType:
@@ -63,10 +69,8 @@ def _fill_send_response(response: pb.SendResponse, outcome: SendOutcome) -> None
     response.status = pb.ACKED if result is not None else pb.QUEUED
     response.duplicate = outcome.duplicate
     response.sequence = message.sequence
-    if message.accepted_at:
-        response.accepted_at.FromNanoseconds(int(message.accepted_at * 1e9))
-    if result is not None and result.acked_at:
-        response.acked_at.FromNanoseconds(int(result.acked_at * 1e9))
+    _set_time(response.accepted_at, message.accepted_at)
+    _set_time(response.acked_at, result.acked_at if result is not None else None)
 
 
 def send_item(item: pb.SendItem, time_remaining: float | None) -> SendItem:

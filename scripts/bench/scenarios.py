@@ -204,7 +204,7 @@ async def send(cfg: Config, workdir: Path) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for target, per_c in runs.items():
             # the best repetition, with every repetition's rate in run order: the
-            # peer ratios pair the paths' rates rep by rep (report.targets)
+            # peer ratios pair the paths' rates rep by rep (report.paired_ratio)
             result[target] = {str(c): {**max(outs, key=lambda o: o["throughput_rps"]),
                                        "reps_rps": [o["throughput_rps"] for o in outs]}
                               for c, outs in per_c.items()}
