@@ -206,6 +206,27 @@ async def test_claimed_messages_are_read_for_the_caller_in_order(store: Store) -
     assert [m.body for m in await store.pending("s1", 10, done.claimed[-1].sequence)] == ["d"]
 
 
+async def test_a_batch_numbers_its_new_messages_in_order_and_the_next_goes_on(
+        store: Store) -> None:
+    first = await store.enqueue("s1", "+1", "first", "k0", max_depth=4, at=1.0)
+    assert first.message.sequence == 1
+    batch = OutboxBatch(messages=[
+        NewMessage("+1", "a", "k1"), NewMessage("+1", "again", "k0"),
+        NewMessage("+1", "b", "kb-unkeyed", retryable=False), NewMessage("+1", "c", "k3"),
+        NewMessage("+1", "over", "k4")])  # the 5th: the outbox holds 4 at most
+    done = await store.apply_outbox("s1", batch, max_depth=4, at=2.0)
+    kinds = [type(a).__name__ if not isinstance(a, Accepted) else a.duplicate
+             for a in done.accepted]
+    assert kinds == [False, True, False, False, "OutboxFull"]
+    numbered = [a.message.sequence for a in done.accepted
+                if isinstance(a, Accepted) and not a.duplicate]
+    assert numbered == [2, 3, 4]
+    assert [m.sequence for m in await store.pending("s1", 10)] == [1, 2, 3, 4]
+    await mark_acked(store, "s1", first.message.message_id, 3.0)
+    after = await store.enqueue("s1", "+1", "d", "k5", max_depth=4, at=4.0)
+    assert after.message.sequence == 5
+
+
 async def test_outbox_full_at_max_depth(store: Store) -> None:
     a = await store.enqueue("s1", "+1", "a", "ka", max_depth=2, at=1.0)
     await store.enqueue("s1", "+1", "b", "kb", max_depth=2, at=1.0)

@@ -48,6 +48,19 @@ def fence_arg(fence: int | None) -> str:
     return "" if fence is None else str(fence)
 
 
+#: in_steps(head, list): redis.call(head..., list...) for a list of any length, in
+#: steps within Lua's bound on unpacked values (1,000: even, for field/value pairs):
+#: one variadic command for a batch instead of one per item.
+IN_STEPS = """
+local function in_steps(head, list)
+  for i = 1, #list, 1000 do
+    local args = {unpack(head)}
+    for j = i, math.min(i + 999, #list) do args[#args + 1] = list[j] end
+    redis.call(unpack(args))
+  end
+end
+"""
+
 #: group_read(key, group, consumer, count, from): the XREADGROUP rows
 #: ({id, fields or false}; false once deleted after it was read), {} when none.
 #: field(fields, name): one field of a flat field list, nil when absent.
@@ -107,7 +120,7 @@ end
 # is not its entry's is refused before any write ('ACKKEYS'): the caller looks it up.
 # Every key touched is declared (Redis Cluster checks them, and a slot migration answers
 # TRYAGAIN before the script runs rather than half-way through it).
-APPLY_OUTBOX = FENCED + STREAMS + """
+APPLY_OUTBOX = FENCED + STREAMS + IN_STEPS + """
 if fenced(KEYS[4], ARGV[11]) then return refuse(ARGV[11]) end
 local at, ttl = ARGV[1], ARGV[5]
 local n_acks = tonumber(ARGV[10])
@@ -125,9 +138,10 @@ for n = 12, first_new - 1, 2 do
     KEYS[k + 3]}
   k = k + 4
 end
-local entries = {}
+local entries, earlier = {}, {}
 for i, a in ipairs(ack_keys) do  -- checked before any write: a script has no rollback
-  if not redis.call('GET', a[1]) then
+  earlier[i] = redis.call('GET', a[1])
+  if not earlier[i] then
     local entry = redis.call('HGET', KEYS[2], a[4])
     if entry then
       local rows = redis.call('XRANGE', KEYS[1], entry, entry)
@@ -145,9 +159,11 @@ end
 if ARGV[9] == '1' then  -- the read below must not fail after the writes: no rollback
   redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[7], '0', 'MKSTREAM')
 end
-local acked = {}
+-- settled: results written by this batch (an id acked twice keeps its first);
+-- the entries leave the stream and the ids hash in one command each
+local acked, settled, gone, gone_ids = {}, {}, {}, {}
 for i, a in ipairs(ack_keys) do
-  local done = redis.call('GET', a[1])
+  local done = earlier[i] or settled[a[4]]
   if done then
     acked[#acked + 1] = done
   else
@@ -163,18 +179,24 @@ for i, a in ipairs(ack_keys) do
       end
       local content = f and field(f, 'content')
       if content then redis.call('SET', a[7], content, 'PX', ttl) end
-      redis.call('XACK', KEYS[1], ARGV[7], e[1])
-      redis.call('XDEL', KEYS[1], e[1])
-      redis.call('HDEL', KEYS[2], a[4])
+      gone[#gone + 1] = e[1]
+      gone_ids[#gone_ids + 1] = a[4]
       redis.call('SET', a[1], a[6], 'PX', ttl)
       redis.call('PUBLISH', ARGV[6], a[4] .. ' ' .. a[6])
+      settled[a[4]] = a[6]
     end
     acked[#acked + 1] = a[6]
   end
 end
+if #gone > 0 then
+  in_steps({'XACK', KEYS[1], ARGV[7]}, gone)
+  in_steps({'XDEL', KEYS[1]}, gone)
+  in_steps({'HDEL', KEYS[2]}, gone_ids)
+end
 local accepted, fresh, last_added = {}, 0, nil
 local depth = redis.call('XLEN', KEYS[1])
 local max_depth = tonumber(ARGV[2])
+local seq, ids = nil, {}  -- the sequence counter, read once and written back once
 for n = first_new, #ARGV, 5 do
   local mid, to, body, key, content = ARGV[n], ARGV[n + 1], ARGV[n + 2], ARGV[n + 3],
     ARGV[n + 4]
@@ -189,21 +211,25 @@ for n = first_new, #ARGV, 5 do
   elseif depth >= max_depth then
     accepted[#accepted + 1] = {'full', tostring(depth)}
   else
-    local seq = tostring(redis.call('INCR', KEYS[3]))
+    seq = (seq or tonumber(redis.call('GET', KEYS[3]) or '0')) + 1
+    local seq_text = string.format('%d', seq)
     if content == '' then
       last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
-        'key', key, 'seq', seq, 'at', at)
+        'key', key, 'seq', seq_text, 'at', at)
     else
       last_added = redis.call('XADD', KEYS[1], '*', 'mid', mid, 'to', to, 'body', body,
-        'key', key, 'seq', seq, 'at', at, 'content', content)
+        'key', key, 'seq', seq_text, 'at', at, 'content', content)
     end
-    redis.call('HSET', KEYS[2], mid, last_added)
-    local record = cjson.encode({mid, to, body, seq, at})
+    ids[#ids + 1] = mid
+    ids[#ids + 1] = last_added
+    local record = cjson.encode({mid, to, body, seq_text, at})
     if idem then redis.call('SET', idem, record) end
     depth, fresh = depth + 1, fresh + 1
     accepted[#accepted + 1] = {'new', record}
   end
 end
+if seq then redis.call('SET', KEYS[3], string.format('%d', seq)) end
+in_steps({'HSET', KEYS[2]}, ids)
 local claimed, unread = {}, 0
 if ARGV[9] == '1' and fresh > 0 then
   local last_read = nil
@@ -396,13 +422,20 @@ return next_token(KEYS[1])
 #       payload, "" if none), media (the bytes, "" if none)
 # Returns per entry its new stream id, or "" when the upstream id is already stored.
 # Ages come from the stream's entry ids, Redis's clock, whoever's broker adds.
-ADD_INBOUND = FENCED + """
+ADD_INBOUND = FENCED + IN_STEPS + """
 if fenced(KEYS[4], ARGV[3]) then return refuse(ARGV[3]) end
-local added, newest = {}, nil
-for n = 4, #ARGV, 6 do
-  local uid = ARGV[n]
-  if redis.call('HEXISTS', KEYS[2], uid) == 1 then
-    added[#added + 1] = ''
+local uids = {}
+for n = 4, #ARGV, 6 do uids[#uids + 1] = ARGV[n] end
+local stored = {}  -- per entry: its upstream id is stored already (false: not)
+for i = 1, #uids, 1000 do
+  local part = redis.call('HMGET', KEYS[2], unpack(uids, i, math.min(i + 999, #uids)))
+  for j = 1, #part do stored[i + j - 1] = part[j] end
+end
+local added, newest, now_stored, seen, media = {}, nil, {}, {}, {}
+for i, uid in ipairs(uids) do
+  local n = 4 + 6 * (i - 1)
+  if stored[i] or now_stored[uid] then
+    added[i] = ''
   else
     local entry
     if ARGV[n + 4] ~= '' then
@@ -412,19 +445,31 @@ for n = 4, #ARGV, 6 do
       entry = redis.call('XADD', KEYS[1], '*', 'uid', uid, 'from', ARGV[n + 1],
         'body', ARGV[n + 2], 'at', ARGV[1], 'o', ARGV[n + 3])
     end
-    if ARGV[n + 5] ~= '' then redis.call('HSET', KEYS[5], uid, ARGV[n + 5]) end
-    redis.call('HSET', KEYS[2], uid, entry)
-    added[#added + 1] = entry
+    if ARGV[n + 5] ~= '' then
+      media[#media + 1] = uid
+      media[#media + 1] = ARGV[n + 5]
+    end
+    seen[#seen + 1] = uid
+    seen[#seen + 1] = entry
+    now_stored[uid] = true
+    added[i] = entry
     newest = entry
   end
 end
+in_steps({'HSET', KEYS[2]}, seen)
+in_steps({'HSET', KEYS[5]}, media)
 local retention = tonumber(ARGV[2])
 if retention > 0 and newest then
   local now = tonumber(string.match(newest, '^(%d+)'))
   local cutoff = now - retention
-  for n = 4, #ARGV, 6 do
-    if added[(n - 4) / 6 + 1] ~= '' then redis.call('ZADD', KEYS[3], now, ARGV[n]) end
+  local aged = {}
+  for i, uid in ipairs(uids) do
+    if added[i] ~= '' then
+      aged[#aged + 1] = now
+      aged[#aged + 1] = uid
+    end
   end
+  in_steps({'ZADD', KEYS[3]}, aged)
   redis.call('XTRIM', KEYS[1], 'MINID', cutoff)
   local old = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', '(' .. cutoff, 'LIMIT', 0, 256)
   if #old > 0 then
