@@ -169,6 +169,25 @@ async def test_a_loaded_batcher_lingers_before_its_first_write() -> None:
     assert rec.batches == [[0, 2]]
 
 
+async def test_a_loaded_batcher_with_enough_queued_writes_at_once() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: True,
+                                         enough=4)
+    burst = [batcher.submit(i * 2) for i in range(4)]  # a stream's burst: enough to write
+    assert list(await asyncio.wait_for(asyncio.gather(*burst), 10)) == [0, 20, 40, 60]
+    fewer = [batcher.submit(i * 2) for i in range(3)]  # fewer than enough: it lingers
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert rec.batches == [[0, 2, 4, 6]]
+    batcher.cancel()
+    assert all(f.cancelled() for f in fewer)
+
+
+def test_enough_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Batcher(Recorder().flush, enough=0)
+
+
 async def test_an_unloaded_batcher_writes_a_lone_item_at_once() -> None:
     rec = Recorder()
     batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: False)

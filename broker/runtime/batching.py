@@ -6,7 +6,9 @@ each took their own round trip made the store, not the upstream, the limit.
 A lone call is never held back (the flush starts on the loop's next turn). Under
 load, when calls kept arriving during the previous write, an optional linger
 lets the next write gather more of them: fewer, larger writes for a few
-milliseconds of latency on calls that were waiting anyway.
+milliseconds of latency on calls that were waiting anyway. A queue that holds
+`ENOUGH` already is written at once: lingering is for calls that trickle in
+(unary Sends), and a stream's bursts would only wait, with the loop idle.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+ENOUGH = 16
+"""Items queued from which a loaded batcher writes without lingering (why 16:
+docs/benchmarks.md, issue 13 stop 19)."""
+
 
 class Batcher(Generic[T, R]):
     """Feed items to `flush` in batches of at most `max_batch`, one batch at a time.
@@ -34,15 +41,20 @@ class Batcher(Generic[T, R]):
         max_batch: int = 256,
         linger_s: float = 0.0,
         loaded: Callable[[], bool] | None = None,
+        enough: int = ENOUGH,
     ) -> None:
         """`loaded()`: whether more items are certain to follow soon (say, acks of
-        messages in flight), so that even a write the store does at once lingers."""
+        messages in flight), so that even a write the store does at once lingers.
+        `enough`: a queue this long is written without lingering."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if enough < 1:
+            raise ValueError("enough must be at least 1")
         self._flush = flush
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._loaded = loaded
+        self._enough = min(enough, max_batch)
         self._queue: list[tuple[T, asyncio.Future[R] | None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -89,7 +101,7 @@ class Batcher(Generic[T, R]):
         # (`loaded`), mean load: then wait a moment so the next write carries more.
         busy = self._loaded is not None and self._loaded()
         while self._queue:
-            if busy and self._linger_s > 0 and len(self._queue) < self._max_batch:
+            if busy and self._linger_s > 0 and len(self._queue) < self._enough:
                 await asyncio.sleep(self._linger_s)
             busy = True
             batch = self._queue[: self._max_batch]
