@@ -184,9 +184,9 @@ class MigratingCluster(RedisCluster):
         # redis-py builds every node's connections from these kwargs (nodes found
         # later too) and takes no connection class of its own: set before any
         # connection was made (see hiredis_packing).
-        kwargs = self.nodes_manager.connection_kwargs  # the dict the client shares
-        packed = hiredis_packing(kwargs["connection_class"])
-        kwargs["connection_class"] = packed
+        shared = self.nodes_manager.connection_kwargs  # the client's own dict
+        packed = hiredis_packing(shared["connection_class"])
+        shared["connection_class"] = packed
         for node in self.nodes_manager.startup_nodes.values():
             node.connection_class = packed
 
