@@ -67,7 +67,8 @@ class Settings:
         5.0, "Resend an unacked message after this long, seconds (the upstream de-duplicates).")
     write_linger_s: float = setting(
         0.001, "Under load, seconds a session's next outbox write waits to gather more Sends "
-               "and acks (0: never); a lone Send never waits, nor a write with 16 queued.",
+               "and acks (0: never); a lone Send never waits, nor a write with 16 queued, "
+               "nor one of only acks or a many-Sends request's messages.",
         minimum=0, maximum=1)
     """Fewer, larger writes mean less event-loop, syscall and Redis work per message;
     why 1 ms is the default: docs/benchmarks.md."""

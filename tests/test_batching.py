@@ -192,3 +192,38 @@ async def test_an_unloaded_batcher_writes_a_lone_item_at_once() -> None:
     rec = Recorder()
     batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: False)
     assert await asyncio.wait_for(batcher.submit(2), 10) == 20
+
+
+async def test_a_loaded_batcher_of_burst_items_writes_at_once() -> None:
+    # A many-Sends request's messages and an upstream read's acks come together:
+    # waiting for company would only leave the loop idle.
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: True)
+    burst = [batcher.submit(i * 2, linger=False) for i in range(3)]
+    batcher.post(7, linger=False)
+    assert list(await asyncio.wait_for(asyncio.gather(*burst), 10)) == [0, 20, 40]
+    assert rec.batches == [[0, 2, 4, 7]]
+
+
+async def test_one_trickling_item_makes_a_loaded_batcher_linger() -> None:
+    rec = Recorder()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: True)
+    burst = [batcher.submit(i * 2, linger=False) for i in range(3)]
+    lone = batcher.submit(6)  # a unary Send: it may wait for the next ones
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert rec.batches == []
+    batcher.cancel()
+    assert all(f.cancelled() for f in [*burst, lone])
+
+
+async def test_once_the_trickling_items_are_written_a_burst_goes_at_once() -> None:
+    rec = Recorder()
+    rec.gate = asyncio.Event()
+    batcher: Batcher[int, int] = Batcher(rec.flush, linger_s=60.0, loaded=lambda: False)
+    lone = batcher.submit(0)  # not loaded: written at once, and the gate holds it
+    await _until(lambda: rec.batches)
+    burst = [batcher.submit(i * 2, linger=False) for i in range(1, 3)]
+    rec.gate.set()  # the next write is loaded (it follows one), but only of a burst
+    assert await asyncio.wait_for(asyncio.gather(lone, *burst), 10) == [0, 20, 40]
+    assert rec.batches == [[0], [2, 4]]

@@ -194,10 +194,11 @@ class SessionActor:
             return None
         return await self.delivery.wait_ack(message_id, timeout)
 
-    async def enqueue(self, message: NewMessage) -> Accepted:
+    async def enqueue(self, message: NewMessage, *, linger: bool = True) -> Accepted:
         """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
-        one write) and get it delivered. Raises OutboxFull."""
-        return await self.delivery.enqueue(message)
+        one write) and get it delivered. Raises OutboxFull. `linger`: see
+        Delivery.enqueue."""
+        return await self.delivery.enqueue(message, linger=linger)
 
     def kick(self) -> None:
         """A message was queued (maybe by another instance): deliver it if OPEN."""

@@ -6,9 +6,11 @@ each took their own round trip made the store, not the upstream, the limit.
 A lone call is never held back (the flush starts on the loop's next turn). Under
 load, when calls kept arriving during the previous write, an optional linger
 lets the next write gather more of them: fewer, larger writes for a few
-milliseconds of latency on calls that were waiting anyway. A queue that holds
-`ENOUGH` already is written at once: lingering is for calls that trickle in
-(unary Sends), and a stream's bursts would only wait, with the loop idle.
+milliseconds of latency on calls that were waiting anyway. Lingering is for
+items that trickle in one by one (unary Sends, submitted with `linger=True`):
+a queue that holds `ENOUGH` already, or only items that came in a burst (a
+many-Sends request, the acks of one upstream read), is written at once, since
+waiting would only leave the loop idle while the burst's senders wait on it.
 """
 
 from __future__ import annotations
@@ -55,25 +57,30 @@ class Batcher(Generic[T, R]):
         self._linger_s = linger_s
         self._loaded = loaded
         self._enough = min(enough, max_batch)
-        self._queue: list[tuple[T, asyncio.Future[R] | None]] = []
+        self._queue: list[tuple[T, asyncio.Future[R] | None, bool]] = []
+        self._lingering = 0
+        """Queued items that may wait for company (`linger=True`)."""
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, item: T) -> asyncio.Future[R]:
+    def submit(self, item: T, *, linger: bool = True) -> asyncio.Future[R]:
         """Queue an item; the future resolves once its batch is written.
 
-        Await it: a caller that gives up cancels it, and a cancelled future is
+        `linger=False`: the item came with others, so its write need not wait
+        for more (only items submitted with `linger=True` make a loaded write
+        linger). Await the future: a caller that gives up cancels it, and a cancelled future is
         skipped, but an error set on one nobody awaits is logged as unretrieved.
         """
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._enqueue(item, future)
+        self._enqueue(item, future, linger)
         return future
 
-    def post(self, item: T) -> None:
+    def post(self, item: T, *, linger: bool = True) -> None:
         """Queue an item whose outcome nobody waits for (`flush` reports its errors)."""
-        self._enqueue(item, None)
+        self._enqueue(item, None, linger)
 
-    def _enqueue(self, item: T, future: asyncio.Future[R] | None) -> None:
-        self._queue.append((item, future))
+    def _enqueue(self, item: T, future: asyncio.Future[R] | None, linger: bool) -> None:
+        self._queue.append((item, future, linger))
+        self._lingering += linger
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run())
 
@@ -89,7 +96,8 @@ class Batcher(Generic[T, R]):
         if task is not None:
             task.cancel()
         queue, self._queue = self._queue, []
-        for _, future in queue:
+        self._lingering = 0
+        for _, future, _ in queue:
             if future is not None:
                 future.cancel()
 
@@ -101,16 +109,18 @@ class Batcher(Generic[T, R]):
         # (`loaded`), mean load: then wait a moment so the next write carries more.
         busy = self._loaded is not None and self._loaded()
         while self._queue:
-            if busy and self._linger_s > 0 and len(self._queue) < self._enough:
+            if (busy and self._linger_s > 0 and self._lingering
+                    and len(self._queue) < self._enough):
                 await asyncio.sleep(self._linger_s)
             busy = True
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
+            self._lingering -= sum(linger for _, _, linger in batch)
             try:
-                items = [item for item, _ in batch]
+                items = [item for item, _, _ in batch]
                 outcomes: Sequence[R | BaseException] = await self._flush(items)
             except asyncio.CancelledError:
-                for _, future in batch:
+                for _, future, _ in batch:
                     if future is not None:
                         future.cancel()
                 raise
@@ -120,7 +130,7 @@ class Batcher(Generic[T, R]):
                 error = RuntimeError(f"flush returned {len(outcomes)} outcomes for "
                                      f"{len(batch)} items")
                 outcomes = [error] * len(batch)
-            for (_, future), outcome in zip(batch, outcomes, strict=True):
+            for (_, future, _), outcome in zip(batch, outcomes, strict=True):
                 if future is None or future.done():
                     continue
                 if isinstance(outcome, BaseException):

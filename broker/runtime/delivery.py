@@ -274,25 +274,27 @@ class Delivery:
         window = self._window
         return window is not None and window.pipelined(asyncio.get_running_loop().time())
 
-    async def enqueue(self, message: NewMessage) -> Accepted:
+    async def enqueue(self, message: NewMessage, *, linger: bool = True) -> Accepted:
         """Queue a Send's message (with the Sends and acks that arrive meanwhile, in
-        one write) and get it delivered. Raises OutboxFull."""
-        outcome = await self._writes.submit(message)  # raises OutboxFull
+        one write) and get it delivered. Raises OutboxFull. `linger=False`: the
+        message came with others (a many-Sends call's request), so its write need
+        not wait for more."""
+        outcome = await self._writes.submit(message, linger=linger)  # raises OutboxFull
         assert outcome is not None  # None answers only acks
         return outcome
 
     def ack(self, message_id: str) -> None:
         """Record an upstream ack (with the acks that arrive meanwhile, in one write)."""
-        self._writes.post(message_id)
+        self._writes.post(message_id, linger=False)
 
     def refuse(self, refusal: Refusal) -> None:
         """Record that the upstream refused a message: settled, never sent again, and
         its waiting Sends answered with the refusal."""
-        self._writes.post(refusal)
+        self._writes.post(refusal, linger=False)
 
     def receipt(self, message_id: str, status: MessageStatus) -> None:
         """Record a receipt (delivered, read, played) as the message's status update."""
-        self._writes.post(updates.entry(message_id, status))
+        self._writes.post(updates.entry(message_id, status), linger=False)
 
     async def _write_updates(self, entries: list[NewEntry]) -> None:
         """Store a batch's status updates after its outbox write, in arrival order.

@@ -396,9 +396,10 @@ class SessionManager:
         actor = self.actors.get(session_id)
         record = None if actor is not None else await self._record(session_id)
 
+        # A many-Sends call's items come together (its `placed`): their write
+        # need not linger for more, as a lone unary Send's may.
         accepted = await self._accept(session_id, record, actor, to, body, key, retryable,
-                                      payload,
-                                      placed or _nothing)
+                                      payload, placed or _nothing, linger=placed is None)
         message = accepted.message
         if accepted.result is not None or not wait:
             return _answered(SendOutcome(message, accepted.duplicate, accepted.result))
@@ -433,7 +434,7 @@ class SessionManager:
     async def _accept(
         self, session_id: str, record: SessionRecord | None, actor: SessionActor | None,
         to: str, body: str, key: str, retryable: bool, content: bytes | None,
-        placed: Callable[[], None],
+        placed: Callable[[], None], *, linger: bool = True,
     ) -> Accepted:
         """Queue the message, or find the one an earlier call queued under the key.
 
@@ -461,7 +462,8 @@ class SessionManager:
             # suspends: its place is fixed once placed() lets the next one go.
             placed()
             try:
-                return await actor.enqueue(NewMessage(to, body, key, retryable, content))
+                return await actor.enqueue(NewMessage(to, body, key, retryable, content),
+                                           linger=linger)
             except NotOwner:
                 pass  # the session has a newer owner: queue it as any instance would
         accepted = await self.store.enqueue(
