@@ -100,3 +100,55 @@ async def test_updates_the_store_could_not_take_are_held_and_written_first_once_
     assert store.written == [f"{mid}:DELIVERED", f"{mid}:SERVER_ACK"]
     result = await store.result("s-1", mid)
     assert result is not None and result.ok
+
+
+class _CountingClaims(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+
+    async def claim_outbox(self, session_id: str, *, fence: int | None = None) -> int:
+        self.claims += 1
+        return await super().claim_outbox(session_id, fence=fence)
+
+
+class _SentLink:
+    """Only what the delivery loop uses of a link: it records what was sent."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, messages: Sequence[Any]) -> None:
+        self.sent += [m.message_id for m in messages]
+
+
+async def _until(check: Any) -> None:
+    for _ in range(500):
+        if check():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never held")
+
+
+async def test_the_outbox_is_taken_over_once_per_connection_not_per_idle_spell() -> None:
+    # With Redis each take-over is a round trip (and a log line) before the next
+    # send: a loop that ends idle between bursts and starts again on the same
+    # connection must not take the outbox over again.
+    store = _CountingClaims()
+    delivery = _delivery(store)
+    link = _SentLink()
+    delivery.start(link)  # type: ignore[arg-type]
+    for n in range(3):  # three bursts, each acked: the loop ends idle after each
+        accepted = await delivery.enqueue(NewMessage("+4915112345678", f"m{n}", f"k-{n}"))
+        mid = accepted.message.message_id
+        await _until(lambda mid=mid: mid in link.sent)
+        delivery.ack(mid)
+        await asyncio.wait_for(delivery.drain(), WAIT_S)
+        await _until(lambda: delivery.idle)
+    assert len(link.sent) == 3 and store.claims == 1
+    other = _SentLink()
+    delivery.start(other)  # type: ignore[arg-type]  # a new connection: taken over again
+    accepted = await delivery.enqueue(NewMessage("+4915112345678", "m3", "k-3"))
+    await _until(lambda: accepted.message.message_id in other.sent)
+    assert store.claims == 2
+    delivery.stop()

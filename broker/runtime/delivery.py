@@ -85,6 +85,7 @@ class Delivery:
     __slots__ = (
         "_ack_waiters",
         "_batcher",
+        "_claimed",
         "_clock",
         "_fence",
         "_held",
@@ -133,6 +134,9 @@ class Delivery:
         self._task: asyncio.Task[None] | None = None
         #: the connection to deliver on while the session is OPEN, else None
         self._link: Link | None = None
+        self._claimed: Link | None = None
+        """The connection whose delivery took the outbox over (claim_outbox): a loop
+        that ended idle and starts again on it needs no second take-over."""
         # Made on first use: ten thousand idle sessions should not carry them.
         self._batcher: Batcher[_Write, Accepted | None] | None = None
         self._update_writer: Batcher[list[NewEntry], None] | None = None
@@ -163,6 +167,7 @@ class Delivery:
     def stop(self) -> None:
         """The connection is gone (or fenced): stop delivering, forget what was held."""
         self._link = None
+        self._claimed = None
         if self._window is not None:
             self._window.close()
         task, self._task = self._task, None
@@ -196,13 +201,13 @@ class Delivery:
     async def _deliver_loop(self, link: Link, window: DeliveryWindow, epoch: int) -> None:
         loop = asyncio.get_running_loop()
         wake = self._wake
-        claimed = False
         while window.epoch == epoch and window.is_open:
             wake.clear()
             try:
-                if not claimed:
+                if self._claimed is not link:
                     taken = await self._store.claim_outbox(self.session_id, fence=self._fence)
-                    claimed = True
+                    if self._link is link:
+                        self._claimed = link
                     if taken:
                         log.info("session %s: resuming %d read but unacked messages",
                                  self.session_id, taken)
