@@ -176,7 +176,7 @@ class AckListener:
                             waiter.poke.set()  # re-check: a publish may have been lost
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 1.0)
 

@@ -81,7 +81,7 @@ def hiredis_packing(base: type[C]) -> type[C]:
     return cast(type[C], _PACKED[base])
 
 
-_SERIALIZER = HiredisRespSerializer()
+_SERIALIZER = HiredisRespSerializer()  # type: ignore[no-untyped-call, unused-ignore]
 
 
 def _hiredis_pack_command(self: AbstractConnection, *args: Any) -> list[bytes]:
@@ -133,7 +133,7 @@ def _hosts(url: str, netloc: str) -> list[tuple[str, int]]:
 
 def sentinel(url: str, timeouts: Timeouts = Timeouts()) -> aioredis.Redis:
     nodes, service, db = sentinel_target(url)
-    sentinels = Sentinel(  # type: ignore[no-untyped-call]
+    sentinels = Sentinel(  # type: ignore[no-untyped-call, unused-ignore]
         nodes, socket_timeout=timeouts.connect_s, socket_connect_timeout=timeouts.connect_s)
     primary: aioredis.Redis = sentinels.master_for(
         service, db=db, socket_timeout=timeouts.socket_s,
