@@ -134,9 +134,9 @@ class Delivery:
         self._task: asyncio.Task[None] | None = None
         #: the connection to deliver on while the session is OPEN, else None
         self._link: Link | None = None
+        #: the connection whose delivery took the outbox over (claim_outbox): a loop
+        #: that ended idle and starts again on it needs no second take-over
         self._claimed: Link | None = None
-        """The connection whose delivery took the outbox over (claim_outbox): a loop
-        that ended idle and starts again on it needs no second take-over."""
         # Made on first use: ten thousand idle sessions should not carry them.
         self._batcher: Batcher[_Write, Accepted | None] | None = None
         self._update_writer: Batcher[list[NewEntry], None] | None = None
