@@ -1,11 +1,12 @@
 """The outbox writer does not wait for the status updates of its last batch: they
 have a writer of their own, which keeps their order. With Redis the updates are a
-second round trip per batch; behind it, the session's next Sends waited."""
+second round trip per batch; behind it, the session's next Sends waited. Also: the
+outbox is taken over once per connection, not on each restart of an idle loop."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from broker.config import Settings
@@ -15,6 +16,7 @@ from broker.runtime.delivery import Delivery
 from broker.runtime.updates import MessageStatus
 from broker.store.base import InboundRecord, NewEntry, NewMessage, OutboxBatchResult
 from broker.store.memory import MemoryStore
+from tests.helpers import eventually
 
 WAIT_S = 5.0
 
@@ -112,6 +114,10 @@ class _CountingClaims(MemoryStore):
         return await super().claim_outbox(session_id, fence=fence)
 
 
+def _sent_on(link: _SentLink, mid: str) -> Callable[[], bool]:
+    return lambda: mid in link.sent
+
+
 class _SentLink:
     """Only what the delivery loop uses of a link: it records what was sent."""
 
@@ -120,14 +126,6 @@ class _SentLink:
 
     async def send(self, messages: Sequence[Any]) -> None:
         self.sent += [m.message_id for m in messages]
-
-
-async def _until(check: Any) -> None:
-    for _ in range(500):
-        if check():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never held")
 
 
 async def test_the_outbox_is_taken_over_once_per_connection_not_per_idle_spell() -> None:
@@ -141,14 +139,14 @@ async def test_the_outbox_is_taken_over_once_per_connection_not_per_idle_spell()
     for n in range(3):  # three bursts, each acked: the loop ends idle after each
         accepted = await delivery.enqueue(NewMessage("+4915112345678", f"m{n}", f"k-{n}"))
         mid = accepted.message.message_id
-        await _until(lambda mid=mid: mid in link.sent)
+        await eventually(_sent_on(link, mid))
         delivery.ack(mid)
         await asyncio.wait_for(delivery.drain(), WAIT_S)
-        await _until(lambda: delivery.idle)
+        await eventually(lambda: delivery.idle)
     assert len(link.sent) == 3 and store.claims == 1
     other = _SentLink()
     delivery.start(other)  # type: ignore[arg-type]  # a new connection: taken over again
     accepted = await delivery.enqueue(NewMessage("+4915112345678", "m3", "k-3"))
-    await _until(lambda: accepted.message.message_id in other.sent)
+    await eventually(_sent_on(other, accepted.message.message_id))
     assert store.claims == 2
     delivery.stop()
