@@ -36,7 +36,10 @@ class Config:
     concurrencies: tuple[int, ...] = (1, 16, 64)
     warmup_s: float = 1.0
     duration_s: float = 5.0
-    reps: int = 2
+    #: Every path once per repetition, interleaved; ratios are the median of the
+    #: repetitions' own (report.paired_ratio): with 2 that median is a mean, and
+    #: one slow stretch of the machine moves it by half its size.
+    reps: int = 3
     profile: bool = True
     profile_s: float = 8.0
     fanout_subscribers: int = 1000
