@@ -92,6 +92,11 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     stream_script: list[StreamStep] = field(default_factory=list)
     stream_default: StreamStep = field(default_factory=lambda: StreamStep([], HANG))
     unary_error: grpc.Status | None = None
+    #: SendBatch calls, in turn: a status to end the call with, or per item (by ref) the
+    #: code and reason to fail it with (absent: it succeeds). Used up (or None): an
+    #: older release without SendBatch (UNIMPLEMENTED).
+    batch_script: list[grpc.Status | dict[int, tuple[grpc.StatusCode, str]]] | None = None
+    batch_requests: list[broker_pb2.SendBatchRequest] = field(default_factory=list)
 
     send_requests: list[broker_pb2.SendRequest] = field(default_factory=list)
     send_deadlines: list[float | None] = field(default_factory=list)
@@ -140,7 +145,26 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     async def SendBatch(
         self, request: broker_pb2.SendBatchRequest, context: Context
     ) -> broker_pb2.SendBatchResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendBatch in this release")
+        if not self.batch_script:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendBatch in this release")
+        self._record(context)
+        self.batch_requests.append(request)
+        step = self.batch_script.pop(0)
+        if isinstance(step, grpc.Status):
+            await abort(context, step)
+        response = broker_pb2.SendBatchResponse()
+        for item in request.items:
+            result = response.results.add(ref=item.ref)
+            failed = step.get(item.ref)
+            if failed is None:
+                result.response.message_id = f"msg-{item.request.idempotency_key}"
+                result.response.status = broker_pb2.ACKED
+            else:
+                code, reason = failed
+                result.error.code = code.value[0]
+                result.error.reason = broker_pb2.ErrorReason.Reason.Value(reason)
+                result.error.message = reason
+        return response
 
     async def StreamStatus(
         self, request: broker_pb2.StreamStatusRequest, context: Context

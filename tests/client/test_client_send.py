@@ -12,9 +12,12 @@ from broker_client import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    Message,
     NeedsPairing,
     NotDeliveredYet,
     ResourceExhausted,
+    SendResult,
+    SessionNotFound,
     Unavailable,
 )
 
@@ -205,3 +208,77 @@ async def test_token_sent_as_bearer_metadata(target: str, broker: ScriptedBroker
 async def test_no_token_no_authorization(broker: ScriptedBroker, client: BrokerClient) -> None:
     await client.send("s1", "alice", "hi")
     assert "authorization" not in broker.metadata[0]
+
+
+# -- send_many() without coalescing: SendBatch calls, in list order ------------------------
+
+def _refs(broker: ScriptedBroker) -> list[list[int]]:
+    return [[item.ref for item in request.items] for request in broker.batch_requests]
+
+
+async def test_send_many_resends_only_retryable_items_with_their_keys(
+    broker: ScriptedBroker, target: str
+) -> None:
+    late = (grpc.StatusCode.UNAVAILABLE, "NOT_DELIVERED_YET")
+    broker.batch_script = [{1: late, 3: late}, {}]
+    async with BrokerClient(target, coalesce=False, timeout=BOUND) as client:
+        out = await client.send_many([Message(f"s{n % 2}", "alice", f"m{n}", f"k{n}")
+                                      for n in range(4)])
+    assert _refs(broker) == [[0, 1, 2, 3], [1, 3]]
+    assert [r.message_id for r in out if isinstance(r, SendResult)] == \
+        ["msg-k0", "msg-k1", "msg-k2", "msg-k3"]
+    resent = [item.request.idempotency_key for item in broker.batch_requests[1].items]
+    assert resent == ["k1", "k3"] and not broker.send_requests
+
+
+async def test_send_many_stops_at_a_retryable_item_so_later_ones_never_overtake_it(
+    broker: ScriptedBroker, target: str
+) -> None:
+    """Items travel in requests of up to 1 MiB; after a request with an item to
+    retry, the rest wait for the retry, so no message of its session goes first."""
+    late = (grpc.StatusCode.UNAVAILABLE, "NOT_DELIVERED_YET")
+    broker.batch_script = [{0: late}, {}, {}]
+    big = "x" * 400_000
+    async with BrokerClient(target, coalesce=False, timeout=BOUND) as client:
+        out = await client.send_many([Message("s1", "alice", big, f"k{n}") for n in range(5)])
+    assert all(isinstance(r, SendResult) for r in out)
+    assert _refs(broker) == [[0, 1], [0, 2], [3, 4]]  # two fit in 1 MiB
+
+
+async def test_send_many_returns_each_items_last_error_when_retrying_stops(
+    broker: ScriptedBroker, target: str
+) -> None:
+    late = (grpc.StatusCode.UNAVAILABLE, "NOT_DELIVERED_YET")
+    down = rich_status(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE")
+    broker.batch_script = [{1: late}, down]
+    async with BrokerClient(target, coalesce=False, timeout=BOUND, retry_attempts=2) as client:
+        out = await client.send_many([Message("s1", "alice", f"m{n}", f"k{n}")
+                                      for n in range(2)])
+        broker.batch_script = [down, down]
+        never = await client.send_many([Message("s1", "alice", "m2", "k2")])
+    assert _refs(broker) == [[0, 1], [1], [0], [0]]
+    # What the broker last said about each: queued, not acked yet, for k1.
+    assert isinstance(out[0], SendResult) and isinstance(out[1], NotDeliveredYet)
+    assert isinstance(never[0], Unavailable) and never[0].reason == "STORE_UNAVAILABLE"
+
+
+async def test_send_many_retries_a_failed_call_and_types_errors_in_place(
+    broker: ScriptedBroker, target: str
+) -> None:
+    broker.batch_script = [rich_status(grpc.StatusCode.UNAVAILABLE, "STORE_UNAVAILABLE"),
+                           {1: (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")}]
+    async with BrokerClient(target, coalesce=False, timeout=BOUND) as client:
+        out = await client.send_many([Message("s1", "alice", "m0", "k0"),
+                                      Message("nope", "alice", "m1", "k1")])
+    assert _refs(broker) == [[0, 1], [0, 1]]
+    assert isinstance(out[0], SendResult) and isinstance(out[1], SessionNotFound)
+
+
+async def test_send_many_on_a_broker_without_send_batch_sends_each_with_send(
+    broker: ScriptedBroker, target: str
+) -> None:
+    async with BrokerClient(target, coalesce=False, timeout=BOUND) as client:
+        out = await client.send_many([Message("s1", "alice", f"m{n}", f"k{n}")
+                                      for n in range(3)])
+    assert all(isinstance(r, SendResult) for r in out)
+    assert sorted(r.idempotency_key for r in broker.send_requests) == ["k0", "k1", "k2"]

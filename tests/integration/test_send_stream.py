@@ -227,6 +227,73 @@ async def test_opting_out_sends_each_message_with_unary_send(
     assert len(sim.record("s-a").accepted) == 20
 
 
+class _Methods(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Records the method of every unary call the client makes."""
+
+    def __init__(self) -> None:
+        self.called: list[str] = []
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        method = details.method
+        self.called.append(method.decode() if isinstance(method, bytes) else method)
+        return await continuation(details, request)
+
+
+async def test_send_many_without_coalescing_keeps_list_order_in_send_batch_calls(
+    sim: Simulator, broker: BrokerApp
+) -> None:
+    """Concurrent unary Sends reach the broker in no set order; send_many's promise
+    (each session's messages queued in list order) holds only because it sends the
+    list with SendBatch: one call here, every message once, FIFO at the upstream."""
+    sessions = [f"s-{n}" for n in range(6)]
+    for sid in sessions:
+        await paired_session(broker, sim, sid)
+    messages = [Message(sessions[n % 6], "+15550100", f"{sessions[n % 6]} {n}", f"k{n}")
+                for n in range(120)]
+    messages.insert(7, Message("nope", "+15550100", "lost", "k-nope"))
+    methods = _Methods()
+    async with grpc.aio.insecure_channel(
+            broker.address, interceptors=[methods]) as channel:  # type: ignore[list-item]
+        client = BrokerClient(broker.address, coalesce=False, channel=channel, timeout=30)
+        out = await client.send_many(messages)
+        again = await client.send_many(messages[:10])  # a retry of the first ten: no resend
+    assert methods.called == ["/broker.v1.Broker/SendBatch"] * 2
+    assert isinstance(out[7], SessionNotFound) and out[7].session_id == "nope"
+    assert all(isinstance(r, SendResult) and r.acked for n, r in enumerate(out) if n != 7)
+    assert [r.message_id for r in again if isinstance(r, SendResult)] == \
+        [r.message_id for r in out[:10] if isinstance(r, SendResult)]
+    for sid in sessions:
+        assert [m.body for m in sim.record(sid).accepted] == \
+            [m.body for m in messages if m.session_id == sid]
+
+
+async def test_send_many_without_coalescing_returns_not_delivered_yet_then_a_retry_is_safe(
+    sim: Simulator, broker: BrokerApp
+) -> None:
+    sessions = [f"s-{n}" for n in range(4)]
+    for sid in sessions:
+        await paired_session(broker, sim, sid)
+    sim.set_unavailable(503, count=1_000_000, retry_after_ms=50)
+    for sid in sessions:
+        assert await sim.drop(sid)
+        await wait_state(broker, sid, State.RECONNECTING)
+    messages = [Message(sessions[n % 4], "+15550100", f"late {n}", f"late-{n}")
+                for n in range(24)]
+    async with BrokerClient(broker.address, coalesce=False, timeout=0.5,
+                            retry_attempts=2) as client:
+        out = await client.send_many(messages)
+    assert all(isinstance(r, NotDeliveredYet) for r in out), out
+    sim.set_unavailable(503, count=0)
+    for sid in sessions:
+        await wait_state(broker, sid, State.OPEN)
+    async with BrokerClient(broker.address, coalesce=False, timeout=30) as client:
+        retried = await client.send_many(messages)
+    assert all(isinstance(r, SendResult) and r.duplicate for r in retried)
+    for sid in sessions:
+        assert [m.body for m in sim.record(sid).accepted] == \
+            [m.body for m in messages if m.session_id == sid]
+
+
 async def test_outbox_full_on_the_stream_is_resource_exhausted(
     sim: Simulator, make_broker: BrokerFactory
 ) -> None:

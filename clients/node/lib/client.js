@@ -19,6 +19,7 @@ const path = require('node:path');
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
+const { BatchSend } = require('./batch');
 const { SendStream, StreamUnsupported } = require('./coalesce');
 const { BrokerError, ErrorReason, toBrokerError } = require('./errors');
 
@@ -72,6 +73,19 @@ function loadBrokerPackage(protoPath = defaultProtoPath()) {
 function toDate(ts) {
   if (!ts) return null;
   return new Date(Number(ts.seconds || 0) * 1000 + Math.floor((ts.nanos || 0) / 1e6));
+}
+
+/** What send() resolves with, from the broker's SendResponse. */
+function sendResult(response, idempotencyKey) {
+  return {
+    messageId: response.messageId,
+    acked: response.status === 'ACKED',
+    duplicate: response.duplicate,
+    sequence: response.sequence,
+    idempotencyKey,
+    acceptedAt: toDate(response.acceptedAt),
+    ackedAt: toDate(response.ackedAt),
+  };
 }
 
 /** Exponential backoff with full jitter; the server's RetryInfo wins when present. */
@@ -208,15 +222,7 @@ class BrokerClient {
     const request = { sessionId, to, body: body || '', idempotencyKey, noWait: !wait };
     if (content) request.content = content;
     const response = await this._retrying((left) => this._sendOnce(request, left), timeoutMs);
-    return {
-      messageId: response.messageId,
-      acked: response.status === 'ACKED',
-      duplicate: response.duplicate,
-      sequence: response.sequence,
-      idempotencyKey,
-      acceptedAt: toDate(response.acceptedAt),
-      ackedAt: toDate(response.ackedAt),
-    };
+    return sendResult(response, idempotencyKey);
   }
 
   // Typed content helpers: send() with one kind of content. `options` takes
@@ -278,16 +284,43 @@ class BrokerClient {
   /**
    * Send many messages at once: each one's result, or the BrokerError send()
    * would have thrown for it (returned, not thrown), in the order given.
-   * Messages of one session are queued in that order.
+   * Messages of one session are queued in that order. Without coalescing they
+   * go in SendBatch calls (unary Sends would reach the broker in no set
+   * order); a broker without SendBatch gets unary Sends.
    * @param {{sessionId: string, to: string, body: string, idempotencyKey?: string}[]} messages
    */
-  sendMany(messages, options = {}) {
-    return Promise.all(messages.map((m) => this.send(m.sessionId, m.to, m.body, {
-      ...options, idempotencyKey: m.idempotencyKey || crypto.randomUUID(),
+  async sendMany(messages, options = {}) {
+    const keyed = messages.map((m) => ({ ...m, idempotencyKey: m.idempotencyKey || crypto.randomUUID() }));
+    if (!this.coalesce && keyed.length) {
+      const batched = await this._sendBatched(keyed, options);
+      if (batched) return batched;
+    }
+    return Promise.all(keyed.map((m) => this.send(m.sessionId, m.to, m.body, {
+      ...options, idempotencyKey: m.idempotencyKey,
     }).catch((err) => {
       if (err instanceof BrokerError) return err;
       throw err;
     })));
+  }
+
+  /** sendMany() on SendBatch; null when the broker has none (an older release). */
+  async _sendBatched(messages, { wait = true, timeoutMs = this.timeoutMs } = {}) {
+    const batch = new BatchSend(this._stub, messages.map((m) => ({
+      sessionId: m.sessionId, to: m.to, body: m.body || '', idempotencyKey: m.idempotencyKey,
+      noWait: !wait,
+    })));
+    let outcomes;
+    try {
+      await this._retrying((left) => batch.attempt(left, this._metadata()), timeoutMs);
+      outcomes = batch.outcomes;
+    } catch (err) {
+      if (!(err instanceof BrokerError)) throw err;
+      if (err.code === grpc.status.UNIMPLEMENTED && batch.outcomes.every((o) => o === null)) {
+        return null;
+      }
+      outcomes = batch.settle(err);
+    }
+    return outcomes.map((o, i) => (o instanceof BrokerError ? o : sendResult(o, messages[i].idempotencyKey)));
   }
 
   /** Live status events (a snapshot first), resuming after stream failures. */

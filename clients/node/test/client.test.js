@@ -27,8 +27,8 @@ function richError(code, reason, message) {
   return { code, details: message, metadata };
 }
 
-const calls = { send: [], status: [], pairing: [] };
-const script = { send: [], status: [], pairing: [] };
+const calls = { send: [], status: [], pairing: [], batch: [] };
+const script = { send: [], status: [], pairing: [], batch: [] };
 let server;
 let target;
 
@@ -41,6 +41,19 @@ before(async () => {
       const next = script.send.shift();
       if (next) return callback(next);
       callback(null, { messageId: 'm-1', status: 'ACKED', sequence: 1 });
+    },
+    // Each scripted step: {error} ends the call; else per ref the SendError to fail it
+    // with (absent: it succeeds). No step left: an older release without SendBatch.
+    SendBatch(call, callback) {
+      const step = script.batch.shift();
+      if (!step) return callback({ code: grpc.status.UNIMPLEMENTED, details: 'no SendBatch' });
+      calls.batch.push(call.request);
+      if (step.error) return callback(step.error);
+      callback(null, {
+        results: call.request.items.map((item) => (step[item.ref]
+          ? { ref: item.ref, error: step[item.ref] }
+          : { ref: item.ref, response: { messageId: `msg-${item.request.idempotencyKey}`, status: 'ACKED' } })),
+      });
     },
     RequestPairingCode(call, callback) {
       calls.pairing.push(call.request);
@@ -180,6 +193,81 @@ test('downloadMedia joins the chunks, retries UNAVAILABLE, types the rest', asyn
     assert.equal(calls.media, 2); // the first attempt failed UNAVAILABLE
     await assert.rejects(client.downloadMedia('s1', 'gone'),
       (err) => err instanceof BrokerError && err.reason === 'MEDIA_NOT_FOUND');
+  } finally {
+    client.close();
+  }
+});
+
+// sendMany() without coalescing: SendBatch calls, in list order.
+
+const LATE = { code: grpc.status.UNAVAILABLE, reason: 'NOT_DELIVERED_YET', message: 'queued' };
+const refs = () => calls.batch.map((r) => r.items.map((item) => Number(item.ref)));
+
+test('sendMany without coalescing resends only retryable items, with their keys', async () => {
+  calls.batch = [];
+  script.batch = [{ 1: LATE, 3: LATE }, {}];
+  const client = new BrokerClient(target, { coalesce: false, timeoutMs: 20000 });
+  try {
+    const sent = calls.send.length;
+    const out = await client.sendMany([0, 1, 2, 3].map((n) => ({
+      sessionId: `s${n % 2}`, to: 'alice', body: `m${n}`, idempotencyKey: `k${n}`,
+    })));
+    assert.deepEqual(refs(), [[0, 1, 2, 3], [1, 3]]);
+    assert.deepEqual(out.map((r) => r.messageId), ['msg-k0', 'msg-k1', 'msg-k2', 'msg-k3']);
+    assert.deepEqual(calls.batch[1].items.map((i) => i.request.idempotencyKey), ['k1', 'k3']);
+    assert.equal(calls.send.length, sent);
+  } finally {
+    client.close();
+  }
+});
+
+test('sendMany stops at a retryable item so later ones never overtake it', async () => {
+  calls.batch = [];
+  script.batch = [{ 0: LATE }, {}, {}];
+  const client = new BrokerClient(target, { coalesce: false, timeoutMs: 20000 });
+  try {
+    const big = 'x'.repeat(400000);
+    const out = await client.sendMany([0, 1, 2, 3, 4].map((n) => ({
+      sessionId: 's1', to: 'alice', body: big, idempotencyKey: `k${n}`,
+    })));
+    assert.ok(out.every((r) => !(r instanceof BrokerError)));
+    assert.deepEqual(refs(), [[0, 1], [0, 2], [3, 4]]); // two fit in 1 MiB
+  } finally {
+    client.close();
+  }
+});
+
+test('sendMany returns each item\'s last error when retrying stops', async () => {
+  calls.batch = [];
+  const down = richError(grpc.status.UNAVAILABLE, 'STORE_UNAVAILABLE', 'store down');
+  script.batch = [{ 1: LATE }, { error: down }];
+  const client = new BrokerClient(target, { coalesce: false, timeoutMs: 20000, retryAttempts: 2 });
+  try {
+    const out = await client.sendMany([0, 1].map((n) => ({
+      sessionId: 's1', to: 'alice', body: `m${n}`, idempotencyKey: `k${n}`,
+    })));
+    assert.deepEqual(refs(), [[0, 1], [1]]);
+    assert.equal(out[0].messageId, 'msg-k0');
+    assert.equal(out[1].reason, 'NOT_DELIVERED_YET');
+    script.batch = [{ error: down }, { error: down }];
+    const [never] = await client.sendMany([{ sessionId: 's1', to: 'alice', body: 'm2' }]);
+    assert.equal(never.reason, 'STORE_UNAVAILABLE');
+  } finally {
+    client.close();
+  }
+});
+
+test('sendMany on a broker without SendBatch sends each with Send', async () => {
+  calls.batch = [];
+  script.batch = [];
+  const client = new BrokerClient(target, { coalesce: false, timeoutMs: 20000 });
+  try {
+    const sent = calls.send.length;
+    const out = await client.sendMany([0, 1, 2].map((n) => ({
+      sessionId: 's1', to: 'alice', body: `m${n}`, idempotencyKey: `k${n}`,
+    })));
+    assert.ok(out.every((r) => r.messageId === 'm-1'));
+    assert.deepEqual(calls.send.slice(sent).map((r) => r.idempotencyKey).sort(), ['k0', 'k1', 'k2']);
   } finally {
     client.close();
   }

@@ -22,6 +22,7 @@ import grpc.aio
 from google.protobuf import timestamp_pb2
 
 from . import content as contents
+from .batch import BatchSend
 from .coalesce import SendStream, StreamUnsupported
 from .content import SendOptions
 from .errors import (
@@ -104,6 +105,10 @@ class Message:
     body: str
     #: Makes retries safe (default: a fresh one, as :meth:`BrokerClient.send` does).
     idempotency_key: str | None = None
+
+
+class _BatchUnsupported(Exception):
+    """The broker has no SendBatch (an older release): send_many() uses unary Sends."""
 
 
 class BrokerClient:
@@ -374,7 +379,14 @@ class BrokerClient:
     ) -> list[SendResult | BrokerError]:
         """Send many messages at once: each one's result, or the error :meth:`send` would
         have raised for it (returned, not raised), in the order given. Messages of one
-        session are queued in that order; each is retried as :meth:`send` retries."""
+        session are queued in that order; each is retried as :meth:`send` retries.
+        Without coalescing they go in SendBatch calls (unary Sends would reach the
+        broker in no set order); a broker without SendBatch gets unary Sends."""
+        if not self.coalesce and messages:
+            try:
+                return await self._send_batched(messages, wait=wait, timeout=timeout)
+            except _BatchUnsupported:
+                pass
 
         async def one(message: Message) -> SendResult | BrokerError:
             try:
@@ -386,6 +398,25 @@ class BrokerClient:
 
         # Tasks start in order and each queues its message before it first waits.
         return list(await asyncio.gather(*(one(m) for m in messages)))
+
+    async def _send_batched(
+        self, messages: Sequence[Message], *, wait: bool, timeout: float | None
+    ) -> list[SendResult | BrokerError]:
+        batch = BatchSend(self._stub, [
+            broker_pb2.SendRequest(session_id=m.session_id, to=m.to, body=m.body,
+                                   idempotency_key=m.idempotency_key or str(uuid.uuid4()),
+                                   no_wait=not wait)
+            for m in messages])
+        error: BrokerError | None = None
+        try:
+            await self._call_retrying(batch.attempt, None, timeout)
+        except BrokerError as err:
+            if err.code == grpc.StatusCode.UNIMPLEMENTED and \
+                    all(o is None for o in batch.outcomes):
+                raise _BatchUnsupported from err
+            error = err
+        return [o if isinstance(o, BrokerError) else SendResult.from_response(o)
+                for o in batch.settle(error)]
 
     async def _send_on_stream(
         self, request: broker_pb2.SendRequest, *, timeout: float,

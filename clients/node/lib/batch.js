@@ -1,0 +1,110 @@
+'use strict';
+/**
+ * `sendMany()` without the stream: SendBatch calls, which queue items in list order.
+ *
+ * Concurrent unary Sends reach the broker's handlers in no set order (gRPC
+ * orders nothing between calls), so a client that does not coalesce sends a
+ * list with SendBatch instead: the broker places each session's items in the
+ * order of the list. One attempt sends what is still pending, in requests of
+ * up to BATCH_BYTES, and stops after the first request with an item that
+ * failed in a way worth retrying (UNAVAILABLE), so that later items of its
+ * session do not overtake it; the client's retry policy then sends the
+ * pending items again, with the same keys.
+ */
+
+const { BrokerError, toBrokerError } = require('./errors');
+
+/** Items of one request add up to at most this size (an item alone may be larger). */
+const BATCH_BYTES = 1024 * 1024;
+
+/** About how large a request is on the wire: its texts and its medium. */
+function requestBytes(r) {
+  const media = r.content && r.content.media;
+  return 256 + (r.body ? r.body.length : 0) + (media && media.data ? media.data.length : 0);
+}
+
+class BatchSend {
+  /**
+   * @param {any} stub the broker.v1.Broker client
+   * @param {object[]} requests SendRequests, in list order
+   */
+  constructor(stub, requests) {
+    this._stub = stub;
+    this._requests = requests;
+    /** Per item: the broker's SendResponse, the last BrokerError, or null (never answered). */
+    this.outcomes = requests.map(() => null);
+    /** Items still to send, in list order. */
+    this.pending = requests.map((_, i) => i);
+  }
+
+  /**
+   * Send the pending items. Rejects with the first retryable item error while
+   * any item is left to retry, or with the call's own error (its items stay pending).
+   */
+  async attempt(timeoutMs, metadata) {
+    const deadline = Date.now() + timeoutMs;
+    const left = this.pending;
+    let start = 0;
+    while (start < left.length) {
+      const chunk = this._chunk(left, start);
+      this.pending = left.slice(start);
+      // No item deadline: each waits what the call has left, less the broker's
+      // margin to answer, as a unary Send does.
+      const request = { items: chunk.map((i) => ({ ref: String(i), request: this._requests[i] })) };
+      const response = await this._call(request, Math.max(1, deadline - Date.now()), metadata);
+      start += chunk.length;
+      const retry = [];
+      let first = null;
+      for (const result of response.results) {
+        const i = Number(result.ref);
+        if (result.outcome === 'error') {
+          const e = result.error;
+          const error = new BrokerError(e.message, {
+            code: e.code, reason: e.reason, metadata: e.metadata || {},
+            retryAfterMs: e.retryAfterMs ? Number(e.retryAfterMs) : null,
+          });
+          this.outcomes[i] = error;
+          if (error.retryable) {
+            retry.push(i);
+            first = first || error;
+          }
+        } else {
+          this.outcomes[i] = result.response;
+        }
+      }
+      if (first) {
+        this.pending = retry.concat(left.slice(start));
+        throw first;
+      }
+    }
+    this.pending = [];
+  }
+
+  _call(request, timeoutMs, metadata) {
+    return new Promise((resolve, reject) => {
+      this._stub.SendBatch(request, metadata, { deadline: new Date(Date.now() + timeoutMs) },
+        (err, response) => (err ? reject(toBrokerError(err)) : resolve(response)));
+    });
+  }
+
+  _chunk(left, start) {
+    const chunk = [left[start]];
+    let size = requestBytes(this._requests[left[start]]);
+    for (const i of left.slice(start + 1)) {
+      size += requestBytes(this._requests[i]);
+      if (size > BATCH_BYTES) break;
+      chunk.push(i);
+    }
+    return chunk;
+  }
+
+  /**
+   * Every item's outcome once retrying stopped with `error`: an item never
+   * answered takes it; one that was keeps what the broker last said about it.
+   */
+  settle(error) {
+    return this.outcomes.map((outcome) => (outcome === null ? error : outcome));
+  }
+}
+
+module.exports = { BatchSend, BATCH_BYTES };
