@@ -12,16 +12,10 @@
  * pending items again, with the same keys.
  */
 
-const { BrokerError, toBrokerError } = require('./errors');
+// Items of one request add up to at most BATCH_BYTES (an item alone may be larger), as on the stream.
+const { BATCH_BYTES, requestBytes } = require('./coalesce');
+const { fromSendError, toBrokerError } = require('./errors');
 
-/** Items of one request add up to at most this size (an item alone may be larger). */
-const BATCH_BYTES = 1024 * 1024;
-
-/** About how large a request is on the wire: its texts and its medium. */
-function requestBytes(r) {
-  const media = r.content && r.content.media;
-  return 256 + (r.body ? r.body.length : 0) + (media && media.data ? media.data.length : 0);
-}
 
 class BatchSend {
   /**
@@ -58,11 +52,7 @@ class BatchSend {
       for (const result of response.results) {
         const i = Number(result.ref);
         if (result.outcome === 'error') {
-          const e = result.error;
-          const error = new BrokerError(e.message, {
-            code: e.code, reason: e.reason, metadata: e.metadata || {},
-            retryAfterMs: e.retryAfterMs ? Number(e.retryAfterMs) : null,
-          });
+          const error = fromSendError(result.error);
           this.outcomes[i] = error;
           if (error.retryable) {
             retry.push(i);
@@ -107,4 +97,4 @@ class BatchSend {
   }
 }
 
-module.exports = { BatchSend, BATCH_BYTES };
+module.exports = { BatchSend };

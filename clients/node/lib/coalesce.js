@@ -14,14 +14,13 @@
 
 const grpc = require('@grpc/grpc-js');
 
-const { BrokerError, toBrokerError } = require('./errors');
+const { BrokerError, fromSendError, toBrokerError } = require('./errors');
 
 /** Items written together up to this size (a medium alone may be larger). */
 const BATCH_BYTES = 1024 * 1024;
 
-/** About how large an item is on the wire: its texts and its medium. */
-function itemBytes(item) {
-  const r = item.request;
+/** About how large a SendRequest is on the wire: its texts and its medium. */
+function requestBytes(r) {
   const media = r.content && r.content.media;
   return 256 + (r.body ? r.body.length : 0) + (media && media.data ? media.data.length : 0);
 }
@@ -82,7 +81,7 @@ class SendStream {
     let batch = [];
     let size = 0;
     for (const item of items) {
-      const bytes = itemBytes(item);
+      const bytes = requestBytes(item.request);
       if (batch.length && size + bytes > BATCH_BYTES) {
         this._call.stream.write({ items: batch });
         batch = [];
@@ -107,11 +106,7 @@ class SendStream {
         call.waiting.delete(Number(result.ref));
         clearTimeout(waiter.timer);
         if (result.outcome === 'error') {
-          const e = result.error;
-          waiter.reject(new BrokerError(e.message, {
-            code: e.code, reason: e.reason, metadata: e.metadata || {},
-            retryAfterMs: e.retryAfterMs ? Number(e.retryAfterMs) : null,
-          }));
+          waiter.reject(fromSendError(result.error));
         } else {
           waiter.resolve(result.response);
         }
@@ -150,4 +145,4 @@ class SendStream {
   }
 }
 
-module.exports = { SendStream, StreamUnsupported };
+module.exports = { SendStream, StreamUnsupported, BATCH_BYTES, requestBytes };

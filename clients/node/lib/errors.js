@@ -107,4 +107,13 @@ function toBrokerError(err) {
   });
 }
 
-module.exports = { BrokerError, DOMAIN, ErrorReason, toBrokerError, decodeDetails, CODE_NAMES };
+/** The BrokerError one failed item of SendStream/SendBatch (a SendError) stands for:
+ * what a unary Send of that message would have thrown. */
+function fromSendError(e) {
+  return new BrokerError(e.message, {
+    code: e.code, reason: e.reason, metadata: e.metadata || {},
+    retryAfterMs: e.retryAfterMs ? Number(e.retryAfterMs) : null,
+  });
+}
+
+module.exports = { BrokerError, DOMAIN, ErrorReason, toBrokerError, fromSendError, decodeDetails, CODE_NAMES };

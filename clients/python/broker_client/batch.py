@@ -4,7 +4,7 @@ Concurrent unary Sends reach the broker's handlers in no set order (gRPC orders
 nothing between calls), so a client that does not coalesce sends a list with
 SendBatch instead: the broker places each session's items in the order of the
 list. One attempt sends what is still pending, in requests of up to
-``_BATCH_BYTES``, and stops after the first request with an item that failed in
+``BATCH_BYTES``, and stops after the first request with an item that failed in
 a way worth retrying (UNAVAILABLE), so that later items of its session do not
 overtake it; the caller's retry policy then sends the pending items again,
 with the same keys.
@@ -15,15 +15,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+from .coalesce import BATCH_BYTES
 from .errors import BrokerError, error_from_send_error
 from .retry import is_retryable
 from .v1 import broker_pb2, broker_pb2_grpc
 
 __all__ = ["BatchSend"]
-
-#: Items of one SendBatch request add up to at most this size (an item alone may be
-#: larger, up to the message size limit), as on the stream.
-_BATCH_BYTES = 1 << 20
 
 
 class BatchSend:
@@ -78,7 +75,7 @@ class BatchSend:
         chunk, size = [left[start]], self._requests[left[start]].ByteSize()
         for i in left[start + 1:]:
             size += self._requests[i].ByteSize()
-            if size > _BATCH_BYTES:
+            if size > BATCH_BYTES:
                 break
             chunk.append(i)
         return chunk

@@ -34,7 +34,7 @@ __all__ = ["SendStream", "StreamUnsupported"]
 
 #: A request of the stream carries items up to this size together (each item alone may
 #: be larger, up to the message size limit): a few media must not add up past it.
-_BATCH_BYTES = 1 << 20
+BATCH_BYTES = 1 << 20
 
 #: Extra time the client waits past an item's own deadline for the broker's answer.
 _ANSWER_MARGIN_S = 1.0
@@ -70,7 +70,7 @@ class _Open:
 
     async def _items(self) -> AsyncIterator[broker_pb2.SendBatchRequest]:
         """Every item queued by the time the stream can write goes in one request, up to
-        _BATCH_BYTES (a medium alone may be larger): requests stay within the gRPC
+        BATCH_BYTES (a medium alone may be larger): requests stay within the gRPC
         message size limit, whatever media the items carry."""
         carried: broker_pb2.SendItem | None = None
         while (item := carried or await self.outgoing.get()) is not None:
@@ -82,7 +82,7 @@ class _Open:
                     yield broker_pb2.SendBatchRequest(items=items)
                     return
                 more_size = more.ByteSize()
-                if size + more_size > _BATCH_BYTES:
+                if size + more_size > BATCH_BYTES:
                     carried = more
                     break
                 items.append(more)
