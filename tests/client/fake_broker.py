@@ -97,6 +97,7 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
     #: older release without SendBatch (UNIMPLEMENTED).
     batch_script: list[grpc.Status | dict[int, tuple[grpc.StatusCode, str]]] | None = None
     batch_requests: list[broker_pb2.SendBatchRequest] = field(default_factory=list)
+    batch_refused: int = 0
 
     send_requests: list[broker_pb2.SendRequest] = field(default_factory=list)
     send_deadlines: list[float | None] = field(default_factory=list)
@@ -146,6 +147,7 @@ class ScriptedBroker(broker_pb2_grpc.BrokerServicer):
         self, request: broker_pb2.SendBatchRequest, context: Context
     ) -> broker_pb2.SendBatchResponse:
         if not self.batch_script:
+            self.batch_refused += 1
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no SendBatch in this release")
         self._record(context)
         self.batch_requests.append(request)

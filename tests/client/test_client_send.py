@@ -280,5 +280,7 @@ async def test_send_many_on_a_broker_without_send_batch_sends_each_with_send(
     async with BrokerClient(target, coalesce=False, timeout=BOUND) as client:
         out = await client.send_many([Message("s1", "alice", f"m{n}", f"k{n}")
                                       for n in range(3)])
-    assert all(isinstance(r, SendResult) for r in out)
-    assert sorted(r.idempotency_key for r in broker.send_requests) == ["k0", "k1", "k2"]
+        again = await client.send_many([Message("s1", "alice", "m3", "k3")])
+    assert all(isinstance(r, SendResult) for r in out + again)
+    assert sorted(r.idempotency_key for r in broker.send_requests) == ["k0", "k1", "k2", "k3"]
+    assert broker.batch_refused == 1  # asked once, then remembered

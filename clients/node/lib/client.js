@@ -150,6 +150,7 @@ class BrokerClient {
     });
     /** Carry concurrent send() calls on one SendStream call (false: unary Send each). */
     this.coalesce = coalesce;
+    this._noBatch = false;
     this._sendStream = new SendStream(this._stub, () => this._metadata());
   }
 
@@ -291,9 +292,10 @@ class BrokerClient {
    */
   async sendMany(messages, options = {}) {
     const keyed = messages.map((m) => ({ ...m, idempotencyKey: m.idempotencyKey || crypto.randomUUID() }));
-    if (!this.coalesce && keyed.length) {
+    if (!this.coalesce && !this._noBatch && keyed.length) {
       const batched = await this._sendBatched(keyed, options);
       if (batched) return batched;
+      this._noBatch = true; // an older broker: unary Sends from now on
     }
     return Promise.all(keyed.map((m) => this.send(m.sessionId, m.to, m.body, {
       ...options, idempotencyKey: m.idempotencyKey,

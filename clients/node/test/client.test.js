@@ -46,7 +46,10 @@ before(async () => {
     // with (absent: it succeeds). No step left: an older release without SendBatch.
     SendBatch(call, callback) {
       const step = script.batch.shift();
-      if (!step) return callback({ code: grpc.status.UNIMPLEMENTED, details: 'no SendBatch' });
+      if (!step) {
+        calls.batchRefused = (calls.batchRefused || 0) + 1;
+        return callback({ code: grpc.status.UNIMPLEMENTED, details: 'no SendBatch' });
+      }
       calls.batch.push(call.request);
       if (step.error) return callback(step.error);
       callback(null, {
@@ -266,8 +269,10 @@ test('sendMany on a broker without SendBatch sends each with Send', async () => 
     const out = await client.sendMany([0, 1, 2].map((n) => ({
       sessionId: 's1', to: 'alice', body: `m${n}`, idempotencyKey: `k${n}`,
     })));
-    assert.ok(out.every((r) => r.messageId === 'm-1'));
-    assert.deepEqual(calls.send.slice(sent).map((r) => r.idempotencyKey).sort(), ['k0', 'k1', 'k2']);
+    const again = await client.sendMany([{ sessionId: 's1', to: 'alice', body: 'm3', idempotencyKey: 'k3' }]);
+    assert.ok(out.concat(again).every((r) => r.messageId === 'm-1'));
+    assert.deepEqual(calls.send.slice(sent).map((r) => r.idempotencyKey).sort(), ['k0', 'k1', 'k2', 'k3']);
+    assert.equal(calls.batchRefused, 1); // asked once, then remembered
   } finally {
     client.close();
   }

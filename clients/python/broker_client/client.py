@@ -155,6 +155,7 @@ class BrokerClient:
         self._stub_cache: broker_pb2_grpc.BrokerAsyncStub | None = None
         self.coalesce = coalesce
         self._stream: SendStream | None = None
+        self._no_batch = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -382,11 +383,11 @@ class BrokerClient:
         session are queued in that order; each is retried as :meth:`send` retries.
         Without coalescing they go in SendBatch calls (unary Sends would reach the
         broker in no set order); a broker without SendBatch gets unary Sends."""
-        if not self.coalesce and messages:
+        if not self.coalesce and not self._no_batch and messages:
             try:
                 return await self._send_batched(messages, wait=wait, timeout=timeout)
             except _BatchUnsupported:
-                pass
+                self._no_batch = True  # an older broker: unary Sends from now on
 
         async def one(message: Message) -> SendResult | BrokerError:
             try:
