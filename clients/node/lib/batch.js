@@ -16,7 +16,6 @@
 const { BATCH_BYTES, requestBytes } = require('./coalesce');
 const { fromSendError, toBrokerError } = require('./errors');
 
-
 class BatchSend {
   /**
    * @param {any} stub the broker.v1.Broker client
@@ -80,10 +79,10 @@ class BatchSend {
   _chunk(left, start) {
     const chunk = [left[start]];
     let size = requestBytes(this._requests[left[start]]);
-    for (const i of left.slice(start + 1)) {
-      size += requestBytes(this._requests[i]);
+    for (let n = start + 1; n < left.length; n++) {
+      size += requestBytes(this._requests[left[n]]);
       if (size > BATCH_BYTES) break;
-      chunk.push(i);
+      chunk.push(left[n]);
     }
     return chunk;
   }

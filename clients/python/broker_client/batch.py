@@ -73,7 +73,8 @@ class BatchSend:
 
     def _chunk(self, left: list[int], start: int) -> list[int]:
         chunk, size = [left[start]], self._requests[left[start]].ByteSize()
-        for i in left[start + 1:]:
+        for n in range(start + 1, len(left)):
+            i = left[n]
             size += self._requests[i].ByteSize()
             if size > BATCH_BYTES:
                 break
