@@ -40,11 +40,16 @@ class BatchSend {
     let start = 0;
     while (start < left.length) {
       const chunk = this._chunk(left, start);
-      this.pending = left.slice(start);
       // No item deadline: each waits what the call has left, less the broker's
       // margin to answer, as a unary Send does.
       const request = { items: chunk.map((i) => ({ ref: String(i), request: this._requests[i] })) };
-      const response = await this._call(request, Math.max(1, deadline - Date.now()), metadata);
+      let response;
+      try {
+        response = await this._call(request, Math.max(1, deadline - Date.now()), metadata);
+      } catch (err) {
+        this.pending = left.slice(start);
+        throw err;
+      }
       start += chunk.length;
       const retry = [];
       let first = null;

@@ -51,9 +51,12 @@ class BatchSend:
             # margin to answer, as a unary Send does.
             request = broker_pb2.SendBatchRequest(items=[
                 broker_pb2.SendItem(ref=i, request=self._requests[i]) for i in chunk])
-            self.pending = left[start:]
-            response = await self._stub.SendBatch(request, timeout=remaining,
-                                                  metadata=metadata)
+            try:
+                response = await self._stub.SendBatch(request, timeout=remaining,
+                                                      metadata=metadata)
+            except BaseException:
+                self.pending = left[start:]
+                raise
             start += len(chunk)
             retry: list[int] = []
             first: BrokerError | None = None

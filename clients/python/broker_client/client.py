@@ -107,10 +107,6 @@ class Message:
     idempotency_key: str | None = None
 
 
-class _BatchUnsupported(Exception):
-    """The broker has no SendBatch (an older release): send_many() uses unary Sends."""
-
-
 class BrokerClient:
     """Async broker client; every method raises :class:`BrokerError` subclasses only.
 
@@ -384,10 +380,10 @@ class BrokerClient:
         Without coalescing they go in SendBatch calls (unary Sends would reach the
         broker in no set order); a broker without SendBatch gets unary Sends."""
         if not self.coalesce and not self._no_batch and messages:
-            try:
-                return await self._send_batched(messages, wait=wait, timeout=timeout)
-            except _BatchUnsupported:
-                self._no_batch = True  # an older broker: unary Sends from now on
+            batched = await self._send_batched(messages, wait=wait, timeout=timeout)
+            if batched is not None:
+                return batched
+            self._no_batch = True  # an older broker: unary Sends from now on
 
         async def one(message: Message) -> SendResult | BrokerError:
             try:
@@ -402,7 +398,8 @@ class BrokerClient:
 
     async def _send_batched(
         self, messages: Sequence[Message], *, wait: bool, timeout: float | None
-    ) -> list[SendResult | BrokerError]:
+    ) -> list[SendResult | BrokerError] | None:
+        """send_many() on SendBatch; None when the broker has none (an older release)."""
         batch = BatchSend(self._stub, [
             broker_pb2.SendRequest(session_id=m.session_id, to=m.to, body=m.body,
                                    idempotency_key=m.idempotency_key or str(uuid.uuid4()),
@@ -414,7 +411,7 @@ class BrokerClient:
         except BrokerError as err:
             if err.code == grpc.StatusCode.UNIMPLEMENTED and \
                     all(o is None for o in batch.outcomes):
-                raise _BatchUnsupported from err
+                return None
             error = err
         return [o if isinstance(o, BrokerError) else SendResult.from_response(o)
                 for o in batch.settle(error)]
