@@ -9,6 +9,10 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from broker.config import Settings
 from broker.content import Presence
 from broker.errors import StoreUnavailable
@@ -21,7 +25,7 @@ from broker.runtime.actor import SessionActor
 from broker.runtime.bus import StatusBus
 from broker.runtime.mailbox import Mailbox, Wake
 from broker.runtime.recorder import StatusRecorder
-from broker.runtime.timers import TimerDue, Timers
+from broker.runtime.timers import TimerDue, Timers, coalesced
 from broker.store.base import SessionRecord, StatusEvent
 from broker.store.memory import MemoryStore
 from broker.upstream.events import Ready, UpstreamEvent
@@ -52,6 +56,37 @@ async def test_a_firing_counts_once_and_only_for_the_current_arming() -> None:
     timers.start(Timer.KEEPALIVE, 60.0)
     timers.cancel_all()
     assert not timers.fired(TimerDue(Timer.KEEPALIVE, 4))
+
+
+@given(st.floats(0, 1e7), st.sampled_from([0.001, 0.1, 0.25, 3.0]))
+def test_a_coalesced_deadline_is_on_the_grid_and_at_most_one_step_late(
+    when: float, step: float
+) -> None:
+    late = coalesced(when, step)
+    assert when - 1e-6 <= late <= when + step
+    assert coalesced(late, step) == pytest.approx(late)  # already on the grid
+    assert coalesced(when, 0.0) == when
+
+
+async def test_timers_allowed_slack_share_one_deadline() -> None:
+    """Keep-alives of sessions armed at slightly different moments run out together,
+    in one wake of the loop; a timer without slack keeps its own deadline."""
+    loop = asyncio.get_running_loop()
+    sessions = [Timers(_Inbox()) for _ in range(50)]
+    for i, timers in enumerate(sessions):
+        timers.start(Timer.KEEPALIVE, 30.0 + i * 0.001, slack_s=0.25)
+    deadlines = {t.deadline(Timer.KEEPALIVE) for t in sessions}
+    assert len(deadlines) <= 2  # one grid step, or two if the 50 ms straddle a line
+    now = loop.time()
+    assert all(now + 30.0 <= d <= now + 30.05 + 0.25 for d in deadlines if d is not None)
+    exact = Timers(_Inbox())
+    exact.start(Timer.RETRY, 1.234)
+    retry = exact.deadline(Timer.RETRY)
+    assert retry is not None and retry == pytest.approx(loop.time() + 1.234, abs=0.05)
+    exact.cancel(Timer.RETRY)
+    assert exact.deadline(Timer.RETRY) is None
+    for timers in sessions:
+        timers.cancel_all()
 
 
 async def test_a_timer_posts_its_firing_to_the_inbox() -> None:

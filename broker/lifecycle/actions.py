@@ -58,6 +58,10 @@ class StartTimer:
 
     timer: Timer
     delay_s: float
+    slack_s: float = 0.0
+    """It may run out up to this much late: the loop rounds its deadline up to a
+    multiple of this step, so the timers of many sessions that fall in one step
+    share one wake of the event loop (0: exactly on time)."""
 
 
 @dataclass(frozen=True, slots=True)

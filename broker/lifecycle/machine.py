@@ -251,7 +251,7 @@ class SessionMachine:
         interval = self.policy.keepalive_interval_s
         if interval is not None:
             first = self._rng.uniform(interval * (1 - FIRST_KEEPALIVE_SPREAD), interval)
-            actions.append(self._start_timer(Timer.KEEPALIVE, first))
+            actions.append(self._keepalive_in(first))
         actions.append(self._enter(State.OPEN, "connected", 0))
         return actions
 
@@ -338,7 +338,7 @@ class SessionMachine:
             return []
         actions: list[Action] = [self._cancel_timer(Timer.PONG)]
         if self.policy.keepalive_interval_s is not None:
-            actions.append(self._start_timer(Timer.KEEPALIVE, self.policy.keepalive_interval_s))
+            actions.append(self._keepalive_in(self.policy.keepalive_interval_s))
         return actions
 
     def _on_timer(self, timer: Timer) -> list[Action]:
@@ -512,9 +512,15 @@ class SessionMachine:
 
     # -- timers ---------------------------------------------------------------
 
-    def _start_timer(self, timer: Timer, delay_s: float) -> StartTimer:
+    def _start_timer(self, timer: Timer, delay_s: float, slack_s: float = 0.0) -> StartTimer:
         self._armed.add(timer)
-        return StartTimer(timer, delay_s)
+        return StartTimer(timer, delay_s, slack_s)
+
+    def _keepalive_in(self, delay_s: float) -> StartTimer:
+        """The next ping, allowed the policy's slack (a tenth of the interval at most)."""
+        interval = self.policy.keepalive_interval_s or delay_s
+        slack = min(self.policy.keepalive_slack_s, interval / 10)
+        return self._start_timer(Timer.KEEPALIVE, delay_s, slack)
 
     def _cancel_timer(self, timer: Timer) -> CancelTimer:
         self._armed.discard(timer)

@@ -44,6 +44,13 @@ class LifecyclePolicy:
         15.0, "Keep-alive ping interval, seconds (0: off).", zero_is_none=True)
     keepalive_timeout_s: float = setting(
         10.0, "Missed pong after this long reconnects, seconds.")
+    keepalive_slack_s: float = setting(
+        0.25, "A keep-alive ping may go up to this much late, so that the pings of many "
+              "sessions share one wake of the event loop, seconds (at most a tenth of the "
+              "interval; 0: on time).", minimum=0)
+    """Every ping on its own exact deadline woke the loop once per ping and once per
+    pong: 10,000 idle sessions cost a tenth of a core (docs/benchmarks.md, "Idle
+    sessions")."""
     max_qr_codes: int = setting(
         10, "QR codes shown across pairing rounds before FAILED (0: no limit).")
     conflict_jitter: float = setting(
@@ -67,6 +74,8 @@ class LifecyclePolicy:
             raise ValueError("keepalive_timeout_s must be positive")
         if self.redial_max_s < 0:
             raise ValueError("redial_max_s must be >= 0")
+        if self.keepalive_slack_s < 0:
+            raise ValueError("keepalive_slack_s must be >= 0")
         if self.attempt_burst < 0 or self.attempt_rate_per_min < 0:
             raise ValueError("attempt_burst and attempt_rate_per_min must be >= 0")
         if self.conflict_jitter < 0:

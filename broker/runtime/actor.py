@@ -373,8 +373,8 @@ class SessionActor:
             case actions.SendLogout():
                 if self._conn.link is not None:
                     await self._conn.link.logout()
-            case actions.StartTimer(timer=timer, delay_s=delay):
-                self._timers.start(timer, delay)
+            case actions.StartTimer(timer=timer, delay_s=delay, slack_s=slack):
+                self._timers.start(timer, delay, slack)
             case actions.CancelTimer(timer=timer):
                 self._timers.cancel(timer)
             case actions.SaveCredentials(credentials=creds):

@@ -3,11 +3,16 @@
 A firing is not fed to the machine from the timer callback: it is posted to
 the actor's inbox with a token, so it is handled in turn with everything else,
 and a firing queued before a cancel or a re-arm is recognised as stale.
+
+A timer allowed slack runs out on a grid of that step (`coalesced`): the
+keep-alives of thousands of sessions then fire in a few wakes of the loop, and
+their pongs come back in bursts, instead of one wake for each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -20,6 +25,14 @@ class TimerDue:
 
     timer: Timer
     token: int
+
+
+def coalesced(when: float, slack_s: float) -> float:
+    """`when` rounded up to the next multiple of `slack_s` (unchanged for 0): every
+    deadline in one step of the grid becomes the same, at most `slack_s` late."""
+    if slack_s <= 0:
+        return when
+    return math.ceil(when / slack_s) * slack_s
 
 
 class _Inbox(Protocol):
@@ -36,15 +49,21 @@ class Timers:
         self._armed: dict[Timer, tuple[int, asyncio.TimerHandle]] = {}
         self._tokens = 0
 
-    def start(self, timer: Timer, delay_s: float) -> None:
-        """(Re)arm `timer`: a running one of the same kind is replaced."""
+    def start(self, timer: Timer, delay_s: float, slack_s: float = 0.0) -> None:
+        """(Re)arm `timer` to run out after `delay_s`, up to `slack_s` later: a running
+        one of the same kind is replaced."""
         self.cancel(timer)
         self._tokens += 1
         token = self._tokens
-        handle = asyncio.get_running_loop().call_later(
-            delay_s, self._inbox.put_nowait, TimerDue(timer, token)
-        )
+        loop = asyncio.get_running_loop()
+        when = coalesced(loop.time() + delay_s, slack_s)
+        handle = loop.call_at(when, self._inbox.put_nowait, TimerDue(timer, token))
         self._armed[timer] = (token, handle)
+
+    def deadline(self, timer: Timer) -> float | None:
+        """When the armed `timer` runs out, in the loop's time; None: not armed."""
+        entry = self._armed.get(timer)
+        return entry[1].when() if entry is not None else None
 
     def cancel(self, timer: Timer) -> None:
         entry = self._armed.pop(timer, None)

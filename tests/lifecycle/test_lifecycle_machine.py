@@ -105,6 +105,8 @@ def drive_to(state: State, policy: LifecyclePolicy = POLICY) -> SessionMachine:
 
 
 OPEN_TIMERS: list[Action] = [CancelTimer(Timer.KEEPALIVE)]
+SLACK = POLICY.keepalive_slack_s
+"""Keep-alives may run out this late (the default policy's 15 s interval allows all of it)."""
 #: No attempt budget: for rules that are not about it (tests/lifecycle/test_lifecycle_storm.py).
 UNBOUNDED = LifecyclePolicy(attempt_burst=0)
 
@@ -119,7 +121,7 @@ def test_start_then_connected_opens_with_the_keepalive_timer() -> None:
         emit(State.CONNECTING, State.STOPPED, "started"),
     ]
     assert m.handle(Connected()) == [
-        StartTimer(Timer.KEEPALIVE, 15.0),
+        StartTimer(Timer.KEEPALIVE, 15.0, SLACK),
         emit(State.OPEN, State.CONNECTING, "connected"),
     ]
     assert (m.state, m.reason, m.code, m.attempt) == (State.OPEN, "connected", 0, 0)
@@ -140,7 +142,28 @@ def test_sessions_that_open_together_do_not_ping_together() -> None:
     assert max(firsts) - min(firsts) > 6.0  # spread over the range, not one instant
     m = drive_to(State.OPEN)
     m.handle(TimerFired(Timer.KEEPALIVE))
-    assert StartTimer(Timer.KEEPALIVE, 15.0) in m.handle(PongReceived())
+    assert StartTimer(Timer.KEEPALIVE, 15.0, SLACK) in m.handle(PongReceived())
+
+
+def test_a_keepalive_may_be_late_by_the_slack_a_tenth_of_the_interval_at_most() -> None:
+    """The slack lets the loop fire many sessions' pings in one wake; it never
+    stretches a short interval by more than a tenth, and 0 keeps pings on time."""
+    def next_ping(policy: LifecyclePolicy) -> StartTimer:
+        m = drive_to(State.OPEN, policy)
+        m.handle(TimerFired(Timer.KEEPALIVE))
+        [timer] = [a for a in m.handle(PongReceived()) if isinstance(a, StartTimer)]
+        return timer
+
+    assert next_ping(POLICY) == StartTimer(Timer.KEEPALIVE, 15.0, 0.25)
+    assert next_ping(LifecyclePolicy(keepalive_interval_s=1.0)).slack_s == 0.1
+    assert next_ping(LifecyclePolicy(keepalive_slack_s=0)).slack_s == 0.0
+    with pytest.raises(ValueError):
+        LifecyclePolicy(keepalive_slack_s=-1)
+    first = [a for a in feed(make(), Start(), Connected()) if isinstance(a, StartTimer)]
+    assert [t.slack_s for t in first] == [0.25]  # the first ping, too
+    retry = [a for a in feed(make(), Start(), Connected(), Closed(D.CONNECTION_CLOSED))
+             if isinstance(a, StartTimer)]
+    assert [(t.timer, t.slack_s) for t in retry] == [(Timer.RETRY, 0.0)]  # redials stay on time
 
 
 def test_connected_without_keepalive_arms_no_timer() -> None:
@@ -356,7 +379,7 @@ def test_keepalive_ping_pong_cycle() -> None:
     assert m.handle(TimerFired(Timer.KEEPALIVE)) == [SendPing(), StartTimer(Timer.PONG, 10.0)]
     assert m.handle(PongReceived()) == [
         CancelTimer(Timer.PONG),
-        StartTimer(Timer.KEEPALIVE, 15.0),
+        StartTimer(Timer.KEEPALIVE, 15.0, SLACK),
     ]
     # A duplicate pong, and a PONG timer that raced with the cancel, change nothing.
     assert m.handle(PongReceived()) == []
