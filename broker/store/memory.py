@@ -134,6 +134,29 @@ def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
                 del group.pending[inbound_id]
 
 
+def _cap_inbound(log: _InboundLog, kept: int) -> None:
+    """Forget the oldest entries past the newest `kept`, but none that a worker group
+    has still to read or to ack: the count bounds what nobody waits for (every sent
+    message adds status updates, which no one may ever read), the groups' backlogs
+    stay whole."""
+    records = log.records
+    groups = log.groups.values()
+    trimmed = 0
+    while len(records) - trimmed > kept:
+        inbound_id = records[trimmed][1]
+        if any(g.next_index <= trimmed or inbound_id in g.pending for g in groups):
+            break
+        trimmed += 1
+    for _ in range(trimmed):
+        _, inbound_id, upstream_id, *_ = records.popleft()
+        del log.by_id[inbound_id]
+        log.by_upstream.pop(upstream_id, None)
+        log.media.pop(upstream_id, None)
+    if trimmed:
+        for group in groups:
+            group.next_index -= trimmed
+
+
 def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
     done = box.results.get(message_id)
     if done is None or isinstance(done, DeliveryResult):
@@ -145,7 +168,13 @@ class MemoryStore(OneAtATime):
     def __init__(
         self, *, event_log_size: int = 10_000, results_kept: int = 100_000,
         inbound_redeliver_after_s: float = 30.0, inbound_retention_s: float | None = None,
+        entries_kept: int = 100_000,
     ) -> None:
+        """`results_kept`: sent messages remembered per session (idempotency keys,
+        results); `entries_kept`: inbound messages and status updates kept per session
+        and topic past what worker groups still have to read or ack. Both bound the
+        process's memory however long it runs (the retention alone let every sent
+        message's status updates pile up for days)."""
         self._sessions: dict[str, SessionRecord] = {}
         self._credentials: dict[str, dict[str, Any]] = {}
         self._kv: dict[str, dict[str, bytes]] = {}
@@ -162,6 +191,7 @@ class MemoryStore(OneAtATime):
         self._inbound_ids = itertools.count(1)
         self._redeliver_after_s = inbound_redeliver_after_s
         self._inbound_retention_s = inbound_retention_s or None
+        self._entries_kept = entries_kept
         self._fences: dict[str, int] = {}
         #: one counter for all sessions, so a re-created session never reuses a token
         self._fence_counter = itertools.count(1)
@@ -487,6 +517,8 @@ class MemoryStore(OneAtATime):
         if len(out) > out.count(None):
             if self._inbound_retention_s:
                 _trim_inbound(log, at - self._inbound_retention_s)
+            if len(log.records) > self._entries_kept:
+                _cap_inbound(log, self._entries_kept)
             log.changed.set()
             log.changed = asyncio.Event()
         return out

@@ -14,7 +14,16 @@ import pytest
 
 from broker.config import Settings
 from broker.runtime.inbound import InboundService
-from broker.store.base import NewMessage, OutboxBatch, SessionRecord, Store
+from broker.store.base import (
+    INBOUND,
+    UPDATES,
+    NewEntry,
+    NewMessage,
+    OutboxBatch,
+    SessionRecord,
+    Store,
+)
+from broker.store.memory import MemoryStore
 from broker.store.redis import RedisKeys, RedisStore
 from broker.store.redis.outbox import OUTBOX_GROUP
 from tests.helpers import eventually_async
@@ -144,3 +153,44 @@ async def test_consumers_left_holding_deliveries_go_once_claimed_empty(backend: 
 
     await eventually_async(claimed, 10, "the idle delivery to be claimed by another consumer")
     assert await consumers(store, key, "g") == {"next": 1}
+
+
+# -- the memory store: a count bound besides the retention -----------------------------
+
+
+def _entries(n: int, start: int = 0) -> list[NewEntry]:
+    return [NewEntry(f"up-{i}", "+49", f"body {i}") for i in range(start, start + n)]
+
+
+async def _bodies(store: MemoryStore, group: str, topic: str = INBOUND) -> list[str]:
+    got = await store.read_inbound(SID, group, "c", 1000, 0.0, topic=topic)
+    return [d.record.body for d in got]
+
+
+@pytest.mark.parametrize("topic", [INBOUND, UPDATES])
+async def test_the_memory_store_keeps_only_the_newest_entries_nobody_waits_for(
+    topic: str,
+) -> None:
+    """Every sent message adds status updates that no one may ever read: without a
+    count bound they piled up for the whole retention (a week), about 1 KB each."""
+    store = MemoryStore(entries_kept=3)
+    await store.add_entries(SID, _entries(10), 1.0, topic=topic)
+    assert await _bodies(store, "late", topic) == ["body 7", "body 8", "body 9"]
+    # the trimmed ones' de-duplication entries went with them, the kept ones stay
+    added = await store.add_entries(SID, _entries(1, start=0) + _entries(1, start=9), 2.0,
+                                    topic=topic)
+    assert [r is not None for r in added] == [True, False]
+
+
+async def test_the_memory_store_never_trims_what_a_group_has_still_to_read_or_ack() -> None:
+    store = MemoryStore(entries_kept=3)
+    assert await _bodies(store, "g") == []  # the group exists, before anything arrived
+    await store.add_entries(SID, _entries(10), 1.0, topic=INBOUND)  # unread: all kept
+    got = await store.read_inbound(SID, "g", "c", 1000, 0.0)
+    assert len(got) == 10
+    await store.add_entries(SID, _entries(1, start=10), 1.0, topic=INBOUND)  # pending: kept
+    await store.ack_inbound(SID, "g", [d.record.inbound_id for d in got[:5]])
+    await store.add_entries(SID, _entries(1, start=11), 1.0, topic=INBOUND)
+    # 0-4 acked and past the newest 3: gone; 5-9 unacked and 10-11 unread: kept
+    assert await _bodies(store, "new") == [f"body {i}" for i in range(5, 12)]
+    assert await _bodies(store, "g") == ["body 10", "body 11"]  # the group's place holds
