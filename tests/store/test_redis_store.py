@@ -10,10 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from redis.exceptions import ResponseError
 
-from broker.errors import StoreUnavailable
+from broker.errors import NotOwner, StoreUnavailable
 from broker.lifecycle.states import State
-from broker.store.base import SessionRecord, StatusEvent
+from broker.store.base import NewMessage, OutboxBatch, SessionRecord, StatusEvent
 from broker.store.crypto import (
     KEY_FILE_ENV,
     KEYS_ENV,
@@ -24,6 +25,7 @@ from broker.store.crypto import (
     parse_keys,
 )
 from broker.store.redis import RedisStore
+from broker.store.redis.core import server_reply
 from tests.redis_server import RedisServer
 from tests.store.conftest import RECHECK_S, TEST_KEY, mark_acked, open_redis
 
@@ -178,6 +180,31 @@ async def _check_survived(store: RedisStore, done: str, waiting: str, event: Sta
     assert (await store.events_after("0-0", 10)).events == [event]
     nxt = await store.enqueue("s1", "+1", "after", "k3", max_depth=10, at=4.0)
     assert nxt.message.sequence == 3
+
+
+async def test_a_stale_owners_write_is_not_owner_with_replica_durability(
+    shared_redis: RedisServer,
+) -> None:
+    """The replica durability runs the outbox script and WAIT in one pipeline, where
+    redis-py wraps the script's FENCED reply: it must still be NotOwner (the actor
+    steps down), never an internal error answered to the Send."""
+    store = open_redis(shared_redis, durability="replica")
+    try:
+        await store.create_session(SessionRecord("fenced-r", "t1"))
+        old = await store.new_fence("fenced-r")
+        await store.new_fence("fenced-r")
+        batch = OutboxBatch(messages=[NewMessage("+1", "b", "k-stale")], claim=True)
+        with pytest.raises(NotOwner):
+            await store.apply_outbox("fenced-r", batch, max_depth=10, at=1.0, fence=old)
+    finally:
+        await store.close()
+
+
+def test_a_pipelined_reply_is_read_past_redis_pys_prefix() -> None:
+    wrapped = ResponseError("Command # 1 (EVALSHA abc 5 k...) of pipeline caused error: "
+                            "NOREPLICAS Not enough good replicas to write.")
+    assert server_reply(wrapped).startswith("NOREPLICAS")
+    assert server_reply(ResponseError("FENCED token 3 is stale")) == "FENCED token 3 is stale"
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])

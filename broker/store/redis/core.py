@@ -27,6 +27,20 @@ _UNAVAILABLE_REPLIES = ("MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "UNB
 blocked read, too few replicas for min-replicas-to-write): retry shortly."""
 
 
+_PIPELINE_ERROR = " of pipeline caused error: "
+
+
+def server_reply(exc: rexc.ResponseError) -> str:
+    """What the server answered. redis-py puts "Command # N (...) of pipeline caused
+    error: " in front of a pipelined command's reply (the replica durability's
+    script + WAIT pipeline): a fenced write there was an internal error, not
+    NotOwner, while the primary failed over (tests/cluster/test_sentinel.py)."""
+    text = str(exc)
+    if text.startswith("Command # ") and _PIPELINE_ERROR in text:
+        return text.split(_PIPELINE_ERROR, 1)[1]
+    return text
+
+
 def block_ms(seconds: float) -> int:
     """A blocking command's timeout, capped at BLOCK_CHUNK_S (and at least 1 ms)."""
     return max(1, int(min(seconds, BLOCK_CHUNK_S) * 1000))
@@ -92,9 +106,10 @@ def guard(
             # (during a failover or a slot migration): retry shortly, like a restart.
             raise self._unavailable(exc) from exc
         except rexc.ResponseError as exc:
-            if str(exc).startswith(_UNAVAILABLE_REPLIES):
+            reply = server_reply(exc)
+            if reply.startswith(_UNAVAILABLE_REPLIES):
                 raise self._unavailable(exc) from exc
-            if str(exc).startswith(FENCED_REPLY):
+            if reply.startswith(FENCED_REPLY):
                 raise NotOwner(f"refused a stale owner's write: {exc}") from exc
             raise
 

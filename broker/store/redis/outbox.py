@@ -37,7 +37,7 @@ from broker.store.redis.codecs import (
     text,
 )
 from broker.store.redis.connect import PubSubFactory
-from broker.store.redis.core import RedisCore, block_ms, guard
+from broker.store.redis.core import RedisCore, block_ms, guard, server_reply
 from broker.store.redis.durability import Durability
 from broker.store.redis.scripts import fence_arg
 
@@ -95,7 +95,7 @@ class OutboxPart(RedisCore):
         try:
             reply = await self._run_apply(session_id, batch, known, max_depth, at, fence)
         except rexc.ResponseError as exc:
-            if not str(exc).startswith("ACKKEYS"):
+            if not server_reply(exc).startswith("ACKKEYS"):  # also inside a pipeline
                 raise
             for mid in settled:  # a key this process remembered wrongly: look again
                 known.pop(mid, None)
