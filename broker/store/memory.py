@@ -116,20 +116,29 @@ class _InboundLog:
     """Set (and replaced) on every append: wakes every blocked reader once."""
 
 
+def _drop_oldest(log: _InboundLog, count: int) -> None:
+    """Forget the `count` oldest entries with their de-dup entries and media; groups
+    move past them."""
+    for _ in range(count):
+        _, inbound_id, upstream_id, *_ = log.records.popleft()  # no record rebuilt per row
+        del log.by_id[inbound_id]
+        log.by_upstream.pop(upstream_id, None)
+        log.media.pop(upstream_id, None)
+    for group in log.groups.values():
+        group.next_index = max(0, group.next_index - count)
+
+
 def _trim_inbound(log: _InboundLog, cutoff: float) -> None:
     """Forget messages received before `cutoff`, acked or not, as the Redis store's
     XTRIM MINID does: groups move past them and their de-dup entries go."""
     trimmed = 0
-    records = log.records
-    while records and records[0][5] < cutoff:
-        _, inbound_id, upstream_id, *_ = records.popleft()  # no record rebuilt per row
-        del log.by_id[inbound_id]
-        log.by_upstream.pop(upstream_id, None)
-        log.media.pop(upstream_id, None)
+    for row in log.records:  # iterated, not indexed: a deque's middle is a walk away
+        if row[5] >= cutoff:
+            break
         trimmed += 1
     if trimmed:
+        _drop_oldest(log, trimmed)
         for group in log.groups.values():
-            group.next_index = max(0, group.next_index - trimmed)
             for inbound_id in [i for i in group.pending if i not in log.by_id]:
                 del group.pending[inbound_id]
 
@@ -139,22 +148,14 @@ def _cap_inbound(log: _InboundLog, kept: int) -> None:
     has still to read or to ack: the count bounds what nobody waits for (every sent
     message adds status updates, which no one may ever read), the groups' backlogs
     stay whole."""
-    records = log.records
     groups = log.groups.values()
     trimmed = 0
-    while len(records) - trimmed > kept:
-        inbound_id = records[trimmed][1]
-        if any(g.next_index <= trimmed or inbound_id in g.pending for g in groups):
+    for row in itertools.islice(log.records, max(0, len(log.records) - kept)):
+        if any(g.next_index <= trimmed or row[1] in g.pending for g in groups):
             break
         trimmed += 1
-    for _ in range(trimmed):
-        _, inbound_id, upstream_id, *_ = records.popleft()
-        del log.by_id[inbound_id]
-        log.by_upstream.pop(upstream_id, None)
-        log.media.pop(upstream_id, None)
     if trimmed:
-        for group in groups:
-            group.next_index -= trimmed
+        _drop_oldest(log, trimmed)
 
 
 def _result(box: _Outbox, message_id: str) -> DeliveryResult | None:
