@@ -378,7 +378,7 @@ class SessionManager:
         body, content = split_text(body, content)
         payload = None if content is None else encode_content(content)
         # No key given: one is made up for this call alone, which no retry can name
-        # (32 random hex digits as uuid4().hex gave, for a third of its cost).
+        # (32 random hex digits as uuid4().hex gave, for a fifth of its cost).
         retryable = bool(validation.idempotency_key(idempotency_key))
         key = idempotency_key if retryable else f"auto-{os.urandom(16).hex()}"
         if timeout is None:
